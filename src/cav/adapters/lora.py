@@ -1,0 +1,136 @@
+"""T-LoRA and S-LoRA as named peft adapters on a UNet3D: add, save (peft format), load, activate.
+
+A saved adapter folder holds ``adapter_model.safetensors`` and ``adapter_config.json`` exactly as peft writes
+them (``LoraConfig.from_pretrained`` reads the folder) plus ``cav.json`` (kind, base, prompt, step, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+
+from ..errors import CavError
+from ..io_utils import atomic_path, save_safetensors, write_json
+from .targets import target_regex
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+META = "cav.json"
+
+
+def lora_config(kind: str, placement: str, rank: int, alpha: float) -> LoraConfig:
+    if rank < 1:
+        raise CavError(f"LoRA rank must be ≥ 1, got {rank}: pass --t-lora-rank/--s-lora-rank 1 or more")
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_regex(kind, placement), lora_dropout=0.0,
+                      init_lora_weights=True)
+
+
+def add_lora(unet: torch.nn.Module, name: str, config: LoraConfig, low_cpu_mem_usage: bool = False) -> int:
+    """Inject adapter ``name``; return the number of adapted modules."""
+    with warnings.catch_warnings():  # several named adapters on one model is what we want
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, unet, adapter_name=name, low_cpu_mem_usage=low_cpu_mem_usage)
+    for p in lora_parameters(unet, name):  # adapter weights stay fp32 when the frozen base is fp16/bf16
+        if p.is_floating_point() and not p.is_meta:
+            p.data = p.data.float()
+    n = sum(1 for m in unet.modules() if isinstance(m, LoraLayer) and name in m.lora_A)
+    if n == 0:
+        raise CavError(f"adapter '{name}' matched no module of this UNet: is the base a UNet3DConditionModel?")
+    return n
+
+
+def lora_parameters(unet: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in unet.named_parameters() if f".{name}." in n and ".lora_" in n]
+
+
+def adapter_names(unet: torch.nn.Module) -> set[str]:
+    names: set[str] = set()
+    for m in unet.modules():
+        if isinstance(m, LoraLayer):
+            names.update(m.lora_A.keys())
+    return names
+
+
+def activate(unet: torch.nn.Module, names: list[str], weights: list[float] | None = None,
+             trainable: str | None = None) -> None:
+    """Make exactly ``names`` active with ``weights``; only adapter ``trainable`` (if any) requires grad."""
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+    weights = [1.0] * len(names) if weights is None else list(weights)
+    set_weights_and_activate_adapters(unet, list(names), weights)
+    for n, p in unet.named_parameters():  # peft's set_adapter turns grads on for active adapters: set explicitly
+        p.requires_grad_(trainable is not None and f".{trainable}." in n and ".lora_" in n)
+
+
+def save_lora(unet: torch.nn.Module, name: str, config: LoraConfig, directory: Path, meta: dict) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(unet, adapter_name=name)
+    save_safetensors(directory / WEIGHTS, {k: v.float() for k, v in state.items()}, metadata={"format": "pt"})
+    cfg = config.to_dict()
+    cfg["target_modules"] = config.target_modules
+    for key, value in list(cfg.items()):
+        if isinstance(value, set):
+            cfg[key] = sorted(value)
+    write_json(directory / CONFIG, cfg)
+    write_json(directory / META, meta)
+    return directory
+
+
+def read_meta(directory: Path) -> dict:
+    path = Path(directory) / META
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def find_adapter_dir(path: Path, kind: str) -> Path:
+    """Accept an adapter folder, a checkpoint folder or a run folder; return the folder holding ``kind``'s LoRA."""
+    path = Path(path)
+    sub = {"temporal": "t_lora", "spatial": "absorbers/s_lora"}[kind]
+    for candidate in (path, path / sub):
+        if (candidate / WEIGHTS).is_file():
+            return candidate
+    if not path.exists():
+        raise CavError(f"adapter '{path}' does not exist: pass a run folder, a checkpoint folder or an adapter folder")
+    raise CavError(f"no {kind} LoRA ({WEIGHTS}) found in '{path}': pass a run, checkpoint or adapter folder")
+
+
+def load_lora(unet: torch.nn.Module, directory: Path, name: str, expect_kind: str | None = None) -> dict:
+    """Inject adapter ``name`` from a saved folder; the weights must fit this UNet exactly."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    if expect_kind and meta.get("kind") and meta["kind"] != expect_kind:
+        raise CavError(f"adapter '{directory}' is a {meta['kind']} LoRA, not a {expect_kind} one: pass a "
+                       f"{'T-LoRA (run/t_lora)' if expect_kind == 'temporal' else 'spatial LoRA'} folder")
+    try:
+        config = LoraConfig.from_pretrained(str(directory))
+        state = load_file(str(directory / WEIGHTS))
+    except Exception as exc:
+        raise CavError(f"could not read adapter '{directory}' ({type(exc).__name__}): is it a peft LoRA folder?") from None
+    try:
+        add_lora(unet, name, config)
+    except CavError:
+        raise CavError(f"adapter '{directory}' targets no module of this base: it was trained on another kind of model") from None
+    expected = {n: p.shape for n, p in unet.named_parameters() if f".{name}." in n}
+    for key, tensor in state.items():
+        model_key = key.replace(".lora_A.weight", f".lora_A.{name}.weight").replace(".lora_B.weight", f".lora_B.{name}.weight")
+        if model_key not in expected or expected[model_key] != tensor.shape:
+            raise CavError(f"adapter '{directory}' does not fit this base (tensor {key} "
+                           f"{tuple(tensor.shape)}): it was trained on another base ({meta.get('base', 'unknown')})")
+    ref = next(p for n, p in unet.named_parameters() if f".{name}." in n)
+    set_peft_model_state_dict(unet, {k: v.to(ref.device) for k, v in state.items()}, adapter_name=name)
+    return meta
+
+
+def count_parameters(unet: torch.nn.Module, name: str) -> int:
+    return sum(p.numel() for p in lora_parameters(unet, name))
+
+
+__all__ = ["lora_config", "add_lora", "lora_parameters", "activate", "save_lora", "load_lora", "find_adapter_dir",
+           "read_meta", "count_parameters", "adapter_names", "atomic_path"]

@@ -1,0 +1,254 @@
+"""The Python API shared by the CLI, the demo and the benchmarks: ``plan``, ``train``, ``generate``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import backbone as backbone_mod
+from .adapters import lora
+from .adapters.textual_inversion import TextualInversion
+from .config import TrainConfig, dump_yaml
+from .errors import CavError
+from .io_utils import write_json, write_text
+from .sampling import sample_video
+from .stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
+from .trainer import JsonlLog, run_stage
+
+ASSETS = Path(__file__).parent / "assets"
+RUN_MARKERS = ("config.yaml", "log.jsonl", "t_lora", "checkpoints", "absorbers")
+
+
+# ----------------------------------------------------------------------------------------------- plan (dry run)
+def plan(cfg: TrainConfig) -> dict:
+    """Trainable parameters and adapted modules per stage, from the base's config files alone (meta device)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet3DConditionModel
+
+    unet_config = backbone_mod.read_unet_config(cfg.base)
+    with init_empty_weights():
+        unet = UNet3DConditionModel.from_config(unet_config)
+    stages = []
+    if cfg.uses_s_lora:
+        n = lora.add_lora(unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha),
+                          low_cpu_mem_usage=True)
+        stages.append({"name": "s_lora", "trainable_params": lora.count_parameters(unet, S_LORA), "modules": n})
+    if cfg.uses_ti:
+        dim = _text_hidden_size(cfg.base, unet_config)
+        stages.append({"name": "textual_inversion", "trainable_params": cfg.ti_tokens * dim, "modules": 1})
+    n = lora.add_lora(unet, T_LORA, lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha),
+                      low_cpu_mem_usage=True)
+    stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n})
+    base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
+    return {"base": cfg.base, "placement": cfg.placement, "absorbers": cfg.absorbers,
+            "unet_params": base_params, "stages": stages}
+
+
+def _text_hidden_size(base: str, unet_config: dict) -> int:
+    resolved = backbone_mod.resolve_base(base)
+    path = Path(resolved) / "text_encoder" / "config.json"
+    if path.is_file():
+        return int(json.loads(path.read_text())["hidden_size"])
+    return int(unet_config["cross_attention_dim"])  # the UNet attends to the text encoder's hidden states
+
+
+# ----------------------------------------------------------------------------------------------------- train
+def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CavError(f"--out '{out}' is a file: pass a folder path")
+    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+    if holds_run and not (overwrite or resume):
+        raise CavError(f"'{out}' already holds a run: pass --resume to continue it, --overwrite to replace it, "
+                       "or another --out")
+    if holds_run and overwrite:
+        for m in RUN_MARKERS + ("samples",):
+            p = out / m
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def validation_prompts(cfg: TrainConfig) -> list[str]:
+    if cfg.validation_prompts:
+        return list(cfg.validation_prompts)
+    return [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]
+
+
+def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool = False, quiet: bool = False,
+          video_options: dict | None = None) -> Path:
+    """Run the staged method on one reference video; returns the run folder (layout in DESIGN.md)."""
+    from .data.video import read_video, to_tensor
+
+    if not cfg.prompt.strip():
+        raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
+    out = Path(out)
+    frames_u8 = read_video(video, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **(video_options or {}))
+    prepare_run_dir(out, overwrite, resume)
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator("cpu").manual_seed(cfg.seed)
+    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype)
+    write_text(out / "config.yaml", dump_yaml(cfg))
+    frames = to_tensor(frames_u8)
+    log = JsonlLog(out / "log.jsonl")
+    autocast = bb.dtype if bb.device.type == "cuda" and bb.dtype != torch.float32 else None
+    try:
+        ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init) if cfg.uses_ti else None
+        if cfg.absorbers != "none":
+            stage = absorber_stage(bb, cfg, frames, ti)
+            run_stage(bb.unet, bb.scheduler, stage, gen, log, max_grad_norm=cfg.max_grad_norm,
+                      autocast_dtype=autocast, quiet=quiet)
+            _save_absorbers(bb, cfg, out, ti)
+        stage = t_lora_stage(bb, cfg, frames, ti)
+        lora_cfg = lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha)
+        active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
+        stage.checkpoint = lambda step: _checkpoint(bb, cfg, out, lora_cfg, step, active)
+        stage.checkpoint_every = cfg.checkpoint_every
+        run_stage(bb.unet, bb.scheduler, stage, gen, log, max_grad_norm=cfg.max_grad_norm, autocast_dtype=autocast,
+                  quiet=quiet)
+    finally:
+        log.close()
+    _finalize(out, cfg, frames_u8, time.time() - t_start)
+    return out
+
+
+def _t_lora_meta(cfg: TrainConfig, step: int) -> dict:
+    return {"kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
+            "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": cfg.spatial_prompt,
+            "absorbers": cfg.absorbers, "step": step,
+            "validation": {"prompts": validation_prompts(cfg), "seed": cfg.validation_seed, "frames": cfg.frames,
+                           "size": list(cfg.size), "steps": cfg.sample_steps, "guidance": cfg.guidance}}
+
+
+def _save_absorbers(bb, cfg: TrainConfig, out: Path, ti: TextualInversion | None) -> None:
+    if cfg.uses_s_lora:
+        meta = {"kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": cfg.s_lora_rank,
+                "alpha": cfg.s_lora_alpha, "prompt": cfg.spatial_prompt or cfg.prompt, "step": cfg.absorber_steps}
+        lora.save_lora(bb.unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha),
+                       out / "absorbers" / "s_lora", meta)
+    if ti is not None:
+        ti.save(out / "absorbers" / "textual_inversion.safetensors")
+
+
+def _checkpoint(bb, cfg: TrainConfig, out: Path, lora_cfg, step: int, active: list[str]) -> None:
+    """Save T-LoRA + validation samples made exactly as `cav generate` makes them (only the T-LoRA active)."""
+    from .data.video import write_video
+
+    ckpt = out / "checkpoints" / f"step-{step:06d}"
+    lora.save_lora(bb.unet, T_LORA, lora_cfg, ckpt / "t_lora", _t_lora_meta(cfg, step))
+    lora.activate(bb.unet, [T_LORA])
+    try:
+        for i, prompt in enumerate(validation_prompts(cfg)):
+            video = sample_video(bb, prompt, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps,
+                                 guidance=cfg.guidance, seed=cfg.validation_seed)
+            for ext in (".mp4", ".gif"):
+                write_video(ckpt / "samples" / f"sample-{i}{ext}", video)
+            np.save(ckpt / "samples" / f"sample-{i}.npy", video, allow_pickle=False)
+    finally:
+        lora.activate(bb.unet, active, trainable=T_LORA)
+
+
+def _finalize(out: Path, cfg: TrainConfig, reference: np.ndarray, seconds: float) -> None:
+    """Publish the last checkpoint as the run's T-LoRA and samples, plus a contact sheet."""
+    from .data.video import write_contact_sheet
+
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    if not ckpts:
+        return
+    last = ckpts[-1]
+    for name in ("t_lora", "samples"):
+        dst = out / name
+        tmp = out / f".{name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(last / name, tmp)
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    samples = [np.load(p, allow_pickle=False) for p in sorted((out / "samples").glob("sample-*.npy"))]
+    write_contact_sheet(out / "samples" / "contact_sheet.png", [[reference], samples],
+                        labels=["reference", f"T-LoRA step {int(last.name[5:])}"])
+    write_json(out / "summary.json", {"seconds": round(seconds, 2), "final_checkpoint": last.name})
+
+
+# -------------------------------------------------------------------------------------------------- generate
+def parse_weighted(spec: str) -> tuple[str, float]:
+    """``PATH[:WEIGHT]`` → (path, weight); a Windows drive colon or a path with colons but no float suffix is kept."""
+    path, sep, weight = str(spec).rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return str(spec), 1.0
+
+
+def load_adapters(bb, adapters: list[tuple[str, float]], image_loras: list[tuple[str, float]] = (),
+                  textual_inversions: list[str] = ()) -> list[dict]:
+    """Load T-LoRAs (and optional spatial LoRAs, TI files) onto ``bb`` and activate them with their weights."""
+    names, weights, metas = [], [], []
+    for i, (path, w) in enumerate(adapters):
+        d = lora.find_adapter_dir(Path(path), "temporal")
+        metas.append(lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal"))
+        names.append(f"t_lora_{i}")
+        weights.append(w)
+    for j, (path, w) in enumerate(image_loras):
+        d = lora.find_adapter_dir(Path(path), "spatial")
+        lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial")
+        names.append(f"image_lora_{j}")
+        weights.append(w)
+    if names:
+        lora.activate(bb.unet, names, weights)
+    for file in textual_inversions:
+        if not Path(file).is_file():
+            raise CavError(f"textual inversion file '{file}' does not exist: pass a .safetensors file from absorbers/")
+        try:
+            bb.pipeline().load_textual_inversion(str(file))
+        except ValueError as exc:
+            raise CavError(f"could not load textual inversion '{file}': {str(exc).splitlines()[0][:160]}") from None
+    return metas
+
+
+def generate(prompt: str, adapters: list[tuple[str, float]] = (), *, image_loras=(), textual_inversions=(),
+             base: str | None = None, frames: int | None = None, size=None, steps: int | None = None,
+             guidance: float | None = None, seed: int = 0, num_videos: int = 1, out="out.mp4", device="auto",
+             dtype="auto", negative_prompt: str | None = None, quiet: bool = False) -> list[Path]:
+    """Sample ``num_videos`` videos (seeds seed, seed+1, …); writes ``out`` (.mp4) and a .gif beside each."""
+    from .data.video import write_video
+
+    if not prompt or not prompt.strip():
+        raise CavError("the prompt is empty: pass --prompt 'a description of the video to generate'")
+    out = Path(out)
+    if out.suffix.lower() != ".mp4":
+        raise CavError(f"--out '{out}' must end in .mp4 (a .gif is written beside it)")
+    metas = [lora.read_meta(lora.find_adapter_dir(Path(p), "temporal")) for p, _ in adapters]
+    val = metas[0].get("validation", {}) if metas else {}
+    base = base or (metas[0].get("base") if metas else None) or "toy"
+    bb = backbone_mod.load(base, device, dtype)
+    load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions))
+    frames = frames or val.get("frames") or 16
+    size = tuple(size) if size else tuple(val.get("size") or _default_size(bb))
+    steps = steps or val.get("steps") or 25
+    guidance = guidance if guidance is not None else val.get("guidance", 9.0)
+    written = []
+    for k in range(num_videos):
+        video = sample_video(bb, prompt, frames=frames, size=size, steps=steps, guidance=guidance, seed=seed + k,
+                             negative_prompt=negative_prompt, progress=not quiet)
+        target = out if num_videos == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
+        write_video(target, video)
+        write_video(target.with_suffix(".gif"), video)
+        written.append(target)
+    return written
+
+
+def _default_size(bb) -> tuple[int, int]:
+    s = int(bb.unet.config.sample_size) * bb.vae_factor
+    return (s, s)

@@ -1,0 +1,159 @@
+"""Command line: parse arguments, call one API function, print, set the exit code.
+
+Every ``CavError`` becomes one line on stderr and exit code 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from .errors import CavError
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _size(text: str) -> list[int]:
+    try:
+        parts = [int(p) for p in str(text).lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size: use H or HxW, e.g. 256 or 256x448") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size: use H or HxW")
+    return parts
+
+
+def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (default None: only given flags override the recipe)."""
+    from .config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        if f.name == "size":
+            p.add_argument(flag, type=_size, default=None, help=help_ + " (H or HxW)")
+        elif f.name == "validation_prompts":
+            p.add_argument("--validation-prompt", dest="validation_prompts", action="append", default=None, help=help_)
+        elif f.name == "crop_ratio":
+            p.add_argument(flag, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help=help_)
+        elif f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=typ, default=None, help=help_)
+
+
+def build_config(args: argparse.Namespace):
+    from .config import TrainConfig, load_recipe
+
+    data = load_recipe(args.recipe) if args.recipe else {}
+    for name in TrainConfig.field_names():
+        value = getattr(args, name, None)
+        if value is not None:
+            data[name] = value
+    return TrainConfig.from_dict(data)
+
+
+def cmd_train(args) -> int:
+    from . import api
+
+    cfg = build_config(args)
+    if args.dry_run:
+        result = api.plan(cfg)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"base {result['base']}: UNet {result['unet_params']:,} parameters; placement {result['placement']}")
+            for s in result["stages"]:
+                print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules")
+        return 0
+    if args.video is None:
+        raise CavError("no reference video given: pass `cav train VIDEO --prompt ...`")
+    if not cfg.prompt.strip():
+        raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
+    video_options = {k: getattr(args, k) for k in ("stride", "fps", "start", "end") if getattr(args, k) is not None}
+    out = api.train(args.video, cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet,
+                    video_options=video_options)
+    print(f"done: T-LoRA in {out / 't_lora'}, samples in {out / 'samples'}, checkpoints in {out / 'checkpoints'}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from . import api
+
+    adapters = [api.parse_weighted(a) for a in args.adapter or []]
+    image_loras = [api.parse_weighted(a) for a in args.image_lora or []]
+    paths = api.generate(args.prompt, adapters, image_loras=image_loras, textual_inversions=args.textual_inversion or [],
+                         base=args.base, frames=args.frames, size=args.size, steps=args.steps, guidance=args.guidance,
+                         seed=args.seed, num_videos=args.num_videos, out=args.out, device=args.device,
+                         dtype=args.dtype, negative_prompt=args.negative_prompt, quiet=args.quiet)
+    for p in paths:
+        print(f"wrote {p} and {p.with_suffix('.gif')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cav", description="One-shot motion customization of text-to-video models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train absorbers then a T-LoRA on one reference video")
+    t.add_argument("video", nargs="?", help="reference video (any ffmpeg format) or a folder of images")
+    t.add_argument("--recipe", help="YAML recipe (e.g. configs/modelscope.yaml); flags override it")
+    t.add_argument("--out", default="runs/train", help="run folder")
+    t.add_argument("--dry-run", action="store_true", help="print the plan (parameters per stage) without weights")
+    t.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    for name in ("start", "end", "fps"):
+        t.add_argument(f"--{name}", type=float, default=None, help=f"video frame selection: {name}")
+    t.add_argument("--stride", type=int, default=None, help="video frame selection: every K-th frame")
+    _add_recipe_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="sample videos with T-LoRA(s) on a base model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--adapter", action="append", metavar="RUN_OR_ADAPTER_DIR[:WEIGHT]",
+                   help="T-LoRA to load (repeatable; weights compose)")
+    g.add_argument("--image-lora", action="append", metavar="PATH[:WEIGHT]", help="spatial LoRA folder (repeatable)")
+    g.add_argument("--textual-inversion", action="append", metavar="FILE", help="textual inversion file (repeatable)")
+    g.add_argument("--base", default=None, help="base model (default: the adapter's base, else toy)")
+    g.add_argument("--frames", type=int, default=None)
+    g.add_argument("--size", type=_size, default=None, help="H or HxW")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps")
+    g.add_argument("--guidance", type=float, default=None)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-videos", type=int, default=1)
+    g.add_argument("--out", default="out.mp4", help="output .mp4 (a .gif is written beside it)")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CavError as exc:
+        print(f"cav: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cav: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Sampling videos from a backbone: the one function used by `cav generate` and by validation samples.
+
+Initial noise is drawn on the CPU from a seeded generator and then moved, so the same seed gives the same video
+on every device, and a checkpoint's validation sample is reproduced exactly by `cav generate`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from .backbone import Backbone
+
+
+@torch.no_grad()
+def sample_video(bb: Backbone, prompt: str, *, frames: int, size: tuple[int, int], steps: int, guidance: float,
+                 seed: int, negative_prompt: str | None = None, progress: bool = False) -> np.ndarray:
+    """One video as uint8 (F, H, W, 3)."""
+    h, w = size
+    f = bb.vae_factor
+    if h % f or w % f:
+        from .errors import CavError
+
+        raise CavError(f"--size {h}x{w} is not a multiple of the VAE factor {f}: pick a size divisible by {f}")
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    latents = torch.randn((1, bb.unet.config.in_channels, frames, h // f, w // f), generator=gen)
+    latents = latents.to(bb.device, bb.dtype)
+    pipe = bb.pipeline()
+    pipe.set_progress_bar_config(disable=not progress, leave=False, desc="sampling")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = pipe(prompt, num_frames=frames, height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
+                   negative_prompt=negative_prompt, latents=latents, output_type="np")
+    video = np.asarray(out.frames[0], dtype=np.float32)
+    return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)

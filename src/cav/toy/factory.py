@@ -1,0 +1,166 @@
+"""Build small text-to-video models in the diffusers folder layout of ModelScope.
+
+The same layout as ``damo-vilab/text-to-video-ms-1.7b`` (``model_index.json``, ``unet/`` = UNet3DConditionModel,
+``vae/`` = AutoencoderKL, ``text_encoder/`` = CLIPTextModel, ``tokenizer/``, ``scheduler/``), so a model built here is
+loaded by exactly the code that loads real models. Used for the toy world's base model and for tests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+# Words every tiny tokenizer knows as whole tokens; other text still tokenizes (byte-level fallback).
+BASE_WORDS = (
+    "a an the of on in at with and to is moving video photo image object shape background frame "
+    "left right up down diagonal diagonally circle circles square triangle diamond bounce bouncing grow growing "
+    "shrink zigzag zig zag figure eight spiral red green blue yellow magenta cyan white orange purple black grey "
+    "gray navy brown pink stripes striped checker dark light man skiing surfing dog cat"
+).split()
+
+
+@dataclass
+class TinySpec:
+    """Sizes of a small ModelScope-layout model. Defaults are the unit-test size (~0.3 M UNet parameters)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock3D", "DownBlock3D")
+    up_block_types: tuple[str, ...] = ("UpBlock3D", "CrossAttnUpBlock3D")
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    cross_attention_dim: int = 32
+    latent_channels: int = 4
+    vae_block_out_channels: tuple[int, ...] = (16, 32)
+    vae_norm_num_groups: int = 8
+    vae_scaling_factor: float = 1.0
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    max_length: int = 24
+    prediction_type: str = "epsilon"
+    words: tuple[str, ...] = field(default=tuple(BASE_WORDS))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-unicode table (a published fact of the format)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def write_clip_tokenizer(directory: Path, words, max_length: int) -> None:
+    """Write a CLIP BPE tokenizer (vocab.json + merges.txt) whose listed words are single tokens."""
+    chars = list(_bytes_to_unicode().values())
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    seen = set(vocab)
+    for word in dict.fromkeys(w.lower() for w in words):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            rule = f"{pieces[0]} {pieces[1]}"
+            if merged not in seen:
+                merges.append(rule)
+                vocab.append(merged)
+                seen.add(merged)
+            pieces = [merged] + pieces[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
+    tok.save_pretrained(directory)
+
+
+def build_components(spec: TinySpec, tokenizer_dir: Path, seed: int = 0) -> dict:
+    """Random-weight components for ``spec`` (tokenizer read from ``tokenizer_dir``)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    unet = UNet3DConditionModel(
+        sample_size=8,
+        in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels,
+        down_block_types=spec.down_block_types,
+        up_block_types=spec.up_block_types,
+        block_out_channels=spec.block_out_channels,
+        layers_per_block=spec.layers_per_block,
+        norm_num_groups=spec.norm_num_groups,
+        cross_attention_dim=spec.cross_attention_dim,
+        attention_head_dim=spec.attention_head_dim,
+    )
+    n_vae = len(spec.vae_block_out_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_vae,
+        up_block_types=("UpDecoderBlock2D",) * n_vae,
+        block_out_channels=spec.vae_block_out_channels,
+        latent_channels=spec.latent_channels,
+        norm_num_groups=spec.vae_norm_num_groups,
+        layers_per_block=1,
+        scaling_factor=spec.vae_scaling_factor,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.text_hidden,
+            projection_dim=spec.cross_attention_dim,
+            intermediate_size=spec.text_hidden * 2,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            max_position_embeddings=spec.max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    if spec.text_hidden != spec.cross_attention_dim:
+        raise ValueError("text_hidden must equal cross_attention_dim (the UNet attends to the text hidden states)")
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=spec.prediction_type,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def save_model(directory: Path, components: dict, extra: dict | None = None) -> Path:
+    """Save components in the diffusers layout via ``TextToVideoSDPipeline.save_pretrained`` (safetensors)."""
+    from diffusers import TextToVideoSDPipeline
+
+    directory = Path(directory)
+    pipe = TextToVideoSDPipeline(**components)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    if extra:
+        (directory / "cav_model.json").write_text(json.dumps(extra, indent=2))
+    return directory
+
+
+def make_tiny_model(directory: Path, spec: TinySpec | None = None, seed: int = 0) -> Path:
+    """Create a random tiny T2V model in the diffusers layout at ``directory`` (tests, benchmarks)."""
+    spec = spec or TinySpec()
+    directory = Path(directory)
+    tok_dir = directory / "tokenizer"
+    write_clip_tokenizer(tok_dir, spec.words, spec.max_length)
+    components = build_components(spec, tok_dir, seed=seed)
+    return save_model(directory, components, extra={"tiny_spec": asdict(spec)})

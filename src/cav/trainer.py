@@ -1,0 +1,118 @@
+"""One explicit training loop for a diffusion adapter stage, read top to bottom.
+
+batch (latents, text condition) → noise at a random timestep → UNet (temporal layers bypassed or not) → MSE on the
+scheduler's target → backward → clip → step → hooks → log → checkpoint. All randomness comes from one CPU
+``torch.Generator`` so a run is reproducible (and resumable) on any device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .bypass import temporal_bypass
+from .errors import CavError
+
+
+@dataclass
+class Stage:
+    """Everything one training stage needs; built by ``stages.py``."""
+
+    name: str
+    steps: int
+    param_groups: list[dict]
+    batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # → latents (B,C,F,h,w), cond (B,L,D)
+    bypass: bool = False
+    after_backward: list[Callable[[], None]] = field(default_factory=list)
+    after_step: list[Callable[[], None]] = field(default_factory=list)
+    checkpoint: Callable[[int], None] | None = None  # called with the step number
+    checkpoint_every: int = 0
+
+
+class NonFiniteLoss(CavError):
+    pass
+
+
+def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, gen: torch.Generator,
+                   bypass: bool = False, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The denoising loss of one batch (noise and timesteps drawn from ``gen`` on the CPU)."""
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    kind = scheduler.config.prediction_type
+    target = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else latents
+    with temporal_bypass(unet, bypass), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                                       enabled=autocast_dtype is not None):
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+def make_optimizer(stage: Stage) -> torch.optim.Optimizer:
+    # weight_decay 0: decay would move frozen embedding rows and shrink LoRA weights the paper does not decay
+    return torch.optim.AdamW(stage.param_groups, weight_decay=0.0)
+
+
+def run_stage(unet, scheduler, stage: Stage, gen: torch.Generator, log: Callable[[dict], None], *,
+              start_step: int = 0, optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float = 1.0,
+              autocast_dtype: torch.dtype | None = None, quiet: bool = False,
+              on_interrupt: Callable[[int, torch.optim.Optimizer], None] | None = None) -> torch.optim.Optimizer:
+    """Train ``stage`` from ``start_step`` to ``stage.steps``; returns the optimizer (its state is resumable)."""
+    optimizer = optimizer or make_optimizer(stage)
+    params = [p for g in stage.param_groups for p in g["params"]]
+    bar = tqdm(range(start_step, stage.steps), initial=start_step, total=stage.steps, desc=stage.name,
+               disable=quiet, dynamic_ncols=True)
+    step = start_step
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            latents, cond = stage.batch(gen)
+            loss = diffusion_loss(unet, scheduler, latents, cond, gen, stage.bypass, autocast_dtype)
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLoss(
+                    f"loss became {loss.item()} at {stage.name} step {step + 1}: lower the learning rate "
+                    "(e.g. --t-lora-lr 1e-4) and resume from the last checkpoint with --resume"
+                )
+            loss.backward()
+            for hook in stage.after_backward:
+                hook()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for hook in stage.after_step:
+                hook()
+            done = step + 1
+            log({"step": done, "stage": stage.name, "loss": round(loss.item(), 6),
+                 "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 4)})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if stage.checkpoint and (done == stage.steps or (stage.checkpoint_every and done % stage.checkpoint_every == 0)):
+                stage.checkpoint(done)
+    except KeyboardInterrupt:
+        if on_interrupt is not None:
+            on_interrupt(step, optimizer)
+        raise
+    finally:
+        bar.close()
+    return optimizer
+
+
+class JsonlLog:
+    """Append-only ``log.jsonl``: one line per step, flushed so a killed run keeps its history."""
+
+    def __init__(self, path, echo: bool = False):
+        self.path = path
+        self.fh = open(path, "a", buffering=1)
+
+    def __call__(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.fh.close()

@@ -1,0 +1,126 @@
+"""Adapters: targets, gradients only where they belong, peft-format save/load, textual inversion rows."""
+
+import json
+import re
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+
+from cav import backbone
+from cav.adapters import lora
+from cav.adapters.targets import target_regex
+from cav.adapters.textual_inversion import TextualInversion
+from cav.config import TrainConfig
+from cav.stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
+from cav.trainer import run_stage
+
+
+def test_anchored_targets_separate_temporal_and_spatial():
+    t, s = target_regex("temporal"), target_regex("spatial")
+    assert re.fullmatch(t, "down_blocks.0.temp_attentions.1.transformer_blocks.0.attn1.to_q")
+    assert re.fullmatch(t, "transformer_in.transformer_blocks.0.attn2.to_out.0")
+    assert re.fullmatch(t, "mid_block.temp_attentions.0.transformer_blocks.0.attn2.to_v")
+    assert not re.fullmatch(s, "down_blocks.0.temp_attentions.1.transformer_blocks.0.attn1.to_q")
+    assert re.fullmatch(s, "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k")
+    assert not re.fullmatch(t, "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k")
+    assert not re.fullmatch(t, "down_blocks.0.temp_attentions.1.transformer_blocks.0.ff.net.2")
+    assert re.fullmatch(target_regex("temporal", "motiondirector"), "down_blocks.0.temp_attentions.1.transformer_blocks.0.ff.net.2")
+    assert not re.fullmatch(target_regex("spatial", "motiondirector"), "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k")
+
+
+def _frames(n=4, size=32):
+    g = torch.Generator().manual_seed(3)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def _log(_):
+    pass
+
+
+def test_stages_train_only_their_parameters_and_never_touch_the_base(tiny_model):
+    bb = backbone.load(tiny_model, "cpu")
+    base_unet = {k: v.clone() for k, v in bb.unet.state_dict().items()}
+    base_text = {k: v.clone() for k, v in bb.text_encoder.state_dict().items()}
+    cfg = TrainConfig(prompt="a red square moving right", spatial_prompt="a red square", frames=4, size=[32, 32],
+                      absorber_steps=2, steps=2, ti_tokens=2, absorber_batch=2, s_lora_lr=1e-2, t_lora_lr=1e-2,
+                      ti_lr=1e-2)
+    ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init)
+    gen = torch.Generator().manual_seed(0)
+    stage1 = absorber_stage(bb, cfg, _frames(), ti)
+    run_stage(bb.unet, bb.scheduler, stage1, gen, _log, quiet=True)
+    s_after1 = {n: p.clone() for n, p in bb.unet.named_parameters() if f".{S_LORA}." in n}
+    emb_after1 = ti.weight.detach().clone()
+
+    stage2 = t_lora_stage(bb, cfg, _frames(), ti)
+    trainable = {n for n, p in bb.unet.named_parameters() if p.requires_grad}
+    assert trainable and all(f".{T_LORA}." in n for n in trainable)
+    assert not any(p.requires_grad for p in bb.text_encoder.parameters())
+    t_before = {n: p.clone() for n, p in bb.unet.named_parameters() if f".{T_LORA}." in n}
+    # one manual step: gradients reach T-LoRA parameters only
+    from cav.trainer import diffusion_loss
+    latents, cond = stage2.batch(gen)
+    diffusion_loss(bb.unet, bb.scheduler, latents, cond, gen).backward()
+    with_grad = {n for n, p in bb.unet.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n in trainable}
+    bb.unet.zero_grad(set_to_none=True)
+    run_stage(bb.unet, bb.scheduler, stage2, gen, _log, quiet=True)
+
+    state = bb.unet.state_dict()
+    for k, v in base_unet.items():  # base weights never change
+        if ".lora_" not in k:
+            assert torch.equal(state[k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")]
+                               if k not in state else state[k], v), k
+    for n, p in bb.unet.named_parameters():
+        if f".{S_LORA}." in n:
+            assert torch.equal(p, s_after1[n]), "absorbers are frozen in stage 2"
+    assert any(not torch.equal(p, t_before[n]) for n, p in bb.unet.named_parameters() if f".{T_LORA}." in n)
+    assert torch.equal(ti.weight, emb_after1)
+    # textual inversion: only the new rows changed, every other row bit for bit
+    old_rows = base_text["embeddings.token_embedding.weight"]
+    new = ti.weight.detach()
+    assert torch.equal(new[: old_rows.shape[0]], old_rows)
+    assert not torch.equal(new[ti.ids], ti.weight.detach()[bb.tokenizer(cfg.ti_init, add_special_tokens=False).input_ids[0]].expand(2, -1))
+    for k, v in base_text.items():
+        if "token_embedding" not in k:
+            assert torch.equal(bb.text_encoder.state_dict()[k], v)
+
+
+def test_save_load_peft_format_round_trip(tiny_model, tmp_path):
+    bb = backbone.load(tiny_model, "cpu")
+    cfg = lora.lora_config("temporal", "cav", 4, 1.0)
+    lora.add_lora(bb.unet, "t_lora", cfg)
+    with torch.no_grad():
+        for p in lora.lora_parameters(bb.unet, "t_lora"):
+            p.normal_()
+    out = lora.save_lora(bb.unet, "t_lora", cfg, tmp_path / "t_lora", {"kind": "temporal", "base": "tiny"})
+    loaded_cfg = LoraConfig.from_pretrained(str(out))
+    assert loaded_cfg.r == 4 and loaded_cfg.lora_alpha == 1.0
+    keys = list(load_file(str(out / "adapter_model.safetensors")))
+    assert keys and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)  # as peft writes them
+    assert any(k.startswith("transformer_in.") for k in keys)
+    assert json.loads((out / "cav.json").read_text())["kind"] == "temporal"
+
+    bb2 = backbone.load(tiny_model, "cpu")
+    lora.load_lora(bb2.unet, out, "again", expect_kind="temporal")
+    src = {n.replace(".t_lora.", "."): p for n, p in bb.unet.named_parameters() if ".t_lora." in n}
+    dst = {n.replace(".again.", "."): p for n, p in bb2.unet.named_parameters() if ".again." in n}
+    assert src.keys() == dst.keys()
+    for k in src:
+        assert torch.equal(src[k], dst[k])
+
+
+def test_textual_inversion_file_loads_in_diffusers(tiny_model, tmp_path):
+    bb = backbone.load(tiny_model, "cpu")
+    ti = TextualInversion(bb.tokenizer, bb.text_encoder, "<cav>", 3, "object")
+    with torch.no_grad():
+        ti.weight[ti.ids] = torch.randn(3, ti.weight.shape[1])
+    path = ti.save(tmp_path / "ti.safetensors")
+    bb2 = backbone.load(tiny_model, "cpu")
+    pipe = bb2.pipeline()
+    pipe.load_textual_inversion(str(path))
+    ids = bb2.tokenizer.convert_tokens_to_ids(["<cav>", "<cav>_1", "<cav>_2"])
+    torch.testing.assert_close(bb2.text_encoder.get_input_embeddings().weight[ids], ti.embeddings())
+    assert ti.expand("a <cav> moving") == "a <cav> <cav>_1 <cav>_2 moving"
+    assert ti.expand("a dog") == "<cav> <cav>_1 <cav>_2 a dog"
