@@ -97,6 +97,53 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_toy_train_base(args) -> int:
+    from dataclasses import fields
+
+    from .toy.train_base import BaseRecipe, train_base
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(BaseRecipe) if getattr(args, f.name, None) is not None}
+    stats = train_base(args.out, BaseRecipe(**overrides), device=args.device, quiet=args.quiet, resume=not args.restart)
+    print(json.dumps({k: v for k, v in stats.items() if k != "loss_log"}))
+    return 0
+
+
+def cmd_toy_check_base(args) -> int:
+    from .toy.check import check_base
+
+    result = check_base(args.base, n=args.videos, heldout=args.heldout, seed=args.seed, steps=args.steps,
+                        device=args.device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+    from .metrics.clip_score import DEFAULT_CLIP
+
+    result = evaluate(args.videos, args.prompt, reference=args.reference, clip=args.clip or DEFAULT_CLIP,
+                      lpips=args.lpips, metrics=args.metrics.split(",") if args.metrics else None)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            if k != "videos":
+                print(f"{k:<22} {v:.4f}")
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from .bench.speed import format_table, run_speed
+
+    result = run_speed(args.device, args.size)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cav", description="One-shot motion customization of text-to-video models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +182,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    toy = sub.add_parser("toy", help="the embedded toy world: train or check its base model").add_subparsers(
+        dest="toy_command", required=True)
+    tb = toy.add_parser("train-base", help="train the toy T2V base model (seeded, resumable)")
+    tb.add_argument("--out", default="runs/toy-base")
+    tb.add_argument("--device", default="auto")
+    tb.add_argument("--restart", action="store_true", help="ignore saved state in --out and start over")
+    tb.add_argument("--quiet", action="store_true")
+    from dataclasses import fields as _fields
+
+    from .toy.train_base import BaseRecipe
+
+    for f in _fields(BaseRecipe):
+        tb.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+    tb.set_defaults(func=cmd_toy_train_base)
+    cb = toy.add_parser("check-base", help="score a base model's videos against the toy world's ground truth")
+    cb.add_argument("--base", default="toy")
+    cb.add_argument("--videos", type=int, default=64)
+    cb.add_argument("--heldout", type=int, default=24)
+    cb.add_argument("--steps", type=int, default=25)
+    cb.add_argument("--seed", type=int, default=0)
+    cb.add_argument("--device", default="auto")
+    cb.add_argument("--json", action="store_true")
+    cb.set_defaults(func=cmd_toy_check_base)
+
+    ev = sub.add_parser("eval", help="score generated videos (CLIPScore, LPIPS, motion fidelity, toy truth)")
+    ev.add_argument("videos", nargs="+", help="generated videos")
+    ev.add_argument("--prompt", required=True)
+    ev.add_argument("--reference", default=None, help="reference video for motion metrics")
+    ev.add_argument("--clip", default=None, help="CLIP model folder or hub id (default openai/clip-vit-large-patch14)")
+    ev.add_argument("--lpips", default=None, help="LPIPS AlexNet weights (.safetensors; default $CAV_LPIPS)")
+    ev.add_argument("--metrics", default=None, help="comma-separated metric names (default: all available)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="benchmarks (JSON output)").add_subparsers(dest="bench_command", required=True)
+    bs = bench.add_parser("speed", help="training/generation step time, memory and FLOPs at full ModelScope size")
+    bs.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    bs.add_argument("--size", default="full", choices=("full", "tiny"))
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=cmd_bench_speed)
     return parser
 
 

@@ -14,24 +14,32 @@ import torch
 from .backbone import Backbone
 
 
-@torch.no_grad()
 def sample_video(bb: Backbone, prompt: str, *, frames: int, size: tuple[int, int], steps: int, guidance: float,
                  seed: int, negative_prompt: str | None = None, progress: bool = False) -> np.ndarray:
     """One video as uint8 (F, H, W, 3)."""
+    return sample_videos(bb, [prompt], frames=frames, size=size, steps=steps, guidance=guidance, seeds=[seed],
+                         negative_prompt=negative_prompt, progress=progress)[0]
+
+
+@torch.no_grad()
+def sample_videos(bb: Backbone, prompts: list[str], *, frames: int, size: tuple[int, int], steps: int,
+                  guidance: float, seeds: list[int], negative_prompt: str | None = None,
+                  progress: bool = False) -> np.ndarray:
+    """A batch of videos, one per (prompt, seed), as uint8 (B, F, H, W, 3)."""
     h, w = size
     f = bb.vae_factor
     if h % f or w % f:
         from .errors import CavError
 
         raise CavError(f"--size {h}x{w} is not a multiple of the VAE factor {f}: pick a size divisible by {f}")
-    gen = torch.Generator("cpu").manual_seed(int(seed))
-    latents = torch.randn((1, bb.unet.config.in_channels, frames, h // f, w // f), generator=gen)
+    shape = (1, bb.unet.config.in_channels, frames, h // f, w // f)
+    latents = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
     latents = latents.to(bb.device, bb.dtype)
     pipe = bb.pipeline()
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="sampling")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = pipe(prompt, num_frames=frames, height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
-                   negative_prompt=negative_prompt, latents=latents, output_type="np")
-    video = np.asarray(out.frames[0], dtype=np.float32)
-    return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        out = pipe(list(prompts), num_frames=frames, height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
+                   negative_prompt=None if negative_prompt is None else [negative_prompt] * len(prompts), latents=latents, output_type="np")
+    videos = np.asarray(out.frames, dtype=np.float32)
+    return (np.clip(videos, 0.0, 1.0) * 255.0).round().astype(np.uint8)

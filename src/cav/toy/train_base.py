@@ -1,0 +1,261 @@
+"""Train the toy world's base T2V model: a real latent T2V model in ModelScope's diffusers layout.
+
+Phase 1 trains the AutoencoderKL on toy frames; phase 2 trains the UNet3D and the text encoder jointly on
+videos of the *seen* motions and on single images with the temporal layers bypassed (as ModelScope trains on
+images and videos). Held-out motions are never shown, so customizing them is measurable. Seeded and resumable:
+state is saved as safetensors every ``save_every`` steps under ``OUT/.train_state``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..bypass import temporal_bypass
+from ..data import toyworld as tw
+from ..io_utils import save_safetensors, write_json
+from .factory import TinySpec, build_components, save_model, write_clip_tokenizer
+
+TOY_SPEC = TinySpec(
+    block_out_channels=(64, 128, 128),
+    down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+    layers_per_block=1,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    cross_attention_dim=64,
+    latent_channels=4,
+    vae_block_out_channels=(32, 64, 64),
+    vae_norm_num_groups=16,
+    text_hidden=64,
+    text_layers=2,
+    text_heads=4,
+    max_length=24,
+    prediction_type="epsilon",
+)
+
+
+@dataclass
+class BaseRecipe:
+    frames: int = 8
+    size: int = 32
+    clips: int = 20000
+    vae_steps: int = 1500
+    vae_batch: int = 128
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    steps: int = 6000
+    batch: int = 64
+    lr: float = 3e-4
+    text_lr: float = 1e-4
+    image_every: int = 4  # every k-th step is an image batch (temporal layers bypassed, appearance prompt)
+    caption_dropout: float = 0.1
+    seed: int = 0
+    save_every: int = 500
+    init_from: str = ""  # continue from a saved toy model folder (its VAE and scaling factor are kept)
+    max_seconds: float = 0.0  # stop phase 2 early once the whole run has taken this long (0: no limit)
+
+
+def _state_dir(out: Path) -> Path:
+    return out / ".train_state"
+
+
+def _save_state(out: Path, phase: str, step: int, modules: dict, optimizer, gen: torch.Generator) -> None:
+    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng"] = gen.get_state()
+    save_safetensors(_state_dir(out) / f"{phase}.safetensors", tensors)
+    write_json(_state_dir(out) / f"{phase}.json", {"step": step, "param_groups": opt["param_groups"]})
+
+
+def _load_state(out: Path, phase: str, modules: dict, optimizer, gen: torch.Generator) -> int:
+    from safetensors.torch import load_file
+
+    meta_path = _state_dir(out) / f"{phase}.json"
+    if not meta_path.is_file():
+        return 0
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(_state_dir(out) / f"{phase}.safetensors"))
+    for name, m in modules.items():
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    gen.set_state(tensors["rng"])
+    return int(meta["step"])
+
+
+def _to_pixels(clips_u8: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(clips_u8).to(device).permute(0, 1, 4, 2, 3).float().div(127.5).sub(1.0)
+
+
+def train_base(out: Path, recipe: BaseRecipe | None = None, device: str = "auto", quiet: bool = False,
+               resume: bool = True) -> dict:
+    recipe = recipe or BaseRecipe()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    amp = dev.type == "cuda"
+    if amp:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    t0 = time.time()
+    torch.manual_seed(recipe.seed)
+    clips, captions, specs = tw.dataset(recipe.clips, recipe.frames, recipe.size, recipe.seed)
+    spatial = [tw.caption(s)[1] for s in specs]
+    if recipe.init_from:
+        comps = _load_components(Path(recipe.init_from))
+    else:
+        tok_dir = out / "tokenizer"
+        write_clip_tokenizer(tok_dir, TOY_SPEC.words + tuple(w for c in captions[:2000] for w in c.split()),
+                             TOY_SPEC.max_length)
+        comps = build_components(TOY_SPEC, tok_dir, seed=recipe.seed)
+    unet, vae, text_encoder, tokenizer, scheduler = (comps[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+    for m in (unet, vae, text_encoder):
+        m.to(dev).train()
+    gen = torch.Generator("cpu").manual_seed(recipe.seed)
+    pixels_all = torch.from_numpy(clips)  # uint8 (N, F, H, W, 3) on CPU
+    n, f = pixels_all.shape[:2]
+    log = []
+
+    # ---- phase 1: VAE on single frames -------------------------------------------------------------------
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    start = _load_state(out, "vae", {"vae": vae}, vae_opt, gen) if resume else 0
+    vae_steps = 0 if recipe.init_from else recipe.vae_steps
+    bar = tqdm(range(start, vae_steps), initial=start, total=recipe.vae_steps, desc="vae", disable=quiet)
+    for step in bar:
+        idx = torch.randint(0, n * f, (recipe.vae_batch,), generator=gen)
+        x = _to_pixels(pixels_all.view(n * f, 1, *pixels_all.shape[2:])[idx].numpy(), dev)[:, 0]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            post = vae.encode(x).latent_dist
+            z = post.sample(generator=None)
+            rec = vae.decode(z).sample
+        loss = F.mse_loss(rec.float(), x) + F.l1_loss(rec.float(), x) + recipe.kl_weight * post.kl().mean()
+        loss.backward()
+        vae_opt.step()
+        vae_opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % recipe.save_every == 0:
+            _save_state(out, "vae", step + 1, {"vae": vae}, vae_opt, gen)
+    if vae_steps:
+        _save_state(out, "vae", vae_steps, {"vae": vae}, vae_opt, gen)
+    vae.eval().requires_grad_(False)
+
+    # latents of every clip, once; scaling factor = 1 / std so latents have unit variance (as SD's 0.18215 does)
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        lat = []
+        for i in range(0, n, 256):
+            x = _to_pixels(clips[i:i + 256], dev).flatten(0, 1)
+            lat.append(vae.encode(x).latent_dist.mode().float())
+        lat = torch.cat(lat)
+    scale = float(vae.config.scaling_factor) if recipe.init_from else float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=scale)
+    lat = (lat * scale).view(n, f, *lat.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()  # (N, C, F, h, w)
+    rec_err = _vae_error(vae, clips[:256], dev)
+
+    # ---- phase 2: UNet3D + text encoder on videos (seen motions) and images ---------------------------------
+    ids_full = tokenizer(captions, padding="max_length", max_length=TOY_SPEC.max_length, truncation=True, return_tensors="pt").input_ids
+    ids_spat = tokenizer(spatial, padding="max_length", max_length=TOY_SPEC.max_length, truncation=True, return_tensors="pt").input_ids
+    ids_empty = tokenizer([""], padding="max_length", max_length=TOY_SPEC.max_length, return_tensors="pt").input_ids
+    opt = torch.optim.AdamW([{"params": unet.parameters(), "lr": recipe.lr},
+                             {"params": text_encoder.parameters(), "lr": recipe.text_lr}], weight_decay=0.0)
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    start = _load_state(out, "unet", modules, opt, gen) if resume else 0
+    warm = 200
+    plan = {"total": recipe.steps}  # may shrink once the step time is known, so the cosine ends on time
+
+    def lr_factor(s: int) -> float:
+        progress = min(1.0, s / max(1, plan["total"]))
+        return min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    for _ in range(start):
+        sched.step()
+    bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="unet", disable=quiet)
+    t_phase = time.time()
+    for step in bar:
+        if recipe.max_seconds and step == start + 50:
+            per_step = (time.time() - t_phase) / 50
+            fit = start + 50 + int((recipe.max_seconds - (time.time() - t0)) / per_step)
+            plan["total"] = max(start + 51, min(recipe.steps, fit))
+            bar.total = plan["total"]
+        if step >= plan["total"]:
+            break
+        idx = torch.randint(0, n, (recipe.batch,), generator=gen)
+        image = recipe.image_every and step % recipe.image_every == recipe.image_every - 1
+        if image:  # single frames, temporal layers bypassed, appearance-only caption
+            fi = torch.randint(0, f, (recipe.batch,), generator=gen)
+            x0 = lat[idx, :, fi].unsqueeze(2).to(dev)
+            ids = ids_spat[idx]
+        else:
+            x0 = lat[idx].to(dev)
+            ids = ids_full[idx]
+        drop = torch.rand(recipe.batch, generator=gen) < recipe.caption_dropout
+        ids = torch.where(drop[:, None], ids_empty.expand_as(ids), ids).to(dev)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.batch,), generator=gen).to(dev)
+        noisy = scheduler.add_noise(x0, noise, t)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp), temporal_bypass(unet, bool(image)):
+            cond = text_encoder(ids)[0]
+            pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred.float(), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 100 == 0:
+            log.append({"step": step, "loss": round(loss.item(), 5)})
+        if (step + 1) % recipe.save_every == 0:
+            _save_state(out, "unet", step + 1, modules, opt, gen)
+    unet.eval()
+    text_encoder.eval()
+    for m in (vae, text_encoder):
+        m.to("cpu").float()
+    unet.to("cpu").half()  # stored in fp16 to keep the shipped model small; loaded as fp32 on CPU
+    save_model(out, {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+                     "scheduler": scheduler},
+               extra={"tiny_spec": asdict(TOY_SPEC), "recipe": asdict(recipe)})
+    stats = {"seconds": round(time.time() - t0, 1), "device": str(dev),
+             "device_name": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+             "vae_scaling_factor": scale, "vae_recon_mae": rec_err,
+             "unet_steps": plan["total"],
+             "unet_params": sum(p.numel() for p in unet.parameters()),
+             "vae_params": sum(p.numel() for p in vae.parameters()),
+             "text_params": sum(p.numel() for p in text_encoder.parameters()),
+             "loss_log": log}
+    write_json(out / "training_stats.json", stats)
+    return stats
+
+
+def _load_components(path: Path) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return {"unet": UNet3DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32),
+            "vae": AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            "scheduler": DDIMScheduler.from_pretrained(path, subfolder="scheduler")}
+
+
+@torch.no_grad()
+def _vae_error(vae, clips_u8: np.ndarray, dev) -> float:
+    x = _to_pixels(clips_u8, dev).flatten(0, 1)
+    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+    return float((rec - x).abs().mean() * 127.5)
