@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import accel
 from . import backbone as backbone_mod
 from .adapters import lora
 from .adapters.textual_inversion import TextualInversion
 from .config import TrainConfig, dump_yaml
 from .errors import CavError
-from .io_utils import write_json, write_text
+from .io_utils import atomic_path, write_json, write_text
 from .sampling import sample_video
 from .stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
 from .trainer import JsonlLog, run_stage
@@ -58,7 +59,8 @@ def _text_hidden_size(base: str, unet_config: dict) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- train
-def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
+def check_run_dir(out: Path, overwrite: bool, resume: bool) -> bool:
+    """Refuse to touch an existing run unless asked; returns whether ``out`` holds one."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CavError(f"--out '{out}' is a file: pass a folder path")
@@ -66,6 +68,12 @@ def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
     if holds_run and not (overwrite or resume):
         raise CavError(f"'{out}' already holds a run: pass --resume to continue it, --overwrite to replace it, "
                        "or another --out")
+    return holds_run
+
+
+def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    out = Path(out)
+    holds_run = check_run_dir(out, overwrite, resume)
     if holds_run and overwrite:
         for m in RUN_MARKERS + ("samples",):
             p = out / m
@@ -90,12 +98,17 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     if not cfg.prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
     out = Path(out)
+    check_run_dir(out, overwrite, resume)
     frames_u8 = read_video(video, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **(video_options or {}))
     prepare_run_dir(out, overwrite, resume)
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype)
+    if accel.wants_checkpointing(cfg.gradient_checkpointing, bb.device):
+        accel.set_gradient_checkpointing(bb.unet, True)
+    if cfg.compile:
+        accel.compile_unet(bb.unet)
     write_text(out / "config.yaml", dump_yaml(cfg))
     frames = to_tensor(frames_u8)
     log = JsonlLog(out / "log.jsonl")
@@ -146,12 +159,15 @@ def _checkpoint(bb, cfg: TrainConfig, out: Path, lora_cfg, step: int, active: li
     lora.save_lora(bb.unet, T_LORA, lora_cfg, ckpt / "t_lora", _t_lora_meta(cfg, step))
     lora.activate(bb.unet, [T_LORA])
     try:
-        for i, prompt in enumerate(validation_prompts(cfg)):
-            video = sample_video(bb, prompt, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps,
-                                 guidance=cfg.guidance, seed=cfg.validation_seed)
+        with accel.on_device(bb.device, bb.vae, bb.text_encoder):
+            videos = [sample_video(bb, prompt, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps,
+                                   guidance=cfg.guidance, seed=cfg.validation_seed)
+                      for prompt in validation_prompts(cfg)]
+        for i, video in enumerate(videos):
             for ext in (".mp4", ".gif"):
                 write_video(ckpt / "samples" / f"sample-{i}{ext}", video)
-            np.save(ckpt / "samples" / f"sample-{i}.npy", video, allow_pickle=False)
+            with atomic_path(ckpt / "samples" / f"sample-{i}.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, video, allow_pickle=False)
     finally:
         lora.activate(bb.unet, active, trainable=T_LORA)
 

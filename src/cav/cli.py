@@ -121,6 +121,17 @@ def cmd_toy_check_base(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from .toy.demo import run_demo, summary
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("absorber_steps", args.absorber_steps)) if v is not None}
+    metrics = run_demo(args.out, prompts=args.prompts, overrides=overrides, quiet=args.quiet, base=args.base)
+    print(summary(metrics, Path(args.out)))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .metrics.clip_score import DEFAULT_CLIP
@@ -206,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--device", default="auto")
     cb.add_argument("--json", action="store_true")
     cb.set_defaults(func=cmd_toy_check_base)
+
+    d = sub.add_parser("demo", help="the whole method on the embedded toy model, scored against ground truth")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--prompts", type=int, default=4, help="new-appearance prompts to generate")
+    d.add_argument("--steps", type=int, default=None, help="override the T-LoRA steps of configs/toy.yaml")
+    d.add_argument("--absorber-steps", type=int, default=None)
+    d.add_argument("--base", default="toy")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="score generated videos (CLIPScore, LPIPS, motion fidelity, toy truth)")
     ev.add_argument("videos", nargs="+", help="generated videos")

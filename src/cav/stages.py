@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .accel import offload
 from .adapters import lora
 from .adapters.textual_inversion import TextualInversion
 from .backbone import Backbone
@@ -73,11 +74,17 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
     active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
     lora.activate(bb.unet, active, trainable=T_LORA)
     prompt = ti.expand(cfg.prompt) if ti is not None else cfg.prompt
-    cond = encode_prompt(bb, prompt)
-    latents = encode_frames(bb, frames).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, F, h, w), cached once
+
+    def encode():
+        return encode_frames(bb, frames).permute(1, 0, 2, 3).unsqueeze(0), encode_prompt(bb, prompt)  # (1,C,F,h,w)
+
+    if cfg.cache_inputs:  # encode the clip and the prompt once, reuse them every step
+        cached = encode()
+        if cfg.offload_frozen:
+            offload(bb.vae, bb.text_encoder)
 
     def batch(gen: torch.Generator):
-        return latents, cond
+        return cached if cfg.cache_inputs else encode()
 
     groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.t_lora_lr, "name": T_LORA}]
     return Stage("t_lora", cfg.steps, groups, batch, bypass=False)

@@ -1,0 +1,93 @@
+"""`cav demo`: the whole method in the toy world, measured against ground truth, on a CPU in minutes.
+
+1. a reference clip with a *held-out* motion (the base model never saw it) and one appearance;
+2. the staged method with ``configs/toy.yaml``: appearance absorbers, then T-LoRA;
+3. videos with *new* appearances (other shape, colour and background) with the T-LoRA, and the same prompts and
+   seeds without it;
+4. ``metrics.json``: motion error of both against the reference (centroid displacement tracks, normalised by
+   frame size), their ratio, and whether the customized videos follow the prompt's appearance.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import TrainConfig, load_recipe
+from ..data import toyworld as tw
+from ..io_utils import write_json
+from ..metrics import toy as tm
+
+RECIPE = Path(__file__).resolve().parents[3] / "configs" / "toy.yaml"
+DEFAULT_REFERENCE = tw.ToySpec("circle", "red", "navy", "zigzag", scale=0.3)
+
+
+def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFERENCE, prompts: int = 4,
+             seeds: int = 1, overrides: dict | None = None, quiet: bool = False, base: str = "toy") -> dict:
+    from .. import api, backbone
+    from ..adapters import lora
+    from ..data.video import write_contact_sheet, write_video
+    from ..sampling import sample_videos
+
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_data = {**load_recipe(RECIPE), **(overrides or {}), "base": base}
+    full, spatial = tw.caption(reference)
+    cfg = TrainConfig.from_dict({**cfg_data, "prompt": full, "spatial_prompt": spatial})
+    ref_video, _ = tw.render(reference, frames=cfg.frames, size=cfg.size[0])
+    ref_path = write_video(out / "reference.mp4", ref_video)
+    write_video(out / "reference.gif", ref_video)
+
+    run = api.train(ref_path, cfg, out / "run", overwrite=True, quiet=quiet)
+
+    rng = np.random.default_rng(cfg.seed)
+    specs = tw.new_appearances(reference, prompts, rng)
+    texts = [tw.caption(s)[0] for s in specs for _ in range(seeds)]
+    seed_list = [cfg.validation_seed + k for _ in specs for k in range(seeds)]
+    kw = dict(frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps, guidance=cfg.guidance, seeds=seed_list)
+    bb = backbone.load(cfg.base, cfg.device, cfg.dtype)
+    base_videos = sample_videos(bb, texts, **kw)
+    api.load_adapters(bb, [(str(run), 1.0)])
+    cav_videos = sample_videos(bb, texts, **kw)
+    lora.activate(bb.unet, [])
+
+    ref_track = tm.track(ref_video)
+    size = cfg.size[0]
+    err_base = [tm.motion_error(tm.track(v), ref_track, size) for v in base_videos]
+    err_cav = [tm.motion_error(tm.track(v), ref_track, size) for v in cav_videos]
+    spec_per_video = [s for s in specs for _ in range(seeds)]
+    follows = [tm.classify_colour(v) == s.colour and tm.classify_shape(v) == s.shape
+               for v, s in zip(cav_videos, spec_per_video)]
+    for i, (b, c) in enumerate(zip(base_videos, cav_videos)):
+        for kind, video in (("base", b), ("cav", c)):
+            write_video(out / f"{kind}-{i}.mp4", video)
+            write_video(out / f"{kind}-{i}.gif", video)
+    write_contact_sheet(out / "contact_sheet.png", [[ref_video], list(base_videos), list(cav_videos)],
+                        labels=["reference", "base", "T-LoRA"], scale=4)
+    metrics = {
+        "reference": full,
+        "prompts": texts,
+        "motion_error_base": float(np.mean(err_base)),
+        "motion_error_cav": float(np.mean(err_cav)),
+        "motion_error_ratio": float(np.mean(err_cav) / max(np.mean(err_base), 1e-8)),
+        "appearance_accuracy": float(np.mean(follows)),
+        "per_video": [{"prompt": t, "motion_error_base": eb, "motion_error_cav": ec, "follows_prompt": bool(f)}
+                      for t, eb, ec, f in zip(texts, err_base, err_cav, follows)],
+        "seconds": round(time.time() - t0, 1),
+    }
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def summary(metrics: dict, out: Path) -> str:
+    return "\n".join([
+        f"reference: {metrics['reference']}",
+        f"motion error vs reference: base {metrics['motion_error_base']:.3f}  →  with T-LoRA {metrics['motion_error_cav']:.3f}"
+        f"  (ratio {metrics['motion_error_ratio']:.2f}; lower is better)",
+        f"customized videos that follow the new prompt's colour and shape: {metrics['appearance_accuracy']:.0%}",
+        f"took {metrics['seconds']:.0f} s.  Look at {out / 'contact_sheet.png'} (rows: reference, base, T-LoRA),",
+        f"the videos in {out}/, and the run (adapters, checkpoints, log) in {out / 'run'}/",
+    ])

@@ -1,0 +1,110 @@
+import json
+import math
+
+import pytest
+import torch
+
+from cav.bench.speed import format_table, run_speed, set_gradient_checkpointing
+
+TIMES = ("t_lora_step_s", "motiondirector_step_s", "absorber_step_s", "generation_step_s", "uncached_step_s",
+         "cached_step_s", "checkpointing_step_s", "no_checkpointing_step_s", "motiondirector_spatial_path_step_s",
+         "motiondirector_dual_step_s")
+POSITIVE = TIMES + ("step_ratio", "cached_speedup", "peak_memory_bytes", "flops_per_step", "achieved_flops",
+                    "measured_peak_flops", "peak_fraction", "paper_shape_flops_per_step")
+KEYS = POSITIVE + ("device", "device_name", "dtype", "latent_shape", "peak_memory", "physical_limit_s",
+                   "trainable_params", "torch_version", "note", "assumed_peak_flops")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny ops gain nothing from threads, and on a shared 2-core machine a second OpenMP thread that waits for a
+    busy core makes every op wait: one thread keeps this module fast under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def result(_one_thread):
+    return run_speed(device="cpu", size="tiny", quick=True)
+
+
+def test_keys_and_values(result):
+    assert not result["errors"], result["errors"]
+    for key in KEYS:
+        assert key in result, key
+    for key in POSITIVE:
+        value = result[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+    assert result["device"] == "cpu" and result["dtype"] == "float32"
+    assert result["latent_shape"] == [1, 4, 4, 8, 8]
+    assert result["step_ratio"] == pytest.approx(result["t_lora_step_s"] / result["motiondirector_step_s"])
+    assert result["cached_speedup"] == pytest.approx(result["uncached_step_s"] / result["cached_step_s"])
+    assert result["peak_fraction"] == pytest.approx(result["achieved_flops"] / result["measured_peak_flops"])
+    for name, peak in result["physical_limit_s"].items():
+        assert math.isfinite(peak) and peak > 0, name
+        assert name == "measured_device" or name in result["assumed_peak_flops"]
+    assert all(v > 0 for v in result["peak_memory"].values())
+    assert result["note"]
+
+
+def test_motiondirector_trains_more_parameters(result):
+    params = result["trainable_params"]
+    assert params["motiondirector"] > params["cav"] > 0
+    assert result["adapted_modules"]["motiondirector"] > result["adapted_modules"]["cav"]
+
+
+def test_json_and_table(result):
+    assert json.loads(json.dumps(result, allow_nan=False)) == result
+    table = format_table(result)
+    assert "T-LoRA step (cav)" in table and "MotionDirector" in table and "cached speedup" in table
+    lines = table.splitlines()
+    assert len(lines) > 10
+
+
+def test_format_table_with_failed_measurements(result):
+    broken = dict(result, t_lora_step_s=None, step_ratio=None, peak_memory={"t_lora_step": None},
+                  errors={"t_lora_step": "CUDA out of memory"})
+    table = format_table(broken)
+    assert "n/a" in table and "CUDA out of memory" in table
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients():
+    from diffusers import UNet3DConditionModel
+
+    from cav.adapters import lora
+    from cav.bench.speed import TINY_UNET
+
+    unet = UNet3DConditionModel(**TINY_UNET)
+    unet.requires_grad_(False)
+    lora.add_lora(unet, "t", lora.lora_config("temporal", "cav", 4, 1.0))
+    lora.activate(unet, ["t"], trainable="t")
+    params = lora.lora_parameters(unet, "t")
+    with torch.no_grad():
+        for p in params:  # B = 0 at init would make every A gradient zero
+            p.normal_(0, 0.1)
+    x, cond = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 32)
+
+    saved = []
+
+    def grads():
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = unet(x, torch.tensor([10]), encoder_hidden_states=cond).sample.pow(2).mean()
+        loss.backward()
+        out = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out
+
+    plain = grads()
+    saved_plain, saved[:] = sum(saved), []
+    method = set_gradient_checkpointing(unet, True)
+    assert method != "off"
+    checkpointed = grads()
+    assert sum(saved) < saved_plain / 2  # activations inside the blocks are recomputed, not kept
+    assert set_gradient_checkpointing(unet, False) == "off"
+    assert all("forward" not in b.__dict__ for b in list(unet.down_blocks) + list(unet.up_blocks) + [unet.mid_block])
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in plain)
