@@ -115,6 +115,21 @@ def test_parameters(quick):
     assert ms["MotionDirector r4"]["spatial"] == 274_560
 
 
+def test_paired_differences(quick):
+    result, _, _ = quick
+    comps = result["comparisons"]
+    pairs = {(c["row"], c["vs"]) for c in comps}
+    assert ("no-aa", "base") in pairs and ("both-aa", "no-aa") in pairs and ("md-r4", "no-aa") in pairs
+    assert ("base", "no-aa") not in pairs  # the negation of (no-aa, base)
+    assert len(comps) == 6 + 5
+    n = result["rows"][0]["n_videos"]
+    for c in comps:
+        for metric in ("motion_error", "appearance_leakage", "prompt_accuracy"):
+            stat = c[metric]
+            assert stat["n"] == n and stat["ci95"][0] - 1e-12 <= stat["mean"] <= stat["ci95"][1] + 1e-12
+    assert "Paired difference vs **No AA**" in format_markdown(result)
+
+
 def test_markdown_table(quick):
     result, _, _ = quick
     md = format_markdown(result)

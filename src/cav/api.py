@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import accel
+from . import resume as resume_mod
 from . import backbone as backbone_mod
 from .adapters import lora
 from .adapters.textual_inversion import TextualInversion
@@ -19,7 +20,7 @@ from .errors import CavError
 from .io_utils import atomic_path, write_json, write_text
 from .sampling import sample_video
 from .stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
-from .trainer import JsonlLog, run_stage
+from .trainer import JsonlLog, make_optimizer, run_stage
 
 ASSETS = Path(__file__).parent / "assets"
 RUN_MARKERS = ("config.yaml", "log.jsonl", "t_lora", "checkpoints", "absorbers")
@@ -92,15 +93,22 @@ def validation_prompts(cfg: TrainConfig) -> list[str]:
 
 def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool = False, quiet: bool = False,
           video_options: dict | None = None) -> Path:
-    """Run the staged method on one reference video; returns the run folder (layout in DESIGN.md)."""
+    """Run the staged method on one reference video; returns the run folder (layout in DESIGN.md).
+
+    With ``resume`` the run continues from its furthest checkpoint (adapters, optimizer, RNG, stage and step), so
+    it ends with the same adapters as an uninterrupted run.
+    """
     from .data.video import read_video, to_tensor
 
     if not cfg.prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
     out = Path(out)
-    check_run_dir(out, overwrite, resume)
+    holds_run = check_run_dir(out, overwrite, resume)
+    if resume and not holds_run:
+        raise CavError(f"nothing to resume in '{out}': drop --resume to start a new run there")
     frames_u8 = read_video(video, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **(video_options or {}))
     prepare_run_dir(out, overwrite, resume)
+    point = resume_mod.latest(out) if resume else None
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
@@ -110,27 +118,57 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     if cfg.compile:
         accel.compile_unet(bb.unet)
     write_text(out / "config.yaml", dump_yaml(cfg))
+    if point:
+        resume_mod.truncate_log(out / "log.jsonl", point[0], point[1])
+    else:
+        write_text(out / "log.jsonl", "")
     frames = to_tensor(frames_u8)
     log = JsonlLog(out / "log.jsonl")
-    autocast = bb.dtype if bb.device.type == "cuda" and bb.dtype != torch.float32 else None
+    run = dict(max_grad_norm=cfg.max_grad_norm, quiet=quiet,
+               autocast_dtype=bb.dtype if bb.device.type == "cuda" and bb.dtype != torch.float32 else None)
     try:
         ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init) if cfg.uses_ti else None
         if cfg.absorbers != "none":
             stage = absorber_stage(bb, cfg, frames, ti)
-            run_stage(bb.unet, bb.scheduler, stage, gen, log, max_grad_norm=cfg.max_grad_norm,
-                      autocast_dtype=autocast, quiet=quiet)
-            _save_absorbers(bb, cfg, out, ti)
+            if point and point[0] == "t_lora":  # absorbers finished before the interruption
+                _load_absorbers(bb, cfg, out / "absorbers", ti)
+            else:
+                stage.checkpoint = lambda step, opt, gstate, _: _absorber_checkpoint(bb, cfg, out, ti, step, opt, gstate)
+                stage.checkpoint_every = cfg.checkpoint_every
+                start, opt = _restore(bb, cfg, stage, point, ti, gen) if point else (0, None)
+                run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
+                _save_absorbers(bb, cfg, out, ti)
         stage = t_lora_stage(bb, cfg, frames, ti)
         lora_cfg = lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha)
         active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
-        stage.checkpoint = lambda step: _checkpoint(bb, cfg, out, lora_cfg, step, active)
+        stage.checkpoint = lambda step, opt, gstate, interrupted: _checkpoint(
+            bb, cfg, out, lora_cfg, step, active, opt, gstate, samples=not interrupted)
         stage.checkpoint_every = cfg.checkpoint_every
-        run_stage(bb.unet, bb.scheduler, stage, gen, log, max_grad_norm=cfg.max_grad_norm, autocast_dtype=autocast,
-                  quiet=quiet)
+        t_point = point if point and point[0] == "t_lora" else None
+        start, opt = _restore(bb, cfg, stage, t_point, ti, gen) if t_point else (0, None)
+        run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
     finally:
         log.close()
     _finalize(out, cfg, frames_u8, time.time() - t_start)
     return out
+
+
+def _restore(bb, cfg: TrainConfig, stage, point, ti, gen) -> tuple[int, torch.optim.Optimizer]:
+    """Load a checkpoint's adapter weights, optimizer and RNG state into a freshly built stage."""
+    name, _, folder = point
+    if name == "t_lora":
+        lora.load_lora_weights(bb.unet, folder / "t_lora", T_LORA)
+    else:
+        _load_absorbers(bb, cfg, folder, ti)
+    opt = make_optimizer(stage)
+    return resume_mod.load_state(folder, opt, gen), opt
+
+
+def _load_absorbers(bb, cfg: TrainConfig, folder: Path, ti: TextualInversion | None) -> None:
+    if cfg.uses_s_lora:
+        lora.load_lora_weights(bb.unet, folder / "s_lora", S_LORA)
+    if ti is not None:
+        ti.load_rows(folder / "textual_inversion.safetensors")
 
 
 def _t_lora_meta(cfg: TrainConfig, step: int) -> dict:
@@ -141,42 +179,63 @@ def _t_lora_meta(cfg: TrainConfig, step: int) -> dict:
                            "size": list(cfg.size), "steps": cfg.sample_steps, "guidance": cfg.guidance}}
 
 
-def _save_absorbers(bb, cfg: TrainConfig, out: Path, ti: TextualInversion | None) -> None:
+def _write_absorbers(bb, cfg: TrainConfig, folder: Path, ti: TextualInversion | None) -> None:
     if cfg.uses_s_lora:
         meta = {"kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": cfg.s_lora_rank,
-                "alpha": cfg.s_lora_alpha, "prompt": cfg.spatial_prompt or cfg.prompt, "step": cfg.absorber_steps}
+                "alpha": cfg.s_lora_alpha, "prompt": cfg.spatial_prompt or cfg.prompt}
         lora.save_lora(bb.unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha),
-                       out / "absorbers" / "s_lora", meta)
+                       folder / "s_lora", meta)
     if ti is not None:
-        ti.save(out / "absorbers" / "textual_inversion.safetensors")
+        ti.save(folder / "textual_inversion.safetensors")
 
 
-def _checkpoint(bb, cfg: TrainConfig, out: Path, lora_cfg, step: int, active: list[str]) -> None:
-    """Save T-LoRA + validation samples made exactly as `cav generate` makes them (only the T-LoRA active)."""
+def _save_absorbers(bb, cfg: TrainConfig, out: Path, ti: TextualInversion | None) -> None:
+    """Publish the trained absorbers as ``absorbers/`` (built aside, then renamed into place)."""
+    tmp, final = out / ".absorbers.tmp", out / "absorbers"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    _write_absorbers(bb, cfg, tmp, ti)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _absorber_checkpoint(bb, cfg: TrainConfig, out: Path, ti, step: int, opt, gen_state) -> None:
+    with resume_mod.CheckpointWriter(out, "absorbers", step) as tmp:
+        _write_absorbers(bb, cfg, tmp, ti)
+        resume_mod.save_state(tmp, "absorbers", step, opt, gen_state)
+
+
+def _checkpoint(bb, cfg: TrainConfig, out: Path, lora_cfg, step: int, active: list[str], opt, gen_state,
+                samples: bool = True) -> None:
+    """Save T-LoRA, trainer state and validation samples made exactly as `cav generate` makes them."""
     from .data.video import write_video
 
-    ckpt = out / "checkpoints" / f"step-{step:06d}"
-    lora.save_lora(bb.unet, T_LORA, lora_cfg, ckpt / "t_lora", _t_lora_meta(cfg, step))
-    lora.activate(bb.unet, [T_LORA])
-    try:
-        with accel.on_device(bb.device, bb.vae, bb.text_encoder):
-            videos = [sample_video(bb, prompt, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps,
-                                   guidance=cfg.guidance, seed=cfg.validation_seed)
-                      for prompt in validation_prompts(cfg)]
+    with resume_mod.CheckpointWriter(out, "t_lora", step) as ckpt:
+        lora.save_lora(bb.unet, T_LORA, lora_cfg, ckpt / "t_lora", _t_lora_meta(cfg, step))
+        resume_mod.save_state(ckpt, "t_lora", step, opt, gen_state)
+        if not samples:
+            return
+        lora.activate(bb.unet, [T_LORA])  # only the T-LoRA, as at inference
+        try:
+            with accel.on_device(bb.device, bb.vae, bb.text_encoder):
+                videos = [sample_video(bb, prompt, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps,
+                                       guidance=cfg.guidance, seed=cfg.validation_seed)
+                          for prompt in validation_prompts(cfg)]
+        finally:
+            lora.activate(bb.unet, active, trainable=T_LORA)
         for i, video in enumerate(videos):
             for ext in (".mp4", ".gif"):
                 write_video(ckpt / "samples" / f"sample-{i}{ext}", video)
             with atomic_path(ckpt / "samples" / f"sample-{i}.npy") as tmp, open(tmp, "wb") as fh:
                 np.save(fh, video, allow_pickle=False)
-    finally:
-        lora.activate(bb.unet, active, trainable=T_LORA)
 
 
 def _finalize(out: Path, cfg: TrainConfig, reference: np.ndarray, seconds: float) -> None:
     """Publish the last checkpoint as the run's T-LoRA and samples, plus a contact sheet."""
     from .data.video import write_contact_sheet
 
-    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    ckpts = sorted(d for d in (out / "checkpoints").glob("step-*") if (d / "samples").is_dir())
     if not ckpts:
         return
     last = ckpts[-1]

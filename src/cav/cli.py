@@ -49,9 +49,16 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
+    """Recipe values, then explicit flags; with --resume the run's own config.yaml is the starting point."""
+    from pathlib import Path
+
     from .config import TrainConfig, load_recipe
 
-    data = load_recipe(args.recipe) if args.recipe else {}
+    saved = Path(args.out) / "config.yaml"
+    if getattr(args, "resume", False) and saved.is_file():
+        data = load_recipe(saved)
+    else:
+        data = load_recipe(args.recipe) if args.recipe else {}
     for name in TrainConfig.field_names():
         value = getattr(args, name, None)
         if value is not None:
@@ -246,16 +253,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (deprecation notices, weight-loading bars) is not for our users' terminals."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except CavError as exc:
         print(f"cav: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cav: interrupted", file=sys.stderr)
+        hint = ""
+        if getattr(args, "command", None) == "train" and getattr(args, "video", None):
+            hint = f"; the last step is checkpointed: continue with `cav train {args.video} --resume --out {args.out}`"
+        print(f"cav: interrupted{hint}", file=sys.stderr)
         return 130
 
 

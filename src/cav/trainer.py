@@ -32,7 +32,8 @@ class Stage:
     bypass: bool = False
     after_backward: list[Callable[[], None]] = field(default_factory=list)
     after_step: list[Callable[[], None]] = field(default_factory=list)
-    checkpoint: Callable[[int], None] | None = None  # called with the step number
+    # checkpoint(step, optimizer, generator_state, interrupted): saves adapters and the state to resume from
+    checkpoint: Callable[[int, torch.optim.Optimizer, torch.Tensor, bool], None] | None = None
     checkpoint_every: int = 0
 
 
@@ -62,14 +63,17 @@ def make_optimizer(stage: Stage) -> torch.optim.Optimizer:
 
 def run_stage(unet, scheduler, stage: Stage, gen: torch.Generator, log: Callable[[dict], None], *,
               start_step: int = 0, optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float = 1.0,
-              autocast_dtype: torch.dtype | None = None, quiet: bool = False,
-              on_interrupt: Callable[[int, torch.optim.Optimizer], None] | None = None) -> torch.optim.Optimizer:
-    """Train ``stage`` from ``start_step`` to ``stage.steps``; returns the optimizer (its state is resumable)."""
+              autocast_dtype: torch.dtype | None = None, quiet: bool = False) -> torch.optim.Optimizer:
+    """Train ``stage`` from ``start_step`` to ``stage.steps``; returns the optimizer (its state is resumable).
+
+    On Ctrl-C the last completed step is checkpointed (with the generator state from before the interrupted
+    step, so a resumed run repeats it exactly) and the KeyboardInterrupt goes on to the caller.
+    """
     optimizer = optimizer or make_optimizer(stage)
     params = [p for g in stage.param_groups for p in g["params"]]
     bar = tqdm(range(start_step, stage.steps), initial=start_step, total=stage.steps, desc=stage.name,
                disable=quiet, dynamic_ncols=True)
-    step = start_step
+    done, gen_state = start_step, gen.get_state()
     try:
         for step in bar:
             t0 = time.perf_counter()
@@ -77,8 +81,8 @@ def run_stage(unet, scheduler, stage: Stage, gen: torch.Generator, log: Callable
             loss = diffusion_loss(unet, scheduler, latents, cond, gen, stage.bypass, autocast_dtype)
             if not math.isfinite(loss.item()):
                 raise NonFiniteLoss(
-                    f"loss became {loss.item()} at {stage.name} step {step + 1}: lower the learning rate "
-                    "(e.g. --t-lora-lr 1e-4) and resume from the last checkpoint with --resume"
+                    f"loss became {loss.item()} at {stage.name} step {step + 1}: the last good checkpoint is kept; "
+                    "lower the learning rate (e.g. --t-lora-lr 1e-4) and continue with --resume"
                 )
             loss.backward()
             for hook in stage.after_backward:
@@ -89,15 +93,16 @@ def run_stage(unet, scheduler, stage: Stage, gen: torch.Generator, log: Callable
             optimizer.zero_grad(set_to_none=True)
             for hook in stage.after_step:
                 hook()
-            done = step + 1
+            done, gen_state = step + 1, gen.get_state()
             log({"step": done, "stage": stage.name, "loss": round(loss.item(), 6),
                  "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 4)})
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if stage.checkpoint and (done == stage.steps or (stage.checkpoint_every and done % stage.checkpoint_every == 0)):
-                stage.checkpoint(done)
+                stage.checkpoint(done, optimizer, gen_state, False)
     except KeyboardInterrupt:
-        if on_interrupt is not None:
-            on_interrupt(step, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        if stage.checkpoint is not None and done > start_step:
+            stage.checkpoint(done, optimizer, gen_state, True)
         raise
     finally:
         bar.close()

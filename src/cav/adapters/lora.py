@@ -128,6 +128,17 @@ def load_lora(unet: torch.nn.Module, directory: Path, name: str, expect_kind: st
     return meta
 
 
+def load_lora_weights(unet: torch.nn.Module, directory: Path, name: str) -> None:
+    """Overwrite the weights of adapter ``name`` (already injected) with a saved folder's."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(directory) / WEIGHTS))
+    ref = lora_parameters(unet, name)[0]
+    result = set_peft_model_state_dict(unet, {k: v.to(ref.device) for k, v in state.items()}, adapter_name=name)
+    if getattr(result, "unexpected_keys", None):
+        raise CavError(f"checkpoint '{directory}' does not match adapter '{name}': was the recipe changed? start anew")
+
+
 def count_parameters(unet: torch.nn.Module, name: str) -> int:
     return sum(p.numel() for p in lora_parameters(unet, name))
 

@@ -63,6 +63,14 @@ class TextualInversion:
     def embeddings(self) -> torch.Tensor:
         return self.weight.detach()[self.ids].float().cpu().clone()
 
+    def load_rows(self, path: Path) -> None:
+        """Put saved embeddings (``save``'s file) back into the new tokens' rows."""
+        from safetensors.torch import load_file
+
+        rows = load_file(str(path))[self.placeholder]
+        with torch.no_grad():
+            self.weight[self.ids] = rows.to(self.weight.device, self.weight.dtype)
+
     def save(self, path: Path) -> Path:
         return save_safetensors(path, {self.placeholder: self.embeddings()})
 

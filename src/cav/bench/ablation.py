@@ -71,14 +71,16 @@ _SETTING_KEYS = ("recipe", "overrides", "references", "prompts", "seeds", "threa
 
 # ------------------------------------------------------------------------------------------------- settings
 def load_settings(path: str | Path = DEFAULT_RECIPE, quick: bool = False) -> dict:
-    """Read and check an ablation file; with ``quick`` its ``quick:`` section replaces the keys it names."""
+    """Read and check an ablation file; with ``quick`` its ``quick:`` section replaces the keys it names (its
+    ``overrides`` are merged over the file's, its ``references: N`` keeps the first N)."""
     path = Path(path)
     if not path.is_file():
         raise CavError(f"ablation recipe '{path}' does not exist: pass a file such as configs/ablation/toy.yaml")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise CavError(f"ablation recipe '{path}' is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from None
+        first = str(exc).splitlines()[0]
+        raise CavError(f"ablation recipe '{path}' is not valid YAML ({first}): fix the file") from None
     if not isinstance(data, dict):
         raise CavError(f"ablation recipe '{path}' must be a mapping: see configs/ablation/toy.yaml")
     unknown = sorted(set(data) - set(_SETTING_KEYS))
@@ -87,6 +89,7 @@ def load_settings(path: str | Path = DEFAULT_RECIPE, quick: bool = False) -> dic
     if quick:
         q = dict(data.get("quick") or {})
         n_refs = q.pop("references", None)
+        q["overrides"] = {**(data.get("overrides") or {}), **(q.get("overrides") or {})}
         data = {**data, **q}
         if n_refs is not None:
             data["references"] = list(data.get("references") or [])[: int(n_refs)]
@@ -305,9 +308,8 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
             write_json(out / "partial.json", partial)
     finally:
         torch.set_num_threads(threads_before)
-    result = _aggregate(settings, params, records, groups, runs, ref_info, command, time.perf_counter() - t0, lpips_path,
-                        lpips_error, complete=True)
-    return result
+    return _aggregate(settings, params, records, groups, runs, ref_info, command, time.perf_counter() - t0,
+                      lpips_path, lpips_error, complete=True)
 
 
 def _spec_dict(spec: tw.ToySpec) -> dict:
@@ -373,7 +375,7 @@ def _aggregate(settings, params, records, groups, runs, ref_info, command, wall,
         notes["diversity"] = "null: diversity needs 2 or more seeds per prompt"
     else:
         notes["diversity"] = f"mean pairwise LPIPS between the seeds' videos of one prompt (weights: {lpips_path})"
-    return _jsonable({
+    result = {
         "rows": rows_out,
         "command": command,
         "wall_seconds": round(wall, 1),
@@ -389,7 +391,9 @@ def _aggregate(settings, params, records, groups, runs, ref_info, command, wall,
         "notes": notes,
         "runs": runs,
         "videos": records,
-    })
+    }
+    result["comparisons"] = paired_differences(result)
+    return _jsonable(result)
 
 
 def _jsonable(obj):
@@ -404,6 +408,29 @@ def _jsonable(obj):
     if isinstance(obj, np.bool_):
         return bool(obj)
     return obj
+
+
+def paired_differences(result: dict, vs=("base", "no-aa"), metrics=VIDEO_METRICS) -> list[dict]:
+    """Per row, the mean difference ``row - vs`` of each video metric over matched videos (same reference, prompt and
+    seed), with a 95% bootstrap interval over those pairs: tighter than comparing two rows' intervals."""
+    vs = tuple(vs)
+    boot = result["settings"]["bootstrap"]
+    index = {(v["row"], v["reference"], v["prompt"], v["seed"]): v for v in result["videos"]}
+    keys = [r["key"] for r in result["rows"]]
+    out = []
+    for b, base in enumerate(vs):
+        if base not in keys:
+            continue
+        for r, row in enumerate(keys):
+            if row == base or row in vs[:b]:  # base vs an earlier reference row is the negation of a listed pair
+                continue
+            entry = {"row": row, "vs": base}
+            for m, metric in enumerate(metrics):
+                diffs = [v[metric] - index[(base, *k[1:])][metric] for k, v in index.items()
+                         if k[0] == row and (base, *k[1:]) in index]
+                entry[metric] = bootstrap(diffs, boot["resamples"], [boot["seed"], 1000 + b, r, m])
+            out.append(entry)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -446,8 +473,29 @@ def format_markdown(result: dict) -> str:
         per.append("overrides " + ", ".join(f"{k}={v}" for k, v in s["overrides"].items()))
     out = [f"`{result['command']}` — {result['wall_seconds']:.0f} s{status}", "", "; ".join(per) + ".", ""]
     out += lines + [""]
+    comps = result.get("comparisons")
+    if comps is None and result.get("videos"):
+        comps = paired_differences(result)
+    names = {r["key"]: r["name"] for r in result["rows"]}
+    for vs in dict.fromkeys(c["vs"] for c in comps or []):
+        out += [f"Paired difference vs **{names.get(vs, vs)}** (same reference, prompt and seed; mean [95% CI]; "
+                "an interval that excludes 0 is a measured difference):", ""]
+        head2 = ["row"] + [LABELS[m] for m in VIDEO_METRICS]
+        out += ["| " + " | ".join(head2) + " |", "|" + "|".join(["---"] + ["---:"] * len(VIDEO_METRICS)) + "|"]
+        for c in comps:
+            if c["vs"] == vs:
+                out.append("| " + " | ".join([names.get(c["row"], c["row"])]
+                                             + [_fmt_signed(c.get(m)) for m in VIDEO_METRICS]) + " |")
+        out.append("")
     out += [f"- **{k}**: {v}" for k, v in result.get("notes", {}).items()]
     return "\n".join(out)
+
+
+def _fmt_signed(stat: dict | None) -> str:
+    if stat is None:
+        return "n/a"
+    lo, hi = stat["ci95"]
+    return f"{stat['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 _PALETTE = [(120, 120, 120), (214, 96, 77), (244, 165, 130), (146, 197, 222), (67, 147, 195), (153, 112, 171),
@@ -571,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["run_ablation", "format_markdown", "write_outputs", "write_chart", "load_settings", "bootstrap"]
+__all__ = ["run_ablation", "format_markdown", "write_outputs", "write_chart", "load_settings", "bootstrap",
+           "paired_differences"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
