@@ -41,6 +41,8 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument("--validation-prompt", dest="validation_prompts", action="append", default=None, help=help_)
         elif f.name == "crop_ratio":
             p.add_argument(flag, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help=help_)
+        elif f.name == "t_lora_timesteps":
+            p.add_argument(flag, type=int, nargs=2, default=None, metavar=("LOW", "HIGH"), help=help_)
         elif f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:

@@ -38,6 +38,8 @@ class TrainConfig:
     t_lora_rank: int = _f(4, "T-LoRA rank")
     t_lora_alpha: float = _f(1.0, "T-LoRA alpha")
     t_lora_lr: float = _f(5e-4, "T-LoRA learning rate")
+    t_lora_timesteps: list = _f([0, 1000], "T-LoRA trains on timesteps in [low, high): raise low to stress the "
+                                "high-noise steps where motion and layout form")
     # appearance absorbers (stage 1)
     absorber_steps: int = _f(100, "absorber training steps (S-LoRA and textual inversion train together)")
     s_lora_rank: int = _f(1, "S-LoRA rank")
@@ -89,6 +91,9 @@ class TrainConfig:
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi <= 1:
             raise CavError(f"crop_ratio {self.crop_ratio} is invalid: need 0 < low ≤ high ≤ 1")
+        lo_t, hi_t = (int(v) for v in self.t_lora_timesteps)
+        if not 0 <= lo_t < hi_t:
+            raise CavError(f"t_lora_timesteps {self.t_lora_timesteps} is invalid: need 0 ≤ low < high")
         if self.fit not in ("crop", "pad"):
             raise CavError(f"unknown --fit '{self.fit}': use crop or pad")
         if self.gradient_checkpointing not in ("auto", "on", "off"):

@@ -87,4 +87,4 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         return cached if cfg.cache_inputs else encode()
 
     groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.t_lora_lr, "name": T_LORA}]
-    return Stage("t_lora", cfg.steps, groups, batch, bypass=False)
+    return Stage("t_lora", cfg.steps, groups, batch, bypass=False, timesteps=tuple(int(t) for t in cfg.t_lora_timesteps))

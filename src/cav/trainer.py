@@ -35,6 +35,7 @@ class Stage:
     # checkpoint(step, optimizer, generator_state, interrupted): saves adapters and the state to resume from
     checkpoint: Callable[[int, torch.optim.Optimizer, torch.Tensor, bool], None] | None = None
     checkpoint_every: int = 0
+    timesteps: tuple[int, int] | None = None  # [low, high) of the training timesteps (None: the scheduler's all)
 
 
 class NonFiniteLoss(CavError):
@@ -42,11 +43,14 @@ class NonFiniteLoss(CavError):
 
 
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, gen: torch.Generator,
-                   bypass: bool = False, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   bypass: bool = False, autocast_dtype: torch.dtype | None = None,
+                   timesteps: tuple[int, int] | None = None) -> torch.Tensor:
     """The denoising loss of one batch (noise and timesteps drawn from ``gen`` on the CPU)."""
     device = latents.device
     noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
+    total = scheduler.config.num_train_timesteps
+    lo, hi = timesteps or (0, total)
+    t = torch.randint(lo, min(hi, total), (latents.shape[0],), generator=gen).to(device)
     noisy = scheduler.add_noise(latents, noise, t)
     kind = scheduler.config.prediction_type
     target = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else latents
@@ -78,7 +82,7 @@ def run_stage(unet, scheduler, stage: Stage, gen: torch.Generator, log: Callable
         for step in bar:
             t0 = time.perf_counter()
             latents, cond = stage.batch(gen)
-            loss = diffusion_loss(unet, scheduler, latents, cond, gen, stage.bypass, autocast_dtype)
+            loss = diffusion_loss(unet, scheduler, latents, cond, gen, stage.bypass, autocast_dtype, stage.timesteps)
             if not math.isfinite(loss.item()):
                 raise NonFiniteLoss(
                     f"loss became {loss.item()} at {stage.name} step {step + 1}: the last good checkpoint is kept; "

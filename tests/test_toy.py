@@ -1,0 +1,43 @@
+"""The embedded toy model: loads from the package, generates the right shapes, check-base and a reduced demo run."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cav import backbone
+from cav.cli import main
+from cav.sampling import sample_videos
+
+
+def test_shipped_model_loads_and_generates():
+    bb = backbone.load("toy", "cpu")
+    assert type(bb.unet).__name__ == "UNet3DConditionModel" and bb.vae_factor == 4
+    videos = sample_videos(bb, ["a red circle moving right on a navy background"] * 2, frames=8, size=(32, 32),
+                           steps=3, guidance=6.0, seeds=[0, 1])
+    assert videos.shape == (2, 8, 32, 32, 3) and videos.dtype == np.uint8
+    assert not np.array_equal(videos[0], videos[1])
+
+
+def test_check_base_on_a_few_videos(capsys):
+    assert main(["toy", "check-base", "--videos", "2", "--heldout", "1", "--steps", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("colour_accuracy", "shape_accuracy", "motion_accuracy", "heldout_motion_error"):
+        assert 0.0 <= out[key] <= 1.0 or key == "heldout_motion_error"
+    assert out["videos"] == 2 and out["heldout_motion_error"] >= 0
+
+
+@pytest.mark.slow
+def test_reduced_demo_writes_everything(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--prompts", "2", "--steps", "3", "--absorber-steps", "2", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "motion error" in text and "contact_sheet.png" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("motion_error_base", "motion_error_cav", "motion_error_ratio", "appearance_accuracy", "seconds"):
+        assert isinstance(metrics[key], float)
+    assert metrics["motion_error_ratio"] == pytest.approx(metrics["motion_error_cav"] / metrics["motion_error_base"])
+    assert len(metrics["per_video"]) == 2
+    for name in ("reference.mp4", "reference.gif", "base-0.mp4", "cav-1.gif", "contact_sheet.png",
+                 "run/t_lora/adapter_model.safetensors", "run/absorbers/textual_inversion.safetensors"):
+        assert (out / name).is_file(), name
