@@ -12,6 +12,7 @@ from cav.bench.ablation import (
     bootstrap,
     format_markdown,
     load_settings,
+    rescore,
     run_ablation,
     write_outputs,
 )
@@ -136,6 +137,14 @@ def test_markdown_table(quick):
     for name in ROW_NAMES:
         assert f"| {name} |" in md
     assert result["command"] in md
+
+
+def test_rescore_reproduces_the_run(quick):
+    result, _, _ = quick
+    again = rescore(result)  # from the saved samples, without training or sampling
+    assert again["videos"] == result["videos"]
+    assert [r["motion_error"] for r in again["rows"]] == [r["motion_error"] for r in result["rows"]]
+    assert again["command"] == result["command"] and again["runs"] == result["runs"]
 
 
 def test_bootstrap():

@@ -164,6 +164,15 @@ def cmd_bench_speed(args) -> int:
     return 0
 
 
+def cmd_bench_ablation(args) -> int:
+    from .bench.ablation import format_markdown, run_ablation, write_outputs
+
+    result = run_ablation(args.recipe, quick=args.quick, out=args.out)
+    write_outputs(result, args.out)
+    print(json.dumps(result) if args.json else format_markdown(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cav", description="One-shot motion customization of text-to-video models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--size", default="full", choices=("full", "tiny"))
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(func=cmd_bench_speed)
+    ba = bench.add_parser("ablation", help="the paper's Table 1 rows in the toy world, with 95% bootstrap CIs")
+    ba.add_argument("--recipe", default="configs/ablation/toy.yaml")
+    ba.add_argument("--quick", action="store_true", help="a CI-sized run")
+    ba.add_argument("--out", default="runs/ablation")
+    ba.add_argument("--json", action="store_true")
+    ba.set_defaults(func=cmd_bench_ablation)
     return parser
 
 

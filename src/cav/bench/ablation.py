@@ -11,12 +11,18 @@ samples the same prompts and seeds with no adapter.
 
 Per generated video: ``motion_error`` (centroid displacement track vs the reference's, / frame size; lower is better),
 ``appearance_leakage`` (its classified colour or shape is the reference's where the prompt asks for another),
-``prompt_accuracy`` (classified colour and shape are the prompt's) and ``motion_accuracy`` (``classify_motion`` of
-its track names the reference's motion among all 12). Per (row, reference, prompt): ``diversity`` (mean pairwise
+``prompt_accuracy`` (classified colour and shape are the prompt's), ``motion_accuracy`` (``classify_motion`` of
+its track names the reference's motion among all 12) and ``background_leakage`` (its classified background is the
+reference's where the prompt asks for another). Per (row, reference, prompt): ``diversity`` (mean pairwise
 LPIPS between the seeds' videos; only with LPIPS weights, else null) and ``track_diversity`` (mean pairwise
 motion error between the seeds' tracks, a weights-free proxy). Per run: ``train_seconds``. Every metric is a mean
 with a 95% percentile-bootstrap interval (seeded numpy, resampling videos, groups or runs). Trainable parameters come
 from ``api.plan`` on the toy model and on the full ModelScope config (meta device, config files only).
+``comparisons`` holds paired differences (same reference, prompt and seed) of every row against the base and No AA.
+
+Outputs: ``out/runs/<row>/<reference>`` (training runs), ``out/samples/<row>/<reference>.npz`` (the scored videos;
+``rescore`` scores a finished run again from them), ``out/references``, ``out/sheets`` (contact sheets),
+``out/partial.json`` (after each reference) and, from ``write_outputs``, ``ablation.json|md|png``.
 """
 
 from __future__ import annotations
@@ -40,17 +46,18 @@ from ..io_utils import write_json, write_text
 from ..metrics import toy as tm
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[3] / "configs" / "ablation" / "toy.yaml"
-VIDEO_METRICS = ("motion_error", "appearance_leakage", "prompt_accuracy", "motion_accuracy")
+VIDEO_METRICS = ("motion_error", "appearance_leakage", "prompt_accuracy", "motion_accuracy", "background_leakage")
 GROUP_METRICS = ("diversity", "track_diversity")
 RUN_METRICS = ("train_seconds",)
 METRICS = VIDEO_METRICS + GROUP_METRICS + RUN_METRICS
-CHART_METRICS = ("motion_error", "appearance_leakage", "prompt_accuracy", "motion_accuracy", "track_diversity",
-                 "train_seconds")
+CHART_METRICS = ("motion_error", "appearance_leakage", "background_leakage", "prompt_accuracy", "motion_accuracy",
+                 "track_diversity", "train_seconds")
 LABELS = {
     "motion_error": "motion error ↓",
     "appearance_leakage": "appearance leakage ↓",
     "prompt_accuracy": "prompt accuracy ↑",
     "motion_accuracy": "motion accuracy ↑",
+    "background_leakage": "background leakage ↓",
     "diversity": "LPIPS diversity ↑",
     "track_diversity": "track diversity",
     "train_seconds": "train seconds",
@@ -60,11 +67,12 @@ CHART_LABELS = {  # the bundled PIL font has no arrows
     "appearance_leakage": "appearance leakage (lower is better)",
     "prompt_accuracy": "prompt accuracy (higher is better)",
     "motion_accuracy": "motion accuracy (higher is better)",
+    "background_leakage": "background leakage (lower is better)",
     "diversity": "LPIPS diversity (higher is better)",
     "track_diversity": "track diversity (between seeds)",
     "train_seconds": "training seconds per run",
 }
-FRACTIONS = ("appearance_leakage", "prompt_accuracy", "motion_accuracy")
+FRACTIONS = ("appearance_leakage", "prompt_accuracy", "motion_accuracy", "background_leakage")
 _ROW_KEYS = ("name", "key", "train")
 _SETTING_KEYS = ("recipe", "overrides", "references", "prompts", "seeds", "threads", "bootstrap", "rows", "quick")
 
@@ -184,16 +192,69 @@ def _score(video: np.ndarray, ref: tw.ToySpec, ref_track: np.ndarray, target: tw
     tr = tm.track(video)
     area = tm.object_mask(video).sum(axis=(1, 2))
     colour, shape = tm.classify_colour(video), tm.classify_shape(video)
+    background = tm.classify_background(video)
     leak = (ref.colour != target.colour and colour == ref.colour) or (ref.shape != target.shape and shape == ref.shape)
     return {
         "motion_error": tm.motion_error(tr, ref_track, size),
         "appearance_leakage": float(leak),
         "prompt_accuracy": float(colour == target.colour and shape == target.shape),
         "motion_accuracy": float(tm.classify_motion(tr, frames, size, area=area) == ref.motion),
+        "background_leakage": float(ref.background != target.background and background == ref.background),
         "colour": colour,
+        "background": background,
         "shape": shape,
         "track": tr,
     }
+
+
+def _score_batch(videos, row: str, name: str, ref: tw.ToySpec, ref_track, targets, texts, seeds, n_seeds: int, lp):
+    """Score one (row, reference) batch (prompt-major, seeds inner): per-video records and per-prompt groups."""
+    records, groups = [], []
+    size = videos.shape[2]
+    for p, target in enumerate(targets):
+        scored = []
+        for k in range(n_seeds):
+            j = p * n_seeds + k
+            s = _score(videos[j], ref, ref_track, target)
+            scored.append(s)
+            records.append({"row": row, "reference": name, "prompt": texts[j], "seed": int(seeds[j]),
+                            "colour": s["colour"], "shape": s["shape"], "background": s["background"],
+                            **{m: s[m] for m in VIDEO_METRICS}})
+        clips = [videos[p * n_seeds + k] for k in range(n_seeds)]
+        groups.append({
+            "row": row, "reference": name, "prompt": tw.caption(target)[0],
+            "diversity": None if lp is None or n_seeds < 2 else lp.diversity(clips),
+            "track_diversity": _pairwise([s["track"] for s in scored], lambda a, b: tm.motion_error(a, b, size)),
+        })
+    return records, groups
+
+
+def rescore(result: dict) -> dict:
+    """Score a finished run again from its saved samples (``out/samples/<row>/<reference>.npz``) with this module's
+    metrics, keeping its timings: the same numbers ``run_ablation`` gives now, without training or sampling again."""
+    s = result["settings"]
+    settings = load_settings(s["file"], s["quick"])
+    lp, lpips_path, lpips_error = _lpips()
+    refs = {r["name"]: r for r in s["references"]}
+    records, groups = [], []
+    for run in result["runs"]:
+        info = refs[run["reference"]]
+        ref = tw.ToySpec(**info["spec"])
+        cfg = _row_config(settings, next(r for r in settings["rows"] if r["key"] == run["row"]))
+        ref_video, _ = tw.render(ref, frames=cfg.frames, size=cfg.size[0])
+        data = np.load(run["samples"], allow_pickle=False)
+        i = list(refs).index(run["reference"])
+        targets = tw.new_appearances(ref, settings["prompts"], np.random.default_rng(cfg.seed + i))
+        texts = [str(t) for t in data["prompts"]]
+        if texts != [tw.caption(t)[0] for t in targets for _ in range(settings["seeds"])]:
+            raise CavError(f"samples '{run['samples']}' do not match the ablation file's prompts: rerun the ablation")
+        r, g = _score_batch(data["videos"], run["row"], run["reference"], ref, tm.track(ref_video), targets, texts,
+                            data["seeds"], settings["seeds"], lp)
+        records += r
+        groups += g
+    return _aggregate(settings, row_params(settings), records, groups, result["runs"], s["references"],
+                      result["command"], result["wall_seconds"], lpips_path, lpips_error,
+                      complete=result.get("complete", True))
 
 
 def _lpips():
@@ -277,24 +338,11 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
                 runs.append({"row": row["key"], "reference": name, "train_seconds": seconds,
                              "sample_seconds": sample_seconds, "run": None if run_dir is None else str(run_dir),
                              "samples": str(samples)})
-                for p, target in enumerate(targets):
-                    scored = []
-                    for k in range(n_seeds):
-                        j = p * n_seeds + k
-                        s = _score(videos[j], ref, ref_track, target)
-                        scored.append(s)
-                        records.append({"row": row["key"], "reference": name, "prompt": texts[j], "seed": seeds[j],
-                                        "colour": s["colour"], "shape": s["shape"],
-                                        **{m: s[m] for m in VIDEO_METRICS}})
-                    size = cfg.size[0]
-                    clips = [videos[p * n_seeds + k] for k in range(n_seeds)]
-                    groups.append({
-                        "row": row["key"], "reference": name, "prompt": tw.caption(target)[0],
-                        "diversity": None if lp is None or n_seeds < 2 else lp.diversity(clips),
-                        "track_diversity": _pairwise([s["track"] for s in scored],
-                                                     lambda a, b: tm.motion_error(a, b, size)),
-                    })
-                sheet_rows.append([videos[p * n_seeds] for p in range(len(targets))])
+                batch_records, batch_groups = _score_batch(videos, row["key"], name, ref, ref_track, targets, texts,
+                                                           seeds, n_seeds, lp)
+                records += batch_records
+                groups += batch_groups
+                sheet_rows.append([videos[p * n_seeds] for p in range(len(targets))])  # first seed of each prompt
                 sheet_labels.append(row["name"])
                 last = records[-len(texts):]
                 log(f"{name} · {row['name']}: "
@@ -363,6 +411,8 @@ def _aggregate(settings, params, records, groups, runs, ref_info, command, wall,
         "prompt_accuracy": "fraction of videos whose classified colour and shape are the prompt's",
         "motion_accuracy": "fraction of videos whose track is classified (among all 12 toy motions) as the "
                            "reference's motion",
+        "background_leakage": "fraction of videos whose classified background is the reference's where the prompt "
+                              "asks for another (not part of appearance_leakage)",
         "track_diversity": "mean pairwise motion error between the seeds' videos of one prompt (weights-free "
                            "diversity proxy)",
         "params": "trainable parameters from api.plan: temporal = T-LoRA, spatial = S-LoRA + textual inversion "
@@ -455,8 +505,8 @@ def _k(n: int) -> str:
 
 def format_markdown(result: dict) -> str:
     """A markdown table (mean [95% CI] per metric, parameters) with the command, time and notes."""
-    cols = ["motion_error", "appearance_leakage", "prompt_accuracy", "motion_accuracy", "track_diversity",
-            "diversity", "train_seconds"]
+    cols = ["motion_error", "appearance_leakage", "background_leakage", "prompt_accuracy", "motion_accuracy",
+            "track_diversity", "diversity", "train_seconds"]
     head = ["row"] + [LABELS[c] for c in cols] + ["params toy (T + S)", "params ModelScope (T + S)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for row in result["rows"]:
@@ -620,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["run_ablation", "format_markdown", "write_outputs", "write_chart", "load_settings", "bootstrap",
-           "paired_differences"]
+           "paired_differences", "rescore"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
