@@ -68,10 +68,19 @@ def test_module_counts(modelscope_configs):
 
 
 def test_every_recipe_loads():
+    """Training recipes become a TrainConfig; ablation files validate every row's TrainConfig."""
+    from cav.bench.ablation import load_settings
     from cav.config import load_recipe
 
-    recipes = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
-    assert recipes
+    root = Path(__file__).resolve().parents[1] / "configs"
+    recipes = sorted(root.glob("*.yaml"))
+    assert {p.name for p in recipes} >= {"modelscope.yaml", "zeroscope.yaml", "toy.yaml"}
     for path in recipes:
         cfg = TrainConfig.from_dict({**load_recipe(path), "prompt": "x"})
         assert cfg.t_lora_rank >= 1
+    ablations = sorted((root / "ablation").glob("*.yaml"))
+    assert ablations
+    for path in ablations:
+        for quick in (False, True):
+            settings = load_settings(path, quick=quick)
+            assert len(settings["rows"]) == 7 and settings["references"]
