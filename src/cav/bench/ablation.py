@@ -82,6 +82,8 @@ def load_settings(path: str | Path = DEFAULT_RECIPE, quick: bool = False) -> dic
     """Read and check an ablation file; with ``quick`` its ``quick:`` section replaces the keys it names (its
     ``overrides`` are merged over the file's, its ``references: N`` keeps the first N)."""
     path = Path(path)
+    if not path.is_file() and not path.is_absolute() and (DEFAULT_RECIPE.parents[2] / path).is_file():
+        path = DEFAULT_RECIPE.parents[2] / path  # configs/ablation/... relative to the checkout, from any folder
     if not path.is_file():
         raise CavError(f"ablation recipe '{path}' does not exist: pass a file such as configs/ablation/toy.yaml")
     try:
