@@ -24,10 +24,15 @@ def _args(video, model, out, *extra):
             "--t-lora-lr", "1e-2", "--s-lora-lr", "1e-2", "--ti-lr", "1e-2", "--quiet", *extra]
 
 
+def _default_sigint():
+    # a background job (e.g. CI started with `&`) inherits SIGINT ignored; a user at a terminal does not
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "cav.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def _weights(run):
