@@ -116,7 +116,7 @@ def run_stage(unet, scheduler, stage: Stage, gen: torch.Generator, log: Callable
 class JsonlLog:
     """Append-only ``log.jsonl``: one line per step, flushed so a killed run keeps its history."""
 
-    def __init__(self, path, echo: bool = False):
+    def __init__(self, path):
         self.path = path
         self.fh = open(path, "a", buffering=1)
 

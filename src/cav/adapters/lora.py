@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.lora import LoraLayer
 
 from ..errors import CavError
-from ..io_utils import atomic_path, save_safetensors, write_json
+from ..io_utils import save_safetensors, write_json
 from .targets import target_regex
 
 WEIGHTS = "adapter_model.safetensors"
@@ -144,4 +144,4 @@ def count_parameters(unet: torch.nn.Module, name: str) -> int:
 
 
 __all__ = ["lora_config", "add_lora", "lora_parameters", "activate", "save_lora", "load_lora", "find_adapter_dir",
-           "read_meta", "count_parameters", "adapter_names", "atomic_path"]
+           "read_meta", "count_parameters", "adapter_names", "load_lora_weights"]
