@@ -68,8 +68,8 @@ def test_same_seed_same_video_and_weight_zero_is_base(run_dir, tiny_model, tmp_p
     assert np.array_equal(base, zero)
     # two T-LoRAs compose with weights (the same adapter twice at 0.5 each acts like once at 1.0)
     halves = gen("halves", "--adapter", f"{run_dir}:0.5", "--adapter", f"{run_dir}:0.5", "--seed", "3")
-    assert halves.shape == a.shape
-    assert np.abs(halves.astype(int) - a.astype(int)).mean() < np.abs(base.astype(int) - a.astype(int)).mean() + 1
+    assert not np.array_equal(base, a)  # the T-LoRA changes the video, so the next check can fail
+    assert np.abs(halves.astype(int) - a.astype(int)).max() <= 1
 
 
 def test_generate_loads_image_lora_and_textual_inversion(run_dir, tmp_path):
