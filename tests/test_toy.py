@@ -19,6 +19,21 @@ def test_shipped_model_loads_and_generates():
     assert not np.array_equal(videos[0], videos[1])
 
 
+def test_shipped_model_takes_its_motion_from_the_prompt_not_the_seed():
+    # the epsilon model with ModelScope's schedule moved the object the same way for one seed whatever the prompt
+    # said (the clean latent leaks into x_T); zero-terminal-SNR v-prediction fixed that
+    from cav.metrics import toy as tm
+
+    bb = backbone.load("toy", "cpu")
+    assert bb.scheduler.config.prediction_type == "v_prediction" and bb.scheduler.config.rescale_betas_zero_snr
+    words = ["left", "right", "up", "down"]
+    prompts = [f"a red circle moving {w} on a navy background" for w in words]
+    videos = sample_videos(bb, prompts, frames=8, size=(32, 32), steps=10, guidance=6.0, seeds=[2] * 4)
+    moves = {w: tm.track(v)[-1] - tm.track(v)[0] for w, v in zip(words, videos)}  # (dx, dy) in pixels, y down
+    assert moves["left"][0] < -8 and moves["right"][0] > 8, moves
+    assert moves["up"][1] < -8 and moves["down"][1] > 8, moves
+
+
 def test_check_base_on_a_few_videos(capsys):
     assert main(["toy", "check-base", "--videos", "2", "--heldout", "1", "--steps", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -113,6 +113,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype)
+    accel.tune_backends(bb.device)
     if accel.wants_checkpointing(cfg.gradient_checkpointing, bb.device):
         accel.set_gradient_checkpointing(bb.unet, True)
     if cfg.compile:

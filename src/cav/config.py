@@ -40,6 +40,8 @@ class TrainConfig:
     t_lora_lr: float = _f(5e-4, "T-LoRA learning rate")
     t_lora_timesteps: list = _f([0, 1000], "T-LoRA trains on timesteps in [low, high): raise low to stress the "
                                 "high-noise steps where motion and layout form")
+    t_lora_prompt_dropout: float = _f(0.0, "fraction of T-LoRA steps on the empty prompt, so the unconditional "
+                                      "branch of guidance carries the motion too (0: the paper's recipe)")
     # appearance absorbers (stage 1)
     absorber_steps: int = _f(100, "absorber training steps (S-LoRA and textual inversion train together)")
     s_lora_rank: int = _f(1, "S-LoRA rank")
@@ -94,6 +96,8 @@ class TrainConfig:
         lo_t, hi_t = (int(v) for v in self.t_lora_timesteps)
         if not 0 <= lo_t < hi_t:
             raise CavError(f"t_lora_timesteps {self.t_lora_timesteps} is invalid: need 0 ≤ low < high")
+        if not 0.0 <= float(self.t_lora_prompt_dropout) < 1.0:
+            raise CavError(f"t_lora_prompt_dropout {self.t_lora_prompt_dropout} is invalid: pass a value in [0, 1)")
         if self.fit not in ("crop", "pad"):
             raise CavError(f"unknown --fit '{self.fit}': use crop or pad")
         if self.gradient_checkpointing not in ("auto", "on", "off"):

@@ -83,8 +83,13 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         if cfg.offload_frozen:
             offload(bb.vae, bb.text_encoder)
 
+    empty = encode_prompt(bb, "") if cfg.t_lora_prompt_dropout > 0 else None
+
     def batch(gen: torch.Generator):
-        return cached if cfg.cache_inputs else encode()
+        latents, cond = cached if cfg.cache_inputs else encode()
+        if empty is not None and float(torch.rand(1, generator=gen)) < cfg.t_lora_prompt_dropout:
+            cond = empty  # the unconditional branch of guidance learns the motion too
+        return latents, cond
 
     groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.t_lora_lr, "name": T_LORA}]
     return Stage("t_lora", cfg.steps, groups, batch, bypass=False, timesteps=tuple(int(t) for t in cfg.t_lora_timesteps))

@@ -32,7 +32,7 @@ from ..adapters import lora
 from ..backbone import Backbone, resolve_device
 from ..bypass import temporal_bypass
 from ..stages import encode_frames, encode_prompt
-from ..accel import set_gradient_checkpointing
+from ..accel import set_gradient_checkpointing, tune_backends
 from ..trainer import Stage, diffusion_loss, make_optimizer
 
 UNET_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "modelscope_unet_config.json"
@@ -284,6 +284,7 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False) -> 
         raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
     t_all = time.perf_counter()
     dev = resolve_device(device)
+    tune_backends(dev)  # as training does
     cuda = dev.type == "cuda"
     if cuda:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

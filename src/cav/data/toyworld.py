@@ -117,7 +117,7 @@ def trajectory(motion: str, frames: int, phase: float = 0.0) -> np.ndarray:
     elif motion == "shrink":
         m = 1.5 - 0.8 * t
     elif motion == "zigzag":
-        tri = 1.0 - 2.0 * np.abs(((1.5 * t) % 1.0) * 2.0 - 1.0)  # 1, -1, 1, -1 at t = 0, 1/3, 2/3, 1
+        tri = 1.0 - 2.0 * np.abs(((1.5 * t) % 1.0) * 2.0 - 1.0)  # -1, 1, -1, 1 at t = 0, 1/3, 2/3, 1
         x, y = ramp, 0.5 - 0.2 * tri
     elif motion == "figure8":
         a = 2 * np.pi * t

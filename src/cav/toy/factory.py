@@ -42,6 +42,8 @@ class TinySpec:
     text_heads: int = 4
     max_length: int = 24
     prediction_type: str = "epsilon"
+    zero_snr: bool = False  # rescale the betas to zero terminal SNR (Lin et al. 2024); needs v_prediction
+    timestep_spacing: str = "leading"
     words: tuple[str, ...] = field(default=tuple(BASE_WORDS))
 
 
@@ -86,7 +88,7 @@ def write_clip_tokenizer(directory: Path, words, max_length: int) -> None:
 
 def build_components(spec: TinySpec, tokenizer_dir: Path, seed: int = 0) -> dict:
     """Random-weight components for ``spec`` (tokenizer read from ``tokenizer_dir``)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from diffusers import AutoencoderKL, UNet3DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
@@ -131,17 +133,28 @@ def build_components(spec: TinySpec, tokenizer_dir: Path, seed: int = 0) -> dict
     )
     if spec.text_hidden != spec.cross_attention_dim:
         raise ValueError("text_hidden must equal cross_attention_dim (the UNet attends to the text hidden states)")
-    scheduler = DDIMScheduler(
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": build_scheduler(spec)}
+
+
+def build_scheduler(spec: TinySpec):
+    """ModelScope's DDIM schedule (scaled linear betas), optionally rescaled to zero terminal SNR."""
+    from diffusers import DDIMScheduler
+
+    if spec.zero_snr and spec.prediction_type != "v_prediction":
+        raise ValueError("zero_snr needs prediction_type='v_prediction' (epsilon is undefined at zero SNR)")
+    return DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
         beta_start=0.00085,
         beta_end=0.012,
         clip_sample=False,
         set_alpha_to_one=False,
-        steps_offset=1,
+        steps_offset=0 if spec.timestep_spacing == "trailing" else 1,
         prediction_type=spec.prediction_type,
+        rescale_betas_zero_snr=spec.zero_snr,
+        timestep_spacing=spec.timestep_spacing,
     )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
 def save_model(directory: Path, components: dict, extra: dict | None = None) -> Path:
