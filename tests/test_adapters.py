@@ -124,3 +124,22 @@ def test_textual_inversion_file_loads_in_diffusers(tiny_model, tmp_path):
     torch.testing.assert_close(bb2.text_encoder.get_input_embeddings().weight[ids], ti.embeddings())
     assert ti.expand("a <cav> moving") == "a <cav> <cav>_1 <cav>_2 moving"
     assert ti.expand("a dog") == "<cav> <cav>_1 <cav>_2 a dog"
+
+
+def test_t_lora_prompt_dropout_trains_some_steps_on_the_empty_prompt(tiny_model):
+    from cav.stages import encode_prompt
+
+    bb = backbone.load(tiny_model, "cpu")
+    cfg = TrainConfig(prompt="a red square moving right", frames=4, size=[32, 32], absorbers="none",
+                      t_lora_prompt_dropout=0.5)
+    stage = t_lora_stage(bb, cfg, _frames(), None)
+    full, empty = encode_prompt(bb, cfg.prompt), encode_prompt(bb, "")
+    gen = torch.Generator().manual_seed(0)
+    picks = [stage.batch(gen)[1] for _ in range(40)]
+    n_empty = sum(torch.equal(c, empty) for c in picks)
+    assert sum(torch.equal(c, full) for c in picks) + n_empty == 40 and 8 <= n_empty <= 32
+    # the paper's recipe (no dropout) draws nothing from the generator, so its runs stay as they were
+    bb = backbone.load(tiny_model, "cpu")
+    stage0 = t_lora_stage(bb, TrainConfig(prompt=cfg.prompt, frames=4, size=[32, 32], absorbers="none"), _frames(), None)
+    before = gen.get_state()
+    assert torch.equal(stage0.batch(gen)[1], full) and torch.equal(gen.get_state(), before)

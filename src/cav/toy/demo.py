@@ -21,7 +21,7 @@ from ..io_utils import write_json
 from ..metrics import toy as tm
 
 RECIPE = Path(__file__).resolve().parents[3] / "configs" / "toy.yaml"
-DEFAULT_REFERENCE = tw.ToySpec("circle", "red", "navy", "zigzag", scale=0.3)
+DEFAULT_REFERENCE = tw.ToySpec("circle", "red", "navy", "spiral", scale=0.3)
 
 
 def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFERENCE, prompts: int = 4,
