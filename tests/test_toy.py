@@ -56,3 +56,14 @@ def test_reduced_demo_writes_everything(tmp_path, capsys):
     for name in ("reference.mp4", "reference.gif", "base-0.mp4", "cav-1.gif", "contact_sheet.png",
                  "run/t_lora/adapter_model.safetensors", "run/absorbers/textual_inversion.safetensors"):
         assert (out / name).is_file(), name
+
+
+def test_zero_terminal_snr_needs_v_prediction():
+    from cav.toy.factory import TinySpec, build_scheduler
+
+    with pytest.raises(ValueError, match="v_prediction"):
+        build_scheduler(TinySpec(zero_snr=True))
+    s = build_scheduler(TinySpec(prediction_type="v_prediction", zero_snr=True, timestep_spacing="trailing"))
+    assert float(s.alphas_cumprod[-1]) < 1e-6  # x_T holds no signal at all
+    s.set_timesteps(25)
+    assert int(s.timesteps[0]) == 999  # trailing spacing starts sampling at the pure-noise step
