@@ -67,7 +67,7 @@ class BaseRecipe:
     seed: int = 0
     save_every: int = 500
     init_from: str = ""  # continue from a saved toy model folder (its VAE and scaling factor are kept)
-    max_seconds: float = 7000.0  # each invocation ends within this (cosine fitted to it; a resume starts a new budget); 0: off
+    max_seconds: float = 7000.0  # each invocation ends within this (cosine fitted to it; a resume gets a new budget)
 
 
 def _state_dir(out: Path) -> Path:
