@@ -13,9 +13,8 @@ from cav.adapters import lora
 from cav.config import TrainConfig, load_recipe
 from cav.data import toyworld as tw
 from cav.data.video import write_video
-from cav.metrics import toy as tm
 from cav.sampling import sample_videos
-from cav.toy.demo import RECIPE, DEFAULT_REFERENCE
+from cav.toy.demo import DEFAULT_REFERENCE, RECIPE, score_videos
 out = Path(sys.argv[1]); ov = json.loads(sys.argv[2]); every = int(sys.argv[3])
 ref = tw.ToySpec(*sys.argv[4].split(","), scale=0.3) if len(sys.argv) > 4 else DEFAULT_REFERENCE
 out.mkdir(parents=True, exist_ok=True)
@@ -27,8 +26,7 @@ specs = tw.new_appearances(ref, 4, np.random.default_rng(cfg.seed))
 texts = [tw.caption(s)[0] for s in specs]
 kw = dict(frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps, guidance=cfg.guidance, seeds=[cfg.validation_seed] * 4)
 bb = backbone.load(cfg.base, cfg.device, cfg.dtype)
-rt = tm.track(rv)
-base = np.mean([tm.motion_error(tm.track(v), rt, 32) for v in sample_videos(bb, texts, **kw)])
+base = np.mean(score_videos(rv, sample_videos(bb, texts, **kw), specs)[0])
 res = []
 for ck in sorted((out / "run" / "checkpoints").glob("step-*")):
     name = "c" + ck.name.replace("-", "")
@@ -37,7 +35,7 @@ for ck in sorted((out / "run" / "checkpoints").glob("step-*")):
     vids = sample_videos(bb, texts, **kw)
     own = sample_videos(bb, [full], **{**kw, "seeds": [cfg.validation_seed]})[0]
     lora.activate(bb.unet, [])
-    e = np.mean([tm.motion_error(tm.track(v), rt, 32) for v in vids])
-    app = np.mean([tm.classify_colour(v) == s.colour and tm.classify_shape(v) == s.shape for v, s in zip(vids, specs)])
-    res.append((ck.name, round(float(e / base), 3), float(app), "own", round(tm.motion_error(tm.track(own), rt, 32), 3)))
+    errors, follows = score_videos(rv, vids, specs)
+    own_error = score_videos(rv, [own], [ref])[0][0]
+    res.append((ck.name, round(float(np.mean(errors) / base), 3), float(np.mean(follows)), "own", round(own_error, 3)))
 print("CURVE", json.dumps(ov), sys.argv[4] if len(sys.argv) > 4 else "", "base", round(float(base), 3), res, flush=True)

@@ -78,12 +78,11 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
     def encode():
         return encode_frames(bb, frames).permute(1, 0, 2, 3).unsqueeze(0), encode_prompt(bb, prompt)  # (1,C,F,h,w)
 
+    empty = encode_prompt(bb, "") if cfg.t_lora_prompt_dropout > 0 else None
     if cfg.cache_inputs:  # encode the clip and the prompt once, reuse them every step
         cached = encode()
         if cfg.offload_frozen:
             offload(bb.vae, bb.text_encoder)
-
-    empty = encode_prompt(bb, "") if cfg.t_lora_prompt_dropout > 0 else None
 
     def batch(gen: torch.Generator):
         latents, cond = cached if cfg.cache_inputs else encode()

@@ -42,6 +42,16 @@ class NonFiniteLoss(CavError):
     pass
 
 
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet must predict under the scheduler's ``prediction_type``: the noise, v, or the clean latents."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    return latents
+
+
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, gen: torch.Generator,
                    bypass: bool = False, autocast_dtype: torch.dtype | None = None,
                    timesteps: tuple[int, int] | None = None) -> torch.Tensor:
@@ -52,8 +62,7 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, g
     lo, hi = timesteps or (0, total)
     t = torch.randint(lo, min(hi, total), (latents.shape[0],), generator=gen).to(device)
     noisy = scheduler.add_noise(latents, noise, t)
-    kind = scheduler.config.prediction_type
-    target = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else latents
+    target = diffusion_target(scheduler, latents, noise, t)
     with temporal_bypass(unet, bypass), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                                        enabled=autocast_dtype is not None):
         pred = unet(noisy, t, encoder_hidden_states=cond).sample

@@ -54,13 +54,9 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
     cav_videos = sample_videos(bb, texts, **kw)
     lora.activate(bb.unet, [])
 
-    ref_track = tm.track(ref_video)
-    size = cfg.size[0]
-    err_base = [tm.motion_error(tm.track(v), ref_track, size) for v in base_videos]
-    err_cav = [tm.motion_error(tm.track(v), ref_track, size) for v in cav_videos]
     spec_per_video = [s for s in specs for _ in range(seeds)]
-    follows = [tm.classify_colour(v) == s.colour and tm.classify_shape(v) == s.shape
-               for v, s in zip(cav_videos, spec_per_video)]
+    err_base, _ = score_videos(ref_video, base_videos, spec_per_video)
+    err_cav, follows = score_videos(ref_video, cav_videos, spec_per_video)
     for i, (b, c) in enumerate(zip(base_videos, cav_videos)):
         for kind, video in (("base", b), ("cav", c)):
             write_video(out / f"{kind}-{i}.mp4", video)
@@ -80,6 +76,15 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
     }
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def score_videos(reference: np.ndarray, videos, specs: list[tw.ToySpec]) -> tuple[list[float], list[bool]]:
+    """Per video: motion error against the reference's track (normalised by frame size), and whether its colour and
+    shape follow its own spec (the prompt), not the reference."""
+    ref_track, size = tm.track(reference), reference.shape[1]
+    errors = [tm.motion_error(tm.track(v), ref_track, size) for v in videos]
+    follows = [tm.classify_colour(v) == s.colour and tm.classify_shape(v) == s.shape for v, s in zip(videos, specs)]
+    return errors, follows
 
 
 def summary(metrics: dict, out: Path) -> str:

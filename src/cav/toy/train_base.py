@@ -23,6 +23,7 @@ from ..accel import tune_backends
 from ..bypass import temporal_bypass
 from ..data import toyworld as tw
 from ..io_utils import save_safetensors, write_json
+from ..trainer import diffusion_target
 from .factory import TinySpec, build_components, build_scheduler, save_model, write_clip_tokenizer
 
 TOY_SPEC = TinySpec(
@@ -219,8 +220,7 @@ def train_base(out: Path, recipe: BaseRecipe | None = None, device: str = "auto"
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp), temporal_bypass(unet, bool(image)):
             cond = text_encoder(ids)[0]
             pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        target = scheduler.get_velocity(x0, noise, t) if TOY_SPEC.prediction_type == "v_prediction" else noise
-        loss = F.mse_loss(pred.float(), target)
+        loss = F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t).float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
         opt.step()
