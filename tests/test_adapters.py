@@ -14,7 +14,7 @@ from cav.adapters.targets import target_regex
 from cav.adapters.textual_inversion import TextualInversion
 from cav.config import TrainConfig
 from cav.stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
-from cav.trainer import run_stage
+from cav.trainer import diffusion_loss, run_stage
 
 
 def test_anchored_targets_separate_temporal_and_spatial():
@@ -92,7 +92,7 @@ def test_save_load_peft_format_round_trip(tiny_model, tmp_path):
     cfg = lora.lora_config("temporal", "cav", 4, 1.0)
     lora.add_lora(bb.unet, "t_lora", cfg)
     with torch.no_grad():
-        for p in lora.lora_parameters(bb.unet, "t_lora"):
+        for p in lora.lora_parameters(bb.unet, T_LORA):
             p.normal_()
     out = lora.save_lora(bb.unet, "t_lora", cfg, tmp_path / "t_lora", {"kind": "temporal", "base": "tiny"})
     loaded_cfg = LoraConfig.from_pretrained(str(out))
@@ -143,3 +143,24 @@ def test_t_lora_prompt_dropout_trains_some_steps_on_the_empty_prompt(tiny_model)
     stage0 = t_lora_stage(bb, TrainConfig(prompt=cfg.prompt, frames=4, size=[32, 32], absorbers="none"), _frames(), None)
     before = gen.get_state()
     assert torch.equal(stage0.batch(gen)[1], full) and torch.equal(gen.get_state(), before)
+
+
+def test_t_lora_batch_repeats_the_clip_and_drops_the_prompt_per_copy(tiny_model):
+    from cav.stages import encode_prompt
+
+    bb = backbone.load(tiny_model, "cpu")
+    cfg = TrainConfig(prompt="a red square moving right", frames=4, size=[32, 32], absorbers="none",
+                      t_lora_batch=3, t_lora_prompt_dropout=0.5)
+    stage = t_lora_stage(bb, cfg, _frames(), None)
+    full, empty = encode_prompt(bb, cfg.prompt)[0], encode_prompt(bb, "")[0]
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(10):
+        latents, cond = stage.batch(gen)
+        assert latents.shape[0] == cond.shape[0] == 3 and torch.equal(latents[0], latents[2])
+        rows += [torch.equal(c, empty) for c in cond if torch.equal(c, empty) or torch.equal(c, full)]
+    assert len(rows) == 30 and 6 <= sum(rows) <= 24  # each copy chooses by itself
+    # one loss over the three copies, each with its own timestep: finite, and it trains the T-LoRA
+    loss = diffusion_loss(bb.unet, bb.scheduler, latents, cond, gen, timesteps=stage.timesteps)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in lora.lora_parameters(bb.unet, T_LORA))

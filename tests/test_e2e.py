@@ -21,7 +21,7 @@ def run_dir(tiny_model, tiny_video, tmp_path_factory):
     code = main(["train", str(tiny_video), "--prompt", PROMPT, "--spatial-prompt", "a red square on a navy background",
                  "--base", str(tiny_model), "--out", str(out), "--steps", "2", "--absorber-steps", "2",
                  "--frames", "4", "--size", "32", "--checkpoint-every", "1", "--sample-steps", "2", "--ti-tokens", "2",
-                 "--absorber-batch", "2", "--validation-seed", "7", "--quiet"])
+                 "--absorber-batch", "2", "--validation-seed", "7", "--lora-weight", "0.5", "--quiet"])
     assert code == 0
     return out
 
@@ -38,6 +38,7 @@ def test_run_folder_layout(run_dir):
     assert all(np.isfinite(x["loss"]) and x["seconds"] > 0 for x in lines)
     meta = json.loads((run_dir / "t_lora" / "cav.json").read_text())
     assert meta["kind"] == "temporal" and meta["step"] == 2 and meta["validation"]["seed"] == 7
+    assert meta["validation"]["weight"] == 0.5
     assert "steps: 2" in (run_dir / "config.yaml").read_text()
 
 
@@ -48,6 +49,11 @@ def test_generate_reproduces_checkpoint_sample_exactly(run_dir, tmp_path):
                  "--quiet"]) == 0
     assert out.is_file() and out.with_suffix(".gif").is_file()
     assert np.array_equal(_video(out), _video(ckpt / "samples" / "sample-0.mp4"))
+    # with no :WEIGHT the run's --lora-weight 0.5 applies; weight 1 is another video
+    full = tmp_path / "full.mp4"
+    assert main(["generate", "--prompt", PROMPT, "--adapter", f"{ckpt}:1", "--seed", "7", "--out", str(full),
+                 "--quiet"]) == 0
+    assert not np.array_equal(_video(full), _video(out))
     # the other checkpoint gives another video: the comparison can fail
     assert not np.array_equal(_video(out), _video(run_dir / "checkpoints" / "step-000002" / "samples" / "sample-0.mp4"))
 
@@ -59,9 +65,9 @@ def test_same_seed_same_video_and_weight_zero_is_base(run_dir, tiny_model, tmp_p
                      "--steps", "3", "--out", str(path), "--quiet", *extra]) == 0
         return _video(path)
 
-    a = gen("a", "--adapter", str(run_dir), "--seed", "3")
-    b = gen("b", "--adapter", str(run_dir), "--seed", "3")
-    c = gen("c", "--adapter", str(run_dir), "--seed", "4")
+    a = gen("a", "--adapter", f"{run_dir}:1", "--seed", "3")
+    b = gen("b", "--adapter", f"{run_dir}:1", "--seed", "3")
+    c = gen("c", "--adapter", f"{run_dir}:1", "--seed", "4")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     base = gen("base", "--seed", "3")
     zero = gen("zero", "--adapter", f"{run_dir}:0", "--seed", "3")

@@ -113,3 +113,6 @@ def test_bad_recipe_values(tmp_path, tiny_video, tiny_model, capsys):
     recipe.write_text("learning_rate: 1\n")
     code, err = _run(capsys, *_train(tiny_video, tiny_model, tmp_path / "run"), "--recipe", str(recipe))
     assert code == 2 and "learning_rate" in err
+    code, err = _run(capsys, *_train(tiny_video, tiny_model, tmp_path / "run"), "--lora-weight", "0")
+    assert code == 2 and "lora_weight 0.0 is invalid" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -177,7 +177,8 @@ def _t_lora_meta(cfg: TrainConfig, step: int) -> dict:
             "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": cfg.spatial_prompt,
             "absorbers": cfg.absorbers, "step": step,
             "validation": {"prompts": validation_prompts(cfg), "seed": cfg.validation_seed, "frames": cfg.frames,
-                           "size": list(cfg.size), "steps": cfg.sample_steps, "guidance": cfg.guidance}}
+                           "size": list(cfg.size), "steps": cfg.sample_steps, "guidance": cfg.guidance,
+                           "weight": cfg.lora_weight}}
 
 
 def _write_absorbers(bb, cfg: TrainConfig, folder: Path, ti: TextualInversion | None) -> None:
@@ -217,7 +218,7 @@ def _checkpoint(bb, cfg: TrainConfig, out: Path, lora_cfg, step: int, active: li
         resume_mod.save_state(ckpt, "t_lora", step, opt, gen_state)
         if not samples:
             return
-        lora.activate(bb.unet, [T_LORA])  # only the T-LoRA, as at inference
+        lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # only the T-LoRA, as at inference
         try:
             with accel.on_device(bb.device, bb.vae, bb.text_encoder):
                 videos = [sample_video(bb, prompt, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps,
@@ -256,31 +257,34 @@ def _finalize(out: Path, cfg: TrainConfig, reference: np.ndarray, seconds: float
 
 
 # -------------------------------------------------------------------------------------------------- generate
-def parse_weighted(spec: str) -> tuple[str, float]:
-    """``PATH[:WEIGHT]`` → (path, weight); a Windows drive colon or a path with colons but no float suffix is kept."""
+def parse_weighted(spec: str) -> tuple[str, float | None]:
+    """``PATH[:WEIGHT]`` → (path, weight or None); a Windows drive colon or a path with colons but no float suffix is
+    kept. None means the adapter's own default: the weight its run validated with (``lora_weight``), else 1."""
     path, sep, weight = str(spec).rpartition(":")
     if sep and path:
         try:
             return path, float(weight)
         except ValueError:
             pass
-    return str(spec), 1.0
+    return str(spec), None
 
 
-def load_adapters(bb, adapters: list[tuple[str, float]], image_loras: list[tuple[str, float]] = (),
+def load_adapters(bb, adapters: list[tuple[str, float | None]], image_loras: list[tuple[str, float | None]] = (),
                   textual_inversions: list[str] = ()) -> list[dict]:
-    """Load T-LoRAs (and optional spatial LoRAs, TI files) onto ``bb`` and activate them with their weights."""
+    """Load T-LoRAs (and optional spatial LoRAs, TI files) onto ``bb`` and activate them with their weights (None:
+    a T-LoRA's recorded ``lora_weight``, else 1)."""
     names, weights, metas = [], [], []
     for i, (path, w) in enumerate(adapters):
         d = lora.find_adapter_dir(Path(path), "temporal")
-        metas.append(lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal"))
+        meta = lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal")
+        metas.append(meta)
         names.append(f"t_lora_{i}")
-        weights.append(w)
+        weights.append(default_weight(meta) if w is None else w)
     for j, (path, w) in enumerate(image_loras):
         d = lora.find_adapter_dir(Path(path), "spatial")
         lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial")
         names.append(f"image_lora_{j}")
-        weights.append(w)
+        weights.append(1.0 if w is None else w)
     if names:
         lora.activate(bb.unet, names, weights)
     for file in textual_inversions:
@@ -293,7 +297,12 @@ def load_adapters(bb, adapters: list[tuple[str, float]], image_loras: list[tuple
     return metas
 
 
-def generate(prompt: str, adapters: list[tuple[str, float]] = (), *, image_loras=(), textual_inversions=(),
+def default_weight(meta: dict) -> float:
+    """The weight a T-LoRA's validation samples used (runs before ``lora_weight`` existed: 1)."""
+    return float(meta.get("validation", {}).get("weight", 1.0))
+
+
+def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, image_loras=(), textual_inversions=(),
              base: str | None = None, frames: int | None = None, size=None, steps: int | None = None,
              guidance: float | None = None, seed: int = 0, num_videos: int = 1, out="out.mp4", device="auto",
              dtype="auto", negative_prompt: str | None = None, quiet: bool = False) -> list[Path]:

@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample videos with T-LoRA(s) on a base model")
     g.add_argument("--prompt", required=True)
     g.add_argument("--adapter", action="append", metavar="RUN_OR_ADAPTER_DIR[:WEIGHT]",
-                   help="T-LoRA to load (repeatable; weights compose)")
+                   help="T-LoRA to load (repeatable; weights compose; no WEIGHT: the run's --lora-weight, else 1)")
     g.add_argument("--image-lora", action="append", metavar="PATH[:WEIGHT]", help="spatial LoRA folder (repeatable)")
     g.add_argument("--textual-inversion", action="append", metavar="FILE", help="textual inversion file (repeatable)")
     g.add_argument("--base", default=None, help="base model (default: the adapter's base, else toy)")

@@ -42,6 +42,8 @@ class TrainConfig:
                                 "high-noise steps where motion and layout form")
     t_lora_prompt_dropout: float = _f(0.0, "fraction of T-LoRA steps on the empty prompt, so the unconditional "
                                       "branch of guidance carries the motion too (0: the paper's recipe)")
+    t_lora_batch: int = _f(1, "copies of the clip per T-LoRA step, each with its own noise and timestep (a "
+                           "less noisy gradient for the same clip)")
     # appearance absorbers (stage 1)
     absorber_steps: int = _f(100, "absorber training steps (S-LoRA and textual inversion train together)")
     s_lora_rank: int = _f(1, "S-LoRA rank")
@@ -66,6 +68,8 @@ class TrainConfig:
     validation_seed: int = _f(0, "seed of validation samples")
     sample_steps: int = _f(25, "denoising steps for validation samples")
     guidance: float = _f(9.0, "classifier-free guidance scale for validation samples")
+    lora_weight: float = _f(1.0, "T-LoRA weight in validation samples, recorded as the default weight of "
+                            "`cav generate --adapter RUN` (a smaller scale keeps more of the new appearance)")
     # system
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = _f("auto", "frozen-weight dtype: auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16")
@@ -81,6 +85,8 @@ class TrainConfig:
             raise CavError(f"unknown --placement '{self.placement}': use one of {', '.join(PLACEMENTS)}")
         if self.steps < 0 or self.absorber_steps < 0:
             raise CavError("--steps and --absorber-steps must be ≥ 0")
+        if not 1 <= self.t_lora_batch <= 64:
+            raise CavError(f"--t-lora-batch {self.t_lora_batch} is out of range: use 1-64")
         if not 1 <= self.ti_tokens <= 16:
             raise CavError(f"--ti-tokens {self.ti_tokens} is out of range: use 2-6 (the paper's range)")
         if self.frames < 1:
@@ -102,6 +108,8 @@ class TrainConfig:
             raise CavError(f"unknown --fit '{self.fit}': use crop or pad")
         if self.gradient_checkpointing not in ("auto", "on", "off"):
             raise CavError("--gradient-checkpointing must be auto, on or off")
+        if not 0 < float(self.lora_weight) <= 4:
+            raise CavError(f"lora_weight {self.lora_weight} is invalid: pass a weight in (0, 4], e.g. 1.0")
         for name in ("t_lora_lr", "s_lora_lr", "ti_lr"):
             if getattr(self, name) <= 0:
                 raise CavError(f"{name} must be > 0")

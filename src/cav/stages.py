@@ -86,8 +86,11 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
 
     def batch(gen: torch.Generator):
         latents, cond = cached if cfg.cache_inputs else encode()
-        if empty is not None and float(torch.rand(1, generator=gen)) < cfg.t_lora_prompt_dropout:
-            cond = empty  # the unconditional branch of guidance learns the motion too
+        n = cfg.t_lora_batch  # copies of the clip, each with its own noise and timestep in diffusion_loss
+        latents, cond = latents.expand(n, *latents.shape[1:]), cond.expand(n, *cond.shape[1:])
+        if empty is not None:  # the unconditional branch of guidance learns the motion too
+            drop = (torch.rand(n, generator=gen) < cfg.t_lora_prompt_dropout).to(cond.device)
+            cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         return latents, cond
 
     groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.t_lora_lr, "name": T_LORA}]

@@ -329,7 +329,7 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
                 t = time.perf_counter()
                 bb = backbone.load(cfg.base, cfg.device, cfg.dtype)  # fresh: nothing leaks between rows
                 if trained:
-                    api.load_adapters(bb, [(str(run_dir), 1.0)])  # the T-LoRA only
+                    api.load_adapters(bb, [(str(run_dir), cfg.lora_weight)])  # the T-LoRA only
                 videos = sample_videos(bb, texts, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps,
                                        guidance=cfg.guidance, seeds=seeds)
                 del bb

@@ -50,7 +50,7 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
     kw = dict(frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps, guidance=cfg.guidance, seeds=seed_list)
     bb = backbone.load(cfg.base, cfg.device, cfg.dtype)
     base_videos = sample_videos(bb, texts, **kw)
-    api.load_adapters(bb, [(str(run), 1.0)])
+    api.load_adapters(bb, [(str(run), cfg.lora_weight)])
     cav_videos = sample_videos(bb, texts, **kw)
     lora.activate(bb.unet, [])
 
