@@ -92,7 +92,7 @@ def test_save_load_peft_format_round_trip(tiny_model, tmp_path):
     cfg = lora.lora_config("temporal", "cav", 4, 1.0)
     lora.add_lora(bb.unet, "t_lora", cfg)
     with torch.no_grad():
-        for p in lora.lora_parameters(bb.unet, T_LORA):
+        for p in lora.lora_parameters(bb.unet, "t_lora"):
             p.normal_()
     out = lora.save_lora(bb.unet, "t_lora", cfg, tmp_path / "t_lora", {"kind": "temporal", "base": "tiny"})
     loaded_cfg = LoraConfig.from_pretrained(str(out))
