@@ -3,9 +3,11 @@
     OMP_NUM_THREADS=1 SPEC_SEED=0 PROMPTS=8 python scripts/demo_sweep.py OUT '{"t_lora_batch": 4, "seed": 1}' 150 0.75,1.0
 
 Env: PROMPTS (new-appearance prompts, default 8), SPEC_SEED (seed that draws them; default the recipe's seed),
-REF (shape,colour,background,motion; default the demo's reference). Skips training when OUT/run/checkpoints exists.
-Prints a BASE line, then one PT line per (checkpoint, weight): ratio and appearance accuracy over all prompts and over
-the first 4 (the demo's). Used for the session-4 table of docs/DEMO-TUNING.md.
+REF (shape,colour,background,motion; default the demo's reference), OWN (K > 0: also score the reference's own prompt
+with K sampling seeds, "own"). Skips training when OUT/run/checkpoints exists. Prints a BASE line, then one PT line per
+(checkpoint, weight): ratio and appearance accuracy over all prompts and over the first 4 (the demo's), and the own
+motion error and ratio when OWN is set. Used for every table of docs/DEMO-TUNING.md (session 3: PROMPTS=4 OWN=1,
+weight 1).
 """
 import sys, json, os, torch, numpy as np
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -33,7 +35,17 @@ kw = dict(frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps, guida
 bb = backbone.load(cfg.base, cfg.device, cfg.dtype)
 be = score_videos(rv, sample_videos(bb, texts, **kw), specs)[0]
 base = np.mean(be); base4 = np.mean(be[:4])
-print("BASE", json.dumps(ov), round(float(base), 3), "first4", round(float(base4), 3), flush=True)
+k_own = int(os.environ.get("OWN", "0"))
+own_kw = {**kw, "seeds": [cfg.validation_seed + i for i in range(k_own)]}
+
+
+def own_error() -> float:  # motion error on the reference's own prompt, mean over k_own sampling seeds
+    return float(np.mean(score_videos(rv, sample_videos(bb, [full] * k_own, **own_kw), [ref] * k_own)[0]))
+
+
+own_base = own_error() if k_own else None
+print("BASE", json.dumps(ov), round(float(base), 3), "first4", round(float(base4), 3),
+      *(["own", round(own_base, 3)] if k_own else []), flush=True)
 for ck in sorted((out / "run" / "checkpoints").glob("step-*")):
     name = "c" + ck.name.replace("-", "")
     lora.load_lora(bb.unet, lora.find_adapter_dir(ck, "temporal"), name)
@@ -41,7 +53,11 @@ for ck in sorted((out / "run" / "checkpoints").glob("step-*")):
         lora.activate(bb.unet, [name], [w])
         vids = sample_videos(bb, texts, **kw)
         errors, follows = score_videos(rv, vids, specs)
+        own = []
+        if k_own:
+            e = own_error()
+            own = ["| own", round(e, 3), "ratio", round(e / own_base, 3)]
         print("PT", json.dumps(ov), ck.name, "w", w, "ratio", round(float(np.mean(errors) / base), 3),
               "app", round(float(np.mean(follows)), 3), "| first4 ratio", round(float(np.mean(errors[:4]) / base4), 3),
-              "app", float(np.mean(follows[:4])), flush=True)
+              "app", float(np.mean(follows[:4])), *own, flush=True)
     lora.activate(bb.unet, [])
