@@ -74,6 +74,32 @@ def make_optimizer(stage: Stage) -> torch.optim.Optimizer:
     return torch.optim.AdamW(stage.param_groups, weight_decay=0.0)
 
 
+def train_step(unet, scheduler, stage: Stage, optimizer: torch.optim.Optimizer, gen: torch.Generator, *,
+               max_grad_norm: float = 1.0, autocast_dtype: torch.dtype | None = None, step: int = 0) -> torch.Tensor:
+    """One optimisation step of ``stage``: batch → loss → backward → hooks → clip → AdamW → hooks; returns the loss.
+
+    The one training step of cav: ``run_stage``, the speed benchmark and the toy base trainer all call it.
+    ``step`` (1-based) only names the step in the error raised on a non-finite loss.
+    """
+    latents, cond = stage.batch(gen)
+    loss = diffusion_loss(unet, scheduler, latents, cond, gen, stage.bypass, autocast_dtype, stage.timesteps)
+    if not math.isfinite(loss.item()):
+        raise NonFiniteLoss(
+            f"loss became {loss.item()} at {stage.name} step {step}: the last good checkpoint is kept; "
+            "lower the learning rate (e.g. --t-lora-lr 1e-4) and continue with --resume"
+        )
+    loss.backward()
+    for hook in stage.after_backward:
+        hook()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in stage.param_groups for p in g["params"]], max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for hook in stage.after_step:
+        hook()
+    return loss.detach()
+
+
 def run_stage(unet, scheduler, stage: Stage, gen: torch.Generator, log: Callable[[dict], None], *,
               start_step: int = 0, optimizer: torch.optim.Optimizer | None = None, max_grad_norm: float = 1.0,
               autocast_dtype: torch.dtype | None = None, quiet: bool = False) -> torch.optim.Optimizer:
@@ -83,29 +109,14 @@ def run_stage(unet, scheduler, stage: Stage, gen: torch.Generator, log: Callable
     step, so a resumed run repeats it exactly) and the KeyboardInterrupt goes on to the caller.
     """
     optimizer = optimizer or make_optimizer(stage)
-    params = [p for g in stage.param_groups for p in g["params"]]
     bar = tqdm(range(start_step, stage.steps), initial=start_step, total=stage.steps, desc=stage.name,
                disable=quiet, dynamic_ncols=True)
     done, gen_state = start_step, gen.get_state()
     try:
         for step in bar:
             t0 = time.perf_counter()
-            latents, cond = stage.batch(gen)
-            loss = diffusion_loss(unet, scheduler, latents, cond, gen, stage.bypass, autocast_dtype, stage.timesteps)
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLoss(
-                    f"loss became {loss.item()} at {stage.name} step {step + 1}: the last good checkpoint is kept; "
-                    "lower the learning rate (e.g. --t-lora-lr 1e-4) and continue with --resume"
-                )
-            loss.backward()
-            for hook in stage.after_backward:
-                hook()
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for hook in stage.after_step:
-                hook()
+            loss = train_step(unet, scheduler, stage, optimizer, gen, max_grad_norm=max_grad_norm,
+                              autocast_dtype=autocast_dtype, step=step + 1)
             done, gen_state = step + 1, gen.get_state()
             log({"step": done, "stage": stage.name, "loss": round(loss.item(), 6),
                  "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 4)})
