@@ -1,0 +1,202 @@
+"""A lean training step: fewer ops and casts per step, same results up to rounding.
+
+Two tools, both exact to undo:
+
+* ``FrozenMerge`` folds a frozen LoRA (the S-LoRA in stage 2) into its base weights with peft's ``merge``, so its
+  rank-1 matmuls and their casts leave the step; ``restore`` puts back a saved copy of the base weights, bit for bit
+  (peft's own ``unmerge`` subtracts the delta again, which is not exact in bf16).
+* ``ComputeCopies`` keeps a trainable adapter's fp32 master weights for the optimizer but runs its forward and
+  backward on copies in the compute dtype (bf16/fp16 under autocast): one ``_foreach_copy_`` in, one for the
+  gradients out, instead of autocast casting every LoRA matrix (and peft every LoRA input) per layer, per step.
+  Outside a step the UNet holds the masters, so saving, loading and resuming see fp32 weights as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import contextmanager
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+
+def autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The compute dtype of a training step: the frozen weights' dtype under autocast on CUDA, none elsewhere."""
+    return dtype if device.type == "cuda" and dtype != torch.float32 else None
+
+
+def _layers_with(unet: torch.nn.Module, name: str) -> list[LoraLayer]:
+    return [m for m in unet.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+
+
+class FrozenMerge:
+    """Merge the frozen adapters ``names`` into the base weights of ``unet`` until ``restore()``."""
+
+    def __init__(self, unet: torch.nn.Module, names: list[str]):
+        self.unet, self.names = unet, list(names)
+        self.saved: list[tuple[LoraLayer, torch.Tensor]] = []
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.saved)
+
+    def merge(self) -> "FrozenMerge":
+        if self.merged or not self.names:
+            return self
+        for name in self.names:
+            for layer in _layers_with(self.unet, name):
+                if any(a in layer.lora_A and a not in self.names for a in layer.active_adapters):
+                    # a merged layer skips all its adapters in forward: leave layers shared with a live one alone
+                    continue
+                base = layer.get_base_layer().weight
+                if not any(m is layer for m, _ in self.saved):
+                    self.saved.append((layer, base.detach().clone()))
+                with torch.no_grad():
+                    layer.merge(adapter_names=[name])
+        return self
+
+    def restore(self) -> None:
+        """Put back the exact base weights and unmark the merged adapters."""
+        with torch.no_grad():
+            for layer, weight in self.saved:
+                layer.get_base_layer().weight.copy_(weight)
+                layer.merged_adapters[:] = [a for a in layer.merged_adapters if a not in self.names]
+        self.saved = []
+
+    @contextmanager
+    def unmerged(self):
+        """The adapters as separate layers for a while (e.g. validation samples of the T-LoRA alone)."""
+        was = self.merged
+        self.restore()
+        try:
+            yield
+        finally:
+            if was:
+                self.merge()
+
+
+class ComputeCopies:
+    """fp32 masters of adapter ``name`` for the optimizer, ``dtype`` copies inside each training step.
+
+    ``swap_in`` (before the forward): copy the masters into the compute copies and put the copies in the layers;
+    ``swap_out`` (after backward, before clipping): copy the copies' gradients to the masters' and put the masters
+    back. Each is one foreach op, whatever the number of layers; ``active()`` pairs them around forward + backward.
+    """
+
+    def __init__(self, unet: torch.nn.Module, name: str, dtype: torch.dtype):
+        self.slots: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []  # (Linear holding it, master)
+        for layer in _layers_with(unet, name):
+            for holder in (layer.lora_A[name], layer.lora_B[name]):
+                self.slots.append((holder, holder.weight))
+        self.masters = [p for _, p in self.slots]
+        self.copies = [torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad) for p in self.masters]
+        self.grads = [torch.zeros_like(p) for p in self.masters]
+
+    def swap_in(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.copies, self.masters)
+        for (holder, _), copy in zip(self.slots, self.copies):
+            holder._parameters["weight"] = copy
+
+    def swap_out(self, keep_grads: bool = True) -> None:
+        for holder, master in self.slots:
+            holder._parameters["weight"] = master
+        have = [i for i, c in enumerate(self.copies) if c.grad is not None] if keep_grads else []
+        if have:
+            with torch.no_grad():
+                torch._foreach_copy_([self.grads[i] for i in have], [self.copies[i].grad for i in have])
+            for i in have:
+                self.masters[i].grad = self.grads[i]
+        for c in self.copies:
+            c.grad = None
+
+    @contextmanager
+    def active(self):
+        """Around forward and backward: copies in on entry; masters (with the gradients) back on exit, always."""
+        self.swap_in()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            self.swap_out(keep_grads=ok)
+
+
+class _LoraDelta(torch.autograd.Function):
+    """``result + scale · (x Aᵀ) Bᵀ`` as one addmm, with a hand-written backward: ~18 ops per layer per step
+    (forward + backward) where peft's separate linears, scaling and add dispatch ~30."""
+
+    @staticmethod
+    def forward(ctx, result, x, a, b, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2.mm(a.t())
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, h, a, b)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        return out.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, h, a, b = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gh = g2.mm(b).mul_(ctx.scale)
+        ga = gh.t().mm(x2) if ctx.needs_input_grad[2] else None
+        gb = g2.t().mm(h).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
+        gx = gh.mm(a).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        return grad, gx, ga, gb, None
+
+
+def _leanable(layer: LoraLayer, name: str) -> bool:
+    """A plain linear LoRA whose only live adapter is ``name`` (what ``_LoraDelta`` computes exactly)."""
+    from peft.tuners.lora import Linear
+
+    live = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]
+    return (type(layer) is Linear and live == [name] and not layer.fan_in_fan_out
+            and isinstance(layer.lora_dropout[name], torch.nn.Identity) and name not in layer.lora_variant
+            and not layer.lora_bias.get(name, False) and not layer.disable_adapters)
+
+
+def _lean_forward(layer: LoraLayer, name: str):
+    def forward(x, *args, **kwargs):
+        result = layer.base_layer(x, *args, **kwargs)
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        scale = layer.scaling[name]
+        if a.dtype != result.dtype or x.dtype != a.dtype:  # fp32 adapter under autocast: peft's own arithmetic
+            return result + layer.lora_B[name](layer.lora_A[name](x.to(a.dtype))) * scale
+        return _LoraDelta.apply(result, x, a, b, scale)
+
+    return forward
+
+
+@contextmanager
+def lean_lora_forward(unet: torch.nn.Module, name: str):
+    """Inside: every plain layer of adapter ``name`` adds its LoRA term with ``_LoraDelta``; on exit, peft's
+    forward again (an instance attribute shadowing the class method, like ``bypass.temporal_bypass``)."""
+    patched = [m for m in _layers_with(unet, name) if _leanable(m, name)]
+    for m in patched:
+        m.forward = _lean_forward(m, name)
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
+
+
+def use_lean_step(stage, unet: torch.nn.Module, name: str, dtype: torch.dtype | None) -> ComputeCopies | None:
+    """Make ``stage``'s steps lean for its trainable adapter ``name``: the fused LoRA forward always, and compute
+    copies in ``dtype`` when the step runs under autocast (``dtype`` not None / fp32)."""
+    copies = ComputeCopies(unet, name, dtype) if dtype not in (None, torch.float32) else None
+
+    @contextmanager
+    def context():
+        with contextlib.ExitStack() as stack:
+            if copies is not None:
+                stack.enter_context(copies.active())
+            stack.enter_context(lean_lora_forward(unet, name))
+            yield
+
+    stage.forward_backward_context = context
+    return copies
+
+
+__all__ = ["FrozenMerge", "ComputeCopies", "lean_lora_forward", "use_lean_step", "autocast_dtype"]
