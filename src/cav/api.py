@@ -9,6 +9,7 @@ import torch
 
 from . import accel
 from . import backbone as backbone_mod
+from . import lean
 from . import resume as resume_mod
 from . import runfolder
 from .adapters import lora
@@ -92,7 +93,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     frames = to_tensor(frames_u8)
     log = JsonlLog(out / "log.jsonl")
     run = dict(max_grad_norm=cfg.max_grad_norm, quiet=quiet,
-               autocast_dtype=bb.dtype if bb.device.type == "cuda" and bb.dtype != torch.float32 else None)
+               autocast_dtype=lean.autocast_dtype(bb.device, bb.dtype))
     try:
         ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init) if cfg.uses_ti else None
         if cfg.absorbers != "none":
@@ -104,10 +105,13 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
                 run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
                 runfolder.publish_absorbers(bb, cfg, out, ti)
         active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
-        stage = t_lora_stage(bb, cfg, frames, ti, runfolder.t_lora_checkpoint(bb, cfg, out, active, clock))
+        frozen = lean.FrozenMerge(bb.unet, [S_LORA] if cfg.uses_s_lora else [])  # the S-LoRA, folded in for stage 2
+        checkpoint = frozen.unmerged_during(runfolder.t_lora_checkpoint(bb, cfg, out, active, clock))
+        stage = t_lora_stage(bb, cfg, frames, ti, checkpoint)
         t_point = point if point and point.stage == "t_lora" else None
         start, opt = _restore(bb, cfg, stage, t_point, ti, gen) if t_point else (0, None)
-        run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
+        with frozen.merged():
+            run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
     finally:
         log.close()
     runfolder.finalize(out, frames_u8, clock)

@@ -37,11 +37,11 @@ class FrozenMerge:
         self.saved: list[tuple[LoraLayer, torch.Tensor]] = []
 
     @property
-    def merged(self) -> bool:
+    def is_merged(self) -> bool:
         return bool(self.saved)
 
     def merge(self) -> "FrozenMerge":
-        if self.merged or not self.names:
+        if self.is_merged or not self.names:
             return self
         for name in self.names:
             for layer in _layers_with(self.unet, name):
@@ -64,9 +64,25 @@ class FrozenMerge:
         self.saved = []
 
     @contextmanager
+    def merged(self):
+        """Merged inside, restored exactly on exit (also on errors and Ctrl-C)."""
+        self.merge()
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    def unmerged_during(self, fn):
+        """``fn`` wrapped to run with the adapters unmerged (a checkpoint's saves and validation samples)."""
+        def wrapped(*args, **kwargs):
+            with self.unmerged():
+                return fn(*args, **kwargs)
+        return wrapped
+
+    @contextmanager
     def unmerged(self):
         """The adapters as separate layers for a while (e.g. validation samples of the T-LoRA alone)."""
-        was = self.merged
+        was = self.is_merged
         self.restore()
         try:
             yield

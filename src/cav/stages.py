@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from . import lean
 from .accel import offload
 from .adapters import lora
 from .adapters.textual_inversion import TextualInversion
@@ -65,8 +66,11 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
         cond = cached_cond if cached_cond is not None else encode_prompt(bb, prompt, grad=True)
         return latents, cond.expand(n, -1, -1)
 
-    return Stage("absorbers", cfg.absorber_steps, groups, batch, bypass=True, after_backward=after_backward,
-                 after_step=after_step, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)
+    stage = Stage("absorbers", cfg.absorber_steps, groups, batch, bypass=True, after_backward=after_backward,
+                  after_step=after_step, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)
+    if cfg.uses_s_lora:
+        lean.use_lean_step(stage, bb.unet, S_LORA, lean.autocast_dtype(bb.device, bb.dtype))
+    return stage
 
 
 def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
@@ -98,5 +102,8 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         return latents, cond
 
     groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.t_lora_lr, "name": T_LORA}]
-    return Stage("t_lora", cfg.steps, groups, batch, bypass=False, timesteps=tuple(int(t) for t in cfg.t_lora_timesteps),
-                 checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)
+    stage = Stage("t_lora", cfg.steps, groups, batch, bypass=False,
+                  timesteps=tuple(int(t) for t in cfg.t_lora_timesteps), checkpoint=checkpoint,
+                  checkpoint_every=cfg.checkpoint_every)
+    lean.use_lean_step(stage, bb.unet, T_LORA, lean.autocast_dtype(bb.device, bb.dtype))
+    return stage

@@ -1,0 +1,144 @@
+"""The lean training step: same loss and gradients as the plain peft step (up to rounding), exact merge restore,
+fp32 masters outside the step, and far fewer ops and casts (counted, not timed)."""
+
+import copy
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet3DConditionModel
+
+from cav import lean
+from cav.adapters import lora
+from cav.bench.opcount import count_ops
+from cav.bench.speed import TINY_UNET
+from cav.trainer import Stage, make_optimizer, train_step
+
+S, T = "s", "t"
+
+
+def _unet(dtype=torch.float32) -> UNet3DConditionModel:
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(**TINY_UNET).to(dtype)
+    unet.requires_grad_(False)
+    lora.add_lora(unet, T, lora.lora_config("temporal", "cav", 4, 1.0))
+    lora.add_lora(unet, S, lora.lora_config("spatial", "cav", 1, 0.5))
+    with torch.no_grad():  # B = 0 at init would hide both adapters
+        for name in (S, T):
+            for p in lora.lora_parameters(unet, name):
+                p.normal_(0, 0.2)
+    lora.activate(unet, [S, T], trainable=T)
+    return unet
+
+
+def _setup(unet, dtype, lean_step: bool):
+    """A T-LoRA stage (S-LoRA frozen), plain or lean; returns step() → loss, the merge, the params, their grads."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    gen = torch.Generator().manual_seed(1)
+    lat = torch.randn(1, 4, 3, 8, 8, generator=gen).to(dtype)
+    cond = torch.randn(1, 5, 32, generator=gen).to(dtype)
+    params = lora.lora_parameters(unet, T)
+    stage = Stage(T, 1, [{"params": params, "lr": 1e-3}], batch=lambda g: (lat, cond))
+    grads = []
+    stage.after_backward.append(lambda: grads.append([p.grad.detach().float().clone() for p in params]))
+    autocast = dtype if dtype != torch.float32 else None
+    frozen = lean.FrozenMerge(unet, [S] if lean_step else [])
+    if lean_step:
+        lean.use_lean_step(stage, unet, T, autocast)
+        optimizer = make_optimizer(stage)
+    else:  # the step as it was: peft forward for both adapters, fp32 adapters cast per layer, for-loop AdamW
+        optimizer = torch.optim.AdamW(stage.param_groups, weight_decay=0.0, foreach=False)
+
+    def step():
+        return train_step(unet, scheduler, stage, optimizer, gen, autocast_dtype=autocast).item()
+
+    return step, frozen, params, grads
+
+
+def _step(unet, dtype, lean_step: bool):
+    """One step: the loss, the T-LoRA gradients and the weights after AdamW."""
+    step, frozen, params, grads = _setup(unet, dtype, lean_step)
+    with frozen.merged():
+        loss = step()
+    return loss, grads[0], [p.detach().clone() for p in params]
+
+
+# fp32: only summation order differs (merged weights, addmm): 1e-5 relative. bf16 autocast: the merged bf16 weights
+# round once more than the separate S-LoRA path, which moves a bf16 step by about its own rounding (2^-8 relative).
+TOLERANCE = {torch.float32: dict(rtol=1e-5, grad=1e-4, weights=1e-4),
+             torch.bfloat16: dict(rtol=2e-2, grad=5e-2, weights=2.1e-3)}  # lr 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_step_gives_the_plain_step_loss_and_gradients(dtype):
+    base = _unet(dtype)
+    loss_a, grads_a, after_a = _step(copy.deepcopy(base), dtype, lean_step=False)
+    loss_b, grads_b, after_b = _step(copy.deepcopy(base), dtype, lean_step=True)
+    tol = TOLERANCE[dtype]
+    assert loss_b == pytest.approx(loss_a, rel=tol["rtol"])
+    assert len(grads_a) == len(grads_b) > 0
+    num = sum((a - b).pow(2).sum() for a, b in zip(grads_a, grads_b)).sqrt()
+    den = sum(a.pow(2).sum() for a in grads_a).sqrt()
+    assert den > 0 and num / den < tol["grad"], float(num / den)
+    for a, b in zip(after_a, after_b):  # AdamW's first step moves each weight by ±lr, the sign of its gradient:
+        assert b.dtype == torch.float32  # an element whose gradient rounds across 0 may move the other way
+        torch.testing.assert_close(a, b, rtol=0, atol=tol["weights"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_merge_restores_the_weights_bit_exactly(dtype):
+    unet = _unet(dtype)
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    x = torch.randn(1, 4, 2, 8, 8).to(dtype)
+    cond = torch.randn(1, 5, 32).to(dtype)
+    with torch.no_grad():
+        plain = unet(x, 10, encoder_hidden_states=cond).sample.float()
+        frozen = lean.FrozenMerge(unet, [S])
+        with frozen.merged():
+            layers = [m for m in unet.modules() if hasattr(m, "merged_adapters") and S in m.merged_adapters]
+            assert layers and all(m.merged for m in layers)
+            assert any(not torch.equal(before[n], p) for n, p in unet.named_parameters())
+            merged = unet(x, 10, encoder_hidden_states=cond).sample.float()
+            with frozen.unmerged():  # e.g. a checkpoint's validation samples
+                assert all(torch.equal(before[n], p) for n, p in unet.named_parameters())
+                again = unet(x, 10, encoder_hidden_states=cond).sample.float()
+            assert frozen.is_merged
+        assert not any(m.merged for m in layers)
+    for n, p in unet.named_parameters():
+        assert torch.equal(before[n], p), n
+    assert torch.equal(plain, again)
+    scale = plain.abs().max()
+    assert (merged - plain).abs().max() <= (1e-5 if dtype == torch.float32 else 3e-2) * scale
+
+
+def test_compute_copies_leave_fp32_masters_in_the_model_outside_a_step():
+    unet = _unet(torch.bfloat16)
+    masters = lora.lora_parameters(unet, T)
+    stage = Stage(T, 1, [{"params": masters, "lr": 1e-3}], batch=lambda g: None)
+    copies = lean.use_lean_step(stage, unet, T, torch.bfloat16)
+    assert copies is not None and all(p.dtype == torch.float32 for p in masters)
+    with stage.forward_backward_context():
+        inside = lora.lora_parameters(unet, T)
+        assert all(p.dtype == torch.bfloat16 for p in inside)
+        assert all(torch.equal(c.float(), m.bfloat16().float()) for c, m in zip(inside, masters))
+        assert all("forward" in m.__dict__ for m in unet.modules() if hasattr(m, "lora_A") and T in m.lora_A)
+    assert all(a is b for a, b in zip(lora.lora_parameters(unet, T), masters))
+    with pytest.raises(RuntimeError):  # an error inside a step (a non-finite loss, Ctrl-C) still puts them back
+        with stage.forward_backward_context():
+            raise RuntimeError("boom")
+    assert all(a is b for a, b in zip(lora.lora_parameters(unet, T), masters))
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+    assert lean.use_lean_step(Stage(T, 1, [], batch=None), unet, T, None) is None  # fp32 step: no copies
+
+
+def test_lean_step_dispatches_fewer_ops_and_almost_no_casts():
+    counts = {}
+    for lean_step in (False, True):
+        unet = _unet(torch.bfloat16)
+        step, frozen, _, _ = _setup(unet, torch.bfloat16, lean_step)
+        with frozen.merged():
+            step()  # AdamW creates its state on the first step
+            counts[lean_step] = count_ops(step)
+    plain, lean_ = counts[False], counts[True]
+    assert plain.cast_ops["_to_copy"] > 200  # the S-LoRA and T-LoRA casts, per layer per step
+    assert lean_.casts <= 0.1 * plain.casts
+    assert lean_.total <= 0.7 * plain.total
