@@ -4,13 +4,16 @@ import math
 import pytest
 import torch
 
-from cav.bench.speed import format_table, run_speed, set_gradient_checkpointing
+from cav.bench.speed import COUNTED, TIMED, format_table, run_speed, set_gradient_checkpointing
+from cav.errors import CavError
 
-TIMES = ("t_lora_step_s", "motiondirector_step_s", "absorber_step_s", "generation_step_s", "uncached_step_s",
+TIMES = ("t_lora_step_s", "t_lora_step_plain_s", "eager_step_s", "motiondirector_step_s", "absorber_step_s", "generation_step_s", "uncached_step_s",
          "cached_step_s", "checkpointing_step_s", "no_checkpointing_step_s", "motiondirector_spatial_path_step_s",
          "motiondirector_dual_step_s")
 POSITIVE = TIMES + ("step_ratio", "cached_speedup", "peak_memory_bytes", "flops_per_step", "achieved_flops",
-                    "measured_peak_flops", "peak_fraction", "paper_shape_flops_per_step")
+                    "measured_peak_flops", "peak_fraction", "paper_shape_flops_per_step", "lean_speedup",
+                    "ops_per_step", "cast_ops_per_step", "ops_per_step_plain", "cast_ops_per_step_plain",
+                    "generation_ops_per_step", "generation_ops_per_step_plain")
 KEYS = POSITIVE + ("device", "device_name", "dtype", "latent_shape", "peak_memory", "physical_limit_s",
                    "trainable_params", "torch_version", "note", "assumed_peak_flops")
 
@@ -27,7 +30,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def result(_one_thread):
-    return run_speed(device="cpu", size="tiny", quick=True)
+    # everything but torch.compile (inductor builds C++ for minutes) and graph breaks (tested below and in
+    # test_compile.py)
+    return run_speed(device="cpu", size="tiny", quick=True, only=["timing", "counts", "flops"])
 
 
 def test_keys_and_values(result):
@@ -108,3 +113,30 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in plain)
+
+
+def test_cases_are_rows_of_one_table(result):
+    for case in TIMED:
+        if case.group == "timing":
+            assert case.key in result, case.key
+    assert {c.name for c in COUNTED} <= set(result["op_counts"])
+    assert "compiled_step_s" not in result and result["compiled_speedup"] is None  # not selected
+    with pytest.raises(CavError, match="unknown benchmark case"):
+        run_speed(device="cpu", size="tiny", only=["t_lora_stepp"])
+
+
+def test_lean_counts_against_the_step_before(result):
+    """Counted, not timed: the lean step's ops and casts against the plain (pre-issue-16) step's."""
+    assert result["cast_ops_per_step"] <= 0.1 * result["cast_ops_per_step_plain"]
+    assert result["ops_per_step"] <= 0.7 * result["ops_per_step_plain"]
+    assert result["ops_ratio"] == pytest.approx(result["ops_per_step"] / result["ops_per_step_plain"])
+    assert result["generation_cast_ops_per_step"] < result["generation_cast_ops_per_step_plain"]
+    assert result["op_count_dtype"] == "bfloat16"
+    assert "Ops per T-LoRA step lean / plain" in format_table(result)
+
+
+@pytest.mark.slow
+def test_graph_breaks_are_counted_in_the_steps_own_configuration():
+    result = run_speed(device="cpu", size="tiny", quick=True, only=["graph_breaks"])
+    assert not result["errors"], result["errors"]
+    assert result["graph_breaks"] == {"training": 0, "generation": 0}

@@ -62,12 +62,46 @@ def tune_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def compile_unet(unet: torch.nn.Module) -> None:
-    """Compile the UNet's forward in place (``torch.compile``); one clear error if the platform cannot."""
+COMPILE_SETTINGS = ("auto", "on", "off")
+
+
+def wants_compile(setting: str, device: torch.device) -> bool:
+    """``auto``: on where it was measured to pay. On CUDA the step is launch-bound (docs/PERFORMANCE.md: the GPU
+    is busy ~109 ms of a ~300–360 ms step), which CUDA graphs remove; on the CPU the step is compute-bound and
+    compiling costs minutes that short runs never win back (docs/PERFORMANCE.md, compiled vs eager rows)."""
+    if setting not in COMPILE_SETTINGS:
+        raise CavError(f"--compile must be one of {', '.join(COMPILE_SETTINGS)}, got '{setting}'")
+    if setting != "auto":
+        return setting == "on"
+    return device.type == "cuda"
+
+
+def compile_unet(unet: torch.nn.Module, device: torch.device | None = None, backend: str = "inductor") -> None:
+    """Compile the UNet's forward in place as one graph (``fullgraph=True``: a graph break is an error, not a silent
+    slowdown); on CUDA with CUDA graphs (``reduce-overhead``), which pay once shapes are fixed (cached inputs).
+    ``uncompile_unet`` undoes it."""
+    mode = "reduce-overhead" if device is not None and device.type == "cuda" and backend == "inductor" else None
     try:
-        unet.forward = torch.compile(unet.forward)
+        unet.forward = torch.compile(type(unet).forward.__get__(unet), fullgraph=True, backend=backend, mode=mode)
     except Exception as exc:  # no compiler toolchain, unsupported platform
-        raise CavError(f"torch.compile is not available here ({type(exc).__name__}): drop --compile") from None
+        raise CavError(f"torch.compile is not available here ({type(exc).__name__}): pass --compile off") from None
+
+
+def uncompile_unet(unet: torch.nn.Module) -> None:
+    unet.__dict__.pop("forward", None)
+
+
+def graph_breaks(unet: torch.nn.Module, *args, **kwargs) -> tuple[int, list[str]]:
+    """Graph breaks torch.compile would make in ``unet(*args, **kwargs)`` as the model is configured now (adapters,
+    lean forward, grad mode): ``torch._dynamo.explain`` traces it without compiling. Returns (count, reasons)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(type(unet).forward.__get__(unet))(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    return int(explained.graph_break_count), [str(b.reason)[:200] for b in explained.break_reasons]
 
 
 def offload(*modules: torch.nn.Module) -> None:

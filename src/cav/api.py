@@ -86,8 +86,8 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     accel.tune_backends(bb.device)
     if accel.wants_checkpointing(cfg.gradient_checkpointing, bb.device):
         accel.set_gradient_checkpointing(bb.unet, True)
-    if cfg.compile:
-        accel.compile_unet(bb.unet)
+    if accel.wants_compile(cfg.compile, bb.device):
+        accel.compile_unet(bb.unet, bb.device)
     runfolder.start(out, cfg, point)
     runfolder.record_clip(out, clip)
     frames = to_tensor(frames_u8)

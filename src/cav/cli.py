@@ -159,7 +159,8 @@ def cmd_eval(args) -> int:
 def cmd_bench_speed(args) -> int:
     from .bench.speed import format_table, run_speed
 
-    result = run_speed(args.device, args.size)
+    only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
+    result = run_speed(args.device, args.size, quick=args.quick, only=only)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
@@ -260,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--device", default="auto", help="auto | cpu | cuda")
     bs.add_argument("--size", default="full", choices=("full", "tiny"))
     bs.add_argument("--json", action="store_true")
+    bs.add_argument("--quick", action="store_true", help="fewer timed steps (1 warm-up, 2 timed)")
+    bs.add_argument("--only", default=None, help="comma-separated cases or groups (timing, compile, counts, flops)")
     bs.set_defaults(func=cmd_bench_speed)
     ba = bench.add_parser("ablation", help="the paper's Table 1 rows in the toy world, with 95% bootstrap CIs")
     ba.add_argument("--recipe", default="configs/ablation/toy.yaml")

@@ -76,7 +76,7 @@ class TrainConfig:
     gradient_checkpointing: str = _f("auto", "auto (on for GPUs under 16 GB) | on | off")
     cache_inputs: bool = _f(True, "encode frames and prompts once and reuse them every step")
     offload_frozen: bool = _f(False, "move the VAE and text encoder to CPU during the training loop")
-    compile: bool = _f(False, "torch.compile the UNet")
+    compile: str = _f("off", "torch.compile the UNet as one graph: auto (on CUDA, with CUDA graphs) | on | off")
 
     def __post_init__(self):
         if self.absorbers not in ABSORBERS:
@@ -106,6 +106,10 @@ class TrainConfig:
             raise CavError(f"t_lora_prompt_dropout {self.t_lora_prompt_dropout} is invalid: pass a value in [0, 1)")
         if self.fit not in ("crop", "pad"):
             raise CavError(f"unknown --fit '{self.fit}': use crop or pad")
+        if isinstance(self.compile, bool):  # recipes written before auto: true/false
+            self.compile = "on" if self.compile else "off"
+        if self.compile not in ("auto", "on", "off"):
+            raise CavError(f"--compile must be auto, on or off, got '{self.compile}'")
         if self.gradient_checkpointing not in ("auto", "on", "off"):
             raise CavError("--gradient-checkpointing must be auto, on or off")
         if not 0 < float(self.lora_weight) <= 4:

@@ -29,6 +29,17 @@ def _layers_with(unet: torch.nn.Module, name: str) -> list[LoraLayer]:
     return [m for m in unet.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
 
 
+def live_adapters(unet: torch.nn.Module) -> list[str]:
+    """The adapters active in some layer and not merged there yet."""
+    names: list[str] = []
+    for m in unet.modules():
+        if isinstance(m, LoraLayer):
+            for a in m.active_adapters:
+                if a in m.lora_A and a not in m.merged_adapters and a not in names:
+                    names.append(a)
+    return names
+
+
 class FrozenMerge:
     """Merge the frozen adapters ``names`` into the base weights of ``unet`` until ``restore()``."""
 
@@ -184,35 +195,44 @@ def _lean_forward(layer: LoraLayer, name: str):
     return forward
 
 
-@contextmanager
-def lean_lora_forward(unet: torch.nn.Module, name: str):
-    """Inside: every plain layer of adapter ``name`` adds its LoRA term with ``_LoraDelta``; on exit, peft's
-    forward again (an instance attribute shadowing the class method, like ``bypass.temporal_bypass``)."""
-    patched = [m for m in _layers_with(unet, name) if _leanable(m, name)]
-    for m in patched:
-        m.forward = _lean_forward(m, name)
-    try:
-        yield
-    finally:
+class LeanForward:
+    """Inside ``active()``: every plain layer of adapter ``name`` adds its LoRA term with ``_LoraDelta``; outside,
+    peft's forward (an instance attribute shadows the class method, like ``bypass.temporal_bypass``). The patched
+    functions are made once, so a compiled UNet sees the same objects every step (no recompilation)."""
+
+    def __init__(self, unet: torch.nn.Module, name: str):
+        self.name = name
+        self.layers = _layers_with(unet, name)
+        self.forwards = {id(m): _lean_forward(m, name) for m in self.layers}
+
+    @contextmanager
+    def active(self):
+        patched = [m for m in self.layers if _leanable(m, self.name)]
         for m in patched:
-            m.__dict__.pop("forward", None)
+            m.forward = self.forwards[id(m)]
+        try:
+            yield
+        finally:
+            for m in patched:
+                m.__dict__.pop("forward", None)
 
 
 def use_lean_step(stage, unet: torch.nn.Module, name: str, dtype: torch.dtype | None) -> ComputeCopies | None:
     """Make ``stage``'s steps lean for its trainable adapter ``name``: the fused LoRA forward always, and compute
     copies in ``dtype`` when the step runs under autocast (``dtype`` not None / fp32)."""
     copies = ComputeCopies(unet, name, dtype) if dtype not in (None, torch.float32) else None
+    fused = LeanForward(unet, name)
 
     @contextmanager
     def context():
         with contextlib.ExitStack() as stack:
             if copies is not None:
                 stack.enter_context(copies.active())
-            stack.enter_context(lean_lora_forward(unet, name))
+            stack.enter_context(fused.active())
             yield
 
     stage.forward_backward_context = context
     return copies
 
 
-__all__ = ["FrozenMerge", "ComputeCopies", "lean_lora_forward", "use_lean_step", "autocast_dtype"]
+__all__ = ["live_adapters", "FrozenMerge", "ComputeCopies", "LeanForward", "use_lean_step", "autocast_dtype"]

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import torch
 
+from . import lean
 from .backbone import Backbone
 
 
@@ -37,7 +38,9 @@ def sample_videos(bb: Backbone, prompts: list[str], *, frames: int, size: tuple[
     latents = latents.to(bb.device, bb.dtype)
     pipe = bb.pipeline()
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="sampling")
-    with warnings.catch_warnings():
+    # nothing trains while sampling: the active LoRAs are folded into the weights (no LoRA ops or casts per step)
+    # and the exact weights come back afterwards
+    with warnings.catch_warnings(), lean.FrozenMerge(bb.unet, lean.live_adapters(bb.unet)).merged():
         warnings.simplefilter("ignore")
         out = pipe(list(prompts), num_frames=frames, height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
                    negative_prompt=None if negative_prompt is None else [negative_prompt] * len(prompts), latents=latents, output_type="np")

@@ -2,20 +2,25 @@
 
 Everything is measured in one process on random weights (no download): the UNet3D is built from
 ``assets/modelscope_unet_config.json`` (1.4 B parameters), the VAE and text encoder from ModelScope's sizes.
-Measured, each on the same inputs, warm-up steps excluded, median of the timed steps:
+Each measurement is one row of a table: ``TIMED`` (a ``Case``: name, JSON key, the step it times), ``COUNTED``
+(a ``Count``: ops, casts and graph breaks of a step in the GPU's configuration). Adding a measurement is adding a
+row; the step factories (``_Rig.train``, ``_Rig.generation``) run ``trainer.train_step`` as training does.
+Timed cases are medians of synchronised steps after warm-up:
 
-1. T-LoRA training step (forward + backward + AdamW, only LoRA trainable), placement ``cav`` vs ``motiondirector``;
+1. T-LoRA training step (forward + backward + AdamW, only LoRA trainable), placement ``cav`` vs ``motiondirector``,
+   lean (as ``cav train`` runs it) and plain (the step before issue 16);
 2. appearance-absorber step (temporal layers bypassed, S-LoRA trainable, single frames);
 3. one denoising step of generation (classifier-free guidance batch of 2, T-LoRA loaded);
 4. the T-LoRA step with and without input caches (VAE + text encoder run every step, or not);
-5. the T-LoRA step with and without gradient checkpointing;
-6. peak memory per measurement; 7. FLOPs per step, achieved FLOP/s and the fraction of a measured matmul peak.
+5. the T-LoRA step with and without gradient checkpointing, and with the UNet compiled;
+6. ops and casts per step and graph breaks (training and generation);
+7. peak memory per measurement; FLOPs per step, achieved FLOP/s and the fraction of a measured matmul peak.
 
-``run_speed`` returns a JSON-serialisable dict; ``format_table`` renders its main numbers.
-"""
+``run_speed`` returns a JSON-serialisable dict; ``format_table`` renders its main numbers."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -23,17 +28,20 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .. import lean
+from ..accel import compile_unet, graph_breaks, set_gradient_checkpointing, tune_backends, uncompile_unet
 from ..adapters import lora
 from ..backbone import Backbone, resolve_device
-from ..bypass import temporal_bypass
+from ..errors import CavError
 from ..stages import encode_frames, encode_prompt
-from ..accel import set_gradient_checkpointing, tune_backends
-from ..trainer import Stage, diffusion_loss, make_optimizer
+from ..trainer import Stage, make_optimizer, train_step
+from .opcount import count_ops
 
 UNET_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "modelscope_unet_config.json"
 
@@ -276,12 +284,266 @@ def _paper_shape_flops(size: str, latent_shape: tuple, cond_shape: tuple) -> int
     return _count_flops(step, meta)
 
 
-def run_speed(device: str = "auto", size: str = "full", quick: bool = False) -> dict:
-    """Run the benchmark (see module doc); ``size`` is ``full`` (ModelScope sizes) or ``tiny`` (tests)."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+# ------------------------------------------------------------------------------------------------- the rig
+CAV, MD = (S_CAV, T_CAV), (S_MD, T_MD)  # active adapters of each placement's T-LoRA step (spatial frozen)
 
+
+class _Rig:
+    """The models and inputs the cases share, and the two step factories every case is made of. Each factory
+    returns ``make() → (step, teardown)``; ``make`` sets the UNet up for the case, ``teardown`` undoes it."""
+
+    def __init__(self, size: str, dev: torch.device, dtype: torch.dtype, codecs: bool = True):
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        self.dev, self.dtype = dev, dtype
+        self.autocast = dtype if dtype != torch.float32 else None  # the GPU's configuration: bf16 under autocast
+        gen = torch.Generator().manual_seed(SEED)
+        self.unet = _build_unet(size, dev, dtype, gen)
+        self.unet_params = sum(p.numel() for p in self.unet.parameters())
+        # adapters: cav T-LoRA + S-LoRA; MotionDirector temporal (attn + FFN) + spatial (attn1 + FFN) LoRA
+        self.n_modules = {
+            T_CAV: lora.add_lora(self.unet, T_CAV, lora.lora_config("temporal", "cav", RANK_T, ALPHA_T)),
+            S_CAV: lora.add_lora(self.unet, S_CAV, lora.lora_config("spatial", "cav", RANK_S, ALPHA_S)),
+            T_MD: lora.add_lora(self.unet, T_MD, lora.lora_config("temporal", "motiondirector", RANK_T, ALPHA_T)),
+            S_MD: lora.add_lora(self.unet, S_MD, lora.lora_config("spatial", "motiondirector", RANK_S, ALPHA_S)),
+        }
+        self.n_params = {name: lora.count_parameters(self.unet, name) for name in self.n_modules}
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                       beta_end=0.012, prediction_type="epsilon")
+        self.ddim = DDIMScheduler.from_config(self.scheduler.config, clip_sample=False, set_alpha_to_one=False,
+                                              steps_offset=1)
+        self.ddim.set_timesteps(50)
+        self.latent_shape = TINY_LATENT if size == "tiny" else PAPER_LATENT if dev.type == "cuda" else CPU_FULL_LATENT
+        self.vae = self.text_encoder = None
+        if codecs:  # pixel frames and token ids → the cached latents / text states (computed once here)
+            self.vae = _build_vae(size, dev, dtype, gen)
+            self.text_encoder = _build_text_encoder(size, dev, dtype, gen)
+            _, _, n_frames, h, w = self.latent_shape
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            self.frames = (torch.rand(n_frames, 3, h * factor, w * factor, generator=gen) * 2 - 1).to(dev)
+            te = self.text_encoder.config
+            self.ids = torch.randint(0, te.vocab_size, (1, te.max_position_embeddings), generator=gen).to(dev)
+            self.bb = Backbone(self.unet, self.vae, self.text_encoder, _FixedIds(self.ids), self.scheduler, "random",
+                               dev, dtype)
+            self.latents, self.cond = self.encode_inputs()
+            assert tuple(self.latents.shape) == tuple(self.latent_shape), (self.latents.shape, self.latent_shape)
+            self.uncond = encode_prompt(self.bb, "")  # stands in for the negative prompt's states
+        else:  # op counts only: random latents and text states of the right shapes
+            self.latents = torch.randn(self.latent_shape, generator=gen).to(dev, dtype)
+            text = (1, 77, self.unet.config.cross_attention_dim)
+            self.cond, self.uncond = (torch.randn(text, generator=gen).to(dev, dtype) for _ in range(2))
+        self.single = self.latents.permute(2, 1, 0, 3, 4).contiguous()  # (F, C, 1, h, w): F independent images
+        self.cond_single = self.cond.expand(self.single.shape[0], -1, -1)
+        self.first_frame = self.latents[:, :, :1].contiguous()
+
+    def encode_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lat = encode_frames(self.bb, self.frames).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, F, h, w) as t_lora_stage
+        return lat, encode_prompt(self.bb, "")
+
+    def train(self, active, trainable: str, lat=None, cnd=None, *, bypass=False, uncached=False,
+              checkpointing=False, compiled=False, plain=False):
+        """One ``trainer.train_step`` of adapter ``trainable`` with ``active`` on: lean as ``cav train`` runs it
+        (frozen adapters merged, fused LoRA forward, compute-dtype copies, fused AdamW), or ``plain``: the step
+        before issue 16 (peft forward for every adapter, fp32 adapters cast per layer, for-loop AdamW)."""
+        def make():
+            lora.activate(self.unet, list(active), trainable=trainable)
+            set_gradient_checkpointing(self.unet, checkpointing)
+            frozen = lean.FrozenMerge(self.unet, [] if plain else [a for a in active if a != trainable]).merge()
+            x, y = (self.latents, self.cond) if lat is None else (lat, cnd)
+            batch = (lambda g: self.encode_inputs()) if uncached else (lambda g: (x, y))
+            stage = Stage(trainable, 0, [{"params": lora.lora_parameters(self.unet, trainable), "lr": 1e-4}], batch,
+                          bypass=bypass)
+            if plain:
+                optimizer = torch.optim.AdamW(stage.param_groups, weight_decay=0.0)  # make_optimizer before
+            else:
+                lean.use_lean_step(stage, self.unet, trainable, self.autocast)
+                optimizer = make_optimizer(stage)
+            if compiled:
+                compile_unet(self.unet, self.dev)
+            gen = torch.Generator().manual_seed(SEED)  # same noise and timesteps in every measurement
+
+            def step():
+                train_step(self.unet, self.scheduler, stage, optimizer, gen, autocast_dtype=self.autocast)
+
+            step.stage = stage  # for explain()
+
+            def teardown():
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.state.clear()
+                uncompile_unet(self.unet)
+                frozen.restore()
+                set_gradient_checkpointing(self.unet, False)
+
+            return step, teardown
+
+        return make
+
+    def generation(self, compiled=False, plain=False):
+        """One denoising step as ``cav generate`` runs it: CFG batch of 2, the T-LoRA alone (merged into the weights
+        as ``sampling.sample_videos`` does; ``plain``: run by peft beside them, as before issue 16), DDIM update."""
+        def make():
+            lora.activate(self.unet, [T_CAV])
+            set_gradient_checkpointing(self.unet, False)
+            frozen = lean.FrozenMerge(self.unet, [] if plain else [T_CAV]).merge()
+            if compiled:
+                compile_unet(self.unet, self.dev)
+            text = torch.cat([self.uncond, self.cond])
+            t = self.ddim.timesteps[len(self.ddim.timesteps) // 2]
+            x0 = torch.randn(self.latents.shape, generator=torch.Generator().manual_seed(SEED)).to(self.dev, self.dtype)
+
+            @torch.no_grad()
+            def step():
+                out = self.unet(torch.cat([x0, x0]), t, encoder_hidden_states=text).sample
+                u, v = out.chunk(2)
+                self.ddim.step(u + 9.0 * (v - u), t, x0)
+
+            def teardown():
+                uncompile_unet(self.unet)
+                frozen.restore()
+
+            return step, teardown
+
+        return make
+
+    def explain(self, make) -> tuple[int, list[str]]:
+        """Graph breaks of the UNet call a case's step makes, traced in that call's configuration: the step's stage
+        context (lean forward, compute copies), grad mode and autocast as they were."""
+        step, teardown = make()
+        calls = []
+
+        def capture(*args, **kwargs):  # record the call, then run it for real so the step completes
+            calls.append((args, kwargs, torch.is_grad_enabled(), torch.is_autocast_enabled(self.dev.type)))
+            return type(self.unet).forward(self.unet, *args, **kwargs)
+
+        stage = getattr(step, "stage", None)
+        context = stage.forward_backward_context if stage is not None else contextlib.nullcontext
+        self.unet.forward = capture
+        try:
+            step()
+            self.unet.__dict__.pop("forward", None)
+            args, kwargs, grad, autocast = calls[0]
+            with context(), torch.set_grad_enabled(grad), _autocast(self.dev, self.autocast if autocast else None):
+                return graph_breaks(self.unet, *args, **kwargs)
+        finally:
+            self.unet.__dict__.pop("forward", None)
+            teardown()
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed measurement: ``make(rig)`` gives the step factory; its median time lands in ``result[key]``."""
+
+    name: str  # names its peak memory, samples and errors
+    key: str
+    make: Callable[[_Rig], Callable]
+    group: str = "timing"  # --only picks cases by name or group
+    quick: bool = True  # also run with --quick
+
+
+TIMED = (
+    Case("t_lora_step", "t_lora_step_s", lambda r: r.train(CAV, T_CAV)),
+    Case("t_lora_step_plain", "t_lora_step_plain_s", lambda r: r.train(CAV, T_CAV, plain=True)),
+    Case("motiondirector_step", "motiondirector_step_s", lambda r: r.train(MD, T_MD)),
+    Case("t_lora_step_checkpointing", "checkpointing_step_s", lambda r: r.train(CAV, T_CAV, checkpointing=True)),
+    Case("motiondirector_step_checkpointing", "motiondirector_checkpointing_step_s",
+         lambda r: r.train(MD, T_MD, checkpointing=True)),
+    Case("motiondirector_spatial_path_step", "motiondirector_spatial_path_step_s",
+         lambda r: r.train([S_MD], S_MD, r.first_frame, r.cond)),
+    Case("absorber_step", "absorber_step_s", lambda r: r.train([S_CAV], S_CAV, r.single, r.cond_single, bypass=True)),
+    Case("generation_step", "generation_step_s", lambda r: r.generation()),
+    Case("uncached_step", "uncached_step_s", lambda r: r.train(CAV, T_CAV, uncached=True)),
+    # measured again right after the uncached step; its spread against t_lora_step shows the timing noise
+    Case("cached_step", "cached_step_s", lambda r: r.train(CAV, T_CAV), quick=False),
+    Case("t_lora_step_compiled", "compiled_step_s", lambda r: r.train(CAV, T_CAV, compiled=True), group="compile"),
+    Case("generation_step_compiled", "compiled_generation_step_s", lambda r: r.generation(compiled=True),
+         group="compile"),
+)
+
+
+@dataclass(frozen=True)
+class Count:
+    """One op count (and graph-break check) in the GPU's configuration: bf16 frozen weights, fp32 adapters, bf16
+    autocast, on whatever device runs the benchmark (op counts do not depend on the device or the latent size)."""
+
+    name: str
+    make: Callable[[_Rig], Callable]
+    graph_breaks: bool = True
+
+
+COUNTED = (
+    Count("t_lora_step", lambda r: r.train(CAV, T_CAV)),
+    Count("t_lora_step_plain", lambda r: r.train(CAV, T_CAV, plain=True), graph_breaks=False),
+    Count("generation_step", lambda r: r.generation()),
+    Count("generation_step_plain", lambda r: r.generation(plain=True), graph_breaks=False),
+)
+GROUPS = ("timing", "compile", "counts", "graph_breaks", "flops")
+COUNT_LATENT = (1, 4, 2, 8, 8)  # small: counting runs the full UNet in bf16 on the CPU too
+
+
+def _autocast(dev: torch.device, dtype):
+    return torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+class _Skip(Exception):
+    pass
+
+
+def _count_phase(size: str, dev: torch.device, bench: "_Bench", only: set[str]) -> dict:
+    """Ops, casts and graph breaks per counted step, on a UNet built in the GPU's configuration."""
+    cuda = dev.type == "cuda"
+    dtype = (torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16)
+    rig = _Rig(size, dev, dtype, codecs=False)
+    if not cuda:
+        rig.latents = rig.latents[:, :, :COUNT_LATENT[2], :COUNT_LATENT[3], :COUNT_LATENT[4]].contiguous()
+    counts, breaks = {}, {}
+    for case in COUNTED:
+        try:
+            if "counts" not in only:
+                raise _Skip
+            step, teardown = case.make(rig)()
+            try:
+                step()  # AdamW builds its state on the first step; count the second
+                c = count_ops(step)
+            finally:
+                teardown()
+            counts[case.name] = c.summary(top=10)
+            _log(f"{case.name}: {c.total} ops, {c.casts} casts per step")
+        except _Skip:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            bench.errors[f"ops_{case.name}"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        if case.graph_breaks and "graph_breaks" in only:
+            try:
+                n, reasons = rig.explain(case.make(rig))
+                breaks[case.name] = {"count": n, "reasons": reasons}
+                _log(f"{case.name}: {n} graph breaks")
+            except Exception as exc:  # noqa: BLE001
+                bench.errors[f"graph_breaks_{case.name}"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        bench.release()
+    shape = list(rig.latents.shape)
+    del rig
+    bench.release()
+    return {"counts": counts, "breaks": breaks, "latent": shape, "dtype": str(dtype).replace("torch.", "")}
+
+
+def _select(only) -> set[str]:
+    names = {c.name for c in TIMED}
+    if not only:
+        return names | set(GROUPS)
+    chosen = set(only)
+    unknown = chosen - names - set(GROUPS)
+    if unknown:
+        raise CavError(f"unknown benchmark case(s) {', '.join(sorted(unknown))}: use any of "
+                       f"{', '.join(GROUPS + tuple(c.name for c in TIMED))}")
+    return chosen | {c.name for c in TIMED if c.group in chosen}
+
+
+def run_speed(device: str = "auto", size: str = "full", quick: bool = False, only=None) -> dict:
+    """Run the benchmark (see module doc); ``size`` is ``full`` (ModelScope sizes) or ``tiny`` (tests); ``only``
+    limits it to some cases (names from ``TIMED``) or groups (``GROUPS``)."""
     if size not in ("full", "tiny"):
         raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
+    chosen = _select(only)
     t_all = time.perf_counter()
     dev = resolve_device(device)
     tune_backends(dev)  # as training does
@@ -291,8 +553,6 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False) -> 
         torch.cuda.reset_peak_memory_stats(dev)
     else:
         dtype = torch.float32
-    autocast = dtype if dtype != torch.float32 else None
-    latent_shape = TINY_LATENT if size == "tiny" else PAPER_LATENT if cuda else CPU_FULL_LATENT
     if quick:
         warmup, reps = 1, 2
     elif cuda:
@@ -300,108 +560,23 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False) -> 
     else:
         warmup, reps = 1, 3 if size == "tiny" else 2
     bench = _Bench(dev, warmup, reps)
-    gen = torch.Generator().manual_seed(SEED)
 
-    _log(f"device {dev} ({_device_name(dev)}), dtype {str(dtype).replace('torch.', '')}, size {size}, "
-         f"latent {latent_shape}, warm-up {warmup}, timed {reps}")
+    counted = None
+    if "counts" in chosen or "graph_breaks" in chosen:
+        _log("counting ops per step (bf16 weights, fp32 adapters, bf16 autocast) ...")
+        counted = _count_phase(size, dev, bench, chosen)
+
     t0 = time.perf_counter()
-    unet = _build_unet(size, dev, dtype, gen)
-    vae = _build_vae(size, dev, dtype, gen)
-    text_encoder = _build_text_encoder(size, dev, dtype, gen)
-    unet_params = sum(p.numel() for p in unet.parameters())
-    _log(f"built random-weight UNet3D ({unet_params / 1e9:.3f} B params), VAE, text encoder in "
-         f"{time.perf_counter() - t0:.1f} s")
-
-    # adapters: cav T-LoRA + S-LoRA; MotionDirector temporal (attn + FFN) + spatial (attn1 + FFN) LoRA
-    n_modules = {
-        T_CAV: lora.add_lora(unet, T_CAV, lora.lora_config("temporal", "cav", RANK_T, ALPHA_T)),
-        S_CAV: lora.add_lora(unet, S_CAV, lora.lora_config("spatial", "cav", RANK_S, ALPHA_S)),
-        T_MD: lora.add_lora(unet, T_MD, lora.lora_config("temporal", "motiondirector", RANK_T, ALPHA_T)),
-        S_MD: lora.add_lora(unet, S_MD, lora.lora_config("spatial", "motiondirector", RANK_S, ALPHA_S)),
-    }
-    n_params = {name: lora.count_parameters(unet, name) for name in n_modules}
-
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type="epsilon")
-    ddim = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    ddim.set_timesteps(50)
-
-    # inputs: pixel frames, token ids, and the cached latents / text states they give (computed once here)
-    _, c, n_frames, h, w = latent_shape
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    frames = (torch.rand(n_frames, 3, h * factor, w * factor, generator=gen) * 2 - 1).to(dev)
-    ids = torch.randint(0, text_encoder.config.vocab_size, (1, text_encoder.config.max_position_embeddings),
-                        generator=gen).to(dev)
-    bb = Backbone(unet, vae, text_encoder, _FixedIds(ids), scheduler, "random", dev, dtype)
-
-    def encode_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-        lat = encode_frames(bb, frames).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, F, h, w) as t_lora_stage
-        return lat, encode_prompt(bb, "")
-
-    latents, cond = encode_inputs()
-    assert tuple(latents.shape) == tuple(latent_shape), (latents.shape, latent_shape)
-    uncond = encode_prompt(bb, "")  # stands in for the negative prompt's states
-
-    # ------------------------------------------------------------------ step factories
-    def train_step(active: list[str], trainable: str, lat, cnd, *, bypass=False, uncached=False,
-                   checkpointing=False):
-        def make():
-            lora.activate(unet, active, trainable=trainable)
-            set_gradient_checkpointing(unet, checkpointing)
-            params = lora.lora_parameters(unet, trainable)
-            stage = Stage(trainable, 0, [{"params": params, "lr": 1e-4}], batch=lambda g: (lat, cnd), bypass=bypass)
-            optimizer = make_optimizer(stage)
-            step_gen = torch.Generator().manual_seed(SEED)  # same noise and timesteps in every measurement
-
-            def step():
-                x, y = encode_inputs() if uncached else stage.batch(step_gen)
-                loss = diffusion_loss(unet, scheduler, x, y, step_gen, bypass, autocast)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            def teardown():
-                optimizer.zero_grad(set_to_none=True)
-                optimizer.state.clear()
-                set_gradient_checkpointing(unet, False)
-
-            return step, teardown
-
-        return make
-
-    def generation_step():
-        def make():
-            lora.activate(unet, [T_CAV])  # `cav generate` loads the T-LoRA alone
-            set_gradient_checkpointing(unet, False)
-            text = torch.cat([uncond, cond])
-            t = ddim.timesteps[len(ddim.timesteps) // 2]
-            noise_gen = torch.Generator().manual_seed(SEED)
-            x0 = torch.randn(latents.shape, generator=noise_gen).to(dev, dtype)
-
-            @torch.no_grad()
-            def step():
-                x = torch.cat([x0, x0])
-                out = unet(x, t, encoder_hidden_states=text).sample
-                u, v = out.chunk(2)
-                guided = u + 9.0 * (v - u)
-                ddim.step(guided, t, x0)
-
-            return step, lambda: None
-
-        return make
-
-    # ------------------------------------------------------------------ measurements
-    cav_active, md_active = [S_CAV, T_CAV], [S_MD, T_MD]
-    single = latents.permute(2, 1, 0, 3, 4).contiguous()  # (F, C, 1, h, w): F independent images
-    cond_single = cond.expand(single.shape[0], -1, -1)
-    first_frame = latents[:, :, :1].contiguous()
+    rig = _Rig(size, dev, dtype)
+    _log(f"device {dev} ({_device_name(dev)}), dtype {str(dtype).replace('torch.', '')}, size {size}, "
+         f"latent {rig.latent_shape}, warm-up {warmup}, timed {reps}; built random-weight UNet3D "
+         f"({rig.unet_params / 1e9:.3f} B params), VAE, text encoder in {time.perf_counter() - t0:.1f} s")
 
     # one untimed T-LoRA step first: a fresh process pays for page faults, allocator growth and kernel/library setup
     # on its first big steps, which would otherwise land on whichever measurement comes first
     _log("process warm-up ...")
     try:
-        step, teardown = train_step(cav_active, T_CAV, latents, cond)()
+        step, teardown = rig.train(CAV, T_CAV)()
         step()
         bench.sync()
         teardown()
@@ -410,43 +585,46 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False) -> 
     bench.release()
 
     res: dict[str, float | None] = {}
-    res["t_lora_step_s"] = bench.measure("t_lora_step", train_step(cav_active, T_CAV, latents, cond))
-    res["motiondirector_step_s"] = bench.measure("motiondirector_step", train_step(md_active, T_MD, latents, cond))
-    res["checkpointing_step_s"] = bench.measure(
-        "t_lora_step_checkpointing", train_step(cav_active, T_CAV, latents, cond, checkpointing=True))
-    res["motiondirector_checkpointing_step_s"] = bench.measure(
-        "motiondirector_step_checkpointing", train_step(md_active, T_MD, latents, cond, checkpointing=True))
-    res["motiondirector_spatial_path_step_s"] = bench.measure(
-        "motiondirector_spatial_path_step", train_step([S_MD], S_MD, first_frame, cond))
-    res["absorber_step_s"] = bench.measure(
-        "absorber_step", train_step([S_CAV], S_CAV, single, cond_single, bypass=True))
-    res["generation_step_s"] = bench.measure("generation_step", generation_step())
-    res["uncached_step_s"] = bench.measure("uncached_step", train_step(cav_active, T_CAV, latents, cond, uncached=True))
-    if quick:
+    for case in TIMED:
+        if case.name in chosen and (case.quick or not quick):
+            res[case.key] = bench.measure(case.name, case.make(rig))
+    if "cached_step_s" not in res and "t_lora_step_s" in res:
         res["cached_step_s"] = res["t_lora_step_s"]  # the very same computation: reuse it where time is short
         cached_note = "cached_step_s is the t_lora_step measurement (identical computation)"
-    else:  # measured again right after the uncached step; its spread against t_lora_step shows the timing noise
-        res["cached_step_s"] = bench.measure("cached_step", train_step(cav_active, T_CAV, latents, cond))
+    else:
         cached_note = "cached_step_s measured right after it (the same computation as t_lora_step)"
-    res["no_checkpointing_step_s"] = res["t_lora_step_s"]  # t_lora_step runs without checkpointing
+    if "t_lora_step_s" in res:
+        res["no_checkpointing_step_s"] = res["t_lora_step_s"]  # t_lora_step runs without checkpointing
 
-    # ------------------------------------------------------------------ FLOPs, peak
-    flops, flops_counted = None, "one cav T-LoRA step (forward + backward, no checkpointing): matmul, conv, attention"
-    step_for_flops = res["t_lora_step_s"]
+    flops = _flops_section(rig, bench, res, quick) if "flops" in chosen else {}
+    result = _result(rig, bench, res, flops, counted, quick, size, warmup, reps)
+    result["note"] = _note(result, cuda, size, cached_note)
+    result["total_s"] = round(time.perf_counter() - t_all, 2)
+    _log(f"done in {result['total_s']:.1f} s")
+    del rig
+    bench.release()
+    return _jsonable(result)
+
+
+def _flops_section(rig: _Rig, bench: _Bench, res: dict, quick: bool) -> dict:
+    """FLOPs of one cav T-LoRA step, the device's matmul peak, and what they imply."""
+    dev, cuda = rig.dev, rig.dev.type == "cuda"
+    flops, counted = None, "one cav T-LoRA step (forward + backward, no checkpointing): matmul, conv, attention"
+    step_for_flops = res.get("t_lora_step_s")
     _log("counting FLOPs of one cav T-LoRA step (forward + backward) ...")
     for checkpointing in (False, True):  # with checkpointing only if the plain step does not fit (CUDA OOM)
-        if checkpointing and (flops is not None or res["checkpointing_step_s"] is None):
+        if checkpointing and (flops is not None or res.get("checkpointing_step_s") is None):
             break
         try:
             bench.release()
-            step, teardown = train_step(cav_active, T_CAV, latents, cond, checkpointing=checkpointing)()
+            step, teardown = rig.train(CAV, T_CAV, checkpointing=checkpointing)()
             try:
                 flops = _count_flops(step, dev)
             finally:
                 teardown()
             if checkpointing:
-                flops_counted = ("one cav T-LoRA step WITH checkpointing (the plain step failed): forward + "
-                                 "recomputed forward + backward")
+                counted = ("one cav T-LoRA step WITH checkpointing (the plain step failed): forward + recomputed "
+                           "forward + backward")
                 step_for_flops = res["checkpointing_step_s"]
         except Exception as exc:  # noqa: BLE001
             bench.errors["flops" + ("_checkpointing" if checkpointing else "")] = \
@@ -454,91 +632,130 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False) -> 
             _log(f"FLOP count FAILED ({type(exc).__name__})")
         finally:
             bench.release()
-    paper_flops = flops if tuple(latent_shape) == PAPER_LATENT else None
+    paper_flops = flops if tuple(rig.latent_shape) == PAPER_LATENT else None
     if paper_flops is None:
         try:
-            paper_flops = _paper_shape_flops(size, PAPER_LATENT, (1,) + tuple(cond.shape[1:]))
+            size = "full" if rig.unet_params > 1e8 else "tiny"
+            paper_flops = _paper_shape_flops(size, PAPER_LATENT, (1,) + tuple(rig.cond.shape[1:]))
         except Exception as exc:  # noqa: BLE001
             bench.errors["paper_shape_flops"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
-
     _log("measuring the device's matmul peak ...")
     if cuda:
         mm_n, mm_trials, mm_reps = (2048, 2, 3) if quick else (8192, 3, 10)
     else:
         mm_n, mm_trials, mm_reps = (256, 2, 2) if quick else (2048, 3, 1)
     try:
-        measured_peak = _matmul_peak(dev, dtype, mm_n, mm_trials, mm_reps)
+        measured_peak = _matmul_peak(dev, rig.dtype, mm_n, mm_trials, mm_reps)
     except Exception as exc:  # noqa: BLE001
         measured_peak = None
         bench.errors["matmul_peak"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
     bench.release()
-
     achieved = flops / step_for_flops if flops and step_for_flops else None
     peaks = {"measured_device": measured_peak, **ASSUMED_PEAKS}
 
     def limits(f):
         return {k: (f / v if f and v else None) for k, v in peaks.items()}
 
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
-    dual = (res["motiondirector_step_s"] + res["motiondirector_spatial_path_step_s"]
-            if res["motiondirector_step_s"] is not None and res["motiondirector_spatial_path_step_s"] is not None
-            else None)
-    peak_bytes = bench.peak_memory.get("t_lora_step_checkpointing") if cuda else bench.peak()
-    result = {
-        "device": dev.type,
-        "device_name": _device_name(dev),
-        "dtype": str(dtype).replace("torch.", ""),
-        "autocast": str(autocast).replace("torch.", "") if autocast else None,
-        "size": size,
-        "quick": quick,
-        "unet_params": unet_params,
-        "latent_shape": list(latent_shape),
-        "pixel_shape": list(frames.shape),
-        "text_tokens": int(ids.shape[1]),
-        "warmup_steps": warmup,
-        "timed_steps": reps,
-        **res,
-        "step_ratio": ratio(res["t_lora_step_s"], res["motiondirector_step_s"]),
-        "step_ratio_checkpointing": ratio(res["checkpointing_step_s"], res["motiondirector_checkpointing_step_s"]),
-        "motiondirector_dual_step_s": dual,
-        "dual_step_ratio": ratio(res["t_lora_step_s"], dual),
-        "cached_speedup": ratio(res["uncached_step_s"], res["cached_step_s"]),
-        "checkpointing_slowdown": ratio(res["checkpointing_step_s"], res["no_checkpointing_step_s"]),
-        "peak_memory_bytes": peak_bytes,
-        "peak_memory": dict(bench.peak_memory),
-        "peak_memory_kind": ("torch.cuda.max_memory_allocated, reset before each measurement; includes the resident "
-                             "weights of UNet, VAE and text encoder" if cuda else
-                             "process peak RSS (ru_maxrss) after each measurement: monotonic, whole process"),
+    return {
         "flops_per_step": flops,
-        "flops_counted": flops_counted,
+        "flops_counted": counted,
         "achieved_flops": achieved,
         "measured_peak_flops": measured_peak,
-        "measured_peak_how": f"{mm_n}^3 matmul in {str(dtype).replace('torch.', '')}, best of {mm_trials}×{mm_reps}",
-        "peak_fraction": ratio(achieved, measured_peak),
+        "measured_peak_how": f"{mm_n}^3 matmul in {str(rig.dtype).replace('torch.', '')}, best of "
+                             f"{mm_trials}×{mm_reps}",
+        "peak_fraction": _ratio(achieved, measured_peak),
         "assumed_peak_flops": dict(ASSUMED_PEAKS),
         "physical_limit_s": limits(flops),
         "paper_shape_latent": list(PAPER_LATENT),
         "paper_shape_flops_per_step": paper_flops,
         "paper_shape_physical_limit_s": limits(paper_flops),
-        "trainable_params": {"cav": n_params[T_CAV], "motiondirector": n_params[T_MD],
-                             "cav_s_lora": n_params[S_CAV], "motiondirector_spatial": n_params[S_MD]},
-        "adapted_modules": {"cav": n_modules[T_CAV], "motiondirector": n_modules[T_MD],
-                            "cav_s_lora": n_modules[S_CAV], "motiondirector_spatial": n_modules[S_MD]},
-        "gradient_checkpointing_method": _checkpointing_method(unet),
+    }
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _count_keys(counted: dict | None) -> dict:
+    """The op-count keys of the JSON: the lean T-LoRA step's at the top, the step before issue 16 beside it."""
+    if counted is None:
+        return {}
+    c, breaks = counted["counts"], counted["breaks"]
+
+    def get(case, key):
+        return c.get(case, {}).get(key)
+
+    out = {
+        "ops_per_step": get("t_lora_step", "ops"),
+        "cast_ops_per_step": get("t_lora_step", "casts"),
+        "ops_per_step_plain": get("t_lora_step_plain", "ops"),
+        "cast_ops_per_step_plain": get("t_lora_step_plain", "casts"),
+        "generation_ops_per_step": get("generation_step", "ops"),
+        "generation_cast_ops_per_step": get("generation_step", "casts"),
+        "generation_ops_per_step_plain": get("generation_step_plain", "ops"),
+        "generation_cast_ops_per_step_plain": get("generation_step_plain", "casts"),
+        "op_counts": c,
+        "op_count_latent": counted["latent"],
+        "op_count_dtype": counted["dtype"],
+    }
+    out["ops_ratio"] = _ratio(out["ops_per_step"], out["ops_per_step_plain"])
+    out["cast_ops_ratio"] = _ratio(out["cast_ops_per_step"], out["cast_ops_per_step_plain"])
+    if breaks:
+        out["graph_breaks"] = {"training": breaks.get("t_lora_step", {}).get("count"),
+                               "generation": breaks.get("generation_step", {}).get("count")}
+        out["graph_break_reasons"] = {k: v["reasons"] for k, v in breaks.items() if v["reasons"]}
+    return out
+
+
+def _result(rig: _Rig, bench: _Bench, res: dict, flops: dict, counted, quick: bool, size: str, warmup: int,
+            reps: int) -> dict:
+    cuda = rig.dev.type == "cuda"
+    md, md_spatial = res.get("motiondirector_step_s"), res.get("motiondirector_spatial_path_step_s")
+    dual = md + md_spatial if md is not None and md_spatial is not None else None
+    eager = res.get("t_lora_step_s")
+    return {
+        "device": rig.dev.type,
+        "device_name": _device_name(rig.dev),
+        "dtype": str(rig.dtype).replace("torch.", ""),
+        "autocast": str(rig.autocast).replace("torch.", "") if rig.autocast else None,
+        "size": size,
+        "quick": quick,
+        "unet_params": rig.unet_params,
+        "latent_shape": list(rig.latent_shape),
+        "pixel_shape": list(rig.frames.shape),
+        "text_tokens": int(rig.ids.shape[1]),
+        "warmup_steps": warmup,
+        "timed_steps": reps,
+        **res,
+        "eager_step_s": eager,
+        "compiled_speedup": _ratio(eager, res.get("compiled_step_s")),
+        "compiled_generation_speedup": _ratio(res.get("generation_step_s"), res.get("compiled_generation_step_s")),
+        "lean_speedup": _ratio(res.get("t_lora_step_plain_s"), eager),
+        **_count_keys(counted),
+        "step_ratio": _ratio(eager, md),
+        "step_ratio_checkpointing": _ratio(res.get("checkpointing_step_s"),
+                                           res.get("motiondirector_checkpointing_step_s")),
+        "motiondirector_dual_step_s": dual,
+        "dual_step_ratio": _ratio(eager, dual),
+        "cached_speedup": _ratio(res.get("uncached_step_s"), res.get("cached_step_s")),
+        "checkpointing_slowdown": _ratio(res.get("checkpointing_step_s"), res.get("no_checkpointing_step_s")),
+        "peak_memory_bytes": bench.peak_memory.get("t_lora_step_checkpointing") if cuda else bench.peak(),
+        "peak_memory": dict(bench.peak_memory),
+        "peak_memory_kind": ("torch.cuda.max_memory_allocated, reset before each measurement; includes the resident "
+                             "weights of UNet, VAE and text encoder" if cuda else
+                             "process peak RSS (ru_maxrss) after each measurement: monotonic, whole process"),
+        **flops,
+        "trainable_params": {"cav": rig.n_params[T_CAV], "motiondirector": rig.n_params[T_MD],
+                             "cav_s_lora": rig.n_params[S_CAV], "motiondirector_spatial": rig.n_params[S_MD]},
+        "adapted_modules": {"cav": rig.n_modules[T_CAV], "motiondirector": rig.n_modules[T_MD],
+                            "cav_s_lora": rig.n_modules[S_CAV], "motiondirector_spatial": rig.n_modules[S_MD]},
+        "gradient_checkpointing_method": _checkpointing_method(rig.unet),
         "step_samples_s": bench.samples,
         "errors": bench.errors,
         "torch_version": torch.__version__,
         "total_s": None,
         "note": "",
     }
-    result["note"] = _note(result, cuda, size, cached_note)
-    result["total_s"] = round(time.perf_counter() - t_all, 2)
-    _log(f"done in {result['total_s']:.1f} s")
-    del unet, vae, text_encoder, bb
-    bench.release()
-    return _jsonable(result)
 
 
 def _checkpointing_method(unet) -> str:
@@ -556,12 +773,30 @@ def _note(r: dict, cuda: bool, size: str, cached_note: str) -> str:
         "spatial LoRA trainable, temporal LoRA off), which MotionDirector runs every iteration too",
         f"absorber step = temporal layers bypassed, S-LoRA r1 trainable, {r['latent_shape'][2]} single frames, no "
         "textual inversion (with it the text encoder would run with grad every step)",
-        "generation step = one UNet call on a CFG batch of 2 + DDIM update, T-LoRA active, no grad",
+        "generation step = one UNet call on a CFG batch of 2 + DDIM update, T-LoRA merged into the weights as "
+        "cav generate does, no grad",
         f"uncached step = VAE encoder on all frames + text encoder ({r['text_tokens']} random ids) + the T-LoRA "
         f"step; {cached_note}",
         "every training step = diffusion_loss + backward + clip_grad_norm + AdamW; times are medians of synchronised "
         "steps after warm-up",
     ]
+    parts.append("lean step (t_lora_step and every other training step) = frozen adapters merged into the base "
+                 "weights (restored exactly after), trainable adapter through one addmm per layer with a hand-written "
+                 "backward, under autocast on compute-dtype copies of its fp32 master weights, fused AdamW; "
+                 "t_lora_step_plain = the step before issue 16 (peft forward for every adapter, fp32 adapters cast "
+                 "per layer, for-loop AdamW)")
+    if r.get("ops_per_step") is not None:
+        parts.append(f"ops_per_step / cast_ops_per_step: ATen ops dispatched by one training step after the first "
+                     f"(forward, backward, clip, AdamW), counted with a TorchDispatchMode on a UNet in "
+                     f"{r.get('op_count_dtype')} with fp32 adapters under {r.get('op_count_dtype')} autocast, latent "
+                     f"{tuple(r.get('op_count_latent') or ())}; casts = _to_copy across dtype/device and copy_/"
+                     "_foreach_copy_ between dtypes/devices (cav.bench.opcount)")
+    if r.get("graph_breaks") is not None:
+        parts.append("graph_breaks: torch._dynamo.explain on the adapted UNet's call inside the step's own "
+                     "configuration (training: lean context, grad, autocast; generation: no grad, T-LoRA only)")
+    if r.get("compiled_step_s") is not None or "t_lora_step_compiled" in r.get("errors", {}):
+        parts.append("compiled step = the lean T-LoRA step with the UNet's forward under torch.compile(fullgraph="
+                     "True; CUDA: mode='reduce-overhead'), compile time excluded (warm-up); eager_step_s = t_lora_step_s")
     if not cuda and size == "full":
         parts.append(f"CPU: latent reduced to {tuple(r['latent_shape'])} (the paper's is {PAPER_LATENT}) so the full "
                      "1.4 B UNet finishes in minutes; at this size a step is bound by reading the weights, so times "
@@ -623,6 +858,10 @@ def _fmt_flops(v, unit="FLOP") -> str:
     return f"{v:.0f} {unit}"
 
 
+def _fmt_n(v) -> str:
+    return "n/a" if v is None else f"{v:,}"
+
+
 def _fmt_x(v) -> str:
     return "n/a" if v is None else f"{v:.3f}×"
 
@@ -652,6 +891,22 @@ def format_table(result: dict) -> str:
         ("Cached step (UNet only)", _fmt_s(r.get("cached_step_s")),
          _fmt_bytes(mem.get("cached_step", mem.get("t_lora_step")))),
         ("  cached speedup", _fmt_x(r.get("cached_speedup")), ""),
+        ("T-LoRA step before issue 16 (plain)", _fmt_s(r.get("t_lora_step_plain_s")),
+         _fmt_bytes(mem.get("t_lora_step_plain"))),
+        ("  lean speedup", _fmt_x(r.get("lean_speedup")), ""),
+        ("T-LoRA step, compiled", _fmt_s(r.get("compiled_step_s")), _fmt_bytes(mem.get("t_lora_step_compiled"))),
+        ("  compiled speedup", _fmt_x(r.get("compiled_speedup")), ""),
+        ("Generation step, compiled", _fmt_s(r.get("compiled_generation_step_s")), ""),
+        ("Ops per T-LoRA step lean / plain", f"{_fmt_n(r.get('ops_per_step'))} / "
+                                            f"{_fmt_n(r.get('ops_per_step_plain'))}", ""),
+        ("Casts per T-LoRA step lean / plain", f"{_fmt_n(r.get('cast_ops_per_step'))} / "
+                                              f"{_fmt_n(r.get('cast_ops_per_step_plain'))}", ""),
+        ("Ops / casts per generation step", f"{_fmt_n(r.get('generation_ops_per_step'))} / "
+                                            f"{_fmt_n(r.get('generation_cast_ops_per_step'))}", ""),
+        ("  before issue 16 (plain)", f"{_fmt_n(r.get('generation_ops_per_step_plain'))} / "
+                                      f"{_fmt_n(r.get('generation_cast_ops_per_step_plain'))}", ""),
+        ("Graph breaks training / generation", " / ".join(_fmt_n((r.get("graph_breaks") or {}).get(k))
+                                                          for k in ("training", "generation")), ""),
         ("FLOPs per T-LoRA step", _fmt_flops(r.get("flops_per_step")), ""),
         ("Achieved", _fmt_flops(r.get("achieved_flops"), "FLOP/s"), ""),
         ("Measured matmul peak", _fmt_flops(r.get("measured_peak_flops"), "FLOP/s"), ""),
