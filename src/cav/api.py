@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import accel
+from . import accel, preflight
 from . import resume as resume_mod
 from . import backbone as backbone_mod
 from .adapters import lora
@@ -32,6 +32,7 @@ def plan(cfg: TrainConfig) -> dict:
     from accelerate import init_empty_weights
     from diffusers import UNet3DConditionModel
 
+    preflight.check_train(cfg)
     unet_config = backbone_mod.read_unet_config(cfg.base)
     with init_empty_weights():
         unet = UNet3DConditionModel.from_config(unet_config)
@@ -102,6 +103,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
 
     if not cfg.prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
+    preflight.check_train(cfg)
     out = Path(out)
     holds_run = check_run_dir(out, overwrite, resume)
     if resume and not holds_run:

@@ -170,6 +170,7 @@ def _modelscope_config_folder(root: Path) -> Path:
         (folder / comp).mkdir(parents=True, exist_ok=True)
     shutil.copy(api.ASSETS / "modelscope_unet_config.json", folder / "unet" / "config.json")
     shutil.copy(api.ASSETS / "modelscope_text_encoder_config.json", folder / "text_encoder" / "config.json")
+    shutil.copy(api.ASSETS / "modelscope_vae_config.json", folder / "vae" / "config.json")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline",
                                                          "unet": ["diffusers", "UNet3DConditionModel"]}))
     return folder
