@@ -44,7 +44,7 @@ class ClipScorer:
             self.processor = processor.from_pretrained(source, **kw)
         except (OSError, ValueError) as e:  # missing files, bad repo id, no network
             where = "" if local.exists() else " (not a local folder, nor in the Hugging Face cache)"
-            msg = f"CLIP weights not found at '{path_or_id}'{where}: pass --clip PATH to a local CLIP folder"
+            msg = f"CLIP weights not found at '{path_or_id}'{where}: pass --clip PATH to a local CLIP folder (how to get one: docs/METRICS.md#clip)"
             raise CavError(msg) from e
         self.device = torch.device(device)
         self.max_length = self.model.config.text_config.max_position_embeddings
