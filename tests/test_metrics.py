@@ -267,3 +267,15 @@ def test_lpips_weights_from_the_published_files(tmp_path, lpips_file, capsys):
         lp.LPIPS(lpips_file).distance(_textured(), _textured(seed=3)))
     assert lp.main([str(tmp_path / "missing.pth"), str(tmp_path / "alex.pth"), str(out)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_clip_score_warns_once_when_the_prompt_is_cut(clip_dir, caplog):
+    import logging
+
+    scorer = ClipScorer(str(clip_dir))
+    long = "a red circle moving left on a black background " * 4  # over the tiny CLIP's 24 positions
+    with caplog.at_level(logging.WARNING, logger="cav"):
+        scorer.score(_textured(frames=2), long)
+        scorer.score(_textured(frames=2, seed=1), long)
+        scorer.score(_textured(frames=2), "a red circle")
+    assert len(caplog.records) == 1 and "the CLIP prompt" in caplog.records[0].getMessage()

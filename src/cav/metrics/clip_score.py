@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from cav.errors import CavError
+from cav.prompts import check_prompts
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 _BATCH = 16  # frames per forward pass
@@ -48,10 +49,13 @@ class ClipScorer:
             raise CavError(msg) from e
         self.device = torch.device(device)
         self.max_length = self.model.config.text_config.max_position_embeddings
+        self.tokenizer.model_max_length = min(self.tokenizer.model_max_length, self.max_length)
+        self.reported: set[str] = set()  # prompts already warned about (cut to the text tower's length)
 
     @torch.no_grad()
     def text_embedding(self, prompt: str) -> torch.Tensor:
         """(D,) unit-norm text embedding."""
+        check_prompts(self.tokenizer, [prompt], "the CLIP prompt", reported=self.reported)  # a cut prompt is scored
         tok = self.tokenizer([prompt], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         emb = _features(self.model.get_text_features(**tok.to(self.device)))[0]
         return emb / emb.norm()
