@@ -29,25 +29,21 @@ RUN_MARKERS = ("config.yaml", "log.jsonl", "t_lora", "checkpoints", "absorbers")
 # ----------------------------------------------------------------------------------------------- plan (dry run)
 def plan(cfg: TrainConfig) -> dict:
     """Trainable parameters and adapted modules per stage, from the base's config files alone (meta device)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet3DConditionModel
-
-    unet_config = backbone_mod.read_unet_config(cfg.base)
-    with init_empty_weights():
-        unet = UNet3DConditionModel.from_config(unet_config)
+    unet, family = backbone_mod.empty_unet(cfg.base, cfg.motion_adapter or None)
+    unet_config = dict(unet.config)
     stages = []
     if cfg.uses_s_lora:
-        n = lora.add_lora(unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha),
-                          low_cpu_mem_usage=True)
+        n = lora.add_lora(unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha,
+                                                         family.name), low_cpu_mem_usage=True)
         stages.append({"name": "s_lora", "trainable_params": lora.count_parameters(unet, S_LORA), "modules": n})
     if cfg.uses_ti:
         dim = _text_hidden_size(cfg.base, unet_config)
         stages.append({"name": "textual_inversion", "trainable_params": cfg.ti_tokens * dim, "modules": 1})
-    n = lora.add_lora(unet, T_LORA, lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha),
-                      low_cpu_mem_usage=True)
+    n = lora.add_lora(unet, T_LORA, lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha,
+                                                     family.name), low_cpu_mem_usage=True)
     stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n})
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
-    return {"base": cfg.base, "placement": cfg.placement, "absorbers": cfg.absorbers,
+    return {"base": cfg.base, "family": family.name, "placement": cfg.placement, "absorbers": cfg.absorbers,
             "unet_params": base_params, "stages": stages}
 
 
@@ -112,7 +108,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype)
+    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype, motion_adapter=cfg.motion_adapter or None)
     accel.tune_backends(bb.device)
     if accel.wants_checkpointing(cfg.gradient_checkpointing, bb.device):
         accel.set_gradient_checkpointing(bb.unet, True)
@@ -140,7 +136,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
                 run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
                 _save_absorbers(bb, cfg, out, ti)
         stage = t_lora_stage(bb, cfg, frames, ti)
-        lora_cfg = lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha)
+        lora_cfg = lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha, bb.family)
         active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
         stage.checkpoint = lambda step, opt, gstate, interrupted: _checkpoint(
             bb, cfg, out, lora_cfg, step, active, opt, gstate, samples=not interrupted)
@@ -172,20 +168,27 @@ def _load_absorbers(bb, cfg: TrainConfig, folder: Path, ti: TextualInversion | N
         ti.load_rows(folder / "textual_inversion.safetensors")
 
 
-def _t_lora_meta(cfg: TrainConfig, step: int) -> dict:
+def _t_lora_meta(bb, cfg: TrainConfig, step: int) -> dict:
     return {"kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
             "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": cfg.spatial_prompt,
             "absorbers": cfg.absorbers, "step": step,
             "validation": {"prompts": validation_prompts(cfg), "seed": cfg.validation_seed, "frames": cfg.frames,
                            "size": list(cfg.size), "steps": cfg.sample_steps, "guidance": cfg.guidance,
-                           "weight": cfg.lora_weight}}
+                           "weight": cfg.lora_weight},
+            **_base_meta(bb)}
+
+
+def _base_meta(bb) -> dict:
+    """What an adapter records about its base, so `cav generate` rebuilds the same model."""
+    return {"family": bb.family, **({"motion_adapter": bb.motion_adapter} if bb.motion_adapter else {})}
 
 
 def _write_absorbers(bb, cfg: TrainConfig, folder: Path, ti: TextualInversion | None) -> None:
     if cfg.uses_s_lora:
         meta = {"kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": cfg.s_lora_rank,
-                "alpha": cfg.s_lora_alpha, "prompt": cfg.spatial_prompt or cfg.prompt}
-        lora.save_lora(bb.unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha),
+                "alpha": cfg.s_lora_alpha, "prompt": cfg.spatial_prompt or cfg.prompt, **_base_meta(bb)}
+        lora.save_lora(bb.unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha,
+                                                         bb.family),
                        folder / "s_lora", meta)
     if ti is not None:
         ti.save(folder / "textual_inversion.safetensors")
@@ -214,7 +217,7 @@ def _checkpoint(bb, cfg: TrainConfig, out: Path, lora_cfg, step: int, active: li
     from .data.video import write_video
 
     with resume_mod.CheckpointWriter(out, "t_lora", step) as ckpt:
-        lora.save_lora(bb.unet, T_LORA, lora_cfg, ckpt / "t_lora", _t_lora_meta(cfg, step))
+        lora.save_lora(bb.unet, T_LORA, lora_cfg, ckpt / "t_lora", _t_lora_meta(bb, cfg, step))
         resume_mod.save_state(ckpt, "t_lora", step, opt, gen_state)
         if not samples:
             return
@@ -276,13 +279,13 @@ def load_adapters(bb, adapters: list[tuple[str, float | None]], image_loras: lis
     names, weights, metas = [], [], []
     for i, (path, w) in enumerate(adapters):
         d = lora.find_adapter_dir(Path(path), "temporal")
-        meta = lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal")
+        meta = lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal", family=bb.family)
         metas.append(meta)
         names.append(f"t_lora_{i}")
         weights.append(default_weight(meta) if w is None else w)
     for j, (path, w) in enumerate(image_loras):
         d = lora.find_adapter_dir(Path(path), "spatial")
-        lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial")
+        lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial", family=bb.family)
         names.append(f"image_lora_{j}")
         weights.append(1.0 if w is None else w)
     if names:
@@ -305,7 +308,8 @@ def default_weight(meta: dict) -> float:
 def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, image_loras=(), textual_inversions=(),
              base: str | None = None, frames: int | None = None, size=None, steps: int | None = None,
              guidance: float | None = None, seed: int = 0, num_videos: int = 1, out="out.mp4", device="auto",
-             dtype="auto", negative_prompt: str | None = None, quiet: bool = False) -> list[Path]:
+             dtype="auto", negative_prompt: str | None = None, quiet: bool = False,
+             motion_adapter: str | None = None) -> list[Path]:
     """Sample ``num_videos`` videos (seeds seed, seed+1, …); writes ``out`` (.mp4) and a .gif beside each."""
     from .data.video import write_video
 
@@ -317,7 +321,9 @@ def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, imag
     metas = [lora.read_meta(lora.find_adapter_dir(Path(p), "temporal")) for p, _ in adapters]
     val = metas[0].get("validation", {}) if metas else {}
     base = base or (metas[0].get("base") if metas else None) or "toy"
-    bb = backbone_mod.load(base, device, dtype)
+    if motion_adapter is None and metas and base == metas[0].get("base"):
+        motion_adapter = metas[0].get("motion_adapter")  # the adapter's own base: image model + its motion adapter
+    bb = backbone_mod.load(base, device, dtype, motion_adapter=motion_adapter)
     load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions))
     frames = frames or val.get("frames") or 16
     size = tuple(size) if size else tuple(val.get("size") or _default_size(bb))

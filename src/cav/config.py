@@ -30,7 +30,9 @@ class TrainConfig:
 
     prompt: str = _f("", "full prompt describing the reference video (appearance + motion)")
     spatial_prompt: str = _f("", "appearance-only prompt for the absorbers (default: the prompt)")
-    base: str = _f("toy", "base model: `toy`, a diffusers T2V folder, or a hub id")
+    base: str = _f("toy", "base model: `toy`, a diffusers T2V or AnimateDiff folder, or a hub id")
+    motion_adapter: str = _f("", "AnimateDiff MotionAdapter folder or hub id that animates an image-model --base "
+                             "(e.g. Stable Diffusion 1.5 + animatediff-motion-adapter-v1-5-2)")
     absorbers: str = _f("both", "appearance absorbers: none | s-lora | ti | both")
     placement: str = _f("cav", "LoRA placement preset: cav | motiondirector")
     # T-LoRA (stage 2)

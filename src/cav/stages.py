@@ -43,7 +43,8 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
     """Stage 1 over frames (F, 3, H, W) in [-1, 1]."""
     groups, after_backward, after_step = [], [], []
     if cfg.uses_s_lora:
-        lora.add_lora(bb.unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha))
+        lora.add_lora(bb.unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha,
+                                                         bb.family))
         lora.activate(bb.unet, [S_LORA], trainable=S_LORA)
         groups.append({"params": lora.lora_parameters(bb.unet, S_LORA), "lr": cfg.s_lora_lr, "name": S_LORA})
     prompt = cfg.spatial_prompt or cfg.prompt
@@ -70,7 +71,8 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
     """Stage 2 over the whole clip (F, 3, H, W) in [-1, 1]; absorbers (if any) active and frozen."""
     if ti is not None:
         ti.freeze()
-    lora.add_lora(bb.unet, T_LORA, lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha))
+    lora.add_lora(bb.unet, T_LORA, lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha,
+                                                         bb.family))
     active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
     lora.activate(bb.unet, active, trainable=T_LORA)
     prompt = ti.expand(cfg.prompt) if ti is not None else cfg.prompt
