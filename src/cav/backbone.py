@@ -38,11 +38,13 @@ class Family:
     unet_class: str
     pipeline_class: str
     pipeline_extra: tuple[tuple[str, object], ...] = ()  # constructor arguments the pipeline needs besides ours
+    per_frame_condition: bool = False  # the UNet wants one text condition per frame (B·F, L, D), not per video
 
 
 FAMILIES = {
     "unet3d": Family("unet3d", "UNet3DConditionModel", "TextToVideoSDPipeline"),
-    "animatediff": Family("animatediff", "UNetMotionModel", "AnimateDiffPipeline", (("motion_adapter", None),)),
+    "animatediff": Family("animatediff", "UNetMotionModel", "AnimateDiffPipeline", (("motion_adapter", None),),
+                          per_frame_condition=True),
 }
 IMAGE_UNET = "UNet2DConditionModel"  # an image model: with a motion adapter it becomes an AnimateDiff base
 MOTION_FAMILY = "animatediff"  # the family an image model plus a motion adapter belongs to
@@ -255,6 +257,22 @@ def _load_unet(family: Family, source: str, motion_adapter: str | None, dt: torc
     return _motion_unet(image, adapter, motion_adapter)
 
 
+def _per_frame_condition(module, args: tuple, kwargs: dict):
+    """Forward pre-hook: repeat a per-video text condition (B, L, D) for each frame of a (B, C, F, H, W) sample.
+
+    ``UNetMotionModel`` takes the condition per frame (``AnimateDiffPipeline`` repeats it before calling); cav's
+    trainer passes one per video, as UNet3D takes it. A condition already per frame is left alone."""
+    sample = args[0] if args else kwargs.get("sample")
+    positional = len(args) > 2
+    cond = args[2] if positional else kwargs.get("encoder_hidden_states")
+    if cond is None or sample is None or sample.ndim != 5 or sample.shape[2] == 1 or cond.shape[0] != sample.shape[0]:
+        return None
+    cond = cond.repeat_interleave(sample.shape[2], dim=0)
+    if positional:
+        return (*args[:2], cond, *args[3:]), kwargs
+    return args, {**kwargs, "encoder_hidden_states": cond}
+
+
 def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
          motion_adapter: str | None = None) -> Backbone:
     """Load a base model (see module doc) with frozen weights on ``device`` in ``dtype``."""
@@ -277,6 +295,8 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CavError(f"could not load base '{base}': {first[:200]} — check the folder is a complete diffusers T2V model") from None
+    if family.per_frame_condition:
+        unet.register_forward_pre_hook(_per_frame_condition, with_kwargs=True)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.eval()
