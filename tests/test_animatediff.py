@@ -279,3 +279,72 @@ def test_adapters_of_another_family_are_refused(unet3d_run, ad_model, tmp_path, 
     code, err = _run(capsys, "export", unet3d_run, "--format", "animatediff")
     assert code == 2 and "unet3d" in err and "\n" not in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ given absorbers
+def _image_lora(unet, folder, seed=3):
+    """An image LoRA of ``unet`` (random, non-zero) saved in diffusers' LoRA layout, as SD 1.5 LoRAs are shared."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    config = LoraConfig(r=2, lora_alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    inject_adapter_in_model(config, unet, adapter_name="x")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if ".lora_" in n:
+                p.normal_(0, 0.2)
+    state = get_peft_model_state_dict(unet, adapter_name="x")
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        str(folder), unet_lora_layers=state, weight_name="subject_lora.safetensors",
+        unet_lora_adapter_metadata={"r": 2, "lora_alpha": 2.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]})
+    return folder / "subject_lora.safetensors"
+
+
+def test_bypassed_unet_with_given_image_lora_is_the_image_model_with_it(sd_parts, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from cav.adapters.image_lora import load_image_lora
+
+    sd, adapter = sd_parts
+    file = _image_lora(build_image_unet(TinyAnimateDiffSpec()), tmp_path)
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd))  # stock: the image model with the LoRA
+    pipe.load_lora_weights(str(file), adapter_name="subject")
+    bb = backbone.load(sd, "cpu", motion_adapter=str(adapter))
+    load_image_lora(bb.unet, file, "s_lora", bb.family)
+    x, cond, t = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 24, 32), torch.tensor([200])
+    with torch.no_grad(), temporal_bypass(bb.unet):
+        video = bb.unet(x, t, encoder_hidden_states=cond).sample
+        frames = pipe.unet(x[0].permute(1, 0, 2, 3), t.repeat(3), encoder_hidden_states=cond.expand(3, -1, -1)).sample
+    assert torch.allclose(video[0].permute(1, 0, 2, 3), frames, atol=1e-5)
+
+
+def test_s_lora_from_and_ti_from_skip_stage_one(sd_parts, tiny_video, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sd, adapter = sd_parts
+    file = _image_lora(build_image_unet(TinyAnimateDiffSpec()), tmp_path)
+    emb = tmp_path / "subject.safetensors"
+    save_file({"<subject>": torch.randn(3, 32)}, str(emb))
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_video), "--prompt", "a <cav> moving right", "--base", str(sd), "--motion-adapter",
+                 str(adapter), "--s-lora-from", str(file), "--ti-from", str(emb), "--out", str(out), *TRAIN]) == 0
+    stages = {json.loads(x)["stage"] for x in (out / "log.jsonl").read_text().splitlines()}
+    assert stages == {"t_lora"}  # no stage 1
+    assert torch.equal(load_file(str(out / "absorbers" / "textual_inversion.safetensors"))["<cav>"],
+                       load_file(str(emb))["<subject>"])
+    given = load_file(str(file))
+    saved = load_file(str(out / "absorbers" / "s_lora" / lora.DIFFUSERS_WEIGHTS))
+    assert given.keys() == saved.keys() and all(torch.equal(given[k], saved[k]) for k in given)
+    plan = api.plan(TrainConfig(prompt="x", base=str(sd), motion_adapter=str(adapter), s_lora_from=str(file)))
+    assert [s["name"] for s in plan["stages"]] == ["t_lora"]
+
+
+def test_image_lora_of_another_base_family(sd_parts, tiny_video, tmp_path, capsys):
+    sd, adapter = sd_parts
+    other = build_image_unet(TinyAnimateDiffSpec(block_out_channels=(64, 128), cross_attention_dim=48, text_hidden=48))
+    file = _image_lora(other, tmp_path)
+    code, err = _run(capsys, "train", tiny_video, "--prompt", PROMPT, "--base", sd, "--motion-adapter", adapter,
+                     "--s-lora-from", file, "--out", tmp_path / "run", *TRAIN)
+    assert code == 2 and "another base family" in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "t_lora").exists()

@@ -19,7 +19,7 @@ from .config import TrainConfig, dump_yaml
 from .errors import CavError
 from .io_utils import atomic_path, write_json, write_text
 from .sampling import sample_video
-from .stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
+from .stages import S_LORA, T_LORA, absorber_stage, given_absorbers, make_textual_inversion, t_lora_stage
 from .trainer import JsonlLog, make_optimizer, run_stage
 
 ASSETS = Path(__file__).parent / "assets"
@@ -32,11 +32,11 @@ def plan(cfg: TrainConfig) -> dict:
     unet, family = backbone_mod.empty_unet(cfg.base, cfg.motion_adapter or None)
     unet_config = dict(unet.config)
     stages = []
-    if cfg.uses_s_lora:
+    if cfg.uses_s_lora and not cfg.absorbers_given:  # given absorbers (--s-lora-from/--ti-from) train nothing
         n = lora.add_lora(unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha,
                                                          family.name), low_cpu_mem_usage=True)
         stages.append({"name": "s_lora", "trainable_params": lora.count_parameters(unet, S_LORA), "modules": n})
-    if cfg.uses_ti:
+    if cfg.uses_ti and not cfg.absorbers_given:
         dim = _text_hidden_size(cfg.base, unet_config)
         stages.append({"name": "textual_inversion", "trainable_params": cfg.ti_tokens * dim, "modules": 1})
     n = lora.add_lora(unet, T_LORA, lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha,
@@ -124,8 +124,11 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     run = dict(max_grad_norm=cfg.max_grad_norm, quiet=quiet,
                autocast_dtype=bb.dtype if bb.device.type == "cuda" and bb.dtype != torch.float32 else None)
     try:
-        ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init) if cfg.uses_ti else None
-        if cfg.absorbers != "none":
+        ti = make_textual_inversion(bb, cfg) if cfg.uses_ti else None
+        if cfg.absorbers_given:  # --s-lora-from / --ti-from: existing appearance work, no stage 1
+            given_absorbers(bb, cfg)
+            _save_absorbers(bb, cfg, out, ti)
+        elif cfg.absorbers != "none":
             stage = absorber_stage(bb, cfg, frames, ti)
             if point and point[0] == "t_lora":  # absorbers finished before the interruption
                 _load_absorbers(bb, cfg, out / "absorbers", ti)
@@ -185,11 +188,12 @@ def _base_meta(bb) -> dict:
 
 def _write_absorbers(bb, cfg: TrainConfig, folder: Path, ti: TextualInversion | None) -> None:
     if cfg.uses_s_lora:
-        meta = {"kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": cfg.s_lora_rank,
-                "alpha": cfg.s_lora_alpha, "prompt": cfg.spatial_prompt or cfg.prompt, **_base_meta(bb)}
-        lora.save_lora(bb.unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha,
-                                                         bb.family),
-                       folder / "s_lora", meta)
+        config = (bb.unet.peft_config[S_LORA] if cfg.s_lora_from else
+                  lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha, bb.family))
+        meta = {"kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": config.r,
+                "alpha": config.lora_alpha, "prompt": cfg.spatial_prompt or cfg.prompt, **_base_meta(bb),
+                **({"from": cfg.s_lora_from} if cfg.s_lora_from else {})}
+        lora.save_lora(bb.unet, S_LORA, config, folder / "s_lora", meta)
     if ti is not None:
         ti.save(folder / "textual_inversion.safetensors")
 

@@ -34,6 +34,10 @@ class TrainConfig:
     motion_adapter: str = _f("", "AnimateDiff MotionAdapter folder or hub id that animates an image-model --base "
                              "(e.g. Stable Diffusion 1.5 + animatediff-motion-adapter-v1-5-2)")
     absorbers: str = _f("both", "appearance absorbers: none | s-lora | ti | both")
+    s_lora_from: str = _f("", "start from this existing image LoRA (.safetensors, e.g. an SD 1.5 LoRA of the subject) "
+                          "as the S-LoRA absorber: skips stage 1 (absorbers are then exactly the given ones)")
+    ti_from: str = _f("", "start from this existing textual-inversion embedding (.safetensors) as the TI absorber: "
+                      "skips stage 1 (absorbers are then exactly the given ones)")
     placement: str = _f("cav", "LoRA placement preset: cav | motiondirector")
     # T-LoRA (stage 2)
     steps: int = _f(300, "T-LoRA training steps")
@@ -81,6 +85,9 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the UNet")
 
     def __post_init__(self):
+        if self.s_lora_from or self.ti_from:  # given absorbers replace stage 1: they are the run's absorbers
+            self.absorbers = {(True, True): "both", (True, False): "s-lora", (False, True): "ti"}[
+                (bool(self.s_lora_from), bool(self.ti_from))]
         if self.absorbers not in ABSORBERS:
             raise CavError(f"unknown --absorbers '{self.absorbers}': use one of {', '.join(ABSORBERS)}")
         if self.placement not in PLACEMENTS:
@@ -124,6 +131,11 @@ class TrainConfig:
     @property
     def uses_ti(self) -> bool:
         return self.absorbers in ("ti", "both")
+
+    @property
+    def absorbers_given(self) -> bool:
+        """Absorbers come from existing files (``--s-lora-from``/``--ti-from``): no stage 1."""
+        return bool(self.s_lora_from or self.ti_from)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 
 from .accel import offload
+from pathlib import Path
+
 from .adapters import lora
+from .adapters.image_lora import load_image_lora
 from .adapters.textual_inversion import TextualInversion
 from .backbone import Backbone
 from .config import TrainConfig
@@ -37,6 +40,20 @@ def encode_frames(bb: Backbone, frames: torch.Tensor, chunk: int = 8) -> torch.T
         x = frames[i:i + chunk].to(bb.vae.device, bb.vae.dtype)
         out.append(bb.vae.encode(x).latent_dist.mode() * bb.vae_scale)
     return torch.cat(out).to(bb.device, bb.dtype)
+
+
+def make_textual_inversion(bb: Backbone, cfg: TrainConfig) -> TextualInversion:
+    """New tokens in the base's own text encoder: from ``--ti-from``'s embedding, else initialised from a word."""
+    if cfg.ti_from:
+        return TextualInversion.from_file(bb.tokenizer, bb.text_encoder, Path(cfg.ti_from), cfg.ti_token)
+    return TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init)
+
+
+def given_absorbers(bb: Backbone, cfg: TrainConfig) -> None:
+    """Stage 1 replaced by existing appearance work: ``--s-lora-from``'s image LoRA becomes the frozen S-LoRA (a
+    bypassed UNet is its image model, so an image LoRA of that model absorbs appearance as it stands)."""
+    if cfg.s_lora_from:
+        load_image_lora(bb.unet, cfg.s_lora_from, S_LORA, bb.family)
 
 
 def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None) -> Stage:
