@@ -348,3 +348,30 @@ def test_image_lora_of_another_base_family(sd_parts, tiny_video, tmp_path, capsy
                      "--s-lora-from", file, "--out", tmp_path / "run", *TRAIN)
     assert code == 2 and "another base family" in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "run" / "t_lora").exists()
+
+
+def test_kohya_layout_image_lora_loads_like_the_diffusers_one(sd_parts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cav.adapters.image_lora import load_image_lora
+
+    sd, adapter = sd_parts
+    file = _image_lora(build_image_unet(TinyAnimateDiffSpec()), tmp_path)
+    kohya = {}
+    for key, tensor in load_file(str(file)).items():  # unet.<module>.lora_A.weight → lora_unet_<module_>.lora_down.weight
+        module, part = key.removeprefix("unet.").split(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = tensor
+        kohya[f"{name}.alpha"] = torch.tensor(2.0)  # alpha 2 at rank 2: scale 1, as in the diffusers file's metadata
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    x, cond, t = torch.randn(1, 4, 2, 8, 8), torch.randn(1, 24, 32), torch.tensor([600])
+    outs = []
+    for f in (file, tmp_path / "kohya.safetensors"):
+        bb = backbone.load(sd, "cpu", motion_adapter=str(adapter))
+        load_image_lora(bb.unet, f, "s_lora", bb.family)
+        with torch.no_grad():
+            outs.append(bb.unet(x, t, encoder_hidden_states=cond).sample)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    with torch.no_grad():
+        plain = backbone.load(sd, "cpu", motion_adapter=str(adapter)).unet(x, t, encoder_hidden_states=cond).sample
+    assert (plain - outs[1]).abs().max() > 1e-3  # the LoRA was really applied

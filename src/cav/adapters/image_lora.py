@@ -67,8 +67,10 @@ def load_image_lora(unet: torch.nn.Module, path: str | Path, name: str, family: 
     _check_fit(unet, unet_state, path)
     if alphas and metadata:
         alphas = None  # diffusers' own metadata already carries lora_alpha
+    metadata = {k.removeprefix("unet."): v for k, v in (metadata or {}).items() if k.startswith("unet.")} or None
     if metadata:  # suffix targets such as "to_q" would also match the motion modules: name the modules exactly
-        metadata = {**metadata, "target_modules": sorted({k.split(".lora_", 1)[0] for k in unet_state if ".lora_" in k})}
+        metadata["target_modules"] = sorted({k.split(".lora_", 1)[0] for k in unet_state if ".lora_" in k})
+        metadata = {f"unet.{k}": v for k, v in metadata.items()}
     unet.load_lora_adapter({f"unet.{k}": v for k, v in unet_state.items()}, prefix="unet", adapter_name=name,
                            network_alphas=alphas, metadata=metadata)
     n_text = sum(1 for k in state if not k.startswith("unet."))
