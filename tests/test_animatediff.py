@@ -120,6 +120,11 @@ def test_train_then_generate_reproduces_the_checkpoint_sample(run_dir, tmp_path)
     assert main(["generate", "--prompt", PROMPT.replace("<cav>", "object"), "--adapter", str(ckpt),
                  "--out", str(out), "--quiet"]) == 0
     assert np.array_equal(_video(out), _video(ckpt / "samples" / "sample-0.mp4"))
+    composed = tmp_path / "composed.mp4"  # two T-LoRAs, the S-LoRA as an image LoRA and the TI tokens together
+    assert main(["generate", "--prompt", "a <cav> moving right", "--adapter", f"{run_dir}:0.7", "--adapter",
+                 f"{ckpt}:0.3", "--image-lora", str(run_dir), "--textual-inversion",
+                 str(run_dir / "absorbers" / "textual_inversion.safetensors"), "--out", str(composed), "--quiet"]) == 0
+    assert not np.array_equal(_video(composed), _video(out))
 
 
 def test_resume_ends_with_the_same_t_lora(run_dir, tiny_video, tmp_path):

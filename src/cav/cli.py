@@ -77,7 +77,8 @@ def cmd_train(args) -> int:
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"base {result['base']}: UNet {result['unet_params']:,} parameters; placement {result['placement']}")
+            print(f"base {result['base']} ({result['family']}): UNet {result['unet_params']:,} parameters; "
+                  f"placement {result['placement']}")
             for s in result["stages"]:
                 print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules")
         return 0
