@@ -137,6 +137,15 @@ class TrainConfig:
         """Absorbers come from existing files (``--s-lora-from``/``--ti-from``): no stage 1."""
         return bool(self.s_lora_from or self.ti_from)
 
+    def lora_config(self, kind: str, family: str = "unet3d"):
+        """The peft ``LoraConfig`` of this recipe's S-LoRA (``kind="spatial"``) or T-LoRA (``"temporal"``) on a base of
+        ``family`` (``Backbone.family``)."""
+        from .adapters.lora import lora_config
+
+        rank, alpha = ((self.s_lora_rank, self.s_lora_alpha) if kind == "spatial"
+                       else (self.t_lora_rank, self.t_lora_alpha))
+        return lora_config(kind, self.placement, rank, alpha, family)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -8,11 +8,12 @@ Stage 2 (T-LoRA): temporal-attention LoRA on the whole clip with the absorbers l
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import torch
 
 from .accel import offload
-from pathlib import Path
-
 from .adapters import lora
 from .adapters.image_lora import load_image_lora
 from .adapters.textual_inversion import TextualInversion
@@ -56,12 +57,12 @@ def given_absorbers(bb: Backbone, cfg: TrainConfig) -> None:
         load_image_lora(bb.unet, cfg.s_lora_from, S_LORA, bb.family)
 
 
-def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None) -> Stage:
-    """Stage 1 over frames (F, 3, H, W) in [-1, 1]."""
+def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
+                   checkpoint: Callable | None = None) -> Stage:
+    """Stage 1 over frames (F, 3, H, W) in [-1, 1]; ``checkpoint`` is the callback ``Stage.checkpoint`` describes."""
     groups, after_backward, after_step = [], [], []
     if cfg.uses_s_lora:
-        lora.add_lora(bb.unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha,
-                                                         bb.family))
+        lora.add_lora(bb.unet, S_LORA, cfg.lora_config("spatial", bb.family))
         lora.activate(bb.unet, [S_LORA], trainable=S_LORA)
         groups.append({"params": lora.lora_parameters(bb.unet, S_LORA), "lr": cfg.s_lora_lr, "name": S_LORA})
     prompt = cfg.spatial_prompt or cfg.prompt
@@ -81,15 +82,15 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
         return latents, cond.expand(n, -1, -1)
 
     return Stage("absorbers", cfg.absorber_steps, groups, batch, bypass=True, after_backward=after_backward,
-                 after_step=after_step)
+                 after_step=after_step, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)
 
 
-def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None) -> Stage:
+def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
+                 checkpoint: Callable | None = None) -> Stage:
     """Stage 2 over the whole clip (F, 3, H, W) in [-1, 1]; absorbers (if any) active and frozen."""
     if ti is not None:
         ti.freeze()
-    lora.add_lora(bb.unet, T_LORA, lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha,
-                                                         bb.family))
+    lora.add_lora(bb.unet, T_LORA, cfg.lora_config("temporal", bb.family))
     active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
     lora.activate(bb.unet, active, trainable=T_LORA)
     prompt = ti.expand(cfg.prompt) if ti is not None else cfg.prompt
@@ -113,4 +114,5 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         return latents, cond
 
     groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.t_lora_lr, "name": T_LORA}]
-    return Stage("t_lora", cfg.steps, groups, batch, bypass=False, timesteps=tuple(int(t) for t in cfg.t_lora_timesteps))
+    return Stage("t_lora", cfg.steps, groups, batch, bypass=False, timesteps=tuple(int(t) for t in cfg.t_lora_timesteps),
+                 checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)
