@@ -85,7 +85,8 @@ def _read_json(resolved: str, name: str, what: str) -> dict:
     try:
         return json.loads(Path(hf_hub_download(resolved, name)).read_text())
     except Exception as exc:  # network or cache errors: one clear line
-        raise CavError(f"could not read {name} of {what} '{resolved}' ({type(exc).__name__}): pass a local folder") from None
+        raise CavError(f"could not read {name} of {what} '{resolved}': no local folder of that name, and as a hub id it "
+                       f"could not be fetched ({type(exc).__name__}); pass an existing local folder") from None
 
 
 def read_unet_config(base: str | Path) -> dict:
