@@ -120,8 +120,8 @@ def family_of(base: str | Path, motion_adapter: str | None = None) -> Family:
     resolved = resolve_base(base)
     try:
         index = _read_json(resolved, "model_index.json", "base")
-    except CavError:
-        index = {}  # an unreachable hub id: loading it reports the problem
+    except CavError:  # an unreachable hub id: take the family the arguments say; loading it reports the problem
+        index = {"unet": [None, IMAGE_UNET if motion_adapter else FAMILIES["unet3d"].unet_class]}
     unet_cls = (index.get("unet") or [None, FAMILIES["unet3d"].unet_class])[1]
     if motion_adapter:
         if unet_cls != IMAGE_UNET:
