@@ -185,3 +185,20 @@ def test_an_unknown_hub_id_fails_fast(argv, no_network, capsys):
     code, err = _run(capsys, *argv)
     _refused(code, err, "nobody/no-such-model", "hub cannot be reached", "hf download", "--base DIR")
     assert no_network == [] and time.process_time() - t0 < 5  # one failed request, no retries
+
+
+def test_animatediff_frame_limit_comes_from_the_motion_adapter(tmp_path):
+    import json
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    shutil.copy(backbone.ASSETS / "animatediff_motion_adapter_v1_5_2_config.json", adapter / "config.json")
+    limit = json.loads((adapter / "config.json").read_text())[backbone.FRAME_LIMIT_KEY]
+    configs = dict(unet_config=json.loads((backbone.ASSETS / "sd15_unet_config.json").read_text()),
+                   vae_config=json.loads((backbone.ASSETS / "modelscope_vae_config.json").read_text()))
+    backbone.check_shape("sd", (512, 512), limit, motion_adapter=str(adapter), **configs)
+    with pytest.raises(CavError, match=rf"positions for {limit} frames\): use --frames {limit} or fewer"):
+        backbone.check_shape("sd", (512, 512), limit + 1, motion_adapter=str(adapter), **configs)
+    with pytest.raises(CavError, match="multiples of 64.*use 512 or 576"):  # SD 1.5: VAE 8x, 4 down blocks 8x
+        backbone.check_shape("sd", (520, 520), 16, motion_adapter=str(adapter), **configs)

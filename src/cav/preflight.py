@@ -17,7 +17,7 @@ from .prompts import check_prompt
 def check_train(cfg: TrainConfig) -> None:
     """Refuse (CavError) a size or frame count the base cannot take and a prompt whose cut drops a textual-inversion
     token; warn of any other prompt cut. Prompts are checked when the base's tokenizer is on this machine."""
-    backbone.check_shape(cfg.base, cfg.size, cfg.frames)
+    backbone.check_shape(cfg.base, cfg.size, cfg.frames, motion_adapter=cfg.motion_adapter or None)
     if not cfg.prompt.strip():
         return
     tokenizer = local_tokenizer(cfg.base)
