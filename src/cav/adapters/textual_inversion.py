@@ -14,10 +14,21 @@ from ..errors import CavError
 from ..io_utils import save_safetensors
 
 
+def token_names(placeholder: str, n_tokens: int) -> list[str]:
+    """The N token strings of a placeholder (diffusers' multi-vector convention)."""
+    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, n_tokens)]
+
+
+def expand(prompt: str, tokens: list[str]) -> str:
+    """Replace the placeholder (``tokens[0]``) by all N tokens, or prefix them when the prompt lacks it."""
+    joined = " ".join(tokens)
+    return prompt.replace(tokens[0], joined) if tokens[0] in prompt else f"{joined} {prompt}"
+
+
 class TextualInversion:
     def __init__(self, tokenizer, text_encoder, placeholder: str = "<cav>", n_tokens: int = 4, init_word: str = "object"):
         self.tokenizer, self.text_encoder, self.placeholder = tokenizer, text_encoder, placeholder
-        self.tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, n_tokens)]
+        self.tokens = token_names(placeholder, n_tokens)
         clash = [t for t in self.tokens if t in tokenizer.get_vocab()]
         if clash:
             raise CavError(f"token {clash[0]} is already in the tokenizer: pick another --ti-token")
@@ -40,8 +51,7 @@ class TextualInversion:
 
     def expand(self, prompt: str) -> str:
         """Put the N tokens into a prompt: replace the placeholder, or prefix them when it is absent."""
-        joined = " ".join(self.tokens)
-        return prompt.replace(self.placeholder, joined) if self.placeholder in prompt else f"{joined} {prompt}"
+        return expand(prompt, self.tokens)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         self.weight.requires_grad_(True)
@@ -73,6 +83,40 @@ class TextualInversion:
 
     def save(self, path: Path) -> Path:
         return save_safetensors(path, {self.placeholder: self.embeddings()})
+
+    @classmethod
+    def from_file(cls, tokenizer, text_encoder, path: Path, placeholder: str = "<cav>") -> "TextualInversion":
+        """New tokens holding an existing embedding (diffusers ``{token: [N, dim]}`` or A1111 ``emb_params``)."""
+        rows = read_embedding(path)
+        dim = text_encoder.get_input_embeddings().weight.shape[1]
+        if rows.shape[1] != dim:
+            raise CavError(f"embedding '{path}' has {rows.shape[1]}-dim vectors, but this base's text encoder has "
+                           f"{dim}: pass an embedding made for this base's text encoder")
+        ti = cls(tokenizer, text_encoder, placeholder, rows.shape[0])
+        with torch.no_grad():
+            ti.weight[ti.ids] = rows.to(ti.weight.device, ti.weight.dtype)
+        ti._frozen_rows = ti.weight.detach().clone()
+        return ti
+
+
+def read_embedding(path: Path) -> torch.Tensor:
+    """The (N, dim) vectors of a one-tensor safetensors textual-inversion file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CavError(f"textual inversion file '{path}' does not exist: pass a .safetensors embedding")
+    if path.suffix != ".safetensors":
+        raise CavError(f"textual inversion '{path}' is not a .safetensors file: convert it (pickle files are not loaded)")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise CavError(f"could not read textual inversion '{path}' ({type(exc).__name__}): is it safetensors?") from None
+    if len(tensors) != 1:
+        raise CavError(f"'{path}' holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:3])}), not one embedding: "
+                       "pass a single-text-encoder embedding (SD 1.5 style)")
+    rows = next(iter(tensors.values())).float()
+    return rows[None] if rows.ndim == 1 else rows
 
 
 def placeholder_of(path: Path) -> str:
