@@ -522,6 +522,7 @@ def _count_phase(size: str, dev: torch.device, bench: "_Bench", only: set[str]) 
         bench.release()
     shape = list(rig.latents.shape)
     del rig
+    gc.collect()  # the bf16 UNet sits in reference cycles (step closures): free it before the timing rig is built
     bench.release()
     return {"counts": counts, "breaks": breaks, "latent": shape, "dtype": str(dtype).replace("torch.", "")}
 
