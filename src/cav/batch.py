@@ -23,7 +23,9 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -332,7 +334,8 @@ def train_row(spec: dict) -> dict:
         state = read_state(run) or {}
         again = state.get("hash") == spec["hash"] and resume.latest(run) is not None
         seconds = float(state.get("seconds") or 0) if again else 0.0
-        record = {"name": spec["name"], "line": spec["line"], "hash": spec["hash"], "status": "running"}
+        record = {"name": spec["name"], "line": spec["line"], "hash": spec["hash"], "status": "running",
+                  "host": socket.gethostname(), "pid": os.getpid()}
         write_state(run, record)
         t0 = time.time()
         try:
@@ -453,7 +456,7 @@ def run(steps: list[Step], out: Path, opts: Options, manifest: str, echo: Callab
                 with _ray(opts.address) as started_here:
                     if not started_here:
                         check_cluster_paths(todo, out)
-                    _drive(todo, out, opts, len(steps) - len(todo), lambda: write_index(steps, out, manifest))
+                    _drive(todo, out, opts, _skipped(steps), lambda: write_index(steps, out, manifest))
         finally:
             index = write_index(steps, out, manifest)
         return index
@@ -531,7 +534,11 @@ def _unreadable(paths: list[str]) -> list[str]:
     return [p for p in paths if not os.access(p, os.R_OK)]
 
 
-def _drive(todo: list[Step], out: Path, opts: Options, skipped: int, on_done: Callable[[], object]) -> None:
+def _skipped(steps: list[Step]) -> dict:
+    return {"done": sum(s.action == "skip-finished" for s in steps), "failed": sum(s.action == "skip-failed" for s in steps)}
+
+
+def _drive(todo: list[Step], out: Path, opts: Options, skipped: dict, on_done: Callable[[], object]) -> None:
     """Submit rows while slots are free and report each as it ends (a line each; the index is rewritten).
 
     Ctrl-C stops submitting and cancels the running tasks, which reach ``api.train`` as KeyboardInterrupt: it
@@ -543,8 +550,8 @@ def _drive(todo: list[Step], out: Path, opts: Options, skipped: int, on_done: Ca
     need, parallel = resources(ray.cluster_resources(), ray.nodes(), opts)
     task = ray.remote(train_row).options(max_retries=2, retry_exceptions=False, **need)
     pending, running = list(todo), {}
-    counts = {"done": skipped, "failed": 0}
-    bar = tqdm(total=len(todo) + skipped, initial=skipped, desc="library", unit="row", disable=opts.quiet,
+    counts = dict(skipped)
+    bar = tqdm(total=len(todo) + sum(skipped.values()), initial=sum(skipped.values()), desc="library", unit="row", disable=opts.quiet,
                dynamic_ncols=True)
     try:
         while pending or running:
