@@ -462,12 +462,19 @@ def run(steps: list[Step], out: Path, opts: Options, manifest: str, echo: Callab
         return index
 
 
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise CavError("cav batch runs on Ray, which is not installed: pip install 'cav[batch]' (or ray==2.60.0)") from None
+    return ray
+
+
 @contextlib.contextmanager
 def _ray(address: str | None):
     """Connect to Ray: an existing cluster (``address``), the one already initialised in this process, or a new
     local one; yields whether this call started a local cluster (then it also shuts it down)."""
-    import ray
-
+    ray = _import_ray()
     if ray.is_initialized():
         yield address is None
         return
