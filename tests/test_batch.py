@@ -260,7 +260,8 @@ def test_ctrl_c_checkpoints_running_rows_and_says_how_to_continue(cluster, input
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err
-    assert f"continue with `cav batch {inputs / 'm.csv'} --out {out}`" in err.strip().splitlines()[-1]
+    again = f"cav batch {inputs / 'm.csv'} --out {out} --recipe {inputs / 'recipe.yaml'} --address {cluster}"
+    assert f"continue with `{again}`" in err.strip().splitlines()[-1]
     assert "Traceback" not in err
     assert _status(out / "right") in ("interrupted", "finished") and resume.latest(out / "right") is not None
     assert _status(out / "down") is None  # never submitted

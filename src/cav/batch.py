@@ -44,6 +44,7 @@ RECIPE_KEYS = tuple(k for k in TrainConfig.field_names() if k not in ("prompt", 
 KNOWN = set(REQUIRED) | {"name"} | set(VIDEO_KEYS) | set(RECIPE_KEYS)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 STATE = "batch.json"
+RESERVED = ("index.json", "index.md", "library.png")  # the library's own files in OUT
 LOCK = ".batch.lock"
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".yaml": "yaml", ".yml": "yaml"}
 
@@ -184,8 +185,9 @@ def _row(line: int, raw, recipe: dict, folder: Path) -> Row:
         raise CavError("prompt is empty: describe the clip and its motion")
     clip = _clip_path(_text(raw, "clip"), folder)
     name = _text(raw, "name") or clip.stem
-    if not NAME_RE.match(name):
-        raise CavError(f"name '{name}' is not a folder name: use letters, digits, '.', '_', '-' (column `name`)")
+    if not NAME_RE.match(name) or name in RESERVED:
+        raise CavError(f"name '{name}' is not a folder name: use letters, digits, '.', '_', '-', not {'/'.join(RESERVED)} "
+                       "(column `name`)")
     overrides = {k: _value(k, raw[k]) for k in RECIPE_KEYS if k in raw and raw[k] not in ("", None)}
     video_options = {k: _typed(k, raw[k], VIDEO_KEYS[k]) for k in VIDEO_KEYS if k in raw and raw[k] not in ("", None)}
     data = {**recipe, **overrides, "prompt": prompt, "spatial_prompt": spatial}
@@ -223,8 +225,6 @@ _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list}
 
 def _value(key: str, value):
     typ = _TYPES[str(next(f.type for f in dataclasses.fields(TrainConfig) if f.name == key))]
-    if key == "size" and isinstance(value, int) and not isinstance(value, bool):
-        return value
     return _typed(key, value, typ)
 
 

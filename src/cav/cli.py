@@ -322,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "command", None) == "train" and getattr(args, "video", None):
             hint = f"; the last step is checkpointed: continue with `cav train {args.video} --resume --out {args.out}`"
         if getattr(args, "command", None) == "batch":
-            hint = f"; running rows checkpointed their last step: continue with `cav batch {args.manifest} --out {args.out}`"
+            again = " ".join([args.manifest, "--out", args.out] + (["--recipe", args.recipe] if args.recipe else [])
+                             + (["--address", args.address] if args.address else []))
+            hint = f"; running rows checkpointed their last step: continue with `cav batch {again}`"
         print(f"cav: interrupted{hint}", file=sys.stderr)
         return 130
 
