@@ -123,6 +123,14 @@ class TrainConfig:
     def uses_ti(self) -> bool:
         return self.absorbers in ("ti", "both")
 
+    def lora_config(self, kind: str):
+        """The peft ``LoraConfig`` of this recipe's S-LoRA (``kind="spatial"``) or T-LoRA (``"temporal"``)."""
+        from .adapters.lora import lora_config
+
+        rank, alpha = ((self.s_lora_rank, self.s_lora_alpha) if kind == "spatial"
+                       else (self.t_lora_rank, self.t_lora_alpha))
+        return lora_config(kind, self.placement, rank, alpha)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,3 +46,24 @@ def save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = No
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(path)
+
+
+@contextmanager
+def publish_dir(final: str | Path):
+    """Yield an empty temporary folder beside ``final``; on success it replaces ``final`` (two renames, so a kill at
+    any moment leaves either the old folder or the new one under ``final``'s name, never a half-written one)."""
+    final = Path(final)
+    tmp, old = final.parent / f".tmp-{final.name}", final.parent / f".old-{final.name}"
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
