@@ -247,22 +247,13 @@ def _typed(key: str, value, typ: type):
 
 
 # -------------------------------------------------------------------------------------- state, hash and plan
-def file_hash(path: Path) -> str:
-    """SHA-256 of a clip's bytes; for a folder of images, of every file's name and bytes in name order."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            digest.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def config_hash(row: Row) -> str:
-    """What makes two runs the same run: the resolved recipe, the frame selection and the clip's content."""
-    blob = json.dumps({"recipe": row.cfg.to_dict(), "video": row.video_options, "clip": file_hash(row.clip)},
+    """What makes two runs the same run: the resolved recipe, the frame selection and the clip's content (hashed
+    as ``runfolder.clip_record`` hashes it for the run's own ``data.json``)."""
+    from . import runfolder
+
+    clip = runfolder.clip_record(row.clip, row.video_options)
+    blob = json.dumps({"recipe": row.cfg.to_dict(), "video": clip["selection"], "clip": clip["sha256"]},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -281,14 +272,14 @@ def write_state(run: Path, state: dict) -> None:
 
 def plan(rows: list[Row], out: Path, retry_failed: bool = False) -> list[Step]:
     """Decide per row from its run folder; a folder this batch may not touch is an error for that row."""
-    from . import api, resume
+    from . import resume, runfolder
 
     steps, errors = [], []
     for row in rows:
         row.key = config_hash(row)
         run = Path(out) / row.name
         state = read_state(run)
-        holds = run.is_dir() and any((run / m).exists() for m in api.RUN_MARKERS)
+        holds = run.is_dir() and any((run / m).exists() for m in runfolder.RUN_MARKERS)
         point = resume.latest(run) if holds else None
         same = state is not None and state.get("hash") == row.key
         status = state.get("status") if state else None
@@ -314,8 +305,7 @@ def plan(rows: list[Row], out: Path, retry_failed: bool = False) -> list[Step]:
 
 
 def _resume_detail(point) -> str:
-    stage, step, _ = point
-    return f"from {stage} step {step}"
+    return f"from {point.stage} step {point.step}"
 
 
 # --------------------------------------------------------------------------------------------- one row (task)
