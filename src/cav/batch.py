@@ -315,33 +315,41 @@ def train_row(spec: dict) -> dict:
     A worker lost mid-row is retried by Ray and resumes from the last checkpoint; Ctrl-C (``ray.cancel``) reaches
     ``api.train`` as KeyboardInterrupt, which checkpoints the last step before the task ends.
     """
-    from . import api, resume
-
     run = Path(spec["out"]) / spec["name"]
     run.mkdir(parents=True, exist_ok=True)
     _set_threads(spec["cpus"])
-    with _lock(run / LOCK, wait=120, busy=f"another process is training row '{spec['name']}'"):
-        state = read_state(run) or {}
-        again = state.get("hash") == spec["hash"] and resume.latest(run) is not None
-        seconds = float(state.get("seconds") or 0) if again else 0.0
-        record = {"name": spec["name"], "line": spec["line"], "hash": spec["hash"], "status": "running",
-                  "host": socket.gethostname(), "pid": os.getpid()}
-        write_state(run, record)
-        t0 = time.time()
-        try:
-            api.train(spec["clip"], TrainConfig.from_dict(spec["recipe"]), run, overwrite=not again, resume=again,
-                      quiet=True, video_options=spec["video_options"])
-        except KeyboardInterrupt:
-            write_state(run, {**record, "status": "interrupted", "seconds": round(seconds + time.time() - t0, 2)})
-            raise
-        except Exception as exc:  # one failing row never stops the others: record why, keep going
-            record.update(status="failed", error=one_line(exc), seconds=round(seconds + time.time() - t0, 2))
-            write_state(run, record)
-            return record
-        record.update(status="finished", seconds=round(seconds + time.time() - t0, 2), final_loss=final_loss(run),
-                      contact_sheet=_sheet(run))
+    try:
+        with _lock(run / LOCK, wait=120, busy=f"another process is training row '{spec['name']}'"):
+            return _train_locked(spec, run)
+    except CavError as busy:  # the folder belongs to another process: report, leave its state alone
+        return {"name": spec["name"], "line": spec["line"], "hash": spec["hash"], "status": "failed",
+                "error": str(busy)}
+
+
+def _train_locked(spec: dict, run: Path) -> dict:
+    from . import api, resume
+
+    state = read_state(run) or {}
+    again = state.get("hash") == spec["hash"] and resume.latest(run) is not None
+    seconds = float(state.get("seconds") or 0) if again else 0.0
+    record = {"name": spec["name"], "line": spec["line"], "hash": spec["hash"], "status": "running",
+              "host": socket.gethostname(), "pid": os.getpid()}
+    write_state(run, record)
+    t0 = time.time()
+    try:
+        api.train(spec["clip"], TrainConfig.from_dict(spec["recipe"]), run, overwrite=not again, resume=again,
+                  quiet=True, video_options=spec["video_options"])
+    except KeyboardInterrupt:
+        write_state(run, {**record, "status": "interrupted", "seconds": round(seconds + time.time() - t0, 2)})
+        raise
+    except Exception as exc:  # one failing row never stops the others: record why, keep going
+        record.update(status="failed", error=one_line(exc), seconds=round(seconds + time.time() - t0, 2))
         write_state(run, record)
         return record
+    record.update(status="finished", seconds=round(seconds + time.time() - t0, 2), final_loss=final_loss(run),
+                  contact_sheet=_sheet(run))
+    write_state(run, record)
+    return record
 
 
 def one_line(exc: BaseException) -> str:
