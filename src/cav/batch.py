@@ -44,6 +44,7 @@ RECIPE_KEYS = tuple(k for k in TrainConfig.field_names() if k not in ("prompt", 
 KNOWN = set(REQUIRED) | {"name"} | set(VIDEO_KEYS) | set(RECIPE_KEYS)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 STATE = "batch.json"
+PATH_KEYS = tuple(k for k in ("base", "motion_adapter", "s_lora_from", "ti_from") if k in TrainConfig.field_names())
 RESERVED = ("index.json", "index.md", "library.png")  # the library's own files in OUT
 LOCK = ".batch.lock"
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".yaml": "yaml", ".yml": "yaml"}
@@ -191,7 +192,7 @@ def _row(line: int, raw, recipe: dict, folder: Path) -> Row:
     overrides = {k: _value(k, raw[k]) for k in RECIPE_KEYS if k in raw and raw[k] not in ("", None)}
     video_options = {k: _typed(k, raw[k], VIDEO_KEYS[k]) for k in VIDEO_KEYS if k in raw and raw[k] not in ("", None)}
     data = {**recipe, **overrides, "prompt": prompt, "spatial_prompt": spatial}
-    data["base"] = _absolute_base(str(data.get("base", "toy")))
+    data.update({k: _absolute(str(data[k])) for k in PATH_KEYS if data.get(k)})
     try:
         cfg = TrainConfig.from_dict(data)
     except TypeError as exc:
@@ -215,9 +216,9 @@ def _clip_path(text: str, folder: Path) -> Path:
     return path.resolve()
 
 
-def _absolute_base(base: str) -> str:
-    """A base given as a relative folder becomes absolute: tasks do not run in the driver's folder."""
-    return str(Path(base).resolve()) if base != "toy" and Path(base).exists() else base
+def _absolute(path: str) -> str:
+    """A model or adapter given as a relative path becomes absolute: tasks do not run in the driver's folder."""
+    return str(Path(path).resolve()) if path != "toy" and Path(path).exists() else path
 
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list}
@@ -517,7 +518,8 @@ def check_cluster_paths(steps: list[Step], out: Path) -> None:
     probe = out / f".probe-{uuid.uuid4().hex}"
     write_text(probe, "cav batch probe\n")
     paths = {str(s.row.clip): f"clip of line {s.row.line}" for s in steps}
-    paths.update({s.row.cfg.base: "base model" for s in steps if Path(s.row.cfg.base).is_absolute()})
+    paths.update({getattr(s.row.cfg, k): k for s in steps for k in PATH_KEYS
+                  if Path(getattr(s.row.cfg, k)).is_absolute()})
     paths[str(probe)] = f"--out '{out}'"
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
@@ -530,7 +532,7 @@ def check_cluster_paths(steps: list[Step], out: Path) -> None:
         node, bad = next(iter(missing.items()))
         what = ", ".join(f"{paths[p]} ({p})" for p in bad[:3])
         raise CavError(f"{len(missing)} node(s) of the cluster cannot read the inputs, e.g. node {node}: {what}; "
-                       "put the clips, the base and --out on a filesystem every node mounts at the same path")
+                       "put the clips, models and --out on a filesystem every node mounts at the same path")
 
 
 def _unreadable(paths: list[str]) -> list[str]:
