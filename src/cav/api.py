@@ -15,9 +15,9 @@ from . import resume as resume_mod
 from . import backbone as backbone_mod
 from .adapters import lora
 from .adapters.textual_inversion import TextualInversion
-from .config import TrainConfig, dump_yaml
+from .config import SampleConfig, TrainConfig, dump_yaml, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
-from .io_utils import atomic_path, write_json, write_text
+from .io_utils import atomic_path, check_new_files, write_json, write_text
 from .sampling import sample_video
 from .stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
 from .trainer import JsonlLog, make_optimizer, run_stage
@@ -91,8 +91,8 @@ def validation_prompts(cfg: TrainConfig) -> list[str]:
     return [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]
 
 
-def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool = False, quiet: bool = False,
-          video_options: dict | None = None) -> Path:
+def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool = False,
+          quiet: bool = False) -> Path:
     """Run the staged method on one reference video; returns the run folder (layout in DESIGN.md).
 
     With ``resume`` the run continues from its furthest checkpoint (adapters, optimizer, RNG, stage and step), so
@@ -106,7 +106,8 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     holds_run = check_run_dir(out, overwrite, resume)
     if resume and not holds_run:
         raise CavError(f"nothing to resume in '{out}': drop --resume to start a new run there")
-    frames_u8 = read_video(video, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **(video_options or {}))
+    backbone_mod.resolve_dtype(cfg.dtype, backbone_mod.resolve_device(cfg.device))  # fp16 on a CPU: refuse now
+    frames_u8 = read_video(video, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **cfg.frame_selection())
     prepare_run_dir(out, overwrite, resume)
     point = resume_mod.latest(out) if resume else None
     t_start = time.time()
@@ -176,9 +177,7 @@ def _t_lora_meta(cfg: TrainConfig, step: int) -> dict:
     return {"kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
             "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": cfg.spatial_prompt,
             "absorbers": cfg.absorbers, "step": step,
-            "validation": {"prompts": validation_prompts(cfg), "seed": cfg.validation_seed, "frames": cfg.frames,
-                           "size": list(cfg.size), "steps": cfg.sample_steps, "guidance": cfg.guidance,
-                           "weight": cfg.lora_weight}}
+            "validation": {"prompts": validation_prompts(cfg), **cfg.sample_config().to_validation()}}
 
 
 def _write_absorbers(bb, cfg: TrainConfig, folder: Path, ti: TextualInversion | None) -> None:
@@ -219,10 +218,11 @@ def _checkpoint(bb, cfg: TrainConfig, out: Path, lora_cfg, step: int, active: li
         if not samples:
             return
         lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # only the T-LoRA, as at inference
+        sample = cfg.sample_config()
         try:
             with accel.on_device(bb.device, bb.vae, bb.text_encoder):
-                videos = [sample_video(bb, prompt, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps,
-                                       guidance=cfg.guidance, seed=cfg.validation_seed)
+                videos = [sample_video(bb, prompt, frames=sample.frames, size=sample.size, steps=sample.steps,
+                                       guidance=sample.guidance, seed=sample.seed)
                           for prompt in validation_prompts(cfg)]
         finally:
             lora.activate(bb.unet, active, trainable=T_LORA)
@@ -257,29 +257,17 @@ def _finalize(out: Path, cfg: TrainConfig, reference: np.ndarray, seconds: float
 
 
 # -------------------------------------------------------------------------------------------------- generate
-def parse_weighted(spec: str) -> tuple[str, float | None]:
-    """``PATH[:WEIGHT]`` → (path, weight or None); a Windows drive colon or a path with colons but no float suffix is
-    kept. None means the adapter's own default: the weight its run validated with (``lora_weight``), else 1."""
-    path, sep, weight = str(spec).rpartition(":")
-    if sep and path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return str(spec), None
-
-
 def load_adapters(bb, adapters: list[tuple[str, float | None]], image_loras: list[tuple[str, float | None]] = (),
-                  textual_inversions: list[str] = ()) -> list[dict]:
+                  textual_inversions: list[str] = (), default: float | None = None) -> list[dict]:
     """Load T-LoRAs (and optional spatial LoRAs, TI files) onto ``bb`` and activate them with their weights (None:
-    a T-LoRA's recorded ``lora_weight``, else 1)."""
+    ``default``, else a T-LoRA's recorded ``lora_weight``, else 1)."""
     names, weights, metas = [], [], []
     for i, (path, w) in enumerate(adapters):
         d = lora.find_adapter_dir(Path(path), "temporal")
         meta = lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal")
         metas.append(meta)
         names.append(f"t_lora_{i}")
-        weights.append(default_weight(meta) if w is None else w)
+        weights.append(w if w is not None else default if default is not None else default_weight(meta))
     for j, (path, w) in enumerate(image_loras):
         d = lora.find_adapter_dir(Path(path), "spatial")
         lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial")
@@ -302,36 +290,51 @@ def default_weight(meta: dict) -> float:
     return float(meta.get("validation", {}).get("weight", 1.0))
 
 
-def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, image_loras=(), textual_inversions=(),
-             base: str | None = None, frames: int | None = None, size=None, steps: int | None = None,
-             guidance: float | None = None, seed: int = 0, num_videos: int = 1, out="out.mp4", device="auto",
-             dtype="auto", negative_prompt: str | None = None, quiet: bool = False) -> list[Path]:
-    """Sample ``num_videos`` videos (seeds seed, seed+1, …); writes ``out`` (.mp4) and a .gif beside each."""
+def sample_settings(adapters: list[tuple[str, float | None]] = ()) -> SampleConfig:
+    """What `cav generate` samples with unless told otherwise: the first T-LoRA's recorded validation settings
+    (frames, size, steps, guidance), else SampleConfig's defaults."""
+    if not adapters:
+        return SampleConfig()
+    meta = lora.read_meta(lora.find_adapter_dir(Path(adapters[0][0]), "temporal"))
+    return SampleConfig.from_validation(meta.get("validation", {}))
+
+
+def output_files(out, num_videos: int, overwrite: bool = False) -> list[Path]:
+    """The videos ``generate`` will write (``out``, or ``out-k`` for several), checked before any sampling: the
+    format, an existing file (unless ``overwrite``), a folder in the way, a folder that cannot be written."""
+    out = Path(out)
+    if out.is_dir():
+        raise CavError(f"--out '{out}' is a folder: pass a video file name, e.g. {out / 'out.mp4'}")
+    other = {".mp4": ".gif", ".gif": ".mp4"}.get(out.suffix.lower())
+    if other is None:
+        raise CavError(f"--out '{out}' must end in .mp4 or .gif (the other format is written beside it)")
+    targets = [out] if num_videos == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(num_videos)]
+    check_new_files([p for t in targets for p in (t, t.with_suffix(other))], overwrite=overwrite, flag="--out")
+    return targets
+
+
+def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, sample: SampleConfig | None = None,
+             image_loras=(), textual_inversions=(), base: str | None = None, out="out.mp4", overwrite: bool = False,
+             device="auto", dtype="auto", quiet: bool = False) -> list[Path]:
+    """Sample ``sample.num_videos`` videos (seeds seed, seed+1, …); writes ``out`` (.mp4 or .gif) and the other
+    format beside each. ``sample`` None: ``sample_settings(adapters)``; its ``size`` None: the base's native size."""
     from .data.video import write_video
 
     if not prompt or not prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video to generate'")
-    out = Path(out)
-    if out.suffix.lower() != ".mp4":
-        raise CavError(f"--out '{out}' must end in .mp4 (a .gif is written beside it)")
+    sample = sample or sample_settings(adapters)
+    targets = output_files(out, sample.num_videos, overwrite)
     metas = [lora.read_meta(lora.find_adapter_dir(Path(p), "temporal")) for p, _ in adapters]
-    val = metas[0].get("validation", {}) if metas else {}
     base = base or (metas[0].get("base") if metas else None) or "toy"
     bb = backbone_mod.load(base, device, dtype)
-    load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions))
-    frames = frames or val.get("frames") or 16
-    size = tuple(size) if size else tuple(val.get("size") or _default_size(bb))
-    steps = steps or val.get("steps") or 25
-    guidance = guidance if guidance is not None else val.get("guidance", 9.0)
-    written = []
-    for k in range(num_videos):
-        video = sample_video(bb, prompt, frames=frames, size=size, steps=steps, guidance=guidance, seed=seed + k,
-                             negative_prompt=negative_prompt, progress=not quiet)
-        target = out if num_videos == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
-        write_video(target, video)
-        write_video(target.with_suffix(".gif"), video)
-        written.append(target)
-    return written
+    load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions), default=sample.lora_weight)
+    size = tuple(sample.size or _default_size(bb))
+    for k, target in enumerate(targets):
+        video = sample_video(bb, prompt, frames=sample.frames, size=size, steps=sample.steps, guidance=sample.guidance,
+                             seed=sample.seed + k, negative_prompt=sample.negative_prompt, progress=not quiet)
+        for path in (target, target.with_suffix(".gif" if target.suffix.lower() == ".mp4" else ".mp4")):
+            write_video(path, video)
+    return targets
 
 
 def _default_size(bb) -> tuple[int, int]:
