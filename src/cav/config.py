@@ -66,7 +66,8 @@ class SampleConfig:
     seed: int = _f(0, "seed of the first video's initial noise (video k uses seed + k)")
     num_videos: int = _f(1, "videos to sample (seeds seed, seed+1, ...)", unit="videos")
     lora_weight: float | None = _f(None, "weight of every --adapter given without :WEIGHT, in (0, 4]",
-                                   default_text="the weight the adapter's run validated with, else 1")
+                                   default_text="the weight the adapter's run validated with, else 1",
+                                   parse=lambda w: None if w is None else check_weight(w, "lora_weight"))
 
     def __post_init__(self):
         coerce_fields(self)
@@ -77,8 +78,6 @@ class SampleConfig:
             raise CavError(f"size (--size) {self.size[0]}x{self.size[1]} is too small: pass H or HxW, each ≥ 8")
         if self.guidance < 0:
             raise CavError(f"guidance (--guidance) must be ≥ 0, got {self.guidance}")
-        if self.lora_weight is not None:
-            self.lora_weight = check_weight(self.lora_weight, "lora_weight")
 
     # the keys a T-LoRA's cav.json records under "validation" (kept from before SampleConfig existed)
     _RECORDED = {"frames": "frames", "size": "size", "steps": "steps", "guidance": "guidance", "seed": "seed",
@@ -163,7 +162,8 @@ class TrainConfig:
     sample_steps: int = _f(_SAMPLE.steps, "denoising steps for validation samples", unit="steps")
     guidance: float = _f(_SAMPLE.guidance, "classifier-free guidance scale for validation samples")
     lora_weight: float = _f(1.0, "T-LoRA weight in validation samples, in (0, 4], recorded as the default weight of "
-                            "`cav generate --adapter RUN` (a smaller scale keeps more of the new appearance)")
+                            "`cav generate --adapter RUN` (a smaller scale keeps more of the new appearance)",
+                            parse=lambda w: check_weight(w, "lora_weight"))
     # system
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "frozen-weight dtype: auto = bf16/fp16 on GPU, fp32 "
@@ -195,7 +195,6 @@ class TrainConfig:
             raise CavError(f"t_lora_timesteps {list(self.t_lora_timesteps)} is invalid: need 0 ≤ low < high")
         if not 0.0 <= self.t_lora_prompt_dropout < 1.0:
             raise CavError(f"t_lora_prompt_dropout {self.t_lora_prompt_dropout} is invalid: pass a value in [0, 1)")
-        self.lora_weight = check_weight(self.lora_weight, "lora_weight")
         for name in ("t_lora_lr", "s_lora_lr", "ti_lr"):
             if getattr(self, name) <= 0:
                 raise CavError(f"{name} must be > 0")
