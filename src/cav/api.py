@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import accel
-from . import resume as resume_mod
 from . import backbone as backbone_mod
+from . import resume as resume_mod
+from . import runfolder
 from .adapters import lora
 from .adapters.textual_inversion import TextualInversion
-from .config import SampleConfig, TrainConfig, dump_yaml, parse_weighted  # noqa: F401 (parse_weighted: API)
+from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
-from .io_utils import atomic_path, check_new_files, write_json, write_text
 from .sampling import sample_video
 from .stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
 from .trainer import JsonlLog, make_optimizer, run_stage
 
 ASSETS = Path(__file__).parent / "assets"
-RUN_MARKERS = ("config.yaml", "log.jsonl", "t_lora", "checkpoints", "absorbers")
 
 
 # ----------------------------------------------------------------------------------------------- plan (dry run)
@@ -37,13 +34,13 @@ def plan(cfg: TrainConfig) -> dict:
         unet = UNet3DConditionModel.from_config(unet_config)
     stages = []
     if cfg.uses_s_lora:
-        n = lora.add_lora(unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha),
+        n = lora.add_lora(unet, S_LORA, cfg.lora_config("spatial"),
                           low_cpu_mem_usage=True)
         stages.append({"name": "s_lora", "trainable_params": lora.count_parameters(unet, S_LORA), "modules": n})
     if cfg.uses_ti:
         dim = _text_hidden_size(cfg.base, unet_config)
         stages.append({"name": "textual_inversion", "trainable_params": cfg.ti_tokens * dim, "modules": 1})
-    n = lora.add_lora(unet, T_LORA, lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha),
+    n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal"),
                       low_cpu_mem_usage=True)
     stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n})
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
@@ -60,57 +57,32 @@ def _text_hidden_size(base: str, unet_config: dict) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- train
-def check_run_dir(out: Path, overwrite: bool, resume: bool) -> bool:
-    """Refuse to touch an existing run unless asked; returns whether ``out`` holds one."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CavError(f"--out '{out}' is a file: pass a folder path")
-    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
-    if holds_run and not (overwrite or resume):
-        raise CavError(f"'{out}' already holds a run: pass --resume to continue it, --overwrite to replace it, "
-                       "or another --out")
-    return holds_run
-
-
-def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    out = Path(out)
-    holds_run = check_run_dir(out, overwrite, resume)
-    if holds_run and overwrite:
-        for m in RUN_MARKERS + ("samples",):
-            p = out / m
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def validation_prompts(cfg: TrainConfig) -> list[str]:
-    if cfg.validation_prompts:
-        return list(cfg.validation_prompts)
-    return [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]
-
-
-def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool = False,
-          quiet: bool = False) -> Path:
-    """Run the staged method on one reference video; returns the run folder (layout in DESIGN.md).
+def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool = False, quiet: bool = False,
+          video_options: dict | None = None) -> Path:
+    """Run the staged method on one reference video; returns the run folder (its files: ``runfolder.py``).
 
     With ``resume`` the run continues from its furthest checkpoint (adapters, optimizer, RNG, stage and step), so
-    it ends with the same adapters as an uninterrupted run.
+    it ends with the same adapters as an uninterrupted run; it must be the same clip, and without selection flags
+    it uses the frame selection the run recorded.
     """
-    from .data.video import read_video, to_tensor
+    from .data.video import check_exists, read_video, to_tensor
 
     if not cfg.prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
     out = Path(out)
-    holds_run = check_run_dir(out, overwrite, resume)
-    if resume and not holds_run:
-        raise CavError(f"nothing to resume in '{out}': drop --resume to start a new run there")
+    runfolder.check(out, overwrite, resume)
     backbone_mod.resolve_dtype(cfg.dtype, backbone_mod.resolve_device(cfg.device))  # fp16 on a CPU: refuse now
-    frames_u8 = read_video(video, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **cfg.frame_selection())
-    prepare_run_dir(out, overwrite, resume)
+    clip = runfolder.clip_record(check_exists(video), {**cfg.frame_selection(), **(video_options or {})})
+    if resume:
+        clip["selection"] = runfolder.resumed_selection(out, clip)
+        if runfolder.finished(out, cfg):
+            return out  # nothing left to train: the run and its summary stay as they are
+    selection = {k: clip["selection"].get(k) for k in ("stride", "fps", "start", "end")}
+    cfg = dataclasses.replace(cfg, **selection)  # config.yaml records the frames actually used
+    frames_u8 = read_video(video, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **clip["selection"])
+    runfolder.prepare(out, overwrite)
     point = resume_mod.latest(out) if resume else None
-    t_start = time.time()
+    clock = runfolder.Clock(point)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype)
@@ -119,11 +91,8 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
         accel.set_gradient_checkpointing(bb.unet, True)
     if cfg.compile:
         accel.compile_unet(bb.unet)
-    write_text(out / "config.yaml", dump_yaml(cfg))
-    if point:
-        resume_mod.truncate_log(out / "log.jsonl", point[0], point[1])
-    else:
-        write_text(out / "log.jsonl", "")
+    runfolder.start(out, cfg, point)
+    runfolder.record_clip(out, clip)
     frames = to_tensor(frames_u8)
     log = JsonlLog(out / "log.jsonl")
     run = dict(max_grad_norm=cfg.max_grad_norm, quiet=quiet,
@@ -131,129 +100,32 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     try:
         ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init) if cfg.uses_ti else None
         if cfg.absorbers != "none":
-            stage = absorber_stage(bb, cfg, frames, ti)
-            if point and point[0] == "t_lora":  # absorbers finished before the interruption
-                _load_absorbers(bb, cfg, out / "absorbers", ti)
+            stage = absorber_stage(bb, cfg, frames, ti, runfolder.absorber_checkpoint(bb, cfg, out, ti, clock))
+            if point and point.stage == "t_lora":  # absorbers finished before the interruption
+                runfolder.load_absorbers(bb, cfg, out / "absorbers", ti)
             else:
-                stage.checkpoint = lambda step, opt, gstate, _: _absorber_checkpoint(bb, cfg, out, ti, step, opt, gstate)
-                stage.checkpoint_every = cfg.checkpoint_every
                 start, opt = _restore(bb, cfg, stage, point, ti, gen) if point else (0, None)
                 run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
-                _save_absorbers(bb, cfg, out, ti)
-        stage = t_lora_stage(bb, cfg, frames, ti)
-        lora_cfg = lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha)
+                runfolder.publish_absorbers(bb, cfg, out, ti)
         active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
-        stage.checkpoint = lambda step, opt, gstate, interrupted: _checkpoint(
-            bb, cfg, out, lora_cfg, step, active, opt, gstate, samples=not interrupted)
-        stage.checkpoint_every = cfg.checkpoint_every
-        t_point = point if point and point[0] == "t_lora" else None
+        stage = t_lora_stage(bb, cfg, frames, ti, runfolder.t_lora_checkpoint(bb, cfg, out, active, clock))
+        t_point = point if point and point.stage == "t_lora" else None
         start, opt = _restore(bb, cfg, stage, t_point, ti, gen) if t_point else (0, None)
         run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
     finally:
         log.close()
-    _finalize(out, cfg, frames_u8, time.time() - t_start)
+    runfolder.finalize(out, frames_u8, clock)
     return out
 
 
-def _restore(bb, cfg: TrainConfig, stage, point, ti, gen) -> tuple[int, torch.optim.Optimizer]:
+def _restore(bb, cfg: TrainConfig, stage, point: resume_mod.ResumePoint, ti, gen) -> tuple[int, torch.optim.Optimizer]:
     """Load a checkpoint's adapter weights, optimizer and RNG state into a freshly built stage."""
-    name, _, folder = point
-    if name == "t_lora":
-        lora.load_lora_weights(bb.unet, folder / "t_lora", T_LORA)
+    if point.stage == "t_lora":
+        lora.load_lora_weights(bb.unet, point.folder / "t_lora", T_LORA)
     else:
-        _load_absorbers(bb, cfg, folder, ti)
+        runfolder.load_absorbers(bb, cfg, point.folder, ti)
     opt = make_optimizer(stage)
-    return resume_mod.load_state(folder, opt, gen), opt
-
-
-def _load_absorbers(bb, cfg: TrainConfig, folder: Path, ti: TextualInversion | None) -> None:
-    if cfg.uses_s_lora:
-        lora.load_lora_weights(bb.unet, folder / "s_lora", S_LORA)
-    if ti is not None:
-        ti.load_rows(folder / "textual_inversion.safetensors")
-
-
-def _t_lora_meta(cfg: TrainConfig, step: int) -> dict:
-    return {"kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
-            "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": cfg.spatial_prompt,
-            "absorbers": cfg.absorbers, "step": step,
-            "validation": {"prompts": validation_prompts(cfg), **cfg.sample_config().to_validation()}}
-
-
-def _write_absorbers(bb, cfg: TrainConfig, folder: Path, ti: TextualInversion | None) -> None:
-    if cfg.uses_s_lora:
-        meta = {"kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": cfg.s_lora_rank,
-                "alpha": cfg.s_lora_alpha, "prompt": cfg.spatial_prompt or cfg.prompt}
-        lora.save_lora(bb.unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha),
-                       folder / "s_lora", meta)
-    if ti is not None:
-        ti.save(folder / "textual_inversion.safetensors")
-
-
-def _save_absorbers(bb, cfg: TrainConfig, out: Path, ti: TextualInversion | None) -> None:
-    """Publish the trained absorbers as ``absorbers/`` (built aside, then renamed into place)."""
-    tmp, final = out / ".absorbers.tmp", out / "absorbers"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    _write_absorbers(bb, cfg, tmp, ti)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
-def _absorber_checkpoint(bb, cfg: TrainConfig, out: Path, ti, step: int, opt, gen_state) -> None:
-    with resume_mod.CheckpointWriter(out, "absorbers", step) as tmp:
-        _write_absorbers(bb, cfg, tmp, ti)
-        resume_mod.save_state(tmp, "absorbers", step, opt, gen_state)
-
-
-def _checkpoint(bb, cfg: TrainConfig, out: Path, lora_cfg, step: int, active: list[str], opt, gen_state,
-                samples: bool = True) -> None:
-    """Save T-LoRA, trainer state and validation samples made exactly as `cav generate` makes them."""
-    from .data.video import write_video
-
-    with resume_mod.CheckpointWriter(out, "t_lora", step) as ckpt:
-        lora.save_lora(bb.unet, T_LORA, lora_cfg, ckpt / "t_lora", _t_lora_meta(cfg, step))
-        resume_mod.save_state(ckpt, "t_lora", step, opt, gen_state)
-        if not samples:
-            return
-        lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # only the T-LoRA, as at inference
-        sample = cfg.sample_config()
-        try:
-            with accel.on_device(bb.device, bb.vae, bb.text_encoder):
-                videos = [sample_video(bb, prompt, frames=sample.frames, size=sample.size, steps=sample.steps,
-                                       guidance=sample.guidance, seed=sample.seed)
-                          for prompt in validation_prompts(cfg)]
-        finally:
-            lora.activate(bb.unet, active, trainable=T_LORA)
-        for i, video in enumerate(videos):
-            for ext in (".mp4", ".gif"):
-                write_video(ckpt / "samples" / f"sample-{i}{ext}", video)
-            with atomic_path(ckpt / "samples" / f"sample-{i}.npy") as tmp, open(tmp, "wb") as fh:
-                np.save(fh, video, allow_pickle=False)
-
-
-def _finalize(out: Path, cfg: TrainConfig, reference: np.ndarray, seconds: float) -> None:
-    """Publish the last checkpoint as the run's T-LoRA and samples, plus a contact sheet."""
-    from .data.video import write_contact_sheet
-
-    ckpts = sorted(d for d in (out / "checkpoints").glob("step-*") if (d / "samples").is_dir())
-    if not ckpts:
-        return
-    last = ckpts[-1]
-    for name in ("t_lora", "samples"):
-        dst = out / name
-        tmp = out / f".{name}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        shutil.copytree(last / name, tmp)
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    samples = [np.load(p, allow_pickle=False) for p in sorted((out / "samples").glob("sample-*.npy"))]
-    write_contact_sheet(out / "samples" / "contact_sheet.png", [[reference], samples],
-                        labels=["reference", f"T-LoRA step {int(last.name[5:])}"])
-    write_json(out / "summary.json", {"seconds": round(seconds, 2), "final_checkpoint": last.name})
+    return resume_mod.load_state(point.folder, opt, gen), opt
 
 
 # -------------------------------------------------------------------------------------------------- generate
@@ -301,7 +173,7 @@ def sample_settings(adapters: list[tuple[str, float | None]] = ()) -> SampleConf
 
 def output_files(out, num_videos: int, overwrite: bool = False) -> list[Path]:
     """The videos ``generate`` will write (``out``, or ``out-k`` for several), checked before any sampling: the
-    format, an existing file (unless ``overwrite``), a folder in the way, a folder that cannot be written."""
+    format, a folder in the way, an existing file or its sidecar (unless ``overwrite``), an unwritable folder."""
     out = Path(out)
     if out.is_dir():
         raise CavError(f"--out '{out}' is a folder: pass a video file name, e.g. {out / 'out.mp4'}")
@@ -309,7 +181,12 @@ def output_files(out, num_videos: int, overwrite: bool = False) -> list[Path]:
     if other is None:
         raise CavError(f"--out '{out}' must end in .mp4 or .gif (the other format is written beside it)")
     targets = [out] if num_videos == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(num_videos)]
-    check_new_files([p for t in targets for p in (t, t.with_suffix(other))], overwrite=overwrite, flag="--out")
+    for path in (p for t in targets for p in (t, t.with_suffix(other))):
+        if path.is_dir():
+            raise CavError(f"'{path}' is a folder: pass another --out")
+        if path.exists() and not overwrite:
+            raise CavError(f"'{path}' exists: pass --overwrite to replace it, or another --out")
+    runfolder.check_writable(out.parent)
     return targets
 
 

@@ -118,10 +118,9 @@ def _add_train(sub) -> None:
     _opt(t, "--out", "run folder", "runs/train", metavar="DIR")
     t.add_argument("--dry-run", action="store_true", help="print the plan (parameters per stage) without weights")
     t.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
-    run = t.add_mutually_exclusive_group()
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
-                                                          "its recorded config.yaml")
-    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its "
+                                                        "recorded config.yaml and frame selection")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     options.add_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train, command="train")

@@ -33,7 +33,8 @@ def check_weight(weight, what: str, *, zero_ok: bool = False, example: str = "1.
     except (TypeError, ValueError):
         w = math.nan
     if isinstance(weight, bool) or not (math.isfinite(w) and (0 <= w if zero_ok else 0 < w) and w <= WEIGHT_MAX):
-        raise CavError(f"{what} {weight}{source} is invalid: pass a weight in {interval}, e.g. {example}")
+        shown = w if math.isfinite(w) else weight  # the number as parsed, else the text as written
+        raise CavError(f"{what} {shown}{source} is invalid: pass a weight in {interval}, e.g. {example}")
     return w
 
 
@@ -221,6 +222,14 @@ class TrainConfig:
     def frame_selection(self) -> dict:
         """``stride`` / ``fps`` / ``start`` / ``end`` for ``read_video`` (only those set)."""
         return {k: getattr(self, k) for k in ("stride", "fps", "start", "end") if getattr(self, k) is not None}
+
+    def lora_config(self, kind: str):
+        """The peft ``LoraConfig`` of this recipe's S-LoRA (``kind="spatial"``) or T-LoRA (``"temporal"``)."""
+        from .adapters.lora import lora_config
+
+        rank, alpha = ((self.s_lora_rank, self.s_lora_alpha) if kind == "spatial"
+                       else (self.t_lora_rank, self.t_lora_alpha))
+        return lora_config(kind, self.placement, rank, alpha)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -8,6 +8,8 @@ Stage 2 (T-LoRA): temporal-attention LoRA on the whole clip with the absorbers l
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .accel import offload
@@ -39,11 +41,12 @@ def encode_frames(bb: Backbone, frames: torch.Tensor, chunk: int = 8) -> torch.T
     return torch.cat(out).to(bb.device, bb.dtype)
 
 
-def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None) -> Stage:
-    """Stage 1 over frames (F, 3, H, W) in [-1, 1]."""
+def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
+                   checkpoint: Callable | None = None) -> Stage:
+    """Stage 1 over frames (F, 3, H, W) in [-1, 1]; ``checkpoint`` is the callback ``Stage.checkpoint`` describes."""
     groups, after_backward, after_step = [], [], []
     if cfg.uses_s_lora:
-        lora.add_lora(bb.unet, S_LORA, lora.lora_config("spatial", cfg.placement, cfg.s_lora_rank, cfg.s_lora_alpha))
+        lora.add_lora(bb.unet, S_LORA, cfg.lora_config("spatial"))
         lora.activate(bb.unet, [S_LORA], trainable=S_LORA)
         groups.append({"params": lora.lora_parameters(bb.unet, S_LORA), "lr": cfg.s_lora_lr, "name": S_LORA})
     prompt = cfg.spatial_prompt or cfg.prompt
@@ -63,14 +66,15 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
         return latents, cond.expand(n, -1, -1)
 
     return Stage("absorbers", cfg.absorber_steps, groups, batch, bypass=True, after_backward=after_backward,
-                 after_step=after_step)
+                 after_step=after_step, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)
 
 
-def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None) -> Stage:
+def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
+                 checkpoint: Callable | None = None) -> Stage:
     """Stage 2 over the whole clip (F, 3, H, W) in [-1, 1]; absorbers (if any) active and frozen."""
     if ti is not None:
         ti.freeze()
-    lora.add_lora(bb.unet, T_LORA, lora.lora_config("temporal", cfg.placement, cfg.t_lora_rank, cfg.t_lora_alpha))
+    lora.add_lora(bb.unet, T_LORA, cfg.lora_config("temporal"))
     active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
     lora.activate(bb.unet, active, trainable=T_LORA)
     prompt = ti.expand(cfg.prompt) if ti is not None else cfg.prompt
@@ -94,4 +98,5 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         return latents, cond
 
     groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.t_lora_lr, "name": T_LORA}]
-    return Stage("t_lora", cfg.steps, groups, batch, bypass=False, timesteps=tuple(int(t) for t in cfg.t_lora_timesteps))
+    return Stage("t_lora", cfg.steps, groups, batch, bypass=False, timesteps=tuple(int(t) for t in cfg.t_lora_timesteps),
+                 checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)

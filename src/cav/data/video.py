@@ -64,9 +64,7 @@ def read_video(
     """
     _check_read_args(frames, stride, fps, start, end, size, fit)
     size = (int(size[0]), int(size[1]))
-    path = Path(path)
-    if not path.exists():
-        raise CavError(f"video '{path}' is missing (no such file or folder): check the path")
+    path = check_exists(path)
     if path.is_dir():
         return _read_folder(path, frames=frames, stride=stride, fps=fps, start=start, end=end, size=size, fit=fit)
     if path.stat().st_size == 0:
@@ -82,6 +80,13 @@ def read_video(
         picked = [picked[i] for i in _uniform_indices(len(picked), frames)]
     _check_count(path, len(picked), frames, stride, fps, start, end)
     return np.stack(picked)
+
+
+def check_exists(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CavError(f"video '{path}' is missing (no such file or folder): check the path")
+    return path
 
 
 def _check_read_args(

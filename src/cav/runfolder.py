@@ -1,0 +1,245 @@
+"""The run folder protocol: what ``cav train`` writes, when, and how it is published (layout in README.md).
+
+One rule for every folder a run publishes (checkpoints, ``absorbers/``, ``t_lora/``, ``samples/``): it is built
+beside its final name and renamed into place with ``io_utils.publish_dir``, so a kill at any moment leaves the
+previous version or the new one, never half of one. ``api.train`` drives the stages; this module owns the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import accel
+from . import resume as resume_mod
+from .adapters import lora
+from .config import TrainConfig, dump_yaml
+from .errors import CavError
+from .io_utils import atomic_path, publish_dir, write_json, write_text
+from .sampling import sample_video
+from .stages import S_LORA, T_LORA
+
+RUN_MARKERS = ("config.yaml", "log.jsonl", "t_lora", "checkpoints", "absorbers", "data.json")
+PUBLISHED = ("samples", "summary.json")  # written when a run finishes: stale once it is replaced
+
+
+# ------------------------------------------------------------------------------------------ before any work
+def check(out: Path, overwrite: bool, resume: bool) -> bool:
+    """Refuse what would lose or mix up work, before anything is read or written; returns whether ``out`` holds
+    a run."""
+    out = Path(out)
+    if overwrite and resume:
+        raise CavError("--overwrite and --resume contradict each other: pass --resume to continue the run, "
+                       "or --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise CavError(f"--out '{out}' is a file: pass a folder path")
+    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+    if holds_run and not (overwrite or resume):
+        raise CavError(f"'{out}' already holds a run: pass --resume to continue it, --overwrite to replace it, "
+                       "or another --out")
+    if resume and not holds_run:
+        raise CavError(f"nothing to resume in '{out}': drop --resume to start a new run there")
+    check_writable(out)
+    return holds_run
+
+
+def check_writable(path: Path) -> None:
+    """Prove that ``path`` (a folder, existing or not) can be created and written, by writing a probe file into
+    its nearest existing ancestor (permission bits alone say nothing for root or on read-only mounts)."""
+    path = Path(path).absolute()
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CavError(f"cannot write '{path}': '{ancestor}' is a file, not a folder: pass another --out")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cav-probe-", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CavError(f"cannot write '{path}' ({exc.strerror or exc}): pass an --out in a folder you can write") from None
+
+
+def prepare(out: Path, overwrite: bool) -> None:
+    """Create ``out``; with ``overwrite`` remove the old run's files first (only cav's own, nothing else there)."""
+    out = Path(out)
+    if overwrite:
+        for name in RUN_MARKERS + PUBLISHED:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------- what the run trained on
+def clip_record(video, selection: dict | None) -> dict:
+    """The identity of the training data: the clip's path and content hash and the frame selection applied."""
+    path = Path(video)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            digest.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return {"clip": str(path.absolute()), "sha256": digest.hexdigest(),
+            "selection": {k: v for k, v in (selection or {}).items() if v is not None}}
+
+
+def record_clip(out: Path, record: dict) -> None:
+    write_json(Path(out) / "data.json", record)
+
+
+def resumed_selection(out: Path, record: dict) -> dict:
+    """Check that a resumed run trains on the clip it started with; returns the frame selection to use (the recorded
+    one when none is given). Runs from before ``data.json`` existed are not checked."""
+    path = Path(out) / "data.json"
+    if not path.is_file():
+        return record["selection"]
+    saved = json.loads(path.read_text())
+    if saved["sha256"] != record["sha256"]:
+        raise CavError(f"'{record['clip']}' is not the clip the run in '{out}' was trained on ({saved['clip']}): "
+                       "resume with that clip, or start a new run with another --out")
+    given = record["selection"]
+    if given and given != saved["selection"]:
+        raise CavError(f"the frame selection {_flags(given)} differs from the run's {_flags(saved['selection'])}: "
+                       "resume without selection flags to use the run's own")
+    return saved["selection"]
+
+
+def _flags(selection: dict) -> str:
+    return " ".join(f"--{k} {v}" for k, v in selection.items()) or "(none)"
+
+
+def finished(out: Path, cfg: TrainConfig) -> bool:
+    """Whether the run already ends where ``cfg`` would end it (a resume then has nothing to do)."""
+    path = Path(out) / "summary.json"
+    if not path.is_file():
+        return False
+    summary = json.loads(path.read_text())
+    return int(summary.get("final_checkpoint", "step-0")[5:]) == cfg.steps and (Path(out) / "t_lora").is_dir()
+
+
+# ----------------------------------------------------------------------------------------- during training
+def start(out: Path, cfg: TrainConfig, point: resume_mod.ResumePoint | None) -> None:
+    """Write the resolved recipe and cut the log back to the checkpoint the run continues from."""
+    write_text(Path(out) / "config.yaml", dump_yaml(cfg))
+    if point:
+        resume_mod.truncate_log(Path(out) / "log.jsonl", point.stage, point.step)
+    else:
+        write_text(Path(out) / "log.jsonl", "")
+
+
+class Clock:
+    """Training wall time across sessions: each checkpoint records the total so far, and a resumed run starts from
+    its checkpoint's total (a finished run's ``summary.json`` then counts every session, not only the last)."""
+
+    def __init__(self, point: resume_mod.ResumePoint | None):
+        before = 0.0
+        if point:
+            before = float(json.loads((point.folder / "state.json").read_text()).get("elapsed_seconds", 0.0))
+        self.t0 = time.time() - before
+
+    def total(self) -> float:
+        return round(time.time() - self.t0, 2)
+
+
+def validation_prompts(cfg: TrainConfig) -> list[str]:
+    if cfg.validation_prompts:
+        return list(cfg.validation_prompts)
+    return [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]
+
+
+def t_lora_meta(cfg: TrainConfig, step: int) -> dict:
+    return {"kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
+            "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": cfg.spatial_prompt,
+            "absorbers": cfg.absorbers, "step": step,
+            "validation": {"prompts": validation_prompts(cfg), **cfg.sample_config().to_validation()}}
+
+
+def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti) -> None:
+    if cfg.uses_s_lora:
+        meta = {"kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": cfg.s_lora_rank,
+                "alpha": cfg.s_lora_alpha, "prompt": cfg.spatial_prompt or cfg.prompt}
+        lora.save_lora(bb.unet, S_LORA, cfg.lora_config("spatial"), folder / "s_lora", meta)
+    if ti is not None:
+        ti.save(folder / "textual_inversion.safetensors")
+
+
+def load_absorbers(bb, cfg: TrainConfig, folder: Path, ti) -> None:
+    if cfg.uses_s_lora:
+        lora.load_lora_weights(bb.unet, folder / "s_lora", S_LORA)
+    if ti is not None:
+        ti.load_rows(folder / "textual_inversion.safetensors")
+
+
+def publish_absorbers(bb, cfg: TrainConfig, out: Path, ti) -> None:
+    """The trained absorbers become ``absorbers/``."""
+    with publish_dir(Path(out) / "absorbers") as tmp:
+        write_absorbers(bb, cfg, tmp, ti)
+
+
+def absorber_checkpoint(bb, cfg: TrainConfig, out: Path, ti, clock: Clock):
+    """The absorber stage's checkpoint callback: adapters + trainer state, no samples."""
+    def save(step: int, opt, gen_state, interrupted: bool) -> None:
+        with resume_mod.CheckpointWriter(out, "absorbers", step) as tmp:
+            write_absorbers(bb, cfg, tmp, ti)
+            resume_mod.save_state(tmp, "absorbers", step, opt, gen_state, elapsed_seconds=clock.total())
+    return save
+
+
+def t_lora_checkpoint(bb, cfg: TrainConfig, out: Path, active: list[str], clock: Clock):
+    """The T-LoRA stage's checkpoint callback: T-LoRA, trainer state and validation samples made exactly as
+    ``cav generate`` makes them (none when the checkpoint is taken on Ctrl-C: the user is waiting)."""
+    from .data.video import write_video
+
+    def save(step: int, opt, gen_state, interrupted: bool) -> None:
+        with resume_mod.CheckpointWriter(out, "t_lora", step) as ckpt:
+            lora.save_lora(bb.unet, T_LORA, cfg.lora_config("temporal"), ckpt / "t_lora", t_lora_meta(cfg, step))
+            resume_mod.save_state(ckpt, "t_lora", step, opt, gen_state, elapsed_seconds=clock.total())
+            if interrupted:
+                return
+            lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # only the T-LoRA, as at inference
+            s = cfg.sample_config()  # the settings `cav generate --adapter RUN` starts from
+            try:
+                with accel.on_device(bb.device, bb.vae, bb.text_encoder):
+                    videos = [sample_video(bb, prompt, frames=s.frames, size=s.size, steps=s.steps,
+                                           guidance=s.guidance, seed=s.seed)
+                              for prompt in validation_prompts(cfg)]
+            finally:
+                lora.activate(bb.unet, active, trainable=T_LORA)
+            for i, video in enumerate(videos):
+                for ext in (".mp4", ".gif"):
+                    write_video(ckpt / "samples" / f"sample-{i}{ext}", video)
+                with atomic_path(ckpt / "samples" / f"sample-{i}.npy") as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, video, allow_pickle=False)
+    return save
+
+
+# ------------------------------------------------------------------------------------------------ at the end
+def finalize(out: Path, reference: np.ndarray, clock: Clock) -> None:
+    """Publish the last checkpoint as the run's T-LoRA and samples, plus a contact sheet and ``summary.json``."""
+    from .data.video import write_contact_sheet
+
+    out = Path(out)
+    ckpts = sorted(d for d in (out / "checkpoints").glob("step-*") if (d / "samples").is_dir())
+    if not ckpts:
+        return
+    last = ckpts[-1]
+    for name in ("t_lora", "samples"):
+        with publish_dir(out / name) as tmp:
+            shutil.copytree(last / name, tmp, dirs_exist_ok=True)
+    samples = [np.load(p, allow_pickle=False) for p in sorted((out / "samples").glob("sample-*.npy"))]
+    write_contact_sheet(out / "samples" / "contact_sheet.png", [[reference], samples],
+                        labels=["reference", f"T-LoRA step {int(last.name[5:])}"])
+    write_json(out / "summary.json", {"seconds": clock.total(), "final_checkpoint": last.name})
