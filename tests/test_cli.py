@@ -187,6 +187,7 @@ def test_a_motion_adapter_needs_two_frames(tmp_path, tiny_video, tiny_model, cap
     code, err, _ = _run(capsys, *_train(tiny_video, tiny_model, out), "--frames", frames)
     _refused(code, err, "--frames", "≥ 2 frames")
     assert not out.exists()
+    _no_step_ran(out)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
@@ -199,6 +200,7 @@ def test_fp16_on_a_cpu_is_refused_before_the_run_is_replaced(tmp_path, tiny_vide
                         "--device", device)
     _refused(code, err, "fp16 is not for CPUs: use --dtype fp32 or auto")
     assert (out / "config.yaml").read_text() == "kept\n"
+    _no_step_ran(out)
     code, err, _ = _run(capsys, "generate", "--prompt", PROMPT, "--base", tiny_model, "--dtype", "fp16", "--device",
                         device, "--out", tmp_path / "v.mp4", "--quiet")
     _refused(code, err, "fp16 is not for CPUs")
