@@ -112,9 +112,8 @@ def _add_train(sub) -> None:
                                    "defaults shown, then --recipe, then the flags given (with --resume: the run's "
                                    "config.yaml, then the flags given). Every flag --a-b is the recipe key a_b.")
     t.add_argument("video", nargs="?", help="reference video (any ffmpeg format) or a folder of images")
-    _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it [default: none: the "
-         "defaults shown]",
-         metavar="NAME_OR_YAML")
+    _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it "
+         "[default: none: the defaults shown]", metavar="NAME_OR_YAML")
     _opt(t, "--out", "run folder", "runs/train", metavar="DIR")
     t.add_argument("--dry-run", action="store_true", help="print the plan (parameters per stage) without weights")
     t.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
@@ -159,20 +158,21 @@ def _add_generate(sub) -> None:
                                    "recorded values (frames, size, steps, guidance), else the defaults shown.")
     _opt(g, "--prompt", "what the videos show (a textual inversion's token may appear in it)", required=True)
     _opt(g, "--adapter", "T-LoRA: a run, checkpoint or adapter folder; WEIGHT in [0, 4] (0: off), default the run's "
-         "--lora-weight, else 1 (repeatable; weights compose) "
-         "[default: none: the base alone]", action="append", metavar="RUN_OR_ADAPTER[:WEIGHT]")
-    _opt(g, "--image-lora", "spatial LoRA folder, WEIGHT in [0, 4], default 1 (repeatable) [default: none]", action="append",
-         metavar="PATH[:WEIGHT]")
+         "--lora-weight, else 1 (repeatable; weights compose) [default: none: the base alone]", action="append",
+         metavar="RUN_OR_ADAPTER[:WEIGHT]")
+    _opt(g, "--image-lora", "spatial LoRA folder, WEIGHT in [0, 4], default 1 (repeatable) [default: none]",
+         action="append", metavar="PATH[:WEIGHT]")
     _opt(g, "--textual-inversion", "textual inversion .safetensors file, e.g. RUN/absorbers/"
          "textual_inversion.safetensors (repeatable) [default: none]", action="append", metavar="FILE")
     _opt(g, "--base", "base model: toy, a diffusers folder or a hub id [default: the adapter's base, else toy]")
-    options.add_flags(g, SampleConfig)
+    recorded = dict.fromkeys(("frames", "steps", "guidance"), "the adapter's, else ")
+    options.add_flags(g, SampleConfig, before_default=recorded)
     _opt(g, "--out", "output video, .mp4 or .gif; the other format is written beside it (with --num-videos N: "
          "NAME-0 … NAME-N-1). Videos are written scaled up by a whole factor (nearest neighbour) until the longer "
          "side is ≥ 128 px, so a 32x32 toy video is written at 128x128", "out.mp4", metavar="FILE")
     g.add_argument("--overwrite", action="store_true", help="replace output files that exist")
     _opt(g, "--device", "auto | cpu | cuda | cuda:N", "auto")
-    _opt(g, "--dtype", "weights' dtype: auto = bf16/fp16 on GPU, fp32 on CPU (fp16 and bf16 are for GPUs)", "auto",
+    _opt(g, "--dtype", "weights' dtype: auto = bf16/fp16 on GPU, fp32 on CPU (fp16 is for GPUs only)", "auto",
          type=options.arg_type(DTYPE), metavar="{auto,fp32,fp16,bf16}")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_generate)
@@ -239,7 +239,8 @@ def _add_toy(sub) -> None:
 
     toy_recipe = load_recipe("toy")
     d = sub.add_parser("demo", help="the whole method on the embedded toy model, scored against ground truth")
-    _opt(d, "--out", "demo folder (videos, contact sheet, metrics.json; its run/ is replaced)", "runs/demo", metavar="DIR")
+    _opt(d, "--out", "demo folder (videos, contact sheet, metrics.json; its run/ is replaced)", "runs/demo",
+         metavar="DIR")
     _opt(d, "--prompts", "new-appearance prompts to generate", 4, "prompts", type=_positive)
     _opt(d, "--steps", "T-LoRA training steps", toy_recipe["steps"], "steps (the toy recipe's)",
          type=options.arg_type(int))

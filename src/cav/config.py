@@ -95,7 +95,7 @@ class SampleConfig:
         """Settings `cav generate --adapter RUN` starts from: the run's frames, size, steps and guidance (not its seed
         or weight: the seed is generate's own, the weight applies per adapter)."""
         keep = ("frames", "size", "steps", "guidance")
-        return cls(**{name: record[cls._RECORDED[name]] for name in keep if record.get(cls._RECORDED[name]) is not None})
+        return cls(**{n: record[cls._RECORDED[n]] for n in keep if record.get(cls._RECORDED[n]) is not None})
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -168,7 +168,7 @@ class TrainConfig:
     # system
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "frozen-weight dtype: auto = bf16/fp16 on GPU, fp32 "
-                                                        "on CPU; fp16 and bf16 are for GPUs")
+                                                        "on CPU; fp16 is for GPUs only")
     gradient_checkpointing: Literal["auto", "on", "off"] = _f("auto", "recompute activations in the backward pass "
                                                               "(auto: on for GPUs under 16 GB)")
     cache_inputs: bool = _f(True, "encode frames and prompts once and reuse them every step")
