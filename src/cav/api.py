@@ -13,11 +13,10 @@ from . import backbone as backbone_mod
 from . import resume as resume_mod
 from . import runfolder
 from .adapters import lora
-from .adapters.textual_inversion import TextualInversion
 from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
 from .sampling import sample_video
-from .stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
+from .stages import S_LORA, T_LORA, absorber_stage, given_absorbers, make_textual_inversion, t_lora_stage
 from .trainer import JsonlLog, make_optimizer, run_stage
 
 ASSETS = Path(__file__).parent / "assets"
@@ -26,25 +25,19 @@ ASSETS = Path(__file__).parent / "assets"
 # ----------------------------------------------------------------------------------------------- plan (dry run)
 def plan(cfg: TrainConfig) -> dict:
     """Trainable parameters and adapted modules per stage, from the base's config files alone (meta device)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet3DConditionModel
-
-    unet_config = backbone_mod.read_unet_config(cfg.base)
-    with init_empty_weights():
-        unet = UNet3DConditionModel.from_config(unet_config)
+    unet, family = backbone_mod.empty_unet(cfg.base, cfg.motion_adapter or None)
+    unet_config = dict(unet.config)
     stages = []
-    if cfg.uses_s_lora:
-        n = lora.add_lora(unet, S_LORA, cfg.lora_config("spatial"),
-                          low_cpu_mem_usage=True)
+    if cfg.uses_s_lora and not cfg.absorbers_given:  # given absorbers (--s-lora-from/--ti-from) train nothing
+        n = lora.add_lora(unet, S_LORA, cfg.lora_config("spatial", family.name), low_cpu_mem_usage=True)
         stages.append({"name": "s_lora", "trainable_params": lora.count_parameters(unet, S_LORA), "modules": n})
-    if cfg.uses_ti:
+    if cfg.uses_ti and not cfg.absorbers_given:
         dim = _text_hidden_size(cfg.base, unet_config)
         stages.append({"name": "textual_inversion", "trainable_params": cfg.ti_tokens * dim, "modules": 1})
-    n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal"),
-                      low_cpu_mem_usage=True)
+    n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal", family.name), low_cpu_mem_usage=True)
     stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n})
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
-    return {"base": cfg.base, "placement": cfg.placement, "absorbers": cfg.absorbers,
+    return {"base": cfg.base, "family": family.name, "placement": cfg.placement, "absorbers": cfg.absorbers,
             "unet_params": base_params, "stages": stages}
 
 
@@ -85,7 +78,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     clock = runfolder.Clock(point)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype)
+    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype, motion_adapter=cfg.motion_adapter or None)
     accel.tune_backends(bb.device)
     if accel.wants_checkpointing(cfg.gradient_checkpointing, bb.device):
         accel.set_gradient_checkpointing(bb.unet, True)
@@ -98,8 +91,11 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     run = dict(max_grad_norm=cfg.max_grad_norm, quiet=quiet,
                autocast_dtype=bb.dtype if bb.device.type == "cuda" and bb.dtype != torch.float32 else None)
     try:
-        ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init) if cfg.uses_ti else None
-        if cfg.absorbers != "none":
+        ti = make_textual_inversion(bb, cfg) if cfg.uses_ti else None
+        if cfg.absorbers_given:  # --s-lora-from / --ti-from: existing appearance work, no stage 1
+            given_absorbers(bb, cfg)
+            runfolder.publish_absorbers(bb, cfg, out, ti)
+        elif cfg.absorbers != "none":
             stage = absorber_stage(bb, cfg, frames, ti, runfolder.absorber_checkpoint(bb, cfg, out, ti, clock))
             if point and point.stage == "t_lora":  # absorbers finished before the interruption
                 runfolder.load_absorbers(bb, cfg, out / "absorbers", ti)
@@ -136,13 +132,13 @@ def load_adapters(bb, adapters: list[tuple[str, float | None]], image_loras: lis
     names, weights, metas = [], [], []
     for i, (path, w) in enumerate(adapters):
         d = lora.find_adapter_dir(Path(path), "temporal")
-        meta = lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal")
+        meta = lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal", family=bb.family)
         metas.append(meta)
         names.append(f"t_lora_{i}")
         weights.append(w if w is not None else default if default is not None else default_weight(meta))
     for j, (path, w) in enumerate(image_loras):
         d = lora.find_adapter_dir(Path(path), "spatial")
-        lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial")
+        lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial", family=bb.family)
         names.append(f"image_lora_{j}")
         weights.append(1.0 if w is None else w)
     if names:
@@ -192,7 +188,7 @@ def output_files(out, num_videos: int, overwrite: bool = False) -> list[Path]:
 
 def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, sample: SampleConfig | None = None,
              image_loras=(), textual_inversions=(), base: str | None = None, out="out.mp4", overwrite: bool = False,
-             device="auto", dtype="auto", quiet: bool = False) -> list[Path]:
+             device="auto", dtype="auto", quiet: bool = False, motion_adapter: str | None = None) -> list[Path]:
     """Sample ``sample.num_videos`` videos (seeds seed, seed+1, …); writes ``out`` (.mp4 or .gif) and the other
     format beside each. ``sample`` None: ``sample_settings(adapters)``; its ``size`` None: the base's native size."""
     from .data.video import write_video
@@ -203,7 +199,9 @@ def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, samp
     targets = output_files(out, sample.num_videos, overwrite)
     metas = [lora.read_meta(lora.find_adapter_dir(Path(p), "temporal")) for p, _ in adapters]
     base = base or (metas[0].get("base") if metas else None) or "toy"
-    bb = backbone_mod.load(base, device, dtype)
+    if motion_adapter is None and metas and base == metas[0].get("base"):
+        motion_adapter = metas[0].get("motion_adapter")  # the adapter's own base: image model + its motion adapter
+    bb = backbone_mod.load(base, device, dtype, motion_adapter=motion_adapter)
     load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions), default=sample.lora_weight)
     size = tuple(sample.size or _default_size(bb))
     for k, target in enumerate(targets):

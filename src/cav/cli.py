@@ -78,7 +78,8 @@ def cmd_train(args) -> int:
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"base {result['base']}: UNet {result['unet_params']:,} parameters; placement {result['placement']}")
+            print(f"base {result['base']} ({result['family']}): UNet {result['unet_params']:,} parameters; "
+                  f"placement {result['placement']}")
             for s in result["stages"]:
                 print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules")
         return 0
@@ -136,7 +137,8 @@ def cmd_generate(args) -> int:
     sample = SampleConfig(**{**recorded.to_dict(), **options.given(args, SampleConfig)})
     paths = api.generate(args.prompt, adapters, sample=sample, image_loras=image_loras,
                          textual_inversions=args.textual_inversion or [], base=args.base, out=args.out,
-                         overwrite=args.overwrite, device=args.device, dtype=args.dtype, quiet=args.quiet)
+                         overwrite=args.overwrite, device=args.device, dtype=args.dtype, quiet=args.quiet,
+                         motion_adapter=args.motion_adapter)
     for p in paths:
         print(f"wrote {p} and {p.with_suffix('.gif' if p.suffix.lower() == '.mp4' else '.mp4')}{_written_size(p)}")
     return 0
@@ -165,6 +167,8 @@ def _add_generate(sub) -> None:
     _opt(g, "--textual-inversion", "textual inversion .safetensors file, e.g. RUN/absorbers/"
          "textual_inversion.safetensors (repeatable) [default: none]", action="append", metavar="FILE")
     _opt(g, "--base", "base model: toy, a diffusers folder or a hub id [default: the adapter's base, else toy]")
+    _opt(g, "--motion-adapter", "AnimateDiff MotionAdapter folder or hub id for an image-model --base [default: the "
+         "adapter's own]")
     recorded = dict.fromkeys(("frames", "steps", "guidance"), "the adapter's, else ")
     options.add_flags(g, SampleConfig, before_default=recorded)
     _opt(g, "--out", "output video, .mp4 or .gif; the other format is written beside it (with --num-videos N: "
@@ -176,6 +180,27 @@ def _add_generate(sub) -> None:
          type=options.arg_type(DTYPE), metavar="{auto,fp32,fp16,bf16}")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_generate)
+
+
+# ------------------------------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    from .export import export
+
+    path = export(args.run, args.format, args.out, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    ex = sub.add_parser("export", help="write a run's T-LoRA in another tool's layout (e.g. AnimateDiff MotionLoRA)")
+    ex.add_argument("run", help="run, checkpoint or T-LoRA folder")
+    from .export import FORMATS
+
+    _opt(ex, "--format", f"target layout: {', '.join(FORMATS)} (animatediff: the original MotionLoRA key layout)",
+         "animatediff", metavar="FORMAT")
+    _opt(ex, "--out", "output .safetensors [default: RUN/export/<the format's file name>]", metavar="FILE")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    ex.set_defaults(func=cmd_export)
 
 
 # --------------------------------------------------------------------------------------------- toy, demo
@@ -318,10 +343,11 @@ def _add_eval_bench(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cav", description="One-shot motion customization of text-to-video models")
     parser.add_argument("--version", action="version", version=f"cav {__version__}")
-    _choose(parser, "a command", "train, generate, demo, eval, toy, bench")
+    _choose(parser, "a command", "train, generate, export, demo, eval, toy, bench")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_train(sub)
     _add_generate(sub)
+    _add_export(sub)
     _add_toy(sub)
     _add_eval_bench(sub)
     return parser
