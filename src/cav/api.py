@@ -188,14 +188,17 @@ def output_files(out, num_videos: int, overwrite: bool = False) -> list[Path]:
 
 def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, sample: SampleConfig | None = None,
              image_loras=(), textual_inversions=(), base: str | None = None, out="out.mp4", overwrite: bool = False,
-             device="auto", dtype="auto", quiet: bool = False, motion_adapter: str | None = None) -> list[Path]:
-    """Sample ``sample.num_videos`` videos (seeds seed, seed+1, …); writes ``out`` (.mp4 or .gif) and the other
-    format beside each. ``sample`` None: ``sample_settings(adapters)``; its ``size`` None: the base's native size."""
+             device="auto", dtype="auto", quiet: bool = False, motion_adapter: str | None = None,
+             **settings) -> list[Path]:
+    """Sample ``num_videos`` videos (seeds seed, seed+1, …); writes ``out`` (.mp4 or .gif) and the other format
+    beside each. Settings: ``sample`` (None: the first adapter's recorded ones, see ``sample_settings``), then the
+    SampleConfig fields given in ``settings`` (``steps=10``, ``seed=3``; None means "not given"); ``size`` None: the
+    base's native size."""
     from .data.video import write_video
 
     if not prompt or not prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video to generate'")
-    sample = sample or sample_settings(adapters)
+    sample = (sample or sample_settings(adapters)).updated(**settings)
     targets = output_files(out, sample.num_videos, overwrite)
     metas = [lora.read_meta(lora.find_adapter_dir(Path(p), "temporal")) for p, _ in adapters]
     base = base or (metas[0].get("base") if metas else None) or "toy"

@@ -133,9 +133,8 @@ def cmd_generate(args) -> int:
 
     adapters = [parse_weighted(a, "--adapter") for a in args.adapter or []]
     image_loras = [parse_weighted(a, "--image-lora") for a in args.image_lora or []]
-    recorded = api.sample_settings(adapters)  # the first adapter's frames, size, steps, guidance (else defaults)
-    sample = SampleConfig(**{**recorded.to_dict(), **options.given(args, SampleConfig)})
-    paths = api.generate(args.prompt, adapters, sample=sample, image_loras=image_loras,
+    given = options.given(args, SampleConfig)  # over the first adapter's recorded settings (else the defaults)
+    paths = api.generate(args.prompt, adapters, **given, image_loras=image_loras,
                          textual_inversions=args.textual_inversion or [], base=args.base, out=args.out,
                          overwrite=args.overwrite, device=args.device, dtype=args.dtype, quiet=args.quiet,
                          motion_adapter=args.motion_adapter)
