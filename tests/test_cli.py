@@ -362,3 +362,17 @@ def test_api_generate_takes_a_sample_config_or_its_fields(tmp_path, tiny_model):
                      quiet=True)
     va, vb, vc = (read_video(p[0], frames=None, size=(128, 128)) for p in (a, b, c))
     assert (va == vb).all() and not (va == vc).all()
+
+
+def test_help_and_argument_errors_come_before_the_heavy_imports():
+    """`cav --help` and a typo's message do not wait for torch and diffusers to import (seconds on a busy machine)."""
+    import subprocess
+
+    code = ("import sys; from cav.cli import main\n"
+            "for argv in (['train', '--steps', 'two'], ['generate', '--prompt', 'x', '--adapter', 'r:nan']):\n"
+            "    assert main(argv) == 2\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
