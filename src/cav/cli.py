@@ -173,6 +173,12 @@ def cmd_bench_ablation(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from .ui.layout import serve
+
+    return serve(host=args.host, port=args.port, base=args.base, runs=args.runs, auth=args.auth, share=args.share)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cav", description="One-shot motion customization of text-to-video models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--out", default="runs/ablation")
     ba.add_argument("--json", action="store_true")
     ba.set_defaults(func=cmd_bench_ablation)
+
+    ui = sub.add_parser("ui", help="the web app (train, generate, browse runs) on a local address")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--base", default="toy", help="base model of new runs")
+    ui.add_argument("--runs", default="runs", help="folder of the runs the app trains and lists")
+    ui.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this login")
+    ui.add_argument("--share", action="store_true", help="also open a public share link (off by default)")
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 
