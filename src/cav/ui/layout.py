@@ -5,12 +5,14 @@ Element ids (``elem_id``) name what the browser test drives; keep them stable.
 
 from __future__ import annotations
 
+import html
 import os
 import signal
 import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from ..errors import CavError
@@ -18,7 +20,8 @@ from . import form
 from .app import TOY_CLIPS, App
 
 POLL_SECONDS = 1.0
-CSS = ".cav-grid td, .cav-grid th { padding: 4px; text-align: center; vertical-align: top; }"
+CSS = """.cav-grid td, .cav-grid th { padding: 4px; text-align: center; vertical-align: top; }
+.cav-line { margin: 2px 0; } .cav-error { color: #c0392b; font-weight: 600; }"""
 
 
 def _field_component(gr, f, value):
@@ -59,7 +62,7 @@ def build(app: App):
                         fps = gr.Number(0, label="fps (0: uniform spread)", elem_id="trim-fps")
                     preview = gr.Video(label="preview: the frames training sees", interactive=False,
                                        elem_id="clip-preview")
-                    preview_status = gr.Markdown(elem_id="preview-status")
+                    preview_status = gr.HTML(elem_id="preview-status")
                 with gr.Column():
                     prompt = gr.Textbox(label="prompt (appearance + motion)", elem_id="prompt")
                     spatial = gr.Textbox(label="spatial prompt (appearance only; empty: the prompt)",
@@ -79,14 +82,14 @@ def build(app: App):
                         resume_run = gr.Dropdown(app.resumable_choices(), label="resume a stopped run",
                                                  elem_id="resume-run")
                         resume_btn = gr.Button("Resume", elem_id="resume")
-            status = gr.Markdown(elem_id="train-status")
-            job = gr.Markdown(elem_id="job-status")
-            progress = gr.Markdown(elem_id="progress")
+            status = gr.HTML(elem_id="train-status")
+            job = gr.HTML(elem_id="job-status")
+            progress = gr.HTML(elem_id="progress")
             with gr.Row():
                 loss = gr.Plot(label="loss", elem_id="loss-plot")
                 with gr.Column():
                     sample = gr.Video(label="validation sample", interactive=False, elem_id="train-sample")
-                    sample_label = gr.Markdown(elem_id="sample-label")
+                    sample_label = gr.HTML(elem_id="sample-label")
             shown = gr.State({})
 
         with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
@@ -110,7 +113,7 @@ def build(app: App):
                         gen_steps = gr.Number(0, precision=0, label="steps (0: the run's)", elem_id="gen-steps")
                         gen_guidance = gr.Number(0, label="guidance (0: the run's)", elem_id="gen-guidance")
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-start")
-            gen_status = gr.Markdown(elem_id="gen-status")
+            gen_status = gr.HTML(elem_id="gen-status")
             gen_grid = gr.HTML(elem_id="gen-grid")
             gen_files = gr.File(label="downloads (mp4 and gif)", file_count="multiple", elem_id="gen-files")
 
@@ -118,7 +121,7 @@ def build(app: App):
             with gr.Row():
                 run_pick = gr.Dropdown(app.run_choices(), label="run", elem_id="runs-pick")
                 refresh_runs = gr.Button("↻ refresh", size="sm", elem_id="runs-refresh")
-            runs_status = gr.Markdown(elem_id="runs-status")
+            runs_status = gr.HTML(elem_id="runs-status")
             with gr.Row():
                 run_loss = gr.Plot(label="loss", elem_id="runs-loss")
                 metrics = gr.JSON(label="summary and metrics", elem_id="runs-metrics")
@@ -135,25 +138,27 @@ def build(app: App):
         trim = [clip, toy, start, end, fps, frames, adv[[f.name for f in fields].index("size")],
                 adv[[f.name for f in fields].index("fit")]]
         for comp in (clip, start, end, fps, frames):
-            comp.change(app.preview, trim, [preview, preview_status])
+            comp.change(_said(app.preview, 1), trim, [preview, preview_status])
 
         def pick_preset(name):
             vals = app.preset(name)
             return [vals["frames"]] + [vals[f.name] for f in fields]
 
-        toy.change(lambda *v: _pick_toy(gr, app, *v), trim, [prompt, spatial, preview, preview_status])
+        toy.change(_said(lambda *v: _pick_toy(gr, app, *v), 3), trim, [prompt, spatial, preview, preview_status])
         preset.change(pick_preset, preset, [frames] + adv)
-        start_btn.click(lambda *v: _start(app, fields, v), [clip, toy, start, end, fps, prompt, spatial, frames, name,
+        start_btn.click(_said(lambda *v: _start(app, fields, v)), [clip, toy, start, end, fps, prompt, spatial, frames, name,
                                                             overwrite] + adv, status)
-        stop_btn.click(app.stop_training, None, status)
-        resume_btn.click(app.resume_training, resume_run, status)
+        stop_btn.click(_said(app.stop_training), None, status)
+        resume_btn.click(_said(app.resume_training), resume_run, status)
 
         def poll(state):
             out = app.poll(state)
-            return (out["job"], out.get("progress", ""), out.get("figure", gr.update()),
-                    out.get("sample", gr.update()), out.get("sample_label", gr.update()), out["shown"])
+            label = say(out["sample_label"]) if "sample_label" in out else gr.update()
+            return (say(out["job"]), say(out.get("progress", "")), out.get("figure", gr.update()),
+                    out.get("sample", gr.update()), label, out["shown"])
 
-        demo.load(poll, shown, [job, progress, loss, sample, sample_label, shown], every=POLL_SECONDS)
+        demo.load(poll, shown, [job, progress, loss, sample, sample_label, shown], every=POLL_SECONDS,
+                  show_progress="hidden")
 
         # ---- generate
         def refresh_lists():
@@ -161,29 +166,51 @@ def build(app: App):
                     gr.update(choices=app.resumable_choices()), gr.update(choices=app.run_choices()))
 
         refresh_gen.click(refresh_lists, None, [adapters, image_lora, resume_run, run_pick])
-        gen_btn.click(app.generate, [adapters, weights, seeds, image_lora, image_weight, gen_prompt, negative,
+        gen_btn.click(_said(app.generate, 2), [adapters, weights, seeds, image_lora, image_weight, gen_prompt, negative,
                                      gen_frames, gen_steps, gen_guidance], [gen_grid, gen_files, gen_status])
 
         # ---- runs
         def show_run(name):
             info = app.run_details(name)
             if "config" not in info:
-                return info["status"], None, None, [], ""
-            return (info["status"], info["figure"], info["metrics"], [str(p) for p in info["sheets"]],
+                return say(info["status"]), None, None, [], ""
+            return (say(info["status"]), info["figure"], info["metrics"], [str(p) for p in info["sheets"]],
                     info["config"])
 
         run_pick.change(show_run, run_pick, [runs_status, run_loss, metrics, sheets, config])
         refresh_runs.click(refresh_lists, None, [adapters, image_lora, resume_run, run_pick])
-        zip_btn.click(lambda n: _swap(app.zip_adapter(n)), run_pick, [runs_status, zip_file])
+        zip_btn.click(_said(lambda n: _swap(app.zip_adapter(n)), 0), run_pick, [runs_status, zip_file])
 
         def delete(name, ok):
             line = app.delete_run(name, ok)
-            return line, gr.update(choices=app.run_choices(), value=None if line.startswith("deleted") else name), False
+            return say(line), gr.update(choices=app.run_choices(), value=None if line.startswith("deleted") else name), \
+                False
 
         delete_btn.click(delete, [run_pick, confirm], [runs_status, run_pick, confirm])
-        demo.load(refresh_lists, None, [adapters, image_lora, resume_run, run_pick])
-        demo.load(app.next_run_name, None, name)
+        demo.load(refresh_lists, None, [adapters, image_lora, resume_run, run_pick], show_progress="hidden")
+        demo.load(app.next_run_name, None, name, show_progress="hidden")
     return demo
+
+
+def say(line: str) -> str:
+    """A status line as HTML, verbatim (Markdown would turn the CLI's quotes into typographic ones)."""
+    if not line:
+        return ""
+    cls = "cav-line cav-error" if line.startswith("cav: error:") else "cav-line"
+    return f'<p class="{cls}">{html.escape(line)}</p>'
+
+
+def _said(fn, index: int | None = None):
+    """``fn`` with its status line (its result, or the result's ``index``-th item) turned into HTML."""
+    def wrapped(*args):
+        out = fn(*args)
+        if index is None:
+            return say(out)
+        out = list(out)
+        if isinstance(out[index], str):
+            out[index] = say(out[index])
+        return tuple(out)
+    return wrapped
 
 
 def _pick_toy(gr, app: App, upload, choice, *trim):
@@ -208,6 +235,7 @@ def _swap(pair):
 
 def _free(host: str, port: int) -> None:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
         except OSError:
@@ -219,6 +247,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "toy", runs: st
     """``cav ui``: build the app, print its address, serve until Ctrl-C or SIGTERM (a running training is then
     stopped with a checkpoint)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # gradio 3's import, not ours
     try:
         import gradio  # noqa: F401
     except ImportError:
