@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import html
 import os
+import shutil
 import signal
 import socket
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -203,7 +205,11 @@ def say(line: str) -> str:
 def _said(fn, index: int | None = None):
     """``fn`` with its status line (its result, or the result's ``index``-th item) turned into HTML."""
     def wrapped(*args):
-        out = fn(*args)
+        try:
+            out = fn(*args)
+        except Exception:  # a bug, not a user's mistake (those come back as lines): keep its trace in the log
+            traceback.print_exc()
+            raise
         if index is None:
             return say(out)
         out = list(out)
@@ -267,7 +273,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "toy", runs: st
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a background start inherits Ctrl-C ignored
     try:
         demo.launch(server_name=host, server_port=port, auth=credentials, share=share, prevent_thread_lock=True,
-                    quiet=True, show_api=False, allowed_paths=[str(app.root), str(work)])
+                    quiet=True, show_api=False, show_error=True, allowed_paths=[str(app.root), str(work)])
+        _no_forwarding_timeout(demo)
         print(f"cav ui: http://{host}:{port} (runs in {app.root}; Ctrl-C stops)", flush=True)
         if share and demo.share_url:
             print(f"cav ui: public link {demo.share_url}", flush=True)
@@ -278,4 +285,17 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "toy", runs: st
     finally:
         app.jobs.close()
         demo.close()
+        shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _no_forwarding_timeout(demo) -> None:
+    """gradio 3.36's queue forwards every event to its own server over HTTP with httpx's default 5 s timeout, so a
+    callback that takes longer (a generation, a preview of a long clip on a busy CPU) ends as an empty "Error";
+    give that forwarding client no timeout (the client is created when the server starts)."""
+    import httpx
+
+    deadline = time.time() + 60
+    while demo._queue.queue_client is None and time.time() < deadline:
+        time.sleep(0.05)
+    demo._queue.queue_client = httpx.AsyncClient(verify=demo.ssl_verify, timeout=None)
