@@ -65,10 +65,11 @@ def from_form(f: dataclasses.Field, value):
     if k == "list":
         parts = [p for p in re.split(r"[\s,x×]+", str(value or "").strip()) if p]
         try:
-            return [int(p) if re.fullmatch(r"-?\d+", p) else float(p) for p in parts]
+            values = [int(p) if re.fullmatch(r"-?\d+", p) else float(p) for p in parts]
         except ValueError:
             raise CavError(f"{f.name} '{value}' is not a list of numbers: write them with spaces, "
                            f"e.g. {to_form(f, f.default_factory())}") from None
+        return values * 2 if f.name == "size" and len(values) == 1 else values  # H means HxH, as --size H
     if k == "lines":
         return [line.strip() for line in str(value or "").splitlines() if line.strip()]
     if k == "int":

@@ -152,10 +152,12 @@ def details(run: Path) -> dict:
 
 
 def inside(root: Path, run: str | Path) -> Path:
-    """``run`` as a folder directly under ``root`` (a name or a path); anything else is refused."""
+    """The run named ``run`` (a folder name, as the page lists them) directly under ``root``; anything else, e.g. a
+    path that leads out of ``root``, is refused."""
     root = Path(root).resolve()
-    path = (root / Path(run).name).resolve()
-    if not str(run).strip() or path.parent != root or not (path / "config.yaml").is_file():
+    name = str(run).strip()
+    path = (root / name).resolve()
+    if not name or Path(name).name != name or path.parent != root or not (path / "config.yaml").is_file():
         raise CavError(f"'{run}' is not a run under '{root}': pick one from the list")
     return path
 
