@@ -12,11 +12,10 @@ from . import backbone as backbone_mod
 from . import resume as resume_mod
 from . import runfolder
 from .adapters import lora
-from .adapters.textual_inversion import TextualInversion
 from .config import TrainConfig
 from .errors import CavError
 from .sampling import sample_video
-from .stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
+from .stages import S_LORA, T_LORA, absorber_stage, given_absorbers, make_textual_inversion, t_lora_stage
 from .trainer import JsonlLog, make_optimizer, run_stage
 
 ASSETS = Path(__file__).parent / "assets"
@@ -25,25 +24,19 @@ ASSETS = Path(__file__).parent / "assets"
 # ----------------------------------------------------------------------------------------------- plan (dry run)
 def plan(cfg: TrainConfig) -> dict:
     """Trainable parameters and adapted modules per stage, from the base's config files alone (meta device)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet3DConditionModel
-
-    unet_config = backbone_mod.read_unet_config(cfg.base)
-    with init_empty_weights():
-        unet = UNet3DConditionModel.from_config(unet_config)
+    unet, family = backbone_mod.empty_unet(cfg.base, cfg.motion_adapter or None)
+    unet_config = dict(unet.config)
     stages = []
-    if cfg.uses_s_lora:
-        n = lora.add_lora(unet, S_LORA, cfg.lora_config("spatial"),
-                          low_cpu_mem_usage=True)
+    if cfg.uses_s_lora and not cfg.absorbers_given:  # given absorbers (--s-lora-from/--ti-from) train nothing
+        n = lora.add_lora(unet, S_LORA, cfg.lora_config("spatial", family.name), low_cpu_mem_usage=True)
         stages.append({"name": "s_lora", "trainable_params": lora.count_parameters(unet, S_LORA), "modules": n})
-    if cfg.uses_ti:
+    if cfg.uses_ti and not cfg.absorbers_given:
         dim = _text_hidden_size(cfg.base, unet_config)
         stages.append({"name": "textual_inversion", "trainable_params": cfg.ti_tokens * dim, "modules": 1})
-    n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal"),
-                      low_cpu_mem_usage=True)
+    n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal", family.name), low_cpu_mem_usage=True)
     stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n})
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
-    return {"base": cfg.base, "placement": cfg.placement, "absorbers": cfg.absorbers,
+    return {"base": cfg.base, "family": family.name, "placement": cfg.placement, "absorbers": cfg.absorbers,
             "unet_params": base_params, "stages": stages}
 
 
@@ -81,7 +74,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     clock = runfolder.Clock(point)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype)
+    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype, motion_adapter=cfg.motion_adapter or None)
     accel.tune_backends(bb.device)
     if accel.wants_checkpointing(cfg.gradient_checkpointing, bb.device):
         accel.set_gradient_checkpointing(bb.unet, True)
@@ -94,8 +87,11 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     run = dict(max_grad_norm=cfg.max_grad_norm, quiet=quiet,
                autocast_dtype=bb.dtype if bb.device.type == "cuda" and bb.dtype != torch.float32 else None)
     try:
-        ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init) if cfg.uses_ti else None
-        if cfg.absorbers != "none":
+        ti = make_textual_inversion(bb, cfg) if cfg.uses_ti else None
+        if cfg.absorbers_given:  # --s-lora-from / --ti-from: existing appearance work, no stage 1
+            given_absorbers(bb, cfg)
+            runfolder.publish_absorbers(bb, cfg, out, ti)
+        elif cfg.absorbers != "none":
             stage = absorber_stage(bb, cfg, frames, ti, runfolder.absorber_checkpoint(bb, cfg, out, ti, clock))
             if point and point.stage == "t_lora":  # absorbers finished before the interruption
                 runfolder.load_absorbers(bb, cfg, out / "absorbers", ti)
@@ -144,13 +140,13 @@ def load_adapters(bb, adapters: list[tuple[str, float | None]], image_loras: lis
     names, weights, metas = [], [], []
     for i, (path, w) in enumerate(adapters):
         d = lora.find_adapter_dir(Path(path), "temporal")
-        meta = lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal")
+        meta = lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal", family=bb.family)
         metas.append(meta)
         names.append(f"t_lora_{i}")
         weights.append(default_weight(meta) if w is None else w)
     for j, (path, w) in enumerate(image_loras):
         d = lora.find_adapter_dir(Path(path), "spatial")
-        lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial")
+        lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial", family=bb.family)
         names.append(f"image_lora_{j}")
         weights.append(1.0 if w is None else w)
     if names:
@@ -173,7 +169,8 @@ def default_weight(meta: dict) -> float:
 def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, image_loras=(), textual_inversions=(),
              base: str | None = None, frames: int | None = None, size=None, steps: int | None = None,
              guidance: float | None = None, seed: int = 0, num_videos: int = 1, out="out.mp4", device="auto",
-             dtype="auto", negative_prompt: str | None = None, quiet: bool = False) -> list[Path]:
+             dtype="auto", negative_prompt: str | None = None, quiet: bool = False,
+             motion_adapter: str | None = None) -> list[Path]:
     """Sample ``num_videos`` videos (seeds seed, seed+1, …); writes ``out`` (.mp4) and a .gif beside each."""
     from .data.video import write_video
 
@@ -185,7 +182,9 @@ def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, imag
     metas = [lora.read_meta(lora.find_adapter_dir(Path(p), "temporal")) for p, _ in adapters]
     val = metas[0].get("validation", {}) if metas else {}
     base = base or (metas[0].get("base") if metas else None) or "toy"
-    bb = backbone_mod.load(base, device, dtype)
+    if motion_adapter is None and metas and base == metas[0].get("base"):
+        motion_adapter = metas[0].get("motion_adapter")  # the adapter's own base: image model + its motion adapter
+    bb = backbone_mod.load(base, device, dtype, motion_adapter=motion_adapter)
     load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions))
     frames = frames or val.get("frames") or 16
     size = tuple(size) if size else tuple(val.get("size") or _default_size(bb))

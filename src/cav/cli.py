@@ -77,7 +77,8 @@ def cmd_train(args) -> int:
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"base {result['base']}: UNet {result['unet_params']:,} parameters; placement {result['placement']}")
+            print(f"base {result['base']} ({result['family']}): UNet {result['unet_params']:,} parameters; "
+                  f"placement {result['placement']}")
             for s in result["stages"]:
                 print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules")
         return 0
@@ -100,9 +101,18 @@ def cmd_generate(args) -> int:
     paths = api.generate(args.prompt, adapters, image_loras=image_loras, textual_inversions=args.textual_inversion or [],
                          base=args.base, frames=args.frames, size=args.size, steps=args.steps, guidance=args.guidance,
                          seed=args.seed, num_videos=args.num_videos, out=args.out, device=args.device,
-                         dtype=args.dtype, negative_prompt=args.negative_prompt, quiet=args.quiet)
+                         dtype=args.dtype, negative_prompt=args.negative_prompt, quiet=args.quiet,
+                         motion_adapter=args.motion_adapter)
     for p in paths:
         print(f"wrote {p} and {p.with_suffix('.gif')}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    path = export(args.run, args.format, args.out, overwrite=args.overwrite)
+    print(f"wrote {path}")
     return 0
 
 
@@ -205,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-lora", action="append", metavar="PATH[:WEIGHT]", help="spatial LoRA folder (repeatable)")
     g.add_argument("--textual-inversion", action="append", metavar="FILE", help="textual inversion file (repeatable)")
     g.add_argument("--base", default=None, help="base model (default: the adapter's base, else toy)")
+    g.add_argument("--motion-adapter", default=None,
+                   help="AnimateDiff MotionAdapter for an image-model --base (default: the adapter's own)")
     g.add_argument("--frames", type=int, default=None)
     g.add_argument("--size", type=_size, default=None, help="H or HxW")
     g.add_argument("--steps", type=int, default=None, help="denoising steps")
@@ -217,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    ex = sub.add_parser("export", help="write a run's T-LoRA in another tool's layout (e.g. AnimateDiff MotionLoRA)")
+    ex.add_argument("run", help="run, checkpoint or T-LoRA folder")
+    ex.add_argument("--format", default="animatediff", help="animatediff: the original MotionLoRA key layout")
+    ex.add_argument("--out", default=None, help="output .safetensors (default RUN/export/<format file name>)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    ex.set_defaults(func=cmd_export)
 
     toy = sub.add_parser("toy", help="the embedded toy world: train or check its base model").add_subparsers(
         dest="toy_command", required=True)

@@ -30,8 +30,14 @@ class TrainConfig:
 
     prompt: str = _f("", "full prompt describing the reference video (appearance + motion)")
     spatial_prompt: str = _f("", "appearance-only prompt for the absorbers (default: the prompt)")
-    base: str = _f("toy", "base model: `toy`, a diffusers T2V folder, or a hub id")
+    base: str = _f("toy", "base model: `toy`, a diffusers T2V or AnimateDiff folder, or a hub id")
+    motion_adapter: str = _f("", "AnimateDiff MotionAdapter folder or hub id that animates an image-model --base "
+                             "(e.g. Stable Diffusion 1.5 + animatediff-motion-adapter-v1-5-2)")
     absorbers: str = _f("both", "appearance absorbers: none | s-lora | ti | both")
+    s_lora_from: str = _f("", "start from this existing image LoRA (.safetensors, e.g. an SD 1.5 LoRA of the subject) "
+                          "as the S-LoRA absorber: skips stage 1 (absorbers are then exactly the given ones)")
+    ti_from: str = _f("", "start from this existing textual-inversion embedding (.safetensors) as the TI absorber: "
+                      "skips stage 1 (absorbers are then exactly the given ones)")
     placement: str = _f("cav", "LoRA placement preset: cav | motiondirector")
     # T-LoRA (stage 2)
     steps: int = _f(300, "T-LoRA training steps")
@@ -79,6 +85,9 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the UNet")
 
     def __post_init__(self):
+        if self.s_lora_from or self.ti_from:  # given absorbers replace stage 1: they are the run's absorbers
+            self.absorbers = {(True, True): "both", (True, False): "s-lora", (False, True): "ti"}[
+                (bool(self.s_lora_from), bool(self.ti_from))]
         if self.absorbers not in ABSORBERS:
             raise CavError(f"unknown --absorbers '{self.absorbers}': use one of {', '.join(ABSORBERS)}")
         if self.placement not in PLACEMENTS:
@@ -123,13 +132,19 @@ class TrainConfig:
     def uses_ti(self) -> bool:
         return self.absorbers in ("ti", "both")
 
-    def lora_config(self, kind: str):
-        """The peft ``LoraConfig`` of this recipe's S-LoRA (``kind="spatial"``) or T-LoRA (``"temporal"``)."""
+    @property
+    def absorbers_given(self) -> bool:
+        """Absorbers come from existing files (``--s-lora-from``/``--ti-from``): no stage 1."""
+        return bool(self.s_lora_from or self.ti_from)
+
+    def lora_config(self, kind: str, family: str = "unet3d"):
+        """The peft ``LoraConfig`` of this recipe's S-LoRA (``kind="spatial"``) or T-LoRA (``"temporal"``) on a base of
+        ``family`` (``Backbone.family``)."""
         from .adapters.lora import lora_config
 
         rank, alpha = ((self.s_lora_rank, self.s_lora_alpha) if kind == "spatial"
                        else (self.t_lora_rank, self.t_lora_alpha))
-        return lora_config(kind, self.placement, rank, alpha)
+        return lora_config(kind, self.placement, rank, alpha, family)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,12 +8,14 @@ Stage 2 (T-LoRA): temporal-attention LoRA on the whole clip with the absorbers l
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .accel import offload
 from .adapters import lora
+from .adapters.image_lora import load_image_lora
 from .adapters.textual_inversion import TextualInversion
 from .backbone import Backbone
 from .config import TrainConfig
@@ -41,12 +43,26 @@ def encode_frames(bb: Backbone, frames: torch.Tensor, chunk: int = 8) -> torch.T
     return torch.cat(out).to(bb.device, bb.dtype)
 
 
+def make_textual_inversion(bb: Backbone, cfg: TrainConfig) -> TextualInversion:
+    """New tokens in the base's own text encoder: from ``--ti-from``'s embedding, else initialised from a word."""
+    if cfg.ti_from:
+        return TextualInversion.from_file(bb.tokenizer, bb.text_encoder, Path(cfg.ti_from), cfg.ti_token)
+    return TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init)
+
+
+def given_absorbers(bb: Backbone, cfg: TrainConfig) -> None:
+    """Stage 1 replaced by existing appearance work: ``--s-lora-from``'s image LoRA becomes the frozen S-LoRA (a
+    bypassed UNet is its image model, so an image LoRA of that model absorbs appearance as it stands)."""
+    if cfg.s_lora_from:
+        load_image_lora(bb.unet, cfg.s_lora_from, S_LORA, bb.family)
+
+
 def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
                    checkpoint: Callable | None = None) -> Stage:
     """Stage 1 over frames (F, 3, H, W) in [-1, 1]; ``checkpoint`` is the callback ``Stage.checkpoint`` describes."""
     groups, after_backward, after_step = [], [], []
     if cfg.uses_s_lora:
-        lora.add_lora(bb.unet, S_LORA, cfg.lora_config("spatial"))
+        lora.add_lora(bb.unet, S_LORA, cfg.lora_config("spatial", bb.family))
         lora.activate(bb.unet, [S_LORA], trainable=S_LORA)
         groups.append({"params": lora.lora_parameters(bb.unet, S_LORA), "lr": cfg.s_lora_lr, "name": S_LORA})
     prompt = cfg.spatial_prompt or cfg.prompt
@@ -74,7 +90,7 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
     """Stage 2 over the whole clip (F, 3, H, W) in [-1, 1]; absorbers (if any) active and frozen."""
     if ti is not None:
         ti.freeze()
-    lora.add_lora(bb.unet, T_LORA, cfg.lora_config("temporal"))
+    lora.add_lora(bb.unet, T_LORA, cfg.lora_config("temporal", bb.family))
     active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
     lora.activate(bb.unet, active, trainable=T_LORA)
     prompt = ti.expand(cfg.prompt) if ti is not None else cfg.prompt

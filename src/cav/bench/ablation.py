@@ -28,12 +28,10 @@ Outputs: ``out/runs/<row>/<reference>`` (training runs), ``out/samples/<row>/<re
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import tempfile
 import time
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -42,37 +40,13 @@ import yaml
 from ..config import TrainConfig, load_recipe
 from ..data import toyworld as tw
 from ..errors import CavError
-from ..io_utils import write_json, write_text
+from ..io_utils import write_json
 from ..metrics import toy as tm
+from .metrics import GROUP_METRICS, METRICS, RUN_METRICS, TABLE, VIDEO_METRICS, Scored, score_group, score_video
+from .report import format_markdown, write_chart, write_outputs
+from .stats import bootstrap, jsonable, paired_differences
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[3] / "configs" / "ablation" / "toy.yaml"
-VIDEO_METRICS = ("motion_error", "appearance_leakage", "prompt_accuracy", "motion_accuracy", "background_leakage")
-GROUP_METRICS = ("diversity", "track_diversity")
-RUN_METRICS = ("train_seconds",)
-METRICS = VIDEO_METRICS + GROUP_METRICS + RUN_METRICS
-CHART_METRICS = ("motion_error", "appearance_leakage", "background_leakage", "prompt_accuracy", "motion_accuracy",
-                 "track_diversity", "train_seconds")
-LABELS = {
-    "motion_error": "motion error ↓",
-    "appearance_leakage": "appearance leakage ↓",
-    "prompt_accuracy": "prompt accuracy ↑",
-    "motion_accuracy": "motion accuracy ↑",
-    "background_leakage": "background leakage ↓",
-    "diversity": "LPIPS diversity ↑",
-    "track_diversity": "track diversity",
-    "train_seconds": "train seconds",
-}
-CHART_LABELS = {  # the bundled PIL font has no arrows
-    "motion_error": "motion error (lower is better)",
-    "appearance_leakage": "appearance leakage (lower is better)",
-    "prompt_accuracy": "prompt accuracy (higher is better)",
-    "motion_accuracy": "motion accuracy (higher is better)",
-    "background_leakage": "background leakage (lower is better)",
-    "diversity": "LPIPS diversity (higher is better)",
-    "track_diversity": "track diversity (between seeds)",
-    "train_seconds": "training seconds per run",
-}
-FRACTIONS = ("appearance_leakage", "prompt_accuracy", "motion_accuracy", "background_leakage")
 _ROW_KEYS = ("name", "key", "train")
 _SETTING_KEYS = ("recipe", "overrides", "references", "prompts", "seeds", "threads", "bootstrap", "rows", "quick")
 
@@ -143,24 +117,6 @@ def _ref_name(i: int, spec: tw.ToySpec) -> str:
     return f"ref{i}-{spec.motion}-{spec.colour}-{spec.shape}"
 
 
-# ------------------------------------------------------------------------------------------------- statistics
-def bootstrap(values, resamples: int = 1000, seed=0) -> dict | None:
-    """Mean and 95% percentile-bootstrap interval of the mean; None for no values."""
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(v.mean()), "ci95": [float(lo), float(hi)], "n": int(v.size)}
-
-
-def _pairwise(items, fn) -> float | None:
-    pairs = list(combinations(items, 2))
-    return float(np.mean([fn(a, b) for a, b in pairs])) if pairs else None
-
-
-# ------------------------------------------------------------------------------------------------- parameters
 def _modelscope_config_folder(root: Path) -> Path:
     """A ModelScope-layout folder with config files only (no weights): enough for ``api.plan``."""
     from .. import api
@@ -189,45 +145,18 @@ def _params(cfg: TrainConfig | None, base: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- scoring
-def _score(video: np.ndarray, ref: tw.ToySpec, ref_track: np.ndarray, target: tw.ToySpec) -> dict:
-    frames, size = video.shape[0], video.shape[1]
-    tr = tm.track(video)
-    area = tm.object_mask(video).sum(axis=(1, 2))
-    colour, shape = tm.classify_colour(video), tm.classify_shape(video)
-    background = tm.classify_background(video)
-    leak = (ref.colour != target.colour and colour == ref.colour) or (ref.shape != target.shape and shape == ref.shape)
-    return {
-        "motion_error": tm.motion_error(tr, ref_track, size),
-        "appearance_leakage": float(leak),
-        "prompt_accuracy": float(colour == target.colour and shape == target.shape),
-        "motion_accuracy": float(tm.classify_motion(tr, frames, size, area=area) == ref.motion),
-        "background_leakage": float(ref.background != target.background and background == ref.background),
-        "colour": colour,
-        "background": background,
-        "shape": shape,
-        "track": tr,
-    }
-
-
 def _score_batch(videos, row: str, name: str, ref: tw.ToySpec, ref_track, targets, texts, seeds, n_seeds: int, lp):
     """Score one (row, reference) batch (prompt-major, seeds inner): per-video records and per-prompt groups."""
     records, groups = [], []
-    size = videos.shape[2]
     for p, target in enumerate(targets):
-        scored = []
-        for k in range(n_seeds):
-            j = p * n_seeds + k
-            s = _score(videos[j], ref, ref_track, target)
-            scored.append(s)
-            records.append({"row": row, "reference": name, "prompt": texts[j], "seed": int(seeds[j]),
-                            "colour": s["colour"], "shape": s["shape"], "background": s["background"],
-                            **{m: s[m] for m in VIDEO_METRICS}})
         clips = [videos[p * n_seeds + k] for k in range(n_seeds)]
-        groups.append({
-            "row": row, "reference": name, "prompt": tw.caption(target)[0],
-            "diversity": None if lp is None or n_seeds < 2 else lp.diversity(clips),
-            "track_diversity": _pairwise([s["track"] for s in scored], lambda a, b: tm.motion_error(a, b, size)),
-        })
+        scored = [Scored(v, ref, ref_track, target) for v in clips]
+        for k, s in enumerate(scored):
+            j = p * n_seeds + k
+            records.append({"row": row, "reference": name, "prompt": texts[j], "seed": int(seeds[j]),
+                            "colour": s.colour, "shape": s.shape, "background": s.background, **score_video(s)})
+        groups.append({"row": row, "reference": name, "prompt": tw.caption(target)[0],
+                       **score_group(clips, scored, lp)})
     return records, groups
 
 
@@ -406,17 +335,7 @@ def _aggregate(settings, params, records, groups, runs, ref_info, command, wall,
         "ci95": f"95% percentile bootstrap of the mean, {boot['resamples']} resamples (numpy seed {boot['seed']}): "
                 "over videos (motion error, leakage, prompt and motion accuracy), over (reference, prompt) groups "
                 "(diversities) and over training runs (train seconds)",
-        "motion_error": "mean distance between centroid displacement tracks of the video and the reference, as a "
-                        "fraction of the frame side (metrics.toy.motion_error)",
-        "appearance_leakage": "fraction of videos whose classified colour or shape is the reference's where the "
-                              "prompt asks for another",
-        "prompt_accuracy": "fraction of videos whose classified colour and shape are the prompt's",
-        "motion_accuracy": "fraction of videos whose track is classified (among all 12 toy motions) as the "
-                           "reference's motion",
-        "background_leakage": "fraction of videos whose classified background is the reference's where the prompt "
-                              "asks for another (not part of appearance_leakage)",
-        "track_diversity": "mean pairwise motion error between the seeds' videos of one prompt (weights-free "
-                           "diversity proxy)",
+        **{m.key: m.note for m in TABLE if m.key != "diversity"},
         "params": "trainable parameters from api.plan: temporal = T-LoRA, spatial = S-LoRA + textual inversion "
                   "(absorbers, discarded at inference); toy model and full ModelScope config (meta device)",
     }
@@ -426,7 +345,7 @@ def _aggregate(settings, params, records, groups, runs, ref_info, command, wall,
     elif settings["seeds"] < 2:
         notes["diversity"] = "null: diversity needs 2 or more seeds per prompt"
     else:
-        notes["diversity"] = f"mean pairwise LPIPS between the seeds' videos of one prompt (weights: {lpips_path})"
+        notes["diversity"] = f"{next(m.note for m in TABLE if m.key == 'diversity')} (weights: {lpips_path})"
     result = {
         "rows": rows_out,
         "command": command,
@@ -444,210 +363,8 @@ def _aggregate(settings, params, records, groups, runs, ref_info, command, wall,
         "runs": runs,
         "videos": records,
     }
-    result["comparisons"] = paired_differences(result)
-    return _jsonable(result)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
-def paired_differences(result: dict, vs=("base", "no-aa"), metrics=VIDEO_METRICS) -> list[dict]:
-    """Per row, the mean difference ``row - vs`` of each video metric over matched videos (same reference, prompt and
-    seed), with a 95% bootstrap interval over those pairs: tighter than comparing two rows' intervals."""
-    vs = tuple(vs)
-    boot = result["settings"]["bootstrap"]
-    index = {(v["row"], v["reference"], v["prompt"], v["seed"]): v for v in result["videos"]}
-    keys = [r["key"] for r in result["rows"]]
-    out = []
-    for b, base in enumerate(vs):
-        if base not in keys:
-            continue
-        for r, row in enumerate(keys):
-            if row == base or row in vs[:b]:  # base vs an earlier reference row is the negation of a listed pair
-                continue
-            entry = {"row": row, "vs": base}
-            for m, metric in enumerate(metrics):
-                diffs = [v[metric] - index[(base, *k[1:])][metric] for k, v in index.items()
-                         if k[0] == row and (base, *k[1:]) in index]
-                entry[metric] = bootstrap(diffs, boot["resamples"], [boot["seed"], 1000 + b, r, m])
-            out.append(entry)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------- outputs
-def _fmt(stat: dict | None, digits: int = 3) -> str:
-    if stat is None:
-        return "n/a"
-    lo, hi = stat["ci95"]
-    return f"{stat['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-
-
-def _fmt_params(p: dict) -> str:
-    if not p["total"]:
-        return "0"
-    return f"{_k(p['temporal'])} + {_k(p['spatial'])}"
-
-
-def _k(n: int) -> str:
-    if n >= 1_000_000:
-        return f"{n / 1e6:.2f}M"
-    return f"{n / 1e3:.1f}K" if n >= 1000 else str(n)
-
-
-def format_markdown(result: dict) -> str:
-    """A markdown table (mean [95% CI] per metric, parameters) with the command, time and notes."""
-    cols = ["motion_error", "appearance_leakage", "background_leakage", "prompt_accuracy", "motion_accuracy",
-            "track_diversity", "diversity", "train_seconds"]
-    head = ["row"] + [LABELS[c] for c in cols] + ["params toy (T + S)", "params ModelScope (T + S)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    for row in result["rows"]:
-        cells = [row["name"]]
-        for c in cols:
-            cells.append(_fmt(row.get(c), 1 if c == "train_seconds" else 3))
-        cells += [_fmt_params(row["params"]["toy"]), _fmt_params(row["params"]["modelscope"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    s = result["settings"]
-    status = "" if result.get("complete", True) else (
-        f" — PARTIAL: {s['completed_references']} of {s['n_references']} references completed")
-    per = [f"{s['completed_references']} references × {s['prompts_per_reference']} prompts × {s['seeds']} seeds"]
-    if s.get("overrides"):
-        per.append("overrides " + ", ".join(f"{k}={v}" for k, v in s["overrides"].items()))
-    out = [f"`{result['command']}` — {result['wall_seconds']:.0f} s{status}", "", "; ".join(per) + ".", ""]
-    out += lines + [""]
-    comps = result.get("comparisons")
-    if comps is None and result.get("videos"):
-        comps = paired_differences(result)
-    names = {r["key"]: r["name"] for r in result["rows"]}
-    for vs in dict.fromkeys(c["vs"] for c in comps or []):
-        out += [f"Paired difference vs **{names.get(vs, vs)}** (same reference, prompt and seed; mean [95% CI]; "
-                "an interval that excludes 0 is a measured difference):", ""]
-        head2 = ["row"] + [LABELS[m] for m in VIDEO_METRICS]
-        out += ["| " + " | ".join(head2) + " |", "|" + "|".join(["---"] + ["---:"] * len(VIDEO_METRICS)) + "|"]
-        for c in comps:
-            if c["vs"] == vs:
-                out.append("| " + " | ".join([names.get(c["row"], c["row"])]
-                                             + [_fmt_signed(c.get(m)) for m in VIDEO_METRICS]) + " |")
-        out.append("")
-    out += [f"- **{k}**: {v}" for k, v in result.get("notes", {}).items()]
-    return "\n".join(out)
-
-
-def _fmt_signed(stat: dict | None) -> str:
-    if stat is None:
-        return "n/a"
-    lo, hi = stat["ci95"]
-    return f"{stat['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-
-
-_PALETTE = [(120, 120, 120), (214, 96, 77), (244, 165, 130), (146, 197, 222), (67, 147, 195), (153, 112, 171),
-            (90, 60, 130), (77, 175, 74), (255, 127, 0)]
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # old Pillow or no FreeType: the bitmap font
-        return ImageFont.load_default()
-
-
-def write_chart(result: dict, path: str | Path, metrics=CHART_METRICS) -> Path:
-    """PNG bar chart, one panel per metric: each row's mean with its 95% CI as a whisker."""
-    from PIL import Image, ImageDraw
-
-    rows = result["rows"]
-    metrics = [m for m in metrics if any(r.get(m) for r in rows)]
-    cols = 3
-    n_panels = max(1, len(metrics))
-    nrows = math.ceil(n_panels / cols)
-    pw, ph = 340, 260
-    legend_h = 24 * math.ceil(len(rows) / 3) + 16
-    title_h = 34
-    img = Image.new("RGB", (pw * cols, title_h + ph * nrows + legend_h), "white")
-    d = ImageDraw.Draw(img)
-    f_title, f_small, f_big = _font(14), _font(11), _font(16)
-    s = result["settings"]
-    title = (f"cav bench ablation: {s['completed_references']} references x {s['prompts_per_reference']} prompts x "
-             f"{s['seeds']} seeds; bars = mean, whiskers = 95% bootstrap CI")
-    if not result.get("complete", True):
-        title += f" (PARTIAL: {s['completed_references']} of {s['n_references']} references)"
-    d.text((10, 9), title, fill="black", font=f_big)
-    for k, metric in enumerate(metrics):
-        x0, y0 = (k % cols) * pw, title_h + (k // cols) * ph
-        left, right, top, bottom = x0 + 52, x0 + pw - 14, y0 + 42, y0 + ph - 22
-        d.text((x0 + pw // 2, y0 + 6), CHART_LABELS[metric], fill="black", font=f_title, anchor="mt")
-        stats = [r.get(metric) for r in rows]
-        hi_val = max([st["ci95"][1] for st in stats if st] + [st["mean"] for st in stats if st] + [1e-9])
-        top_val = 1.0 if metric in FRACTIONS and hi_val <= 1.0 else _nice_ceiling(hi_val * 1.12)
-
-        def y_of(v, top_val=top_val, top=top, bottom=bottom):
-            return bottom - (bottom - top) * (max(v, 0.0) / top_val)
-
-        for t in range(5):
-            v = top_val * t / 4
-            y = y_of(v)
-            d.line([(left, y), (right, y)], fill=(230, 230, 230))
-            d.text((left - 5, y), f"{v:.3g}", fill=(80, 80, 80), font=f_small, anchor="rm")
-        d.line([(left, top), (left, bottom), (right, bottom)], fill="black")
-        slot = (right - left) / len(rows)
-        for i, (row, st) in enumerate(zip(rows, stats)):
-            cx = left + slot * (i + 0.5)
-            bw = slot * 0.62
-            colour = _PALETTE[i % len(_PALETTE)]
-            if st is None:
-                d.text((cx, bottom - 8), "n/a", fill=(120, 120, 120), font=f_small, anchor="mb")
-                continue
-            d.rectangle([cx - bw / 2, y_of(st["mean"]), cx + bw / 2, bottom], fill=colour, outline=(40, 40, 40))
-            lo, hi = st["ci95"]
-            d.line([(cx, y_of(lo)), (cx, y_of(hi))], fill="black", width=2)
-            for v in (lo, hi):
-                d.line([(cx - bw / 4, y_of(v)), (cx + bw / 4, y_of(v))], fill="black", width=2)
-            d.text((cx, bottom + 4), str(i + 1), fill="black", font=f_small, anchor="mt")
-            d.text((cx, y_of(hi) - 2), f"{st['mean']:.2f}" if st["mean"] < 10 else f"{st['mean']:.0f}",
-                   fill=(30, 30, 30), font=f_small, anchor="mb")
-    ly = title_h + ph * nrows + 8
-    for i, row in enumerate(rows):
-        lx = 14 + (i % 3) * pw
-        yy = ly + 24 * (i // 3)
-        d.rectangle([lx, yy + 3, lx + 14, yy + 17], fill=_PALETTE[i % len(_PALETTE)], outline=(40, 40, 40))
-        d.text((lx + 20, yy + 10), f"{i + 1}  {row['name']}", fill="black", font=f_title, anchor="lm")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
-    return path
-
-
-def _nice_ceiling(v: float) -> float:
-    exp = 10 ** math.floor(math.log10(v))
-    for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
-        if m * exp >= v * 1.0001:
-            return m * exp
-    return 10 * exp
-
-
-def write_outputs(result: dict, out_dir: str | Path) -> dict:
-    """Write ``ablation.json``, ``ablation.md`` (table + chart link) and ``ablation.png``; return their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "ablation.json", "markdown": out_dir / "ablation.md", "chart": out_dir / "ablation.png"}
-    write_text(paths["json"], json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n")
-    write_chart(result, paths["chart"])
-    write_text(paths["markdown"], format_markdown(result) + "\n\n![ablation chart](ablation.png)\n")
-    return paths
+    result["comparisons"] = paired_differences(result, VIDEO_METRICS)
+    return jsonable(result)
 
 
 def main(argv: list[str] | None = None) -> int:

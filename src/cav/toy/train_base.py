@@ -3,12 +3,11 @@
 Phase 1 trains the AutoencoderKL on toy frames; phase 2 trains the UNet3D and the text encoder jointly on
 videos of the *seen* motions and on single images with the temporal layers bypassed (as ModelScope trains on
 images and videos). Held-out motions are never shown, so customizing them is measurable. Seeded and resumable:
-state is saved as safetensors every ``save_every`` steps under ``OUT/.train_state``.
+state is saved as safetensors every ``save_every`` steps under ``OUT/.train_state/<phase>/``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import resume
 from ..accel import tune_backends
-from ..bypass import temporal_bypass
+from ..backbone import resolve_device
 from ..data import toyworld as tw
-from ..io_utils import save_safetensors, write_json
-from ..trainer import diffusion_target
+from ..io_utils import publish_dir, save_safetensors, write_json
+from ..trainer import Stage, train_step
 from .factory import TinySpec, build_components, build_scheduler, save_model, write_clip_tokenizer
 
 TOY_SPEC = TinySpec(
@@ -71,39 +71,30 @@ class BaseRecipe:
     max_seconds: float = 7000.0  # each invocation ends within this (cosine fitted to it; a resume gets a new budget)
 
 
-def _state_dir(out: Path) -> Path:
-    return out / ".train_state"
+def _state_dir(out: Path, phase: str) -> Path:
+    return out / ".train_state" / phase
 
 
 def _save_state(out: Path, phase: str, step: int, modules: dict, optimizer, gen: torch.Generator) -> None:
-    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
-    opt = optimizer.state_dict()
-    for idx, st in opt["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    tensors["rng"] = gen.get_state()
-    save_safetensors(_state_dir(out) / f"{phase}.safetensors", tensors)
-    write_json(_state_dir(out) / f"{phase}.json", {"step": step, "param_groups": opt["param_groups"]})
+    """Weights of the modules being trained, then the trainer state in ``resume``'s format (one folder per phase,
+    published atomically, so a kill mid-save keeps the previous state)."""
+    folder = _state_dir(out, phase)
+    with publish_dir(folder) as tmp:
+        save_safetensors(tmp / "modules.safetensors",
+                         {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()})
+        resume.save_state(tmp, phase, step, optimizer, gen.get_state())
 
 
 def _load_state(out: Path, phase: str, modules: dict, optimizer, gen: torch.Generator) -> int:
     from safetensors.torch import load_file
 
-    meta_path = _state_dir(out) / f"{phase}.json"
-    if not meta_path.is_file():
+    folder = _state_dir(out, phase)
+    if not (folder / "state.json").is_file():
         return 0
-    meta = json.loads(meta_path.read_text())
-    tensors = load_file(str(_state_dir(out) / f"{phase}.safetensors"))
+    tensors = load_file(str(folder / "modules.safetensors"))
     for name, m in modules.items():
         m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, key = k.split(".", 2)
-            state.setdefault(int(idx), {})[key] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    gen.set_state(tensors["rng"])
-    return int(meta["step"])
+    return resume.load_state(folder, optimizer, gen)
 
 
 def _to_pixels(clips_u8: np.ndarray, device) -> torch.Tensor:
@@ -115,7 +106,7 @@ def train_base(out: Path, recipe: BaseRecipe | None = None, device: str = "auto"
     recipe = recipe or BaseRecipe()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     amp = dev.type == "cuda"
     tune_backends(dev)
     t0 = time.time()
@@ -191,6 +182,25 @@ def train_base(out: Path, recipe: BaseRecipe | None = None, device: str = "auto"
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     for _ in range(start):
         sched.step()
+    amp_dtype = torch.bfloat16 if amp else None
+
+    def batch(image: bool):
+        def draw(gen: torch.Generator):
+            idx = torch.randint(0, n, (recipe.batch,), generator=gen)
+            if image:  # single frames, temporal layers bypassed (the stage's bypass), appearance-only caption
+                fi = torch.randint(0, f, (recipe.batch,), generator=gen)
+                x0, ids = lat[idx, :, fi].unsqueeze(2).to(dev), ids_spat[idx]
+            else:
+                x0, ids = lat[idx].to(dev), ids_full[idx]
+            drop = torch.rand(recipe.batch, generator=gen) < recipe.caption_dropout
+            ids = torch.where(drop[:, None], ids_empty.expand_as(ids), ids).to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):  # the text encoder trains too
+                return x0, text_encoder(ids)[0]
+        return draw
+
+    groups = opt.param_groups
+    video_stage = Stage("unet", recipe.steps, groups, batch(False), after_step=[sched.step])
+    image_stage = Stage("unet-images", recipe.steps, groups, batch(True), bypass=True, after_step=[sched.step])
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="unet", disable=quiet)
     mark, t_mark = start, time.time()
     for step in bar:
@@ -203,29 +213,8 @@ def train_base(out: Path, recipe: BaseRecipe | None = None, device: str = "auto"
             mark, t_mark = step, time.time()
         if step >= plan["total"]:
             break
-        idx = torch.randint(0, n, (recipe.batch,), generator=gen)
-        image = recipe.image_every and step % recipe.image_every == recipe.image_every - 1
-        if image:  # single frames, temporal layers bypassed, appearance-only caption
-            fi = torch.randint(0, f, (recipe.batch,), generator=gen)
-            x0 = lat[idx, :, fi].unsqueeze(2).to(dev)
-            ids = ids_spat[idx]
-        else:
-            x0 = lat[idx].to(dev)
-            ids = ids_full[idx]
-        drop = torch.rand(recipe.batch, generator=gen) < recipe.caption_dropout
-        ids = torch.where(drop[:, None], ids_empty.expand_as(ids), ids).to(dev)
-        noise = torch.randn(x0.shape, generator=gen).to(dev)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.batch,), generator=gen).to(dev)
-        noisy = scheduler.add_noise(x0, noise, t)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp), temporal_bypass(unet, bool(image)):
-            cond = text_encoder(ids)[0]
-            pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t).float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        stage = image_stage if recipe.image_every and step % recipe.image_every == recipe.image_every - 1 else video_stage
+        loss = train_step(unet, scheduler, stage, opt, gen, max_grad_norm=1.0, autocast_dtype=amp_dtype, step=step + 1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 100 == 0:
