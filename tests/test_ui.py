@@ -147,3 +147,27 @@ def test_stop_leaves_a_checkpoint_and_resume_finishes(app, tiny_video):
     log = runs.read_log(run)
     assert len(log) == 31 and log[-1]["step"] == 30 and len(log) > stopped_at
     assert app.resumable_choices() == []
+
+
+def test_cav_ui_refuses_a_bad_login_or_a_busy_port(capsys):
+    import socket
+
+    assert _cli_error(capsys, ["ui", "--auth", "alice"]) == \
+        "cav: error: --auth 'alice' is not user:password: pass e.g. --auth alice:secret"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert _cli_error(capsys, ["ui", "--port", str(port)]) == \
+            f"cav: error: port {port} on 127.0.0.1 is in use: pass another --port"
+
+
+def test_the_page_builds_with_every_recipe_field(app):
+    pytest.importorskip("gradio")
+    from cav.ui import layout
+
+    demo = layout.build(app)
+    ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    assert {f"field-{f.name}" for f in form.advanced_fields()} <= ids
+    assert {"clip-upload", "start", "stop", "resume", "gen-start", "gen-grid", "runs-delete", "runs-zip"} <= ids
+    assert layout.say("cav: error: it's 'x'") == '<p class="cav-line cav-error">cav: error: it&#x27;s &#x27;x&#x27;</p>'

@@ -184,7 +184,8 @@ class App:
         return [d.name for d in runs.image_lora_runs(self.root)]
 
     def generate(self, adapters: list[str], weights: str, seeds: str, image_lora: str | None, image_weight,
-                 prompt: str, negative_prompt: str, frames, steps, guidance) -> tuple[str, list[str], str]:
+                 prompt: str, negative_prompt: str, frames, steps, guidance,
+                 motion_adapter: str = "") -> tuple[str, list[str], str]:
         """A weights × seeds grid through ``cav.api.generate``: (HTML grid of <video>s, mp4+gif files, status)."""
         from .. import api
 
@@ -203,7 +204,8 @@ class App:
                     api.generate(prompt, list(zip(map(str, paths), ws)), image_loras=image,
                                  base=None if paths else self.base, frames=int(frames) if frames else None,
                                  steps=int(steps) if steps else None, guidance=guidance if guidance else None,
-                                 seed=seed, out=out, negative_prompt=negative_prompt or None, quiet=True)
+                                 seed=seed, out=out, negative_prompt=negative_prompt or None, quiet=True,
+                                 motion_adapter=str(motion_adapter or "").strip() or None)
                     cells.append((ws, seed, out))
         except CavError as exc:
             return "", [], error_line(exc)

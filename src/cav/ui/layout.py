@@ -114,6 +114,8 @@ def build(app: App):
                         gen_frames = gr.Number(0, precision=0, label="frames (0: the run's)", elem_id="gen-frames")
                         gen_steps = gr.Number(0, precision=0, label="steps (0: the run's)", elem_id="gen-steps")
                         gen_guidance = gr.Number(0, label="guidance (0: the run's)", elem_id="gen-guidance")
+                    motion = gr.Textbox(label="AnimateDiff motion adapter (image-model bases; empty: the run's)",
+                                        elem_id="gen-motion-adapter")
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-start")
             gen_status = gr.HTML(elem_id="gen-status")
             gen_grid = gr.HTML(elem_id="gen-grid")
@@ -169,7 +171,7 @@ def build(app: App):
 
         refresh_gen.click(refresh_lists, None, [adapters, image_lora, resume_run, run_pick])
         gen_btn.click(_said(app.generate, 2), [adapters, weights, seeds, image_lora, image_weight, gen_prompt, negative,
-                                     gen_frames, gen_steps, gen_guidance], [gen_grid, gen_files, gen_status])
+                                     gen_frames, gen_steps, gen_guidance, motion], [gen_grid, gen_files, gen_status])
 
         # ---- runs
         def show_run(name):
