@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import accel
+from . import accel, preflight
 from . import backbone as backbone_mod
 from . import resume as resume_mod
 from . import runfolder
@@ -24,6 +24,7 @@ ASSETS = Path(__file__).parent / "assets"
 # ----------------------------------------------------------------------------------------------- plan (dry run)
 def plan(cfg: TrainConfig) -> dict:
     """Trainable parameters and adapted modules per stage, from the base's config files alone (meta device)."""
+    preflight.check_train(cfg)
     unet, family = backbone_mod.empty_unet(cfg.base, cfg.motion_adapter or None)
     unet_config = dict(unet.config)
     stages = []
@@ -61,6 +62,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
 
     if not cfg.prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
+    preflight.check_train(cfg)
     out = Path(out)
     runfolder.check(out, overwrite, resume)
     clip = runfolder.clip_record(check_exists(video), video_options)

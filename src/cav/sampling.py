@@ -11,7 +11,8 @@ import warnings
 import numpy as np
 import torch
 
-from .backbone import Backbone
+from .backbone import Backbone, check_shape
+from .prompts import check_prompts
 
 
 def sample_video(bb: Backbone, prompt: str, *, frames: int, size: tuple[int, int], steps: int, guidance: float,
@@ -28,10 +29,11 @@ def sample_videos(bb: Backbone, prompts: list[str], *, frames: int, size: tuple[
     """A batch of videos, one per (prompt, seed), as uint8 (B, F, H, W, 3)."""
     h, w = size
     f = bb.vae_factor
-    if h % f or w % f:
-        from .errors import CavError
-
-        raise CavError(f"--size {h}x{w} is not a multiple of the VAE factor {f}: pick a size divisible by {f}")
+    # the same checks as before training, against the loaded model: a sample never fails inside diffusers
+    check_shape(bb.source, size, frames, unet_config=bb.unet.config, vae_config=bb.vae.config)
+    check_prompts(bb.tokenizer, prompts, "the prompt", reported=bb.reported)
+    if negative_prompt is not None:
+        check_prompts(bb.tokenizer, [negative_prompt], "--negative-prompt", reported=bb.reported)
     shape = (1, bb.unet.config.in_channels, frames, h // f, w // f)
     latents = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
     latents = latents.to(bb.device, bb.dtype)

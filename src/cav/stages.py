@@ -20,6 +20,7 @@ from .adapters.textual_inversion import TextualInversion
 from .backbone import Backbone
 from .config import TrainConfig
 from .data.frames import random_patch_crop
+from .prompts import check_prompt
 from .trainer import Stage
 
 S_LORA, T_LORA = "s_lora", "t_lora"
@@ -71,6 +72,7 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
         groups.append({"params": ti.trainable(), "lr": cfg.ti_lr, "name": "textual_inversion"})
         after_backward.append(ti.mask_grad)
         after_step.append(ti.restore_rows)
+    check_prompt(bb.tokenizer, prompt, "the absorbers' prompt", warn=False)  # a cut placeholder would learn nothing
     cached_cond = None if ti is not None else encode_prompt(bb, prompt)
     n = min(cfg.absorber_batch, frames.shape[0])
 
@@ -94,6 +96,7 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
     active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
     lora.activate(bb.unet, active, trainable=T_LORA)
     prompt = ti.expand(cfg.prompt) if ti is not None else cfg.prompt
+    check_prompt(bb.tokenizer, prompt, "--prompt", warn=False)  # cut placeholders: refused (preflight warned of cuts)
 
     def encode():
         return encode_frames(bb, frames).permute(1, 0, 2, 3).unsqueeze(0), encode_prompt(bb, prompt)  # (1,C,F,h,w)
