@@ -18,10 +18,10 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.keys import Keys
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs" / "img" / "ui-train.png")
-RECIPE = {"absorber_steps": 10, "steps": 30, "checkpoint_every": 10, "t_lora_batch": 1}  # a picture, not a result
+RECIPE = {"absorber_steps": 10, "steps": 20, "checkpoint_every": 10, "t_lora_batch": 1}  # a picture, not a result
 
 
-def wait(cond, timeout=600):
+def wait(cond, timeout=1800):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:

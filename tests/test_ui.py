@@ -68,6 +68,9 @@ def test_bad_inputs_get_the_cli_s_line(app, tmp_path, tiny_video, tiny_model, ca
     assert _start(app, tiny_video, prompt=" ") == empty
     bad_lr = _cli_error(capsys, ["train", str(tiny_video), "--prompt", PROMPT, "--t-lora-lr", "0"])
     assert _start(app, tiny_video, t_lora_lr=0) == bad_lr
+    odd = _cli_error(capsys, ["train", str(tiny_video), "--prompt", PROMPT, "--base", str(tiny_model), "--out",
+                              str(tmp_path / "cli"), "--frames", "4", "--size", "36"])
+    assert _start(app, tiny_video, size="36") == odd  # a size the base cannot take (preflight)
     assert _start(app, tiny_video, size="a b").startswith("cav: error: size 'a b' is not a list of numbers")
     assert _start(app, tiny_video, name="../x").startswith("cav: error: run name '../x' is not a plain folder name")
     assert app.start_training(None, None, 0, 0, 0, PROMPT, "", 4, "r", False, _advanced(app)) == \

@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .. import runfolder
+from .. import preflight, runfolder
 from ..config import dump_yaml
 from ..data import toyworld as tw
 from ..errors import CavError
@@ -94,6 +94,7 @@ class App:
             cfg = form.build_config(prompt, spatial_prompt, frames, advanced)
             if not cfg.prompt.strip():
                 raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
+            preflight.check_train(cfg)  # size/frames the base takes, prompts its text encoder reads
             run = self._new_run_path(name)
             runfolder.check(run, bool(overwrite), False)
             trim = form.selection(start, end, fps)
