@@ -108,6 +108,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from . import batch
+
+    opts = batch.Options(address=args.address, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
+                         max_parallel=args.max_parallel, retry_failed=args.retry_failed, quiet=args.quiet)
+    steps, out = batch.prepare(args.manifest, args.out, args.recipe, args.retry_failed)
+    if args.dry_run:
+        print(batch.format_plan(steps, out, opts))
+        return 0
+    index = batch.run(steps, out, opts, args.manifest)
+    print(batch.summary(index))
+    return 0 if index["counts"]["finished"] == len(index["rows"]) else 1
+
+
 def cmd_export(args) -> int:
     from .export import export
 
@@ -228,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_generate)
 
+    b = sub.add_parser("batch", help="a motion library: one run per manifest row, on Ray (this machine or a cluster)")
+    b.add_argument("manifest", help="CSV, JSONL or YAML: clip, prompt, spatial_prompt[, name, recipe keys] per row")
+    b.add_argument("--out", default="runs/library", help="library folder: one run folder per row, index.md")
+    b.add_argument("--recipe", help="YAML recipe for every row (a row's own recipe keys override it)")
+    b.add_argument("--address", default=None, help="existing Ray cluster: ray://HOST:10001, HOST:6379 or auto "
+                   "(default: a private Ray on this machine)")
+    b.add_argument("--gpus-per-run", type=float, default=1.0, help="GPUs per row where the cluster has GPUs")
+    b.add_argument("--cpus-per-run", type=float, default=1.0, help="CPU slots per row (training threads on CPU)")
+    b.add_argument("--max-parallel", type=int, default=None, help="rows at once (default: as many as fit)")
+    b.add_argument("--retry-failed", action="store_true", help="run the rows that failed before again")
+    b.add_argument("--dry-run", action="store_true", help="print the plan without starting Ray")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_batch)
+
     ex = sub.add_parser("export", help="write a run's T-LoRA in another tool's layout (e.g. AnimateDiff MotionLoRA)")
     ex.add_argument("run", help="run, checkpoint or T-LoRA folder")
     ex.add_argument("--format", default="animatediff", help="animatediff: the original MotionLoRA key layout")
@@ -325,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = ""
         if getattr(args, "command", None) == "train" and getattr(args, "video", None):
             hint = f"; the last step is checkpointed: continue with `cav train {args.video} --resume --out {args.out}`"
+        if getattr(args, "command", None) == "batch":
+            again = " ".join([args.manifest, "--out", args.out] + (["--recipe", args.recipe] if args.recipe else [])
+                             + (["--address", args.address] if args.address else []))
+            hint = f"; running rows checkpointed their last step: continue with `cav batch {again}`"
         print(f"cav: interrupted{hint}", file=sys.stderr)
         return 130
 
