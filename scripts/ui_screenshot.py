@@ -45,7 +45,7 @@ def main() -> None:
         pass
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1700"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2300"):
         opts.add_argument(arg)
     d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
     try:
@@ -64,6 +64,7 @@ def main() -> None:
         d.find_element("id", "start").click()
         wait(lambda: "finished" in d.find_element("id", "job-status").text)
         wait(lambda: d.find_element("css selector", "#train-sample video").get_attribute("src"))
+        d.execute_script("window.scrollTo(0, 0)")
         time.sleep(2)  # let the videos show a frame
         OUT.parent.mkdir(parents=True, exist_ok=True)
         d.save_screenshot(str(OUT))
