@@ -127,6 +127,7 @@ def test_train_generate_runs_tab(app, tiny_video, tmp_path):
     assert app.delete_run("r1", False).startswith("cav: error: deleting 'r1' removes all its files")
     assert (app.root / "r1").is_dir()
     assert app.delete_run("r1", True) == "deleted 'r1'" and not (app.root / "r1").exists()
+    assert app.poll({})["job"] == "run 'r1' was deleted"
     assert app.run_choices() == []
 
 

@@ -160,6 +160,8 @@ class App:
         job = self.jobs.current
         if job is None:
             return {"job": "no training started from this server yet", "shown": shown}
+        if not job.run.is_dir():  # deleted from the Runs tab after it finished
+            return {"job": f"run '{job.run.name}' was deleted", "shown": shown}
         records = runs.read_log(job.run)
         out = {"job": job.message(), "progress": runs.progress(job.run, records).text(), "shown": dict(shown)}
         if job.run != shown.get("run") or len(records) != shown.get("records"):

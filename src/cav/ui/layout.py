@@ -152,7 +152,15 @@ def build(app: App):
         preset.change(pick_preset, preset, [frames] + adv)
         start_btn.click(_said(lambda *v: _start(app, fields, v)), [clip, toy, start, end, fps, prompt, spatial, frames, name,
                                                             overwrite] + adv, status)
-        stop_btn.click(_said(app.stop_training), None, status)
+        def stop():
+            line, job = app.stop_training(), app.jobs.current
+            if line.startswith("cav: error:") or job is None:
+                return say(line), gr.update()
+            # offer the stopped run under Resume at once (it is listed as resumable once its checkpoint is written)
+            return say(line), gr.update(choices=sorted(set(app.resumable_choices()) | {job.run.name}),
+                                        value=job.run.name)
+
+        stop_btn.click(stop, None, [status, resume_run])
         resume_btn.click(_said(app.resume_training), resume_run, status)
 
         def poll(state):
