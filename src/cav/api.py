@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from . import backbone as backbone_mod
 from . import resume as resume_mod
 from . import runfolder
 from .adapters import lora
-from .config import TrainConfig
+from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
 from .sampling import sample_video
 from .stages import S_LORA, T_LORA, absorber_stage, given_absorbers, make_textual_inversion, t_lora_stage
@@ -65,11 +66,14 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     preflight.check_train(cfg)
     out = Path(out)
     runfolder.check(out, overwrite, resume)
-    clip = runfolder.clip_record(check_exists(video), video_options)
+    backbone_mod.resolve_dtype(cfg.dtype, backbone_mod.resolve_device(cfg.device))  # fp16 on a CPU: refuse now
+    clip = runfolder.clip_record(check_exists(video), {**cfg.frame_selection(), **(video_options or {})})
     if resume:
         clip["selection"] = runfolder.resumed_selection(out, clip)
         if runfolder.finished(out, cfg):
             return out  # nothing left to train: the run and its summary stay as they are
+    selection = {k: clip["selection"].get(k) for k in ("stride", "fps", "start", "end")}
+    cfg = dataclasses.replace(cfg, **selection)  # config.yaml records the frames actually used
     frames_u8 = read_video(video, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **clip["selection"])
     runfolder.prepare(out, overwrite)
     point = resume_mod.latest(out) if resume else None
@@ -123,29 +127,17 @@ def _restore(bb, cfg: TrainConfig, stage, point: resume_mod.ResumePoint, ti, gen
 
 
 # -------------------------------------------------------------------------------------------------- generate
-def parse_weighted(spec: str) -> tuple[str, float | None]:
-    """``PATH[:WEIGHT]`` → (path, weight or None); a Windows drive colon or a path with colons but no float suffix is
-    kept. None means the adapter's own default: the weight its run validated with (``lora_weight``), else 1."""
-    path, sep, weight = str(spec).rpartition(":")
-    if sep and path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return str(spec), None
-
-
 def load_adapters(bb, adapters: list[tuple[str, float | None]], image_loras: list[tuple[str, float | None]] = (),
-                  textual_inversions: list[str] = ()) -> list[dict]:
+                  textual_inversions: list[str] = (), default: float | None = None) -> list[dict]:
     """Load T-LoRAs (and optional spatial LoRAs, TI files) onto ``bb`` and activate them with their weights (None:
-    a T-LoRA's recorded ``lora_weight``, else 1)."""
+    ``default``, else a T-LoRA's recorded ``lora_weight``, else 1)."""
     names, weights, metas = [], [], []
     for i, (path, w) in enumerate(adapters):
         d = lora.find_adapter_dir(Path(path), "temporal")
         meta = lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal", family=bb.family)
         metas.append(meta)
         names.append(f"t_lora_{i}")
-        weights.append(default_weight(meta) if w is None else w)
+        weights.append(w if w is not None else default if default is not None else default_weight(meta))
     for j, (path, w) in enumerate(image_loras):
         d = lora.find_adapter_dir(Path(path), "spatial")
         lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial", family=bb.family)
@@ -168,39 +160,61 @@ def default_weight(meta: dict) -> float:
     return float(meta.get("validation", {}).get("weight", 1.0))
 
 
-def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, image_loras=(), textual_inversions=(),
-             base: str | None = None, frames: int | None = None, size=None, steps: int | None = None,
-             guidance: float | None = None, seed: int = 0, num_videos: int = 1, out="out.mp4", device="auto",
-             dtype="auto", negative_prompt: str | None = None, quiet: bool = False,
-             motion_adapter: str | None = None) -> list[Path]:
-    """Sample ``num_videos`` videos (seeds seed, seed+1, …); writes ``out`` (.mp4) and a .gif beside each."""
+def sample_settings(adapters: list[tuple[str, float | None]] = ()) -> SampleConfig:
+    """What `cav generate` samples with unless told otherwise: the first T-LoRA's recorded validation settings
+    (frames, size, steps, guidance), else SampleConfig's defaults."""
+    if not adapters:
+        return SampleConfig()
+    meta = lora.read_meta(lora.find_adapter_dir(Path(adapters[0][0]), "temporal"))
+    return SampleConfig.from_validation(meta.get("validation", {}))
+
+
+def output_files(out, num_videos: int, overwrite: bool = False) -> list[Path]:
+    """The videos ``generate`` will write (``out``, or ``out-k`` for several), checked before any sampling: the
+    format, a folder in the way, an existing file or its sidecar (unless ``overwrite``), an unwritable folder."""
+    out = Path(out)
+    if out.is_dir():
+        raise CavError(f"--out '{out}' is a folder: pass a video file name, e.g. {out / 'out.mp4'}")
+    other = {".mp4": ".gif", ".gif": ".mp4"}.get(out.suffix.lower())
+    if other is None:
+        raise CavError(f"--out '{out}' must end in .mp4 or .gif (the other format is written beside it)")
+    targets = [out] if num_videos == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(num_videos)]
+    for path in (p for t in targets for p in (t, t.with_suffix(other))):
+        if path.is_dir():
+            raise CavError(f"'{path}' is a folder: pass another --out")
+        if path.exists() and not overwrite:
+            raise CavError(f"'{path}' exists: pass --overwrite to replace it, or another --out")
+    runfolder.check_writable(out.parent)
+    return targets
+
+
+def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, sample: SampleConfig | None = None,
+             image_loras=(), textual_inversions=(), base: str | None = None, out="out.mp4", overwrite: bool = False,
+             device="auto", dtype="auto", quiet: bool = False, motion_adapter: str | None = None,
+             **settings) -> list[Path]:
+    """Sample ``num_videos`` videos (seeds seed, seed+1, …); writes ``out`` (.mp4 or .gif) and the other format
+    beside each. Settings: ``sample`` (None: the first adapter's recorded ones, see ``sample_settings``), then the
+    SampleConfig fields given in ``settings`` (``steps=10``, ``seed=3``; None means "not given"); ``size`` None: the
+    base's native size."""
     from .data.video import write_video
 
     if not prompt or not prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video to generate'")
-    out = Path(out)
-    if out.suffix.lower() != ".mp4":
-        raise CavError(f"--out '{out}' must end in .mp4 (a .gif is written beside it)")
+    sample = (sample or sample_settings(adapters)).updated(**settings)
+    targets = output_files(out, sample.num_videos, overwrite)
     metas = [lora.read_meta(lora.find_adapter_dir(Path(p), "temporal")) for p, _ in adapters]
-    val = metas[0].get("validation", {}) if metas else {}
     base = base or (metas[0].get("base") if metas else None) or "toy"
     if motion_adapter is None and metas and base == metas[0].get("base"):
         motion_adapter = metas[0].get("motion_adapter")  # the adapter's own base: image model + its motion adapter
     bb = backbone_mod.load(base, device, dtype, motion_adapter=motion_adapter)
-    load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions))
-    frames = frames or val.get("frames") or 16
-    size = tuple(size) if size else tuple(val.get("size") or _default_size(bb))
-    steps = steps or val.get("steps") or 25
-    guidance = guidance if guidance is not None else val.get("guidance", 9.0)
-    written = []
-    for k in range(num_videos):
-        video = sample_video(bb, prompt, frames=frames, size=size, steps=steps, guidance=guidance, seed=seed + k,
-                             negative_prompt=negative_prompt, progress=not quiet)
-        target = out if num_videos == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
-        write_video(target, video)
-        write_video(target.with_suffix(".gif"), video)
-        written.append(target)
-    return written
+    load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions), default=sample.lora_weight)
+    size = tuple(sample.size or _default_size(bb))
+    for k, target in enumerate(targets):
+        video = sample_video(bb, prompt, frames=sample.frames, size=size, steps=sample.steps, guidance=sample.guidance,
+                             seed=sample.seed + k, negative_prompt=sample.negative_prompt, progress=not quiet)
+        for path in (target, target.with_suffix(".gif" if target.suffix.lower() == ".mp4" else ".mp4")):
+            write_video(path, video)
+    return targets
 
 
 def _default_size(bb) -> tuple[int, int]:

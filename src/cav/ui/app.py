@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .. import preflight, runfolder
-from ..config import dump_yaml
+from ..config import TrainConfig, dump_yaml
 from ..data import toyworld as tw
 from ..errors import CavError
 from . import form, runs
@@ -73,10 +73,8 @@ class App:
 
         try:
             clip = self.clip_path(upload, toy)
-            size_hw = form.from_form(form.FIELDS["size"], size)
-            video = read_video(clip, frames=form.from_form(form.FIELDS["frames"], frames),
-                               size=tuple(size_hw * 2 if len(size_hw) == 1 else size_hw), fit=fit,
-                               **form.selection(start, end, fps))
+            cfg = TrainConfig.from_dict({"frames": frames, "size": size, "fit": fit, **form.selection(start, end, fps)})
+            video = read_video(clip, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **cfg.frame_selection())
         except CavError as exc:
             return None, error_line(exc)
         out = write_video(self.work / "preview" / f"preview-{time.time_ns()}.mp4", video)
@@ -91,19 +89,18 @@ class App:
         try:
             self.jobs.check_idle()
             clip = self.clip_path(upload, toy)
-            cfg = form.build_config(prompt, spatial_prompt, frames, advanced)
+            cfg = form.build_config(prompt, spatial_prompt, frames, advanced, form.selection(start, end, fps))
             if not cfg.prompt.strip():
                 raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
             preflight.check_train(cfg)  # size/frames the base takes, prompts its text encoder reads
             run = self._new_run_path(name)
             runfolder.check(run, bool(overwrite), False)
-            trim = form.selection(start, end, fps)
-            read_video(clip, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **trim)  # a bad clip fails here
+            read_video(clip, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit,
+                       **cfg.frame_selection())  # a bad clip fails here, as in api.train
             recipe = self.work / "jobs" / f"{run.name}-{time.time_ns()}.yaml"
             recipe.parent.mkdir(parents=True, exist_ok=True)
             recipe.write_text(dump_yaml(cfg))
-            args = [str(self._keep_clip(clip)), "--out", str(run), "--recipe", str(recipe)]
-            args += [a for k, v in trim.items() for a in (f"--{k}", str(v))]
+            args = [str(self._keep_clip(clip)), "--out", str(run), "--recipe", str(recipe)]  # trimming is in it
             self.jobs.start(run, args + (["--overwrite"] if overwrite and (run / "config.yaml").exists() else []))
         except CavError as exc:
             return error_line(exc)

@@ -7,26 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
+import typing
+from typing import Literal
 
-from ..config import ABSORBERS, PLACEMENTS, TrainConfig, load_recipe
+from .. import options
+from ..config import TrainConfig, load_recipe, recipe_names
 from ..errors import CavError
 
-# fields the page shows outside the "advanced" block (prompts, trimming) or that the server decides
-MAIN_FIELDS = ("prompt", "spatial_prompt", "frames")
-CHOICES = {"absorbers": ABSORBERS, "placement": PLACEMENTS, "fit": ("crop", "pad"),
-           "gradient_checkpointing": ("auto", "on", "off")}
+# fields the page shows outside the "advanced" block (prompts, trimming)
+MAIN_FIELDS = ("prompt", "spatial_prompt", "frames", "start", "end", "fps")
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+HINTS = options.hints(TrainConfig)
 MAX_GRID = 16  # videos per Generate click: more would keep a CPU busy for long with no way to cancel
 
 
-def recipe_dir() -> Path:
-    """The recipe presets shipped with cav (``configs/`` of the checkout)."""
-    return Path(__file__).resolve().parents[3] / "configs"
-
-
 def presets() -> list[str]:
-    return sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+    """The shipped recipes a run starts from (``toy``, ``modelscope`` …; the ablation plans are not training recipes)."""
+    return [n for n in recipe_names() if "/" not in n]
 
 
 def advanced_fields() -> list[dataclasses.Field]:
@@ -34,68 +31,57 @@ def advanced_fields() -> list[dataclasses.Field]:
 
 
 def kind(f: dataclasses.Field) -> str:
-    """How a field is edited: choice | bool | int | float | list | lines | text."""
-    if f.name in CHOICES:
+    """How a field is edited: choice | bool | int | float | lines | text (tuples and optional values as text)."""
+    hint = HINTS[f.name]
+    if typing.get_origin(hint) is Literal:
         return "choice"
-    if f.name == "validation_prompts":
+    if typing.get_origin(hint) is list:
         return "lines"
-    return {"bool": "bool", "int": "int", "float": "float", "list": "list"}.get(str(f.type), "text")
+    return {bool: "bool", int: "int", float: "float"}.get(hint, "text")
+
+
+def choices(f: dataclasses.Field) -> tuple:
+    return typing.get_args(HINTS[f.name])
 
 
 def preset_values(name: str, base: str) -> dict:
     """Every TrainConfig field's value under preset ``name`` (its defaults where the preset is silent), as form
     values; the server's ``--base`` replaces the preset's base."""
-    data = load_recipe(recipe_dir() / f"{name}.yaml") if name else {}
+    data = load_recipe(name) if name else {}
     cfg = TrainConfig.from_dict({**data, "prompt": "x", "base": base})
     return {f.name: to_form(f, getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)}
 
 
 def to_form(f: dataclasses.Field, value):
-    k = kind(f)
-    if k == "list":
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
         return " ".join(str(v) for v in value)
-    if k == "lines":
+    if kind(f) == "lines":
         return "\n".join(value)
     return value
 
 
 def from_form(f: dataclasses.Field, value):
-    """A form value back to the field's type; a list that is not numbers is refused in the CLI's words."""
-    k = kind(f)
-    if k == "list":
-        parts = [p for p in re.split(r"[\s,x×]+", str(value or "").strip()) if p]
-        try:
-            values = [int(p) if re.fullmatch(r"-?\d+", p) else float(p) for p in parts]
-        except ValueError:
-            raise CavError(f"{f.name} '{value}' is not a list of numbers: write them with spaces, "
-                           f"e.g. {to_form(f, f.default_factory())}") from None
-        return values * 2 if f.name == "size" and len(values) == 1 else values  # H means HxH, as --size H
-    if k == "lines":
+    """A form value as a recipe value; TrainConfig parses it with the CLI's rule (and message)."""
+    if kind(f) == "lines":
         return [line.strip() for line in str(value or "").splitlines() if line.strip()]
-    if k == "int":
-        if value is None or float(value) != int(float(value)):
-            raise CavError(f"{f.name} must be a whole number, got {value}")
-        return int(float(value))
-    if k == "float":
-        if value is None:
-            raise CavError(f"{f.name} is empty: type a number")
-        return float(value)
-    if k == "bool":
-        return bool(value)
-    return str(value or "").strip()
+    if isinstance(value, str) and not value.strip():
+        return None if f.default is None else value  # an empty optional field: not given
+    return value
 
 
-def build_config(prompt: str, spatial_prompt: str, frames, advanced: dict) -> TrainConfig:
+def build_config(prompt: str, spatial_prompt: str, frames, advanced: dict, trim: dict | None = None) -> TrainConfig:
     """The TrainConfig of the form (validated as the CLI validates its flags)."""
     data = {name: from_form(FIELDS[name], value) for name, value in advanced.items()}
-    data.update(prompt=str(prompt or ""), spatial_prompt=str(spatial_prompt or ""),
-                frames=from_form(FIELDS["frames"], frames))
+    data.update(prompt=str(prompt or ""), spatial_prompt=str(spatial_prompt or ""), frames=frames, **(trim or {}))
     return TrainConfig.from_dict(data)
 
 
 def selection(start, end, fps) -> dict:
-    """The clip trimming as ``cav train`` flags: 0 (or empty) means not given."""
-    return {k: float(v) for k, v in (("start", start), ("end", end), ("fps", fps)) if v not in (None, "") and float(v) > 0}
+    """The clip trimming as recipe values (``--start/--end/--fps``): 0 (or empty) means not given."""
+    return {k: (float(v) if v not in (None, "") and float(v) > 0 else None)
+            for k, v in (("start", start), ("end", end), ("fps", fps))}
 
 
 def parse_seeds(text: str) -> list[int]:

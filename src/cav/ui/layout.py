@@ -30,7 +30,7 @@ def _field_component(gr, f, value):
     label, info = f.name, f.metadata.get("help", "")
     k, elem = form.kind(f), f"field-{f.name}"
     if k == "choice":
-        return gr.Dropdown(list(form.CHOICES[f.name]), value=value, label=label, info=info, elem_id=elem)
+        return gr.Dropdown(list(form.choices(f)), value=value, label=label, info=info, elem_id=elem)
     if k == "bool":
         return gr.Checkbox(value=value, label=label, info=info, elem_id=elem)
     if k in ("int", "float"):
