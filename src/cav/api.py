@@ -9,12 +9,14 @@ import torch
 
 from . import accel
 from . import backbone as backbone_mod
+from . import generation
 from . import resume as resume_mod
 from . import runfolder
 from .adapters import lora
 from .adapters.textual_inversion import TextualInversion
-from .config import TrainConfig
+from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
+from .io_utils import check_new_files
 from .sampling import sample_video
 from .stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
 from .trainer import JsonlLog, make_optimizer, run_stage
@@ -70,7 +72,8 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
         raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
     out = Path(out)
     runfolder.check(out, overwrite, resume)
-    clip = runfolder.clip_record(check_exists(video), video_options)
+    backbone_mod.resolve_dtype(cfg.dtype, backbone_mod.resolve_device(cfg.device))  # fp16 on a CPU: refuse now
+    clip = runfolder.clip_record(check_exists(video), {**cfg.frame_selection(), **(video_options or {})})
     if resume:
         clip["selection"] = runfolder.resumed_selection(out, clip)
         if runfolder.finished(out, cfg):
@@ -125,29 +128,17 @@ def _restore(bb, cfg: TrainConfig, stage, point: resume_mod.ResumePoint, ti, gen
 
 
 # -------------------------------------------------------------------------------------------------- generate
-def parse_weighted(spec: str) -> tuple[str, float | None]:
-    """``PATH[:WEIGHT]`` → (path, weight or None); a Windows drive colon or a path with colons but no float suffix is
-    kept. None means the adapter's own default: the weight its run validated with (``lora_weight``), else 1."""
-    path, sep, weight = str(spec).rpartition(":")
-    if sep and path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return str(spec), None
-
-
 def load_adapters(bb, adapters: list[tuple[str, float | None]], image_loras: list[tuple[str, float | None]] = (),
-                  textual_inversions: list[str] = ()) -> list[dict]:
+                  textual_inversions: list[str] = (), default: float | None = None) -> list[dict]:
     """Load T-LoRAs (and optional spatial LoRAs, TI files) onto ``bb`` and activate them with their weights (None:
-    a T-LoRA's recorded ``lora_weight``, else 1)."""
+    ``default``, else a T-LoRA's recorded ``lora_weight``, else 1)."""
     names, weights, metas = [], [], []
     for i, (path, w) in enumerate(adapters):
         d = lora.find_adapter_dir(Path(path), "temporal")
         meta = lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal")
         metas.append(meta)
         names.append(f"t_lora_{i}")
-        weights.append(default_weight(meta) if w is None else w)
+        weights.append(w if w is not None else default if default is not None else default_weight(meta))
     for j, (path, w) in enumerate(image_loras):
         d = lora.find_adapter_dir(Path(path), "spatial")
         lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial")
@@ -170,36 +161,80 @@ def default_weight(meta: dict) -> float:
     return float(meta.get("validation", {}).get("weight", 1.0))
 
 
-def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, image_loras=(), textual_inversions=(),
-             base: str | None = None, frames: int | None = None, size=None, steps: int | None = None,
-             guidance: float | None = None, seed: int = 0, num_videos: int = 1, out="out.mp4", device="auto",
-             dtype="auto", negative_prompt: str | None = None, quiet: bool = False) -> list[Path]:
-    """Sample ``num_videos`` videos (seeds seed, seed+1, …); writes ``out`` (.mp4) and a .gif beside each."""
+def sample_settings(adapters: list[tuple[str, float | None]] = ()) -> SampleConfig:
+    """What `cav generate` samples with unless told otherwise: the first T-LoRA's recorded validation settings
+    (frames, size, steps, guidance), else SampleConfig's defaults."""
+    if not adapters:
+        return SampleConfig()
+    meta = lora.read_meta(lora.find_adapter_dir(Path(adapters[0][0]), "temporal"))
+    return SampleConfig.from_validation(meta.get("validation", {}))
+
+
+def output_files(out, num_videos: int, overwrite: bool = False, sample: SampleConfig | None = None) -> list[Path]:
+    """The videos ``generate`` will write (``out``, ``out-k`` for several, ``out-wW-sS`` for a grid: see
+    ``generation.output_names``), checked before any sampling: the format, an existing file (unless ``overwrite``),
+    a folder in the way, a folder that cannot be written. Beside each: the other format and its recipe (.json)."""
+    out = Path(out)
+    if out.is_dir():
+        raise CavError(f"--out '{out}' is a folder: pass a video file name, e.g. {out / 'out.mp4'}")
+    other = {".mp4": ".gif", ".gif": ".mp4"}.get(out.suffix.lower())
+    if other is None:
+        raise CavError(f"--out '{out}' must end in .mp4 or .gif (the other format is written beside it)")
+    sample = sample or SampleConfig(num_videos=num_videos)
+    targets = generation.output_names(out, sample)
+    extra = [out.with_name(f"{out.stem}-sheet.png")] if len(targets) > 1 else []
+    check_new_files([p for t in targets for p in (t, t.with_suffix(other), t.with_suffix(".json"))] + extra,
+                    overwrite=overwrite, flag="--out")
+    return targets
+
+
+def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, sample: SampleConfig | None = None,
+             image_loras=(), textual_inversions=(), base: str | None = None, out="out.mp4", overwrite: bool = False,
+             device="auto", dtype="auto", quiet: bool = False) -> list[Path]:
+    """Sample one video per entry of ``sample.grid`` (seeds seed, seed+1, … or --weights × --seeds), each from the
+    start ``sample`` names (noise, a reference's noise prior or inversion, an image); writes ``out`` (.mp4 or .gif),
+    the other format and the recipe (.json) beside each, and ``out-sheet.png`` for several. ``sample`` None:
+    ``sample_settings(adapters)``; its ``size`` None: the base's native size."""
     from .data.video import write_video
+    from .io_utils import write_json
 
     if not prompt or not prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video to generate'")
-    out = Path(out)
-    if out.suffix.lower() != ".mp4":
-        raise CavError(f"--out '{out}' must end in .mp4 (a .gif is written beside it)")
+    sample = sample or sample_settings(adapters)
+    if sample.weights and not adapters:
+        raise CavError("--weights sets the weight of each --adapter: pass --adapter RUN, or drop --weights")
+    targets = output_files(out, sample.num_videos, overwrite, sample)
     metas = [lora.read_meta(lora.find_adapter_dir(Path(p), "temporal")) for p, _ in adapters]
-    val = metas[0].get("validation", {}) if metas else {}
     base = base or (metas[0].get("base") if metas else None) or "toy"
     bb = backbone_mod.load(base, device, dtype)
-    load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions))
-    frames = frames or val.get("frames") or 16
-    size = tuple(size) if size else tuple(val.get("size") or _default_size(bb))
-    steps = steps or val.get("steps") or 25
-    guidance = guidance if guidance is not None else val.get("guidance", 9.0)
-    written = []
-    for k in range(num_videos):
-        video = sample_video(bb, prompt, frames=frames, size=size, steps=steps, guidance=guidance, seed=seed + k,
-                             negative_prompt=negative_prompt, progress=not quiet)
-        target = out if num_videos == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
-        write_video(target, video)
-        write_video(target.with_suffix(".gif"), video)
-        written.append(target)
-    return written
+    size = tuple(sample.size or _default_size(bb))
+    inputs = generation.read_inputs(sample, size)
+    metas = load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions), default=sample.lora_weight)
+    videos = []
+    for target, (weight, seed) in zip(targets, sample.grid):
+        used = _set_grid_weight(bb, adapters, image_loras, metas, sample, weight)
+        video = sample_video(bb, prompt, frames=sample.frames, size=size, steps=sample.steps, guidance=sample.guidance,
+                             seed=seed, negative_prompt=sample.negative_prompt, progress=not quiet,
+                             start=generation.start_for(bb, sample, inputs, seed))
+        for path in (target, target.with_suffix(".gif" if target.suffix.lower() == ".mp4" else ".mp4")):
+            write_video(path, video)
+        write_json(target.with_suffix(".json"), generation.record(prompt, adapters, sample, weight, seed, used))
+        videos.append(video)
+    if len(targets) > 1:
+        generation.write_sheet(Path(out).with_name(f"{Path(out).stem}-sheet.png"), videos, sample)
+    return targets
+
+
+def _set_grid_weight(bb, adapters, image_loras, metas, sample: SampleConfig, weight: float | None) -> list[float]:
+    """Activate the T-LoRAs at the grid's ``weight`` (None: each one's own); returns the T-LoRA weights used."""
+    own = [w if w is not None else sample.lora_weight if sample.lora_weight is not None else default_weight(m)
+           for (_, w), m in zip(adapters, metas)]
+    if weight is None:
+        return own
+    used = [weight] * len(adapters)
+    names = [f"t_lora_{i}" for i in range(len(adapters))] + [f"image_lora_{j}" for j in range(len(image_loras))]
+    lora.activate(bb.unet, names, used + [1.0 if w is None else w for _, w in image_loras])
+    return used
 
 
 def _default_size(bb) -> tuple[int, int]:

@@ -85,6 +85,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if dtype not in table:
         raise CavError(f"unknown dtype '{dtype}': use auto, fp32, fp16 or bf16")
+    if device.type == "cpu" and table[dtype] == torch.float16:  # measured: the loss turns nan within steps
+        raise CavError("fp16 is not for CPUs: use --dtype fp32 or auto")
     return table[dtype]
 
 

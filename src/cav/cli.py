@@ -1,59 +1,63 @@
 """Command line: parse arguments, call one API function, print, set the exit code.
 
-Every ``CavError`` becomes one line on stderr and exit code 2; Ctrl-C exits 130.
+Every ``CavError`` and every bad flag becomes one line on stderr and exit code 2; Ctrl-C exits 130. Flags of
+``train`` and ``generate`` come from the ``TrainConfig`` / ``SampleConfig`` fields (help, defaults and units from
+their metadata), so a flag and a recipe key are one list and follow one parsing rule.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import shlex
 import sys
+from pathlib import Path
+from typing import Literal
 
+from . import __version__
+from . import options
 from .errors import CavError
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-
-def _size(text: str) -> list[int]:
-    try:
-        parts = [int(p) for p in str(text).lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a size: use H or HxW, e.g. 256 or 256x448") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a size: use H or HxW")
-    return parts
+DTYPE = Literal["auto", "fp32", "fp16", "bf16"]
+POSITIVE = "a whole number ≥ 1"
 
 
-def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (default None: only given flags override the recipe)."""
-    from .config import TrainConfig
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors in cav's format (argparse prints the usage block and names internal dests)."""
 
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
-        if f.name == "size":
-            p.add_argument(flag, type=_size, default=None, help=help_ + " (H or HxW)")
-        elif f.name == "validation_prompts":
-            p.add_argument("--validation-prompt", dest="validation_prompts", action="append", default=None, help=help_)
-        elif f.name == "crop_ratio":
-            p.add_argument(flag, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help=help_)
-        elif f.name == "t_lora_timesteps":
-            p.add_argument(flag, type=int, nargs=2, default=None, metavar=("LOW", "HIGH"), help=help_)
-        elif f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            typ = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=typ, default=None, help=help_)
+    def error(self, message: str):
+        self.exit(2, f"cav: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _opt(p: argparse.ArgumentParser, flag: str, help: str, default=None, unit: str = "", **kw) -> None:
+    """A hand-written flag whose help states its default (with its unit)."""
+    if default is not None and kw.get("action") not in ("store_true", "append"):
+        help += f" [default: {default}{' ' + unit if unit else ''}]"
+    p.add_argument(flag, default=default, help=help.replace("%", "%%"), **kw)
+
+
+def _positive(text: str) -> int:
+    value = options.arg_type(int)(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not {POSITIVE}")
+    return value
+
+
+def _choose(p: argparse.ArgumentParser, what: str, names: str):
+    """A command group run without a command: say which commands exist (argparse would name its internal dest)."""
+
+    def fail(args) -> int:
+        raise CavError(f"choose {what}: {names} (see `{p.prog} --help`)")
+
+    p.set_defaults(func=fail)
+
+
+# ------------------------------------------------------------------------------------------------- train
 def build_config(args: argparse.Namespace):
     """Recipe values, then explicit flags; with --resume the run's own config.yaml is the starting point."""
-    from pathlib import Path
-
     from .config import TrainConfig, load_recipe
 
     saved = Path(args.out) / "config.yaml"
@@ -61,10 +65,7 @@ def build_config(args: argparse.Namespace):
         data = load_recipe(saved)
     else:
         data = load_recipe(args.recipe) if args.recipe else {}
-    for name in TrainConfig.field_names():
-        value = getattr(args, name, None)
-        if value is not None:
-            data[name] = value
+    data.update(options.given(args, TrainConfig))
     return TrainConfig.from_dict(data)
 
 
@@ -83,36 +84,105 @@ def cmd_train(args) -> int:
         return 0
     if args.video is None:
         raise CavError("no reference video given: pass `cav train VIDEO --prompt ...`")
-    if not cfg.prompt.strip():
-        raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
-    video_options = {k: getattr(args, k) for k in ("stride", "fps", "start", "end") if getattr(args, k) is not None}
-    out = api.train(args.video, cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet,
-                    video_options=video_options)
+    out = api.train(args.video, cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
     print(f"done: T-LoRA in {out / 't_lora'}, samples in {out / 'samples'}, checkpoints in {out / 'checkpoints'}")
     return 0
 
 
+def _interrupt_hint(args) -> str:
+    """What to do after Ctrl-C in `cav train`: resume only when a checkpoint exists (paths quoted for the shell)."""
+    from . import resume
+
+    if getattr(args, "command", None) != "train" or not getattr(args, "video", None):
+        return ""
+    out = Path(args.out)
+    if resume.latest(out) is not None:
+        return (f"; the last completed step is checkpointed: continue with "
+                f"`cav train {shlex.quote(str(args.video))} --resume --out {shlex.quote(str(out))}`")
+    if out.is_dir() and any(out.iterdir()):
+        return "; no checkpoint was saved yet, so there is nothing to resume: start over with --overwrite"
+    return "; no checkpoint was saved yet: run the same command again"
+
+
+def _add_train(sub) -> None:
+    from .config import TrainConfig, recipe_names
+
+    t = sub.add_parser("train", help="train absorbers then a T-LoRA on one reference video",
+                       description="Train absorbers then a T-LoRA on one reference video. Values come from the "
+                                   "defaults shown, then --recipe, then the flags given (with --resume: the run's "
+                                   "config.yaml, then the flags given). Every flag --a-b is the recipe key a_b.")
+    t.add_argument("video", nargs="?", help="reference video (any ffmpeg format) or a folder of images")
+    _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it",
+         metavar="NAME_OR_YAML")
+    _opt(t, "--out", "run folder", "runs/train", metavar="DIR")
+    t.add_argument("--dry-run", action="store_true", help="print the plan (parameters per stage) without weights")
+    t.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
+    run = t.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
+                                                          "its recorded config.yaml")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    options.add_flags(t, TrainConfig)
+    t.set_defaults(func=cmd_train, command="train")
+
+
+# ---------------------------------------------------------------------------------------------- generate
 def cmd_generate(args) -> int:
     from . import api
+    from .config import SampleConfig, parse_weighted
 
-    adapters = [api.parse_weighted(a) for a in args.adapter or []]
-    image_loras = [api.parse_weighted(a) for a in args.image_lora or []]
-    paths = api.generate(args.prompt, adapters, image_loras=image_loras, textual_inversions=args.textual_inversion or [],
-                         base=args.base, frames=args.frames, size=args.size, steps=args.steps, guidance=args.guidance,
-                         seed=args.seed, num_videos=args.num_videos, out=args.out, device=args.device,
-                         dtype=args.dtype, negative_prompt=args.negative_prompt, quiet=args.quiet)
+    adapters = [parse_weighted(a, "--adapter") for a in args.adapter or []]
+    image_loras = [parse_weighted(a, "--image-lora") for a in args.image_lora or []]
+    recorded = api.sample_settings(adapters)  # the first adapter's frames, size, steps, guidance (else defaults)
+    sample = SampleConfig(**{**recorded.to_dict(), **options.given(args, SampleConfig)})
+    paths = api.generate(args.prompt, adapters, sample=sample, image_loras=image_loras,
+                         textual_inversions=args.textual_inversion or [], base=args.base, out=args.out,
+                         overwrite=args.overwrite, device=args.device, dtype=args.dtype, quiet=args.quiet)
     for p in paths:
-        print(f"wrote {p} and {p.with_suffix('.gif')}")
+        print(f"wrote {p} and {p.with_suffix('.gif' if p.suffix.lower() == '.mp4' else '.mp4')}{_written_size(p)}")
     return 0
 
 
-def cmd_toy_train_base(args) -> int:
-    from dataclasses import fields
+def _written_size(path: Path) -> str:
+    import av
 
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return f" ({stream.frames or '?'} frames, {stream.height}x{stream.width} px)"
+
+
+def _add_generate(sub) -> None:
+    from .config import SampleConfig
+
+    g = sub.add_parser("generate", help="sample videos with T-LoRA(s) on a base model",
+                       description="Sample videos with T-LoRA(s). Unset sampling flags take the first --adapter's "
+                                   "recorded values (frames, size, steps, guidance), else the defaults shown.")
+    _opt(g, "--prompt", "what the videos show (a textual inversion's token may appear in it)", required=True)
+    _opt(g, "--adapter", "T-LoRA: a run, checkpoint or adapter folder; WEIGHT in [0, 4] (0: off), default the run's "
+         "--lora-weight, else 1 (repeatable; weights compose)", action="append", metavar="RUN_OR_ADAPTER[:WEIGHT]")
+    _opt(g, "--image-lora", "spatial LoRA folder, WEIGHT in [0, 4], default 1 (repeatable)", action="append",
+         metavar="PATH[:WEIGHT]")
+    _opt(g, "--textual-inversion", "textual inversion .safetensors file, e.g. RUN/absorbers/"
+         "textual_inversion.safetensors (repeatable)", action="append", metavar="FILE")
+    _opt(g, "--base", "base model: toy, a diffusers folder or a hub id [default: the adapter's base, else toy]")
+    options.add_flags(g, SampleConfig)
+    _opt(g, "--out", "output video, .mp4 or .gif; the other format is written beside it (with --num-videos N: "
+         "NAME-0 … NAME-N-1). Videos are written scaled up by a whole factor (nearest neighbour) until the longer "
+         "side is ≥ 128 px, so a 32x32 toy video is written at 128x128", "out.mp4", metavar="FILE")
+    g.add_argument("--overwrite", action="store_true", help="replace output files that exist")
+    _opt(g, "--device", "auto | cpu | cuda | cuda:N", "auto")
+    _opt(g, "--dtype", "weights' dtype: auto = bf16/fp16 on GPU, fp32 on CPU (fp16 and bf16 are for GPUs)", "auto",
+         type=options.arg_type(DTYPE), metavar="{auto,fp32,fp16,bf16}")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.set_defaults(func=cmd_generate)
+
+
+# --------------------------------------------------------------------------------------------- toy, demo
+def cmd_toy_train_base(args) -> int:
     from .toy.train_base import BaseRecipe, train_base
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(BaseRecipe) if getattr(args, f.name, None) is not None}
-    stats = train_base(args.out, BaseRecipe(**overrides), device=args.device, quiet=args.quiet, resume=not args.restart)
+    recipe = BaseRecipe(**options.typed(BaseRecipe, options.given(args, BaseRecipe)))
+    stats = train_base(args.out, recipe, device=args.device, quiet=args.quiet, resume=not args.restart)
     print(json.dumps({k: v for k, v in stats.items() if k != "loss_log"}))
     return 0
 
@@ -131,8 +201,6 @@ def cmd_toy_check_base(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from pathlib import Path
-
     from .toy.demo import run_demo, summary
 
     overrides = {k: v for k, v in (("steps", args.steps), ("absorber_steps", args.absorber_steps)) if v is not None}
@@ -141,6 +209,47 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_toy(sub) -> None:
+    from .toy.check import TOY_STEPS
+    from .toy.train_base import BaseRecipe
+
+    toy = sub.add_parser("toy", help="the embedded toy world: train or check its base model")
+    _choose(toy, "a toy command", "train-base, check-base")
+    cmds = toy.add_subparsers(title="commands", metavar="COMMAND")
+    tb = cmds.add_parser("train-base", help="train the toy T2V base model (seeded, resumable)")
+    _opt(tb, "--out", "model folder (its .train_state/ holds the resume state)", "runs/toy-base", metavar="DIR")
+    _opt(tb, "--device", "auto | cpu | cuda | cuda:N", "auto")
+    tb.add_argument("--restart", action="store_true", help="ignore saved state in --out and start over")
+    tb.add_argument("--quiet", action="store_true", help="no progress bars")
+    options.add_flags(tb, BaseRecipe)
+    tb.set_defaults(func=cmd_toy_train_base)
+    cb = cmds.add_parser("check-base", help="score a base model's videos against the toy world's ground truth")
+    _opt(cb, "--base", "base model to check", "toy")
+    _opt(cb, "--videos", "seen-motion videos to generate and score", 64, "videos", type=_positive)
+    _opt(cb, "--heldout", "held-out-motion videos (the base must not make these motions)", 24, "videos",
+         type=_positive)
+    _opt(cb, "--steps", "denoising steps per video", TOY_STEPS, "steps", type=_positive)
+    _opt(cb, "--seed", "seed of the prompts drawn and of the videos' noise", 0, type=options.arg_type(int))
+    _opt(cb, "--device", "auto | cpu | cuda | cuda:N", "auto")
+    cb.add_argument("--json", action="store_true", help="JSON output")
+    cb.set_defaults(func=cmd_toy_check_base)
+
+    from .config import load_recipe
+
+    toy_recipe = load_recipe("toy")
+    d = sub.add_parser("demo", help="the whole method on the embedded toy model, scored against ground truth")
+    _opt(d, "--out", "demo folder (videos, contact sheet, metrics.json; its run/ is replaced)", "runs/demo", metavar="DIR")
+    _opt(d, "--prompts", "new-appearance prompts to generate", 4, "prompts", type=_positive)
+    _opt(d, "--steps", "T-LoRA training steps", toy_recipe["steps"], "steps (the toy recipe's)",
+         type=options.arg_type(int))
+    _opt(d, "--absorber-steps", "absorber training steps", toy_recipe["absorber_steps"], "steps (the toy recipe's)",
+         type=options.arg_type(int))
+    _opt(d, "--base", "base model (a toy-world model)", "toy")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+
+# ---------------------------------------------------------------------------------------------- eval, bench
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .metrics.clip_score import DEFAULT_CLIP
@@ -167,106 +276,52 @@ def cmd_bench_speed(args) -> int:
 def cmd_bench_ablation(args) -> int:
     from .bench.ablation import format_markdown, run_ablation, write_outputs
 
-    result = run_ablation(args.recipe, quick=args.quick, out=args.out)
+    result = run_ablation(args.recipe, quick=args.quick, out=args.out, command="cav " + shlex.join(args.argv))
     write_outputs(result, args.out)
     print(json.dumps(result) if args.json else format_markdown(result))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cav", description="One-shot motion customization of text-to-video models")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train absorbers then a T-LoRA on one reference video")
-    t.add_argument("video", nargs="?", help="reference video (any ffmpeg format) or a folder of images")
-    t.add_argument("--recipe", help="YAML recipe (e.g. configs/modelscope.yaml); flags override it")
-    t.add_argument("--out", default="runs/train", help="run folder")
-    t.add_argument("--dry-run", action="store_true", help="print the plan (parameters per stage) without weights")
-    t.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
-    for name in ("start", "end", "fps"):
-        t.add_argument(f"--{name}", type=float, default=None, help=f"video frame selection: {name}")
-    t.add_argument("--stride", type=int, default=None, help="video frame selection: every K-th frame")
-    _add_recipe_flags(t)
-    t.set_defaults(func=cmd_train)
-
-    g = sub.add_parser("generate", help="sample videos with T-LoRA(s) on a base model")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--adapter", action="append", metavar="RUN_OR_ADAPTER_DIR[:WEIGHT]",
-                   help="T-LoRA to load (repeatable; weights compose; no WEIGHT: the run's --lora-weight, else 1)")
-    g.add_argument("--image-lora", action="append", metavar="PATH[:WEIGHT]", help="spatial LoRA folder (repeatable)")
-    g.add_argument("--textual-inversion", action="append", metavar="FILE", help="textual inversion file (repeatable)")
-    g.add_argument("--base", default=None, help="base model (default: the adapter's base, else toy)")
-    g.add_argument("--frames", type=int, default=None)
-    g.add_argument("--size", type=_size, default=None, help="H or HxW")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps")
-    g.add_argument("--guidance", type=float, default=None)
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-videos", type=int, default=1)
-    g.add_argument("--out", default="out.mp4", help="output .mp4 (a .gif is written beside it)")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--quiet", action="store_true")
-    g.set_defaults(func=cmd_generate)
-
-    toy = sub.add_parser("toy", help="the embedded toy world: train or check its base model").add_subparsers(
-        dest="toy_command", required=True)
-    tb = toy.add_parser("train-base", help="train the toy T2V base model (seeded, resumable)")
-    tb.add_argument("--out", default="runs/toy-base")
-    tb.add_argument("--device", default="auto")
-    tb.add_argument("--restart", action="store_true", help="ignore saved state in --out and start over")
-    tb.add_argument("--quiet", action="store_true")
-    from dataclasses import fields as _fields
-
-    from .toy.train_base import BaseRecipe
-
-    for f in _fields(BaseRecipe):
-        tb.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
-    tb.set_defaults(func=cmd_toy_train_base)
-    cb = toy.add_parser("check-base", help="score a base model's videos against the toy world's ground truth")
-    cb.add_argument("--base", default="toy")
-    cb.add_argument("--videos", type=int, default=64)
-    cb.add_argument("--heldout", type=int, default=24)
-    cb.add_argument("--steps", type=int, default=25)
-    cb.add_argument("--seed", type=int, default=0)
-    cb.add_argument("--device", default="auto")
-    cb.add_argument("--json", action="store_true")
-    cb.set_defaults(func=cmd_toy_check_base)
-
-    d = sub.add_parser("demo", help="the whole method on the embedded toy model, scored against ground truth")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--prompts", type=int, default=4, help="new-appearance prompts to generate")
-    d.add_argument("--steps", type=int, default=None, help="override the T-LoRA steps of configs/toy.yaml")
-    d.add_argument("--absorber-steps", type=int, default=None)
-    d.add_argument("--base", default="toy")
-    d.add_argument("--quiet", action="store_true")
-    d.set_defaults(func=cmd_demo)
-
+def _add_eval_bench(sub) -> None:
     ev = sub.add_parser("eval", help="score generated videos (CLIPScore, LPIPS, motion fidelity, toy truth)")
-    ev.add_argument("videos", nargs="+", help="generated videos")
-    ev.add_argument("--prompt", required=True)
-    ev.add_argument("--reference", default=None, help="reference video for motion metrics")
-    ev.add_argument("--clip", default=None, help="CLIP model folder or hub id (default openai/clip-vit-large-patch14)")
-    ev.add_argument("--lpips", default=None, help="LPIPS AlexNet weights (.safetensors; default $CAV_LPIPS)")
-    ev.add_argument("--metrics", default=None, help="comma-separated metric names (default: all available)")
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument("videos", nargs="+", help="generated videos (files or image folders)")
+    _opt(ev, "--prompt", "the prompt the videos were generated for", required=True)
+    _opt(ev, "--reference", "reference video, for the motion metrics [default: none: no motion metrics]")
+    _opt(ev, "--clip", "CLIP model folder or hub id (a hub id is only looked up in the local cache) "
+         "[default: openai/clip-vit-large-patch14]")
+    _opt(ev, "--lpips", "LPIPS AlexNet weights (.safetensors) [default: $CAV_LPIPS, else "
+         "~/.cache/cav/lpips_alex.safetensors]", metavar="FILE")
+    _opt(ev, "--metrics", "comma-separated metric names [default: every metric whose inputs and weights are "
+         "available]", metavar="NAMES")
+    ev.add_argument("--json", action="store_true", help="JSON output")
     ev.set_defaults(func=cmd_eval)
 
-    bench = sub.add_parser("bench", help="benchmarks (JSON output)").add_subparsers(dest="bench_command", required=True)
-    bs = bench.add_parser("speed", help="training/generation step time, memory and FLOPs at full ModelScope size")
-    bs.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    bs.add_argument("--size", default="full", choices=("full", "tiny"))
-    bs.add_argument("--json", action="store_true")
+    bench = sub.add_parser("bench", help="benchmarks (JSON and markdown output)")
+    _choose(bench, "a benchmark", "speed, ablation")
+    cmds = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
+    bs = cmds.add_parser("speed", help="training/generation step time, memory and FLOPs at full ModelScope size")
+    _opt(bs, "--device", "auto | cpu | cuda | cuda:N", "auto")
+    _opt(bs, "--size", "model size: full (ModelScope's shapes) or tiny (a smoke test)", "full",
+         type=options.arg_type(Literal["full", "tiny"]), metavar="{full,tiny}")
+    bs.add_argument("--json", action="store_true", help="JSON output")
     bs.set_defaults(func=cmd_bench_speed)
-    ba = bench.add_parser("ablation", help="the paper's Table 1 rows in the toy world, with 95% bootstrap CIs")
-    ba.add_argument("--recipe", default="configs/ablation/toy.yaml")
-    ba.add_argument("--quick", action="store_true", help="a CI-sized run")
-    ba.add_argument("--out", default="runs/ablation")
-    ba.add_argument("--json", action="store_true")
+    ba = cmds.add_parser("ablation", help="the paper's Table 1 rows in the toy world, with 95%% bootstrap CIs")
+    _opt(ba, "--recipe", "ablation file: a shipped name or a YAML path", "ablation/toy", metavar="NAME_OR_YAML")
+    ba.add_argument("--quick", action="store_true", help="a CI-sized run: every row, one reference, a few steps")
+    _opt(ba, "--out", "folder for runs, samples and ablation.json|md|png", "runs/ablation", metavar="DIR")
+    ba.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
     ba.set_defaults(func=cmd_bench_ablation)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cav", description="One-shot motion customization of text-to-video models")
+    parser.add_argument("--version", action="version", version=f"cav {__version__}")
+    _choose(parser, "a command", "train, generate, demo, eval, toy, bench")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_train(sub)
+    _add_generate(sub)
+    _add_toy(sub)
+    _add_eval_bench(sub)
     return parser
 
 
@@ -281,25 +336,24 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    args.argv = argv
     try:
+        _quiet_libraries()
         return args.func(args)
     except CavError as exc:
         print(f"cav: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = ""
-        if getattr(args, "command", None) == "train" and getattr(args, "video", None):
-            hint = f"; the last step is checkpointed: continue with `cav train {args.video} --resume --out {args.out}`"
-        print(f"cav: interrupted{hint}", file=sys.stderr)
+        print(f"cav: interrupted{_interrupt_hint(args)}", file=sys.stderr)
         return 130
 
 
-if __name__ == "__main__":
+def entry() -> None:
     sys.exit(main())
 
 
-def entry() -> None:
+if __name__ == "__main__":
     sys.exit(main())

@@ -1,27 +1,159 @@
-"""Recipes: one dataclass holds every value a training run uses, validated in ``__post_init__``, loaded from YAML.
+"""Recipes: dataclasses hold every value a training run or a generation uses, parsed and validated in
+``__post_init__``, loaded from YAML. Shipped recipes live in the package (``cav/configs``) and are found by name.
 
-The CLI is built from these fields (``cav train --help`` lists them); ``config.yaml`` in a run folder is the
-full resolved recipe, enough to reproduce the run.
+The CLI is built from these fields (``cav train --help``, ``cav generate --help`` list them, with defaults and units);
+``config.yaml`` in a run folder is the full resolved recipe, enough to reproduce the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import importlib.resources
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from .errors import CavError
+from .options import coerce_fields, option as _f
 
 ABSORBERS = ("none", "s-lora", "ti", "both")
 PLACEMENTS = ("cav", "motiondirector")
+WEIGHT_MAX = 4.0  # adapter weights above this only saturate the video
 
 
-def _f(default, help: str, **kw):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+def check_weight(weight, what: str, *, zero_ok: bool = False, example: str = "1.0", source: str = "") -> float:
+    """The one rule for adapter weights: a finite number in (0, 4] — or [0, 4] where 0 means "off" (weights of
+    adapters composed by `cav generate`; a recorded default weight of 0 would make the adapter a no-op)."""
+    interval = "[0, 4] (0 turns it off)" if zero_ok else "(0, 4]"
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        w = math.nan
+    if isinstance(weight, bool) or not (math.isfinite(w) and (0 <= w if zero_ok else 0 < w) and w <= WEIGHT_MAX):
+        raise CavError(f"{what} {weight}{source} is invalid: pass a weight in {interval}, e.g. {example}")
+    return w
+
+
+def parse_weighted(spec: str, flag: str = "--adapter") -> tuple[str, float | None]:
+    """``PATH[:WEIGHT]`` → (path, weight or None); None means the adapter's own default (the weight its run validated
+    with, ``lora_weight``, else 1). A path that exists as written keeps its colons; otherwise the text after the last
+    colon must be a weight (``RUN:abc`` is a bad weight, not a missing adapter)."""
+    spec = str(spec)
+    path, sep, weight = spec.rpartition(":")
+    drive = len(path) == 1 and weight[:1] in ("\\", "/")  # C:\models, C:/models
+    if not sep or not path or drive or Path(spec).exists():
+        return spec, None
+    return path, check_weight(weight.strip() or "''", f"{flag} weight", zero_ok=True, example=f"{path}:0.7",
+                              source=f" (in '{spec}')")
+
+
+@dataclass
+class SampleConfig:
+    """How videos are sampled: by `cav generate` and for a training run's validation samples (one set of defaults;
+    a run records its settings in the T-LoRA's ``cav.json`` and `cav generate --adapter RUN` starts from them)."""
+
+    frames: int = _f(16, "frames per video", unit="frames")
+    size: tuple[int, int] | None = _f(None, "sampling size, H or HxW (a multiple of the VAE factor, 8 for "
+                                      "ModelScope, 4 for the toy)", unit="pixels", repeat=True, metavar="H[xW]",
+                                      default_text="the adapter's training size, else the base's native size "
+                                                   "(toy: 32x32)")
+    steps: int = _f(25, "denoising steps", unit="steps")
+    guidance: float = _f(9.0, "classifier-free guidance scale")
+    negative_prompt: str | None = _f(None, "what the video should not show (replaces the empty unconditional prompt)")
+    seed: int = _f(0, "seed of the first video's initial noise (video k uses seed + k)")
+    num_videos: int = _f(1, "videos to sample (seeds seed, seed+1, ...)", unit="videos")
+    lora_weight: float | None = _f(None, "weight of every --adapter given without :WEIGHT, in (0, 4]",
+                                   default_text="the weight the adapter's run validated with, else 1")
+    # where sampling starts (cav.sampling: the formulas) and the weight x seed grid
+    reference: str | None = _f(None, "reference clip for --noise-prior / --invert (e.g. the training clip)",
+                               metavar="CLIP")
+    noise_prior: float = _f(0.0, "start from sqrt(A)·reference latents + sqrt(1-A)·noise, A in [0, 1] (needs "
+                            "--reference; the reference's latents are DDIM-inverted with --invert, else noised)",
+                            metavar="A")
+    invert: bool = _f(False, "start from the DDIM inversion of --reference (or of --image): Tune-A-Video's start")
+    inversion_steps: int | None = _f(None, "DDIM inversion steps of --reference", unit="steps",
+                                     default_text="--steps")
+    image: str | None = _f(None, "animate this image: a still clip of it, taken back --strength of the schedule "
+                           "(inverted with --invert, else noised), re-sampled with the adapters", metavar="FILE")
+    strength: float = _f(0.6, "with --image: share of the sampling schedule re-run from the image, in (0, 1] "
+                         "(1: from pure noise; lower keeps more of the image)")
+    weights: list[float] = _f([], "a grid: every --adapter weight in this comma list (× --seeds), e.g. 0.5,0.75,1",
+                              metavar="W[,W...]", default_text="off")
+    seeds: list[int] = _f([], "a grid: every seed in this comma list (× --weights), e.g. 1,2", metavar="S[,S...]",
+                          default_text="off")
+
+    def __post_init__(self):
+        for name in ("weights", "seeds"):  # a flag gives "0.5,0.75", a recipe a list: one list either way
+            value = getattr(self, name)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            setattr(self, name, [p for v in items for p in (str(v).replace(",", " ").split() if isinstance(v, str)
+                                                            else [v])])
+        coerce_fields(self)
+        for name in ("frames", "steps", "num_videos"):
+            if getattr(self, name) < 1:
+                raise CavError(f"{name} (--{name.replace('_', '-')}) must be ≥ 1, got {getattr(self, name)}")
+        if self.size is not None and min(self.size) < 8:
+            raise CavError(f"size (--size) {self.size[0]}x{self.size[1]} is too small: pass H or HxW, each ≥ 8")
+        if self.guidance < 0:
+            raise CavError(f"guidance (--guidance) must be ≥ 0, got {self.guidance}")
+        if self.lora_weight is not None:
+            self.lora_weight = check_weight(self.lora_weight, "lora_weight")
+        self._check_start()
+
+    def _check_start(self) -> None:
+        """The starting-point options (noise prior, inversion, image) and the grid, checked before any work."""
+        if not 0.0 <= self.noise_prior <= 1.0:
+            raise CavError(f"noise_prior (--noise-prior) {self.noise_prior} is invalid: pass a value in [0, 1]")
+        if (self.noise_prior > 0 or (self.invert and not self.image)) and not self.reference:
+            raise CavError("--noise-prior and --invert start from a reference clip: pass --reference CLIP "
+                           "(or --image FILE with --invert)")
+        if self.image and (self.reference or self.noise_prior > 0):
+            raise CavError("--image starts from the image: drop --reference / --noise-prior, or drop --image")
+        if not 0.0 < self.strength <= 1.0:
+            raise CavError(f"strength (--strength) {self.strength} is invalid: pass a value in (0, 1], e.g. 0.6")
+        if self.inversion_steps is not None and self.inversion_steps < 1:
+            raise CavError(f"inversion_steps (--inversion-steps) must be ≥ 1, got {self.inversion_steps}")
+        self.weights = [check_weight(w, "--weights entry", zero_ok=True, example="0.5,0.75,1") for w in self.weights]
+        for name in ("weights", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise CavError(f"--{name} {','.join(map(str, values))} repeats a value: list each once")
+
+    @property
+    def grid(self) -> list[tuple[float | None, int]]:
+        """(weight, seed) per video: --weights × --seeds, else the plain seeds (weight None: the adapter's)."""
+        seeds = self.seeds or [self.seed + k for k in range(self.num_videos)]
+        return [(w, s) for w in (self.weights or [None]) for s in seeds]
+
+    @property
+    def starts_from_reference(self) -> bool:
+        return self.noise_prior > 0 or (self.invert and not self.image)
+
+    # the keys a T-LoRA's cav.json records under "validation" (kept from before SampleConfig existed)
+    _RECORDED = {"frames": "frames", "size": "size", "steps": "steps", "guidance": "guidance", "seed": "seed",
+                 "lora_weight": "weight"}
+
+    def to_validation(self) -> dict:
+        """The ``validation`` record of a T-LoRA's cav.json."""
+        out = {key: getattr(self, name) for name, key in self._RECORDED.items()}
+        out["size"] = list(self.size) if self.size else None
+        return out
+
+    @classmethod
+    def from_validation(cls, record: dict) -> "SampleConfig":
+        """Settings `cav generate --adapter RUN` starts from: the run's frames, size, steps and guidance (not its seed
+        or weight: the seed is generate's own, the weight applies per adapter)."""
+        keep = ("frames", "size", "steps", "guidance")
+        return cls(**{name: record[cls._RECORDED[name]] for name in keep if record.get(cls._RECORDED[name]) is not None})
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+_SAMPLE = SampleConfig()
 
 
 @dataclass
@@ -29,90 +161,98 @@ class TrainConfig:
     """A full training recipe. Defaults are the paper's hyperparameters (supp. A.4)."""
 
     prompt: str = _f("", "full prompt describing the reference video (appearance + motion)")
-    spatial_prompt: str = _f("", "appearance-only prompt for the absorbers (default: the prompt)")
+    spatial_prompt: str = _f("", "appearance-only prompt for the absorbers", default_text="the prompt")
     base: str = _f("toy", "base model: `toy`, a diffusers T2V folder, or a hub id")
-    absorbers: str = _f("both", "appearance absorbers: none | s-lora | ti | both")
-    placement: str = _f("cav", "LoRA placement preset: cav | motiondirector")
+    absorbers: Literal["none", "s-lora", "ti", "both"] = _f("both", "appearance absorbers")
+    placement: Literal["cav", "motiondirector"] = _f("cav", "LoRA placement preset")
     # T-LoRA (stage 2)
-    steps: int = _f(300, "T-LoRA training steps")
+    steps: int = _f(300, "T-LoRA training steps", unit="steps")
     t_lora_rank: int = _f(4, "T-LoRA rank")
     t_lora_alpha: float = _f(1.0, "T-LoRA alpha")
     t_lora_lr: float = _f(5e-4, "T-LoRA learning rate")
-    t_lora_timesteps: list = _f([0, 1000], "T-LoRA trains on timesteps in [low, high): raise low to stress the "
-                                "high-noise steps where motion and layout form")
+    t_lora_timesteps: tuple[int, int] = _f((0, 1000), "T-LoRA trains on timesteps in [low, high): raise low to "
+                                          "stress the high-noise steps where motion and layout form",
+                                          metavar=("LOW", "HIGH"))
     t_lora_prompt_dropout: float = _f(0.0, "fraction of T-LoRA steps on the empty prompt, so the unconditional "
                                       "branch of guidance carries the motion too (0: the paper's recipe)")
     t_lora_batch: int = _f(1, "copies of the clip per T-LoRA step, each with its own noise and timestep (a "
                            "less noisy gradient for the same clip)")
     # appearance absorbers (stage 1)
-    absorber_steps: int = _f(100, "absorber training steps (S-LoRA and textual inversion train together)")
+    absorber_steps: int = _f(100, "absorber training steps (S-LoRA and textual inversion train together)",
+                             unit="steps")
     s_lora_rank: int = _f(1, "S-LoRA rank")
     s_lora_alpha: float = _f(0.5, "S-LoRA alpha")
     s_lora_lr: float = _f(5e-5, "S-LoRA learning rate")
-    ti_tokens: int = _f(4, "textual inversion: number of new tokens (2-6)")
+    ti_tokens: int = _f(4, "textual inversion: number of new tokens (2-6)", unit="tokens")
     ti_token: str = _f("<cav>", "textual inversion placeholder token (put it in the prompts or it is prefixed)")
     ti_init: str = _f("object", "textual inversion: word whose embedding initialises the new tokens")
     ti_lr: float = _f(5e-5, "textual inversion learning rate")
-    absorber_batch: int = _f(4, "frames per absorber step (unordered, patch-cropped)")
-    crop_ratio: list = _f([0.33, 0.67], "patch crop side ratio range for the absorbers")
-    # data
-    frames: int = _f(16, "frames sampled uniformly from the reference video")
-    size: list = _f([256, 256], "training size [height, width] in pixels")
-    fit: str = _f("crop", "fit the video to the size: crop | pad")
+    absorber_batch: int = _f(4, "frames per absorber step (unordered, patch-cropped)", unit="frames")
+    crop_ratio: tuple[float, float] = _f((0.33, 0.67), "patch crop side ratio range for the absorbers",
+                                         metavar=("LOW", "HIGH"))
+    # data: which frames of the reference video, at what size
+    frames: int = _f(_SAMPLE.frames, "frames taken from the reference video (uniformly, or the first of --stride/"
+                     "--fps); also the validation samples' length; a motion needs ≥ 2", unit="frames")
+    size: tuple[int, int] = _f((256, 256), "training size, H or HxW", unit="pixels", repeat=True, metavar="H[xW]")
+    fit: Literal["crop", "pad"] = _f("crop", "fit the video to the size: crop to cover, or pad to fit")
+    stride: int | None = _f(None, "take every K-th frame of the video, then the first --frames of those", unit="frames",
+                            metavar="K", default_text="off: --frames spread uniformly")
+    fps: float | None = _f(None, "take one frame per 1/F seconds, then the first --frames of those", metavar="F",
+                           default_text="off: --frames spread uniformly")
+    start: float | None = _f(None, "use the video from this time on", unit="seconds", metavar="SECONDS",
+                             default_text="the first frame")
+    end: float | None = _f(None, "use the video up to this time (exclusive)", unit="seconds", metavar="SECONDS",
+                           default_text="the last frame")
     # schedule
     seed: int = _f(0, "seed for every random choice (same seed, same device → same adapter)")
-    checkpoint_every: int = _f(100, "save a T-LoRA checkpoint with validation samples every N steps (0: only the end)")
+    checkpoint_every: int = _f(100, "save a T-LoRA checkpoint with validation samples every N steps (0: only the end)",
+                               unit="steps")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
-    # validation / sampling
-    validation_prompts: list = _f([], "prompts sampled at each checkpoint (default: the prompt)")
-    validation_seed: int = _f(0, "seed of validation samples")
-    sample_steps: int = _f(25, "denoising steps for validation samples")
-    guidance: float = _f(9.0, "classifier-free guidance scale for validation samples")
-    lora_weight: float = _f(1.0, "T-LoRA weight in validation samples, recorded as the default weight of "
+    # validation samples: SampleConfig's settings (see sample_config)
+    validation_prompts: list[str] = _f([], "prompt sampled at each checkpoint (repeatable)", flag="--validation-prompt",
+                                       metavar="PROMPT", default_text="the prompt")
+    validation_seed: int = _f(_SAMPLE.seed, "seed of validation samples")
+    sample_steps: int = _f(_SAMPLE.steps, "denoising steps for validation samples", unit="steps")
+    guidance: float = _f(_SAMPLE.guidance, "classifier-free guidance scale for validation samples")
+    lora_weight: float = _f(1.0, "T-LoRA weight in validation samples, in (0, 4], recorded as the default weight of "
                             "`cav generate --adapter RUN` (a smaller scale keeps more of the new appearance)")
     # system
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = _f("auto", "frozen-weight dtype: auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16")
-    gradient_checkpointing: str = _f("auto", "auto (on for GPUs under 16 GB) | on | off")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "frozen-weight dtype: auto = bf16/fp16 on GPU, fp32 "
+                                                        "on CPU; fp16 and bf16 are for GPUs")
+    gradient_checkpointing: Literal["auto", "on", "off"] = _f("auto", "recompute activations in the backward pass "
+                                                              "(auto: on for GPUs under 16 GB)")
     cache_inputs: bool = _f(True, "encode frames and prompts once and reuse them every step")
     offload_frozen: bool = _f(False, "move the VAE and text encoder to CPU during the training loop")
     compile: bool = _f(False, "torch.compile the UNet")
 
     def __post_init__(self):
-        if self.absorbers not in ABSORBERS:
-            raise CavError(f"unknown --absorbers '{self.absorbers}': use one of {', '.join(ABSORBERS)}")
-        if self.placement not in PLACEMENTS:
-            raise CavError(f"unknown --placement '{self.placement}': use one of {', '.join(PLACEMENTS)}")
+        coerce_fields(self)  # types first: every rule below sees numbers, tuples and choices
         if self.steps < 0 or self.absorber_steps < 0:
             raise CavError("--steps and --absorber-steps must be ≥ 0")
         if not 1 <= self.t_lora_batch <= 64:
             raise CavError(f"--t-lora-batch {self.t_lora_batch} is out of range: use 1-64")
         if not 1 <= self.ti_tokens <= 16:
             raise CavError(f"--ti-tokens {self.ti_tokens} is out of range: use 2-6 (the paper's range)")
-        if self.frames < 1:
-            raise CavError(f"--frames must be ≥ 1, got {self.frames}")
-        if isinstance(self.size, int):
-            self.size = [self.size, self.size]
-        self.size = [int(s) for s in self.size]
-        if len(self.size) != 2 or min(self.size) < 8:
-            raise CavError(f"--size {self.size} is invalid: pass H or HxW, each ≥ 8")
+        if self.frames < 2:
+            raise CavError(f"--frames {self.frames} is too few: a motion adapter learns how frames change, so it "
+                           "needs ≥ 2 frames (the paper uses 16)")
+        if min(self.size) < 8:
+            raise CavError(f"--size {self.size[0]}x{self.size[1]} is invalid: pass H or HxW, each ≥ 8")
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi <= 1:
-            raise CavError(f"crop_ratio {self.crop_ratio} is invalid: need 0 < low ≤ high ≤ 1")
-        lo_t, hi_t = (int(v) for v in self.t_lora_timesteps)
+            raise CavError(f"crop_ratio {list(self.crop_ratio)} is invalid: need 0 < low ≤ high ≤ 1")
+        lo_t, hi_t = self.t_lora_timesteps
         if not 0 <= lo_t < hi_t:
-            raise CavError(f"t_lora_timesteps {self.t_lora_timesteps} is invalid: need 0 ≤ low < high")
-        if not 0.0 <= float(self.t_lora_prompt_dropout) < 1.0:
+            raise CavError(f"t_lora_timesteps {list(self.t_lora_timesteps)} is invalid: need 0 ≤ low < high")
+        if not 0.0 <= self.t_lora_prompt_dropout < 1.0:
             raise CavError(f"t_lora_prompt_dropout {self.t_lora_prompt_dropout} is invalid: pass a value in [0, 1)")
-        if self.fit not in ("crop", "pad"):
-            raise CavError(f"unknown --fit '{self.fit}': use crop or pad")
-        if self.gradient_checkpointing not in ("auto", "on", "off"):
-            raise CavError("--gradient-checkpointing must be auto, on or off")
-        if not 0 < float(self.lora_weight) <= 4:
-            raise CavError(f"lora_weight {self.lora_weight} is invalid: pass a weight in (0, 4], e.g. 1.0")
+        self.lora_weight = check_weight(self.lora_weight, "lora_weight")
         for name in ("t_lora_lr", "s_lora_lr", "ti_lr"):
             if getattr(self, name) <= 0:
                 raise CavError(f"{name} must be > 0")
+        if self.sample_steps < 1:
+            raise CavError(f"--sample-steps must be ≥ 1, got {self.sample_steps}")
 
     # --- helpers -------------------------------------------------------------------------------------------
     @property
@@ -131,8 +271,20 @@ class TrainConfig:
                        else (self.t_lora_rank, self.t_lora_alpha))
         return lora_config(kind, self.placement, rank, alpha)
 
+    def _sample_fields(self) -> dict:
+        return dict(frames=self.frames, size=self.size, steps=self.sample_steps, guidance=self.guidance,
+                    seed=self.validation_seed, lora_weight=self.lora_weight)
+
+    def sample_config(self) -> SampleConfig:
+        """How this run's validation samples are made (and recorded for `cav generate`)."""
+        return SampleConfig(**self._sample_fields())
+
+    def frame_selection(self) -> dict:
+        """``stride`` / ``fps`` / ``start`` / ``end`` for ``read_video`` (only those set)."""
+        return {k: getattr(self, k) for k in ("stride", "fps", "start", "end") if getattr(self, k) is not None}
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -142,26 +294,49 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> "TrainConfig":
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
-            raise CavError(f"unknown recipe key(s) {', '.join(unknown)}: see `cav train --help` for the valid names")
+            raise CavError(f"unknown recipe key(s) {', '.join(unknown)}: see `cav train --help` for the valid names "
+                           "(a flag --a-b is the key a_b)")
         return cls(**data)
 
 
-def load_recipe(path: str | Path) -> dict:
-    """Read a YAML recipe into a dict of TrainConfig fields (validated when the config is built)."""
-    path = Path(path)
-    if not path.is_file():
-        builtin = Path(__file__).resolve().parents[2] / "configs" / f"{path}"
-        if builtin.is_file():
-            path = builtin
-        else:
-            raise CavError(f"recipe '{path}' does not exist: pass a YAML file such as configs/modelscope.yaml")
+# ---------------------------------------------------------------------------------------------------- recipes
+def _recipe_root() -> Path:
+    # cav is installed as files (wheels unpack), so the package folder is a real directory
+    return Path(str(importlib.resources.files("cav") / "configs"))
+
+
+def recipe_names() -> list[str]:
+    """Names of the shipped recipes: ``toy``, ``modelscope``, ``ablation/toy`` …"""
+    root = _recipe_root()
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A YAML file as given, else the shipped recipe of that name (``toy``, ``ablation/toy``, ``toy.yaml``)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml").removeprefix("configs/")
+    shipped = _recipe_root() / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise CavError(f"recipe '{recipe}' is neither a file nor a shipped recipe: pass a YAML path or one of "
+                   f"{', '.join(recipe_names())}")
+
+
+def load_recipe(recipe: str | Path) -> dict:
+    """Read a YAML recipe (a path or a shipped name) into a dict of TrainConfig fields, checked now."""
+    path = recipe_path(recipe)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise CavError(f"recipe '{path}' is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from None
     if not isinstance(data, dict):
-        raise CavError(f"recipe '{path}' must be a mapping of recipe keys: see configs/modelscope.yaml")
-    TrainConfig.from_dict({**data, "prompt": data.get("prompt", "x")})  # validate keys and values early
+        raise CavError(f"recipe '{path}' must be a mapping of recipe keys: see `cav train --help`")
+    try:
+        TrainConfig.from_dict({**data, "prompt": data.get("prompt", "x")})  # validate keys and values early
+    except CavError as exc:
+        raise CavError(f"recipe '{recipe}': {exc}") from None
     return data
 
 

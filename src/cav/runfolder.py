@@ -164,9 +164,7 @@ def t_lora_meta(cfg: TrainConfig, step: int) -> dict:
     return {"kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
             "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": cfg.spatial_prompt,
             "absorbers": cfg.absorbers, "step": step,
-            "validation": {"prompts": validation_prompts(cfg), "seed": cfg.validation_seed, "frames": cfg.frames,
-                           "size": list(cfg.size), "steps": cfg.sample_steps, "guidance": cfg.guidance,
-                           "weight": cfg.lora_weight}}
+            "validation": {"prompts": validation_prompts(cfg), **cfg.sample_config().to_validation()}}
 
 
 def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti) -> None:
@@ -212,10 +210,11 @@ def t_lora_checkpoint(bb, cfg: TrainConfig, out: Path, active: list[str], clock:
             if interrupted:
                 return
             lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # only the T-LoRA, as at inference
+            sample = cfg.sample_config()
             try:
                 with accel.on_device(bb.device, bb.vae, bb.text_encoder):
-                    videos = [sample_video(bb, prompt, frames=cfg.frames, size=tuple(cfg.size),
-                                           steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.validation_seed)
+                    videos = [sample_video(bb, prompt, frames=sample.frames, size=sample.size, steps=sample.steps,
+                                           guidance=sample.guidance, seed=sample.seed)
                               for prompt in validation_prompts(cfg)]
             finally:
                 lora.activate(bb.unet, active, trainable=T_LORA)

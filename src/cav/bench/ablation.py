@@ -1,8 +1,8 @@
 """`cav bench ablation`: the paper's ablations in the toy world, scored against ground truth.
 
-Rows (``configs/ablation/toy.yaml``): the base model without an adapter; the staged method without absorbers, with an
+Rows (the shipped ``ablation/toy`` recipe): the base model without an adapter; the staged method without absorbers, with an
 S-LoRA, a textual inversion or both as appearance absorbers; and MotionDirector's LoRA placement (temporal attention
-+ FFN) at T-LoRA rank 2 and 4. Each trained row is ``configs/toy.yaml`` + the file's ``overrides`` + the row's keys.
++ FFN) at T-LoRA rank 2 and 4. Each trained row is the ``toy`` recipe + the file's ``overrides`` + the row's keys.
 
 For every reference (a held-out motion the base never saw, rendered with ``toyworld.render`` and saved as mp4) each
 trained row runs ``api.train`` once, then samples every new-appearance prompt × seed in one batch on a freshly loaded
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..config import TrainConfig, load_recipe
+from ..config import TrainConfig, load_recipe, recipe_path as find_recipe
 from ..data import toyworld as tw
 from ..errors import CavError
 from ..io_utils import write_json
@@ -46,7 +46,7 @@ from .metrics import GROUP_METRICS, METRICS, RUN_METRICS, TABLE, VIDEO_METRICS, 
 from .report import format_markdown, write_chart, write_outputs
 from .stats import bootstrap, jsonable, paired_differences
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[3] / "configs" / "ablation" / "toy.yaml"
+DEFAULT_RECIPE = find_recipe("ablation/toy")
 _ROW_KEYS = ("name", "key", "train")
 _SETTING_KEYS = ("recipe", "overrides", "references", "prompts", "seeds", "threads", "bootstrap", "rows", "quick")
 
@@ -55,18 +55,14 @@ _SETTING_KEYS = ("recipe", "overrides", "references", "prompts", "seeds", "threa
 def load_settings(path: str | Path = DEFAULT_RECIPE, quick: bool = False) -> dict:
     """Read and check an ablation file; with ``quick`` its ``quick:`` section replaces the keys it names (its
     ``overrides`` are merged over the file's, its ``references: N`` keeps the first N)."""
-    path = Path(path)
-    if not path.is_file() and not path.is_absolute() and (DEFAULT_RECIPE.parents[2] / path).is_file():
-        path = DEFAULT_RECIPE.parents[2] / path  # configs/ablation/... relative to the checkout, from any folder
-    if not path.is_file():
-        raise CavError(f"ablation recipe '{path}' does not exist: pass a file such as configs/ablation/toy.yaml")
+    path = find_recipe(path)  # a file, or a shipped name such as ablation/toy
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise CavError(f"ablation recipe '{path}' is not valid YAML ({first}): fix the file") from None
     if not isinstance(data, dict):
-        raise CavError(f"ablation recipe '{path}' must be a mapping: see configs/ablation/toy.yaml")
+        raise CavError(f"ablation recipe '{path}' must be a mapping: see the shipped ablation/toy")
     unknown = sorted(set(data) - set(_SETTING_KEYS))
     if unknown:
         raise CavError(f"unknown key(s) {', '.join(unknown)} in '{path}': use {', '.join(_SETTING_KEYS)}")
@@ -367,29 +363,5 @@ def _aggregate(settings, params, records, groups, runs, ref_info, command, wall,
     return jsonable(result)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cav.bench.ablation``: the same as ``cav bench ablation``."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m cav.bench.ablation", description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="ablation file (configs/ablation/toy.yaml)")
-    p.add_argument("--quick", action="store_true", help="CI-sized: one reference, a few steps, every row")
-    p.add_argument("--out", default="runs/ablation", help="folder for runs, samples and the outputs")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
-    args = p.parse_args(argv)
-    command = "python -m cav.bench.ablation " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
-        result = run_ablation(args.recipe, args.quick, args.out, command=command.strip())
-    except CavError as exc:
-        print(f"cav: error: {exc}", file=sys.stderr)
-        return 2
-    write_outputs(result, args.out)
-    print(json.dumps(result) if args.json else format_markdown(result))
-    return 0
-
-
 __all__ = ["run_ablation", "format_markdown", "write_outputs", "write_chart", "load_settings", "bootstrap",
            "paired_differences", "rescore"]
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """`cav demo`: the whole method in the toy world, measured against ground truth, on a CPU in minutes.
 
 1. a reference clip with a *held-out* motion (the base model never saw it) and one appearance;
-2. the staged method with ``configs/toy.yaml``: appearance absorbers, then T-LoRA;
+2. the staged method with the shipped ``toy`` recipe (``cav/configs/toy.yaml``): appearance absorbers, then T-LoRA;
 3. videos with *new* appearances (other shape, colour and background) with the T-LoRA, and the same prompts and
    seeds without it;
 4. ``metrics.json``: motion error of both against the reference (centroid displacement tracks, normalised by
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import TrainConfig, load_recipe
+from ..config import TrainConfig, load_recipe, recipe_path
 from ..data import toyworld as tw
 from ..io_utils import write_json
 from ..metrics import toy as tm
 
-RECIPE = Path(__file__).resolve().parents[3] / "configs" / "toy.yaml"
+RECIPE = recipe_path("toy")
 DEFAULT_REFERENCE = tw.ToySpec("circle", "red", "navy", "spiral", scale=0.3)
 
 

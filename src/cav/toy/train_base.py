@@ -23,6 +23,7 @@ from ..accel import tune_backends
 from ..backbone import resolve_device
 from ..data import toyworld as tw
 from ..io_utils import publish_dir, save_safetensors, write_json
+from ..options import option as _f
 from ..trainer import Stage, train_step
 from .factory import TinySpec, build_components, build_scheduler, save_model, write_clip_tokenizer
 
@@ -52,23 +53,28 @@ TOY_SPEC = TinySpec(
 
 @dataclass
 class BaseRecipe:
-    frames: int = 8
-    size: int = 32
-    clips: int = 20000
-    vae_steps: int = 1500
-    vae_batch: int = 128
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-6
-    steps: int = 20000  # an upper bound: max_seconds ends the run on time
-    batch: int = 16
-    lr: float = 3e-4
-    text_lr: float = 1e-4
-    image_every: int = 4  # every k-th step is an image batch (temporal layers bypassed, appearance prompt)
-    caption_dropout: float = 0.1
-    seed: int = 0
-    save_every: int = 500
-    init_from: str = ""  # continue from a saved toy model folder (its VAE and scaling factor are kept)
-    max_seconds: float = 7000.0  # each invocation ends within this (cosine fitted to it; a resume gets a new budget)
+    """The toy base model's training recipe (`cav toy train-base` flags come from these fields)."""
+
+    frames: int = _f(8, "frames per training clip", unit="frames")
+    size: int = _f(32, "clip height and width", unit="pixels")
+    clips: int = _f(20000, "synthetic clips rendered for training", unit="clips")
+    vae_steps: int = _f(1500, "phase 1: VAE training steps", unit="steps")
+    vae_batch: int = _f(128, "phase 1: frames per VAE step", unit="frames")
+    vae_lr: float = _f(1e-3, "phase 1: VAE learning rate")
+    kl_weight: float = _f(1e-6, "phase 1: weight of the VAE's KL term")
+    steps: int = _f(20000, "phase 2: UNet + text encoder steps, an upper bound: --max-seconds ends the run on time",
+                    unit="steps")
+    batch: int = _f(16, "phase 2: clips per step", unit="clips")
+    lr: float = _f(3e-4, "phase 2: UNet learning rate")
+    text_lr: float = _f(1e-4, "phase 2: text encoder learning rate")
+    image_every: int = _f(4, "every k-th step is an image batch (temporal layers bypassed, appearance prompt)",
+                          unit="steps")
+    caption_dropout: float = _f(0.1, "fraction of captions dropped (for classifier-free guidance)")
+    seed: int = _f(0, "seed of the data and of every random choice")
+    save_every: int = _f(500, "save resume state every N steps", unit="steps")
+    init_from: str = _f("", "continue from a saved toy model folder (its VAE and scaling factor are kept)")
+    max_seconds: float = _f(7000.0, "each invocation ends within this (cosine fitted to it; a resume gets a new "
+                            "budget)", unit="seconds")
 
 
 def _state_dir(out: Path, phase: str) -> Path:

@@ -1,0 +1,248 @@
+"""Typed option fields: one home for how a recipe value or a flag is written, parsed, documented and checked.
+
+Dataclass fields declared with :func:`option` carry their help, unit and flag in metadata. :func:`coerce` turns what
+a user wrote (YAML scalar, string from a flag) into the field's precise type (``int``, ``float``, ``bool``,
+``Literal[...]``, ``tuple[int, int]``, ``list[str]``, ``X | None``) or raises ``ValueError`` with a short reason;
+:func:`coerce_fields` applies it to every field of a dataclass and names the key in a :class:`CavError`.
+:func:`add_flags` builds argparse flags from the same fields, with defaults and units in their help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import field
+from typing import Any, Literal
+
+from .errors import CavError
+
+_MISSING = dataclasses.MISSING
+
+
+def option(default, help: str, *, unit: str = "", flag: str = "", metavar=None, repeat: bool = False,
+           default_text: str = "", choices_help: bool = True):
+    """A dataclass field with CLI metadata.
+
+    ``unit``: shown after the default in --help. ``flag``: the flag name if not ``--field-name``. ``repeat``: a
+    ``tuple[X, X]`` also accepts one value for both (``size: 256``). ``default_text``: what --help says the default
+    is when the plain value would mislead (e.g. "the adapter's").
+    """
+    meta = {"help": help, "unit": unit, "flag": flag, "metavar": metavar, "repeat": repeat,
+            "default_text": default_text}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ------------------------------------------------------------------------------------------- parsing values
+def _is_optional(hint) -> tuple[bool, Any]:
+    """(True, X) for ``X | None`` / ``Optional[X]``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return True, args[0]
+    return False, hint
+
+
+def _to_float(value) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    try:
+        number = float(str(value).strip().replace("_", "")) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number (write e.g. 0.5, 1e-3 or 5.0e-4)") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
+    return number
+
+
+def _to_int(value) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip().replace("_", ""))
+        except ValueError:
+            pass
+    try:
+        number = _to_float(value)  # "1e3", 4.0
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number (write e.g. 300)") from None
+    if not number.is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(number)
+
+
+def _to_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def _to_tuple(value, args: tuple, repeat: bool) -> tuple:
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[x×,\s]+", value.strip().lower()) if p]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    if repeat and len(parts) == 1:
+        parts = parts * len(args)
+    if len(parts) != len(args):
+        form = "H or HxW, e.g. 256 or 256x448" if repeat else f"{len(args)} values, e.g. {_example(args)}"
+        raise ValueError(f"{value!r} has {len(parts)} value(s): give {form}")
+    try:
+        return tuple(coerce(a, p) for a, p in zip(args, parts))
+    except ValueError:
+        if not repeat:
+            raise
+        raise ValueError(f"{value!r} is not a size: give H or HxW, e.g. 256 or 256x448") from None
+
+
+def _example(args: tuple) -> str:
+    return "[" + ", ".join("0.5" if a is float else "1" for a in args) + "]"
+
+
+def coerce(hint, value, repeat: bool = False):
+    """``value`` as type ``hint``, written the way users write it; ``ValueError`` with the reason otherwise.
+    ``repeat``: a tuple type also takes one value for all its items."""
+    optional, hint = _is_optional(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError("a value is required")
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return _to_bool(value)
+    if hint is int:
+        return _to_int(value)
+    if hint is float:
+        return _to_float(value)
+    if hint is str:
+        if isinstance(value, (dict, list, tuple)):
+            raise ValueError(f"{value!r} is not text")
+        return str(value)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        return _to_tuple(value, typing.get_args(hint), repeat)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [coerce(item, v) for v in items]
+    raise TypeError(f"no parser for type {hint!r}")  # a programming error, not a user's
+
+
+def hints(cls) -> dict:
+    return typing.get_type_hints(cls, include_extras=False)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def typed(cls, data: dict) -> dict:
+    """``data`` (field → what the user wrote) parsed to the types of dataclass ``cls``; a CavError names the key."""
+    types_, fields_ = hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name, value in data.items():
+        try:
+            out[name] = coerce(types_[name], value, repeat=bool(fields_[name].metadata.get("repeat")))
+        except ValueError as exc:
+            raise CavError(f"{name} ({flag_name(fields_[name])}): {exc}") from None
+    return out
+
+
+def coerce_fields(obj) -> None:
+    """Coerce every field of dataclass ``obj`` in place; a bad value is a CavError naming the key and its flag."""
+    values = typed(type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+
+
+# ------------------------------------------------------------------------------------------------ flags
+def default_text(f: dataclasses.Field) -> str:
+    """The default as --help shows it, with its unit."""
+    if f.metadata.get("default_text"):
+        return f.metadata["default_text"]
+    if f.default is not _MISSING:
+        value = f.default
+    elif f.default_factory is not _MISSING:
+        value = f.default_factory()
+    else:
+        return ""
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, (list, tuple)):
+        text = "x".join(map(str, value)) if f.metadata.get("repeat") else " ".join(map(str, value)) or "none"
+    elif value is None or value == "":
+        text = "none"
+    else:
+        text = str(value)
+    unit = f.metadata.get("unit")
+    return f"{text} {unit}" if unit and text != "none" else text
+
+
+def help_text(f: dataclasses.Field, hint) -> str:
+    """Field help + choices + default, with ``%`` escaped for argparse."""
+    text = f.metadata.get("help", "")  # a Literal's choices are in the metavar
+    default = default_text(f)
+    if default:
+        text += f" [default: {default}]"
+    return text.replace("%", "%%")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of dataclass ``cls``. Flags default to None (only given flags override a recipe) and keep
+    the text the user typed: the dataclass parses and checks it, so a flag and a recipe key follow one rule."""
+    types_ = hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint = types_[f.name]
+        _, inner = _is_optional(hint)
+        origin = typing.get_origin(inner)
+        kw: dict = {"dest": f.name, "default": None, "help": help_text(f, hint)}
+        if inner is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            kw["action"] = "append"
+        elif origin is tuple and not f.metadata.get("repeat"):
+            kw["nargs"] = len(typing.get_args(inner))
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
+        elif origin is Literal:
+            kw["metavar"] = "{" + ",".join(typing.get_args(inner)) + "}"
+        elif "action" not in kw or kw["action"] == "append":
+            kw["metavar"] = {int: "N", float: "X"}.get(inner, "TEXT")
+        parser.add_argument(flag_name(f), **kw)
+
+
+def given(args: argparse.Namespace, cls) -> dict:
+    """The fields of ``cls`` whose flags were given."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def arg_type(hint, what: str = ""):
+    """An argparse ``type=`` for a plain flag (not from a dataclass), with the same parsing as recipe values."""
+
+    def parse(text: str):
+        try:
+            return coerce(hint, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = what or getattr(hint, "__name__", "value")
+    return parse
