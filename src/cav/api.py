@@ -240,3 +240,13 @@ def _set_grid_weight(bb, adapters, image_loras, metas, sample: SampleConfig, wei
 def _default_size(bb) -> tuple[int, int]:
     s = int(bb.unet.config.sample_size) * bb.vae_factor
     return (s, s)
+
+
+# ---------------------------------------------------------------------------------------------------- select
+def select(run, clip: str | None = None) -> dict:
+    """Score every checkpoint of ``run`` against its reference and publish the best as ``RUN/selected/``
+    (``cav.selection``: the scores and the rule); returns what ``RUN/selection.json`` holds."""
+    from . import selection
+
+    return selection.select(Path(run), clip)
+

@@ -151,6 +151,29 @@ def _written_size(path: Path) -> str:
         return f" ({stream.frames or '?'} frames, {stream.height}x{stream.width} px)"
 
 
+def cmd_select(args) -> int:
+    from . import api
+
+    result = api.select(args.run, clip=args.clip)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for row in result["table"]:
+            scores = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("checkpoint", "step"))
+            print(f"{'*' if row['checkpoint'] == result['chosen'] else ' '} {row['checkpoint']:<12} {scores}")
+        print(f"chosen {result['chosen']}: use `cav generate --adapter {result['adapter']}`")
+    return 0
+
+
+def _add_select(sub) -> None:
+    s = sub.add_parser("select", help="score a run's checkpoints against its reference; publish the best as RUN/selected")
+    s.add_argument("run", help="run folder of `cav train`")
+    _opt(s, "--clip", "CLIP folder or cached hub id for text alignment [default: openai/clip-vit-large-patch14 if "
+         "cached, else left out]")
+    s.add_argument("--json", action="store_true", help="JSON output")
+    s.set_defaults(func=cmd_select)
+
+
 def _add_generate(sub) -> None:
     from .config import SampleConfig
 
@@ -316,10 +339,11 @@ def _add_eval_bench(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cav", description="One-shot motion customization of text-to-video models")
     parser.add_argument("--version", action="version", version=f"cav {__version__}")
-    _choose(parser, "a command", "train, generate, demo, eval, toy, bench")
+    _choose(parser, "a command", "train, generate, select, demo, eval, toy, bench")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_train(sub)
     _add_generate(sub)
+    _add_select(sub)
     _add_toy(sub)
     _add_eval_bench(sub)
     return parser
