@@ -18,35 +18,41 @@ from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (par
 from .errors import CavError
 from .io_utils import check_new_files
 from .sampling import sample_video
-from .stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
+from .stages import T_LORA, ClipInputs, absorber_stage, active_adapters, s_lora_name, t_lora_stage
 from .trainer import JsonlLog, make_optimizer, run_stage
 
 ASSETS = Path(__file__).parent / "assets"
 
 
 # ----------------------------------------------------------------------------------------------- plan (dry run)
-def plan(cfg: TrainConfig) -> dict:
-    """Trainable parameters and adapted modules per stage, from the base's config files alone (meta device)."""
+def plan(cfg: TrainConfig, clips: int = 1) -> dict:
+    """Trainable parameters and adapted modules per stage, from the base's config files alone (meta device). With
+    several ``clips`` stage 1 lists each clip's own absorbers (``clip`` and ``spatial_prompt`` name them)."""
     from accelerate import init_empty_weights
     from diffusers import UNet3DConditionModel
 
+    cfg.check_clips(clips)
     unet_config = backbone_mod.read_unet_config(cfg.base)
     with init_empty_weights():
         unet = UNet3DConditionModel.from_config(unet_config)
     stages = []
-    if cfg.uses_s_lora:
-        n = lora.add_lora(unet, S_LORA, cfg.lora_config("spatial"),
-                          low_cpu_mem_usage=True)
-        stages.append({"name": "s_lora", "trainable_params": lora.count_parameters(unet, S_LORA), "modules": n})
-    if cfg.uses_ti:
-        dim = _text_hidden_size(cfg.base, unet_config)
-        stages.append({"name": "textual_inversion", "trainable_params": cfg.ti_tokens * dim, "modules": 1})
+    for k in range(clips):
+        own = {"clip": k, "spatial_prompt": cfg.spatial_prompt_of(k)} if clips > 1 else {}
+        if cfg.uses_s_lora:
+            name = s_lora_name(k)
+            n = lora.add_lora(unet, name, cfg.lora_config("spatial"), low_cpu_mem_usage=True)
+            stages.append({"name": name, "trainable_params": lora.count_parameters(unet, name), "modules": n, **own})
+        if cfg.uses_ti:
+            dim = _text_hidden_size(cfg.base, unet_config)
+            stages.append({"name": "textual_inversion" + (f" {cfg.clip_token(k)}" if clips > 1 else ""),
+                           "trainable_params": cfg.ti_tokens * dim, "modules": 1, **own})
     n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal"),
                       low_cpu_mem_usage=True)
-    stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n})
+    stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n,
+                   **({"clips": clips} if clips > 1 else {})})
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
     return {"base": cfg.base, "placement": cfg.placement, "absorbers": cfg.absorbers,
-            "unet_params": base_params, "stages": stages}
+            "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {})}
 
 
 def _text_hidden_size(base: str, unet_config: dict) -> int:
@@ -60,25 +66,34 @@ def _text_hidden_size(base: str, unet_config: dict) -> int:
 # ----------------------------------------------------------------------------------------------------- train
 def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool = False, quiet: bool = False,
           video_options: dict | None = None) -> Path:
-    """Run the staged method on one reference video; returns the run folder (its files: ``runfolder.py``).
+    """Run the staged method on one reference video (or a list of clips of one motion); returns the run folder
+    (its files: ``runfolder.py``).
 
     With ``resume`` the run continues from its furthest checkpoint (adapters, optimizer, RNG, stage and step), so
     it ends with the same adapters as an uninterrupted run; it must be the same clip, and without selection flags
-    it uses the frame selection the run recorded.
+    it uses the frame selection the run recorded. Several clips: each gets its own absorbers in stage 1 (own S-LoRA,
+    TI tokens ``cfg.clip_token(k)``, spatial prompt), and stage 2 trains one T-LoRA over all of them.
     """
     from .data.video import check_exists, read_video, to_tensor
 
+    videos = [video] if isinstance(video, (str, Path)) else list(video)
     if not cfg.prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
+    cfg.check_clips(len(videos))
+    if resume and len(videos) > 1:
+        raise CavError("--resume of a run on several clips is not supported: start it again with --overwrite")
     out = Path(out)
     runfolder.check(out, overwrite, resume)
     backbone_mod.resolve_dtype(cfg.dtype, backbone_mod.resolve_device(cfg.device))  # fp16 on a CPU: refuse now
-    clip = runfolder.clip_record(check_exists(video), {**cfg.frame_selection(), **(video_options or {})})
+    records = [runfolder.clip_record(check_exists(v), {**cfg.frame_selection(), **(video_options or {})})
+               for v in videos]
+    clip = records[0]
     if resume:
         clip["selection"] = runfolder.resumed_selection(out, clip)
         if runfolder.finished(out, cfg):
             return out  # nothing left to train: the run and its summary stay as they are
-    frames_u8 = read_video(video, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **clip["selection"])
+    frames_u8 = [read_video(v, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **r["selection"])
+                 for v, r in zip(videos, records)]
     runfolder.prepare(out, overwrite)
     point = resume_mod.latest(out) if resume else None
     clock = runfolder.Clock(point)
@@ -91,30 +106,41 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     if cfg.compile:
         accel.compile_unet(bb.unet)
     runfolder.start(out, cfg, point)
-    runfolder.record_clip(out, clip)
-    frames = to_tensor(frames_u8)
+    runfolder.record_clip(out, clip if len(records) == 1 else {**clip, "clips": records})
     log = JsonlLog(out / "log.jsonl")
     run = dict(max_grad_norm=cfg.max_grad_norm, quiet=quiet,
                autocast_dtype=bb.dtype if bb.device.type == "cuda" and bb.dtype != torch.float32 else None)
     try:
-        ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init) if cfg.uses_ti else None
-        if cfg.absorbers != "none":
-            stage = absorber_stage(bb, cfg, frames, ti, runfolder.absorber_checkpoint(bb, cfg, out, ti, clock))
-            if point and point.stage == "t_lora":  # absorbers finished before the interruption
-                runfolder.load_absorbers(bb, cfg, out / "absorbers", ti)
-            else:
-                start, opt = _restore(bb, cfg, stage, point, ti, gen) if point else (0, None)
-                run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
-                runfolder.publish_absorbers(bb, cfg, out, ti)
-        active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
-        stage = t_lora_stage(bb, cfg, frames, ti, runfolder.t_lora_checkpoint(bb, cfg, out, active, clock))
+        clips = [_absorbers(bb, cfg, k, to_tensor(f), out, point, gen, log, clock, run, several=len(videos) > 1)
+                 for k, f in enumerate(frames_u8)]
+        active = active_adapters(clips[0])
+        stage = t_lora_stage(bb, cfg, clips[0].frames, clips[0].ti,
+                             runfolder.t_lora_checkpoint(bb, cfg, out, active, clock), clips=clips)
         t_point = point if point and point.stage == "t_lora" else None
-        start, opt = _restore(bb, cfg, stage, t_point, ti, gen) if t_point else (0, None)
+        start, opt = _restore(bb, cfg, stage, t_point, clips[0].ti, gen) if t_point else (0, None)
         run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
     finally:
         log.close()
-    runfolder.finalize(out, frames_u8, clock)
+    runfolder.finalize(out, frames_u8[0], clock)
     return out
+
+
+def _absorbers(bb, cfg: TrainConfig, k: int, frames: torch.Tensor, out: Path, point, gen, log, clock, run: dict,
+               several: bool) -> ClipInputs:
+    """Stage 1 for clip ``k``: its own TI tokens and S-LoRA trained on its frames under its spatial prompt, published
+    under ``absorbers/`` (checkpointed and resumable for a run on one clip)."""
+    ti = (TextualInversion(bb.tokenizer, bb.text_encoder, cfg.clip_token(k), cfg.ti_tokens, cfg.ti_init)
+          if cfg.uses_ti else None)
+    if cfg.absorbers != "none":
+        save = None if several else runfolder.absorber_checkpoint(bb, cfg, out, ti, clock)
+        stage = absorber_stage(bb, cfg, frames, ti, save, clip=k)
+        if point and point.stage == "t_lora":  # absorbers finished before the interruption
+            runfolder.load_absorbers(bb, cfg, out / "absorbers", ti)
+        else:
+            start, opt = _restore(bb, cfg, stage, point, ti, gen) if point else (0, None)
+            run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
+            runfolder.publish_absorbers(bb, cfg, out, ti, k, s_lora_name(k))
+    return ClipInputs(frames, ti, s_lora_name(k) if cfg.uses_s_lora else None)
 
 
 def _restore(bb, cfg: TrainConfig, stage, point: resume_mod.ResumePoint, ti, gen) -> tuple[int, torch.optim.Optimizer]:

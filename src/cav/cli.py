@@ -74,17 +74,20 @@ def cmd_train(args) -> int:
 
     cfg = build_config(args)
     if args.dry_run:
-        result = api.plan(cfg)
+        result = api.plan(cfg, clips=max(1, len(args.video)))
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"base {result['base']}: UNet {result['unet_params']:,} parameters; placement {result['placement']}")
+            print(f"base {result['base']}: UNet {result['unet_params']:,} parameters; placement {result['placement']}"
+                  + (f"; {result['clips']} clips, each with its own absorbers, one T-LoRA" if "clips" in result else ""))
             for s in result["stages"]:
-                print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules")
+                own = f"  clip {s['clip'] + 1}: {s['spatial_prompt']}" if "clip" in s else ""
+                print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules{own}")
         return 0
-    if args.video is None:
+    if not args.video:
         raise CavError("no reference video given: pass `cav train VIDEO --prompt ...`")
-    out = api.train(args.video, cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
+    video = args.video[0] if len(args.video) == 1 else args.video
+    out = api.train(video, cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
     print(f"done: T-LoRA in {out / 't_lora'}, samples in {out / 'samples'}, checkpoints in {out / 'checkpoints'}")
     return 0
 
@@ -93,12 +96,12 @@ def _interrupt_hint(args) -> str:
     """What to do after Ctrl-C in `cav train`: resume only when a checkpoint exists (paths quoted for the shell)."""
     from . import resume
 
-    if getattr(args, "command", None) != "train" or not getattr(args, "video", None):
-        return ""
+    if getattr(args, "command", None) != "train" or len(getattr(args, "video", None) or []) != 1:
+        return ""  # runs on several clips do not resume
     out = Path(args.out)
     if resume.latest(out) is not None:
         return (f"; the last completed step is checkpointed: continue with "
-                f"`cav train {shlex.quote(str(args.video))} --resume --out {shlex.quote(str(out))}`")
+                f"`cav train {shlex.quote(str(args.video[0]))} --resume --out {shlex.quote(str(out))}`")
     if out.is_dir() and any(out.iterdir()):
         return "; no checkpoint was saved yet, so there is nothing to resume: start over with --overwrite"
     return "; no checkpoint was saved yet: run the same command again"
@@ -111,7 +114,8 @@ def _add_train(sub) -> None:
                        description="Train absorbers then a T-LoRA on one reference video. Values come from the "
                                    "defaults shown, then --recipe, then the flags given (with --resume: the run's "
                                    "config.yaml, then the flags given). Every flag --a-b is the recipe key a_b.")
-    t.add_argument("video", nargs="?", help="reference video (any ffmpeg format) or a folder of images")
+    t.add_argument("video", nargs="*", help="reference video (any ffmpeg format) or a folder of images; several "
+                   "clips of one motion train one T-LoRA, each clip with its own absorbers and --spatial-prompt")
     _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it",
          metavar="NAME_OR_YAML")
     _opt(t, "--out", "run folder", "runs/train", metavar="DIR")

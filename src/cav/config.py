@@ -161,7 +161,8 @@ class TrainConfig:
     """A full training recipe. Defaults are the paper's hyperparameters (supp. A.4)."""
 
     prompt: str = _f("", "full prompt describing the reference video (appearance + motion)")
-    spatial_prompt: str = _f("", "appearance-only prompt for the absorbers", default_text="the prompt")
+    spatial_prompt: list[str] = _f([], "appearance-only prompt for the absorbers; with several clips, repeat it "
+                                   "once per clip, in their order", metavar="PROMPT", default_text="the prompt")
     base: str = _f("toy", "base model: `toy`, a diffusers T2V folder, or a hub id")
     absorbers: Literal["none", "s-lora", "ti", "both"] = _f("both", "appearance absorbers")
     placement: Literal["cav", "motiondirector"] = _f("cav", "LoRA placement preset")
@@ -270,6 +271,27 @@ class TrainConfig:
         rank, alpha = ((self.s_lora_rank, self.s_lora_alpha) if kind == "spatial"
                        else (self.t_lora_rank, self.t_lora_alpha))
         return lora_config(kind, self.placement, rank, alpha)
+
+    def spatial_prompt_of(self, clip: int = 0) -> str:
+        """The appearance-only prompt of clip ``clip`` (the full prompt when none is given)."""
+        given = [p for p in self.spatial_prompt if p.strip()]
+        return given[clip] if clip < len(given) else self.prompt
+
+    def check_clips(self, n: int) -> None:
+        """Several clips need one spatial prompt each (or none: every clip then absorbs under the full prompt)."""
+        given = [p for p in self.spatial_prompt if p.strip()]
+        if len(given) > 1 and len(given) != n or (n == 1 and len(given) > 1):
+            raise CavError(f"{len(given)} --spatial-prompt for {n} clip(s): pass one per clip, in the clips' order")
+        if n > 1 and len(given) == 1:
+            raise CavError(f"one --spatial-prompt for {n} clips: each clip has its own appearance, pass "
+                           f"--spatial-prompt once per clip ({n} times), in the clips' order")
+
+    def clip_token(self, clip: int) -> str:
+        """Clip ``clip``'s textual-inversion placeholder: ``--ti-token`` for the first, ``<cav2>``, ``<cav3>`` … after."""
+        if clip == 0:
+            return self.ti_token
+        t = self.ti_token
+        return f"{t[:-1]}{clip + 1}>" if t.endswith(">") else f"{t}{clip + 1}"
 
     def _sample_fields(self) -> dict:
         return dict(frames=self.frames, size=self.size, steps=self.sample_steps, guidance=self.guidance,
