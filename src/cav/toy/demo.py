@@ -70,6 +70,7 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
         "motion_error_cav": float(np.mean(err_cav)),
         "motion_error_ratio": float(np.mean(err_cav) / max(np.mean(err_base), 1e-8)),
         "appearance_accuracy": float(np.mean(follows)),
+        "frame_leakage": float(np.mean([tm.frame_leakage(v, reference, s) for v, s in zip(cav_videos, spec_per_video)])),
         "per_video": [{"prompt": t, "motion_error_base": eb, "motion_error_cav": ec, "follows_prompt": bool(f)}
                       for t, eb, ec, f in zip(texts, err_base, err_cav, follows)],
         "seconds": round(time.time() - t0, 1),
@@ -79,11 +80,11 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
 
 
 def score_videos(reference: np.ndarray, videos, specs: list[tw.ToySpec]) -> tuple[list[float], list[bool]]:
-    """Per video: motion error against the reference's track (normalised by frame size), and whether its colour and
-    shape follow its own spec (the prompt), not the reference."""
+    """Per video: motion error against the reference's track (normalised by frame size), and whether its colour,
+    shape and background follow its own spec (the prompt)."""
     ref_track, size = tm.track(reference), reference.shape[1]
     errors = [tm.motion_error(tm.track(v), ref_track, size) for v in videos]
-    follows = [tm.classify_colour(v) == s.colour and tm.classify_shape(v) == s.shape for v, s in zip(videos, specs)]
+    follows = [tm.appearance_ok(v, s) for v, s in zip(videos, specs)]
     return errors, follows
 
 
@@ -92,7 +93,8 @@ def summary(metrics: dict, out: Path) -> str:
         f"reference: {metrics['reference']}",
         f"motion error vs reference: base {metrics['motion_error_base']:.3f}  →  with T-LoRA {metrics['motion_error_cav']:.3f}"
         f"  (ratio {metrics['motion_error_ratio']:.2f}; lower is better)",
-        f"customized videos that follow the new prompt's colour and shape: {metrics['appearance_accuracy']:.0%}",
+        f"customized videos that follow the new prompt's colour, shape and background: "
+        f"{metrics['appearance_accuracy']:.0%}; frames showing the reference's appearance: {metrics['frame_leakage']:.0%}",
         f"took {metrics['seconds']:.0f} s.  Look at {out / 'contact_sheet.png'} (rows: reference, base, T-LoRA),",
         f"the videos in {out}/, and the run (adapters, checkpoints, log) in {out / 'run'}/",
     ])
