@@ -53,7 +53,12 @@ def test_reduced_demo_writes_everything(tmp_path, capsys):
         assert isinstance(metrics[key], float)
     assert metrics["motion_error_ratio"] == pytest.approx(metrics["motion_error_cav"] / metrics["motion_error_base"])
     assert len(metrics["per_video"]) == 2
-    for name in ("reference.mp4", "reference.gif", "base-0.mp4", "cav-1.gif", "contact_sheet.png",
+    best = metrics["best"]  # the toy-best recipe, scored the same way, plus per-frame leakage
+    for key in ("motion_error_base", "motion_error_cav", "motion_error_ratio", "appearance_accuracy", "frame_leakage"):
+        assert isinstance(best[key], float)
+    assert best["motion_error_base"] == metrics["motion_error_base"] and 0 <= best["frame_leakage"] <= 1
+    for name in ("reference.mp4", "reference.gif", "base-0.mp4", "cav-1.gif", "contact_sheet.png", "best-1.mp4",
+                 "side_by_side.gif", "best-run/selection.json", "best-run/selected/t_lora/adapter_model.safetensors",
                  "run/t_lora/adapter_model.safetensors", "run/absorbers/textual_inversion.safetensors"):
         assert (out / name).is_file(), name
 
