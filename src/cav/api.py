@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from .adapters import lora
 from .adapters.textual_inversion import TextualInversion
 from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
-from .io_utils import check_new_files
 from .sampling import sample_video
 from .stages import T_LORA, ClipInputs, absorber_stage, active_adapters, s_lora_name, t_lora_stage
 from .trainer import JsonlLog, make_optimizer, run_stage
@@ -94,6 +94,8 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
             return out  # nothing left to train: the run and its summary stay as they are
     frames_u8 = [read_video(v, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **r["selection"])
                  for v, r in zip(videos, records)]
+    selection = {k: clip["selection"].get(k) for k in ("stride", "fps", "start", "end")}
+    cfg = dataclasses.replace(cfg, **selection)  # config.yaml records the frames actually used
     runfolder.prepare(out, overwrite)
     point = resume_mod.latest(out) if resume else None
     clock = runfolder.Clock(point)
@@ -209,8 +211,12 @@ def output_files(out, num_videos: int, overwrite: bool = False, sample: SampleCo
     sample = sample or SampleConfig(num_videos=num_videos)
     targets = generation.output_names(out, sample)
     extra = [out.with_name(f"{out.stem}-sheet.png")] if len(targets) > 1 else []
-    check_new_files([p for t in targets for p in (t, t.with_suffix(other), t.with_suffix(".json"))] + extra,
-                    overwrite=overwrite, flag="--out")
+    for path in [p for t in targets for p in (t, t.with_suffix(other), t.with_suffix(".json"))] + extra:
+        if path.is_dir():
+            raise CavError(f"'{path}' is a folder: pass another --out")
+        if path.exists() and not overwrite:
+            raise CavError(f"'{path}' exists: pass --overwrite to replace it, or another --out")
+    runfolder.check_writable(out.parent)
     return targets
 
 

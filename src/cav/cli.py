@@ -116,15 +116,15 @@ def _add_train(sub) -> None:
                                    "config.yaml, then the flags given). Every flag --a-b is the recipe key a_b.")
     t.add_argument("video", nargs="*", help="reference video (any ffmpeg format) or a folder of images; several "
                    "clips of one motion train one T-LoRA, each clip with its own absorbers and --spatial-prompt")
-    _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it",
+    _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it [default: none: the "
+         "defaults shown]",
          metavar="NAME_OR_YAML")
     _opt(t, "--out", "run folder", "runs/train", metavar="DIR")
     t.add_argument("--dry-run", action="store_true", help="print the plan (parameters per stage) without weights")
     t.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
-    run = t.add_mutually_exclusive_group()
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
-                                                          "its recorded config.yaml")
-    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its "
+                                                        "recorded config.yaml and frame selection")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     options.add_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train, command="train")
@@ -186,11 +186,12 @@ def _add_generate(sub) -> None:
                                    "recorded values (frames, size, steps, guidance), else the defaults shown.")
     _opt(g, "--prompt", "what the videos show (a textual inversion's token may appear in it)", required=True)
     _opt(g, "--adapter", "T-LoRA: a run, checkpoint or adapter folder; WEIGHT in [0, 4] (0: off), default the run's "
-         "--lora-weight, else 1 (repeatable; weights compose)", action="append", metavar="RUN_OR_ADAPTER[:WEIGHT]")
-    _opt(g, "--image-lora", "spatial LoRA folder, WEIGHT in [0, 4], default 1 (repeatable)", action="append",
+         "--lora-weight, else 1 (repeatable; weights compose) "
+         "[default: none: the base alone]", action="append", metavar="RUN_OR_ADAPTER[:WEIGHT]")
+    _opt(g, "--image-lora", "spatial LoRA folder, WEIGHT in [0, 4], default 1 (repeatable) [default: none]", action="append",
          metavar="PATH[:WEIGHT]")
     _opt(g, "--textual-inversion", "textual inversion .safetensors file, e.g. RUN/absorbers/"
-         "textual_inversion.safetensors (repeatable)", action="append", metavar="FILE")
+         "textual_inversion.safetensors (repeatable) [default: none]", action="append", metavar="FILE")
     _opt(g, "--base", "base model: toy, a diffusers folder or a hub id [default: the adapter's base, else toy]")
     options.add_flags(g, SampleConfig)
     _opt(g, "--out", "output video, .mp4 or .gif; the other format is written beside it (with --num-videos N: "

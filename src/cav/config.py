@@ -33,7 +33,8 @@ def check_weight(weight, what: str, *, zero_ok: bool = False, example: str = "1.
     except (TypeError, ValueError):
         w = math.nan
     if isinstance(weight, bool) or not (math.isfinite(w) and (0 <= w if zero_ok else 0 < w) and w <= WEIGHT_MAX):
-        raise CavError(f"{what} {weight}{source} is invalid: pass a weight in {interval}, e.g. {example}")
+        shown = w if math.isfinite(w) else weight  # the number as parsed, else the text as written
+        raise CavError(f"{what} {shown}{source} is invalid: pass a weight in {interval}, e.g. {example}")
     return w
 
 
@@ -66,7 +67,8 @@ class SampleConfig:
     seed: int = _f(0, "seed of the first video's initial noise (video k uses seed + k)")
     num_videos: int = _f(1, "videos to sample (seeds seed, seed+1, ...)", unit="videos")
     lora_weight: float | None = _f(None, "weight of every --adapter given without :WEIGHT, in (0, 4]",
-                                   default_text="the weight the adapter's run validated with, else 1")
+                                   default_text="the weight the adapter's run validated with, else 1",
+                                   parse=lambda w: None if w is None else check_weight(w, "lora_weight"))
     # where sampling starts (cav.sampling: the formulas) and the weight x seed grid
     reference: str | None = _f(None, "reference clip for --noise-prior / --invert (e.g. the training clip)",
                                metavar="CLIP")
@@ -99,8 +101,6 @@ class SampleConfig:
             raise CavError(f"size (--size) {self.size[0]}x{self.size[1]} is too small: pass H or HxW, each ≥ 8")
         if self.guidance < 0:
             raise CavError(f"guidance (--guidance) must be ≥ 0, got {self.guidance}")
-        if self.lora_weight is not None:
-            self.lora_weight = check_weight(self.lora_weight, "lora_weight")
         self._check_start()
 
     def _check_start(self) -> None:
@@ -216,7 +216,8 @@ class TrainConfig:
     sample_steps: int = _f(_SAMPLE.steps, "denoising steps for validation samples", unit="steps")
     guidance: float = _f(_SAMPLE.guidance, "classifier-free guidance scale for validation samples")
     lora_weight: float = _f(1.0, "T-LoRA weight in validation samples, in (0, 4], recorded as the default weight of "
-                            "`cav generate --adapter RUN` (a smaller scale keeps more of the new appearance)")
+                            "`cav generate --adapter RUN` (a smaller scale keeps more of the new appearance)",
+                            parse=lambda w: check_weight(w, "lora_weight"))
     # system
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "frozen-weight dtype: auto = bf16/fp16 on GPU, fp32 "
@@ -248,7 +249,6 @@ class TrainConfig:
             raise CavError(f"t_lora_timesteps {list(self.t_lora_timesteps)} is invalid: need 0 ≤ low < high")
         if not 0.0 <= self.t_lora_prompt_dropout < 1.0:
             raise CavError(f"t_lora_prompt_dropout {self.t_lora_prompt_dropout} is invalid: pass a value in [0, 1)")
-        self.lora_weight = check_weight(self.lora_weight, "lora_weight")
         for name in ("t_lora_lr", "s_lora_lr", "ti_lr"):
             if getattr(self, name) <= 0:
                 raise CavError(f"{name} must be > 0")

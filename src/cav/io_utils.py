@@ -67,35 +67,3 @@ def publish_dir(final: str | Path):
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def check_new_files(paths, *, overwrite: bool = False, flag: str = "--out") -> None:
-    """Refuse, before any work, outputs that would fail or destroy something: a folder where a file goes, an
-    existing file (unless ``overwrite``), a folder that cannot be created or written (probed by writing a file:
-    permission bits do not tell, e.g. for root or a read-only mount)."""
-    from .errors import CavError
-
-    paths = [Path(p) for p in paths]
-    for p in paths:
-        if p.is_dir():
-            raise CavError(f"{flag} '{p}' is a folder: pass a file name, e.g. {p / ('out' + p.suffix if p.suffix else 'out.mp4')}")
-        if p.exists() and not overwrite:
-            raise CavError(f"'{p}' exists: pass --overwrite to replace it, or another {flag}")
-    for folder in dict.fromkeys(p.parent for p in paths):
-        probe_writable(folder, flag)
-
-
-def probe_writable(folder: Path, flag: str = "--out") -> None:
-    """CavError unless a file can be created in ``folder`` (or its nearest existing ancestor, if it is missing)."""
-    from .errors import CavError
-
-    existing = Path(folder).absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CavError(f"cannot write to '{folder}': '{existing}' is a file, not a folder; pass another {flag}")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise CavError(f"cannot write to '{folder}' ({exc.strerror or exc}): pass a {flag} in a writable folder") from None

@@ -24,15 +24,16 @@ _MISSING = dataclasses.MISSING
 
 
 def option(default, help: str, *, unit: str = "", flag: str = "", metavar=None, repeat: bool = False,
-           default_text: str = "", choices_help: bool = True):
+           default_text: str = "", parse=None):
     """A dataclass field with CLI metadata.
 
     ``unit``: shown after the default in --help. ``flag``: the flag name if not ``--field-name``. ``repeat``: a
     ``tuple[X, X]`` also accepts one value for both (``size: 256``). ``default_text``: what --help says the default
-    is when the plain value would mislead (e.g. "the adapter's").
+    is when the plain value would mislead (e.g. "the adapter's"). ``parse``: a function that replaces the type's
+    parser for a value with a rule of its own (adapter weights), raising CavError with its own message.
     """
     meta = {"help": help, "unit": unit, "flag": flag, "metavar": metavar, "repeat": repeat,
-            "default_text": default_text}
+            "default_text": default_text, "parse": parse}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -158,8 +159,9 @@ def typed(cls, data: dict) -> dict:
     types_, fields_ = hints(cls), {f.name: f for f in dataclasses.fields(cls)}
     out = {}
     for name, value in data.items():
+        parse = fields_[name].metadata.get("parse")
         try:
-            out[name] = coerce(types_[name], value, repeat=bool(fields_[name].metadata.get("repeat")))
+            out[name] = parse(value) if parse else coerce(types_[name], value, bool(fields_[name].metadata.get("repeat")))
         except ValueError as exc:
             raise CavError(f"{name} ({flag_name(fields_[name])}): {exc}") from None
     return out

@@ -222,11 +222,11 @@ def t_lora_checkpoint(bb, cfg: TrainConfig, out: Path, active: list[str], clock:
             if interrupted:
                 return
             lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # only the T-LoRA, as at inference
-            sample = cfg.sample_config()
+            s = cfg.sample_config()  # the settings `cav generate --adapter RUN` starts from
             try:
                 with accel.on_device(bb.device, bb.vae, bb.text_encoder):
-                    videos = [sample_video(bb, prompt, frames=sample.frames, size=sample.size, steps=sample.steps,
-                                           guidance=sample.guidance, seed=sample.seed)
+                    videos = [sample_video(bb, prompt, frames=s.frames, size=s.size, steps=s.steps,
+                                           guidance=s.guidance, seed=s.seed)
                               for prompt in validation_prompts(cfg)]
             finally:
                 lora.activate(bb.unet, active, trainable=T_LORA)
