@@ -288,10 +288,10 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
                     + f"sampled {len(texts)} in {sample_seconds:.0f} s, motion error "
                     f"{np.mean([r['motion_error'] for r in last]):.3f}, leakage "
                     f"{np.mean([r['appearance_leakage'] for r in last]):.2f}")
+                partial = _aggregate(settings, params, records, groups, runs, ref_info, command,  # after every row:
+                                     time.perf_counter() - t0, lpips_path, lpips_error, complete=False)  # a stopped
+                write_json(out / "partial.json", partial)  # run keeps every finished row
             write_contact_sheet(out / "sheets" / f"{name}.png", sheet_rows, labels=sheet_labels, scale=2)
-            partial = _aggregate(settings, params, records, groups, runs, ref_info, command, time.perf_counter() - t0,
-                                 lpips_path, lpips_error, complete=False)
-            write_json(out / "partial.json", partial)
     finally:
         torch.set_num_threads(threads_before)
     return _aggregate(settings, params, records, groups, runs, ref_info, command, time.perf_counter() - t0,
