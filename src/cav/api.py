@@ -18,7 +18,8 @@ from .adapters.textual_inversion import TextualInversion
 from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
 from .sampling import sample_video
-from .stages import T_LORA, ClipInputs, absorber_stage, active_adapters, s_lora_name, t_lora_stage
+from .stages import (T_LORA, ClipInputs, absorber_stage, active_adapters, given_absorbers, make_textual_inversion,
+                     s_lora_name, t_lora_stage)
 from .trainer import JsonlLog, make_optimizer, run_stage
 
 ASSETS = Path(__file__).parent / "assets"
@@ -28,30 +29,25 @@ ASSETS = Path(__file__).parent / "assets"
 def plan(cfg: TrainConfig, clips: int = 1) -> dict:
     """Trainable parameters and adapted modules per stage, from the base's config files alone (meta device). With
     several ``clips`` stage 1 lists each clip's own absorbers (``clip`` and ``spatial_prompt`` name them)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet3DConditionModel
-
     cfg.check_clips(clips)
-    unet_config = backbone_mod.read_unet_config(cfg.base)
-    with init_empty_weights():
-        unet = UNet3DConditionModel.from_config(unet_config)
+    unet, family = backbone_mod.empty_unet(cfg.base, cfg.motion_adapter or None)
+    unet_config = dict(unet.config)
     stages = []
-    for k in range(clips):
+    for k in range(clips if not cfg.absorbers_given else 0):  # given absorbers (--s-lora-from/--ti-from) train nothing
         own = {"clip": k, "spatial_prompt": cfg.spatial_prompt_of(k)} if clips > 1 else {}
         if cfg.uses_s_lora:
             name = s_lora_name(k)
-            n = lora.add_lora(unet, name, cfg.lora_config("spatial"), low_cpu_mem_usage=True)
+            n = lora.add_lora(unet, name, cfg.lora_config("spatial", family.name), low_cpu_mem_usage=True)
             stages.append({"name": name, "trainable_params": lora.count_parameters(unet, name), "modules": n, **own})
         if cfg.uses_ti:
             dim = _text_hidden_size(cfg.base, unet_config)
             stages.append({"name": "textual_inversion" + (f" {cfg.clip_token(k)}" if clips > 1 else ""),
                            "trainable_params": cfg.ti_tokens * dim, "modules": 1, **own})
-    n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal"),
-                      low_cpu_mem_usage=True)
+    n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal", family.name), low_cpu_mem_usage=True)
     stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n,
                    **({"clips": clips} if clips > 1 else {})})
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
-    return {"base": cfg.base, "placement": cfg.placement, "absorbers": cfg.absorbers,
+    return {"base": cfg.base, "family": family.name, "placement": cfg.placement, "absorbers": cfg.absorbers,
             "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {})}
 
 
@@ -82,6 +78,9 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     cfg.check_clips(len(videos))
     if resume and len(videos) > 1:
         raise CavError("--resume of a run on several clips is not supported: start it again with --overwrite")
+    if cfg.absorbers_given and len(videos) > 1:
+        raise CavError("--s-lora-from / --ti-from give one clip's absorbers: train on one clip, or drop them so "
+                       "each clip trains its own")
     out = Path(out)
     runfolder.check(out, overwrite, resume)
     backbone_mod.resolve_dtype(cfg.dtype, backbone_mod.resolve_device(cfg.device))  # fp16 on a CPU: refuse now
@@ -101,7 +100,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     clock = runfolder.Clock(point)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype)
+    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype, motion_adapter=cfg.motion_adapter or None)
     accel.tune_backends(bb.device)
     if accel.wants_checkpointing(cfg.gradient_checkpointing, bb.device):
         accel.set_gradient_checkpointing(bb.unet, True)
@@ -130,10 +129,16 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
 def _absorbers(bb, cfg: TrainConfig, k: int, frames: torch.Tensor, out: Path, point, gen, log, clock, run: dict,
                several: bool) -> ClipInputs:
     """Stage 1 for clip ``k``: its own TI tokens and S-LoRA trained on its frames under its spatial prompt, published
-    under ``absorbers/`` (checkpointed and resumable for a run on one clip)."""
-    ti = (TextualInversion(bb.tokenizer, bb.text_encoder, cfg.clip_token(k), cfg.ti_tokens, cfg.ti_init)
-          if cfg.uses_ti else None)
-    if cfg.absorbers != "none":
+    under ``absorbers/`` (checkpointed and resumable for a run on one clip); ``--s-lora-from``/``--ti-from``: the
+    given absorbers instead (one clip)."""
+    ti = None
+    if cfg.uses_ti:
+        ti = (make_textual_inversion(bb, cfg) if k == 0 else
+              TextualInversion(bb.tokenizer, bb.text_encoder, cfg.clip_token(k), cfg.ti_tokens, cfg.ti_init))
+    if cfg.absorbers_given:  # existing appearance work, no stage 1
+        given_absorbers(bb, cfg)
+        runfolder.publish_absorbers(bb, cfg, out, ti)
+    elif cfg.absorbers != "none":
         save = None if several else runfolder.absorber_checkpoint(bb, cfg, out, ti, clock)
         stage = absorber_stage(bb, cfg, frames, ti, save, clip=k)
         if point and point.stage == "t_lora":  # absorbers finished before the interruption
@@ -163,13 +168,13 @@ def load_adapters(bb, adapters: list[tuple[str, float | None]], image_loras: lis
     names, weights, metas = [], [], []
     for i, (path, w) in enumerate(adapters):
         d = lora.find_adapter_dir(Path(path), "temporal")
-        meta = lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal")
+        meta = lora.load_lora(bb.unet, d, f"t_lora_{i}", expect_kind="temporal", family=bb.family)
         metas.append(meta)
         names.append(f"t_lora_{i}")
         weights.append(w if w is not None else default if default is not None else default_weight(meta))
     for j, (path, w) in enumerate(image_loras):
         d = lora.find_adapter_dir(Path(path), "spatial")
-        lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial")
+        lora.load_lora(bb.unet, d, f"image_lora_{j}", expect_kind="spatial", family=bb.family)
         names.append(f"image_lora_{j}")
         weights.append(1.0 if w is None else w)
     if names:
@@ -222,7 +227,7 @@ def output_files(out, num_videos: int, overwrite: bool = False, sample: SampleCo
 
 def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, sample: SampleConfig | None = None,
              image_loras=(), textual_inversions=(), base: str | None = None, out="out.mp4", overwrite: bool = False,
-             device="auto", dtype="auto", quiet: bool = False) -> list[Path]:
+             device="auto", dtype="auto", quiet: bool = False, motion_adapter: str | None = None) -> list[Path]:
     """Sample one video per entry of ``sample.grid`` (seeds seed, seed+1, … or --weights × --seeds), each from the
     start ``sample`` names (noise, a reference's noise prior or inversion, an image); writes ``out`` (.mp4 or .gif),
     the other format and the recipe (.json) beside each, and ``out-sheet.png`` for several. ``sample`` None:
@@ -238,7 +243,9 @@ def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, samp
     targets = output_files(out, sample.num_videos, overwrite, sample)
     metas = [lora.read_meta(lora.find_adapter_dir(Path(p), "temporal")) for p, _ in adapters]
     base = base or (metas[0].get("base") if metas else None) or "toy"
-    bb = backbone_mod.load(base, device, dtype)
+    if motion_adapter is None and metas and base == metas[0].get("base"):
+        motion_adapter = metas[0].get("motion_adapter")  # the adapter's own base: image model + its motion adapter
+    bb = backbone_mod.load(base, device, dtype, motion_adapter=motion_adapter)
     size = tuple(sample.size or _default_size(bb))
     inputs = generation.read_inputs(sample, size)
     metas = load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions), default=sample.lora_weight)

@@ -4,7 +4,13 @@ A *base* is one of:
 - ``toy``: the tiny model trained on the toy world and shipped inside the package (the embedded default);
 - a local folder in the diffusers layout of ModelScope / Zeroscope (``model_index.json``, ``unet/``, ``vae/``,
   ``text_encoder/``, ``tokenizer/``, ``scheduler/``);
-- a hub id such as ``damo-vilab/text-to-video-ms-1.7b`` (needs network or a populated local cache).
+- a hub id such as ``damo-vilab/text-to-video-ms-1.7b`` (needs network or a populated local cache);
+- an AnimateDiff model: a diffusers folder or hub id whose ``unet/`` is a ``UNetMotionModel``, or a Stable Diffusion
+  image model (``unet/`` = ``UNet2DConditionModel``) plus ``motion_adapter`` (a ``MotionAdapter`` folder or hub id).
+
+Families of bases are the rows of ``FAMILIES``: the UNet class each one loads and the pipeline that samples from it.
+Targets (``adapters/targets.py``) and temporal layers (``bypass.py``) have one row per family too; the rest of cav
+only passes ``Backbone.family`` along.
 """
 
 from __future__ import annotations
@@ -22,6 +28,26 @@ from .errors import CavError
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of T2V base: the class of its ``unet/`` and the diffusers pipeline that samples from it."""
+
+    name: str
+    unet_class: str
+    pipeline_class: str
+    pipeline_extra: tuple[tuple[str, object], ...] = ()  # constructor arguments the pipeline needs besides ours
+    per_frame_condition: bool = False  # the UNet wants one text condition per frame (B·F, L, D), not per video
+
+
+FAMILIES = {
+    "unet3d": Family("unet3d", "UNet3DConditionModel", "TextToVideoSDPipeline"),
+    "animatediff": Family("animatediff", "UNetMotionModel", "AnimateDiffPipeline", (("motion_adapter", None),),
+                          per_frame_condition=True),
+}
+IMAGE_UNET = "UNet2DConditionModel"  # an image model: with a motion adapter it becomes an AnimateDiff base
+MOTION_FAMILY = "animatediff"  # the family an image model plus a motion adapter belongs to
 
 
 def resolve_base(base: str | Path) -> str:
@@ -49,18 +75,106 @@ def resolve_base(base: str | Path) -> str:
     raise CavError(f"base '{base}' does not exist: pass an existing folder, a hub id (owner/name), or `toy`")
 
 
-def read_unet_config(base: str | Path) -> dict:
-    """The UNet config of a base, reading one small JSON file and no weights."""
-    resolved = resolve_base(base)
-    local = Path(resolved) / "unet" / "config.json"
+def _read_json(resolved: str, name: str, what: str) -> dict:
+    """A small JSON file of a local folder or hub repository (no weights)."""
+    local = Path(resolved) / name
     if local.is_file():
         return json.loads(local.read_text())
     from huggingface_hub import hf_hub_download
 
     try:
-        return json.loads(Path(hf_hub_download(resolved, "unet/config.json")).read_text())
+        return json.loads(Path(hf_hub_download(resolved, name)).read_text())
     except Exception as exc:  # network or cache errors: one clear line
-        raise CavError(f"could not read unet/config.json of '{base}' ({type(exc).__name__}): pass a local folder") from None
+        raise CavError(f"could not read {name} of {what} '{resolved}': no local folder of that name, and as a hub id it "
+                       f"could not be fetched ({type(exc).__name__}); pass an existing local folder") from None
+
+
+def read_unet_config(base: str | Path) -> dict:
+    """The UNet config of a base, reading one small JSON file and no weights."""
+    return _read_json(resolve_base(base), "unet/config.json", "base")
+
+
+def resolve_motion_adapter(adapter: str | Path) -> str:
+    """Check a local MotionAdapter folder (``config.json`` + weights) or pass a hub id through."""
+    adapter = str(adapter)
+    path = Path(adapter).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise CavError(f"motion adapter '{adapter}' is not a diffusers MotionAdapter folder (no config.json): "
+                           "pass a folder like animatediff-motion-adapter-v1-5-2 or a hub id")
+        return str(path)
+    if _HUB_ID.match(adapter):
+        return adapter
+    raise CavError(f"motion adapter '{adapter}' does not exist: pass an existing folder or a hub id (owner/name)")
+
+
+def read_motion_adapter_config(adapter: str | Path) -> dict:
+    config = _read_json(resolve_motion_adapter(adapter), "config.json", "motion adapter")
+    if config.get("_class_name", "MotionAdapter") != "MotionAdapter":
+        raise CavError(f"'{adapter}' holds a {config['_class_name']}, not a MotionAdapter: pass an AnimateDiff motion adapter")
+    return config
+
+
+def family_of(base: str | Path, motion_adapter: str | None = None) -> Family:
+    """The family of a base, from its model_index.json (and whether a motion adapter animates it)."""
+    resolved = resolve_base(base)
+    try:
+        index = _read_json(resolved, "model_index.json", "base")
+    except CavError:  # an unreachable hub id: take the family the arguments say; loading it reports the problem
+        index = {"unet": [None, IMAGE_UNET if motion_adapter else FAMILIES["unet3d"].unet_class]}
+    unet_cls = (index.get("unet") or [None, FAMILIES["unet3d"].unet_class])[1]
+    if motion_adapter:
+        if unet_cls != IMAGE_UNET:
+            raise CavError(f"--motion-adapter needs an image model base ({IMAGE_UNET}), but '{base}' has a {unet_cls}: "
+                           "pass a Stable Diffusion folder or drop --motion-adapter")
+        return FAMILIES[MOTION_FAMILY]
+    for family in FAMILIES.values():
+        if family.unet_class == unet_cls:
+            return family
+    if unet_cls == IMAGE_UNET:
+        raise CavError(f"base '{base}' is an image model: pass --motion-adapter (e.g. "
+                       "guoyww/animatediff-motion-adapter-v1-5-2) to animate it with AnimateDiff")
+    known = ", ".join(f.unet_class for f in FAMILIES.values())
+    raise CavError(f"base '{base}' has a {unet_cls}: cav supports bases whose unet is one of {known}")
+
+
+def check_motion_adapter_fits(unet_config: dict, adapter_config: dict, adapter: str) -> None:
+    """A motion adapter must have one motion block per UNet block, with the same channels."""
+    unet_ch = list(unet_config["block_out_channels"])
+    ad_ch = list(adapter_config.get("block_out_channels", ()))
+    if unet_ch != ad_ch:
+        raise CavError(f"motion adapter '{adapter}' is made for UNet channels {ad_ch}, but the image UNet has "
+                       f"{unet_ch}: pick the motion adapter of this base (e.g. v1-5-2 for Stable Diffusion 1.5)")
+
+
+def empty_unet(base: str | Path, motion_adapter: str | None = None) -> tuple[torch.nn.Module, Family]:
+    """The base's UNet built on the meta device from its config files alone (no weights), and its family."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    family = family_of(base, motion_adapter)
+    config = read_unet_config(base)
+    with init_empty_weights():
+        if motion_adapter:
+            ad_config = read_motion_adapter_config(motion_adapter)
+            check_motion_adapter_fits(config, ad_config, motion_adapter)
+            image = diffusers.UNet2DConditionModel.from_config(config)
+            adapter = diffusers.MotionAdapter.from_config(ad_config)
+            unet = _motion_unet(image, adapter, motion_adapter, load_weights=False)
+        else:
+            unet = getattr(diffusers, family.unet_class).from_config(config)
+    return unet, family
+
+
+def _motion_unet(image_unet, adapter, name: str, load_weights: bool = True):
+    from diffusers import UNetMotionModel
+
+    try:
+        return UNetMotionModel.from_unet2d(image_unet, adapter, load_weights=load_weights)
+    except (ValueError, RuntimeError) as exc:  # diffusers' own compatibility checks
+        first = str(exc).strip().splitlines()[0][:160]
+        raise CavError(f"motion adapter '{name}' does not fit the image UNet ({first}): "
+                       "pick the motion adapter of this base") from None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -102,6 +216,8 @@ class Backbone:
     source: str
     device: torch.device
     dtype: torch.dtype
+    family: str = "unet3d"
+    motion_adapter: str | None = None
 
     @property
     def vae_scale(self) -> float:
@@ -112,38 +228,67 @@ class Backbone:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def pipeline(self):
-        """A diffusers ``TextToVideoSDPipeline`` over these very modules (no copies)."""
-        from diffusers import DDIMScheduler, TextToVideoSDPipeline
+        """The family's diffusers pipeline (``TextToVideoSDPipeline``, ``AnimateDiffPipeline``) over these very
+        modules (no copies)."""
+        import diffusers
+        from diffusers import DDIMScheduler
 
+        family = FAMILIES[self.family]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pipe = TextToVideoSDPipeline(
+            pipe = getattr(diffusers, family.pipeline_class)(
                 vae=self.vae,
                 text_encoder=self.text_encoder,
                 tokenizer=self.tokenizer,
                 unet=self.unet,
                 scheduler=DDIMScheduler.from_config(self.scheduler.config),
+                **dict(family.pipeline_extra),
             )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
 
-def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto") -> Backbone:
+def _load_unet(family: Family, source: str, motion_adapter: str | None, dt: torch.dtype) -> torch.nn.Module:
+    import diffusers
+
+    if not motion_adapter:
+        return getattr(diffusers, family.unet_class).from_pretrained(source, subfolder="unet", torch_dtype=dt)
+    adapter_src = resolve_motion_adapter(motion_adapter)
+    image = diffusers.UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dt)
+    adapter = diffusers.MotionAdapter.from_pretrained(adapter_src, torch_dtype=dt)
+    check_motion_adapter_fits(dict(image.config), dict(adapter.config), motion_adapter)
+    return _motion_unet(image, adapter, motion_adapter)
+
+
+def _per_frame_condition(module, args: tuple, kwargs: dict):
+    """Forward pre-hook: repeat a per-video text condition (B, L, D) for each frame of a (B, C, F, H, W) sample.
+
+    ``UNetMotionModel`` takes the condition per frame (``AnimateDiffPipeline`` repeats it before calling); cav's
+    trainer passes one per video, as UNet3D takes it. A condition already per frame is left alone."""
+    sample = args[0] if args else kwargs.get("sample")
+    positional = len(args) > 2
+    cond = args[2] if positional else kwargs.get("encoder_hidden_states")
+    if cond is None or sample is None or sample.ndim != 5 or sample.shape[2] == 1 or cond.shape[0] != sample.shape[0]:
+        return None
+    cond = cond.repeat_interleave(sample.shape[2], dim=0)
+    if positional:
+        return (*args[:2], cond, *args[3:]), kwargs
+    return args, {**kwargs, "encoder_hidden_states": cond}
+
+
+def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
+         motion_adapter: str | None = None) -> Backbone:
     """Load a base model (see module doc) with frozen weights on ``device`` in ``dtype``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = resolve_base(base)
+    motion_adapter = str(motion_adapter) if motion_adapter else None
+    family = family_of(source, motion_adapter)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:
-        index = json.loads((Path(source) / "model_index.json").read_text()) if Path(source).is_dir() else {}
-        unet_cls = index.get("unet", [None, "UNet3DConditionModel"])[1]
-        if unet_cls != "UNet3DConditionModel":
-            raise CavError(
-                f"base '{base}' has a {unet_cls}, not a UNet3DConditionModel: cav supports ModelScope/Zeroscope-layout models"
-            )
-        unet = UNet3DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dt)
+        unet = _load_unet(family, source, motion_adapter, dt)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dt)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dt)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
@@ -153,8 +298,10 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto") ->
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CavError(f"could not load base '{base}': {first[:200]} — check the folder is a complete diffusers T2V model") from None
+    if family.per_frame_condition:
+        unet.register_forward_pre_hook(_per_frame_condition, with_kwargs=True)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.eval()
         module.to(dev)
-    return Backbone(unet, vae, text_encoder, tokenizer, scheduler, source, dev, dt)
+    return Backbone(unet, vae, text_encoder, tokenizer, scheduler, source, dev, dt, family.name, motion_adapter)

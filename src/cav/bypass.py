@@ -1,7 +1,12 @@
-"""Temporal bypass: make every temporal layer of a UNet3D an identity, so the T2V UNet acts as a T2I UNet.
+"""Temporal bypass: make every temporal layer of a T2V UNet an identity, so the T2V UNet acts as a T2I UNet.
 
 In ModelScope-style UNets the temporal layers are residual (``x + f(x)``); the paper (supp. A.1) trains the
-appearance absorbers with them bypassed. Stock diffusers still runs them for a single frame, so this is ours.
+appearance absorbers with them bypassed. AnimateDiff's motion modules are residual too, so a bypassed
+``UNetMotionModel`` *is* the Stable Diffusion image UNet it was built from. Stock diffusers still runs these layers
+for a single frame, so this is ours.
+
+``TEMPORAL_LAYERS`` has one row per temporal layer class of each family (see ``backbone.FAMILIES``): the class and
+what its forward returns when bypassed.
 """
 
 from __future__ import annotations
@@ -11,19 +16,33 @@ from contextlib import contextmanager
 import torch
 from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel, TransformerTemporalModelOutput
+from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
 
-def _identity_temporal_transformer(hidden_states, *args, return_dict: bool = True, **kwargs):
+def _identity_output(hidden_states, *args, return_dict: bool = True, **kwargs):
     return TransformerTemporalModelOutput(sample=hidden_states) if return_dict else (hidden_states,)
 
 
-def _identity_temporal_conv(hidden_states, *args, **kwargs):
+def _identity_tensor(hidden_states, *args, **kwargs):
     return hidden_states
 
 
+TEMPORAL_LAYERS = {
+    # unet3d: transformer_in, temp_attentions.* (return an output object), temp_convs.* (return a tensor)
+    TransformerTemporalModel: _identity_output,
+    TemporalConvLayer: _identity_tensor,
+    # animatediff: the motion modules (down/mid/up ``motion_modules.*``), which return a tensor
+    AnimateDiffTransformer3D: _identity_tensor,
+}
+
+
+def _bypassed_forward(module: torch.nn.Module):
+    return next((fn for cls, fn in TEMPORAL_LAYERS.items() if isinstance(module, cls)), None)
+
+
 def temporal_modules(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """``transformer_in``, every ``temp_attentions.*`` and every ``temp_convs.*`` module, by name."""
-    return [(n, m) for n, m in unet.named_modules() if isinstance(m, (TransformerTemporalModel, TemporalConvLayer))]
+    """Every temporal layer of the UNet (any family's), by name."""
+    return [(n, m) for n, m in unet.named_modules() if _bypassed_forward(m) is not None]
 
 
 @contextmanager
@@ -35,8 +54,7 @@ def temporal_bypass(unet: torch.nn.Module, enabled: bool = True):
     patched = []
     try:
         for _, module in temporal_modules(unet):
-            fn = _identity_temporal_conv if isinstance(module, TemporalConvLayer) else _identity_temporal_transformer
-            module.forward = fn  # instance attribute shadows the class method
+            module.forward = _bypassed_forward(module)  # instance attribute shadows the class method
             patched.append(module)
         yield unet
     finally:

@@ -78,7 +78,8 @@ def cmd_train(args) -> int:
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"base {result['base']}: UNet {result['unet_params']:,} parameters; placement {result['placement']}"
+            print(f"base {result['base']} ({result['family']}): UNet {result['unet_params']:,} parameters; "
+                  f"placement {result['placement']}"
                   + (f"; {result['clips']} clips, each with its own absorbers, one T-LoRA" if "clips" in result else ""))
             for s in result["stages"]:
                 own = f"  clip {s['clip'] + 1}: {s['spatial_prompt']}" if "clip" in s else ""
@@ -116,9 +117,8 @@ def _add_train(sub) -> None:
                                    "config.yaml, then the flags given). Every flag --a-b is the recipe key a_b.")
     t.add_argument("video", nargs="*", help="reference video (any ffmpeg format) or a folder of images; several "
                    "clips of one motion train one T-LoRA, each clip with its own absorbers and --spatial-prompt")
-    _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it [default: none: the "
-         "defaults shown]",
-         metavar="NAME_OR_YAML")
+    _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it "
+         "[default: none: the defaults shown]", metavar="NAME_OR_YAML")
     _opt(t, "--out", "run folder", "runs/train", metavar="DIR")
     t.add_argument("--dry-run", action="store_true", help="print the plan (parameters per stage) without weights")
     t.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
@@ -141,7 +141,8 @@ def cmd_generate(args) -> int:
     sample = SampleConfig(**{**recorded.to_dict(), **options.given(args, SampleConfig)})
     paths = api.generate(args.prompt, adapters, sample=sample, image_loras=image_loras,
                          textual_inversions=args.textual_inversion or [], base=args.base, out=args.out,
-                         overwrite=args.overwrite, device=args.device, dtype=args.dtype, quiet=args.quiet)
+                         overwrite=args.overwrite, device=args.device, dtype=args.dtype, quiet=args.quiet,
+                         motion_adapter=args.motion_adapter)
     for p in paths:
         print(f"wrote {p} and {p.with_suffix('.gif' if p.suffix.lower() == '.mp4' else '.mp4')}{_written_size(p)}")
     return 0
@@ -186,23 +187,47 @@ def _add_generate(sub) -> None:
                                    "recorded values (frames, size, steps, guidance), else the defaults shown.")
     _opt(g, "--prompt", "what the videos show (a textual inversion's token may appear in it)", required=True)
     _opt(g, "--adapter", "T-LoRA: a run, checkpoint or adapter folder; WEIGHT in [0, 4] (0: off), default the run's "
-         "--lora-weight, else 1 (repeatable; weights compose) "
-         "[default: none: the base alone]", action="append", metavar="RUN_OR_ADAPTER[:WEIGHT]")
-    _opt(g, "--image-lora", "spatial LoRA folder, WEIGHT in [0, 4], default 1 (repeatable) [default: none]", action="append",
-         metavar="PATH[:WEIGHT]")
+         "--lora-weight, else 1 (repeatable; weights compose) [default: none: the base alone]", action="append",
+         metavar="RUN_OR_ADAPTER[:WEIGHT]")
+    _opt(g, "--image-lora", "spatial LoRA folder, WEIGHT in [0, 4], default 1 (repeatable) [default: none]",
+         action="append", metavar="PATH[:WEIGHT]")
     _opt(g, "--textual-inversion", "textual inversion .safetensors file, e.g. RUN/absorbers/"
          "textual_inversion.safetensors (repeatable) [default: none]", action="append", metavar="FILE")
     _opt(g, "--base", "base model: toy, a diffusers folder or a hub id [default: the adapter's base, else toy]")
-    options.add_flags(g, SampleConfig)
+    _opt(g, "--motion-adapter", "AnimateDiff MotionAdapter folder or hub id for an image-model --base [default: the "
+         "adapter's own]")
+    recorded = dict.fromkeys(("frames", "steps", "guidance"), "the adapter's, else ")
+    options.add_flags(g, SampleConfig, before_default=recorded)
     _opt(g, "--out", "output video, .mp4 or .gif; the other format is written beside it (with --num-videos N: "
          "NAME-0 … NAME-N-1). Videos are written scaled up by a whole factor (nearest neighbour) until the longer "
          "side is ≥ 128 px, so a 32x32 toy video is written at 128x128", "out.mp4", metavar="FILE")
     g.add_argument("--overwrite", action="store_true", help="replace output files that exist")
     _opt(g, "--device", "auto | cpu | cuda | cuda:N", "auto")
-    _opt(g, "--dtype", "weights' dtype: auto = bf16/fp16 on GPU, fp32 on CPU (fp16 and bf16 are for GPUs)", "auto",
+    _opt(g, "--dtype", "weights' dtype: auto = bf16/fp16 on GPU, fp32 on CPU (fp16 is for GPUs only)", "auto",
          type=options.arg_type(DTYPE), metavar="{auto,fp32,fp16,bf16}")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_generate)
+
+
+# ------------------------------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    from .export import export
+
+    path = export(args.run, args.format, args.out, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    ex = sub.add_parser("export", help="write a run's T-LoRA in another tool's layout (e.g. AnimateDiff MotionLoRA)")
+    ex.add_argument("run", help="run, checkpoint or T-LoRA folder")
+    from .export import FORMATS
+
+    _opt(ex, "--format", f"target layout: {', '.join(FORMATS)} (animatediff: the original MotionLoRA key layout)",
+         "animatediff", metavar="FORMAT")
+    _opt(ex, "--out", "output .safetensors [default: RUN/export/<the format's file name>]", metavar="FILE")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    ex.set_defaults(func=cmd_export)
 
 
 # --------------------------------------------------------------------------------------------- toy, demo
@@ -267,7 +292,8 @@ def _add_toy(sub) -> None:
 
     toy_recipe = load_recipe("toy")
     d = sub.add_parser("demo", help="the whole method on the embedded toy model, scored against ground truth")
-    _opt(d, "--out", "demo folder (videos, contact sheet, metrics.json; its run/ is replaced)", "runs/demo", metavar="DIR")
+    _opt(d, "--out", "demo folder (videos, contact sheet, metrics.json; its run/ is replaced)", "runs/demo",
+         metavar="DIR")
     _opt(d, "--prompts", "new-appearance prompts to generate", 4, "prompts", type=_positive)
     _opt(d, "--steps", "T-LoRA training steps", toy_recipe["steps"], "steps (the toy recipe's)",
          type=options.arg_type(int))
@@ -346,11 +372,12 @@ def _add_eval_bench(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cav", description="One-shot motion customization of text-to-video models")
     parser.add_argument("--version", action="version", version=f"cav {__version__}")
-    _choose(parser, "a command", "train, generate, select, demo, eval, toy, bench")
+    _choose(parser, "a command", "train, generate, select, export, demo, eval, toy, bench")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_train(sub)
     _add_generate(sub)
     _add_select(sub)
+    _add_export(sub)
     _add_toy(sub)
     _add_eval_bench(sub)
     return parser

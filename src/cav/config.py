@@ -147,7 +147,7 @@ class SampleConfig:
         """Settings `cav generate --adapter RUN` starts from: the run's frames, size, steps and guidance (not its seed
         or weight: the seed is generate's own, the weight applies per adapter)."""
         keep = ("frames", "size", "steps", "guidance")
-        return cls(**{name: record[cls._RECORDED[name]] for name in keep if record.get(cls._RECORDED[name]) is not None})
+        return cls(**{n: record[cls._RECORDED[n]] for n in keep if record.get(cls._RECORDED[n]) is not None})
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -163,8 +163,14 @@ class TrainConfig:
     prompt: str = _f("", "full prompt describing the reference video (appearance + motion)")
     spatial_prompt: list[str] = _f([], "appearance-only prompt for the absorbers; with several clips, repeat it "
                                    "once per clip, in their order", metavar="PROMPT", default_text="the prompt")
-    base: str = _f("toy", "base model: `toy`, a diffusers T2V folder, or a hub id")
+    base: str = _f("toy", "base model: `toy`, a diffusers T2V or AnimateDiff folder, or a hub id")
+    motion_adapter: str = _f("", "AnimateDiff MotionAdapter folder or hub id that animates an image-model --base "
+                             "(e.g. Stable Diffusion 1.5 + animatediff-motion-adapter-v1-5-2)")
     absorbers: Literal["none", "s-lora", "ti", "both"] = _f("both", "appearance absorbers")
+    s_lora_from: str = _f("", "start from this existing image LoRA (.safetensors, e.g. an SD 1.5 LoRA of the subject) "
+                          "as the S-LoRA absorber: skips stage 1 (absorbers are then exactly the given ones)")
+    ti_from: str = _f("", "start from this existing textual-inversion embedding (.safetensors) as the TI absorber: "
+                      "skips stage 1 (absorbers are then exactly the given ones)")
     placement: Literal["cav", "motiondirector"] = _f("cav", "LoRA placement preset")
     # T-LoRA (stage 2)
     steps: int = _f(300, "T-LoRA training steps", unit="steps")
@@ -221,7 +227,7 @@ class TrainConfig:
     # system
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "frozen-weight dtype: auto = bf16/fp16 on GPU, fp32 "
-                                                        "on CPU; fp16 and bf16 are for GPUs")
+                                                        "on CPU; fp16 is for GPUs only")
     gradient_checkpointing: Literal["auto", "on", "off"] = _f("auto", "recompute activations in the backward pass "
                                                               "(auto: on for GPUs under 16 GB)")
     cache_inputs: bool = _f(True, "encode frames and prompts once and reuse them every step")
@@ -230,6 +236,9 @@ class TrainConfig:
 
     def __post_init__(self):
         coerce_fields(self)  # types first: every rule below sees numbers, tuples and choices
+        if self.s_lora_from or self.ti_from:  # given absorbers replace stage 1: they are the run's absorbers
+            self.absorbers = {(True, True): "both", (True, False): "s-lora", (False, True): "ti"}[
+                (bool(self.s_lora_from), bool(self.ti_from))]
         if self.steps < 0 or self.absorber_steps < 0:
             raise CavError("--steps and --absorber-steps must be ≥ 0")
         if not 1 <= self.t_lora_batch <= 64:
@@ -264,14 +273,6 @@ class TrainConfig:
     def uses_ti(self) -> bool:
         return self.absorbers in ("ti", "both")
 
-    def lora_config(self, kind: str):
-        """The peft ``LoraConfig`` of this recipe's S-LoRA (``kind="spatial"``) or T-LoRA (``"temporal"``)."""
-        from .adapters.lora import lora_config
-
-        rank, alpha = ((self.s_lora_rank, self.s_lora_alpha) if kind == "spatial"
-                       else (self.t_lora_rank, self.t_lora_alpha))
-        return lora_config(kind, self.placement, rank, alpha)
-
     def spatial_prompt_of(self, clip: int = 0) -> str:
         """The appearance-only prompt of clip ``clip`` (the full prompt when none is given)."""
         given = [p for p in self.spatial_prompt if p.strip()]
@@ -304,6 +305,20 @@ class TrainConfig:
     def frame_selection(self) -> dict:
         """``stride`` / ``fps`` / ``start`` / ``end`` for ``read_video`` (only those set)."""
         return {k: getattr(self, k) for k in ("stride", "fps", "start", "end") if getattr(self, k) is not None}
+
+    @property
+    def absorbers_given(self) -> bool:
+        """Absorbers come from existing files (``--s-lora-from``/``--ti-from``): no stage 1."""
+        return bool(self.s_lora_from or self.ti_from)
+
+    def lora_config(self, kind: str, family: str = "unet3d"):
+        """The peft ``LoraConfig`` of this recipe's S-LoRA (``kind="spatial"``) or T-LoRA (``"temporal"``) on a base of
+        ``family`` (``Backbone.family``)."""
+        from .adapters.lora import lora_config
+
+        rank, alpha = ((self.s_lora_rank, self.s_lora_alpha) if kind == "spatial"
+                       else (self.t_lora_rank, self.t_lora_alpha))
+        return lora_config(kind, self.placement, rank, alpha, family)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -161,7 +161,8 @@ def typed(cls, data: dict) -> dict:
     for name, value in data.items():
         parse = fields_[name].metadata.get("parse")
         try:
-            out[name] = parse(value) if parse else coerce(types_[name], value, bool(fields_[name].metadata.get("repeat")))
+            repeat = bool(fields_[name].metadata.get("repeat"))
+            out[name] = parse(value) if parse else coerce(types_[name], value, repeat)
         except ValueError as exc:
             raise CavError(f"{name} ({flag_name(fields_[name])}): {exc}") from None
     return out
@@ -197,16 +198,17 @@ def default_text(f: dataclasses.Field) -> str:
     return f"{text} {unit}" if unit and text != "none" else text
 
 
-def help_text(f: dataclasses.Field, hint) -> str:
-    """Field help + choices + default, with ``%`` escaped for argparse."""
+def help_text(f: dataclasses.Field, hint, before_default: str = "") -> str:
+    """Field help + default (after ``before_default``, e.g. "the adapter's, else "), ``%`` escaped for argparse."""
     text = f.metadata.get("help", "")  # a Literal's choices are in the metavar
     default = default_text(f)
     if default:
-        text += f" [default: {default}]"
+        text += f" [default: {before_default}{default}]"
     return text.replace("%", "%%")
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = ()) -> None:
+def add_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),
+              before_default: dict | None = None) -> None:
     """One flag per field of dataclass ``cls``. Flags default to None (only given flags override a recipe) and keep
     the text the user typed: the dataclass parses and checks it, so a flag and a recipe key follow one rule."""
     types_ = hints(cls)
@@ -216,7 +218,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (
         hint = types_[f.name]
         _, inner = _is_optional(hint)
         origin = typing.get_origin(inner)
-        kw: dict = {"dest": f.name, "default": None, "help": help_text(f, hint)}
+        before = (before_default or {}).get(f.name, "")
+        kw: dict = {"dest": f.name, "default": None, "help": help_text(f, hint, before)}
         if inner is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is list:

@@ -160,8 +160,14 @@ def validation_prompts(cfg: TrainConfig) -> list[str]:
     return [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]
 
 
-def t_lora_meta(cfg: TrainConfig, step: int) -> dict:
-    return {"kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
+def base_meta(bb) -> dict:
+    """What an adapter records about its base (family, motion adapter), so `cav generate` rebuilds the same model
+    and adapters of another family are refused by name."""
+    return {"family": bb.family, **({"motion_adapter": bb.motion_adapter} if bb.motion_adapter else {})}
+
+
+def t_lora_meta(bb, cfg: TrainConfig, step: int) -> dict:
+    return {**base_meta(bb), "kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
             "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": _recorded_spatial(cfg),
             "absorbers": cfg.absorbers, "step": step,
             "validation": {"prompts": validation_prompts(cfg), **cfg.sample_config().to_validation()}}
@@ -175,10 +181,12 @@ def _recorded_spatial(cfg: TrainConfig):
 
 def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti, clip: int = 0, s_lora: str = S_LORA) -> None:
     """Clip ``clip``'s absorbers (its S-LoRA, adapter ``s_lora``, and its TI rows) into ``folder``."""
-    if cfg.uses_s_lora:
-        meta = {"kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": cfg.s_lora_rank,
-                "alpha": cfg.s_lora_alpha, "prompt": cfg.spatial_prompt_of(clip)}
-        lora.save_lora(bb.unet, s_lora, cfg.lora_config("spatial"), folder / "s_lora", meta)
+    if cfg.uses_s_lora:  # a given image LoRA (--s-lora-from) keeps its own config (targets, rank, alpha)
+        config = bb.unet.peft_config[s_lora] if cfg.s_lora_from else cfg.lora_config("spatial", bb.family)
+        meta = {**base_meta(bb), "kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": config.r,
+                "alpha": config.lora_alpha, "prompt": cfg.spatial_prompt_of(clip),
+                **({"from": cfg.s_lora_from} if cfg.s_lora_from else {})}
+        lora.save_lora(bb.unet, s_lora, config, folder / "s_lora", meta)
     if ti is not None:
         ti.save(folder / "textual_inversion.safetensors")
 
@@ -217,7 +225,8 @@ def t_lora_checkpoint(bb, cfg: TrainConfig, out: Path, active: list[str], clock:
 
     def save(step: int, opt, gen_state, interrupted: bool) -> None:
         with resume_mod.CheckpointWriter(out, "t_lora", step) as ckpt:
-            lora.save_lora(bb.unet, T_LORA, cfg.lora_config("temporal"), ckpt / "t_lora", t_lora_meta(cfg, step))
+            lora.save_lora(bb.unet, T_LORA, cfg.lora_config("temporal", bb.family), ckpt / "t_lora",
+                           t_lora_meta(bb, cfg, step))
             resume_mod.save_state(ckpt, "t_lora", step, opt, gen_state, elapsed_seconds=clock.total())
             if interrupted:
                 return

@@ -9,12 +9,14 @@ Stage 2 (T-LoRA): temporal-attention LoRA on the whole clip with the absorbers l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .accel import offload
 from .adapters import lora
+from .adapters.image_lora import load_image_lora
 from .adapters.textual_inversion import TextualInversion
 from .backbone import Backbone
 from .config import TrainConfig
@@ -57,6 +59,20 @@ def s_lora_name(clip: int) -> str:
     return S_LORA if clip == 0 else f"{S_LORA}_{clip}"
 
 
+def make_textual_inversion(bb: Backbone, cfg: TrainConfig) -> TextualInversion:
+    """New tokens in the base's own text encoder: from ``--ti-from``'s embedding, else initialised from a word."""
+    if cfg.ti_from:
+        return TextualInversion.from_file(bb.tokenizer, bb.text_encoder, Path(cfg.ti_from), cfg.ti_token)
+    return TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init)
+
+
+def given_absorbers(bb: Backbone, cfg: TrainConfig) -> None:
+    """Stage 1 replaced by existing appearance work: ``--s-lora-from``'s image LoRA becomes the frozen S-LoRA (a
+    bypassed UNet is its image model, so an image LoRA of that model absorbs appearance as it stands)."""
+    if cfg.s_lora_from:
+        load_image_lora(bb.unet, cfg.s_lora_from, S_LORA, bb.family)
+
+
 def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
                    checkpoint: Callable | None = None, clip: int = 0) -> Stage:
     """Stage 1 over frames (F, 3, H, W) in [-1, 1] of clip ``clip`` (its own S-LoRA, TI and spatial prompt; the
@@ -64,7 +80,7 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
     groups, after_backward, after_step = [], [], []
     if cfg.uses_s_lora:
         name = s_lora_name(clip)
-        lora.add_lora(bb.unet, name, cfg.lora_config("spatial"))
+        lora.add_lora(bb.unet, name, cfg.lora_config("spatial", bb.family))
         lora.activate(bb.unet, [name], trainable=name)
         groups.append({"params": lora.lora_parameters(bb.unet, name), "lr": cfg.s_lora_lr, "name": name})
     prompt = cfg.spatial_prompt_of(clip)
@@ -98,7 +114,7 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
     for c in clips:
         if c.ti is not None:
             c.ti.freeze()
-    lora.add_lora(bb.unet, T_LORA, cfg.lora_config("temporal"))
+    lora.add_lora(bb.unet, T_LORA, cfg.lora_config("temporal", bb.family))
     lora.activate(bb.unet, active_adapters(clips[0]), trainable=T_LORA)
     prompts = [c.ti.expand(cfg.prompt) if c.ti is not None else cfg.prompt for c in clips]
 

@@ -1,7 +1,9 @@
-"""T-LoRA and S-LoRA as named peft adapters on a UNet3D: add, save (peft format), load, activate.
+"""T-LoRA and S-LoRA as named peft adapters on a T2V UNet: add, save (peft format), load, activate.
 
 A saved adapter folder holds ``adapter_model.safetensors`` and ``adapter_config.json`` exactly as peft writes
-them (``LoraConfig.from_pretrained`` reads the folder) plus ``cav.json`` (kind, base, prompt, step, ...).
+them (``LoraConfig.from_pretrained`` reads the folder), ``cav.json`` (kind, base, family, prompt, step, ...) and
+the same weights in diffusers' LoRA format (``pytorch_lora_weights.safetensors``: ``unet.``-prefixed peft keys with
+the LoraConfig in the file's metadata), so stock ``pipeline.load_lora_weights(folder, adapter_name=...)`` loads it.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from .targets import target_regex
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 META = "cav.json"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
 
 
-def lora_config(kind: str, placement: str, rank: int, alpha: float) -> LoraConfig:
+def lora_config(kind: str, placement: str, rank: int, alpha: float, family: str = "unet3d") -> LoraConfig:
     if rank < 1:
         raise CavError(f"LoRA rank must be ≥ 1, got {rank}: pass --t-lora-rank/--s-lora-rank 1 or more")
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_regex(kind, placement), lora_dropout=0.0,
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_regex(kind, placement, family), lora_dropout=0.0,
                       init_lora_weights=True)
 
 
@@ -40,7 +43,7 @@ def add_lora(unet: torch.nn.Module, name: str, config: LoraConfig, low_cpu_mem_u
             p.data = p.data.float()
     n = sum(1 for m in unet.modules() if isinstance(m, LoraLayer) and name in m.lora_A)
     if n == 0:
-        raise CavError(f"adapter '{name}' matched no module of this UNet: is the base a UNet3DConditionModel?")
+        raise CavError(f"adapter '{name}' matched no module of this UNet: does the base family match the targets?")
     return n
 
 
@@ -79,7 +82,22 @@ def save_lora(unet: torch.nn.Module, name: str, config: LoraConfig, directory: P
             cfg[key] = sorted(value)
     write_json(directory / CONFIG, cfg)
     write_json(directory / META, meta)
+    save_diffusers_lora(directory, state, cfg)
     return directory
+
+
+def save_diffusers_lora(directory: Path, state: dict, config: dict) -> Path:
+    """The adapter in diffusers' LoRA layout, written by diffusers itself (``unet.`` keys, LoraConfig metadata)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    keep = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "init_lora_weights", "use_dora", "use_rslora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            str(directory), unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in state.items()},
+            unet_lora_adapter_metadata={k: config[k] for k in keep if k in config}, weight_name=DIFFUSERS_WEIGHTS,
+            safe_serialization=True)
+    return Path(directory) / DIFFUSERS_WEIGHTS
 
 
 def read_meta(directory: Path) -> dict:
@@ -99,8 +117,9 @@ def find_adapter_dir(path: Path, kind: str) -> Path:
     raise CavError(f"no {kind} LoRA ({WEIGHTS}) found in '{path}': pass a run, checkpoint or adapter folder")
 
 
-def load_lora(unet: torch.nn.Module, directory: Path, name: str, expect_kind: str | None = None) -> dict:
-    """Inject adapter ``name`` from a saved folder; the weights must fit this UNet exactly."""
+def load_lora(unet: torch.nn.Module, directory: Path, name: str, expect_kind: str | None = None,
+              family: str | None = None) -> dict:
+    """Inject adapter ``name`` from a saved folder; the weights must fit this UNet (of base ``family``) exactly."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -108,6 +127,10 @@ def load_lora(unet: torch.nn.Module, directory: Path, name: str, expect_kind: st
     if expect_kind and meta.get("kind") and meta["kind"] != expect_kind:
         raise CavError(f"adapter '{directory}' is a {meta['kind']} LoRA, not a {expect_kind} one: pass a "
                        f"{'T-LoRA (run/t_lora)' if expect_kind == 'temporal' else 'spatial LoRA'} folder")
+    trained_on = meta.get("family", "unet3d" if meta else None)  # runs before families existed were UNet3D
+    if family and trained_on and trained_on != family:
+        raise CavError(f"adapter '{directory}' was trained on a {trained_on} base ({meta.get('base', 'unknown')}), "
+                       f"but this base is {family}: use an adapter trained on a {family} base, or that adapter's base")
     try:
         config = LoraConfig.from_pretrained(str(directory))
         state = load_file(str(directory / WEIGHTS))
@@ -144,4 +167,4 @@ def count_parameters(unet: torch.nn.Module, name: str) -> int:
 
 
 __all__ = ["lora_config", "add_lora", "lora_parameters", "activate", "save_lora", "load_lora", "find_adapter_dir",
-           "read_meta", "count_parameters", "adapter_names", "load_lora_weights"]
+           "read_meta", "count_parameters", "adapter_names", "load_lora_weights", "save_diffusers_lora"]

@@ -74,6 +74,40 @@ class TextualInversion:
     def save(self, path: Path) -> Path:
         return save_safetensors(path, {self.placeholder: self.embeddings()})
 
+    @classmethod
+    def from_file(cls, tokenizer, text_encoder, path: Path, placeholder: str = "<cav>") -> "TextualInversion":
+        """New tokens holding an existing embedding (diffusers ``{token: [N, dim]}`` or A1111 ``emb_params``)."""
+        rows = read_embedding(path)
+        dim = text_encoder.get_input_embeddings().weight.shape[1]
+        if rows.shape[1] != dim:
+            raise CavError(f"embedding '{path}' has {rows.shape[1]}-dim vectors, but this base's text encoder has "
+                           f"{dim}: pass an embedding made for this base's text encoder")
+        ti = cls(tokenizer, text_encoder, placeholder, rows.shape[0])
+        with torch.no_grad():
+            ti.weight[ti.ids] = rows.to(ti.weight.device, ti.weight.dtype)
+        ti._frozen_rows = ti.weight.detach().clone()
+        return ti
+
+
+def read_embedding(path: Path) -> torch.Tensor:
+    """The (N, dim) vectors of a one-tensor safetensors textual-inversion file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CavError(f"textual inversion file '{path}' does not exist: pass a .safetensors embedding")
+    if path.suffix != ".safetensors":
+        raise CavError(f"textual inversion '{path}' is not a .safetensors file: convert it (pickle files are not loaded)")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise CavError(f"could not read textual inversion '{path}' ({type(exc).__name__}): is it safetensors?") from None
+    if len(tensors) != 1:
+        raise CavError(f"'{path}' holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:3])}), not one embedding: "
+                       "pass a single-text-encoder embedding (SD 1.5 style)")
+    rows = next(iter(tensors.values())).float()
+    return rows[None] if rows.ndim == 1 else rows
+
 
 def placeholder_of(path: Path) -> str:
     from safetensors import safe_open

@@ -88,8 +88,8 @@ def write_clip_tokenizer(directory: Path, words, max_length: int) -> None:
 
 def build_components(spec: TinySpec, tokenizer_dir: Path, seed: int = 0) -> dict:
     """Random-weight components for ``spec`` (tokenizer read from ``tokenizer_dir``)."""
-    from diffusers import AutoencoderKL, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import UNet3DConditionModel
+    from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
@@ -105,6 +105,14 @@ def build_components(spec: TinySpec, tokenizer_dir: Path, seed: int = 0) -> dict
         cross_attention_dim=spec.cross_attention_dim,
         attention_head_dim=spec.attention_head_dim,
     )
+    return {"unet": unet, **build_text_and_vae(spec, tokenizer), "scheduler": build_scheduler(spec)}
+
+
+def build_text_and_vae(spec: TinySpec, tokenizer) -> dict:
+    """The tiny VAE and CLIP text encoder of ``spec`` (any family's tiny model uses them)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     n_vae = len(spec.vae_block_out_channels)
     vae = AutoencoderKL(
         in_channels=3,
@@ -133,8 +141,7 @@ def build_components(spec: TinySpec, tokenizer_dir: Path, seed: int = 0) -> dict
     )
     if spec.text_hidden != spec.cross_attention_dim:
         raise ValueError("text_hidden must equal cross_attention_dim (the UNet attends to the text hidden states)")
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": build_scheduler(spec)}
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
 
 
 def build_scheduler(spec: TinySpec):
@@ -177,3 +184,81 @@ def make_tiny_model(directory: Path, spec: TinySpec | None = None, seed: int = 0
     write_clip_tokenizer(tok_dir, spec.words, spec.max_length)
     components = build_components(spec, tok_dir, seed=seed)
     return save_model(directory, components, extra={"tiny_spec": asdict(spec)})
+
+
+# ------------------------------------------------------------------------------------------- AnimateDiff (tests)
+@dataclass
+class TinyAnimateDiffSpec(TinySpec):
+    """A tiny Stable Diffusion image UNet + motion adapter, at the scale of diffusers' own UNetMotionModel tests."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "DownBlock2D")
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D")
+    layers_per_block: int = 2
+    motion_heads: int = 2
+    motion_mid_block: bool = True
+
+
+def build_image_unet(spec: TinyAnimateDiffSpec, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=spec.latent_channels, out_channels=spec.latent_channels,
+        down_block_types=spec.down_block_types, up_block_types=spec.up_block_types,
+        block_out_channels=spec.block_out_channels, layers_per_block=spec.layers_per_block,
+        norm_num_groups=spec.norm_num_groups, cross_attention_dim=spec.cross_attention_dim,
+        attention_head_dim=spec.attention_head_dim)
+
+
+def build_motion_adapter(spec: TinyAnimateDiffSpec, seed: int = 1, block_out_channels: tuple[int, ...] | None = None):
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(seed)
+    return MotionAdapter(block_out_channels=block_out_channels or spec.block_out_channels,
+                         motion_layers_per_block=spec.layers_per_block, motion_norm_num_groups=spec.norm_num_groups,
+                         motion_num_attention_heads=spec.motion_heads, motion_max_seq_length=32,
+                         use_motion_mid_block=spec.motion_mid_block)
+
+
+def make_tiny_image_model(directory: Path, spec: TinyAnimateDiffSpec | None = None, seed: int = 0) -> Path:
+    """A random tiny Stable Diffusion image model in the diffusers layout (``StableDiffusionPipeline``)."""
+    from diffusers import StableDiffusionPipeline
+
+    spec = spec or TinyAnimateDiffSpec()
+    directory = Path(directory)
+    write_clip_tokenizer(directory / "tokenizer", spec.words, spec.max_length)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+    unet = build_image_unet(spec, seed)
+    parts = build_text_and_vae(spec, tokenizer)
+    pipe = StableDiffusionPipeline(unet=unet, scheduler=build_scheduler(spec), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False, **parts)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def make_tiny_motion_adapter(directory: Path, spec: TinyAnimateDiffSpec | None = None, seed: int = 1,
+                             block_out_channels: tuple[int, ...] | None = None) -> Path:
+    """A random tiny ``MotionAdapter`` folder (``config.json`` + safetensors)."""
+    build_motion_adapter(spec or TinyAnimateDiffSpec(), seed, block_out_channels).save_pretrained(
+        directory, safe_serialization=True)
+    return Path(directory)
+
+
+def make_tiny_animatediff(directory: Path, spec: TinyAnimateDiffSpec | None = None, seed: int = 0) -> Path:
+    """A random tiny AnimateDiff model in its diffusers layout (``AnimateDiffPipeline``, ``unet/`` =
+    ``UNetMotionModel`` built from the tiny image UNet and motion adapter)."""
+    from diffusers import AnimateDiffPipeline, UNetMotionModel
+    from transformers import CLIPTokenizer
+
+    spec = spec or TinyAnimateDiffSpec()
+    directory = Path(directory)
+    write_clip_tokenizer(directory / "tokenizer", spec.words, spec.max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+    unet = UNetMotionModel.from_unet2d(build_image_unet(spec, seed), build_motion_adapter(spec, seed + 1))
+    parts = build_text_and_vae(spec, tokenizer)
+    pipe = AnimateDiffPipeline(unet=unet, motion_adapter=None, scheduler=build_scheduler(spec), **parts)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
