@@ -346,3 +346,33 @@ def test_resume_uses_the_recorded_frame_selection(tmp_path, tiny_video, tiny_mod
     assert main(_train(tiny_video, tiny_model, uniform)) == 0
     other = load_file(str(uniform / "t_lora" / "adapter_model.safetensors"))
     assert any(not torch.equal(ref[k], other[k]) for k in ref)
+
+
+def test_api_generate_takes_a_sample_config_or_its_fields(tmp_path, tiny_model):
+    """`api.generate(..., steps=1)` (the UI's call) and `api.generate(..., sample=SampleConfig(steps=1))` agree."""
+    from cav import api
+    from cav.config import SampleConfig
+    from cav.data.video import read_video
+
+    a = api.generate(PROMPT, base=str(tiny_model), frames=2, size=32, steps=1, seed=3, negative_prompt=None,
+                     out=tmp_path / "a.mp4", quiet=True)
+    b = api.generate(PROMPT, base=str(tiny_model), sample=SampleConfig(frames=2, size=(32, 32), steps=1, seed=3),
+                     out=tmp_path / "b.mp4", quiet=True)
+    c = api.generate(PROMPT, base=str(tiny_model), frames=2, size=32, steps=1, seed=4, out=tmp_path / "c.mp4",
+                     quiet=True)
+    va, vb, vc = (read_video(p[0], frames=None, size=(128, 128)) for p in (a, b, c))
+    assert (va == vb).all() and not (va == vc).all()
+
+
+def test_help_and_argument_errors_come_before_the_heavy_imports():
+    """`cav --help` and a typo's message do not wait for torch and diffusers to import (seconds on a busy machine)."""
+    import subprocess
+
+    code = ("import sys; from cav.cli import main\n"
+            "for argv in (['train', '--steps', 'two'], ['generate', '--prompt', 'x', '--adapter', 'r:nan']):\n"
+            "    assert main(argv) == 2\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

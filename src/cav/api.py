@@ -227,17 +227,19 @@ def output_files(out, num_videos: int, overwrite: bool = False, sample: SampleCo
 
 def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, sample: SampleConfig | None = None,
              image_loras=(), textual_inversions=(), base: str | None = None, out="out.mp4", overwrite: bool = False,
-             device="auto", dtype="auto", quiet: bool = False, motion_adapter: str | None = None) -> list[Path]:
+             device="auto", dtype="auto", quiet: bool = False, motion_adapter: str | None = None,
+             **settings) -> list[Path]:
     """Sample one video per entry of ``sample.grid`` (seeds seed, seed+1, … or --weights × --seeds), each from the
     start ``sample`` names (noise, a reference's noise prior or inversion, an image); writes ``out`` (.mp4 or .gif),
-    the other format and the recipe (.json) beside each, and ``out-sheet.png`` for several. ``sample`` None:
-    ``sample_settings(adapters)``; its ``size`` None: the base's native size."""
+    the other format and the recipe (.json) beside each, and ``out-sheet.png`` for several. Settings: ``sample``
+    (None: the first adapter's recorded ones, see ``sample_settings``), then the SampleConfig fields given in
+    ``settings`` (``steps=10``, ``seed=3``; None means "not given"); ``size`` None: the base's native size."""
     from .data.video import write_video
     from .io_utils import write_json
 
     if not prompt or not prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video to generate'")
-    sample = sample or sample_settings(adapters)
+    sample = (sample or sample_settings(adapters)).updated(**settings)
     if sample.weights and not adapters:
         raise CavError("--weights sets the weight of each --adapter: pass --adapter RUN, or drop --weights")
     targets = output_files(out, sample.num_videos, overwrite, sample)

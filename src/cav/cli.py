@@ -70,9 +70,10 @@ def build_config(args: argparse.Namespace):
 
 
 def cmd_train(args) -> int:
+    cfg = build_config(args)  # bad recipe values and flags fail here, before the libraries load
+    _quiet_libraries()
     from . import api
 
-    cfg = build_config(args)
     if args.dry_run:
         result = api.plan(cfg, clips=max(1, len(args.video)))
         if args.json:
@@ -132,14 +133,15 @@ def _add_train(sub) -> None:
 
 # ---------------------------------------------------------------------------------------------- generate
 def cmd_generate(args) -> int:
-    from . import api
     from .config import SampleConfig, parse_weighted
 
     adapters = [parse_weighted(a, "--adapter") for a in args.adapter or []]
     image_loras = [parse_weighted(a, "--image-lora") for a in args.image_lora or []]
-    recorded = api.sample_settings(adapters)  # the first adapter's frames, size, steps, guidance (else defaults)
-    sample = SampleConfig(**{**recorded.to_dict(), **options.given(args, SampleConfig)})
-    paths = api.generate(args.prompt, adapters, sample=sample, image_loras=image_loras,
+    _quiet_libraries()
+    from . import api
+
+    given = options.given(args, SampleConfig)  # over the first adapter's recorded settings (else the defaults)
+    paths = api.generate(args.prompt, adapters, **given, image_loras=image_loras,
                          textual_inversions=args.textual_inversion or [], base=args.base, out=args.out,
                          overwrite=args.overwrite, device=args.device, dtype=args.dtype, quiet=args.quiet,
                          motion_adapter=args.motion_adapter)
@@ -211,6 +213,7 @@ def _add_generate(sub) -> None:
 
 # ------------------------------------------------------------------------------------------------- export
 def cmd_export(args) -> int:
+    _quiet_libraries()
     from .export import export
 
     path = export(args.run, args.format, args.out, overwrite=args.overwrite)
@@ -221,10 +224,9 @@ def cmd_export(args) -> int:
 def _add_export(sub) -> None:
     ex = sub.add_parser("export", help="write a run's T-LoRA in another tool's layout (e.g. AnimateDiff MotionLoRA)")
     ex.add_argument("run", help="run, checkpoint or T-LoRA folder")
-    from .export import FORMATS
-
-    _opt(ex, "--format", f"target layout: {', '.join(FORMATS)} (animatediff: the original MotionLoRA key layout)",
-         "animatediff", metavar="FORMAT")
+    # the formats are not listed from cav.export: importing it would make every --help load peft
+    _opt(ex, "--format", "target layout: animatediff (the original MotionLoRA key layout)", "animatediff",
+         metavar="FORMAT")
     _opt(ex, "--out", "output .safetensors [default: RUN/export/<the format's file name>]", metavar="FILE")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     ex.set_defaults(func=cmd_export)
@@ -232,6 +234,7 @@ def _add_export(sub) -> None:
 
 # --------------------------------------------------------------------------------------------- toy, demo
 def cmd_toy_train_base(args) -> int:
+    _quiet_libraries()
     from .toy.train_base import BaseRecipe, train_base
 
     recipe = BaseRecipe(**options.typed(BaseRecipe, options.given(args, BaseRecipe)))
@@ -241,6 +244,7 @@ def cmd_toy_train_base(args) -> int:
 
 
 def cmd_toy_check_base(args) -> int:
+    _quiet_libraries()
     from .toy.check import check_base
 
     result = check_base(args.base, n=args.videos, heldout=args.heldout, seed=args.seed, steps=args.steps,
@@ -254,6 +258,7 @@ def cmd_toy_check_base(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    _quiet_libraries()
     from .toy.demo import run_demo, summary
 
     overrides = {k: v for k, v in (("steps", args.steps), ("absorber_steps", args.absorber_steps)) if v is not None}
@@ -263,12 +268,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _add_toy(sub) -> None:
+def _add_toy(sub, flags: bool = True) -> None:
+    """``flags`` False: the command's name and help only (its flags need torch and diffusers: seconds to import)."""
+    toy = sub.add_parser("toy", help="the embedded toy world: train or check its base model")
+    _choose(toy, "a toy command", "train-base, check-base")
+    if not flags:
+        return
     from .toy.check import TOY_STEPS
     from .toy.train_base import BaseRecipe
 
-    toy = sub.add_parser("toy", help="the embedded toy world: train or check its base model")
-    _choose(toy, "a toy command", "train-base, check-base")
     cmds = toy.add_subparsers(title="commands", metavar="COMMAND")
     tb = cmds.add_parser("train-base", help="train the toy T2V base model (seeded, resumable)")
     _opt(tb, "--out", "model folder (its .train_state/ holds the resume state)", "runs/toy-base", metavar="DIR")
@@ -288,6 +296,8 @@ def _add_toy(sub) -> None:
     cb.add_argument("--json", action="store_true", help="JSON output")
     cb.set_defaults(func=cmd_toy_check_base)
 
+
+def _add_demo(sub) -> None:
     from .config import load_recipe
 
     toy_recipe = load_recipe("toy")
@@ -307,6 +317,7 @@ def _add_toy(sub) -> None:
 
 # ---------------------------------------------------------------------------------------------- eval, bench
 def cmd_eval(args) -> int:
+    _quiet_libraries()
     from .evaluate import evaluate
     from .metrics.clip_score import DEFAULT_CLIP
 
@@ -322,6 +333,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench_speed(args) -> int:
+    _quiet_libraries()
     from .bench.speed import format_table, run_speed
 
     result = run_speed(args.device, args.size)
@@ -330,6 +342,7 @@ def cmd_bench_speed(args) -> int:
 
 
 def cmd_bench_ablation(args) -> int:
+    _quiet_libraries()
     from .bench.ablation import format_markdown, run_ablation, write_outputs
 
     result = run_ablation(args.recipe, quick=args.quick, out=args.out, command="cav " + shlex.join(args.argv))
@@ -369,7 +382,9 @@ def _add_eval_bench(sub) -> None:
     ba.set_defaults(func=cmd_bench_ablation)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; with ``command`` (the one being run) the others that are slow to build (toy) get
+    their name and help only, so `cav --help` and `cav train ...` do not import torch and diffusers to parse."""
     parser = _Parser(prog="cav", description="One-shot motion customization of text-to-video models")
     parser.add_argument("--version", action="version", version=f"cav {__version__}")
     _choose(parser, "a command", "train, generate, select, export, demo, eval, toy, bench")
@@ -378,13 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_select(sub)
     _add_export(sub)
-    _add_toy(sub)
+    _add_toy(sub, flags=command in (None, "toy"))
+    _add_demo(sub)
     _add_eval_bench(sub)
     return parser
 
 
 def _quiet_libraries() -> None:
-    """Library chatter (deprecation notices, weight-loading bars) is not for our users' terminals."""
+    """Library chatter (deprecation notices, weight-loading bars) is not for our users' terminals. Each command calls
+    it once its own arguments are checked: importing diffusers takes seconds, a typo's message should not."""
     import diffusers
     import transformers
 
@@ -395,11 +412,10 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv and not argv[0].startswith("-") else "")
     args = parser.parse_args(argv)
     args.argv = argv
     try:
-        _quiet_libraries()
         return args.func(args)
     except CavError as exc:
         print(f"cav: error: {exc}", file=sys.stderr)

@@ -152,6 +152,10 @@ class SampleConfig:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    def updated(self, **settings) -> "SampleConfig":
+        """A copy with the settings given (None values: not given), parsed and checked."""
+        return dataclasses.replace(self, **{k: v for k, v in settings.items() if v is not None})
+
 
 _SAMPLE = SampleConfig()
 
