@@ -216,6 +216,8 @@ def full_size(tmp_path_factory):
         for comp in backbone.COMPONENTS:
             (folder / comp).mkdir(parents=True)
         shutil.copy(ASSETS / "sd15_text_encoder_config.json", folder / "text_encoder" / "config.json")
+        # the plan checks sizes against the VAE: SD 1.5's VAE is the one ModelScope ships (8x, 4 blocks)
+        shutil.copy(ASSETS / "modelscope_vae_config.json", folder / "vae" / "config.json")
     shutil.copy(ASSETS / "sd15_unet_config.json", sd / "unet" / "config.json")
     (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
                                                      "unet": ["diffusers", "UNet2DConditionModel"]}))

@@ -9,6 +9,7 @@ from cav.data import toyworld as tw
 from cav.data.video import write_video
 from cav.errors import CavError
 from cav.evaluate import METRICS, evaluate, parse_toy_prompt
+from cav.metrics import Undefined
 from cav.metrics import lpips as lp
 from cav.metrics.clip_score import ClipScorer
 from cav.metrics.motion import motion_fidelity, tracks
@@ -57,7 +58,8 @@ def test_lpips_known_answers(lpips_file):
     m = lp.LPIPS(lpips_file)
     a, b = _textured(seed=0), _textured(seed=1)
     assert m.distance(a, a) == 0.0
-    assert m.temporal_consistency(np.repeat(a[:1], 5, axis=0)) == 0.0
+    with pytest.raises(Undefined, match="same image"):  # a still: 0 would read as perfect consistency
+        m.temporal_consistency(np.repeat(a[:1], 5, axis=0))
     assert m.temporal_consistency(a) > 0
     d = m.distance(a, b)
     assert d > 0 and m.distance(b, a) == pytest.approx(d, rel=1e-5)
@@ -135,11 +137,15 @@ def test_evaluate_toy_world(tmp_path, clip_dir, lpips_file):
 def test_missing_weights_warn_or_fail(tmp_path, monkeypatch, capsys, lpips_file):
     video = write_video(tmp_path / "v.mp4", _textured(frames=4), fps=8)
     monkeypatch.setenv("CAV_LPIPS", str(tmp_path / "none.safetensors"))
-    r = evaluate([video], "a man skiing", clip=str(tmp_path / "no-clip"))
-    assert set(r) == {"videos"}
+    with pytest.raises(CavError, match="nothing could be measured: text_alignment needs CLIP weights"):
+        evaluate([video], "a man skiing", clip=str(tmp_path / "no-clip"))
+    assert capsys.readouterr().err == ""  # the error says it all: no warnings before it
+    r = evaluate([video], "a man skiing", clip=str(tmp_path / "no-clip"), reference=video)
+    assert set(r) == {"motion_fidelity", "videos"}
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("cav: warning: skipping text_alignment: CLIP weights not found")
     assert err[1].startswith("cav: warning: skipping temporal_consistency: LPIPS weights not found")
+    assert "docs/METRICS.md#clip" in err[0] and "docs/METRICS.md#lpips" in err[1]
     with pytest.raises(CavError, match="cannot compute temporal_consistency: LPIPS weights not found"):
         evaluate([video], "a man skiing", metrics=["temporal_consistency"])
     with pytest.raises(CavError, match="cannot compute text_alignment: CLIP weights not found"):
@@ -154,3 +160,122 @@ def test_missing_weights_warn_or_fail(tmp_path, monkeypatch, capsys, lpips_file)
         evaluate([video], "a man skiing", metrics=["fvd"])
     r = evaluate([video], "a man skiing", metrics=["temporal_consistency"], lpips=lpips_file)
     assert r["temporal_consistency"] > 0 and set(r) == {"temporal_consistency", "videos"}
+
+
+# ------------------------------------------------------------------------ degenerate inputs: null, never a score
+def _noise(frames=12, size=64, seed=1):
+    return np.random.default_rng(seed).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("generated,reference,reason", [
+    (_noise(), _textured(), "generated video could be tracked"),  # noise: corners found, none tracked
+    (_textured(), _noise(), "reference could be tracked"),
+    (np.full((12, 64, 64, 3), 90, np.uint8), _textured(), "generated video could be tracked"),  # flat: no corner
+    (_textured(frames=1), _textured(), "generated video has 1 frame"),
+    (_textured(), _textured(frames=1), "reference has 1 frame"),
+])
+def test_motion_fidelity_is_undefined_without_motion_to_compare(generated, reference, reason):
+    with pytest.raises(Undefined, match=reason):
+        motion_fidelity(generated, reference)
+
+
+def test_one_frame_and_empty_videos(lpips_file):
+    m = lp.LPIPS(lpips_file)
+    with pytest.raises(Undefined, match="1 frame"):
+        m.temporal_consistency(_textured(frames=1))
+    for fn in (lambda v: motion_fidelity(v, _textured()), m.temporal_consistency):
+        with pytest.raises(CavError):  # zero frames: refused as bad input, never scored
+            fn(np.zeros((0, 64, 64, 3), np.uint8))
+
+
+def _toy_blank(path, frames=8):
+    return write_video(path, np.zeros((frames, 32, 32, 3), np.uint8), fps=8)  # a black background, no object
+
+
+def test_evaluate_reports_null_with_the_reason(tmp_path, lpips_file, capsys):
+    from cav.cli import main
+
+    real = write_video(tmp_path / "real.mp4", _textured(), fps=8)
+    noise = write_video(tmp_path / "noise.mp4", _noise(), fps=8)
+    still = write_video(tmp_path / "still.mp4", np.repeat(_textured()[:1], 6, axis=0), fps=8)
+    r = evaluate([noise], "a man skiing", reference=real, metrics=["motion_fidelity"])
+    assert r["motion_fidelity"] is None and "could be tracked" in r["notes"]["motion_fidelity"]
+    assert r["videos"][0]["motion_fidelity"] is None and "could be tracked" in r["videos"][0]["notes"]["motion_fidelity"]
+    json.dumps(r)
+    # three videos, one undefined: the mean of the others (a still has tracked points: a real 0), and a note
+    r = evaluate([real, noise, still], "a man skiing", reference=real, lpips=lpips_file,
+                 metrics=["motion_fidelity", "temporal_consistency"])
+    assert [v["motion_fidelity"] for v in r["videos"]] == [pytest.approx(1.0), None, 0.0]
+    assert r["motion_fidelity"] == pytest.approx(0.5)
+    assert r["notes"]["motion_fidelity"].startswith("undefined for 1 of 3 videos")
+    assert [v["temporal_consistency"] is None for v in r["videos"]] == [False, False, True]
+    assert "same image" in r["notes"]["temporal_consistency"]
+    # the CLI: JSON null, text "n/a (reason)", exit 0 (the metric was computed and has no value)
+    argv = ["eval", str(noise), "--prompt", "a man skiing", "--reference", str(real), "--metrics", "motion_fidelity"]
+    assert main(argv + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["motion_fidelity"] is None
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("motion_fidelity") and "n/a (no point of the generated video could be tracked" in line
+
+
+def test_toy_metrics_without_an_object_are_null(tmp_path):
+    ref = _toy_file(tmp_path / "ref.mp4", "circle", "red")
+    blank = _toy_blank(tmp_path / "blank.mp4")
+    prompt = "a blue square moving right on a black background"
+    r = evaluate([blank], prompt, reference=ref, clip=None, metrics=["motion_error", "appearance_leakage",
+                                                                      "prompt_accuracy"])
+    assert r["motion_error"] is None and r["appearance_leakage"] is None  # not a perfect 0
+    assert "no object" in r["notes"]["motion_error"] and "no object" in r["notes"]["appearance_leakage"]
+    assert r["prompt_accuracy"] == 0.0  # measured: the video does not show what the prompt asks for
+    one = write_video(tmp_path / "one.mp4", tw.render(tw.ToySpec("square", "blue", "black", "right"), 1, 32)[0])
+    r = evaluate([one], prompt, reference=ref, clip=None, metrics=["motion_error"])
+    assert r["motion_error"] is None and "1 frame" in r["notes"]["motion_error"]
+
+
+@pytest.mark.parametrize("extra,needs", [
+    ([], ["text_alignment needs CLIP weights", "temporal_consistency needs LPIPS weights", "--reference VIDEO"]),
+    (["--metrics", "text_alignment,temporal_consistency"], ["text_alignment"]),  # named: the first one's reason
+    (["--lpips", "/nonexistent/x.safetensors", "--clip", "/nonexistent/clip"], ["LPIPS weights", "CLIP weights"]),
+])
+def test_eval_with_nothing_measurable_exits_2(extra, needs, tmp_path, monkeypatch, capsys):
+    from cav.cli import main
+
+    monkeypatch.setenv("CAV_LPIPS", str(tmp_path / "none.safetensors"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    video = write_video(tmp_path / "v.mp4", _textured(frames=4), fps=8)
+    code = main(["eval", str(video), "--prompt", "a man skiing", "--clip", str(tmp_path / "no-clip"), *extra])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("cav: error:") and "Traceback" not in err
+    assert captured.out == ""
+    for n in needs:
+        assert n in err, (n, err)
+    assert "docs/METRICS.md" in err
+
+
+def test_lpips_weights_from_the_published_files(tmp_path, lpips_file, capsys):
+    """`python -m cav.metrics.lpips ALEXNET.pth ALEX.pth OUT`: the documented step builds a file LPIPS loads."""
+    from safetensors.torch import load_file
+
+    ours = load_file(str(lpips_file))
+    torch.save({k: v for k, v in ours.items() if k.startswith("features.")}, tmp_path / "alexnet.pth")
+    torch.save({f"lin{k}.model.1.weight": ours[f"lin{k}.weight"] for k in range(5)}, tmp_path / "alex.pth")
+    out = tmp_path / "built.safetensors"
+    assert lp.main([str(tmp_path / "alexnet.pth"), str(tmp_path / "alex.pth"), str(out)]) == 0
+    assert lp.LPIPS(out).distance(_textured(), _textured(seed=3)) == pytest.approx(
+        lp.LPIPS(lpips_file).distance(_textured(), _textured(seed=3)))
+    assert lp.main([str(tmp_path / "missing.pth"), str(tmp_path / "alex.pth"), str(out)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_clip_score_warns_once_when_the_prompt_is_cut(clip_dir, caplog):
+    import logging
+
+    scorer = ClipScorer(str(clip_dir))
+    long = "a red circle moving left on a black background " * 4  # over the tiny CLIP's 24 positions
+    with caplog.at_level(logging.WARNING, logger="cav"):
+        scorer.score(_textured(frames=2), long)
+        scorer.score(_textured(frames=2, seed=1), long)
+        scorer.score(_textured(frames=2), "a red circle")
+    assert len(caplog.records) == 1 and "the CLIP prompt" in caplog.records[0].getMessage()

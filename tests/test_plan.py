@@ -20,6 +20,7 @@ def modelscope_configs(tmp_path_factory):
         (root / comp).mkdir(parents=True)
     shutil.copy(ASSETS / "modelscope_unet_config.json", root / "unet" / "config.json")
     shutil.copy(ASSETS / "modelscope_text_encoder_config.json", root / "text_encoder" / "config.json")
+    shutil.copy(ASSETS / "modelscope_vae_config.json", root / "vae" / "config.json")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline",
                                                        "unet": ["diffusers", "UNet3DConditionModel"]}))
     return root

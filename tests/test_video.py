@@ -11,7 +11,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from cav.data import video
 from cav.data.video import read_video, to_tensor, to_uint8, write_contact_sheet, write_video
@@ -432,3 +432,30 @@ def test_viewable_factor() -> None:
     assert video._viewable(np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 128, 128, 3)
     assert video._viewable(np.zeros((1, 100, 30, 3), np.uint8)).shape == (1, 200, 60, 3)
     assert video._viewable(np.zeros((1, 256, 16, 3), np.uint8)).shape == (1, 256, 16, 3)
+
+
+def test_comparison_sheet_grid_and_captions(tmp_path: Path) -> None:
+    """One captioned row per prompt, a column per video kind, frames scaled to the tile height."""
+    from cav.data import sheet as sh
+
+    rows = [[toy(8, 32), toy(8, 32), toy(3, 32)], [toy(12, 16), toy(8, 32), toy(8, 32)]]
+    path = sh.write_comparison_sheet(tmp_path / "s.png", rows, columns=["reference", "base", "T-LoRA"],
+                                     captions=["a red circle", "a blue square " * 40], title="reference: x",
+                                     frames=8, tile=48, font_size=18)
+    cell = 8 * (48 + sh.FRAME_GAP) - sh.FRAME_GAP  # 8 frames of 48 px
+    line = 18 + 9
+    with Image.open(path) as im:
+        assert im.size == (2 * sh.MARGIN + 3 * cell + 2 * sh.CELL_GAP,
+                           sh.MARGIN + line + sh.MARGIN + line + 2 * (line + 48 + sh.MARGIN))
+        a = np.asarray(im)
+    y0 = 2 * sh.MARGIN + 3 * line  # first row's frames, under the title, the headers and its caption
+    x1 = sh.MARGIN + cell + sh.CELL_GAP  # second column
+    first = np.asarray(Image.fromarray(toy(8, 32)[0]).resize((48, 48), Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(a[y0:y0 + 48, x1:x1 + 48], first)
+    text = a[y0 - line:y0, sh.MARGIN:sh.MARGIN + 200]  # the caption is drawn: dark pixels on the light background
+    assert (text.min(axis=-1) < 100).sum() > 50
+    assert (a[sh.MARGIN:sh.MARGIN + line, : sh.MARGIN + 100].min(axis=-1) < 100).any()  # the title
+    assert sh._fit(ImageDraw.Draw(Image.new("RGB", (1, 1))), "a blue square " * 40,
+                   ImageFont.load_default(size=18), 300).endswith("...")
+    with pytest.raises(ValueError, match="one caption per row"):
+        sh.write_comparison_sheet(tmp_path / "bad.png", rows, columns=["a", "b"], captions=["x", "y"])

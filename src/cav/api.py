@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import accel
+from . import accel, preflight
 from . import backbone as backbone_mod
 from . import generation
 from . import resume as resume_mod
@@ -30,6 +30,7 @@ def plan(cfg: TrainConfig, clips: int = 1) -> dict:
     """Trainable parameters and adapted modules per stage, from the base's config files alone (meta device). With
     several ``clips`` stage 1 lists each clip's own absorbers (``clip`` and ``spatial_prompt`` name them)."""
     cfg.check_clips(clips)
+    preflight.check_train(cfg)
     unet, family = backbone_mod.empty_unet(cfg.base, cfg.motion_adapter or None)
     unet_config = dict(unet.config)
     stages = []
@@ -81,6 +82,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     if cfg.absorbers_given and len(videos) > 1:
         raise CavError("--s-lora-from / --ti-from give one clip's absorbers: train on one clip, or drop them so "
                        "each clip trains its own")
+    preflight.check_train(cfg)
     out = Path(out)
     runfolder.check(out, overwrite, resume)
     backbone_mod.resolve_dtype(cfg.dtype, backbone_mod.resolve_device(cfg.device))  # fp16 on a CPU: refuse now

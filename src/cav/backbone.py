@@ -16,9 +16,10 @@ only passes ``Backbone.family`` along.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +29,14 @@ from .errors import CavError
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+ASSETS = Path(__file__).parent / "assets"
+# hub ids whose small JSON files ship in ``assets/`` as <prefix>_<path with / as _> (plans and checks work offline)
+SHIPPED_CONFIGS = {"damo-vilab/text-to-video-ms-1.7b": "modelscope"}
+HUB_TIMEOUT_S = 5.0  # one request to the hub before a download; its absence is reported instead of retried
+PIPELINE_MULTIPLE = 8  # diffusers' TextToVideoSD- and AnimateDiffPipeline.check_inputs: height, width divisible by 8
+FRAME_LIMIT_KEY = "motion_max_seq_length"  # bounds the frames of AnimateDiff motion modules (positional embeddings);
+#                                            UNet3D has no such key: its temporal attention has no positions
+_DOWNLOAD_HINT = "download it where the hub is reachable (`hf download {repo} --local-dir DIR`) and pass {flag} DIR"
 
 
 @dataclass(frozen=True)
@@ -75,23 +84,77 @@ def resolve_base(base: str | Path) -> str:
     raise CavError(f"base '{base}' does not exist: pass an existing folder, a hub id (owner/name), or `toy`")
 
 
-def _read_json(resolved: str, name: str, what: str) -> dict:
-    """A small JSON file of a local folder or hub repository (no weights)."""
-    local = Path(resolved) / name
-    if local.is_file():
+def _read_json(resolved: str, name: str, what: str, flag: str = "--base") -> dict:
+    """A small JSON file of a local folder or hub repository (no weights), from where it is known locally first so
+    plans and checks work offline: the folder, the files shipped for known hub ids (``SHIPPED_CONFIGS``), the Hugging
+    Face cache; only then the hub, with one quick request that fails fast (``check_hub``) when it cannot be reached."""
+    if Path(resolved).is_dir():
+        local = Path(resolved) / name
+        if not local.is_file():
+            raise CavError(f"{what} '{resolved}' has no {name}: download the complete model")
         return json.loads(local.read_text())
-    from huggingface_hub import hf_hub_download
+    shipped = ASSETS / f"{SHIPPED_CONFIGS.get(resolved)}_{name.replace('/', '_')}"
+    if resolved in SHIPPED_CONFIGS and shipped.is_file():
+        return json.loads(shipped.read_text())
+    return json.loads(Path(hub_file(resolved, name, what, flag)).read_text())
+
+
+def hub_file(repo: str, filename: str, what: str = "base", flag: str = "--base") -> str:
+    """Local path of one file of a hub repository: from the Hugging Face cache, else downloaded after ``check_hub``."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, filename)
+    if isinstance(cached, str):
+        return cached
+    check_hub(repo, what, flag)
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as exc:  # noqa: BLE001 - missing file, network drop: one clear line
+        raise CavError(f"could not download {filename} of {what} '{repo}' ({type(exc).__name__}): "
+                       f"{_DOWNLOAD_HINT.format(repo=repo, flag=flag)}") from None
+
+
+def check_hub(repo: str, what: str = "base", flag: str = "--base") -> None:
+    """One request with a short timeout: does the hub answer and hold ``repo``? Fails fast instead of retrying."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        return json.loads(Path(hf_hub_download(resolved, name)).read_text())
-    except Exception as exc:  # network or cache errors: one clear line
-        raise CavError(f"could not read {name} of {what} '{resolved}': no local folder of that name, and as a hub id it "
-                       f"could not be fetched ({type(exc).__name__}); pass an existing local folder") from None
+        HfApi().model_info(repo, timeout=HUB_TIMEOUT_S)
+    except (RepositoryNotFoundError, GatedRepoError):
+        raise CavError(f"{what} '{repo}' is not a model on the Hugging Face hub (or it is private or gated): "
+                       "check the id, or log in with `hf auth login`") from None
+    except Exception as exc:  # noqa: BLE001 - offline, DNS, timeout, HF_HUB_OFFLINE: all mean "not reachable"
+        raise CavError(f"{what} '{repo}' is not in the Hugging Face cache and the hub cannot be reached "
+                       f"({type(exc).__name__}): {_DOWNLOAD_HINT.format(repo=repo, flag=flag)}") from None
+
+
+def hub_cached(repo: str, filename: str = "model_index.json") -> bool:
+    """Whether the Hugging Face cache holds ``filename`` of ``repo`` (then loading needs no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, filename), str)
+
+
+def _hub_kwargs(source: str, what: str, flag: str, marker: str = "model_index.json") -> dict:
+    """``from_pretrained`` arguments for a folder or hub id: a cached hub id loads offline, an uncached one is checked
+    with one fast request first (diffusers and transformers would retry for ~30 s before failing)."""
+    if Path(source).is_dir():
+        return {}
+    if hub_cached(source, marker):
+        return {"local_files_only": True}
+    check_hub(source, what, flag)
+    return {}
+
+
+def read_config(base: str | Path, component: str) -> dict:
+    """``config.json`` of one component (unet, vae, text_encoder) of a base, reading no weights (see ``_read_json``)."""
+    return _read_json(resolve_base(base), f"{component}/config.json", "base")
 
 
 def read_unet_config(base: str | Path) -> dict:
     """The UNet config of a base, reading one small JSON file and no weights."""
-    return _read_json(resolve_base(base), "unet/config.json", "base")
+    return read_config(base, "unet")
 
 
 def resolve_motion_adapter(adapter: str | Path) -> str:
@@ -109,7 +172,7 @@ def resolve_motion_adapter(adapter: str | Path) -> str:
 
 
 def read_motion_adapter_config(adapter: str | Path) -> dict:
-    config = _read_json(resolve_motion_adapter(adapter), "config.json", "motion adapter")
+    config = _read_json(resolve_motion_adapter(adapter), "config.json", "motion adapter", "--motion-adapter")
     if config.get("_class_name", "MotionAdapter") != "MotionAdapter":
         raise CavError(f"'{adapter}' holds a {config['_class_name']}, not a MotionAdapter: pass an AnimateDiff motion adapter")
     return config
@@ -177,6 +240,57 @@ def _motion_unet(image_unet, adapter, name: str, load_weights: bool = True):
                        "pick the motion adapter of this base") from None
 
 
+# ------------------------------------------------------------------------------------------- shape constraints
+def shape_unit(unet_config: dict, vae_config: dict) -> tuple[int, str]:
+    """The pixel multiple every height and width must be, and why (for messages).
+
+    Three constraints, all read from the configs: the VAE halves the frame ``len(block_out_channels) - 1`` times;
+    every down block of the UNet but the last halves the latent again (a latent that does not divide evenly is
+    resized on the way up, so its skip features no longer line up with the pixels the model was trained on); and the
+    diffusers pipelines that make every sample refuse sizes that are not multiples of 8.
+    """
+    vae = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    unet = 2 ** (len(unet_config["down_block_types"]) - 1)
+    unit = math.lcm(vae * unet, PIPELINE_MULTIPLE)
+    n = len(unet_config["down_block_types"])
+    why = (f"the VAE shrinks frames {vae}x and the UNet's {n} down blocks {unet}x more"
+           f"{'; sampling needs multiples of 8' if unit != vae * unet else ''}")
+    return unit, why
+
+
+def check_shape(base: str | Path, size, frames: int, *, motion_adapter: str | None = None,
+                unet_config: dict | None = None, vae_config: dict | None = None) -> None:
+    """Refuse, before any work, a size or frame count the base cannot take, from its config files alone (or the
+    configs given, e.g. a loaded model's). ``size`` is (height, width) in pixels; the message names the nearest valid
+    sizes. The frame limit is the UNet's (or the motion adapter's) ``motion_max_seq_length`` when it has one."""
+    unet_config = read_config(base, "unet") if unet_config is None else unet_config
+    vae_config = read_config(base, "vae") if vae_config is None else vae_config
+    unit, why = shape_unit(unet_config, vae_config)
+    h, w = (int(s) for s in size)
+    if h % unit or w % unit or min(h, w) < unit:
+        options = _nearby(h, w, unit)
+        raise CavError(f"--size {h}x{w} does not fit base '{base}': height and width must be multiples of {unit} "
+                       f"({why}): use {' or '.join(options)}")
+    limit = unet_config.get(FRAME_LIMIT_KEY)
+    if limit is None and motion_adapter:
+        limit = read_motion_adapter_config(motion_adapter).get(FRAME_LIMIT_KEY)
+    if limit is not None and frames > int(limit):
+        raise CavError(f"--frames {frames} is more than base '{base}' takes (its motion modules have positions for "
+                       f"{limit} frames): use --frames {limit} or fewer")
+
+
+def _nearby(h: int, w: int, unit: int) -> list[str]:
+    """The valid sizes just below and just above (h, w), as 'H' (square) or 'HxW' strings."""
+    def around(x: int) -> list[int]:
+        low, high = max(unit, x // unit * unit), max(unit, -(-x // unit) * unit)
+        return sorted({low, high})
+
+    hs, ws = around(h), around(w)
+    if h == w:
+        return [str(s) for s in hs]
+    return [f"{a}x{b}" for a, b in dict.fromkeys([(hs[0], ws[0]), (hs[-1], ws[-1])])]
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -218,6 +332,7 @@ class Backbone:
     dtype: torch.dtype
     family: str = "unet3d"
     motion_adapter: str | None = None
+    reported: set = field(default_factory=set, repr=False, compare=False)  # prompts already warned about (cut)
 
     @property
     def vae_scale(self) -> float:
@@ -248,14 +363,15 @@ class Backbone:
         return pipe
 
 
-def _load_unet(family: Family, source: str, motion_adapter: str | None, dt: torch.dtype) -> torch.nn.Module:
+def _load_unet(family: Family, source: str, motion_adapter: str | None, dt: torch.dtype, kw: dict) -> torch.nn.Module:
     import diffusers
 
     if not motion_adapter:
-        return getattr(diffusers, family.unet_class).from_pretrained(source, subfolder="unet", torch_dtype=dt)
+        return getattr(diffusers, family.unet_class).from_pretrained(source, subfolder="unet", torch_dtype=dt, **kw)
     adapter_src = resolve_motion_adapter(motion_adapter)
-    image = diffusers.UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dt)
-    adapter = diffusers.MotionAdapter.from_pretrained(adapter_src, torch_dtype=dt)
+    image = diffusers.UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dt, **kw)
+    adapter_kw = _hub_kwargs(adapter_src, "motion adapter", "--motion-adapter", marker="config.json")
+    adapter = diffusers.MotionAdapter.from_pretrained(adapter_src, torch_dtype=dt, **adapter_kw)
     check_motion_adapter_fits(dict(image.config), dict(adapter.config), motion_adapter)
     return _motion_unet(image, adapter, motion_adapter)
 
@@ -287,12 +403,13 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
     family = family_of(source, motion_adapter)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    kw = _hub_kwargs(source, "base", "--base")
     try:
-        unet = _load_unet(family, source, motion_adapter, dt)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dt)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dt)
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+        unet = _load_unet(family, source, motion_adapter, dt, kw)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dt, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dt, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
     except CavError:
         raise
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:

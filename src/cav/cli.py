@@ -318,7 +318,7 @@ def _add_demo(sub) -> None:
 # ---------------------------------------------------------------------------------------------- eval, bench
 def cmd_eval(args) -> int:
     _quiet_libraries()
-    from .evaluate import evaluate
+    from .evaluate import evaluate, format_text
     from .metrics.clip_score import DEFAULT_CLIP
 
     result = evaluate(args.videos, args.prompt, reference=args.reference, clip=args.clip or DEFAULT_CLIP,
@@ -326,9 +326,7 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        for k, v in result.items():
-            if k != "videos":
-                print(f"{k:<22} {v:.4f}")
+        print(format_text(result))
     return 0
 
 

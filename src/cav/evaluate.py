@@ -25,6 +25,7 @@ import numpy as np
 from cav.data import toyworld as tw
 from cav.data.video import IMAGE_SUFFIXES, _natural_key, read_video
 from cav.errors import CavError
+from cav.metrics import Undefined
 from cav.metrics import toy as mt
 from cav.metrics.clip_score import DEFAULT_CLIP, ClipScorer
 from cav.metrics.lpips import LPIPS
@@ -40,6 +41,16 @@ METRICS = (
     "prompt_accuracy",
 )
 LPIPS_METRICS = ("temporal_consistency", "diversity")
+NEEDS = {  # what each metric needs, for the error when none could be computed
+    "text_alignment": "CLIP weights (--clip DIR)",
+    "temporal_consistency": "LPIPS weights (--lpips FILE)",
+    "diversity": "LPIPS weights and 2+ videos",
+    "motion_fidelity": "--reference VIDEO",
+    "motion_error": "a toy-world caption as --prompt and a toy --reference",
+    "appearance_leakage": "a toy-world caption as --prompt and a toy --reference",
+    "prompt_accuracy": "a toy-world caption as --prompt",
+}
+WEIGHTS_DOC = "docs/METRICS.md"
 DEFAULT_LPIPS = "~/.cache/cav/lpips_alex.safetensors"  # used when neither --lpips nor $CAV_LPIPS is given
 TOY_BACKGROUND_TOL = 30.0  # RGB distance from a toy background colour under which a border counts as toy
 _FALLBACK_SIZE = (256, 256)
@@ -132,7 +143,10 @@ def evaluate(
     spec the prompt asks for (ToySpec fields), instead of parsing the prompt.
 
     Returns ``{metric: mean, ..., "videos": [{"path": ..., metric: value, ...}, ...]}`` with plain floats;
-    ``diversity`` is set-level (top level only).
+    ``diversity`` is set-level (top level only). A metric undefined for a video (``cav.metrics.Undefined``: one frame,
+    a still, nothing trackable, no object) is None there, with the reason in the row's ``notes``; the top-level value
+    is the mean over the videos where it is defined (None if none), with a ``notes`` entry. Raises CavError when no
+    metric can be computed at all (missing weights and inputs), naming what each needs.
     """
     named = metrics is not None
     wanted = list(METRICS) if metrics is None else list(dict.fromkeys(metrics))
@@ -145,13 +159,14 @@ def evaluate(
     clips = [load_video(p) for p in paths]
     ref = load_video(reference) if reference is not None else None
     target = _target_spec(prompt, toy_spec)
+    skipped: list[tuple[list[str], str, bool]] = []  # (metrics, reason, warn): reported once the outcome is known
 
     def drop(names: Sequence[str], reason: str, warn: bool = False) -> None:
         names = [n for n in names if n in wanted]
         if named and names:
             raise CavError(f"cannot compute {names[0]}: {reason}")
-        if warn and names:
-            print(f"cav: warning: skipping {', '.join(names)}: {reason}", file=sys.stderr)
+        if names:
+            skipped.append((names, reason, warn))
         wanted[:] = [n for n in wanted if n not in names]
 
     if ref is None:
@@ -180,35 +195,95 @@ def evaluate(
             lp = LPIPS(lpips if lpips is not None else default_lpips_path())
         except CavError as e:
             drop(LPIPS_METRICS, str(e), warn=True)
+    if not wanted:
+        raise CavError(nothing_measured([n for names, _, _ in skipped for n in names]))
+    for names, reason, warn in skipped:
+        if warn:
+            print(f"cav: warning: skipping {', '.join(names)}: {reason}", file=sys.stderr)
 
-    if ref is not None and target is not None and "appearance_leakage" in wanted:
-        ref_colour, ref_shape = mt.classify_colour(ref), mt.classify_shape(ref)
-    per_video = []
-    for path, v in zip(paths, clips):
-        row: dict = {"path": path}
-        if "text_alignment" in wanted:
-            row["text_alignment"] = scorer.score(v, prompt)
-        if "temporal_consistency" in wanted:
-            row["temporal_consistency"] = lp.temporal_consistency(v)
-        if "motion_fidelity" in wanted:
-            row["motion_fidelity"] = motion_fidelity(v, ref)
-        if "motion_error" in wanted:
-            row["motion_error"] = mt.motion_error(_toy_track(v, len(ref)), _toy_track(ref, len(ref)), 1.0)
-        if "appearance_leakage" in wanted or "prompt_accuracy" in wanted:
-            colour, shape = mt.classify_colour(v), mt.classify_shape(v)
-        if "appearance_leakage" in wanted:
-            leak_colour = ref_colour != target.colour and colour == ref_colour
-            leak_shape = ref_shape != target.shape and shape == ref_shape
-            row["appearance_leakage"] = float(leak_colour or leak_shape)
-        if "prompt_accuracy" in wanted:
-            row["prompt_accuracy"] = float(colour == target.colour and shape == target.shape)
-        per_video.append(row)
-
+    per_video = [_score_video(path, v, prompt, ref, target, wanted, scorer, lp) for path, v in zip(paths, clips)]
     out: dict = {}
+    notes: dict = {}
     for name in wanted:
         if name == "diversity":
             out[name] = lp.diversity(clips)
-        else:
-            out[name] = float(np.mean([row[name] for row in per_video]))
+            continue
+        values = [row[name] for row in per_video if row[name] is not None]
+        out[name] = float(np.mean(values)) if values else None
+        undefined = [row["notes"][name] for row in per_video if row[name] is None]
+        if undefined and len(per_video) == 1:
+            notes[name] = undefined[0]
+        elif undefined:
+            rest = "; the value is the mean of the others" if values else ""
+            notes[name] = f"undefined for {len(undefined)} of {len(per_video)} videos ({undefined[0]}){rest}"
+    if notes:
+        out["notes"] = notes
     out["videos"] = per_video
     return out
+
+
+def _score_video(path: str, v: np.ndarray, prompt: str, ref, target, wanted: list[str], scorer, lp) -> dict:
+    """One video's row: a value per wanted metric (None where undefined, with the reason under ``notes``)."""
+    row: dict = {"path": path}
+    notes: dict = {}
+    has_object = target is not None and bool(mt.object_mask(v).any())
+
+    def measure(name: str, fn) -> None:
+        if name not in wanted:
+            return
+        try:
+            row[name] = float(fn())
+        except Undefined as e:
+            row[name], notes[name] = None, str(e)
+
+    def toy_motion() -> float:
+        if min(len(v), len(ref)) < 2:
+            raise Undefined(f"the {'video' if len(v) < 2 else 'reference'} has 1 frame: no motion to compare")
+        if not has_object:
+            raise Undefined("no object found in the video: its motion cannot be measured")
+        return mt.motion_error(_toy_track(v, len(ref)), _toy_track(ref, len(ref)), 1.0)
+
+    def leakage() -> float:
+        if not has_object:
+            raise Undefined("no object found in the video: nothing to show the reference's appearance")
+        colour, shape = mt.classify_colour(v), mt.classify_shape(v)
+        ref_colour, ref_shape = mt.classify_colour(ref), mt.classify_shape(ref)
+        leak_colour = ref_colour != target.colour and colour == ref_colour
+        leak_shape = ref_shape != target.shape and shape == ref_shape
+        return leak_colour or leak_shape
+
+    def accuracy() -> float:  # no object: the video does not show what the prompt asks for (a measured 0)
+        return has_object and mt.classify_colour(v) == target.colour and mt.classify_shape(v) == target.shape
+
+    measure("text_alignment", lambda: scorer.score(v, prompt))
+    measure("temporal_consistency", lambda: lp.temporal_consistency(v))
+    measure("motion_fidelity", lambda: motion_fidelity(v, ref))
+    measure("motion_error", toy_motion)
+    measure("appearance_leakage", leakage)
+    measure("prompt_accuracy", accuracy)
+    if notes:
+        row["notes"] = notes
+    return row
+
+
+def nothing_measured(metrics: Sequence[str]) -> str:
+    """The one-line error when no metric could be computed: what each needs and where to get the weights."""
+    by_need: dict[str, list[str]] = {}
+    for m in sorted(metrics, key=METRICS.index):
+        by_need.setdefault(NEEDS[m], []).append(m)
+    parts = [f"{', '.join(ms)} need{'s' if len(ms) == 1 else ''} {need}" for need, ms in by_need.items()]
+    return f"nothing could be measured: {'; '.join(parts)} (how to get the weights: {WEIGHTS_DOC})"
+
+
+def format_text(result: dict) -> str:
+    """``evaluate``'s result as aligned lines; an undefined metric reads ``n/a (reason)``."""
+    notes = result.get("notes", {})
+    lines = []
+    for name, value in result.items():
+        if name in ("videos", "notes"):
+            continue
+        if value is None:
+            lines.append(f"{name:<22} n/a ({notes.get(name, 'undefined')})")
+        else:
+            lines.append(f"{name:<22} {value:.4f}" + (f"  ({notes[name]})" if name in notes else ""))
+    return "\n".join(lines)

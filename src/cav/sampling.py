@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .backbone import Backbone
+from .backbone import Backbone, check_shape
 from .errors import CavError
+from .prompts import check_prompts
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ def sample_videos(bb: Backbone, prompts: list[str], *, frames: int, size: tuple[
                   progress: bool = False, start: Start | None = None) -> np.ndarray:
     """A batch of videos, one per (prompt, seed), as uint8 (B, F, H, W, 3); from fresh noise unless ``start``."""
     h, w = size
+    # the same checks as before training, against the loaded model: a sample never fails inside diffusers
+    check_shape(bb.source, size, frames, unet_config=bb.unet.config, vae_config=bb.vae.config)
+    check_prompts(bb.tokenizer, prompts, "the prompt", reported=bb.reported)
+    if negative_prompt is not None:
+        check_prompts(bb.tokenizer, [negative_prompt], "--negative-prompt", reported=bb.reported)
     shape = latent_shape(bb, frames, size)
     latents = fresh_noise(shape, seeds) if start is None else start.latents
     latents = latents.to(bb.device, bb.dtype)

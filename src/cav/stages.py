@@ -21,6 +21,7 @@ from .adapters.textual_inversion import TextualInversion
 from .backbone import Backbone
 from .config import TrainConfig
 from .data.frames import random_patch_crop
+from .prompts import check_prompt
 from .trainer import Stage
 
 S_LORA, T_LORA = "s_lora", "t_lora"
@@ -89,6 +90,7 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
         groups.append({"params": ti.trainable(), "lr": cfg.ti_lr, "name": "textual_inversion"})
         after_backward.append(ti.mask_grad)
         after_step.append(ti.restore_rows)
+    check_prompt(bb.tokenizer, prompt, "the absorbers' prompt", warn=False)  # a cut placeholder would learn nothing
     cached_cond = None if ti is not None else encode_prompt(bb, prompt)
     n = min(cfg.absorber_batch, frames.shape[0])
 
@@ -117,6 +119,8 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
     lora.add_lora(bb.unet, T_LORA, cfg.lora_config("temporal", bb.family))
     lora.activate(bb.unet, active_adapters(clips[0]), trainable=T_LORA)
     prompts = [c.ti.expand(cfg.prompt) if c.ti is not None else cfg.prompt for c in clips]
+    for p in prompts:
+        check_prompt(bb.tokenizer, p, "--prompt", warn=False)  # cut placeholders: refused (preflight warned of cuts)
 
     def encode(k: int):
         return (encode_frames(bb, clips[k].frames).permute(1, 0, 2, 3).unsqueeze(0),  # (1, C, F, h, w)

@@ -14,10 +14,21 @@ from ..errors import CavError
 from ..io_utils import save_safetensors
 
 
+def token_names(placeholder: str, n_tokens: int) -> list[str]:
+    """The N token strings of a placeholder (diffusers' multi-vector convention)."""
+    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, n_tokens)]
+
+
+def expand(prompt: str, tokens: list[str]) -> str:
+    """Replace the placeholder (``tokens[0]``) by all N tokens, or prefix them when the prompt lacks it."""
+    joined = " ".join(tokens)
+    return prompt.replace(tokens[0], joined) if tokens[0] in prompt else f"{joined} {prompt}"
+
+
 class TextualInversion:
     def __init__(self, tokenizer, text_encoder, placeholder: str = "<cav>", n_tokens: int = 4, init_word: str = "object"):
         self.tokenizer, self.text_encoder, self.placeholder = tokenizer, text_encoder, placeholder
-        self.tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, n_tokens)]
+        self.tokens = token_names(placeholder, n_tokens)
         clash = [t for t in self.tokens if t in tokenizer.get_vocab()]
         if clash:
             raise CavError(f"token {clash[0]} is already in the tokenizer: pick another --ti-token")
@@ -40,8 +51,7 @@ class TextualInversion:
 
     def expand(self, prompt: str) -> str:
         """Put the N tokens into a prompt: replace the placeholder, or prefix them when it is absent."""
-        joined = " ".join(self.tokens)
-        return prompt.replace(self.placeholder, joined) if self.placeholder in prompt else f"{joined} {prompt}"
+        return expand(prompt, self.tokens)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         self.weight.requires_grad_(True)

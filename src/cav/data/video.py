@@ -28,6 +28,7 @@ _EPS = 1e-6  # seconds; tolerance when comparing frame timestamps
 _VIEW_MIN = 128  # write_video upscales so the longer side is at least this many pixels
 _GAP = 4  # contact sheet: pixels between and around tiles
 _SHEET_FRAMES = 8  # contact sheet: frames shown per video at most
+_SHEET_FONT = 16  # contact sheet: label size in pixels
 _REENCODE = "re-encode it, e.g. `ffmpeg -i in.mp4 -c:v libx264 -pix_fmt yuv420p fixed.mp4`"
 
 
@@ -413,9 +414,10 @@ def write_contact_sheet(
     if int(scale) != scale or scale < 1:
         raise ValueError(f"scale must be a positive integer, got {scale}")
     strips = [[_strip(video, int(scale)) for video in row] for row in rows]
-    heights = [max(s.shape[0] for s in row) for row in strips]
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=_SHEET_FONT)  # the scalable font: the old bitmap one is unreadable on screens
     boxes = [ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font) for text in labels or []]
+    text_h = max((b[3] - b[1] for b in boxes), default=0)
+    heights = [max(text_h, max(s.shape[0] for s in row)) for row in strips]
     x0 = _GAP + (max(b[2] - b[0] for b in boxes) + _GAP if boxes else 0)
     width = x0 + max(sum(s.shape[1] + _GAP for s in row) for row in strips)
     sheet = Image.new("RGB", (width, _GAP + sum(h + _GAP for h in heights)), (24, 24, 24))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from cav.errors import CavError
+from cav.prompts import check_prompts
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 _BATCH = 16  # frames per forward pass
@@ -44,14 +45,17 @@ class ClipScorer:
             self.processor = processor.from_pretrained(source, **kw)
         except (OSError, ValueError) as e:  # missing files, bad repo id, no network
             where = "" if local.exists() else " (not a local folder, nor in the Hugging Face cache)"
-            msg = f"CLIP weights not found at '{path_or_id}'{where}: pass --clip PATH to a local CLIP folder"
+            msg = f"CLIP weights not found at '{path_or_id}'{where}: pass --clip PATH to a local CLIP folder (how to get one: docs/METRICS.md#clip)"
             raise CavError(msg) from e
         self.device = torch.device(device)
         self.max_length = self.model.config.text_config.max_position_embeddings
+        self.tokenizer.model_max_length = min(self.tokenizer.model_max_length, self.max_length)
+        self.reported: set[str] = set()  # prompts already warned about (cut to the text tower's length)
 
     @torch.no_grad()
     def text_embedding(self, prompt: str) -> torch.Tensor:
         """(D,) unit-norm text embedding."""
+        check_prompts(self.tokenizer, [prompt], "the CLIP prompt", reported=self.reported)  # a cut prompt is scored
         tok = self.tokenizer([prompt], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         emb = _features(self.model.get_text_features(**tok.to(self.device)))[0]
         return emb / emb.norm()

@@ -14,10 +14,9 @@ Weights come from ONE safetensors file with these keys (float tensors):
 * ``lin0.weight`` (1, 64, 1, 1) ... ``lin4.weight`` (1, 256, 1, 1)   the LPIPS linear layers
 
 The ``features.*`` keys are torchvision's AlexNet names. To build the file from the published weights (torchvision's
-``alexnet-owt-7be5be79.pth`` and LPIPS v0.1 ``weights/v0.1/alex.pth``, both loaded with ``torch.load``)::
+``alexnet-owt-7be5be79.pth`` and LPIPS v0.1 ``weights/v0.1/alex.pth``; steps in docs/METRICS.md)::
 
-    convert_lpips_weights(torch.load("alexnet-owt-7be5be79.pth"), torch.load("alex.pth"),
-                          "~/.cache/cav/lpips_alex.safetensors")
+    python -m cav.metrics.lpips alexnet-owt-7be5be79.pth alex.pth   # writes ~/.cache/cav/lpips_alex.safetensors
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from cav.errors import CavError
+from cav.metrics import Undefined
 
 CONVS = (0, 3, 6, 8, 10)  # indices of the conv layers in AlexNet's ``features``
 CHANNELS = (64, 192, 384, 256, 256)
@@ -42,6 +42,8 @@ SCALE = (0.458, 0.448, 0.450)
 MIN_SIDE = 64  # smaller frames are upsampled (bilinear) to this short side: AlexNet needs about 32 px or more
 _BATCH = 16  # frame pairs per forward pass
 _EPS = 1e-10
+STILL_TOL = 2  # largest change (0-255) between consecutive frames of a still (codec noise)
+WEIGHTS_DOC = "docs/METRICS.md#lpips"  # how to build the weights file
 
 
 def weight_shapes() -> dict[str, tuple[int, ...]]:
@@ -78,7 +80,8 @@ class LPIPS:
     def __init__(self, path: str | Path, device: str = "cpu"):
         path = Path(path).expanduser()
         if not path.is_file():
-            raise CavError(f"LPIPS weights not found at '{path}': pass --lpips PATH to a lpips_alex.safetensors file")
+            raise CavError(f"LPIPS weights not found at '{path}': pass --lpips PATH to a lpips_alex.safetensors "
+                           f"file (how to build it from the published weights: {WEIGHTS_DOC})")
         try:
             state = load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own error types for corrupt files
@@ -136,10 +139,13 @@ class LPIPS:
         return float(self.frame_distances(a, b).mean())
 
     def temporal_consistency(self, video: np.ndarray) -> float:
-        """Mean LPIPS between consecutive frames (lower = smoother)."""
+        """Mean LPIPS between consecutive frames (lower = smoother); ``Undefined`` for one frame or a still video,
+        whose 0 would read as perfect consistency."""
         v = np.asarray(video)
         if len(v) < 2:
-            raise CavError(f"video has {len(v)} frame: temporal consistency needs at least 2 frames")
+            raise Undefined(f"the video has {len(v)} frame: temporal consistency needs at least 2 frames")
+        if np.abs(np.diff(v.astype(np.int16), axis=0)).max() <= STILL_TOL:
+            raise Undefined(f"all {len(v)} frames are the same image: a still has no temporal change to measure")
         return float(self.frame_distances(v[:-1], v[1:]).mean())
 
     def diversity(self, videos: Sequence[np.ndarray]) -> float:
@@ -159,3 +165,30 @@ def match(video_a: np.ndarray, video_b: np.ndarray) -> tuple[np.ndarray, np.ndar
         interp = cv2.INTER_AREA if b.shape[1] * b.shape[2] > h * w else cv2.INTER_LINEAR
         b = np.stack([cv2.resize(f, (w, h), interpolation=interp) for f in b])
     return a, b
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cav.metrics.lpips ALEXNET.pth LPIPS_ALEX.pth [OUT]``: build the weights file from the published ones."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m cav.metrics.lpips", description=main.__doc__)
+    p.add_argument("alexnet", help="torchvision's alexnet-owt-7be5be79.pth")
+    p.add_argument("lpips", help="LPIPS v0.1 weights/v0.1/alex.pth (in the lpips wheel)")
+    p.add_argument("out", nargs="?", default="~/.cache/cav/lpips_alex.safetensors", help="weights file to write")
+    args = p.parse_args(argv)
+    try:
+        # weights_only: plain tensors, nothing else is unpickled; the published LPIPS file was saved on a GPU
+        states = [torch.load(f, map_location="cpu", weights_only=True) for f in (args.alexnet, args.lpips)]
+        print(f"wrote {convert_lpips_weights(*states, args.out)}")
+    except (OSError, RuntimeError) as e:
+        print(f"cav: error: cannot read the weights ({' '.join(str(e).split())[:200]}): pass the two .pth files", file=sys.stderr)
+        return 2
+    except CavError as e:
+        print(f"cav: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

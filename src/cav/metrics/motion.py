@@ -7,10 +7,12 @@ dropped when LK loses it, when tracking it back lands more than ``FB_TOL`` px aw
 A tracklet is a track's displacement from its start, divided by the frame width/height, flattened over frames
 (both videos are first resampled to the same frame count). Similarity of two tracklets: cosine; a tracklet whose
 largest displacement is under ``STATIC`` (fraction of the frame) is static, and static vs static scores 1,
-static vs moving 0. A video with no trackable point counts as one static tracklet.
+static vs moving 0.
 
 ``motion_fidelity`` = mean of (mean over reference tracklets of the best similarity among generated tracklets) and
-the same the other way round: 1 = same motion, about -1 = opposite motion. Needs texture: flat shapes with round
+the same the other way round: 1 = same motion, about -1 = opposite motion. It is undefined (``Undefined``) when a
+video has fewer than 2 frames or no point can be tracked through it (noise, a flat image): no motion is compared
+there, and a number would read as a score. Needs texture: flat shapes with round
 edges (toy circles) give few or no corners, so use ``cav.metrics.toy`` ground truth for toy-world clips.
 """
 
@@ -20,6 +22,7 @@ import cv2
 import numpy as np
 
 from cav.errors import CavError
+from cav.metrics import Undefined
 
 SIDE = 256  # frames are resized to this short side before tracking
 MAX_POINTS = 200  # corners detected on the first frame, at most
@@ -60,12 +63,14 @@ def tracks(video: np.ndarray) -> np.ndarray:
     return out * np.array([w / size[0], h / size[1]])
 
 
-def tracklets(video: np.ndarray) -> np.ndarray:
-    """(N, 2F) displacement tracklets (positions minus start, over frame width/height); one zero row if N = 0."""
+def tracklets(video: np.ndarray, what: str = "video") -> np.ndarray:
+    """(N, 2F) displacement tracklets (positions minus start, over frame width/height); ``Undefined`` if N = 0."""
     v = _check(video)
     t = tracks(v)
+    if not len(t):
+        raise Undefined(f"no point of the {what} could be tracked through its frames (noise, a flat image or a cut)")
     d = (t - t[:, :1]) / np.array([v.shape[2], v.shape[1]])
-    return d.reshape(len(d), -1) if len(d) else np.zeros((1, 2 * len(v)))
+    return d.reshape(len(d), -1)
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -80,6 +85,8 @@ def motion_fidelity(generated: np.ndarray, reference: np.ndarray) -> float:
     """Symmetric best-match tracklet similarity (1 = same motion); the longer video is resampled to fewer frames."""
     g, r = _check(generated), _check(reference)
     n = min(len(g), len(r))
+    if n < 2:
+        raise Undefined(f"the {'generated video' if len(g) < 2 else 'reference'} has {n} frame: no motion to compare")
     g, r = (v[np.linspace(0, len(v) - 1, n).round().astype(int)] for v in (g, r))
-    s = similarity(tracklets(r), tracklets(g))
+    s = similarity(tracklets(r, "reference"), tracklets(g, "generated video"))
     return float((s.max(axis=1).mean() + s.max(axis=0).mean()) / 2)

@@ -30,7 +30,7 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
              best: bool = True) -> dict:
     from .. import api, backbone
     from ..adapters import lora
-    from ..data.video import write_contact_sheet, write_video
+    from ..data.video import write_video
     from ..sampling import sample_videos
 
     t0 = time.time()
@@ -63,8 +63,7 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
         for kind, video in (("base", b), ("cav", c)):
             write_video(out / f"{kind}-{i}.mp4", video)
             write_video(out / f"{kind}-{i}.gif", video)
-    write_contact_sheet(out / "contact_sheet.png", [[ref_video], list(base_videos), list(cav_videos)],
-                        labels=["reference", "base", "T-LoRA"], scale=4)
+    write_sheet(out / "contact_sheet.png", ref_video, full, texts, base_videos, cav_videos, err_base, err_cav)
     columns = [list(base_videos), list(cav_videos)]
     if best:  # the product's best recipe (toy/best.py), scored the same way
         best_cfg = best_mod.best_config(full, spatial, base, overrides)
@@ -93,6 +92,19 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
     return metrics
 
 
+def write_sheet(path: Path, reference: np.ndarray, reference_prompt: str, prompts: list[str], base_videos,
+                cav_videos, err_base: list[float], err_cav: list[float]) -> Path:
+    """One row per prompt: the reference, the base model and the T-LoRA side by side, captioned with the prompt and
+    both motion errors (the reference repeats in every row so each row compares motion at a glance)."""
+    from ..data.sheet import write_comparison_sheet
+
+    rows = [[reference, b, c] for b, c in zip(base_videos, cav_videos)]
+    captions = [f"{t}   (motion error vs reference: base {eb:.3f}, T-LoRA {ec:.3f})"
+                for t, eb, ec in zip(prompts, err_base, err_cav)]
+    return write_comparison_sheet(path, rows, columns=["reference (its motion)", "base model", "with the T-LoRA"],
+                                  captions=captions, title=f"reference: {reference_prompt}", tile=64)
+
+
 def score_videos(reference: np.ndarray, videos, specs: list[tw.ToySpec]) -> tuple[list[float], list[bool]]:
     """Per video: motion error against the reference's track (normalised by frame size), and whether its colour,
     shape and background follow its own spec (the prompt)."""
@@ -112,6 +124,6 @@ def summary(metrics: dict, out: Path) -> str:
         *([f"best recipe ({metrics['best']['recipe']}): motion error {metrics['best']['motion_error_cav']:.3f} (ratio "
            f"{metrics['best']['motion_error_ratio']:.2f}), appearance {metrics['best']['appearance_accuracy']:.0%}, "
            f"frame leakage {metrics['best']['frame_leakage']:.0%}"] if "best" in metrics else []),
-        f"took {metrics['seconds']:.0f} s.  Look at {out / 'contact_sheet.png'} (rows: reference, base, T-LoRA),",
+        f"took {metrics['seconds']:.0f} s.  Look at {out / 'contact_sheet.png'} (a row per prompt: reference, base, T-LoRA),",
         f"the videos in {out}/, and the run (adapters, checkpoints, log) in {out / 'run'}/",
     ])

@@ -1,0 +1,51 @@
+"""What a training run checks before any work: the base's shape limits and the prompts' token lengths.
+
+Both are read from the base's small files (configs, tokenizer), never its weights, so a run that cannot work is
+refused in a second, before its folder is touched, instead of at the first validation sample after training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import backbone
+from .adapters.textual_inversion import expand, token_names
+from .config import TrainConfig
+from .prompts import check_prompt
+
+
+def check_train(cfg: TrainConfig) -> None:
+    """Refuse (CavError) a size or frame count the base cannot take and a prompt whose cut drops a textual-inversion
+    token; warn of any other prompt cut. Prompts are checked when the base's tokenizer is on this machine."""
+    backbone.check_shape(cfg.base, cfg.size, cfg.frames, motion_adapter=cfg.motion_adapter or None)
+    if not cfg.prompt.strip():
+        return
+    tokenizer = local_tokenizer(cfg.base)
+    if tokenizer is None:
+        return
+    tokens = token_names(cfg.ti_token, cfg.ti_tokens) if cfg.uses_ti else None
+    if tokens:
+        tokenizer.add_tokens(tokens)  # this copy only: the run's own tokenizer gets them when the stage is built
+
+    def fed(prompt: str) -> str:  # the prompt as the stages feed it to the text encoder
+        return expand(prompt, tokens) if tokens else prompt
+
+    check_prompt(tokenizer, fed(cfg.prompt), "--prompt")
+    if cfg.absorbers != "none":
+        for spatial in (p for p in cfg.spatial_prompt if p.strip()):  # one per clip
+            check_prompt(tokenizer, fed(spatial), "--spatial-prompt")
+    for prompt in cfg.validation_prompts:  # warned about at the first checkpoint; refused here if a token is lost
+        check_prompt(tokenizer, prompt, f"--validation-prompt '{prompt[:40]}'", warn=False)
+
+
+def local_tokenizer(base: str):
+    """The base's tokenizer from its folder or the Hugging Face cache, or None when neither has it."""
+    from transformers import CLIPTokenizer
+
+    source = backbone.resolve_base(base)
+    if not Path(source).is_dir() and not backbone.hub_cached(source):
+        return None
+    try:
+        return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=True)
+    except (OSError, ValueError):  # an incomplete folder: loading the base reports it
+        return None
