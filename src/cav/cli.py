@@ -98,6 +98,10 @@ def _interrupt_hint(args) -> str:
     """What to do after Ctrl-C in `cav train`: resume only when a checkpoint exists (paths quoted for the shell)."""
     from . import resume
 
+    if getattr(args, "command", None) == "batch":
+        again = " ".join([args.manifest, "--out", args.out] + (["--recipe", args.recipe] if args.recipe else [])
+                         + (["--address", args.address] if args.address else []))
+        return f"; running rows checkpointed their last step: continue with `cav batch {again}`"
     if getattr(args, "command", None) != "train" or len(getattr(args, "video", None) or []) != 1:
         return ""  # runs on several clips do not resume
     out = Path(args.out)
@@ -209,6 +213,36 @@ def _add_generate(sub) -> None:
          type=options.arg_type(DTYPE), metavar="{auto,fp32,fp16,bf16}")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_generate)
+
+
+def cmd_batch(args) -> int:
+    from . import batch
+
+    opts = batch.Options(address=args.address, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
+                         max_parallel=args.max_parallel, retry_failed=args.retry_failed, quiet=args.quiet)
+    steps, out = batch.prepare(args.manifest, args.out, args.recipe, args.retry_failed)
+    if args.dry_run:
+        print(batch.format_plan(steps, out, opts))
+        return 0
+    index = batch.run(steps, out, opts, args.manifest)
+    print(batch.summary(index))
+    return 0 if index["counts"]["finished"] == len(index["rows"]) else 1
+
+
+def _add_batch(sub) -> None:
+    b = sub.add_parser("batch", help="a motion library: one run per manifest row, on Ray (this machine or a cluster)")
+    b.add_argument("manifest", help="CSV, JSONL or YAML: clip, prompt, spatial_prompt[, name, recipe keys] per row")
+    _opt(b, "--out", "library folder: one run folder per row, index.md", "runs/library", metavar="DIR")
+    _opt(b, "--recipe", "YAML recipe for every row (a row's own recipe keys override it) [default: none]")
+    _opt(b, "--address", "existing Ray cluster: ray://HOST:10001, HOST:6379 or auto [default: a private Ray on this "
+         "machine]")
+    _opt(b, "--gpus-per-run", "GPUs per row where the cluster has GPUs", 1.0, type=float)
+    _opt(b, "--cpus-per-run", "CPU slots per row (training threads on CPU)", 1.0, type=float)
+    _opt(b, "--max-parallel", "rows at once [default: as many as fit]", type=int)
+    b.add_argument("--retry-failed", action="store_true", help="run the rows that failed before again")
+    b.add_argument("--dry-run", action="store_true", help="print the plan without starting Ray")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_batch, command="batch")
 
 
 # ------------------------------------------------------------------------------------------------- export
@@ -385,11 +419,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     their name and help only, so `cav --help` and `cav train ...` do not import torch and diffusers to parse."""
     parser = _Parser(prog="cav", description="One-shot motion customization of text-to-video models")
     parser.add_argument("--version", action="version", version=f"cav {__version__}")
-    _choose(parser, "a command", "train, generate, select, export, demo, eval, toy, bench")
+    _choose(parser, "a command", "train, generate, select, batch, export, demo, eval, toy, bench")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_train(sub)
     _add_generate(sub)
     _add_select(sub)
+    _add_batch(sub)
     _add_export(sub)
     _add_toy(sub, flags=command in (None, "toy"))
     _add_demo(sub)
