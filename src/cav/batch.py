@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import hashlib
 import io
 import json
@@ -221,12 +220,10 @@ def _absolute(path: str) -> str:
     return str(Path(path).resolve()) if path != "toy" and Path(path).exists() else path
 
 
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list}
-
-
 def _value(key: str, value):
-    typ = _TYPES[str(next(f.type for f in dataclasses.fields(TrainConfig) if f.name == key))]
-    return _typed(key, value, typ)
+    from .options import hints, plain_type
+
+    return _typed(key, value, plain_type(hints(TrainConfig)[key]))
 
 
 def _typed(key: str, value, typ: type):

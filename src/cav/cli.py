@@ -95,13 +95,14 @@ def cmd_train(args) -> int:
 
 
 def _interrupt_hint(args) -> str:
-    """What to do after Ctrl-C in `cav train`: resume only when a checkpoint exists (paths quoted for the shell)."""
+    """What to do after Ctrl-C in `cav train` (resume only when a checkpoint exists) or `cav batch`; paths are quoted
+    for the shell."""
     from . import resume
 
     if getattr(args, "command", None) == "batch":
-        again = " ".join([args.manifest, "--out", args.out] + (["--recipe", args.recipe] if args.recipe else [])
-                         + (["--address", args.address] if args.address else []))
-        return f"; running rows checkpointed their last step: continue with `cav batch {again}`"
+        again = [args.manifest, "--out", args.out] + (["--recipe", args.recipe] if args.recipe else []) + (
+            ["--address", args.address] if args.address else [])
+        return f"; running rows checkpointed their last step: continue with `cav batch {shlex.join(again)}`"
     if getattr(args, "command", None) != "train" or len(getattr(args, "video", None) or []) != 1:
         return ""  # runs on several clips do not resume
     out = Path(args.out)
@@ -163,6 +164,7 @@ def _written_size(path: Path) -> str:
 
 
 def cmd_select(args) -> int:
+    _quiet_libraries()
     from . import api
 
     result = api.select(args.run, clip=args.clip)
@@ -215,7 +217,9 @@ def _add_generate(sub) -> None:
     g.set_defaults(func=cmd_generate)
 
 
+# -------------------------------------------------------------------------------------------------- batch
 def cmd_batch(args) -> int:
+    _quiet_libraries()
     from . import batch
 
     opts = batch.Options(address=args.address, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
@@ -233,12 +237,14 @@ def _add_batch(sub) -> None:
     b = sub.add_parser("batch", help="a motion library: one run per manifest row, on Ray (this machine or a cluster)")
     b.add_argument("manifest", help="CSV, JSONL or YAML: clip, prompt, spatial_prompt[, name, recipe keys] per row")
     _opt(b, "--out", "library folder: one run folder per row, index.md", "runs/library", metavar="DIR")
-    _opt(b, "--recipe", "YAML recipe for every row (a row's own recipe keys override it) [default: none]")
+    _opt(b, "--recipe", "recipe for every row: a shipped name or a YAML file (a row's own recipe keys override it) "
+         "[default: none: the defaults of `cav train --help`]", metavar="NAME_OR_YAML")
     _opt(b, "--address", "existing Ray cluster: ray://HOST:10001, HOST:6379 or auto [default: a private Ray on this "
          "machine]")
-    _opt(b, "--gpus-per-run", "GPUs per row where the cluster has GPUs", 1.0, type=float)
-    _opt(b, "--cpus-per-run", "CPU slots per row (training threads on CPU)", 1.0, type=float)
-    _opt(b, "--max-parallel", "rows at once [default: as many as fit]", type=int)
+    _opt(b, "--gpus-per-run", "GPUs per row where the cluster has GPUs", 1.0, "GPUs", type=options.arg_type(float))
+    _opt(b, "--cpus-per-run", "CPU slots per row (training threads on CPU)", 1.0, "CPU slots",
+         type=options.arg_type(float))
+    _opt(b, "--max-parallel", "rows at once [default: as many as fit]", type=options.arg_type(int), metavar="N")
     b.add_argument("--retry-failed", action="store_true", help="run the rows that failed before again")
     b.add_argument("--dry-run", action="store_true", help="print the plan without starting Ray")
     b.add_argument("--quiet", action="store_true", help="no progress bar")

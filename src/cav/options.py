@@ -146,6 +146,17 @@ def coerce(hint, value, repeat: bool = False):
     raise TypeError(f"no parser for type {hint!r}")  # a programming error, not a user's
 
 
+def plain_type(hint) -> type:
+    """The plain Python type behind a precise hint: ``int | None`` → int, ``Literal["a"]`` → str, a tuple → list."""
+    _, inner = _is_optional(hint)
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        return type(typing.get_args(inner)[0])
+    if origin in (tuple, list):
+        return list
+    return inner
+
+
 def hints(cls) -> dict:
     return typing.get_type_hints(cls, include_extras=False)
 
