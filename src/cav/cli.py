@@ -420,12 +420,30 @@ def _add_eval_bench(sub) -> None:
     ba.set_defaults(func=cmd_bench_ablation)
 
 
+def cmd_ui(args) -> int:
+    _quiet_libraries()
+    from .ui.layout import serve
+
+    return serve(host=args.host, port=args.port, base=args.base, runs=args.runs, auth=args.auth, share=args.share)
+
+
+def _add_ui(sub) -> None:
+    ui = sub.add_parser("ui", help="the web app (train, generate, browse runs) on a local address")
+    _opt(ui, "--host", "address to bind (127.0.0.1: this machine only)", "127.0.0.1")
+    _opt(ui, "--port", "port", 7860, type=_positive)
+    _opt(ui, "--base", "base model of new runs", "toy")
+    _opt(ui, "--runs", "folder of the runs the app trains and lists", "runs", metavar="DIR")
+    _opt(ui, "--auth", "ask for this login", metavar="USER:PASSWORD")
+    ui.add_argument("--share", action="store_true", help="also open a public share link (off by default)")
+    ui.set_defaults(func=cmd_ui, command="ui")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Every command's parser; with ``command`` (the one being run) the others that are slow to build (toy) get
     their name and help only, so `cav --help` and `cav train ...` do not import torch and diffusers to parse."""
     parser = _Parser(prog="cav", description="One-shot motion customization of text-to-video models")
     parser.add_argument("--version", action="version", version=f"cav {__version__}")
-    _choose(parser, "a command", "train, generate, select, batch, export, demo, eval, toy, bench")
+    _choose(parser, "a command", "train, generate, select, batch, export, demo, eval, toy, bench, ui")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_train(sub)
     _add_generate(sub)
@@ -435,6 +453,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_toy(sub, flags=command in (None, "toy"))
     _add_demo(sub)
     _add_eval_bench(sub)
+    _add_ui(sub)
     return parser
 
 

@@ -1,0 +1,274 @@
+"""The web app's callbacks, without Gradio: each takes the page's values and returns what the page shows.
+
+A user's mistake comes back as the CLI's own line (``cav: error: ...``) in a status field; the server goes on.
+Training runs in a child process (``jobs.py``) writing the same run folder the CLI writes; generation runs here
+through ``cav.api.generate``. ``layout.py`` wires these callbacks to Gradio components.
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+import time
+from pathlib import Path
+
+from .. import preflight, runfolder
+from ..config import TrainConfig, dump_yaml
+from ..data import toyworld as tw
+from ..errors import CavError
+from . import form, runs
+from .jobs import TrainingJobs
+
+# the toy world's held-out motions (the base model never saw them), one appearance each: clips to customize on
+TOY_CLIPS = {
+    "red circle, spiral": tw.ToySpec("circle", "red", "navy", "spiral", scale=0.3),
+    "yellow square, zigzag": tw.ToySpec("square", "yellow", "black", "zigzag", scale=0.3),
+    "cyan triangle, figure eight": tw.ToySpec("triangle", "cyan", "grey", "figure8", scale=0.3),
+}
+TOY_FRAMES, TOY_SIZE = 16, 64
+
+
+def error_line(exc: CavError) -> str:
+    return f"cav: error: {exc}"
+
+
+class App:
+    """The state of one server: its base model, its runs folder, a scratch folder and its training job."""
+
+    def __init__(self, base: str, runs_root: Path, work: Path):
+        self.base = base
+        self.root = Path(runs_root).resolve()
+        self.work = Path(work).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.jobs = TrainingJobs(self.work / "jobs")
+
+    # ------------------------------------------------------------------------------------------------ train
+    def preset(self, name: str) -> dict:
+        return form.preset_values(name, self.base)
+
+    def toy_clip(self, name: str) -> tuple[Path, str, str]:
+        """Render a toy-world reference clip (once); returns (path, prompt, spatial prompt)."""
+        if name not in TOY_CLIPS:
+            raise CavError(f"unknown toy clip '{name}': pick one of {', '.join(TOY_CLIPS)}")
+        from ..data.video import write_video
+
+        spec = TOY_CLIPS[name]
+        path = self.work / "toy" / f"{spec.motion}-{spec.shape}.mp4"
+        if not path.is_file():
+            write_video(path, tw.render(spec, frames=TOY_FRAMES, size=TOY_SIZE)[0])
+        prompt, spatial = tw.caption(spec)
+        return path, prompt, spatial
+
+    def clip_path(self, upload, toy: str | None) -> Path:
+        """The uploaded clip, else the picked toy clip."""
+        if upload:
+            return Path(getattr(upload, "name", upload))
+        if toy:
+            return self.toy_clip(toy)[0]
+        raise CavError("no reference video given: upload a clip or pick a toy-world clip")
+
+    def preview(self, upload, toy, start, end, fps, frames, size, fit) -> tuple[str | None, str]:
+        """The frames training will see (the same read as ``cav train``): (mp4 or None, status line)."""
+        from ..data.video import read_video, write_video
+
+        try:
+            clip = self.clip_path(upload, toy)
+            cfg = TrainConfig.from_dict({"frames": frames, "size": size, "fit": fit, **form.selection(start, end, fps)})
+            video = read_video(clip, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **cfg.frame_selection())
+        except CavError as exc:
+            return None, error_line(exc)
+        out = write_video(self.work / "preview" / f"preview-{time.time_ns()}.mp4", video)
+        return str(out), f"preview: {len(video)} frames of '{clip.name}' at {video.shape[1]}×{video.shape[2]} " \
+                         "(what training sees)"
+
+    def start_training(self, upload, toy, start, end, fps, prompt, spatial_prompt, frames, name, overwrite,
+                       advanced: dict) -> str:
+        """Check everything the CLI would check, then start ``cav train`` in a child process."""
+        from ..data.video import read_video
+
+        try:
+            self.jobs.check_idle()
+            clip = self.clip_path(upload, toy)
+            cfg = form.build_config(prompt, spatial_prompt, frames, advanced, form.selection(start, end, fps))
+            if not cfg.prompt.strip():
+                raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
+            preflight.check_train(cfg)  # size/frames the base takes, prompts its text encoder reads
+            run = self._new_run_path(name)
+            runfolder.check(run, bool(overwrite), False)
+            read_video(clip, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit,
+                       **cfg.frame_selection())  # a bad clip fails here, as in api.train
+            recipe = self.work / "jobs" / f"{run.name}-{time.time_ns()}.yaml"
+            recipe.parent.mkdir(parents=True, exist_ok=True)
+            recipe.write_text(dump_yaml(cfg))
+            args = [str(self._keep_clip(clip)), "--out", str(run), "--recipe", str(recipe)]  # trimming is in it
+            self.jobs.start(run, args + (["--overwrite"] if overwrite and (run / "config.yaml").exists() else []))
+        except CavError as exc:
+            return error_line(exc)
+        return f"started training '{run.name}' in {run}"
+
+    def _new_run_path(self, name: str) -> Path:
+        name = str(name or "").strip()
+        if not name:
+            raise CavError("the run name is empty: type a name for the run's folder")
+        if not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+            raise CavError(f"run name '{name}' is not a plain folder name: use letters, digits, '-', '_' and '.'")
+        return self.root / name
+
+    def _keep_clip(self, clip: Path) -> Path:
+        """Copy an uploaded or rendered clip under the runs folder, named by content, so Resume still finds it
+        after the server (and its temporary files) are gone; a folder of images is used where it is."""
+        if clip.is_dir():
+            return clip.resolve()
+        digest = runfolder.clip_record(clip, None)["sha256"][:16]
+        kept = self.root / runs.CLIPS / f"{digest}{clip.suffix.lower()}"
+        if not kept.is_file():
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(clip, kept)
+        return kept
+
+    def stop_training(self) -> str:
+        try:
+            return self.jobs.stop()
+        except CavError as exc:
+            return error_line(exc)
+
+    def resume_training(self, name: str) -> str:
+        """``cav train CLIP --out RUN --resume``, with the clip and frame selection the run recorded."""
+        import json
+
+        try:
+            self.jobs.check_idle()
+            run = runs.inside(self.root, name or "")
+            data = run / "data.json"
+            if not data.is_file():
+                raise CavError(f"run '{run.name}' has no data.json (it never started training): start it anew")
+            clip = Path(json.loads(data.read_text())["clip"])
+            if not clip.exists():
+                raise CavError(f"the clip run '{run.name}' trained on is gone ({clip}): resume it from the command "
+                               "line with that clip")
+            runfolder.check(run, False, True)
+            self.jobs.start(run, [str(clip), "--out", str(run), "--resume"])
+        except CavError as exc:
+            return error_line(exc)
+        return f"resuming '{run.name}'"
+
+    def poll(self, shown: dict) -> dict:
+        """What changed in the current job's run since the page last showed it (``shown``: records, sample)."""
+        job = self.jobs.current
+        if job is None:
+            return {"job": "no training started from this server yet", "shown": shown}
+        if not job.run.is_dir():  # deleted from the Runs tab after it finished
+            return {"job": f"run '{job.run.name}' was deleted", "shown": shown}
+        records = runs.read_log(job.run)
+        out = {"job": job.message(), "progress": runs.progress(job.run, records).text(), "shown": dict(shown)}
+        if job.run != shown.get("run") or len(records) != shown.get("records"):
+            out["figure"] = runs.loss_figure(records, f"loss: {job.run.name}")
+            out["shown"].update(run=job.run, records=len(records))
+        sample = runs.latest_sample(job.run)
+        if sample and str(sample[1]) != shown.get("sample"):
+            out["sample"], out["sample_label"] = str(sample[1]), f"validation sample at T-LoRA step {sample[0]}"
+            out["shown"]["sample"] = str(sample[1])
+        return out
+
+    def next_run_name(self) -> str:
+        k = 1
+        while (self.root / f"run-{k:03d}").exists():
+            k += 1
+        return f"run-{k:03d}"
+
+    # --------------------------------------------------------------------------------------------- generate
+    def adapter_choices(self) -> list[str]:
+        return [d.name for d in runs.adapter_runs(self.root)]
+
+    def image_lora_choices(self) -> list[str]:
+        return [d.name for d in runs.image_lora_runs(self.root)]
+
+    def generate(self, adapters: list[str], weights: str, seeds: str, image_lora: str | None, image_weight,
+                 prompt: str, negative_prompt: str, frames, steps, guidance,
+                 motion_adapter: str = "") -> tuple[str, list[str], str]:
+        """A weights × seeds grid through ``cav.api.generate``: (HTML grid of <video>s, mp4+gif files, status)."""
+        from .. import api
+
+        try:
+            if not str(prompt or "").strip():
+                raise CavError("the prompt is empty: pass --prompt 'a description of the video to generate'")
+            paths = [runs.inside(self.root, a) for a in adapters or []]
+            grid, seed_list = form.parse_weights(weights, len(paths)), form.parse_seeds(seeds)
+            form.check_grid(grid, seed_list)
+            image = [(str(runs.inside(self.root, image_lora)), float(image_weight or 1.0))] if image_lora else []
+            folder = self.work / "generated" / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
+            cells = []
+            for row, ws in enumerate(grid):
+                for seed in seed_list:
+                    out = folder / f"w{row}-seed{seed}.mp4"
+                    api.generate(prompt, list(zip(map(str, paths), ws)), image_loras=image,
+                                 base=None if paths else self.base, frames=int(frames) if frames else None,
+                                 steps=int(steps) if steps else None, guidance=guidance if guidance else None,
+                                 seed=seed, out=out, negative_prompt=negative_prompt or None, quiet=True,
+                                 motion_adapter=str(motion_adapter or "").strip() or None)
+                    cells.append((ws, seed, out))
+        except CavError as exc:
+            return "", [], error_line(exc)
+        files = [str(p) for _, _, p in cells] + [str(p.with_suffix(".gif")) for _, _, p in cells]
+        return grid_html(cells, [p.name for p in paths], seed_list), files, \
+            f"{len(cells)} video(s) in {folder}"
+
+    # ------------------------------------------------------------------------------------------------- runs
+    def run_choices(self) -> list[str]:
+        return [d.name for d in runs.list_runs(self.root)]
+
+    def resumable_choices(self) -> list[str]:
+        return [d.name for d in runs.resumable_runs(self.root)]
+
+    def run_details(self, name: str) -> dict:
+        try:
+            run = runs.inside(self.root, name or "")
+        except CavError as exc:
+            return {"status": error_line(exc)}
+        info = runs.details(run)
+        info["figure"] = runs.loss_figure(info["records"], f"loss: {run.name}")
+        info["status"] = f"{run.name}: {len(info['records'])} logged steps, checkpoints " \
+                         f"{', '.join(info['checkpoints']) or 'none'}"
+        return info
+
+    def zip_adapter(self, name: str) -> tuple[str | None, str]:
+        try:
+            run = runs.inside(self.root, name or "")
+            path = runs.zip_adapter(run, self.work / "zips" / str(time.time_ns()))
+        except CavError as exc:
+            return None, error_line(exc)
+        return str(path), f"adapter of '{run.name}' zipped: {path.name}"
+
+    def delete_run(self, name: str, confirmed: bool) -> str:
+        try:
+            run = runs.inside(self.root, name or "")
+            if not confirmed:
+                raise CavError(f"deleting '{run.name}' removes all its files: tick the confirmation box first")
+            job = self.jobs.busy()
+            if job is not None and job.run.resolve() == run:
+                raise CavError(f"'{run.name}' is training: stop it before deleting it")
+            runs.delete_run(run)
+        except CavError as exc:
+            return error_line(exc)
+        return f"deleted '{run.name}'"
+
+
+def grid_html(cells: list[tuple[list, int, Path]], adapters: list[str], seeds: list[int]) -> str:
+    """A table of <video> elements (rows: weights, columns: seeds) with mp4 / gif download links, served by the
+    app's file route (``file=<absolute path>``)."""
+    def label(ws: list) -> str:
+        if not adapters:
+            return "base model"
+        return " + ".join(f"{a}:{'own' if w is None else w}" for a, w in zip(adapters, ws))
+
+    rows, by_weights = [], {}
+    for ws, seed, path in cells:
+        by_weights.setdefault(tuple(ws), []).append((seed, path))
+    head = "".join(f"<th>seed {s}</th>" for s in seeds)
+    for ws, items in by_weights.items():
+        tds = "".join(
+            f'<td><video src="file={html.escape(str(p))}" controls autoplay loop muted playsinline width="192"></video>'
+            f'<br><a href="file={html.escape(str(p))}" download>mp4</a> · '
+            f'<a href="file={html.escape(str(p.with_suffix(".gif")))}" download>gif</a></td>' for _, p in items)
+        rows.append(f"<tr><th>{html.escape(label(list(ws)))}</th>{tds}</tr>")
+    return f'<table class="cav-grid"><tr><th></th>{head}</tr>{"".join(rows)}</table>'

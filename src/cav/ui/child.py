@@ -1,0 +1,22 @@
+"""The training child process the web app starts: ``cav`` itself (``python -m cav.ui.child train ...``), with Ctrl-C
+turned back on.
+
+A server started in the background (``cav ui &``, CI) inherits SIGINT ignored and would pass that on, so the app's
+Stop button (SIGINT, which cav answers by checkpointing the last step and exiting 130) would do nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from ..cli import main as cli_main
+
+    return cli_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

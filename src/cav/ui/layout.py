@@ -1,0 +1,311 @@
+"""The Gradio page (Train, Generate, Runs tabs) wired to ``app.App``'s callbacks, and ``serve`` for ``cav ui``.
+
+Element ids (``elem_id``) name what the browser test drives; keep them stable.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+from ..errors import CavError
+from . import form
+from .app import TOY_CLIPS, App
+
+POLL_SECONDS = 1.0
+CSS = """.cav-grid td, .cav-grid th { padding: 4px; text-align: center; vertical-align: top; }
+.cav-line { margin: 2px 0; } .cav-error { color: #c0392b; font-weight: 600; }"""
+
+
+def _field_component(gr, f, value):
+    label, info = f.name, f.metadata.get("help", "")
+    k, elem = form.kind(f), f"field-{f.name}"
+    if k == "choice":
+        return gr.Dropdown(list(form.choices(f)), value=value, label=label, info=info, elem_id=elem)
+    if k == "bool":
+        return gr.Checkbox(value=value, label=label, info=info, elem_id=elem)
+    if k in ("int", "float"):
+        return gr.Number(value=value, label=label, info=info, precision=0 if k == "int" else None, elem_id=elem)
+    return gr.Textbox(value=value, label=label, info=info, lines=3 if k == "lines" else 1, elem_id=elem)
+
+
+def build(app: App):
+    """The Blocks of the whole app."""
+    import gradio as gr
+
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
+    default_preset = "toy" if "toy" in form.presets() else (form.presets() or [""])[0]
+    values = app.preset(default_preset)
+    fields = form.advanced_fields()
+    with gr.Blocks(title="cav", theme=theme, css=CSS, analytics_enabled=False) as demo:
+        gr.Markdown(f"## cav — one-shot motion customization\nbase model `{app.base}` · runs in `{app.root}`")
+        with gr.Tab("Train", id="train", elem_id="tab-train"):
+            with gr.Row():
+                with gr.Column():
+                    clip = gr.File(label="reference clip (any video ffmpeg reads)", elem_id="clip-upload")
+                    toy = gr.Dropdown(list(TOY_CLIPS), value=None, label="…or a toy-world reference clip",
+                                      elem_id="toy-clip")
+                    with gr.Row():
+                        start = gr.Number(0, label="start (s)", elem_id="trim-start")
+                        end = gr.Number(0, label="end (s, 0: the clip's end)", elem_id="trim-end")
+                    with gr.Row():
+                        frames = gr.Number(values["frames"], precision=0, label="frames (spread uniformly)",
+                                           elem_id="trim-frames")
+                        fps = gr.Number(0, label="fps (0: uniform spread)", elem_id="trim-fps")
+                    preview = gr.Video(label="preview: the frames training sees", interactive=False,
+                                       elem_id="clip-preview")
+                    preview_status = gr.HTML(elem_id="preview-status")
+                with gr.Column():
+                    prompt = gr.Textbox(label="prompt (appearance + motion)", elem_id="prompt")
+                    spatial = gr.Textbox(label="spatial prompt (appearance only; empty: the prompt)",
+                                         elem_id="spatial-prompt")
+                    with gr.Row():
+                        name = gr.Textbox(app.next_run_name(), label="run name (folder under the runs folder)",
+                                          elem_id="run-name")
+                        preset = gr.Dropdown(form.presets(), value=default_preset, label="recipe preset",
+                                             elem_id="preset")
+                    overwrite = gr.Checkbox(False, label="replace a run of this name", elem_id="overwrite")
+                    with gr.Accordion("advanced recipe fields", open=False, elem_id="advanced"):
+                        adv = [_field_component(gr, f, values[f.name]) for f in fields]
+                    with gr.Row():
+                        start_btn = gr.Button("Start training", variant="primary", elem_id="start")
+                        stop_btn = gr.Button("Stop (keeps a resumable checkpoint)", elem_id="stop")
+                    with gr.Row():
+                        resume_run = gr.Dropdown(app.resumable_choices(), label="resume a stopped run",
+                                                 elem_id="resume-run")
+                        resume_btn = gr.Button("Resume", elem_id="resume")
+            status = gr.HTML(elem_id="train-status")
+            job = gr.HTML(elem_id="job-status")
+            progress = gr.HTML(elem_id="progress")
+            with gr.Row():
+                loss = gr.Plot(label="loss", elem_id="loss-plot")
+                with gr.Column():
+                    sample = gr.Video(label="validation sample", interactive=False, elem_id="train-sample")
+                    sample_label = gr.HTML(elem_id="sample-label")
+            shown = gr.State({})
+
+        with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+            with gr.Row():
+                with gr.Column():
+                    adapters = gr.Dropdown(app.adapter_choices(), multiselect=True, label="T-LoRA runs",
+                                           elem_id="gen-adapters")
+                    weights = gr.Textbox("", label="weights: grid columns, e.g. 0.5, 1 (or 0.7/0.3 for two "
+                                         "adapters); empty: each run's own weight", elem_id="gen-weights")
+                    seeds = gr.Textbox("0", label="seeds, e.g. 0, 1, 2", elem_id="gen-seeds")
+                    with gr.Row():
+                        image_lora = gr.Dropdown(app.image_lora_choices(), label="image LoRA (a run's S-LoRA)",
+                                                 elem_id="gen-image-lora")
+                        image_weight = gr.Number(1.0, label="image LoRA weight", elem_id="gen-image-weight")
+                    refresh_gen = gr.Button("↻ refresh lists", size="sm", elem_id="gen-refresh")
+                with gr.Column():
+                    gen_prompt = gr.Textbox(label="prompt", elem_id="gen-prompt")
+                    negative = gr.Textbox(label="negative prompt", elem_id="gen-negative")
+                    with gr.Row():
+                        gen_frames = gr.Number(0, precision=0, label="frames (0: the run's)", elem_id="gen-frames")
+                        gen_steps = gr.Number(0, precision=0, label="steps (0: the run's)", elem_id="gen-steps")
+                        gen_guidance = gr.Number(0, label="guidance (0: the run's)", elem_id="gen-guidance")
+                    motion = gr.Textbox(label="AnimateDiff motion adapter (image-model bases; empty: the run's)",
+                                        elem_id="gen-motion-adapter")
+                    gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-start")
+            gen_status = gr.HTML(elem_id="gen-status")
+            gen_grid = gr.HTML(elem_id="gen-grid")
+            gen_files = gr.File(label="downloads (mp4 and gif)", file_count="multiple", elem_id="gen-files")
+
+        with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+            with gr.Row():
+                run_pick = gr.Dropdown(app.run_choices(), label="run", elem_id="runs-pick")
+                refresh_runs = gr.Button("↻ refresh", size="sm", elem_id="runs-refresh")
+            runs_status = gr.HTML(elem_id="runs-status")
+            with gr.Row():
+                run_loss = gr.Plot(label="loss", elem_id="runs-loss")
+                metrics = gr.JSON(label="summary and metrics", elem_id="runs-metrics")
+            sheets = gr.Gallery(label="contact sheets", elem_id="runs-sheets")
+            config = gr.Code(language="yaml", label="config.yaml", elem_id="runs-config")
+            with gr.Row():
+                zip_btn = gr.Button("Download the adapter (zip)", elem_id="runs-zip")
+                zip_file = gr.File(label="adapter zip", elem_id="runs-zip-file")
+            with gr.Row():
+                confirm = gr.Checkbox(False, label="yes, delete this run and all its files", elem_id="runs-confirm")
+                delete_btn = gr.Button("Delete run", variant="stop", elem_id="runs-delete")
+
+        # ---- train
+        trim = [clip, toy, start, end, fps, frames, adv[[f.name for f in fields].index("size")],
+                adv[[f.name for f in fields].index("fit")]]
+        for comp in (clip, start, end, fps, frames):
+            comp.change(_said(app.preview, 1), trim, [preview, preview_status])
+
+        def pick_preset(name):
+            vals = app.preset(name)
+            return [vals["frames"]] + [vals[f.name] for f in fields]
+
+        toy.change(_said(lambda *v: _pick_toy(gr, app, *v), 3), trim, [prompt, spatial, preview, preview_status])
+        preset.change(pick_preset, preset, [frames] + adv)
+        start_btn.click(_said(lambda *v: _start(app, fields, v)), [clip, toy, start, end, fps, prompt, spatial, frames, name,
+                                                            overwrite] + adv, status)
+        def stop():
+            line, job = app.stop_training(), app.jobs.current
+            if line.startswith("cav: error:") or job is None:
+                return say(line), gr.update()
+            # offer the stopped run under Resume at once (it is listed as resumable once its checkpoint is written)
+            return say(line), gr.update(choices=sorted(set(app.resumable_choices()) | {job.run.name}),
+                                        value=job.run.name)
+
+        stop_btn.click(stop, None, [status, resume_run])
+        resume_btn.click(_said(app.resume_training), resume_run, status)
+
+        def poll(state):
+            out = app.poll(state)
+            label = say(out["sample_label"]) if "sample_label" in out else gr.update()
+            return (say(out["job"]), say(out.get("progress", "")), out.get("figure", gr.update()),
+                    out.get("sample", gr.update()), label, out["shown"])
+
+        demo.load(poll, shown, [job, progress, loss, sample, sample_label, shown], every=POLL_SECONDS,
+                  show_progress="hidden")
+
+        # ---- generate
+        def refresh_lists():
+            return (gr.update(choices=app.adapter_choices()), gr.update(choices=app.image_lora_choices()),
+                    gr.update(choices=app.resumable_choices()), gr.update(choices=app.run_choices()))
+
+        refresh_gen.click(refresh_lists, None, [adapters, image_lora, resume_run, run_pick])
+        gen_btn.click(_said(app.generate, 2), [adapters, weights, seeds, image_lora, image_weight, gen_prompt, negative,
+                                     gen_frames, gen_steps, gen_guidance, motion], [gen_grid, gen_files, gen_status])
+
+        # ---- runs
+        def show_run(name):
+            info = app.run_details(name)
+            if "config" not in info:
+                return say(info["status"]), None, None, [], ""
+            return (say(info["status"]), info["figure"], info["metrics"], [str(p) for p in info["sheets"]],
+                    info["config"])
+
+        run_pick.change(show_run, run_pick, [runs_status, run_loss, metrics, sheets, config])
+        refresh_runs.click(refresh_lists, None, [adapters, image_lora, resume_run, run_pick])
+        zip_btn.click(_said(lambda n: _swap(app.zip_adapter(n)), 0), run_pick, [runs_status, zip_file])
+
+        def delete(name, ok):
+            line = app.delete_run(name, ok)
+            return say(line), gr.update(choices=app.run_choices(), value=None if line.startswith("deleted") else name), \
+                False
+
+        delete_btn.click(delete, [run_pick, confirm], [runs_status, run_pick, confirm])
+        demo.load(refresh_lists, None, [adapters, image_lora, resume_run, run_pick], show_progress="hidden")
+        demo.load(app.next_run_name, None, name, show_progress="hidden")
+    return demo
+
+
+def say(line: str) -> str:
+    """A status line as HTML, verbatim (Markdown would turn the CLI's quotes into typographic ones)."""
+    if not line:
+        return ""
+    cls = "cav-line cav-error" if line.startswith("cav: error:") else "cav-line"
+    return f'<p class="{cls}">{html.escape(line)}</p>'
+
+
+def _said(fn, index: int | None = None):
+    """``fn`` with its status line (its result, or the result's ``index``-th item) turned into HTML."""
+    def wrapped(*args):
+        try:
+            out = fn(*args)
+        except Exception:  # a bug, not a user's mistake (those come back as lines): keep its trace in the log
+            traceback.print_exc()
+            raise
+        if index is None:
+            return say(out)
+        out = list(out)
+        if isinstance(out[index], str):
+            out[index] = say(out[index])
+        return tuple(out)
+    return wrapped
+
+
+def _pick_toy(gr, app: App, upload, choice, *trim):
+    """A toy clip fills the prompts with its caption and, when no clip is uploaded, shows its preview."""
+    if not choice:
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    _, full, appearance = app.toy_clip(choice)
+    if upload:
+        return full, appearance, gr.update(), gr.update()
+    return (full, appearance, *app.preview(None, choice, *trim))
+
+
+def _start(app: App, fields, values) -> str:
+    main, advanced = values[:10], values[10:]
+    return app.start_training(*main, advanced=dict(zip([f.name for f in fields], advanced)))
+
+
+def _swap(pair):
+    path, line = pair
+    return line, path
+
+
+def _free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise CavError(f"port {port} on {host} is in use: pass another --port") from None
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "toy", runs: str = "runs", auth: str | None = None,
+          share: bool = False) -> int:
+    """``cav ui``: build the app, print its address, serve until Ctrl-C or SIGTERM (a running training is then
+    stopped with a checkpoint)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # gradio 3's import, not ours
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CavError("the web app needs gradio: pip install 'cav[ui]'") from None
+    credentials = None
+    if auth:
+        user, sep, password = auth.partition(":")
+        if not (sep and user and password):
+            raise CavError(f"--auth '{auth}' is not user:password: pass e.g. --auth alice:secret")
+        credentials = (user, password)
+    _free(host, port)
+    work = Path(tempfile.mkdtemp(prefix="cav-ui-"))
+    app = App(base, Path(runs), work)
+    demo = build(app)
+    demo.queue(concurrency_count=4)  # polling, previews and a generation run side by side
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background start inherits Ctrl-C ignored
+    try:
+        demo.launch(server_name=host, server_port=port, auth=credentials, share=share, prevent_thread_lock=True,
+                    quiet=True, show_api=False, show_error=True, allowed_paths=[str(app.root), str(work)])
+        _no_forwarding_timeout(demo)
+        print(f"cav ui: http://{host}:{port} (runs in {app.root}; Ctrl-C stops)", flush=True)
+        if share and demo.share_url:
+            print(f"cav ui: public link {demo.share_url}", flush=True)
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.jobs.close()
+        demo.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _no_forwarding_timeout(demo) -> None:
+    """gradio 3.36's queue forwards every event to its own server over HTTP with httpx's default 5 s timeout, so a
+    callback that takes longer (a generation, a preview of a long clip on a busy CPU) ends as an empty "Error";
+    give that forwarding client no timeout (the client is created when the server starts)."""
+    import httpx
+
+    deadline = time.time() + 60
+    while demo._queue.queue_client is None and time.time() < deadline:
+        time.sleep(0.05)
+    demo._queue.queue_client = httpx.AsyncClient(verify=demo.ssl_verify, timeout=None)

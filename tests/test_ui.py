@@ -1,0 +1,177 @@
+"""The web app's callbacks without a browser (``cav.ui.app.App``), on the tiny model: the same checks and messages
+as the CLI, one training at a time, Stop leaves a resumable checkpoint, Resume finishes the run, a weights × seeds
+grid, and the Runs tab's zip / delete."""
+
+import json
+import time
+import zipfile
+
+import pytest
+
+from cav.cli import main
+from cav.ui import form, runs
+from cav.ui.app import App
+
+PROMPT = "a red square moving right on a navy background"
+
+
+def _advanced(app, **overrides):
+    values = app.preset("")  # TrainConfig's defaults, the server's base
+    values.update({"size": "32", "ti_tokens": 2, "absorber_batch": 2, "sample_steps": 1, **overrides})
+    return {f.name: values[f.name] for f in form.advanced_fields()}
+
+
+@pytest.fixture
+def app(tiny_model, tmp_path):
+    return App(str(tiny_model), tmp_path / "runs", tmp_path / "work")
+
+
+def _start(app, clip, name="r1", prompt=PROMPT, frames=4, **overrides):
+    adv = _advanced(app, **{"steps": 2, "absorber_steps": 1, "checkpoint_every": 1, **overrides})
+    return app.start_training(str(clip), None, 0, 0, 0, prompt, "", frames, name, False, adv)
+
+
+def _wait(app, timeout=300):
+    deadline = time.time() + timeout
+    while app.jobs.busy():
+        assert time.time() < deadline, "training did not end"
+        time.sleep(0.2)
+    return app.jobs.current.message()
+
+
+def _cli_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err.strip()
+
+
+def test_preset_round_trips_through_the_form(app):
+    values = app.preset("toy")
+    cfg = form.build_config("p", "", values["frames"], {f.name: values[f.name] for f in form.advanced_fields()})
+    from cav.config import TrainConfig, load_recipe
+
+    assert cfg == TrainConfig.from_dict({**load_recipe("toy"), "prompt": "p",
+                                         "base": app.base})
+    assert "toy" in form.presets()
+
+
+def test_bad_inputs_get_the_cli_s_line(app, tmp_path, tiny_video, tiny_model, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a video")
+    cli = _cli_error(capsys, ["train", str(notes), "--prompt", PROMPT, "--base", str(tiny_model), "--out",
+                              str(tmp_path / "cli"), "--frames", "4", "--size", "32"])
+    assert _start(app, notes) == cli
+    assert app.preview(str(notes), None, 0, 0, 0, 4, "32", "crop") == (None, cli)
+    short = _cli_error(capsys, ["train", str(tiny_video), "--prompt", PROMPT, "--base", str(tiny_model), "--out",
+                                str(tmp_path / "cli"), "--frames", "9", "--size", "32"])
+    assert _start(app, tiny_video, frames=9) == short
+    empty = _cli_error(capsys, ["train", str(tiny_video), "--prompt", " ", "--out", str(tmp_path / "cli")])
+    assert _start(app, tiny_video, prompt=" ") == empty
+    bad_lr = _cli_error(capsys, ["train", str(tiny_video), "--prompt", PROMPT, "--t-lora-lr", "0"])
+    assert _start(app, tiny_video, t_lora_lr=0) == bad_lr
+    odd = _cli_error(capsys, ["train", str(tiny_video), "--prompt", PROMPT, "--base", str(tiny_model), "--out",
+                              str(tmp_path / "cli"), "--frames", "4", "--size", "36"])
+    assert _start(app, tiny_video, size="36") == odd  # a size the base cannot take (preflight)
+    assert _start(app, tiny_video, size="a b") == "cav: error: size (--size): 'a b' is not a size: give H or HxW, e.g. 256 or 256x448"
+    assert _start(app, tiny_video, name="../x").startswith("cav: error: run name '../x' is not a plain folder name")
+    assert app.start_training(None, None, 0, 0, 0, PROMPT, "", 4, "r", False, _advanced(app)) == \
+        "cav: error: no reference video given: upload a clip or pick a toy-world clip"
+    assert app.jobs.current is None and not list(app.root.glob("r*"))  # nothing started, nothing written
+
+
+def test_preview_shows_what_training_reads(app, tiny_video):
+    path, line = app.preview(str(tiny_video), None, 0, 0, 0, 3, "32", "crop")
+    assert line == "preview: 3 frames of 'square.mp4' at 32×32 (what training sees)"
+    from cav.data.video import read_video
+
+    assert read_video(path, frames=None, size=(32, 32)).shape[0] == 3
+    path, line = app.preview(None, "red circle, spiral", 0, 0, 0, 8, "32 32", "crop")
+    assert path and "8 frames of 'spiral-circle.mp4'" in line
+
+
+def test_train_generate_runs_tab(app, tiny_video, tmp_path):
+    assert _start(app, tiny_video) == f"started training 'r1' in {app.root / 'r1'}"
+    assert _start(app, tiny_video, name="r2").startswith("cav: error: a training is already running ('r1')")
+    assert _wait(app) == f"finished: T-LoRA in {app.root / 'r1' / 't_lora'}, samples in {app.root / 'r1' / 'samples'}"
+    # the app's run is the CLI's run: the same files, the recipe as given, the clip kept for Resume
+    cfg = runs.read_config(app.root / "r1")
+    assert (cfg["steps"], cfg["prompt"], cfg["frames"]) == (2, PROMPT, 4)
+    kept = json.loads((app.root / "r1" / "data.json").read_text())["clip"]
+    assert kept.startswith(str(app.root / runs.CLIPS))
+    shown = app.poll({})
+    assert shown["progress"] == "t_lora step 2/2 · 3/3 steps in all, loss " + \
+        f"{runs.read_log(app.root / 'r1')[-1]['loss']:.4f}, about 0 s left"
+    assert shown["sample"].endswith("checkpoints/step-000002/samples/sample-0.mp4") and "figure" in shown
+    again = app.poll(shown["shown"])  # nothing new: the page keeps its plot and video
+    assert "figure" not in again and "sample" not in again
+    assert _start(app, tiny_video) == f"cav: error: '{app.root / 'r1'}' already holds a run: pass --resume to " \
+        "continue it, --overwrite to replace it, or another --out"
+
+    grid, files, line = app.generate(["r1"], "0.5, 1", "3, 4", "r1", 0.5, "a blue square moving right", "",
+                                     4, 2, 0)
+    assert line.startswith("4 video(s) in") and grid.count("<video ") == 4
+    assert sorted(p.rsplit(".", 1)[1] for p in files) == ["gif"] * 4 + ["mp4"] * 4
+    assert "r1:0.5" in grid and "seed 4" in grid
+    assert app.generate(["r1"], "0.5/1", "0", None, 1, "x", "", 4, 2, 0)[2].startswith(
+        "cav: error: weights '0.5/1' give 2 values for 1 adapters")
+    assert app.generate(["r1"], "", "0", None, 1, " ", "", 4, 2, 0)[2] == \
+        "cav: error: the prompt is empty: pass --prompt 'a description of the video to generate'"
+    assert app.generate(["r1"], "1,2,3,4,5", "0,1,2,3", None, 1, "x", "", 4, 2, 0)[2].startswith(
+        "cav: error: the grid has 20 videos")
+
+    info = app.run_details("r1")
+    assert "steps: 2" in info["config"] and info["checkpoints"] == ["step-000001", "step-000002"]
+    assert info["metrics"]["summary"]["final_checkpoint"] == "step-000002" and info["sheets"]
+    path, _ = app.zip_adapter("r1")
+    assert "t_lora/adapter_model.safetensors" in zipfile.ZipFile(path).namelist()
+    assert app.run_details("../r1")["status"].startswith("cav: error: '../r1' is not a run under")
+    assert app.delete_run("r1", False).startswith("cav: error: deleting 'r1' removes all its files")
+    assert (app.root / "r1").is_dir()
+    assert app.delete_run("r1", True) == "deleted 'r1'" and not (app.root / "r1").exists()
+    assert app.poll({})["job"] == "run 'r1' was deleted"
+    assert app.run_choices() == []
+
+
+@pytest.mark.slow
+def test_stop_leaves_a_checkpoint_and_resume_finishes(app, tiny_video):
+    assert _start(app, tiny_video, steps=30, absorber_steps=1, checkpoint_every=0).startswith("started")
+    run = app.root / "r1"
+    deadline = time.time() + 300
+    while not any(r["stage"] == "t_lora" for r in runs.read_log(run)):
+        assert app.jobs.busy() and time.time() < deadline, app.jobs.current.message()
+        time.sleep(0.2)
+    assert app.delete_run("r1", True) == "cav: error: 'r1' is training: stop it before deleting it"
+    assert app.stop_training().startswith("training 'r1' (stopping")
+    assert _wait(app) == "stopped: the last step of 'r1' is checkpointed; pick it under Resume to continue"
+    assert app.jobs.current.proc.returncode == 130
+    assert app.resumable_choices() == ["r1"] and runs.checkpoints(run)
+    stopped_at = len(runs.read_log(run))
+    assert app.stop_training() == "cav: error: no training is running: nothing to stop"
+    assert app.resume_training("r1") == "resuming 'r1'"
+    assert _wait(app).startswith("finished")
+    log = runs.read_log(run)
+    assert len(log) == 31 and log[-1]["step"] == 30 and len(log) > stopped_at
+    assert app.resumable_choices() == []
+
+
+def test_cav_ui_refuses_a_bad_login_or_a_busy_port(capsys):
+    import socket
+
+    assert _cli_error(capsys, ["ui", "--auth", "alice"]) == \
+        "cav: error: --auth 'alice' is not user:password: pass e.g. --auth alice:secret"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert _cli_error(capsys, ["ui", "--port", str(port)]) == \
+            f"cav: error: port {port} on 127.0.0.1 is in use: pass another --port"
+
+
+def test_the_page_builds_with_every_recipe_field(app):
+    pytest.importorskip("gradio")
+    from cav.ui import layout
+
+    demo = layout.build(app)
+    ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    assert {f"field-{f.name}" for f in form.advanced_fields()} <= ids
+    assert {"clip-upload", "start", "stop", "resume", "gen-start", "gen-grid", "runs-delete", "runs-zip"} <= ids
+    assert layout.say("cav: error: it's 'x'") == '<p class="cav-line cav-error">cav: error: it&#x27;s &#x27;x&#x27;</p>'
