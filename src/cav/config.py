@@ -240,6 +240,7 @@ class TrainConfig:
 
     def __post_init__(self):
         coerce_fields(self)  # types first: every rule below sees numbers, tuples and choices
+        self.spatial_prompt = [p for p in self.spatial_prompt if p.strip()]  # "" (none given) is the empty list
         if self.s_lora_from or self.ti_from:  # given absorbers replace stage 1: they are the run's absorbers
             self.absorbers = {(True, True): "both", (True, False): "s-lora", (False, True): "ti"}[
                 (bool(self.s_lora_from), bool(self.ti_from))]
