@@ -45,7 +45,8 @@ def test_check_base_on_a_few_videos(capsys):
 @pytest.mark.slow
 def test_reduced_demo_writes_everything(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--prompts", "2", "--steps", "3", "--absorber-steps", "2", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--prompts", "2", "--steps", "3", "--absorber-steps", "2", "--quiet",
+                 "--best"]) == 0
     text = capsys.readouterr().out
     assert "motion error" in text and "contact_sheet.png" in text
     metrics = json.loads((out / "metrics.json").read_text())

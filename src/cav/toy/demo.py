@@ -27,7 +27,7 @@ DEFAULT_REFERENCE = tw.ToySpec("circle", "red", "navy", "spiral", scale=0.3)
 
 def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFERENCE, prompts: int = 4,
              seeds: int = 1, overrides: dict | None = None, quiet: bool = False, base: str = "toy",
-             best: bool = True) -> dict:
+             best: bool = False) -> dict:
     from .. import api, backbone
     from ..adapters import lora
     from ..data.video import write_video
