@@ -10,37 +10,47 @@ import torch
 
 from . import accel, preflight
 from . import backbone as backbone_mod
+from . import generation
 from . import lean
 from . import resume as resume_mod
 from . import runfolder
 from .adapters import lora
+from .adapters.textual_inversion import TextualInversion
 from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
 from .sampling import sample_video
-from .stages import S_LORA, T_LORA, absorber_stage, given_absorbers, make_textual_inversion, t_lora_stage
+from .stages import (T_LORA, ClipInputs, absorber_stage, active_adapters, given_absorbers, make_textual_inversion,
+                     s_lora_name, t_lora_stage)
 from .trainer import JsonlLog, make_optimizer, run_stage
 
 ASSETS = Path(__file__).parent / "assets"
 
 
 # ----------------------------------------------------------------------------------------------- plan (dry run)
-def plan(cfg: TrainConfig) -> dict:
-    """Trainable parameters and adapted modules per stage, from the base's config files alone (meta device)."""
+def plan(cfg: TrainConfig, clips: int = 1) -> dict:
+    """Trainable parameters and adapted modules per stage, from the base's config files alone (meta device). With
+    several ``clips`` stage 1 lists each clip's own absorbers (``clip`` and ``spatial_prompt`` name them)."""
+    cfg.check_clips(clips)
     preflight.check_train(cfg)
     unet, family = backbone_mod.empty_unet(cfg.base, cfg.motion_adapter or None)
     unet_config = dict(unet.config)
     stages = []
-    if cfg.uses_s_lora and not cfg.absorbers_given:  # given absorbers (--s-lora-from/--ti-from) train nothing
-        n = lora.add_lora(unet, S_LORA, cfg.lora_config("spatial", family.name), low_cpu_mem_usage=True)
-        stages.append({"name": "s_lora", "trainable_params": lora.count_parameters(unet, S_LORA), "modules": n})
-    if cfg.uses_ti and not cfg.absorbers_given:
-        dim = _text_hidden_size(cfg.base, unet_config)
-        stages.append({"name": "textual_inversion", "trainable_params": cfg.ti_tokens * dim, "modules": 1})
+    for k in range(clips if not cfg.absorbers_given else 0):  # given absorbers (--s-lora-from/--ti-from) train nothing
+        own = {"clip": k, "spatial_prompt": cfg.spatial_prompt_of(k)} if clips > 1 else {}
+        if cfg.uses_s_lora:
+            name = s_lora_name(k)
+            n = lora.add_lora(unet, name, cfg.lora_config("spatial", family.name), low_cpu_mem_usage=True)
+            stages.append({"name": name, "trainable_params": lora.count_parameters(unet, name), "modules": n, **own})
+        if cfg.uses_ti:
+            dim = _text_hidden_size(cfg.base, unet_config)
+            stages.append({"name": "textual_inversion" + (f" {cfg.clip_token(k)}" if clips > 1 else ""),
+                           "trainable_params": cfg.ti_tokens * dim, "modules": 1, **own})
     n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal", family.name), low_cpu_mem_usage=True)
-    stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n})
+    stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n,
+                   **({"clips": clips} if clips > 1 else {})})
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
     return {"base": cfg.base, "family": family.name, "placement": cfg.placement, "absorbers": cfg.absorbers,
-            "unet_params": base_params, "stages": stages}
+            "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {})}
 
 
 def _text_hidden_size(base: str, unet_config: dict) -> int:
@@ -54,28 +64,40 @@ def _text_hidden_size(base: str, unet_config: dict) -> int:
 # ----------------------------------------------------------------------------------------------------- train
 def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool = False, quiet: bool = False,
           video_options: dict | None = None) -> Path:
-    """Run the staged method on one reference video; returns the run folder (its files: ``runfolder.py``).
+    """Run the staged method on one reference video (or a list of clips of one motion); returns the run folder
+    (its files: ``runfolder.py``).
 
     With ``resume`` the run continues from its furthest checkpoint (adapters, optimizer, RNG, stage and step), so
     it ends with the same adapters as an uninterrupted run; it must be the same clip, and without selection flags
-    it uses the frame selection the run recorded.
+    it uses the frame selection the run recorded. Several clips: each gets its own absorbers in stage 1 (own S-LoRA,
+    TI tokens ``cfg.clip_token(k)``, spatial prompt), and stage 2 trains one T-LoRA over all of them.
     """
     from .data.video import check_exists, read_video, to_tensor
 
+    videos = [video] if isinstance(video, (str, Path)) else list(video)
     if not cfg.prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
+    cfg.check_clips(len(videos))
+    if resume and len(videos) > 1:
+        raise CavError("--resume of a run on several clips is not supported: start it again with --overwrite")
+    if cfg.absorbers_given and len(videos) > 1:
+        raise CavError("--s-lora-from / --ti-from give one clip's absorbers: train on one clip, or drop them so "
+                       "each clip trains its own")
     preflight.check_train(cfg)
     out = Path(out)
     runfolder.check(out, overwrite, resume)
     backbone_mod.resolve_dtype(cfg.dtype, backbone_mod.resolve_device(cfg.device))  # fp16 on a CPU: refuse now
-    clip = runfolder.clip_record(check_exists(video), {**cfg.frame_selection(), **(video_options or {})})
+    records = [runfolder.clip_record(check_exists(v), {**cfg.frame_selection(), **(video_options or {})})
+               for v in videos]
+    clip = records[0]
     if resume:
         clip["selection"] = runfolder.resumed_selection(out, clip)
         if runfolder.finished(out, cfg):
             return out  # nothing left to train: the run and its summary stay as they are
+    frames_u8 = [read_video(v, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **r["selection"])
+                 for v, r in zip(videos, records)]
     selection = {k: clip["selection"].get(k) for k in ("stride", "fps", "start", "end")}
     cfg = dataclasses.replace(cfg, **selection)  # config.yaml records the frames actually used
-    frames_u8 = read_video(video, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **clip["selection"])
     runfolder.prepare(out, overwrite)
     point = resume_mod.latest(out) if resume else None
     clock = runfolder.Clock(point)
@@ -88,36 +110,51 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     if accel.wants_compile(cfg.compile, bb.device):
         accel.compile_unet(bb.unet, bb.device)
     runfolder.start(out, cfg, point)
-    runfolder.record_clip(out, clip)
-    frames = to_tensor(frames_u8)
+    runfolder.record_clip(out, clip if len(records) == 1 else {**clip, "clips": records})
     log = JsonlLog(out / "log.jsonl")
     run = dict(max_grad_norm=cfg.max_grad_norm, quiet=quiet,
                autocast_dtype=lean.autocast_dtype(bb.device, bb.dtype))
     try:
-        ti = make_textual_inversion(bb, cfg) if cfg.uses_ti else None
-        if cfg.absorbers_given:  # --s-lora-from / --ti-from: existing appearance work, no stage 1
-            given_absorbers(bb, cfg)
-            runfolder.publish_absorbers(bb, cfg, out, ti)
-        elif cfg.absorbers != "none":
-            stage = absorber_stage(bb, cfg, frames, ti, runfolder.absorber_checkpoint(bb, cfg, out, ti, clock))
-            if point and point.stage == "t_lora":  # absorbers finished before the interruption
-                runfolder.load_absorbers(bb, cfg, out / "absorbers", ti)
-            else:
-                start, opt = _restore(bb, cfg, stage, point, ti, gen) if point else (0, None)
-                run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
-                runfolder.publish_absorbers(bb, cfg, out, ti)
-        active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
-        frozen = lean.FrozenMerge(bb.unet, [S_LORA] if cfg.uses_s_lora else [])  # the S-LoRA, folded in for stage 2
-        checkpoint = frozen.unmerged_during(runfolder.t_lora_checkpoint(bb, cfg, out, active, clock))
-        stage = t_lora_stage(bb, cfg, frames, ti, checkpoint)
+        clips = [_absorbers(bb, cfg, k, to_tensor(f), out, point, gen, log, clock, run, several=len(videos) > 1)
+                 for k, f in enumerate(frames_u8)]
+        active = active_adapters(clips[0])
+        # one clip: its frozen S-LoRA is folded into the weights for stage 2 (several clips switch S-LoRAs per step)
+        frozen = lean.FrozenMerge(bb.unet, [clips[0].s_lora] if len(clips) == 1 and clips[0].s_lora else [])
+        stage = t_lora_stage(bb, cfg, clips[0].frames, clips[0].ti,
+                             frozen.unmerged_during(runfolder.t_lora_checkpoint(bb, cfg, out, active, clock)),
+                             clips=clips)
         t_point = point if point and point.stage == "t_lora" else None
-        start, opt = _restore(bb, cfg, stage, t_point, ti, gen) if t_point else (0, None)
+        start, opt = _restore(bb, cfg, stage, t_point, clips[0].ti, gen) if t_point else (0, None)
         with frozen.merged():
             run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
     finally:
         log.close()
-    runfolder.finalize(out, frames_u8, clock)
+    runfolder.finalize(out, frames_u8[0], clock)
     return out
+
+
+def _absorbers(bb, cfg: TrainConfig, k: int, frames: torch.Tensor, out: Path, point, gen, log, clock, run: dict,
+               several: bool) -> ClipInputs:
+    """Stage 1 for clip ``k``: its own TI tokens and S-LoRA trained on its frames under its spatial prompt, published
+    under ``absorbers/`` (checkpointed and resumable for a run on one clip); ``--s-lora-from``/``--ti-from``: the
+    given absorbers instead (one clip)."""
+    ti = None
+    if cfg.uses_ti:
+        ti = (make_textual_inversion(bb, cfg) if k == 0 else
+              TextualInversion(bb.tokenizer, bb.text_encoder, cfg.clip_token(k), cfg.ti_tokens, cfg.ti_init))
+    if cfg.absorbers_given:  # existing appearance work, no stage 1
+        given_absorbers(bb, cfg)
+        runfolder.publish_absorbers(bb, cfg, out, ti)
+    elif cfg.absorbers != "none":
+        save = None if several else runfolder.absorber_checkpoint(bb, cfg, out, ti, clock)
+        stage = absorber_stage(bb, cfg, frames, ti, save, clip=k)
+        if point and point.stage == "t_lora":  # absorbers finished before the interruption
+            runfolder.load_absorbers(bb, cfg, out / "absorbers", ti)
+        else:
+            start, opt = _restore(bb, cfg, stage, point, ti, gen) if point else (0, None)
+            run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
+            runfolder.publish_absorbers(bb, cfg, out, ti, k, s_lora_name(k))
+    return ClipInputs(frames, ti, s_lora_name(k) if cfg.uses_s_lora else None)
 
 
 def _restore(bb, cfg: TrainConfig, stage, point: resume_mod.ResumePoint, ti, gen) -> tuple[int, torch.optim.Optimizer]:
@@ -173,17 +210,20 @@ def sample_settings(adapters: list[tuple[str, float | None]] = ()) -> SampleConf
     return SampleConfig.from_validation(meta.get("validation", {}))
 
 
-def output_files(out, num_videos: int, overwrite: bool = False) -> list[Path]:
-    """The videos ``generate`` will write (``out``, or ``out-k`` for several), checked before any sampling: the
-    format, a folder in the way, an existing file or its sidecar (unless ``overwrite``), an unwritable folder."""
+def output_files(out, num_videos: int, overwrite: bool = False, sample: SampleConfig | None = None) -> list[Path]:
+    """The videos ``generate`` will write (``out``, ``out-k`` for several, ``out-wW-sS`` for a grid: see
+    ``generation.output_names``), checked before any sampling: the format, an existing file (unless ``overwrite``),
+    a folder in the way, a folder that cannot be written. Beside each: the other format and its recipe (.json)."""
     out = Path(out)
     if out.is_dir():
         raise CavError(f"--out '{out}' is a folder: pass a video file name, e.g. {out / 'out.mp4'}")
     other = {".mp4": ".gif", ".gif": ".mp4"}.get(out.suffix.lower())
     if other is None:
         raise CavError(f"--out '{out}' must end in .mp4 or .gif (the other format is written beside it)")
-    targets = [out] if num_videos == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(num_videos)]
-    for path in (p for t in targets for p in (t, t.with_suffix(other))):
+    sample = sample or SampleConfig(num_videos=num_videos)
+    targets = generation.output_names(out, sample)
+    extra = [out.with_name(f"{out.stem}-sheet.png")] if len(targets) > 1 else []
+    for path in [p for t in targets for p in (t, t.with_suffix(other), t.with_suffix(".json"))] + extra:
         if path.is_dir():
             raise CavError(f"'{path}' is a folder: pass another --out")
         if path.exists() and not overwrite:
@@ -196,31 +236,65 @@ def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, samp
              image_loras=(), textual_inversions=(), base: str | None = None, out="out.mp4", overwrite: bool = False,
              device="auto", dtype="auto", quiet: bool = False, motion_adapter: str | None = None,
              **settings) -> list[Path]:
-    """Sample ``num_videos`` videos (seeds seed, seed+1, …); writes ``out`` (.mp4 or .gif) and the other format
-    beside each. Settings: ``sample`` (None: the first adapter's recorded ones, see ``sample_settings``), then the
-    SampleConfig fields given in ``settings`` (``steps=10``, ``seed=3``; None means "not given"); ``size`` None: the
-    base's native size."""
+    """Sample one video per entry of ``sample.grid`` (seeds seed, seed+1, … or --weights × --seeds), each from the
+    start ``sample`` names (noise, a reference's noise prior or inversion, an image); writes ``out`` (.mp4 or .gif),
+    the other format and the recipe (.json) beside each, and ``out-sheet.png`` for several. Settings: ``sample``
+    (None: the first adapter's recorded ones, see ``sample_settings``), then the SampleConfig fields given in
+    ``settings`` (``steps=10``, ``seed=3``; None means "not given"); ``size`` None: the base's native size."""
     from .data.video import write_video
+    from .io_utils import write_json
 
     if not prompt or not prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video to generate'")
     sample = (sample or sample_settings(adapters)).updated(**settings)
-    targets = output_files(out, sample.num_videos, overwrite)
+    if sample.weights and not adapters:
+        raise CavError("--weights sets the weight of each --adapter: pass --adapter RUN, or drop --weights")
+    targets = output_files(out, sample.num_videos, overwrite, sample)
     metas = [lora.read_meta(lora.find_adapter_dir(Path(p), "temporal")) for p, _ in adapters]
     base = base or (metas[0].get("base") if metas else None) or "toy"
     if motion_adapter is None and metas and base == metas[0].get("base"):
         motion_adapter = metas[0].get("motion_adapter")  # the adapter's own base: image model + its motion adapter
     bb = backbone_mod.load(base, device, dtype, motion_adapter=motion_adapter)
-    load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions), default=sample.lora_weight)
     size = tuple(sample.size or _default_size(bb))
-    for k, target in enumerate(targets):
+    inputs = generation.read_inputs(sample, size)
+    metas = load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions), default=sample.lora_weight)
+    videos = []
+    for target, (weight, seed) in zip(targets, sample.grid):
+        used = _set_grid_weight(bb, adapters, image_loras, metas, sample, weight)
         video = sample_video(bb, prompt, frames=sample.frames, size=size, steps=sample.steps, guidance=sample.guidance,
-                             seed=sample.seed + k, negative_prompt=sample.negative_prompt, progress=not quiet)
+                             seed=seed, negative_prompt=sample.negative_prompt, progress=not quiet,
+                             start=generation.start_for(bb, sample, inputs, seed))
         for path in (target, target.with_suffix(".gif" if target.suffix.lower() == ".mp4" else ".mp4")):
             write_video(path, video)
+        write_json(target.with_suffix(".json"), generation.record(prompt, adapters, sample, weight, seed, used))
+        videos.append(video)
+    if len(targets) > 1:
+        generation.write_sheet(Path(out).with_name(f"{Path(out).stem}-sheet.png"), videos, sample)
     return targets
+
+
+def _set_grid_weight(bb, adapters, image_loras, metas, sample: SampleConfig, weight: float | None) -> list[float]:
+    """Activate the T-LoRAs at the grid's ``weight`` (None: each one's own); returns the T-LoRA weights used."""
+    own = [w if w is not None else sample.lora_weight if sample.lora_weight is not None else default_weight(m)
+           for (_, w), m in zip(adapters, metas)]
+    if weight is None:
+        return own
+    used = [weight] * len(adapters)
+    names = [f"t_lora_{i}" for i in range(len(adapters))] + [f"image_lora_{j}" for j in range(len(image_loras))]
+    lora.activate(bb.unet, names, used + [1.0 if w is None else w for _, w in image_loras])
+    return used
 
 
 def _default_size(bb) -> tuple[int, int]:
     s = int(bb.unet.config.sample_size) * bb.vae_factor
     return (s, s)
+
+
+# ---------------------------------------------------------------------------------------------------- select
+def select(run, clip: str | None = None) -> dict:
+    """Score every checkpoint of ``run`` against its reference and publish the best as ``RUN/selected/``
+    (``cav.selection``: the scores and the rule); returns what ``RUN/selection.json`` holds."""
+    from . import selection
+
+    return selection.select(Path(run), clip)
+

@@ -75,18 +75,21 @@ def cmd_train(args) -> int:
     from . import api
 
     if args.dry_run:
-        result = api.plan(cfg)
+        result = api.plan(cfg, clips=max(1, len(args.video)))
         if args.json:
             print(json.dumps(result))
         else:
             print(f"base {result['base']} ({result['family']}): UNet {result['unet_params']:,} parameters; "
-                  f"placement {result['placement']}")
+                  f"placement {result['placement']}"
+                  + (f"; {result['clips']} clips, each with its own absorbers, one T-LoRA" if "clips" in result else ""))
             for s in result["stages"]:
-                print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules")
+                own = f"  clip {s['clip'] + 1}: {s['spatial_prompt']}" if "clip" in s else ""
+                print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules{own}")
         return 0
-    if args.video is None:
+    if not args.video:
         raise CavError("no reference video given: pass `cav train VIDEO --prompt ...`")
-    out = api.train(args.video, cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
+    video = args.video[0] if len(args.video) == 1 else args.video
+    out = api.train(video, cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
     print(f"done: T-LoRA in {out / 't_lora'}, samples in {out / 'samples'}, checkpoints in {out / 'checkpoints'}")
     return 0
 
@@ -100,12 +103,12 @@ def _interrupt_hint(args) -> str:
         again = [args.manifest, "--out", args.out] + (["--recipe", args.recipe] if args.recipe else []) + (
             ["--address", args.address] if args.address else [])
         return f"; running rows checkpointed their last step: continue with `cav batch {shlex.join(again)}`"
-    if getattr(args, "command", None) != "train" or not getattr(args, "video", None):
-        return ""
+    if getattr(args, "command", None) != "train" or len(getattr(args, "video", None) or []) != 1:
+        return ""  # runs on several clips do not resume
     out = Path(args.out)
     if resume.latest(out) is not None:
         return (f"; the last completed step is checkpointed: continue with "
-                f"`cav train {shlex.quote(str(args.video))} --resume --out {shlex.quote(str(out))}`")
+                f"`cav train {shlex.quote(str(args.video[0]))} --resume --out {shlex.quote(str(out))}`")
     if out.is_dir() and any(out.iterdir()):
         return "; no checkpoint was saved yet, so there is nothing to resume: start over with --overwrite"
     return "; no checkpoint was saved yet: run the same command again"
@@ -118,7 +121,8 @@ def _add_train(sub) -> None:
                        description="Train absorbers then a T-LoRA on one reference video. Values come from the "
                                    "defaults shown, then --recipe, then the flags given (with --resume: the run's "
                                    "config.yaml, then the flags given). Every flag --a-b is the recipe key a_b.")
-    t.add_argument("video", nargs="?", help="reference video (any ffmpeg format) or a folder of images")
+    t.add_argument("video", nargs="*", help="reference video (any ffmpeg format) or a folder of images; several "
+                   "clips of one motion train one T-LoRA, each clip with its own absorbers and --spatial-prompt")
     _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it "
          "[default: none: the defaults shown]", metavar="NAME_OR_YAML")
     _opt(t, "--out", "run folder", "runs/train", metavar="DIR")
@@ -157,6 +161,30 @@ def _written_size(path: Path) -> str:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         return f" ({stream.frames or '?'} frames, {stream.height}x{stream.width} px)"
+
+
+def cmd_select(args) -> int:
+    _quiet_libraries()
+    from . import api
+
+    result = api.select(args.run, clip=args.clip)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for row in result["table"]:
+            scores = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("checkpoint", "step"))
+            print(f"{'*' if row['checkpoint'] == result['chosen'] else ' '} {row['checkpoint']:<12} {scores}")
+        print(f"chosen {result['chosen']}: use `cav generate --adapter {result['adapter']}`")
+    return 0
+
+
+def _add_select(sub) -> None:
+    s = sub.add_parser("select", help="score a run's checkpoints against its reference; publish the best as RUN/selected")
+    s.add_argument("run", help="run folder of `cav train`")
+    _opt(s, "--clip", "CLIP folder or cached hub id for text alignment [default: openai/clip-vit-large-patch14 if "
+         "cached, else left out]")
+    s.add_argument("--json", action="store_true", help="JSON output")
+    s.set_defaults(func=cmd_select)
 
 
 def _add_generate(sub) -> None:
@@ -274,7 +302,8 @@ def cmd_demo(args) -> int:
     from .toy.demo import run_demo, summary
 
     overrides = {k: v for k, v in (("steps", args.steps), ("absorber_steps", args.absorber_steps)) if v is not None}
-    metrics = run_demo(args.out, prompts=args.prompts, overrides=overrides, quiet=args.quiet, base=args.base)
+    metrics = run_demo(args.out, prompts=args.prompts, overrides=overrides, quiet=args.quiet, base=args.base,
+                       best=args.best)
     print(summary(metrics, Path(args.out)))
     return 0
 
@@ -321,6 +350,9 @@ def _add_demo(sub) -> None:
     _opt(d, "--absorber-steps", "absorber training steps", toy_recipe["absorber_steps"], "steps (the toy recipe's)",
          type=options.arg_type(int))
     _opt(d, "--base", "base model (a toy-world model)", "toy")
+    d.add_argument("--best", action="store_true",
+                   help="also train and score the toy-best recipe (configs/toy-best.yaml; measured worse on motion "
+                        "than the paper's recipe so far, see docs/RESULTS.md) and write the side-by-side GIF's extra column")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
@@ -417,10 +449,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     their name and help only, so `cav --help` and `cav train ...` do not import torch and diffusers to parse."""
     parser = _Parser(prog="cav", description="One-shot motion customization of text-to-video models")
     parser.add_argument("--version", action="version", version=f"cav {__version__}")
-    _choose(parser, "a command", "train, generate, batch, export, demo, eval, toy, bench, ui")
+    _choose(parser, "a command", "train, generate, select, batch, export, demo, eval, toy, bench, ui")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_train(sub)
     _add_generate(sub)
+    _add_select(sub)
     _add_batch(sub)
     _add_export(sub)
     _add_toy(sub, flags=command in (None, "toy"))

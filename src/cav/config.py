@@ -78,8 +78,30 @@ class SampleConfig:
     lora_weight: float | None = _f(None, "weight of every --adapter given without :WEIGHT, in (0, 4]",
                                    default_text="the weight the adapter's run validated with, else 1",
                                    parse=lambda w: None if w is None else check_weight(w, "lora_weight"))
+    # where sampling starts (cav.sampling: the formulas) and the weight x seed grid
+    reference: str | None = _f(None, "reference clip for --noise-prior / --invert (e.g. the training clip)",
+                               metavar="CLIP")
+    noise_prior: float = _f(0.0, "start from sqrt(A)·reference latents + sqrt(1-A)·noise, A in [0, 1] (needs "
+                            "--reference; the reference's latents are DDIM-inverted with --invert, else noised)",
+                            metavar="A")
+    invert: bool = _f(False, "start from the DDIM inversion of --reference (or of --image): Tune-A-Video's start")
+    inversion_steps: int | None = _f(None, "DDIM inversion steps of --reference", unit="steps",
+                                     default_text="--steps")
+    image: str | None = _f(None, "animate this image: a still clip of it, taken back --strength of the schedule "
+                           "(inverted with --invert, else noised), re-sampled with the adapters", metavar="FILE")
+    strength: float = _f(0.6, "with --image: share of the sampling schedule re-run from the image, in (0, 1] "
+                         "(1: from pure noise; lower keeps more of the image)")
+    weights: list[float] = _f([], "a grid: every --adapter weight in this comma list (× --seeds), e.g. 0.5,0.75,1",
+                              metavar="W[,W...]", default_text="off")
+    seeds: list[int] = _f([], "a grid: every seed in this comma list (× --weights), e.g. 1,2", metavar="S[,S...]",
+                          default_text="off")
 
     def __post_init__(self):
+        for name in ("weights", "seeds"):  # a flag gives "0.5,0.75", a recipe a list: one list either way
+            value = getattr(self, name)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            setattr(self, name, [p for v in items for p in (str(v).replace(",", " ").split() if isinstance(v, str)
+                                                            else [v])])
         coerce_fields(self)
         for name in ("frames", "steps", "num_videos"):
             if getattr(self, name) < 1:
@@ -88,6 +110,36 @@ class SampleConfig:
             raise CavError(f"size (--size) {self.size[0]}x{self.size[1]} is too small: pass H or HxW, each ≥ 8")
         if self.guidance < 0:
             raise CavError(f"guidance (--guidance) must be ≥ 0, got {self.guidance}")
+        self._check_start()
+
+    def _check_start(self) -> None:
+        """The starting-point options (noise prior, inversion, image) and the grid, checked before any work."""
+        if not 0.0 <= self.noise_prior <= 1.0:
+            raise CavError(f"noise_prior (--noise-prior) {self.noise_prior} is invalid: pass a value in [0, 1]")
+        if (self.noise_prior > 0 or (self.invert and not self.image)) and not self.reference:
+            raise CavError("--noise-prior and --invert start from a reference clip: pass --reference CLIP "
+                           "(or --image FILE with --invert)")
+        if self.image and (self.reference or self.noise_prior > 0):
+            raise CavError("--image starts from the image: drop --reference / --noise-prior, or drop --image")
+        if not 0.0 < self.strength <= 1.0:
+            raise CavError(f"strength (--strength) {self.strength} is invalid: pass a value in (0, 1], e.g. 0.6")
+        if self.inversion_steps is not None and self.inversion_steps < 1:
+            raise CavError(f"inversion_steps (--inversion-steps) must be ≥ 1, got {self.inversion_steps}")
+        self.weights = [check_weight(w, "--weights entry", zero_ok=True, example="0.5,0.75,1") for w in self.weights]
+        for name in ("weights", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise CavError(f"--{name} {','.join(map(str, values))} repeats a value: list each once")
+
+    @property
+    def grid(self) -> list[tuple[float | None, int]]:
+        """(weight, seed) per video: --weights × --seeds, else the plain seeds (weight None: the adapter's)."""
+        seeds = self.seeds or [self.seed + k for k in range(self.num_videos)]
+        return [(w, s) for w in (self.weights or [None]) for s in seeds]
+
+    @property
+    def starts_from_reference(self) -> bool:
+        return self.noise_prior > 0 or (self.invert and not self.image)
 
     # the keys a T-LoRA's cav.json records under "validation" (kept from before SampleConfig existed)
     _RECORDED = {"frames": "frames", "size": "size", "steps": "steps", "guidance": "guidance", "seed": "seed",
@@ -122,7 +174,8 @@ class TrainConfig:
     """A full training recipe. Defaults are the paper's hyperparameters (supp. A.4)."""
 
     prompt: str = _f("", "full prompt describing the reference video (appearance + motion)")
-    spatial_prompt: str = _f("", "appearance-only prompt for the absorbers", default_text="the prompt")
+    spatial_prompt: list[str] = _f([], "appearance-only prompt for the absorbers; with several clips, repeat it "
+                                   "once per clip, in their order", metavar="PROMPT", default_text="the prompt")
     base: str = _f("toy", "base model: `toy`, a diffusers T2V or AnimateDiff folder, or a hub id")
     motion_adapter: str = _f("", "AnimateDiff MotionAdapter folder or hub id that animates an image-model --base "
                              "(e.g. Stable Diffusion 1.5 + animatediff-motion-adapter-v1-5-2)")
@@ -197,6 +250,7 @@ class TrainConfig:
 
     def __post_init__(self):
         coerce_fields(self)  # types first: every rule below sees numbers, tuples and choices
+        self.spatial_prompt = [p for p in self.spatial_prompt if p.strip()]  # "" (none given) is the empty list
         if self.s_lora_from or self.ti_from:  # given absorbers replace stage 1: they are the run's absorbers
             self.absorbers = {(True, True): "both", (True, False): "s-lora", (False, True): "ti"}[
                 (bool(self.s_lora_from), bool(self.ti_from))]
@@ -233,6 +287,27 @@ class TrainConfig:
     @property
     def uses_ti(self) -> bool:
         return self.absorbers in ("ti", "both")
+
+    def spatial_prompt_of(self, clip: int = 0) -> str:
+        """The appearance-only prompt of clip ``clip`` (the full prompt when none is given)."""
+        given = [p for p in self.spatial_prompt if p.strip()]
+        return given[clip] if clip < len(given) else self.prompt
+
+    def check_clips(self, n: int) -> None:
+        """Several clips need one spatial prompt each (or none: every clip then absorbs under the full prompt)."""
+        given = [p for p in self.spatial_prompt if p.strip()]
+        if len(given) > 1 and len(given) != n or (n == 1 and len(given) > 1):
+            raise CavError(f"{len(given)} --spatial-prompt for {n} clip(s): pass one per clip, in the clips' order")
+        if n > 1 and len(given) == 1:
+            raise CavError(f"one --spatial-prompt for {n} clips: each clip has its own appearance, pass "
+                           f"--spatial-prompt once per clip ({n} times), in the clips' order")
+
+    def clip_token(self, clip: int) -> str:
+        """Clip ``clip``'s textual-inversion placeholder: ``--ti-token`` for the first, ``<cav2>``, ``<cav3>`` … after."""
+        if clip == 0:
+            return self.ti_token
+        t = self.ti_token
+        return f"{t[:-1]}{clip + 1}>" if t.endswith(">") else f"{t}{clip + 1}"
 
     def _sample_fields(self) -> dict:
         return dict(frames=self.frames, size=self.size, steps=self.sample_steps, guidance=self.guidance,

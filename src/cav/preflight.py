@@ -31,8 +31,9 @@ def check_train(cfg: TrainConfig) -> None:
         return expand(prompt, tokens) if tokens else prompt
 
     check_prompt(tokenizer, fed(cfg.prompt), "--prompt")
-    if cfg.absorbers != "none" and cfg.spatial_prompt:
-        check_prompt(tokenizer, fed(cfg.spatial_prompt), "--spatial-prompt")
+    if cfg.absorbers != "none":
+        for spatial in (p for p in cfg.spatial_prompt if p.strip()):  # one per clip
+            check_prompt(tokenizer, fed(spatial), "--spatial-prompt")
     for prompt in cfg.validation_prompts:  # warned about at the first checkpoint; refused here if a token is lost
         check_prompt(tokenizer, prompt, f"--validation-prompt '{prompt[:40]}'", warn=False)
 

@@ -168,18 +168,25 @@ def base_meta(bb) -> dict:
 
 def t_lora_meta(bb, cfg: TrainConfig, step: int) -> dict:
     return {**base_meta(bb), "kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
-            "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": cfg.spatial_prompt,
+            "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": _recorded_spatial(cfg),
             "absorbers": cfg.absorbers, "step": step,
             "validation": {"prompts": validation_prompts(cfg), **cfg.sample_config().to_validation()}}
 
 
-def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti) -> None:
+def _recorded_spatial(cfg: TrainConfig):
+    """The spatial prompt as runs record it: one text for one clip ("" when none), the list for several."""
+    given = [p for p in cfg.spatial_prompt if p.strip()]
+    return given if len(given) > 1 else (given[0] if given else "")
+
+
+def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti, clip: int = 0, s_lora: str = S_LORA) -> None:
+    """Clip ``clip``'s absorbers (its S-LoRA, adapter ``s_lora``, and its TI rows) into ``folder``."""
     if cfg.uses_s_lora:  # a given image LoRA (--s-lora-from) keeps its own config (targets, rank, alpha)
-        config = bb.unet.peft_config[S_LORA] if cfg.s_lora_from else cfg.lora_config("spatial", bb.family)
+        config = bb.unet.peft_config[s_lora] if cfg.s_lora_from else cfg.lora_config("spatial", bb.family)
         meta = {**base_meta(bb), "kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": config.r,
-                "alpha": config.lora_alpha, "prompt": cfg.spatial_prompt or cfg.prompt,
+                "alpha": config.lora_alpha, "prompt": cfg.spatial_prompt_of(clip),
                 **({"from": cfg.s_lora_from} if cfg.s_lora_from else {})}
-        lora.save_lora(bb.unet, S_LORA, config, folder / "s_lora", meta)
+        lora.save_lora(bb.unet, s_lora, config, folder / "s_lora", meta)
     if ti is not None:
         ti.save(folder / "textual_inversion.safetensors")
 
@@ -191,10 +198,15 @@ def load_absorbers(bb, cfg: TrainConfig, folder: Path, ti) -> None:
         ti.load_rows(folder / "textual_inversion.safetensors")
 
 
-def publish_absorbers(bb, cfg: TrainConfig, out: Path, ti) -> None:
-    """The trained absorbers become ``absorbers/``."""
-    with publish_dir(Path(out) / "absorbers") as tmp:
-        write_absorbers(bb, cfg, tmp, ti)
+def publish_absorbers(bb, cfg: TrainConfig, out: Path, ti, clip: int = 0, s_lora: str = S_LORA) -> None:
+    """The trained absorbers become ``absorbers/`` (the first clip's), ``absorbers/clip-K/`` (clip K ≥ 1 of a run
+    on several clips, counted from 0)."""
+    with publish_dir(absorber_dir(out, clip)) as tmp:
+        write_absorbers(bb, cfg, tmp, ti, clip, s_lora)
+
+
+def absorber_dir(out: Path, clip: int) -> Path:
+    return Path(out) / "absorbers" / (f"clip-{clip}" if clip else "")
 
 
 def absorber_checkpoint(bb, cfg: TrainConfig, out: Path, ti, clock: Clock):

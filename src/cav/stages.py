@@ -8,6 +8,7 @@ Stage 2 (T-LoRA): temporal-attention LoRA on the whole clip with the absorbers l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +46,21 @@ def encode_frames(bb: Backbone, frames: torch.Tensor, chunk: int = 8) -> torch.T
     return torch.cat(out).to(bb.device, bb.dtype)
 
 
+@dataclass
+class ClipInputs:
+    """One reference clip of stage 2 with its own absorbers: frames (F, 3, H, W) in [-1, 1], its textual inversion
+    (or None) and the name of its S-LoRA adapter (or None)."""
+
+    frames: torch.Tensor
+    ti: TextualInversion | None
+    s_lora: str | None
+
+
+def s_lora_name(clip: int) -> str:
+    """Adapter name of clip ``clip``'s S-LoRA: ``s_lora`` for the first (as for one clip), ``s_lora_K`` after."""
+    return S_LORA if clip == 0 else f"{S_LORA}_{clip}"
+
+
 def make_textual_inversion(bb: Backbone, cfg: TrainConfig) -> TextualInversion:
     """New tokens in the base's own text encoder: from ``--ti-from``'s embedding, else initialised from a word."""
     if cfg.ti_from:
@@ -60,14 +76,16 @@ def given_absorbers(bb: Backbone, cfg: TrainConfig) -> None:
 
 
 def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
-                   checkpoint: Callable | None = None) -> Stage:
-    """Stage 1 over frames (F, 3, H, W) in [-1, 1]; ``checkpoint`` is the callback ``Stage.checkpoint`` describes."""
+                   checkpoint: Callable | None = None, clip: int = 0) -> Stage:
+    """Stage 1 over frames (F, 3, H, W) in [-1, 1] of clip ``clip`` (its own S-LoRA, TI and spatial prompt; the
+    other clips' S-LoRAs inactive); ``checkpoint`` is the callback ``Stage.checkpoint`` describes."""
     groups, after_backward, after_step = [], [], []
     if cfg.uses_s_lora:
-        lora.add_lora(bb.unet, S_LORA, cfg.lora_config("spatial", bb.family))
-        lora.activate(bb.unet, [S_LORA], trainable=S_LORA)
-        groups.append({"params": lora.lora_parameters(bb.unet, S_LORA), "lr": cfg.s_lora_lr, "name": S_LORA})
-    prompt = cfg.spatial_prompt or cfg.prompt
+        name = s_lora_name(clip)
+        lora.add_lora(bb.unet, name, cfg.lora_config("spatial", bb.family))
+        lora.activate(bb.unet, [name], trainable=name)
+        groups.append({"params": lora.lora_parameters(bb.unet, name), "lr": cfg.s_lora_lr, "name": name})
+    prompt = cfg.spatial_prompt_of(clip)
     if ti is not None:
         prompt = ti.expand(prompt)
         groups.append({"params": ti.trainable(), "lr": cfg.ti_lr, "name": "textual_inversion"})
@@ -92,27 +110,38 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
 
 
 def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
-                 checkpoint: Callable | None = None) -> Stage:
-    """Stage 2 over the whole clip (F, 3, H, W) in [-1, 1]; absorbers (if any) active and frozen."""
-    if ti is not None:
-        ti.freeze()
-    lora.add_lora(bb.unet, T_LORA, cfg.lora_config("temporal", bb.family))
-    active = ([S_LORA] if cfg.uses_s_lora else []) + [T_LORA]
-    lora.activate(bb.unet, active, trainable=T_LORA)
-    prompt = ti.expand(cfg.prompt) if ti is not None else cfg.prompt
-    check_prompt(bb.tokenizer, prompt, "--prompt", warn=False)  # cut placeholders: refused (preflight warned of cuts)
+                 checkpoint: Callable | None = None, clips: list[ClipInputs] | None = None) -> Stage:
+    """Stage 2 over the whole clip (F, 3, H, W) in [-1, 1]; absorbers (if any) active and frozen.
 
-    def encode():
-        return encode_frames(bb, frames).permute(1, 0, 2, 3).unsqueeze(0), encode_prompt(bb, prompt)  # (1,C,F,h,w)
+    With ``clips`` (several references of one motion) each step draws one clip from the generator and trains the one
+    T-LoRA on it with that clip's own absorbers active (its S-LoRA, its TI tokens in the prompt) and no other's.
+    """
+    clips = clips or [ClipInputs(frames, ti, S_LORA if cfg.uses_s_lora else None)]
+    for c in clips:
+        if c.ti is not None:
+            c.ti.freeze()
+    lora.add_lora(bb.unet, T_LORA, cfg.lora_config("temporal", bb.family))
+    lora.activate(bb.unet, active_adapters(clips[0]), trainable=T_LORA)
+    prompts = [c.ti.expand(cfg.prompt) if c.ti is not None else cfg.prompt for c in clips]
+    for p in prompts:
+        check_prompt(bb.tokenizer, p, "--prompt", warn=False)  # cut placeholders: refused (preflight warned of cuts)
+
+    def encode(k: int):
+        return (encode_frames(bb, clips[k].frames).permute(1, 0, 2, 3).unsqueeze(0),  # (1, C, F, h, w)
+                encode_prompt(bb, prompts[k]))
 
     empty = encode_prompt(bb, "") if cfg.t_lora_prompt_dropout > 0 else None
-    if cfg.cache_inputs:  # encode the clip and the prompt once, reuse them every step
-        cached = encode()
+    if cfg.cache_inputs:  # encode the clips and their prompts once, reuse them every step
+        cached = [encode(k) for k in range(len(clips))]
         if cfg.offload_frozen:
             offload(bb.vae, bb.text_encoder)
 
     def batch(gen: torch.Generator):
-        latents, cond = cached if cfg.cache_inputs else encode()
+        k = 0
+        if len(clips) > 1:  # one clip per step, its own absorbers on (one clip: no draw, the run is as before)
+            k = int(torch.randint(len(clips), (1,), generator=gen))
+            lora.activate(bb.unet, active_adapters(clips[k]), trainable=T_LORA)
+        latents, cond = cached[k] if cfg.cache_inputs else encode(k)
         n = cfg.t_lora_batch  # copies of the clip, each with its own noise and timestep in diffusion_loss
         latents, cond = latents.expand(n, *latents.shape[1:]), cond.expand(n, *cond.shape[1:])
         if empty is not None:  # the unconditional branch of guidance learns the motion too
@@ -126,3 +155,8 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
                   checkpoint_every=cfg.checkpoint_every)
     lean.use_lean_step(stage, bb.unet, T_LORA, lean.autocast_dtype(bb.device, bb.dtype))
     return stage
+
+
+def active_adapters(clip: ClipInputs) -> list[str]:
+    """What is on while the T-LoRA trains on ``clip``: its S-LoRA (if any) and the T-LoRA."""
+    return ([clip.s_lora] if clip.s_lora else []) + [T_LORA]

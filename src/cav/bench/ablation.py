@@ -42,13 +42,15 @@ from ..data import toyworld as tw
 from ..errors import CavError
 from ..io_utils import write_json
 from ..metrics import toy as tm
+from . import rows as row_options
 from .metrics import GROUP_METRICS, METRICS, RUN_METRICS, TABLE, VIDEO_METRICS, Scored, score_group, score_video
 from .report import format_markdown, write_chart, write_outputs
 from .stats import bootstrap, jsonable, paired_differences
 
 DEFAULT_RECIPE = find_recipe("ablation/toy")
-_ROW_KEYS = ("name", "key", "train")
-_SETTING_KEYS = ("recipe", "overrides", "references", "prompts", "seeds", "threads", "bootstrap", "rows", "quick")
+_ROW_KEYS = ("name", "key", "train") + row_options.KEYS
+_SETTING_KEYS = ("recipe", "overrides", "references", "prompts", "seeds", "threads", "bootstrap", "rows", "quick",
+                 "compare")
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -93,6 +95,7 @@ def load_settings(path: str | Path = DEFAULT_RECIPE, quick: bool = False) -> dic
         keys.add(row["key"])
         extra = {k: v for k, v in row.items() if k not in _ROW_KEYS}
         TrainConfig.from_dict({**recipe, **overrides, **extra, "prompt": "x"})  # validate early
+    row_options.check(rows, path)
     prompts, seeds = int(data.get("prompts", 4)), int(data.get("seeds", 2))
     if prompts < 1 or seeds < 1:
         raise CavError(f"prompts ({prompts}) and seeds ({seeds}) must be ≥ 1")
@@ -100,10 +103,10 @@ def load_settings(path: str | Path = DEFAULT_RECIPE, quick: bool = False) -> dic
     return {"file": str(path), "recipe_file": str(recipe_path), "recipe": recipe, "overrides": overrides,
             "references": refs, "prompts": prompts, "seeds": seeds, "threads": data.get("threads"),
             "bootstrap": {"resamples": int(boot["resamples"]), "seed": int(boot["seed"])}, "rows": rows,
-            "quick": bool(quick)}
+            "quick": bool(quick), "compare": list(data.get("compare") or ["base", "no-aa"])}
 
 
-def _row_config(settings: dict, row: dict, prompt: str = "x", spatial: str = "") -> TrainConfig:
+def _row_config(settings: dict, row: dict, prompt: str = "x", spatial: str | list[str] = "") -> TrainConfig:
     extra = {k: v for k, v in row.items() if k not in _ROW_KEYS}
     return TrainConfig.from_dict({**settings["recipe"], **settings["overrides"], **extra, "prompt": prompt,
                                   "spatial_prompt": spatial})
@@ -128,7 +131,7 @@ def _modelscope_config_folder(root: Path) -> Path:
     return folder
 
 
-def _params(cfg: TrainConfig | None, base: str) -> dict:
+def _params(cfg: TrainConfig | None, base: str, clips: int = 1) -> dict:
     from dataclasses import replace
 
     from .. import api
@@ -136,7 +139,8 @@ def _params(cfg: TrainConfig | None, base: str) -> dict:
     if cfg is None:
         return {"temporal": 0, "spatial": 0, "total": 0, "stages": {}}
     # counts do not depend on the size; 256 passes the shape check of the toy and the ModelScope bases alike
-    stages = {s["name"]: s["trainable_params"] for s in api.plan(replace(cfg, base=base, size=[256, 256]))["stages"]}
+    stages = {s["name"]: s["trainable_params"]
+              for s in api.plan(replace(cfg, base=base, size=[256, 256]), clips=clips)["stages"]}
     temporal = stages.get("t_lora", 0)
     spatial = sum(v for k, v in stages.items() if k != "t_lora")
     return {"temporal": temporal, "spatial": spatial, "total": temporal + spatial, "stages": stages}
@@ -248,17 +252,25 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
                 trained = row.get("train", True)
                 seconds = None
                 run_dir = None
-                if trained:
+                if row.get("reuse"):  # an inference-time row: an earlier row's run, sampled its own way
+                    run_dir = out / "runs" / row["reuse"] / name
+                elif trained:
                     run_dir = out / "runs" / row["key"] / name
+                    videos_in, spatial_in = row_options.train_inputs(row, ref, ref_path, targets, cfg,
+                                                                     out / "references", probe.seed + i)
+                    if spatial_in:
+                        cfg = _row_config(settings, row, full, spatial_in)
                     t = time.perf_counter()
-                    api.train(ref_path, cfg, run_dir, overwrite=True, quiet=True)
+                    api.train(videos_in, cfg, run_dir, overwrite=True, quiet=True)
                     seconds = time.perf_counter() - t
                 t = time.perf_counter()
                 bb = backbone.load(cfg.base, cfg.device, cfg.dtype)  # fresh: nothing leaks between rows
-                if trained:
-                    api.load_adapters(bb, [(str(run_dir), cfg.lora_weight)])  # the T-LoRA only
+                if run_dir is not None:
+                    adapter = row_options.adapter_dir(row, run_dir)
+                    api.load_adapters(bb, [(str(adapter), cfg.lora_weight)])  # the T-LoRA only
                 videos = sample_videos(bb, texts, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps,
-                                       guidance=cfg.guidance, seeds=seeds)
+                                       guidance=cfg.guidance, seeds=seeds,
+                                       start=row_options.start(bb, row, cfg, ref_video, targets, seeds, n_seeds))
                 del bb
                 sample_seconds = time.perf_counter() - t
                 samples = out / "samples" / row["key"] / f"{name}.npz"
@@ -279,10 +291,10 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
                     + f"sampled {len(texts)} in {sample_seconds:.0f} s, motion error "
                     f"{np.mean([r['motion_error'] for r in last]):.3f}, leakage "
                     f"{np.mean([r['appearance_leakage'] for r in last]):.2f}")
+                partial = _aggregate(settings, params, records, groups, runs, ref_info, command,  # after every row:
+                                     time.perf_counter() - t0, lpips_path, lpips_error, complete=False)  # a stopped
+                write_json(out / "partial.json", partial)  # run keeps every finished row
             write_contact_sheet(out / "sheets" / f"{name}.png", sheet_rows, labels=sheet_labels, scale=2)
-            partial = _aggregate(settings, params, records, groups, runs, ref_info, command, time.perf_counter() - t0,
-                                 lpips_path, lpips_error, complete=False)
-            write_json(out / "partial.json", partial)
     finally:
         torch.set_num_threads(threads_before)
     return _aggregate(settings, params, records, groups, runs, ref_info, command, time.perf_counter() - t0,
@@ -301,7 +313,9 @@ def row_params(settings: dict) -> list[dict]:
         ms = str(_modelscope_config_folder(Path(tmp)))
         for row in settings["rows"]:
             cfg = _row_config(settings, row) if row.get("train", True) else None
-            out.append({"toy": _params(cfg, None if cfg is None else cfg.base), "modelscope": _params(cfg, ms)})
+            clips = int(row.get("clips", 1))
+            out.append({"toy": _params(cfg, None if cfg is None else cfg.base, clips),
+                        "modelscope": _params(cfg, ms, clips)})
     return out
 
 
@@ -361,7 +375,7 @@ def _aggregate(settings, params, records, groups, runs, ref_info, command, wall,
         "runs": runs,
         "videos": records,
     }
-    result["comparisons"] = paired_differences(result, VIDEO_METRICS)
+    result["comparisons"] = paired_differences(result, VIDEO_METRICS, vs=settings.get("compare", ("base", "no-aa")))
     return jsonable(result)
 
 

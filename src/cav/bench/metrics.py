@@ -105,6 +105,15 @@ TABLE = (
                                                 lambda a, b: tm.motion_error(a, b, scored[0].size))),
     Metric("train_seconds", "run", "train seconds", "training seconds per run",
            "wall time of one training run (api.train)"),
+    Metric("frame_leakage", "video", "frame leakage ↓", "frame leakage (lower is better)",
+           "fraction of frames whose own classified object colour or shape, or background, is the reference's where "
+           "the prompt asks for another (metrics.toy.frame_leakage: catches a few leaking frames)",
+           lambda s: tm.frame_leakage(s.video, s.ref, s.target), fraction=True),
+    Metric("appearance_accuracy", "video", "appearance accuracy ↑", "appearance accuracy (higher is better)",
+           "fraction of videos whose classified colour, shape AND background are the prompt's "
+           "(metrics.toy.appearance_ok)",
+           lambda s: float(s.colour == s.target.colour and s.shape == s.target.shape
+                           and s.background == s.target.background), fraction=True),
 )
 BY_KEY = {m.key: m for m in TABLE}
 METRICS = tuple(m.key for m in TABLE)

@@ -483,3 +483,14 @@ def to_uint8(video: torch.Tensor | np.ndarray) -> np.ndarray:
     else:
         raise ValueError(f"expected a video (F, 3, H, W) or (F, H, W, 3), got shape {video.shape}")
     return np.ascontiguousarray((unit.clip(0.0, 1.0) * 255.0).round().astype(np.uint8))
+
+
+def read_image(path: str | Path, size: tuple[int, int], fit: str = "crop") -> np.ndarray:
+    """One image file as ``uint8 (H, W, 3)`` at ``size`` (alpha flattened on black, EXIF rotation applied); a
+    missing file, a folder or a file that is not an image is a one-line CavError."""
+    path = Path(path)
+    if not path.exists():
+        raise CavError(f"image '{path}' is missing (no such file): check the path")
+    if path.is_dir():
+        raise CavError(f"image '{path}' is a folder: pass one image file (PNG, JPEG, ...)")
+    return _fit(_open_image(path), tuple(size), fit)

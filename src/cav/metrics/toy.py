@@ -171,3 +171,29 @@ def score(video: np.ndarray, spec: tw.ToySpec) -> dict:
         "motion_ok": classify_motion(tr, frames, size, area=mask.sum(axis=(1, 2))) == spec.motion,
         "motion_error": motion_error(tr, truth, size),
     }
+
+
+def appearance_ok(video: np.ndarray, spec: tw.ToySpec) -> bool:
+    """Whether the video's classified colour, shape AND background are ``spec``'s (the prompt's appearance)."""
+    v = _as_video(video)
+    mask = object_mask(v)
+    return _colour(v, mask) == spec.colour and _shape(mask) == spec.shape and classify_background(v) == spec.background
+
+
+def frame_leakage(video: np.ndarray, reference: tw.ToySpec, target: tw.ToySpec) -> float:
+    """Fraction of frames that show the reference's appearance where the prompt (``target``) asks for another: the
+    frame's object colour or shape, or its background, classified as the reference's and not the target's.
+
+    Each frame is classified on its own (its own border median, object blob and shape vote), so a video that is right
+    on the whole but shows the reference in its first or last frames is caught here and not by ``appearance_ok``.
+    """
+    v = _as_video(video)
+    leaks = 0
+    for frame in v:
+        one = frame[None]
+        mask = object_mask(one)
+        colour, shape, background = _colour(one, mask), _shape(mask), classify_background(one)
+        leaks += ((reference.colour != target.colour and colour == reference.colour)
+                  or (reference.shape != target.shape and shape == reference.shape)
+                  or (reference.background != target.background and background == reference.background))
+    return leaks / len(v)

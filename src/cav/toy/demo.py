@@ -19,13 +19,15 @@ from ..config import TrainConfig, load_recipe, recipe_path
 from ..data import toyworld as tw
 from ..io_utils import write_json
 from ..metrics import toy as tm
+from . import best as best_mod
 
 RECIPE = recipe_path("toy")
 DEFAULT_REFERENCE = tw.ToySpec("circle", "red", "navy", "spiral", scale=0.3)
 
 
 def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFERENCE, prompts: int = 4,
-             seeds: int = 1, overrides: dict | None = None, quiet: bool = False, base: str = "toy") -> dict:
+             seeds: int = 1, overrides: dict | None = None, quiet: bool = False, base: str = "toy",
+             best: bool = False) -> dict:
     from .. import api, backbone
     from ..adapters import lora
     from ..data.video import write_video
@@ -62,6 +64,15 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
             write_video(out / f"{kind}-{i}.mp4", video)
             write_video(out / f"{kind}-{i}.gif", video)
     write_sheet(out / "contact_sheet.png", ref_video, full, texts, base_videos, cav_videos, err_base, err_cav)
+    columns = [list(base_videos), list(cav_videos)]
+    if best:  # the product's best recipe (toy/best.py), scored the same way
+        best_cfg = best_mod.best_config(full, spatial, base, overrides)
+        best_videos, adapter = best_mod.run_best(ref_path, best_cfg, out, texts, seed_list, quiet)
+        columns.append(list(best_videos))
+        for i, video in enumerate(best_videos):
+            write_video(out / f"best-{i}.mp4", video)
+            write_video(out / f"best-{i}.gif", video)
+    best_mod.write_side_by_side(out / "side_by_side.gif", ref_video, columns)
     metrics = {
         "reference": full,
         "prompts": texts,
@@ -69,10 +80,14 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
         "motion_error_cav": float(np.mean(err_cav)),
         "motion_error_ratio": float(np.mean(err_cav) / max(np.mean(err_base), 1e-8)),
         "appearance_accuracy": float(np.mean(follows)),
+        "frame_leakage": float(np.mean([tm.frame_leakage(v, reference, s) for v, s in zip(cav_videos, spec_per_video)])),
         "per_video": [{"prompt": t, "motion_error_base": eb, "motion_error_cav": ec, "follows_prompt": bool(f)}
                       for t, eb, ec, f in zip(texts, err_base, err_cav, follows)],
         "seconds": round(time.time() - t0, 1),
     }
+    if best:
+        metrics["best"] = best_mod.block(reference, ref_video, best_videos, spec_per_video, err_base, adapter)
+        metrics["seconds"] = round(time.time() - t0, 1)
     write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -91,11 +106,11 @@ def write_sheet(path: Path, reference: np.ndarray, reference_prompt: str, prompt
 
 
 def score_videos(reference: np.ndarray, videos, specs: list[tw.ToySpec]) -> tuple[list[float], list[bool]]:
-    """Per video: motion error against the reference's track (normalised by frame size), and whether its colour and
-    shape follow its own spec (the prompt), not the reference."""
+    """Per video: motion error against the reference's track (normalised by frame size), and whether its colour,
+    shape and background follow its own spec (the prompt)."""
     ref_track, size = tm.track(reference), reference.shape[1]
     errors = [tm.motion_error(tm.track(v), ref_track, size) for v in videos]
-    follows = [tm.classify_colour(v) == s.colour and tm.classify_shape(v) == s.shape for v, s in zip(videos, specs)]
+    follows = [tm.appearance_ok(v, s) for v, s in zip(videos, specs)]
     return errors, follows
 
 
@@ -104,7 +119,11 @@ def summary(metrics: dict, out: Path) -> str:
         f"reference: {metrics['reference']}",
         f"motion error vs reference: base {metrics['motion_error_base']:.3f}  →  with T-LoRA {metrics['motion_error_cav']:.3f}"
         f"  (ratio {metrics['motion_error_ratio']:.2f}; lower is better)",
-        f"customized videos that follow the new prompt's colour and shape: {metrics['appearance_accuracy']:.0%}",
+        f"customized videos that follow the new prompt's colour, shape and background: "
+        f"{metrics['appearance_accuracy']:.0%}; frames showing the reference's appearance: {metrics['frame_leakage']:.0%}",
+        *([f"best recipe ({metrics['best']['recipe']}): motion error {metrics['best']['motion_error_cav']:.3f} (ratio "
+           f"{metrics['best']['motion_error_ratio']:.2f}), appearance {metrics['best']['appearance_accuracy']:.0%}, "
+           f"frame leakage {metrics['best']['frame_leakage']:.0%}"] if "best" in metrics else []),
         f"took {metrics['seconds']:.0f} s.  Look at {out / 'contact_sheet.png'} (a row per prompt: reference, base, T-LoRA),",
         f"the videos in {out}/, and the run (adapters, checkpoints, log) in {out / 'run'}/",
     ])
