@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import config_folder
 import torch
 
 from cav import api, backbone
@@ -212,21 +213,14 @@ def full_size(tmp_path_factory):
     """SD 1.5 + motion adapter v1-5-2 config files only (no weights), and the AnimateDiff folder they make."""
     root = tmp_path_factory.mktemp("full")
     sd, adapter, ad = root / "stable-diffusion-v1-5", root / "animatediff-motion-adapter-v1-5-2", root / "animatediff"
-    for folder in (sd, ad):
-        for comp in backbone.COMPONENTS:
-            (folder / comp).mkdir(parents=True)
-        shutil.copy(ASSETS / "sd15_text_encoder_config.json", folder / "text_encoder" / "config.json")
-        # the plan checks sizes against the VAE: SD 1.5's VAE is the one ModelScope ships (8x, 4 blocks)
-        shutil.copy(ASSETS / "modelscope_vae_config.json", folder / "vae" / "config.json")
-    shutil.copy(ASSETS / "sd15_unet_config.json", sd / "unet" / "config.json")
-    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
-                                                     "unet": ["diffusers", "UNet2DConditionModel"]}))
+    # the plan checks sizes against the VAE: SD 1.5's VAE is the one ModelScope ships (8x, 4 blocks)
+    shared = dict(text_encoder="sd15_text_encoder_config.json", vae="modelscope_vae_config.json")
+    config_folder(sd, "StableDiffusionPipeline", "UNet2DConditionModel", unet="sd15_unet_config.json", **shared)
+    config_folder(ad, "AnimateDiffPipeline", "UNetMotionModel", **shared)
     adapter.mkdir()
     shutil.copy(ASSETS / "animatediff_motion_adapter_v1_5_2_config.json", adapter / "config.json")
     unet, _ = backbone.empty_unet(sd, str(adapter))
     (ad / "unet" / "config.json").write_text(json.dumps(dict(unet.config)))
-    (ad / "model_index.json").write_text(json.dumps({"_class_name": "AnimateDiffPipeline",
-                                                     "unet": ["diffusers", "UNetMotionModel"]}))
     return sd, adapter, ad
 
 

@@ -1,14 +1,12 @@
 """Dry-run plans: counts on the full ModelScope UNet config (meta device) equal Table 1 of the seed."""
 
 import json
-import shutil
 import time
-from pathlib import Path
 
 import pytest
+from conftest import config_folder
 
 from cav import api
-from cav.api import ASSETS
 from cav.config import TrainConfig
 
 
@@ -16,13 +14,8 @@ from cav.config import TrainConfig
 def modelscope_configs(tmp_path_factory):
     """A ModelScope-layout folder with config files only (no weights), as `--dry-run` needs."""
     root = tmp_path_factory.mktemp("ms") / "text-to-video-ms-1.7b"
-    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        (root / comp).mkdir(parents=True)
-    shutil.copy(ASSETS / "modelscope_unet_config.json", root / "unet" / "config.json")
-    shutil.copy(ASSETS / "modelscope_text_encoder_config.json", root / "text_encoder" / "config.json")
-    shutil.copy(ASSETS / "modelscope_vae_config.json", root / "vae" / "config.json")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline",
-                                                       "unet": ["diffusers", "UNet3DConditionModel"]}))
+    config_folder(root, "TextToVideoSDPipeline", "UNet3DConditionModel", unet="modelscope_unet_config.json",
+                  text_encoder="modelscope_text_encoder_config.json", vae="modelscope_vae_config.json")
     return root
 
 

@@ -18,14 +18,6 @@ def _gen(model, out, *extra):
             "--steps", "2", "--out", out, "--quiet", *extra]]
 
 
-def _run(capsys, argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err.strip()
-
-
 def test_noise_prior_zero_is_plain_sampling_bit_for_bit(tiny_model):
     bb = backbone.load(str(tiny_model), "cpu", "fp32")
     clip = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
@@ -103,7 +95,7 @@ def test_generate_with_reference_and_image_writes_recipe(tiny_model, tiny_video,
     (["--seeds", "1,1"], "repeats"),
     (["--weights", "0.5"], "--adapter"),
 ])
-def test_bad_start_options_one_line_exit_2(tiny_model, tmp_path, capsys, extra, words):
+def test_bad_start_options_one_line_exit_2(tiny_model, tmp_path, run_cli, extra, words):
     img = tmp_path / "img.png"
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(img)
     (tmp_path / "notimg.png").write_text("not an image")
@@ -111,7 +103,7 @@ def test_bad_start_options_one_line_exit_2(tiny_model, tmp_path, capsys, extra, 
     subs = {"IMG": img, "NOTIMG": tmp_path / "notimg.png", "DIR": tmp_path / "dir", "X": img,
             "MISSING.png": tmp_path / "missing.png", "MISSING.mp4": tmp_path / "missing.mp4"}
     out = tmp_path / "o.mp4"
-    code, err = _run(capsys, _gen(tiny_model, out, *[subs.get(e, e) for e in extra]))
+    code, err = run_cli(_gen(tiny_model, out, *[subs.get(e, e) for e in extra]))
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("cav: error:"), err
     assert words in err, err
     assert not out.exists()

@@ -8,14 +8,6 @@ from cav.cli import main
 from cav.selection import choose
 
 
-def _run(capsys, argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err.strip()
-
-
 def test_choose_follows_a_hand_made_score_table():
     table = [  # with the toy ground truth, motion fidelity is not used: error and CLIP rank the checkpoints
         {"checkpoint": "step-100", "step": 100, "toy_motion_error": 0.30, "motion_fidelity": 0.9, "text_alignment": 20},
@@ -67,7 +59,7 @@ def test_weight_grid_writes_weights_times_seeds_videos_and_one_sheet(run, tmp_pa
     assert rec["adapters"][0]["weight"] == 0.5 and rec["sample"]["seed"] == 2
 
 
-def test_select_bad_run_one_line_exit_2(tmp_path, capsys):
+def test_select_bad_run_one_line_exit_2(tmp_path, run_cli):
     for target in (tmp_path / "missing", tmp_path):
-        code, err = _run(capsys, ["select", target])
+        code, err = run_cli(["select", target])
         assert code == 2 and len(err.splitlines()) == 1 and "not a run folder" in err, err

@@ -2,8 +2,6 @@
 
 import json
 
-import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -12,7 +10,7 @@ from cav.adapters import lora
 from cav.adapters.textual_inversion import TextualInversion
 from cav.cli import main
 from cav.config import TrainConfig
-from cav.data.video import to_tensor, write_video
+from cav.data.video import to_tensor
 from cav.stages import ClipInputs, encode_frames, encode_prompt, s_lora_name, t_lora_stage
 
 PROMPT = "a square moving right"
@@ -22,15 +20,6 @@ def _active(unet) -> set[str]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return {a for m in unet.modules() if isinstance(m, BaseTunerLayer) for a in m.active_adapters}
-
-
-@pytest.fixture(scope="module")
-def blue_video(tmp_path_factory):
-    frames = np.zeros((6, 32, 32, 3), dtype=np.uint8)
-    frames[..., 0] = 90
-    for i in range(6):
-        frames[i, 12:22, 2 + 3 * i:12 + 3 * i] = (40, 40, 230)
-    return write_video(tmp_path_factory.mktemp("videos") / "blue.mp4", frames, fps=8)
 
 
 def _train(videos, model, out, *spatial):
