@@ -351,7 +351,7 @@ def _add_demo(sub) -> None:
          type=options.arg_type(int))
     _opt(d, "--base", "base model (a toy-world model)", "toy")
     d.add_argument("--best", action="store_true",
-                   help="also train and score the toy-best recipe (configs/toy-best.yaml; measured worse on motion "
+                   help="also train and score the shipped toy-best recipe (--recipe toy-best; measured worse on motion "
                         "than the paper's recipe so far, see docs/RESULTS.md) and write the side-by-side GIF's extra column")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
