@@ -439,7 +439,8 @@ def _add_ui(sub) -> None:
     _opt(ui, "--port", "port", 7860, type=_positive)
     _opt(ui, "--base", "base model of new runs", "toy")
     _opt(ui, "--runs", "folder of the runs the app trains and lists", "runs", metavar="DIR")
-    _opt(ui, "--auth", "ask for this login", metavar="USER:PASSWORD")
+    _opt(ui, "--auth", "ask for this login [default: none, the app is open to whoever reaches --host]",
+         metavar="USER:PASSWORD")
     ui.add_argument("--share", action="store_true", help="also open a public share link (off by default)")
     ui.set_defaults(func=cmd_ui, command="ui")
 
