@@ -124,10 +124,10 @@ def run_stage(unet, scheduler, stage: Stage, gen: torch.Generator, log: Callable
             t0 = time.perf_counter()
             loss = train_step(unet, scheduler, stage, optimizer, gen, max_grad_norm=max_grad_norm,
                               autocast_dtype=autocast_dtype, step=step + 1)
-            done, gen_state = step + 1, gen.get_state()
-            log({"step": done, "stage": stage.name, "loss": round(loss.item(), 6),
+            done, gen_state, value = step + 1, gen.get_state(), loss.item()
+            log({"step": done, "stage": stage.name, "loss": round(value, 6),
                  "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 4)})
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{value:.4f}")
             if stage.checkpoint and (done == stage.steps or (stage.checkpoint_every and done % stage.checkpoint_every == 0)):
                 stage.checkpoint(done, optimizer, gen_state, False)
     except KeyboardInterrupt:
