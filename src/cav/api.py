@@ -42,7 +42,7 @@ def plan(cfg: TrainConfig, clips: int = 1) -> dict:
             n = lora.add_lora(unet, name, cfg.lora_config("spatial", family.name), low_cpu_mem_usage=True)
             stages.append({"name": name, "trainable_params": lora.count_parameters(unet, name), "modules": n, **own})
         if cfg.uses_ti:
-            dim = _text_hidden_size(cfg.base, unet_config)
+            dim = _text_hidden_size(cfg.base, unet_config, family)
             stages.append({"name": "textual_inversion" + (f" {cfg.clip_token(k)}" if clips > 1 else ""),
                            "trainable_params": cfg.ti_tokens * dim, "modules": 1, **own})
     n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal", family.name), low_cpu_mem_usage=True)
@@ -53,12 +53,13 @@ def plan(cfg: TrainConfig, clips: int = 1) -> dict:
             "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {})}
 
 
-def _text_hidden_size(base: str, unet_config: dict) -> int:
+def _text_hidden_size(base: str, unet_config: dict, family) -> int:
+    """Width of one TI token over all of the family's text encoders (SDXL: CLIP-L's 768 + OpenCLIP-G's 1280)."""
     resolved = backbone_mod.resolve_base(base)
-    path = Path(resolved) / "text_encoder" / "config.json"
-    if path.is_file():
-        return int(json.loads(path.read_text())["hidden_size"])
-    return int(unet_config["cross_attention_dim"])  # the UNet attends to the text encoder's hidden states
+    paths = [Path(resolved) / part.encoder / "config.json" for part in backbone_mod.CONDITIONS[family.condition].parts]
+    if all(p.is_file() for p in paths):
+        return sum(int(json.loads(p.read_text())["hidden_size"]) for p in paths)
+    return int(unet_config["cross_attention_dim"])  # the UNet attends to the text encoders' hidden states
 
 
 # ----------------------------------------------------------------------------------------------------- train
@@ -141,7 +142,7 @@ def _absorbers(bb, cfg: TrainConfig, k: int, frames: torch.Tensor, out: Path, po
     ti = None
     if cfg.uses_ti:
         ti = (make_textual_inversion(bb, cfg) if k == 0 else
-              TextualInversion(bb.tokenizer, bb.text_encoder, cfg.clip_token(k), cfg.ti_tokens, cfg.ti_init))
+              TextualInversion.into(bb.text_parts(), cfg.clip_token(k), cfg.ti_tokens, cfg.ti_init))
     if cfg.absorbers_given:  # existing appearance work, no stage 1
         given_absorbers(bb, cfg)
         runfolder.publish_absorbers(bb, cfg, out, ti)
@@ -190,7 +191,10 @@ def load_adapters(bb, adapters: list[tuple[str, float | None]], image_loras: lis
         if not Path(file).is_file():
             raise CavError(f"textual inversion file '{file}' does not exist: pass a .safetensors file from absorbers/")
         try:
-            bb.pipeline().load_textual_inversion(str(file))
+            if len(bb.text_encoders) > 1:  # one tensor per encoder (clip_l, clip_g): diffusers loads one at a time
+                TextualInversion.from_file(bb.text_parts(), Path(file), placeholder=None)
+            else:
+                bb.pipeline().load_textual_inversion(str(file))
         except ValueError as exc:
             raise CavError(f"could not load textual inversion '{file}': {str(exc).splitlines()[0][:160]}") from None
     return metas

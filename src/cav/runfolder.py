@@ -233,7 +233,7 @@ def t_lora_checkpoint(bb, cfg: TrainConfig, out: Path, active: list[str], clock:
             lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # only the T-LoRA, as at inference
             s = cfg.sample_config()  # the settings `cav generate --adapter RUN` starts from
             try:
-                with accel.on_device(bb.device, bb.vae, bb.text_encoder):
+                with accel.on_device(bb.device, bb.vae, *bb.text_encoders):
                     videos = [sample_video(bb, prompt, frames=s.frames, size=s.size, steps=s.steps,
                                            guidance=s.guidance, seed=s.seed)
                               for prompt in validation_prompts(cfg)]
