@@ -241,22 +241,32 @@ def empty_unet(base: str | Path, motion_adapter: str | None = None) -> tuple[tor
             check_motion_adapter_fits(config, ad_config, motion_adapter)
             image = diffusers.UNet2DConditionModel.from_config(config)
             adapter = diffusers.MotionAdapter.from_config(ad_config)
-            unet = _motion_unet(image, adapter, motion_adapter, load_weights=False)
+            unet = motion_unet(image, adapter, motion_adapter, load_weights=False)
         else:
             unet = getattr(diffusers, family.unet_class).from_config(config)
     return unet, family
 
 
-def _motion_unet(image_unet, adapter, name: str, load_weights: bool = True):
+def motion_unet(image_unet, adapter, name: str = "motion adapter", load_weights: bool = True):
+    """The ``UNetMotionModel`` of an image UNet plus a motion adapter, carrying *every* image weight.
+
+    diffusers 0.42.1's ``UNetMotionModel.from_unet2d`` copies the blocks, time embedding and conv layers but not
+    ``add_embedding``, SDXL's projection of the pooled text embedding and time ids, which stays at its random init;
+    so every image weight is copied again by name (the motion UNet names them as the image UNet does)."""
     from diffusers import UNetMotionModel
 
     try:
-        return UNetMotionModel.from_unet2d(image_unet, adapter, load_weights=load_weights)
+        unet = UNetMotionModel.from_unet2d(image_unet, adapter, load_weights=load_weights)
     except (ValueError, RuntimeError) as exc:  # diffusers' own compatibility checks
         first = str(exc).strip().splitlines()[0][:160]
         raise CavError(f"motion adapter '{name}' does not fit the image UNet ({first}): "
                        "pick the motion adapter of this base") from None
-
+    if load_weights:
+        unexpected = unet.load_state_dict(image_unet.state_dict(), strict=False).unexpected_keys
+        if unexpected:
+            raise CavError(f"motion adapter '{name}' does not fit the image UNet (no place for {unexpected[0]}): "
+                           "pick the motion adapter of this base")
+    return unet
 
 # ------------------------------------------------------------------------------------------- shape constraints
 def shape_unit(unet_config: dict, vae_config: dict) -> tuple[int, str]:
@@ -407,7 +417,7 @@ def _load_unet(family: Family, source: str, motion_adapter: str | None, dt: torc
     adapter_kw = _hub_kwargs(adapter_src, "motion adapter", "--motion-adapter", marker="config.json")
     adapter = diffusers.MotionAdapter.from_pretrained(adapter_src, torch_dtype=dt, **adapter_kw)
     check_motion_adapter_fits(dict(image.config), dict(adapter.config), motion_adapter)
-    return _motion_unet(image, adapter, motion_adapter)
+    return motion_unet(image, adapter, motion_adapter)
 
 
 def attach_condition(unet: torch.nn.Module, family: Family, vae_factor: int = 8) -> None:

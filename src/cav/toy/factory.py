@@ -344,12 +344,14 @@ def make_tiny_sdxl_motion_adapter(directory: Path, spec: TinySdxlSpec | None = N
 def make_tiny_sdxl_animatediff(directory: Path, spec: TinySdxlSpec | None = None, seed: int = 0) -> Path:
     """A random tiny SDXL AnimateDiff model in its diffusers layout (``AnimateDiffSDXLPipeline``, ``unet/`` =
     ``UNetMotionModel`` built from the tiny SDXL UNet and motion adapter)."""
-    from diffusers import AnimateDiffSDXLPipeline, UNetMotionModel
+    from diffusers import AnimateDiffSDXLPipeline
+
+    from ..backbone import motion_unet
 
     spec = spec or TinySdxlSpec()
     directory = Path(directory)
     parts = _sdxl_parts(directory, spec)
-    unet = UNetMotionModel.from_unet2d(build_sdxl_unet(spec, seed), build_motion_adapter(spec, seed + 1))
+    unet = motion_unet(build_sdxl_unet(spec, seed), build_motion_adapter(spec, seed + 1))
     pipe = AnimateDiffSDXLPipeline(unet=unet, motion_adapter=None, scheduler=build_scheduler(spec), **parts)
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
