@@ -630,14 +630,16 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
         counted = _count_phase(size, dev, bench, chosen)
 
     cases = [c for c in TIMED if c.name in chosen and (c.quick or not quick)]
-    # the UNet3D rig carries the headline keys (and FLOPs); another family's rig is built only for its own cases
+    # The UNet3D rig carries the headline keys (and FLOPs); another family's rig is built only for its own cases,
+    # first, and freed before the next is built: two full-size UNets at once do not fit a 24 GB machine.
     families = list(dict.fromkeys(["unet3d"] * (not cases or "flops" in chosen) + [c.family for c in cases]))
+    primary = "unet3d" if "unet3d" in families else families[-1]
     rig, res, others = None, {}, {}
-    for family in families:
+    for family in [f for f in families if f != primary] + [primary]:
         current = _warm_rig(size, dev, dtype, family, warmup, reps, bench)
         for case in (c for c in cases if c.family == family):
             res[case.key] = bench.measure(case.name, case.make(current))
-        if rig is None and (family == "unet3d" or family == families[-1]):
+        if family == primary:
             rig = current  # the rig the result's model keys describe
         else:
             others[family] = _rig_info(current)
