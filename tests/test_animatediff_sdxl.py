@@ -157,9 +157,9 @@ def test_resume_ends_with_the_same_t_lora(run_dir, tiny_video, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_image_model_plus_motion_adapter_and_ti_from(xl_parts, tiny_video, tmp_path):
-    """An SDXL image model + motion adapter; an SDXL embedding (clip_l + clip_g) given with --ti-from skips stage 1
-    and lands in both encoders unchanged."""
+def test_image_model_plus_motion_adapter_and_given_absorbers(xl_parts, run_dir, tiny_video, tmp_path):
+    """An SDXL image model + motion adapter; an SDXL embedding (clip_l + clip_g) given with --ti-from and an SDXL
+    image LoRA with --s-lora-from skip stage 1 and are kept unchanged (the TI in both encoders)."""
     from safetensors.torch import load_file, save_file
 
     sd, adapter = xl_parts
@@ -168,12 +168,16 @@ def test_image_model_plus_motion_adapter_and_ti_from(xl_parts, tiny_video, tmp_p
     save_file(given, str(emb))
     out = tmp_path / "run"
     assert main(["train", str(tiny_video), "--prompt", "a <cav> moving right", "--base", str(sd), "--motion-adapter",
-                 str(adapter), "--ti-from", str(emb), "--out", str(out), *TRAIN]) == 0
+                 str(adapter), "--ti-from", str(emb), "--s-lora-from", str(run_dir / "absorbers" / "s_lora"),
+                 "--out", str(out), *TRAIN]) == 0
     meta = json.loads((out / "t_lora" / "cav.json").read_text())
     assert meta["family"] == "animatediff-sdxl" and meta["motion_adapter"] == str(adapter)
     assert not any(json.loads(x)["stage"] == "absorbers" for x in (out / "log.jsonl").read_text().splitlines())
     saved = load_file(str(out / "absorbers" / "textual_inversion.safetensors"))
     assert saved.keys() == given.keys() and all(torch.equal(saved[k], given[k]) for k in given)
+    lora_in = load_file(str(run_dir / "absorbers" / "s_lora" / lora.DIFFUSERS_WEIGHTS))
+    lora_out = load_file(str(out / "absorbers" / "s_lora" / lora.DIFFUSERS_WEIGHTS))
+    assert lora_in.keys() == lora_out.keys() and all(torch.equal(lora_in[k], lora_out[k]) for k in lora_in)
     gen = tmp_path / "gen.mp4"  # base + motion adapter from the adapter's metadata; the validation prompt
     assert main(["generate", "--prompt", "a object moving right", "--adapter", str(out), "--out", str(gen),
                  "--quiet"]) == 0
