@@ -202,9 +202,10 @@ def test_stock_diffusers_loads_t_lora_and_s_lora(run_dir, xl_model):
     x, t = torch.randn(1, 4, 4, 8, 8), torch.tensor([400])
     with torch.no_grad():
         ours = bb.unet(x, t, encoder_hidden_states=encode_prompt(bb, PROMPT)).sample
-        stock = pipe.unet(x, t, encoder_hidden_states=hidden.repeat_interleave(4, dim=0), added_cond_kwargs=added).sample
+        per_frame = hidden.repeat_interleave(4, dim=0)
+        stock = pipe.unet(x, t, encoder_hidden_states=per_frame, added_cond_kwargs=added).sample
         pipe.set_adapters(["motion", "look"], adapter_weights=[0.0, 0.0])
-        off = pipe.unet(x, t, encoder_hidden_states=hidden.repeat_interleave(4, dim=0), added_cond_kwargs=added).sample
+        off = pipe.unet(x, t, encoder_hidden_states=per_frame, added_cond_kwargs=added).sample
     assert torch.allclose(ours, stock, atol=1e-6)
     assert (stock - off).abs().max() > 1e-6
 
@@ -237,7 +238,8 @@ def _config_folder(root, pipeline: str, unet: str | None):
         (root / comp).mkdir(parents=True, exist_ok=True)
         if asset:
             shutil.copy(ASSETS / asset, root / comp / "config.json")
-    index = {"_class_name": pipeline, "unet": ["diffusers", "UNetMotionModel" if unet is None else "UNet2DConditionModel"],
+    unet_class = "UNetMotionModel" if unet is None else "UNet2DConditionModel"
+    index = {"_class_name": pipeline, "unet": ["diffusers", unet_class],
              "text_encoder": ["transformers", "CLIPTextModel"],
              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
     (root / "model_index.json").write_text(json.dumps(index))

@@ -102,7 +102,8 @@ class SdxlCondition:
 def pooled_width(unet_config) -> int:
     """Width P of the pooled text embedding an SDXL UNet takes: its added-embedding input less the time ids'."""
     get = unet_config.get if isinstance(unet_config, dict) else lambda k: getattr(unet_config, k)
-    return int(get("projection_class_embeddings_input_dim")) - SdxlCondition.TIME_IDS * int(get("addition_time_embed_dim"))
+    time_ids = SdxlCondition.TIME_IDS * int(get("addition_time_embed_dim"))
+    return int(get("projection_class_embeddings_input_dim")) - time_ids
 
 
 def pack(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ class ExportFormat:
 
 FORMATS = {
     # SDXL motion modules are named as SD 1.5's in the original AnimateDiff code (sdxl branch), so the layout holds both
-    "animatediff": ExportFormat(("animatediff", "animatediff-sdxl"), motion_lora.to_animatediff, "animatediff_motion_lora.safetensors",
+    "animatediff": ExportFormat(("animatediff", "animatediff-sdxl"), motion_lora.to_animatediff,
+                                "animatediff_motion_lora.safetensors",
                                 "the original AnimateDiff MotionLoRA key layout"),
 }
 

@@ -81,8 +81,8 @@ class TextualInversion:
     encoders holds one tensor per key (``clip_l``, ``clip_g``: the layout SDXL embeddings are shared in) and the
     placeholder in its metadata (``token``)."""
 
-    def __init__(self, tokenizer, text_encoder, placeholder: str = "<cav>", n_tokens: int = 4, init_word: str = "object",
-                 *, key: str | None = None, more=()):
+    def __init__(self, tokenizer, text_encoder, placeholder: str = "<cav>", n_tokens: int = 4,
+                 init_word: str = "object", *, key: str | None = None, more=()):
         self.tokenizer, self.text_encoder, self.placeholder = tokenizer, text_encoder, placeholder
         self.tokens = token_names(placeholder, n_tokens)
         encoders = [(key, tokenizer, text_encoder), *more]
@@ -94,7 +94,8 @@ class TextualInversion:
         self.ids = self.parts[0].ids
 
     @classmethod
-    def into(cls, parts, placeholder: str = "<cav>", n_tokens: int = 4, init_word: str = "object") -> "TextualInversion":
+    def into(cls, parts, placeholder: str = "<cav>", n_tokens: int = 4,
+             init_word: str = "object") -> "TextualInversion":
         """New tokens in each of ``parts``: (file key, tokenizer, text encoder) triples (``Backbone.text_parts``)."""
         (key, tok, enc), *more = parts
         return cls(tok, enc, placeholder, n_tokens, init_word, key=key, more=more)
