@@ -74,12 +74,31 @@ def test_family_and_text_condition(xl_model, xl_parts):
                                               do_classifier_free_guidance=False)
     cond = encode_prompt(bb, PROMPT)
     assert torch.equal(cond, pack(hidden, pooled)) and cond.shape == (1, 24 + 1, 32)
+    _, uncond = bb.condition.pipeline_encode(pipe, [PROMPT], "cpu", True, None)  # what guidance samples against
+    assert torch.equal(bb.condition.unconditional(bb), uncond) and not uncond.any()  # (prompt dropout trains it)
     x, t = torch.randn(1, 4, 3, 8, 8), torch.tensor([500])
     added = {"text_embeds": pooled, "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}  # 8×8 latent, 2× VAE
     with torch.no_grad():
         ours = bb.unet(x, t, encoder_hidden_states=cond).sample
         stock = bb.unet(x, t, encoder_hidden_states=hidden.repeat_interleave(3, dim=0), added_cond_kwargs=added).sample
     assert torch.equal(ours, stock)
+
+
+def test_prompt_dropout_trains_the_branch_guidance_uses(xl_model):
+    """With --t-lora-prompt-dropout the dropped copies get the unconditional branch's condition of SDXL sampling
+    (zeros), and the hook still hands the UNet a pooled embedding (zeros) and time ids for them."""
+    from cav.stages import t_lora_stage
+
+    bb = backbone.load(xl_model, "cpu")
+    cfg = TrainConfig(prompt=PROMPT, frames=4, size=[16, 16], absorbers="none", t_lora_prompt_dropout=0.5,
+                      t_lora_batch=4)
+    stage = t_lora_stage(bb, cfg, torch.rand(4, 3, 16, 16) * 2 - 1, None)
+    latents, cond = stage.batch(torch.Generator().manual_seed(1))
+    full = encode_prompt(bb, PROMPT)[0]
+    dropped = [not c.any() for c in cond]
+    assert all(d or torch.equal(c, full) for c, d in zip(cond, dropped)) and 0 < sum(dropped) < 4
+    with torch.no_grad():
+        assert torch.isfinite(bb.unet(latents, torch.tensor([500] * 4), encoder_hidden_states=cond).sample).all()
 
 
 def test_bypassed_sdxl_motion_unet_is_the_image_unet_frame_by_frame():

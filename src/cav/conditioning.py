@@ -55,6 +55,10 @@ class ClipCondition:
         """(condition, unconditional condition or None) exactly as the family's pipeline encodes them."""
         return pipe.encode_prompt(prompts, device, 1, guidance, negatives)
 
+    def unconditional(self, bb) -> torch.Tensor:
+        """The condition of guidance's unconditional branch without a negative prompt: the empty prompt's."""
+        return self.encode(bb, [""])
+
     def unpack(self, unet_config, sample: torch.Tensor, cond: torch.Tensor, vae_factor: int):
         return cond, None
 
@@ -87,6 +91,12 @@ class SdxlCondition:
             prompt=prompts, device=device, num_videos_per_prompt=1, do_classifier_free_guidance=guidance,
             negative_prompt=negatives)
         return pack(cond, pooled), (pack(uncond, uncond_pooled) if guidance else None)
+
+    def unconditional(self, bb) -> torch.Tensor:
+        """Zeros, hidden states and pooled embedding alike: without a negative prompt ``AnimateDiffSDXLPipeline``
+        (``force_zeros_for_empty_prompt``, its default, which ``Backbone.pipeline`` keeps) guides against zeros, not
+        against the empty prompt's encoding."""
+        return torch.zeros_like(self.encode(bb, [""]))
 
     def unpack(self, unet_config, sample: torch.Tensor, cond: torch.Tensor, vae_factor: int):
         """(encoder_hidden_states, added_cond_kwargs) of a packed condition, for a sample (B, C, F, h, w)."""

@@ -128,7 +128,8 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         return (encode_frames(bb, clips[k].frames).permute(1, 0, 2, 3).unsqueeze(0),  # (1, C, F, h, w)
                 encode_prompt(bb, prompts[k]))
 
-    empty = encode_prompt(bb, "") if cfg.t_lora_prompt_dropout > 0 else None
+    # the condition guidance's unconditional branch sees at sampling (the empty prompt's; zeros for SDXL)
+    empty = bb.condition.unconditional(bb) if cfg.t_lora_prompt_dropout > 0 else None
     if cfg.cache_inputs:  # encode the clips and their prompts once, reuse them every step
         cached = [encode(k) for k in range(len(clips))]
         if cfg.offload_frozen:
