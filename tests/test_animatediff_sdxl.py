@@ -293,6 +293,8 @@ def test_dry_run_counts_equal_what_peft_injects(full_size, capsys):
     assert plan["family"] == "animatediff-sdxl" and plan["unet_params"] == 2_567_463_684 + 236_779_200
     assert counts["textual_inversion"] == 4 * (768 + 1280)  # four tokens in CLIP-L and in OpenCLIP-G
     assert api.plan(TrainConfig(prompt="x", base=str(ad)))["stages"] == plan["stages"]  # the AnimateDiff folder
+    assert main(["train", "--dry-run", "--json", "--prompt", "x", "--recipe", "animatediff-sdxl"]) == 0  # hub ids:
+    assert json.loads(capsys.readouterr().out)["stages"] == plan["stages"]  # their configs ship, no network needed
 
     with init_empty_weights():
         unet = UNetMotionModel.from_config(json.loads((ad / "unet" / "config.json").read_text()))

@@ -33,7 +33,8 @@ TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ASSETS = Path(__file__).parent / "assets"
 # hub ids whose small JSON files ship in ``assets/`` as <prefix>_<path with / as _> (plans and checks work offline)
-SHIPPED_CONFIGS = {"damo-vilab/text-to-video-ms-1.7b": "modelscope"}
+SHIPPED_CONFIGS = {"damo-vilab/text-to-video-ms-1.7b": "modelscope", "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+                   "guoyww/animatediff-motion-adapter-sdxl-beta": "animatediff_motion_adapter_sdxl_beta"}
 HUB_TIMEOUT_S = 5.0  # one request to the hub before a download; its absence is reported instead of retried
 PIPELINE_MULTIPLE = 8  # diffusers' TextToVideoSD- and AnimateDiffPipeline.check_inputs: height, width divisible by 8
 FRAME_LIMIT_KEY = "motion_max_seq_length"  # bounds the frames of AnimateDiff motion modules (positional embeddings);
