@@ -103,12 +103,12 @@ def _interrupt_hint(args) -> str:
         again = [args.manifest, "--out", args.out] + (["--recipe", args.recipe] if args.recipe else []) + (
             ["--address", args.address] if args.address else [])
         return f"; running rows checkpointed their last step: continue with `cav batch {shlex.join(again)}`"
-    if getattr(args, "command", None) != "train" or len(getattr(args, "video", None) or []) != 1:
-        return ""  # runs on several clips do not resume
+    if getattr(args, "command", None) != "train" or not getattr(args, "video", None):
+        return ""
     out = Path(args.out)
     if resume.latest(out) is not None:
         return (f"; the last completed step is checkpointed: continue with "
-                f"`cav train {shlex.quote(str(args.video[0]))} --resume --out {shlex.quote(str(out))}`")
+                f"`cav train {shlex.join(str(v) for v in args.video)} --resume --out {shlex.quote(str(out))}`")
     if out.is_dir() and any(out.iterdir()):
         return "; no checkpoint was saved yet, so there is nothing to resume: start over with --overwrite"
     return "; no checkpoint was saved yet: run the same command again"
