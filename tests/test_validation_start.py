@@ -18,7 +18,8 @@ START = ["--validation-noise-prior", "0.6", "--validation-invert", "--validation
 
 
 def _train(video, model, out, *extra):
-    return [str(a) for a in ["train", video, "--prompt", PROMPT, "--spatial-prompt", "a red square", "--base", model,
+    videos = video if isinstance(video, list) else [video]
+    return [str(a) for a in ["train", *videos, "--prompt", PROMPT, "--spatial-prompt", "a red square", "--base", model,
                              "--out", out, "--steps", "1", "--absorber-steps", "1", "--frames", "3", "--size", "32",
                              "--checkpoint-every", "1", "--sample-steps", "3", "--ti-tokens", "2",
                              "--absorber-batch", "2", "--t-lora-lr", "1e-2", "--validation-seed", "5", "--quiet",
@@ -105,3 +106,22 @@ def test_validation_start_is_a_checked_recipe_key(tmp_path):
     bad.write_text("validation_strength: 2\n")
     with pytest.raises(CavError, match="validation_strength"):
         load_recipe(bad)
+
+
+def test_several_clips_validation_reference_is_the_chosen_clip(tiny_model, tiny_video, blue_video, tmp_path, run_cli):
+    def train(out, k):
+        return run_cli(_train([tiny_video, blue_video], tiny_model, out, "--spatial-prompt", "a blue square",
+                              "--validation-noise-prior", "0.7", "--validation-reference-clip", k))
+
+    code, err = train(tmp_path / "bad", 3)
+    assert code == 2 and "--validation-reference-clip 3 is out of range" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
+    run = tmp_path / "run"
+    assert train(run, 2) == (0, "")
+    ckpt = run / "checkpoints" / "step-000001"
+    rec = json.loads((ckpt / "samples" / "sample-0.json").read_text())
+    assert rec["sample"]["reference_clip"] == 2
+    out = tmp_path / "again.mp4"
+    assert main([str(a) for a in ["generate", "--prompt", rec["prompt"], "--adapter", ckpt, "--seed", "5", "--out", out,
+                                  "--reference", run, "--reference-clip", "2", "--noise-prior", "0.7", "--quiet"]]) == 0
+    assert np.array_equal(_video(out), _video(ckpt / "samples" / "sample-0.mp4"))

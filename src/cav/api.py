@@ -90,6 +90,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     records = [runfolder.clip_record(check_exists(v), {**cfg.frame_selection(), **(video_options or {})})
                for v in videos]
     clip = records[0]
+    cfg = _validation_paths(cfg, len(videos))
     val = cfg.sample_config(run=out.absolute())
     image = generation.read_image_input(val, tuple(cfg.size))  # a bad --validation-image: refused before any work
     if resume:
@@ -136,6 +137,17 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
         log.close()
     runfolder.finalize(out, frames_u8[0], clock)
     return out
+
+
+def _validation_paths(cfg: TrainConfig, clips: int) -> TrainConfig:
+    """The validation start's image as an absolute path (its recipe is read from anywhere), its reference clip one
+    of the run's."""
+    if cfg.validation_reference_clip > clips:
+        raise CavError(f"--validation-reference-clip {cfg.validation_reference_clip} is out of range: the run has "
+                       f"{clips} clip(s), pass 1 to {clips}")
+    if not cfg.validation_image:
+        return cfg
+    return dataclasses.replace(cfg, validation_image=str(Path(cfg.validation_image).absolute()))
 
 
 def _absorbers(bb, cfg: TrainConfig, k: int, frames: torch.Tensor, out: Path, point, gen, log, clock, run: dict,

@@ -244,13 +244,16 @@ class TrainConfig:
     lora_weight: float = _f(1.0, "T-LoRA weight in validation samples, in (0, 4], recorded as the default weight of "
                             "`cav generate --adapter RUN` (a smaller scale keeps more of the new appearance)",
                             parse=lambda w: check_weight(w, "lora_weight"))
-    # where validation samples start: `cav generate`'s start options, the reference being the run's own first clip
-    validation_noise_prior: float = _f(0.0, "validation samples start from the noise prior A of the run's first clip "
-                                       "(`cav generate --noise-prior`), A in [0, 1]", metavar="A")
-    validation_invert: bool = _f(False, "validation samples start from the DDIM inversion of the run's first clip, or "
-                                 "of --validation-image (`cav generate --invert`)")
+    # where validation samples start: `cav generate`'s start options, the reference being the run's own clip
+    validation_noise_prior: float = _f(0.0, "validation samples start from the noise prior A of the run's (first) clip "
+                                       "(`cav generate --noise-prior`, the reference read as the run reads it), A in "
+                                       "[0, 1]", metavar="A")
+    validation_invert: bool = _f(False, "validation samples start from the DDIM inversion of the run's (first) clip, "
+                                 "or of --validation-image (`cav generate --invert`)")
     validation_inversion_steps: int | None = _f(None, "DDIM inversion steps of the validation start", unit="steps",
                                                 default_text="--sample-steps")
+    validation_reference_clip: int = _f(1, "with several clips: which one is the reference of the validation noise "
+                                        "prior / inversion, counted from 1 in the clips' order", metavar="K")
     validation_image: str | None = _f(None, "validation samples animate this image (`cav generate --image`)",
                                       metavar="FILE")
     validation_strength: float = _f(_SAMPLE.strength, "with --validation-image: share of the sampling schedule re-run "
@@ -301,7 +304,7 @@ class TrainConfig:
     # the validation start fields and the SampleConfig fields they set (SampleConfig's checks apply to both)
     _VALIDATION_START = {"validation_noise_prior": "noise_prior", "validation_invert": "invert",
                          "validation_inversion_steps": "inversion_steps", "validation_image": "image",
-                         "validation_strength": "strength"}
+                         "validation_strength": "strength", "validation_reference_clip": "reference_clip"}
 
     def _check_validation_start(self) -> None:
         """SampleConfig's own start checks, its messages naming this recipe's keys and flags (``noise_prior`` →
