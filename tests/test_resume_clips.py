@@ -130,3 +130,37 @@ def test_generate_reference_clip_of_a_several_clip_run(several, tiny_model, blue
         code, err, out = generate("bad", *extra)
         assert code == 2 and len(err.splitlines()) == 1 and words in err, err
         assert not out.exists()
+
+
+def test_ctrl_c_hint_names_every_clip(several, tmp_path):
+    import argparse
+
+    from cav.cli import _interrupt_hint
+
+    args = argparse.Namespace(command="train", video=["a b.mp4", "c.mp4"], out=str(several))
+    assert "`cav train 'a b.mp4' c.mp4 --resume --out " in _interrupt_hint(args)
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_second_clips_absorbers_then_resume(several, tiny_model, tiny_video, blue_video, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = _several(tiny_video, blue_video, tiny_model, out)[1:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cav.cli", "train", *argv], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "absorbers-clip-1-step-000001").is_dir():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "t_lora").exists()
+    assert main(_several(tiny_video, blue_video, tiny_model, out, "--resume")) == 0
+    assert _equal(out / "t_lora" / "adapter_model.safetensors", several / "t_lora" / "adapter_model.safetensors")
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2 + 2 + 3

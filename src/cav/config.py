@@ -121,8 +121,8 @@ class SampleConfig:
         if not 0.0 <= self.noise_prior <= 1.0:
             raise CavError(f"noise_prior (--noise-prior) {self.noise_prior} is invalid: pass a value in [0, 1]")
         if (self.noise_prior > 0 or (self.invert and not self.image)) and not self.reference:
-            raise CavError("--noise-prior and --invert start from a reference clip: pass --reference CLIP "
-                           "(or --image FILE with --invert)")
+            raise CavError("--noise-prior and --invert start from a reference clip: pass --reference CLIP (or RUN, "
+                           "the run's own clip), or --image FILE with --invert")
         if self.image and (self.reference or self.noise_prior > 0):
             raise CavError("--image starts from the image: drop --reference / --noise-prior, or drop --image")
         if not 0.0 < self.strength <= 1.0:
