@@ -139,6 +139,8 @@ def test_ctrl_c_hint_names_every_clip(several, tmp_path):
 
     args = argparse.Namespace(command="train", video=["a b.mp4", "c.mp4"], out=str(several))
     assert "`cav train 'a b.mp4' c.mp4 --resume --out " in _interrupt_hint(args)
+    args.clips = "my clips.csv"  # clips from a manifest: the hint names the manifest
+    assert "`cav train --clips 'my clips.csv' --resume --out " in _interrupt_hint(args)
 
 
 @pytest.mark.slow
