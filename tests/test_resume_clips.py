@@ -154,7 +154,8 @@ def test_sigkill_in_the_second_clips_absorbers_then_resume(several, tiny_model, 
     out = tmp_path / "run"
     argv = _several(tiny_video, blue_video, tiny_model, out)[1:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cav.cli", "train", *argv], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cav.cli", "train", *argv], env=env, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 600
     while not (out / "checkpoints" / "absorbers-clip-1-step-000001").is_dir():
         assert proc.poll() is None, proc.stderr.read()

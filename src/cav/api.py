@@ -19,8 +19,8 @@ from .adapters.textual_inversion import TextualInversion
 from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
 from .sampling import sample_video
-from .stages import (S_LORA, T_LORA, ClipInputs, absorber_stage, active_adapters, given_absorbers, make_textual_inversion,
-                     s_lora_name, t_lora_stage)
+from .stages import (S_LORA, T_LORA, ClipInputs, absorber_stage, active_adapters, given_absorbers,
+                     make_textual_inversion, s_lora_name, t_lora_stage)
 from .trainer import JsonlLog, make_optimizer, run_stage
 
 ASSETS = Path(__file__).parent / "assets"
