@@ -122,8 +122,8 @@ def _check_clips(out: Path, records: list[dict], saved: list[dict]) -> None:
     if [r["sha256"] for r in records] == [c["sha256"] for c in saved]:
         return
     if len(records) == len(saved) == 1:
-        raise CavError(f"'{records[0]['clip']}' is not the clip the run in '{out}' was trained on ({saved[0]['clip']}): "
-                       "resume with that clip, or start a new run with another --out")
+        raise CavError(f"'{records[0]['clip']}' is not the clip the run in '{out}' was trained on "
+                       f"({saved[0]['clip']}): resume with that clip, or start a new run with another --out")
     names = " ".join(Path(c["clip"]).name for c in saved)
     raise CavError(f"the {len(records)} clip(s) given are not the {len(saved)} clip(s) the run in '{out}' was trained "
                    f"on ({names}, in that order): resume with those clips, or start a new run with another --out")
