@@ -83,9 +83,9 @@ def test_resume_with_other_clips_is_refused_before_any_step(several, tiny_model,
     _kill_after(run, "step-000001")
     changed = tmp_path / "changed.mp4"
     changed.write_bytes(blue_video.read_bytes()[:-1] + b"\0")
-    for clips in ([blue_video, tiny_video], [tiny_video, changed]):
+    for clips in ([blue_video, tiny_video], [tiny_video, changed], [tiny_video, blue_video, blue_video]):
         before = sorted(str(p.relative_to(run)) for p in run.rglob("*")), (run / "log.jsonl").read_text()
-        code, err = run_cli(_several(*clips, tiny_model, run, "--resume"))
+        code, err = run_cli(_train(clips, tiny_model, run, "--resume"))  # the spatial prompts: the run's own
         assert code == 2 and len(err.splitlines()) == 1 and "not the 2 clip(s)" in err, err
         assert (sorted(str(p.relative_to(run)) for p in run.rglob("*")), (run / "log.jsonl").read_text()) == before
 

@@ -79,7 +79,6 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     videos = [video] if isinstance(video, (str, Path)) else list(video)
     if not cfg.prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
-    cfg.check_clips(len(videos))
     if cfg.absorbers_given and len(videos) > 1:
         raise CavError("--s-lora-from / --ti-from give one clip's absorbers: train on one clip, or drop them so "
                        "each clip trains its own")
@@ -99,6 +98,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
             r["selection"] = selection
         if runfolder.finished(out, cfg):
             return out  # nothing left to train: the run and its summary stay as they are
+    cfg.check_clips(len(videos))  # after a resume's check of the clips: a wrong clip list is named as such
     frames_u8 = [read_video(v, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **r["selection"])
                  for v, r in zip(videos, records)]
     selection = {k: clip["selection"].get(k) for k in ("stride", "fps", "start", "end")}
