@@ -102,8 +102,8 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
 
     stage = Stage("absorbers", cfg.absorber_steps, groups, batch, bypass=True, after_backward=after_backward,
                   after_step=after_step, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)
-    if cfg.uses_s_lora:
-        lean.use_lean_step(stage, bb.unet, S_LORA, lean.autocast_dtype(bb.device, bb.dtype))
+    if cfg.uses_s_lora:  # the fused forward of the S-LoRA this clip trains (clip K ≥ 1: s_lora_K)
+        lean.use_lean_step(stage, bb.unet, s_lora_name(clip), lean.autocast_dtype(bb.device, bb.dtype))
     return stage
 
 
