@@ -214,6 +214,7 @@ class _Bench:
         self.errors: dict[str, str] = {}
         self.peak_memory: dict[str, int | None] = {}
         self.samples: dict[str, list[float]] = {}
+        self.paired: dict[str, float] = {}  # case → median of eager/compiled ratios over alternating pairs
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -230,8 +231,18 @@ class _Bench:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def measure(self, name: str, make: Callable[[], tuple[Callable[[], None], Callable[[], None]]]) -> float | None:
-        """``make()`` → (step, teardown); warm-up, then the median of ``reps`` synchronised steps (None if failed)."""
+    def timed(self, step: Callable[[], None]) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        step()
+        self.sync()
+        return time.perf_counter() - t0
+
+    def measure(self, name: str, make: Callable[[], tuple[Callable[[], None], Callable[[], None]]],
+                paired: bool = False) -> float | None:
+        """``make()`` → (step, teardown); warm-up, then the median of ``reps`` synchronised steps (None if failed).
+        ``paired``: the step has an eager twin (``step.eager``); after its warm-up the two alternate (eager first in
+        even pairs, second in odd ones), and the median of the per-pair ratios eager/step lands in ``paired``."""
         self.release()
         t_start = time.perf_counter()
         teardown = None
@@ -241,14 +252,19 @@ class _Bench:
             for _ in range(self.warmup):
                 step()
             self.sync()
-            times = []
-            for _ in range(self.reps):
-                self.sync()
-                t0 = time.perf_counter()
-                step()
-                self.sync()
-                times.append(time.perf_counter() - t0)
+            times, twins = [], []
+            if paired:
+                step.eager()
+            for i in range(self.reps):
+                if paired and i % 2 == 0:
+                    twins.append(self.timed(step.eager))
+                times.append(self.timed(step))
+                if paired and i % 2 == 1:
+                    twins.append(self.timed(step.eager))
             self.samples[name] = [round(t, 6) for t in times]
+            if paired:
+                self.samples[name + "_eager"] = [round(t, 6) for t in twins]
+                self.paired[name] = statistics.median(e / c for e, c in zip(twins, times))
             result = statistics.median(times)
             self.peak_memory[name] = self.peak()
         except Exception as exc:  # noqa: BLE001 — one failed measurement (e.g. CUDA OOM) must not lose the others
@@ -410,14 +426,15 @@ class _Rig:
             else:
                 lean.use_lean_step(stage, self.unet, trainable, self.autocast)
                 optimizer = make_optimizer(stage)
-            if compiled:
-                compile_unet(self.unet, self.dev)
             gen = torch.Generator().manual_seed(SEED)  # same noise and timesteps in every measurement
 
             def step():
                 train_step(self.unet, self.scheduler, stage, optimizer, gen, autocast_dtype=self.autocast)
 
             step.stage = stage  # for explain()
+            if compiled:
+                compile_unet(self.unet, self.dev)
+                step.eager = self._eager_twin(step)
 
             def teardown():
                 optimizer.zero_grad(set_to_none=True)
@@ -437,8 +454,6 @@ class _Rig:
             lora.activate(self.unet, [T_CAV])
             set_gradient_checkpointing(self.unet, False)
             frozen = lean.FrozenMerge(self.unet, [] if plain else [T_CAV]).merge()
-            if compiled:
-                compile_unet(self.unet, self.dev)
             text = torch.cat([self.uncond, self.cond])
             t = self.ddim.timesteps[len(self.ddim.timesteps) // 2]
             x0 = torch.randn(self.latents.shape, generator=torch.Generator().manual_seed(SEED)).to(self.dev, self.dtype)
@@ -449,6 +464,10 @@ class _Rig:
                 u, v = out.chunk(2)
                 self.ddim.step(u + 9.0 * (v - u), t, x0)
 
+            if compiled:
+                compile_unet(self.unet, self.dev)
+                step.eager = self._eager_twin(step)
+
             def teardown():
                 uncompile_unet(self.unet)
                 frozen.restore()
@@ -456,6 +475,20 @@ class _Rig:
             return step, teardown
 
         return make
+
+    def _eager_twin(self, step: Callable[[], None]) -> Callable[[], None]:
+        """The same step with the UNet's compiled forward taken off for one call: what the compiled step is timed
+        against, alternating with it (``_Bench.measure(..., paired=True)``)."""
+        compiled_forward = self.unet.__dict__["forward"]
+
+        def eager():
+            del self.unet.forward
+            try:
+                step()
+            finally:
+                self.unet.forward = compiled_forward
+
+        return eager
 
     def explain(self, make) -> tuple[int, list[str]]:
         """Graph breaks of the UNet call a case's step makes, traced in that call's configuration: the step's stage
@@ -491,6 +524,9 @@ class Case:
     group: str = "timing"  # --only picks cases by name or group
     quick: bool = True  # also run with --quick
     family: str = "unet3d"  # the rig (MODELS row) the step runs on
+    # compiled cases: the JSON key of the speedup over the same step eager, measured with the two alternating
+    # (``step.eager``), so that a change of machine load hits both sides of every pair
+    paired: str | None = None
 
 
 TIMED = (
@@ -507,9 +543,10 @@ TIMED = (
     Case("uncached_step", "uncached_step_s", lambda r: r.train(CAV, T_CAV, uncached=True)),
     # measured again right after the uncached step; its spread against t_lora_step shows the timing noise
     Case("cached_step", "cached_step_s", lambda r: r.train(CAV, T_CAV), quick=False),
-    Case("t_lora_step_compiled", "compiled_step_s", lambda r: r.train(CAV, T_CAV, compiled=True), group="compile"),
+    Case("t_lora_step_compiled", "compiled_step_s", lambda r: r.train(CAV, T_CAV, compiled=True), group="compile",
+         paired="compiled_speedup"),
     Case("generation_step_compiled", "compiled_generation_step_s", lambda r: r.generation(compiled=True),
-         group="compile"),
+         group="compile", paired="compiled_generation_speedup"),
     # the cav T-LoRA step on the motion modules of SD 1.5 + v1-5-2 (S-LoRA on the image UNet, active and frozen)
     Case("animatediff_t_lora_step", "animatediff_t_lora_step_s", lambda r: r.train(CAV, T_CAV), family="animatediff"),
 )
@@ -524,6 +561,9 @@ class Count:
     make: Callable[[_Rig], Callable]
     graph_breaks: bool = True
     family: str = "unet3d"  # the rig (MODELS row) the step runs on
+    # compiled cases: the JSON key of the speedup over the same step eager, measured with the two alternating
+    # (``step.eager``), so that a change of machine load hits both sides of every pair
+    paired: str | None = None
 
 
 COUNTED = (
@@ -638,7 +678,9 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
     for family in [f for f in families if f != primary] + [primary]:
         current = _warm_rig(size, dev, dtype, family, warmup, reps, bench)
         for case in (c for c in cases if c.family == family):
-            res[case.key] = bench.measure(case.name, case.make(current))
+            res[case.key] = bench.measure(case.name, case.make(current), paired=case.paired is not None)
+            if case.paired and case.name in bench.paired:
+                res[case.paired] = bench.paired[case.name]
         if family == primary:
             rig = current  # the rig the result's model keys describe
         else:
@@ -819,8 +861,9 @@ def _result(rig: _Rig, bench: _Bench, res: dict, flops: dict, counted, quick: bo
         "timed_steps": reps,
         **res,
         "eager_step_s": eager,
-        "compiled_speedup": _ratio(eager, res.get("compiled_step_s")),
-        "compiled_generation_speedup": _ratio(res.get("generation_step_s"), res.get("compiled_generation_step_s")),
+        "compiled_speedup": res.get("compiled_speedup", _ratio(eager, res.get("compiled_step_s"))),
+        "compiled_generation_speedup": res.get("compiled_generation_speedup", _ratio(
+            res.get("generation_step_s"), res.get("compiled_generation_step_s"))),
         "lean_speedup": _ratio(res.get("t_lora_step_plain_s"), eager),
         **_count_keys(counted),
         "step_ratio": _ratio(eager, md),
@@ -887,7 +930,10 @@ def _note(r: dict, cuda: bool, size: str, cached_note: str) -> str:
                      "configuration (training: lean context, grad, autocast; generation: no grad, T-LoRA only)")
     if r.get("compiled_step_s") is not None or "t_lora_step_compiled" in r.get("errors", {}):
         parts.append("compiled step = the lean T-LoRA step with the UNet's forward under torch.compile(fullgraph="
-                     "True; CUDA: mode='reduce-overhead'), compile time excluded (warm-up); eager_step_s = t_lora_step_s")
+                     "True; CUDA: mode='reduce-overhead'; CPU: inductor layout optimization off), compile time excluded "
+                     "(warm-up); compiled_speedup (and compiled_generation_speedup) = median over pairs of "
+                     "eager/compiled time, the compiled step and its eager twin alternating in one process; "
+                     "eager_step_s = t_lora_step_s")
     if r.get("animatediff_t_lora_step_s") is not None or "animatediff_t_lora_step" in r.get("errors", {}):
         parts.append("animatediff_t_lora_step_s = the cav T-LoRA step on a random-weight UNetMotionModel (SD 1.5 "
                      "UNet + motion adapter v1-5-2 from the shipped configs; families.animatediff): T-LoRA r4 on the "
