@@ -153,7 +153,8 @@ def test_sigkill_in_the_second_clips_absorbers_then_resume(several, tiny_model, 
 
     out = tmp_path / "run"
     argv = _several(tiny_video, blue_video, tiny_model, out)[1:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the killed process computes what the in-process reference run did: the same thread count, so the same sums
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "cav.cli", "train", *argv], env=env, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 600
