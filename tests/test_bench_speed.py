@@ -140,3 +140,60 @@ def test_graph_breaks_are_counted_in_the_steps_own_configuration():
     result = run_speed(device="cpu", size="tiny", quick=True, only=["graph_breaks"])
     assert not result["errors"], result["errors"]
     assert result["graph_breaks"] == {"training": 0, "generation": 0}
+
+
+def test_animatediff_row_runs_on_its_own_rig(result):
+    """The AnimateDiff case is one TIMED row on the family's own rig (tiny AnimateDiff here): its time, op count and
+    adapters are reported beside the UNet3D rig's, with the T-LoRA on the motion modules only."""
+    from cav.adapters import lora
+    from cav.bench.speed import MODELS
+
+    assert result["animatediff_t_lora_step_s"] > 0 and result["animatediff_ops_per_step"] > 0
+    fam = result["families"]
+    assert set(fam) == {"unet3d", "animatediff"}
+    assert fam["unet3d"]["unet_params"] == result["unet_params"]
+    ad = fam["animatediff"]
+    assert ad["latent_shape"] == [1, 4, 4, 8, 8] and ad["text_shape"][0] == 1  # one condition per video (hook)
+    unet = MODELS["animatediff"].unet("tiny")
+    n = lora.add_lora(unet, "t", lora.lora_config("temporal", "cav", 4, 1.0, "animatediff"))
+    assert ad["adapted_modules"]["cav"] == n and ad["trainable_params"]["cav"] == lora.count_parameters(unet, "t")
+    assert all("motion_modules" in name for name, m in unet.named_modules() if hasattr(m, "lora_A") and m.lora_A)
+    assert "AnimateDiff T-LoRA step" in format_table(result)
+
+
+def test_paired_measurement_alternates_and_takes_the_median_ratio(monkeypatch):
+    """A compiled case is timed against its eager twin in alternating pairs (so load changes hit both sides); the
+    speedup is the median of the per-pair ratios."""
+    from cav.bench import speed
+
+    order, now = [], [0.0]
+    durations = {"step": 1.0, "eager": 3.0}
+
+    def tick(kind):
+        order.append(kind)
+        now[0] += durations[kind]
+
+    step = lambda: tick("step")  # noqa: E731
+    step.eager = lambda: tick("eager")
+    bench = speed._Bench(torch.device("cpu"), warmup=1, reps=4)
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: now[0])  # advances only by the fake steps' durations
+    result = bench.measure("case", lambda: (step, lambda: None), paired=True)
+    assert order == ["step", "eager"] + ["eager", "step", "step", "eager"] * 2  # warm-ups, then alternating pairs
+    assert result == 1.0 and bench.paired["case"] == 3.0
+    assert bench.samples["case_eager"] == [3.0] * 4
+
+
+def test_cpu_compile_turns_inductor_layout_optimization_off(monkeypatch):
+    """On the CPU the compiled UNet keeps its convolutions' layout (channels-last conversions made the full-size step
+    slower than eager: docs/PERFORMANCE.md); on CUDA it uses CUDA graphs instead."""
+    from cav import accel
+
+    seen = []
+    monkeypatch.setattr(accel.torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    unet = torch.nn.Linear(2, 2)
+    accel.compile_unet(unet, torch.device("cpu"))
+    accel.compile_unet(unet, torch.device("cuda"))
+    accel.compile_unet(unet, torch.device("cpu"), backend="aot_eager")
+    assert seen[0]["options"] == {"layout_optimization": False} and seen[0]["mode"] is None
+    assert seen[1]["options"] is None and seen[1]["mode"] == "reduce-overhead"
+    assert seen[2]["options"] is None and seen[2]["fullgraph"] is True

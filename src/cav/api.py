@@ -19,8 +19,8 @@ from .adapters.textual_inversion import TextualInversion
 from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
 from .sampling import sample_video
-from .stages import (T_LORA, ClipInputs, absorber_stage, active_adapters, given_absorbers, make_textual_inversion,
-                     s_lora_name, t_lora_stage)
+from .stages import (S_LORA, T_LORA, ClipInputs, absorber_stage, active_adapters, given_absorbers,
+                     make_textual_inversion, s_lora_name, t_lora_stage)
 from .trainer import JsonlLog, make_optimizer, run_stage
 
 ASSETS = Path(__file__).parent / "assets"
@@ -42,7 +42,7 @@ def plan(cfg: TrainConfig, clips: int = 1) -> dict:
             n = lora.add_lora(unet, name, cfg.lora_config("spatial", family.name), low_cpu_mem_usage=True)
             stages.append({"name": name, "trainable_params": lora.count_parameters(unet, name), "modules": n, **own})
         if cfg.uses_ti:
-            dim = _text_hidden_size(cfg.base, unet_config)
+            dim = _text_hidden_size(cfg.base, unet_config, family)
             stages.append({"name": "textual_inversion" + (f" {cfg.clip_token(k)}" if clips > 1 else ""),
                            "trainable_params": cfg.ti_tokens * dim, "modules": 1, **own})
     n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal", family.name), low_cpu_mem_usage=True)
@@ -53,12 +53,13 @@ def plan(cfg: TrainConfig, clips: int = 1) -> dict:
             "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {})}
 
 
-def _text_hidden_size(base: str, unet_config: dict) -> int:
+def _text_hidden_size(base: str, unet_config: dict, family) -> int:
+    """Width of one TI token over all of the family's text encoders (SDXL: CLIP-L's 768 + OpenCLIP-G's 1280)."""
     resolved = backbone_mod.resolve_base(base)
-    path = Path(resolved) / "text_encoder" / "config.json"
-    if path.is_file():
-        return int(json.loads(path.read_text())["hidden_size"])
-    return int(unet_config["cross_attention_dim"])  # the UNet attends to the text encoder's hidden states
+    paths = [Path(resolved) / part.encoder / "config.json" for part in backbone_mod.CONDITIONS[family.condition].parts]
+    if all(p.is_file() for p in paths):
+        return sum(int(json.loads(p.read_text())["hidden_size"]) for p in paths)
+    return int(unet_config["cross_attention_dim"])  # the UNet attends to the text encoders' hidden states
 
 
 # ----------------------------------------------------------------------------------------------------- train
@@ -67,19 +68,18 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     """Run the staged method on one reference video (or a list of clips of one motion); returns the run folder
     (its files: ``runfolder.py``).
 
-    With ``resume`` the run continues from its furthest checkpoint (adapters, optimizer, RNG, stage and step), so
-    it ends with the same adapters as an uninterrupted run; it must be the same clip, and without selection flags
-    it uses the frame selection the run recorded. Several clips: each gets its own absorbers in stage 1 (own S-LoRA,
-    TI tokens ``cfg.clip_token(k)``, spatial prompt), and stage 2 trains one T-LoRA over all of them.
+    With ``resume`` the run continues from its furthest checkpoint (adapters, optimizer, RNG, stage, clip and step),
+    so it ends with the same adapters as an uninterrupted run; it must be the same clips in the same order (and the
+    same ``--s-lora-from``/``--ti-from`` files), and without selection flags it uses the frame selection the run
+    recorded. Several clips: each gets its own absorbers in stage 1 (own S-LoRA, TI tokens ``cfg.clip_token(k)``,
+    spatial prompt), and stage 2 trains one T-LoRA over all of them. Validation samples start as ``cfg``'s
+    ``validation_*`` start options say (the reference: the run's first clip), as `cav generate` would.
     """
     from .data.video import check_exists, read_video, to_tensor
 
     videos = [video] if isinstance(video, (str, Path)) else list(video)
     if not cfg.prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
-    cfg.check_clips(len(videos))
-    if resume and len(videos) > 1:
-        raise CavError("--resume of a run on several clips is not supported: start it again with --overwrite")
     if cfg.absorbers_given and len(videos) > 1:
         raise CavError("--s-lora-from / --ti-from give one clip's absorbers: train on one clip, or drop them so "
                        "each clip trains its own")
@@ -90,10 +90,16 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     records = [runfolder.clip_record(check_exists(v), {**cfg.frame_selection(), **(video_options or {})})
                for v in videos]
     clip = records[0]
+    cfg = _validation_paths(cfg, len(videos))
+    val = cfg.sample_config(run=out.absolute())
+    image = generation.read_image_input(val, tuple(cfg.size))  # a bad --validation-image: refused before any work
     if resume:
-        clip["selection"] = runfolder.resumed_selection(out, clip)
+        selection = runfolder.resumed_selection(out, records, cfg)
+        for r in records:
+            r["selection"] = selection
         if runfolder.finished(out, cfg):
             return out  # nothing left to train: the run and its summary stay as they are
+    cfg.check_clips(len(videos))  # after a resume's check of the clips: a wrong clip list is named as such
     frames_u8 = [read_video(v, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **r["selection"])
                  for v, r in zip(videos, records)]
     selection = {k: clip["selection"].get(k) for k in ("stride", "fps", "start", "end")}
@@ -110,7 +116,8 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     if accel.wants_compile(cfg.compile, bb.device):
         accel.compile_unet(bb.unet, bb.device)
     runfolder.start(out, cfg, point)
-    runfolder.record_clip(out, clip if len(records) == 1 else {**clip, "clips": records})
+    runfolder.record_clip(out, runfolder.data_record(records, cfg))
+    starts = generation.StartInputs(generation.read_reference(val, tuple(cfg.size)), image)  # via the run, as generate
     log = JsonlLog(out / "log.jsonl")
     run = dict(max_grad_norm=cfg.max_grad_norm, quiet=quiet,
                autocast_dtype=lean.autocast_dtype(bb.device, bb.dtype))
@@ -121,7 +128,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
         # one clip: its frozen S-LoRA is folded into the weights for stage 2 (several clips switch S-LoRAs per step)
         frozen = lean.FrozenMerge(bb.unet, [clips[0].s_lora] if len(clips) == 1 and clips[0].s_lora else [])
         stage = t_lora_stage(bb, cfg, clips[0].frames, clips[0].ti,
-                             frozen.unmerged_during(runfolder.t_lora_checkpoint(bb, cfg, out, active, clock)),
+                             frozen.unmerged_during(runfolder.t_lora_checkpoint(bb, cfg, out, active, clock, starts)),
                              clips=clips)
         t_point = point if point and point.stage == "t_lora" else None
         start, opt = _restore(bb, cfg, stage, t_point, clips[0].ti, gen) if t_point else (0, None)
@@ -133,36 +140,53 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     return out
 
 
+def _validation_paths(cfg: TrainConfig, clips: int) -> TrainConfig:
+    """The validation start's image as an absolute path (its recipe is read from anywhere), its reference clip one
+    of the run's."""
+    if cfg.validation_reference_clip > clips:
+        raise CavError(f"--validation-reference-clip {cfg.validation_reference_clip} is out of range: the run has "
+                       f"{clips} clip(s), pass 1 to {clips}")
+    if not cfg.validation_image:
+        return cfg
+    return dataclasses.replace(cfg, validation_image=str(Path(cfg.validation_image).absolute()))
+
+
 def _absorbers(bb, cfg: TrainConfig, k: int, frames: torch.Tensor, out: Path, point, gen, log, clock, run: dict,
                several: bool) -> ClipInputs:
-    """Stage 1 for clip ``k``: its own TI tokens and S-LoRA trained on its frames under its spatial prompt, published
-    under ``absorbers/`` (checkpointed and resumable for a run on one clip); ``--s-lora-from``/``--ti-from``: the
-    given absorbers instead (one clip)."""
+    """Stage 1 for clip ``k``: its own TI tokens and S-LoRA trained on its frames under its spatial prompt,
+    checkpointed (``absorbers-clip-K-step-N`` for clip K ≥ 1) and published under ``absorbers/`` (``clip-K/``);
+    ``--s-lora-from``/``--ti-from``: the given absorbers instead (one clip). Resumed at ``point``: clips finished
+    before it are loaded as published, the clip it holds continues from it, later clips train anew."""
     ti = None
     if cfg.uses_ti:
         ti = (make_textual_inversion(bb, cfg) if k == 0 else
-              TextualInversion(bb.tokenizer, bb.text_encoder, cfg.clip_token(k), cfg.ti_tokens, cfg.ti_init))
+              TextualInversion.into(bb.text_parts(), cfg.clip_token(k), cfg.ti_tokens, cfg.ti_init))
+    name = s_lora_name(k)
     if cfg.absorbers_given:  # existing appearance work, no stage 1
         given_absorbers(bb, cfg)
         runfolder.publish_absorbers(bb, cfg, out, ti)
     elif cfg.absorbers != "none":
-        save = None if several else runfolder.absorber_checkpoint(bb, cfg, out, ti, clock)
+        save = runfolder.absorber_checkpoint(bb, cfg, out, ti, clock, k, name)
         stage = absorber_stage(bb, cfg, frames, ti, save, clip=k)
-        if point and point.stage == "t_lora":  # absorbers finished before the interruption
-            runfolder.load_absorbers(bb, cfg, out / "absorbers", ti)
+        if point and (point.stage == "t_lora" or point.clip > k):  # finished before the interruption
+            runfolder.load_absorbers(bb, cfg, runfolder.absorber_dir(out, k), ti, name)
         else:
-            start, opt = _restore(bb, cfg, stage, point, ti, gen) if point else (0, None)
-            run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
-            runfolder.publish_absorbers(bb, cfg, out, ti, k, s_lora_name(k))
-    return ClipInputs(frames, ti, s_lora_name(k) if cfg.uses_s_lora else None)
+            start, opt = _restore(bb, cfg, stage, point, ti, gen, name) if point and point.clip == k else (0, None)
+            # a run on several clips tags its absorber log lines with the clip (a resume cuts the log by it)
+            clip_log = (lambda record: log({**record, "clip": k})) if several else log
+            run_stage(bb.unet, bb.scheduler, stage, gen, clip_log, start_step=start, optimizer=opt, **run)
+            runfolder.publish_absorbers(bb, cfg, out, ti, k, name)
+    return ClipInputs(frames, ti, name if cfg.uses_s_lora else None)
 
 
-def _restore(bb, cfg: TrainConfig, stage, point: resume_mod.ResumePoint, ti, gen) -> tuple[int, torch.optim.Optimizer]:
-    """Load a checkpoint's adapter weights, optimizer and RNG state into a freshly built stage."""
+def _restore(bb, cfg: TrainConfig, stage, point: resume_mod.ResumePoint, ti, gen,
+             s_lora: str = S_LORA) -> tuple[int, torch.optim.Optimizer]:
+    """Load a checkpoint's adapter weights (absorbers: into adapter ``s_lora``), optimizer and RNG state into a
+    freshly built stage."""
     if point.stage == "t_lora":
         lora.load_lora_weights(bb.unet, point.folder / "t_lora", T_LORA)
     else:
-        runfolder.load_absorbers(bb, cfg, point.folder, ti)
+        runfolder.load_absorbers(bb, cfg, point.folder, ti, s_lora)
     opt = make_optimizer(stage)
     return resume_mod.load_state(point.folder, opt, gen), opt
 
@@ -190,7 +214,10 @@ def load_adapters(bb, adapters: list[tuple[str, float | None]], image_loras: lis
         if not Path(file).is_file():
             raise CavError(f"textual inversion file '{file}' does not exist: pass a .safetensors file from absorbers/")
         try:
-            bb.pipeline().load_textual_inversion(str(file))
+            if len(bb.text_encoders) > 1:  # one tensor per encoder (clip_l, clip_g): diffusers loads one at a time
+                TextualInversion.from_file(bb.text_parts(), Path(file), placeholder=None)
+            else:
+                bb.pipeline().load_textual_inversion(str(file))
         except ValueError as exc:
             raise CavError(f"could not load textual inversion '{file}': {str(exc).splitlines()[0][:160]}") from None
     return metas

@@ -6,11 +6,12 @@ A *base* is one of:
   ``text_encoder/``, ``tokenizer/``, ``scheduler/``);
 - a hub id such as ``damo-vilab/text-to-video-ms-1.7b`` (needs network or a populated local cache);
 - an AnimateDiff model: a diffusers folder or hub id whose ``unet/`` is a ``UNetMotionModel``, or a Stable Diffusion
-  image model (``unet/`` = ``UNet2DConditionModel``) plus ``motion_adapter`` (a ``MotionAdapter`` folder or hub id).
+  image model (``unet/`` = ``UNet2DConditionModel``) plus ``motion_adapter`` (a ``MotionAdapter`` folder or hub id);
+  SD 1.5 (``AnimateDiffPipeline``) or SDXL (``AnimateDiffSDXLPipeline``: a second text encoder, ``text_encoder_2``).
 
-Families of bases are the rows of ``FAMILIES``: the UNet class each one loads and the pipeline that samples from it.
-Targets (``adapters/targets.py``) and temporal layers (``bypass.py``) have one row per family too; the rest of cav
-only passes ``Backbone.family`` along.
+Families of bases are the rows of ``FAMILIES``: the UNet class each one loads, the pipeline that samples from it and
+how its UNet is conditioned on text (``conditioning.CONDITIONS``). Targets (``adapters/targets.py``) and temporal
+layers (``bypass.py``) have one row per family too; the rest of cav only passes ``Backbone.family`` along.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .conditioning import CONDITIONS
 from .errors import CavError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -31,7 +33,8 @@ TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ASSETS = Path(__file__).parent / "assets"
 # hub ids whose small JSON files ship in ``assets/`` as <prefix>_<path with / as _> (plans and checks work offline)
-SHIPPED_CONFIGS = {"damo-vilab/text-to-video-ms-1.7b": "modelscope"}
+SHIPPED_CONFIGS = {"damo-vilab/text-to-video-ms-1.7b": "modelscope", "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+                   "guoyww/animatediff-motion-adapter-sdxl-beta": "animatediff_motion_adapter_sdxl_beta"}
 HUB_TIMEOUT_S = 5.0  # one request to the hub before a download; its absence is reported instead of retried
 PIPELINE_MULTIPLE = 8  # diffusers' TextToVideoSD- and AnimateDiffPipeline.check_inputs: height, width divisible by 8
 FRAME_LIMIT_KEY = "motion_max_seq_length"  # bounds the frames of AnimateDiff motion modules (positional embeddings);
@@ -48,15 +51,18 @@ class Family:
     pipeline_class: str
     pipeline_extra: tuple[tuple[str, object], ...] = ()  # constructor arguments the pipeline needs besides ours
     per_frame_condition: bool = False  # the UNet wants one text condition per frame (B·F, L, D), not per video
+    condition: str = "clip"  # how the text condition is built and passed (a row of conditioning.CONDITIONS)
 
 
+_MOTION = (("motion_adapter", None),)
 FAMILIES = {
     "unet3d": Family("unet3d", "UNet3DConditionModel", "TextToVideoSDPipeline"),
-    "animatediff": Family("animatediff", "UNetMotionModel", "AnimateDiffPipeline", (("motion_adapter", None),),
-                          per_frame_condition=True),
+    "animatediff": Family("animatediff", "UNetMotionModel", "AnimateDiffPipeline", _MOTION, per_frame_condition=True),
+    "animatediff-sdxl": Family("animatediff-sdxl", "UNetMotionModel", "AnimateDiffSDXLPipeline", _MOTION,
+                               per_frame_condition=True, condition="sdxl"),
 }
 IMAGE_UNET = "UNet2DConditionModel"  # an image model: with a motion adapter it becomes an AnimateDiff base
-MOTION_FAMILY = "animatediff"  # the family an image model plus a motion adapter belongs to
+MOTION_FAMILY = "animatediff"  # the family an image model plus a motion adapter belongs to (its SDXL variant below)
 
 
 def resolve_base(base: str | Path) -> str:
@@ -178,6 +184,15 @@ def read_motion_adapter_config(adapter: str | Path) -> dict:
     return config
 
 
+def _condition_of(index: dict) -> str:
+    """The text condition a model_index.json describes: SDXL layouts have a second text encoder."""
+    return "sdxl" if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None else "clip"
+
+
+def _family(unet_cls: str, condition: str) -> Family | None:
+    return next((f for f in FAMILIES.values() if f.unet_class == unet_cls and f.condition == condition), None)
+
+
 def family_of(base: str | Path, motion_adapter: str | None = None) -> Family:
     """The family of a base, from its model_index.json (and whether a motion adapter animates it)."""
     resolved = resolve_base(base)
@@ -186,18 +201,21 @@ def family_of(base: str | Path, motion_adapter: str | None = None) -> Family:
     except CavError:  # an unreachable hub id: take the family the arguments say; loading it reports the problem
         index = {"unet": [None, IMAGE_UNET if motion_adapter else FAMILIES["unet3d"].unet_class]}
     unet_cls = (index.get("unet") or [None, FAMILIES["unet3d"].unet_class])[1]
+    condition = _condition_of(index)
     if motion_adapter:
         if unet_cls != IMAGE_UNET:
             raise CavError(f"--motion-adapter needs an image model base ({IMAGE_UNET}), but '{base}' has a {unet_cls}: "
                            "pass a Stable Diffusion folder or drop --motion-adapter")
-        return FAMILIES[MOTION_FAMILY]
-    for family in FAMILIES.values():
-        if family.unet_class == unet_cls:
-            return family
+        return _family(FAMILIES[MOTION_FAMILY].unet_class, condition)
+    family = _family(unet_cls, condition)
+    if family is not None:
+        return family
     if unet_cls == IMAGE_UNET:
-        raise CavError(f"base '{base}' is an image model: pass --motion-adapter (e.g. "
-                       "guoyww/animatediff-motion-adapter-v1-5-2) to animate it with AnimateDiff")
-    known = ", ".join(f.unet_class for f in FAMILIES.values())
+        example = ("guoyww/animatediff-motion-adapter-sdxl-beta" if condition == "sdxl" else
+                   "guoyww/animatediff-motion-adapter-v1-5-2")
+        raise CavError(f"base '{base}' is an image model: pass --motion-adapter (e.g. {example}) to animate it with "
+                       "AnimateDiff")
+    known = ", ".join(dict.fromkeys(f.unet_class for f in FAMILIES.values()))
     raise CavError(f"base '{base}' has a {unet_cls}: cav supports bases whose unet is one of {known}")
 
 
@@ -207,7 +225,8 @@ def check_motion_adapter_fits(unet_config: dict, adapter_config: dict, adapter: 
     ad_ch = list(adapter_config.get("block_out_channels", ()))
     if unet_ch != ad_ch:
         raise CavError(f"motion adapter '{adapter}' is made for UNet channels {ad_ch}, but the image UNet has "
-                       f"{unet_ch}: pick the motion adapter of this base (e.g. v1-5-2 for Stable Diffusion 1.5)")
+                       f"{unet_ch}: pick the motion adapter of this base (e.g. v1-5-2 for Stable Diffusion 1.5, "
+                       "sdxl-beta for SDXL)")
 
 
 def empty_unet(base: str | Path, motion_adapter: str | None = None) -> tuple[torch.nn.Module, Family]:
@@ -223,22 +242,32 @@ def empty_unet(base: str | Path, motion_adapter: str | None = None) -> tuple[tor
             check_motion_adapter_fits(config, ad_config, motion_adapter)
             image = diffusers.UNet2DConditionModel.from_config(config)
             adapter = diffusers.MotionAdapter.from_config(ad_config)
-            unet = _motion_unet(image, adapter, motion_adapter, load_weights=False)
+            unet = motion_unet(image, adapter, motion_adapter, load_weights=False)
         else:
             unet = getattr(diffusers, family.unet_class).from_config(config)
     return unet, family
 
 
-def _motion_unet(image_unet, adapter, name: str, load_weights: bool = True):
+def motion_unet(image_unet, adapter, name: str = "motion adapter", load_weights: bool = True):
+    """The ``UNetMotionModel`` of an image UNet plus a motion adapter, carrying *every* image weight.
+
+    diffusers 0.42.1's ``UNetMotionModel.from_unet2d`` copies the blocks, time embedding and conv layers but not
+    ``add_embedding``, SDXL's projection of the pooled text embedding and time ids, which stays at its random init;
+    so every image weight is copied again by name (the motion UNet names them as the image UNet does)."""
     from diffusers import UNetMotionModel
 
     try:
-        return UNetMotionModel.from_unet2d(image_unet, adapter, load_weights=load_weights)
+        unet = UNetMotionModel.from_unet2d(image_unet, adapter, load_weights=load_weights)
     except (ValueError, RuntimeError) as exc:  # diffusers' own compatibility checks
         first = str(exc).strip().splitlines()[0][:160]
         raise CavError(f"motion adapter '{name}' does not fit the image UNet ({first}): "
                        "pick the motion adapter of this base") from None
-
+    if load_weights:
+        unexpected = unet.load_state_dict(image_unet.state_dict(), strict=False).unexpected_keys
+        if unexpected:
+            raise CavError(f"motion adapter '{name}' does not fit the image UNet (no place for {unexpected[0]}): "
+                           "pick the motion adapter of this base")
+    return unet
 
 # ------------------------------------------------------------------------------------------- shape constraints
 def shape_unit(unet_config: dict, vae_config: dict) -> tuple[int, str]:
@@ -333,6 +362,21 @@ class Backbone:
     family: str = "unet3d"
     motion_adapter: str | None = None
     reported: set = field(default_factory=set, repr=False, compare=False)  # prompts already warned about (cut)
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder (OpenCLIP bigG) and its tokenizer
+    tokenizer_2: object = None
+
+    @property
+    def condition(self):
+        """How this base's UNet is conditioned on text (a row of ``conditioning.CONDITIONS``)."""
+        return CONDITIONS[FAMILIES[self.family].condition]
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self, part.encoder) for part in self.condition.parts]
+
+    def text_parts(self) -> list[tuple[str | None, object, torch.nn.Module]]:
+        """(textual-inversion file key, tokenizer, text encoder) of each text encoder: where TI tokens go."""
+        return [(p.ti_key, getattr(self, p.tokenizer), getattr(self, p.encoder)) for p in self.condition.parts]
 
     @property
     def vae_scale(self) -> float:
@@ -343,18 +387,19 @@ class Backbone:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def pipeline(self):
-        """The family's diffusers pipeline (``TextToVideoSDPipeline``, ``AnimateDiffPipeline``) over these very
-        modules (no copies)."""
+        """The family's diffusers pipeline (``TextToVideoSDPipeline``, ``AnimateDiffPipeline``,
+        ``AnimateDiffSDXLPipeline``) over these very modules (no copies)."""
         import diffusers
         from diffusers import DDIMScheduler
 
         family = FAMILIES[self.family]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            text = {name: getattr(self, name) for part in self.condition.parts
+                    for name in (part.encoder, part.tokenizer)}
             pipe = getattr(diffusers, family.pipeline_class)(
                 vae=self.vae,
-                text_encoder=self.text_encoder,
-                tokenizer=self.tokenizer,
+                **text,
                 unet=self.unet,
                 scheduler=DDIMScheduler.from_config(self.scheduler.config),
                 **dict(family.pipeline_extra),
@@ -373,30 +418,45 @@ def _load_unet(family: Family, source: str, motion_adapter: str | None, dt: torc
     adapter_kw = _hub_kwargs(adapter_src, "motion adapter", "--motion-adapter", marker="config.json")
     adapter = diffusers.MotionAdapter.from_pretrained(adapter_src, torch_dtype=dt, **adapter_kw)
     check_motion_adapter_fits(dict(image.config), dict(adapter.config), motion_adapter)
-    return _motion_unet(image, adapter, motion_adapter)
+    return motion_unet(image, adapter, motion_adapter)
 
 
-def _per_frame_condition(module, args: tuple, kwargs: dict):
-    """Forward pre-hook: repeat a per-video text condition (B, L, D) for each frame of a (B, C, F, H, W) sample.
+def attach_condition(unet: torch.nn.Module, family: Family, vae_factor: int = 8) -> None:
+    """Register the forward pre-hook that turns cav's one text-condition tensor per video into what the family's
+    UNet takes (nothing for a UNet that takes it as it is). ``vae_factor`` turns latent sizes into the pixel sizes of
+    SDXL's time ids."""
+    condition = CONDITIONS[family.condition]
+    if family.per_frame_condition or condition.packed:
+        unet.register_forward_pre_hook(
+            lambda module, args, kwargs: _adapt_condition(module, args, kwargs, condition, family.per_frame_condition,
+                                                          vae_factor), with_kwargs=True)
 
-    ``UNetMotionModel`` takes the condition per frame (``AnimateDiffPipeline`` repeats it before calling); cav's
-    trainer passes one per video, as UNet3D takes it. A condition already per frame is left alone."""
-    sample = args[0] if args else kwargs.get("sample")
-    positional = len(args) > 2
-    cond = args[2] if positional else kwargs.get("encoder_hidden_states")
-    if cond is None or sample is None or sample.ndim != 5 or sample.shape[2] == 1 or cond.shape[0] != sample.shape[0]:
+
+def _adapt_condition(module, args: tuple, kwargs: dict, condition, per_frame: bool, vae_factor: int):
+    """Unpack a packed condition into ``added_cond_kwargs`` (``conditioning`` module doc), then repeat a per-video
+    condition (B, L, D) for each frame of a (B, C, F, H, W) sample: ``UNetMotionModel`` takes it per frame, as
+    ``AnimateDiffPipeline`` passes it. A call that brings its own ``added_cond_kwargs`` or a per-frame condition
+    (the pipeline's) is left alone."""
+    if len(args) > 3:  # positional arguments beyond the condition: a caller that passes the UNet's own inputs
         return None
-    cond = cond.repeat_interleave(sample.shape[2], dim=0)
-    if positional:
-        return (*args[:2], cond, *args[3:]), kwargs
-    return args, {**kwargs, "encoder_hidden_states": cond}
+    call = {**dict(zip(("sample", "timestep", "encoder_hidden_states"), args)), **kwargs}
+    sample, cond = call.get("sample"), call.get("encoder_hidden_states")
+    if sample is None or cond is None:
+        return None
+    if condition.packed and call.get("added_cond_kwargs") is None:
+        call["encoder_hidden_states"], call["added_cond_kwargs"] = condition.unpack(module.config, sample, cond,
+                                                                                    vae_factor)
+    cond = call["encoder_hidden_states"]
+    if per_frame and sample.ndim == 5 and sample.shape[2] > 1 and cond.shape[0] == sample.shape[0]:
+        call["encoder_hidden_states"] = cond.repeat_interleave(sample.shape[2], dim=0)
+    return (), call
 
 
 def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
          motion_adapter: str | None = None) -> Backbone:
     """Load a base model (see module doc) with frozen weights on ``device`` in ``dtype``."""
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     source = resolve_base(base)
     motion_adapter = str(motion_adapter) if motion_adapter else None
@@ -404,21 +464,25 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     kw = _hub_kwargs(source, "base", "--base")
+    text = {}
     try:
         unet = _load_unet(family, source, motion_adapter, dt, kw)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dt, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dt, **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        for part in CONDITIONS[family.condition].parts:  # the family's text encoder(s) and tokenizer(s)
+            text[part.encoder] = getattr(transformers, part.encoder_class).from_pretrained(
+                source, subfolder=part.encoder, torch_dtype=dt, **kw)
+            text[part.tokenizer] = transformers.CLIPTokenizer.from_pretrained(source, subfolder=part.tokenizer, **kw)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
     except CavError:
         raise
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CavError(f"could not load base '{base}': {first[:200]} — check the folder is a complete diffusers T2V model") from None
-    if family.per_frame_condition:
-        unet.register_forward_pre_hook(_per_frame_condition, with_kwargs=True)
-    for module in (unet, vae, text_encoder):
+    attach_condition(unet, family, 2 ** (len(vae.config.block_out_channels) - 1))
+    encoders = [text[p.encoder] for p in CONDITIONS[family.condition].parts]
+    for module in (unet, vae, *encoders):
         module.requires_grad_(False)
         module.eval()
         module.to(dev)
-    return Backbone(unet, vae, text_encoder, tokenizer, scheduler, source, dev, dt, family.name, motion_adapter)
+    return Backbone(unet, vae, text.pop("text_encoder"), text.pop("tokenizer"), scheduler, source, dev, dt,
+                    family.name, motion_adapter, **text)

@@ -43,7 +43,8 @@ RECIPE_KEYS = tuple(k for k in TrainConfig.field_names() if k not in ("prompt", 
 KNOWN = set(REQUIRED) | {"name"} | set(VIDEO_KEYS) | set(RECIPE_KEYS)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 STATE = "batch.json"
-PATH_KEYS = tuple(k for k in ("base", "motion_adapter", "s_lora_from", "ti_from") if k in TrainConfig.field_names())
+PATH_KEYS = tuple(k for k in ("base", "motion_adapter", "s_lora_from", "ti_from", "validation_image")
+                  if k in TrainConfig.field_names())
 RESERVED = ("index.json", "index.md", "library.png")  # the library's own files in OUT
 LOCK = ".batch.lock"
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".yaml": "yaml", ".yml": "yaml"}
@@ -516,7 +517,7 @@ def check_cluster_paths(steps: list[Step], out: Path) -> None:
     write_text(probe, "cav batch probe\n")
     paths = {str(s.row.clip): f"clip of line {s.row.line}" for s in steps}
     paths.update({getattr(s.row.cfg, k): k for s in steps for k in PATH_KEYS
-                  if Path(getattr(s.row.cfg, k)).is_absolute()})
+                  if Path(getattr(s.row.cfg, k) or "").is_absolute()})
     paths[str(probe)] = f"--out '{out}'"
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]

@@ -71,6 +71,10 @@ def build_config(args: argparse.Namespace):
 
 def cmd_train(args) -> int:
     cfg = build_config(args)  # bad recipe values and flags fail here, before the libraries load
+    if args.clips:  # the clips (and their spatial prompts) from a manifest
+        from .clips import apply
+
+        args.video, cfg = apply(args.clips, args.video, cfg, args.spatial_prompt is not None)
     _quiet_libraries()
     from . import api
 
@@ -103,12 +107,13 @@ def _interrupt_hint(args) -> str:
         again = [args.manifest, "--out", args.out] + (["--recipe", args.recipe] if args.recipe else []) + (
             ["--address", args.address] if args.address else [])
         return f"; running rows checkpointed their last step: continue with `cav batch {shlex.join(again)}`"
-    if getattr(args, "command", None) != "train" or len(getattr(args, "video", None) or []) != 1:
-        return ""  # runs on several clips do not resume
+    if getattr(args, "command", None) != "train" or not getattr(args, "video", None):
+        return ""
     out = Path(args.out)
+    clips = ["--clips", str(args.clips)] if getattr(args, "clips", None) else [str(v) for v in args.video]
     if resume.latest(out) is not None:
         return (f"; the last completed step is checkpointed: continue with "
-                f"`cav train {shlex.quote(str(args.video[0]))} --resume --out {shlex.quote(str(out))}`")
+                f"`cav train {shlex.join(clips)} --resume --out {shlex.quote(str(out))}`")
     if out.is_dir() and any(out.iterdir()):
         return "; no checkpoint was saved yet, so there is nothing to resume: start over with --overwrite"
     return "; no checkpoint was saved yet: run the same command again"
@@ -126,6 +131,8 @@ def _add_train(sub) -> None:
     _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it "
          "[default: none: the defaults shown]", metavar="NAME_OR_YAML")
     _opt(t, "--out", "run folder", "runs/train", metavar="DIR")
+    _opt(t, "--clips", "the clips of one motion from a .csv or .yaml file with the fields clip and spatial_prompt, "
+         "one row per clip, in order (instead of clip arguments and --spatial-prompt) [default: none]", metavar="FILE")
     t.add_argument("--dry-run", action="store_true", help="print the plan (parameters per stage) without weights")
     t.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -79,8 +80,11 @@ class SampleConfig:
                                    default_text="the weight the adapter's run validated with, else 1",
                                    parse=lambda w: None if w is None else check_weight(w, "lora_weight"))
     # where sampling starts (cav.sampling: the formulas) and the weight x seed grid
-    reference: str | None = _f(None, "reference clip for --noise-prior / --invert (e.g. the training clip)",
-                               metavar="CLIP")
+    reference: str | None = _f(None, "reference for --noise-prior / --invert: a clip (video or image folder), or a "
+                               "run folder of `cav train` (its own clip, with the frames and fit the run used)",
+                               metavar="CLIP_OR_RUN")
+    reference_clip: int = _f(1, "with --reference RUN of a run on several clips: which of its clips, counted from 1 "
+                             "in `cav train`'s order", metavar="K")
     noise_prior: float = _f(0.0, "start from sqrt(A)·reference latents + sqrt(1-A)·noise, A in [0, 1] (needs "
                             "--reference; the reference's latents are DDIM-inverted with --invert, else noised)",
                             metavar="A")
@@ -117,14 +121,17 @@ class SampleConfig:
         if not 0.0 <= self.noise_prior <= 1.0:
             raise CavError(f"noise_prior (--noise-prior) {self.noise_prior} is invalid: pass a value in [0, 1]")
         if (self.noise_prior > 0 or (self.invert and not self.image)) and not self.reference:
-            raise CavError("--noise-prior and --invert start from a reference clip: pass --reference CLIP "
-                           "(or --image FILE with --invert)")
+            raise CavError("--noise-prior and --invert start from a reference clip: pass --reference CLIP (or RUN, "
+                           "the run's own clip), or --image FILE with --invert")
         if self.image and (self.reference or self.noise_prior > 0):
             raise CavError("--image starts from the image: drop --reference / --noise-prior, or drop --image")
         if not 0.0 < self.strength <= 1.0:
             raise CavError(f"strength (--strength) {self.strength} is invalid: pass a value in (0, 1], e.g. 0.6")
         if self.inversion_steps is not None and self.inversion_steps < 1:
             raise CavError(f"inversion_steps (--inversion-steps) must be ≥ 1, got {self.inversion_steps}")
+        if self.reference_clip < 1:
+            raise CavError(f"reference_clip (--reference-clip) must be ≥ 1 (the first clip is 1), got "
+                           f"{self.reference_clip}")
         self.weights = [check_weight(w, "--weights entry", zero_ok=True, example="0.5,0.75,1") for w in self.weights]
         for name in ("weights", "seeds"):
             values = getattr(self, name)
@@ -237,6 +244,20 @@ class TrainConfig:
     lora_weight: float = _f(1.0, "T-LoRA weight in validation samples, in (0, 4], recorded as the default weight of "
                             "`cav generate --adapter RUN` (a smaller scale keeps more of the new appearance)",
                             parse=lambda w: check_weight(w, "lora_weight"))
+    # where validation samples start: `cav generate`'s start options, the reference being the run's own clip
+    validation_noise_prior: float = _f(0.0, "validation samples start from the noise prior A of the run's (first) clip "
+                                       "(`cav generate --noise-prior`, the reference read as the run reads it), A in "
+                                       "[0, 1]", metavar="A")
+    validation_invert: bool = _f(False, "validation samples start from the DDIM inversion of the run's (first) clip, "
+                                 "or of --validation-image (`cav generate --invert`)")
+    validation_inversion_steps: int | None = _f(None, "DDIM inversion steps of the validation start", unit="steps",
+                                                default_text="--sample-steps")
+    validation_reference_clip: int = _f(1, "with several clips: which one is the reference of the validation noise "
+                                        "prior / inversion, counted from 1 in the clips' order", metavar="K")
+    validation_image: str | None = _f(None, "validation samples animate this image (`cav generate --image`)",
+                                      metavar="FILE")
+    validation_strength: float = _f(_SAMPLE.strength, "with --validation-image: share of the sampling schedule re-run "
+                                    "from the image, in (0, 1]")
     # system
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "frozen-weight dtype: auto = bf16/fp16 on GPU, fp32 "
@@ -278,6 +299,24 @@ class TrainConfig:
                 raise CavError(f"{name} must be > 0")
         if self.sample_steps < 1:
             raise CavError(f"--sample-steps must be ≥ 1, got {self.sample_steps}")
+        self._check_validation_start()
+
+    # the validation start fields and the SampleConfig fields they set (SampleConfig's checks apply to both)
+    _VALIDATION_START = {"validation_noise_prior": "noise_prior", "validation_invert": "invert",
+                         "validation_inversion_steps": "inversion_steps", "validation_image": "image",
+                         "validation_strength": "strength", "validation_reference_clip": "reference_clip"}
+
+    def _check_validation_start(self) -> None:
+        """SampleConfig's own start checks, its messages naming this recipe's keys and flags (``noise_prior`` →
+        ``validation_noise_prior``); the reference is the run's clip, so it is never missing."""
+        try:
+            self.sample_config(run="the run's clip")
+        except CavError as exc:
+            text = str(exc).replace("--reference / ", "")
+            for key, name in self._VALIDATION_START.items():
+                text = text.replace(f"{name} (--", f"{key} (--")
+                text = re.sub(rf"(?<![\w-])--{name.replace('_', '-')}\b", "--" + key.replace("_", "-"), text)
+            raise CavError(text) from None
 
     # --- helpers -------------------------------------------------------------------------------------------
     @property
@@ -313,9 +352,15 @@ class TrainConfig:
         return dict(frames=self.frames, size=self.size, steps=self.sample_steps, guidance=self.guidance,
                     seed=self.validation_seed, lora_weight=self.lora_weight)
 
-    def sample_config(self) -> SampleConfig:
-        """How this run's validation samples are made (and recorded for `cav generate`)."""
-        return SampleConfig(**self._sample_fields())
+    def sample_config(self, run: str | Path | None = None) -> SampleConfig:
+        """How this run's validation samples are made (and recorded for `cav generate`). With ``run`` (the run
+        folder: its clip is the reference of a noise prior / inversion) the validation start too; without, only the
+        sampling settings (what `cav generate --adapter RUN` starts from)."""
+        if run is None:
+            return SampleConfig(**self._sample_fields())
+        start = {name: getattr(self, key) for key, name in self._VALIDATION_START.items()}
+        uses_reference = start["noise_prior"] > 0 or (start["invert"] and not start["image"])
+        return SampleConfig(**self._sample_fields(), **start, reference=str(run) if uses_reference else None)
 
     def frame_selection(self) -> dict:
         """``stride`` / ``fps`` / ``start`` / ``end`` for ``read_video`` (only those set)."""

@@ -5,12 +5,16 @@ each output. ``api.generate`` drives it; the latents themselves are made in ``ca
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from .config import SampleConfig
+from .errors import CavError
+from .io_utils import content_hash
 from .sampling import Start, image_start, noise_prior_start
 
 
@@ -24,14 +28,60 @@ class StartInputs:
 
 def read_inputs(sample: SampleConfig, size: tuple[int, int]) -> StartInputs:
     """Read --reference (at the sampled frames and size) and --image (at the size); bad files are CavErrors."""
-    from .data.video import read_image, read_video
+    return StartInputs(read_reference(sample, size), read_image_input(sample, size))
 
-    reference = image = None
-    if sample.starts_from_reference:
-        reference = read_video(sample.reference, frames=sample.frames, size=tuple(size), fit="crop")
-    if sample.image:
-        image = read_image(sample.image, tuple(size))
-    return StartInputs(reference, image)
+
+def read_image_input(sample: SampleConfig, size: tuple[int, int]) -> np.ndarray | None:
+    from .data.video import read_image
+
+    return read_image(sample.image, tuple(size)) if sample.image else None
+
+
+def read_reference(sample: SampleConfig, size: tuple[int, int]) -> np.ndarray | None:
+    """The reference clip's frames (None when the start needs none): a clip as given (``--frames`` spread uniformly,
+    cropped to the size), or a run's clip ``--reference-clip`` with the run's own frame selection and fit, so a
+    checkpoint's validation start is made again exactly."""
+    from .data.video import read_video
+
+    if not sample.starts_from_reference:
+        return None
+    clip, selection, fit = reference_source(sample.reference, sample.reference_clip)
+    return read_video(clip, frames=sample.frames, size=tuple(size), fit=fit, **selection)
+
+
+def run_of(path: str | Path) -> Path | None:
+    """The `cav train` run folder ``path`` is or lies in (a checkpoint, its T-LoRA), else None."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    for folder in [path, *list(path.parents)[:2]]:
+        if (folder / "data.json").is_file() and (folder / "config.yaml").is_file():
+            return folder
+    return None
+
+
+def reference_source(reference: str, clip: int = 1) -> tuple[str, dict, str]:
+    """(clip path, frame selection, fit) of ``--reference``: a clip as it is (uniform frames, crop), or clip ``clip``
+    (from 1) of a run folder as that run read it, checked to be the same content."""
+    run = run_of(reference)
+    if run is None:
+        if clip != 1:
+            raise CavError(f"--reference-clip {clip} picks one clip of a run on several: pass --reference RUN (a "
+                           "`cav train` folder), or drop --reference-clip")
+        return reference, {}, "crop"
+    record = json.loads((run / "data.json").read_text())
+    clips = record.get("clips") or [record]
+    if clip > len(clips):
+        raise CavError(f"--reference-clip {clip} is out of range: the run in '{run}' was trained on {len(clips)} "
+                       f"clip(s), pass 1 to {len(clips)}")
+    chosen = clips[clip - 1]
+    if not Path(chosen["clip"]).exists():
+        raise CavError(f"the run's clip '{chosen['clip']}' is missing: pass --reference with the clip itself")
+    if content_hash(chosen["clip"]) != chosen["sha256"]:
+        raise CavError(f"the run's clip '{chosen['clip']}' changed since the run was trained: pass --reference with "
+                       "the clip itself to start from it as it is now")
+    fit = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("fit", "crop")
+    return chosen["clip"], dict(chosen.get("selection") or {}), fit
 
 
 def start_for(bb, sample: SampleConfig, inputs: StartInputs, seed: int) -> Start | None:

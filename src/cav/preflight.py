@@ -1,4 +1,5 @@
-"""What a training run checks before any work: the base's shape limits and the prompts' token lengths.
+"""What a training run checks before any work: the base's shape limits, that a motion adapter fits the image model,
+and the prompts' token lengths.
 
 Both are read from the base's small files (configs, tokenizer), never its weights, so a run that cannot work is
 refused in a second, before its folder is touched, instead of at the first validation sample after training.
@@ -18,6 +19,9 @@ def check_train(cfg: TrainConfig) -> None:
     """Refuse (CavError) a size or frame count the base cannot take and a prompt whose cut drops a textual-inversion
     token; warn of any other prompt cut. Prompts are checked when the base's tokenizer is on this machine."""
     backbone.check_shape(cfg.base, cfg.size, cfg.frames, motion_adapter=cfg.motion_adapter or None)
+    if cfg.motion_adapter:  # e.g. an SD 1.5 motion adapter on an SDXL image model: refused before the folder is touched
+        backbone.check_motion_adapter_fits(backbone.read_unet_config(cfg.base),
+                                           backbone.read_motion_adapter_config(cfg.motion_adapter), cfg.motion_adapter)
     if not cfg.prompt.strip():
         return
     tokenizer = local_tokenizer(cfg.base)

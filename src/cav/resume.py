@@ -18,32 +18,47 @@ from .io_utils import publish_dir, save_safetensors, write_json, write_text
 STAGE_ORDER = {"absorbers": 0, "t_lora": 1}
 
 
-def checkpoint_name(stage: str, step: int) -> str:
-    return f"step-{step:06d}" if stage == "t_lora" else f"{stage}-step-{step:06d}"
+def checkpoint_name(stage: str, step: int, clip: int = 0) -> str:
+    """``step-N`` (T-LoRA), ``absorbers-step-N`` (the first clip's absorbers), ``absorbers-clip-K-step-N`` (clip K ≥ 1
+    of a run on several clips, counted from 0 as ``absorbers/clip-K``)."""
+    if stage == "t_lora":
+        return f"step-{step:06d}"
+    return f"{stage}-{f'clip-{clip}-' if clip else ''}step-{step:06d}"
 
 
-def CheckpointWriter(run: Path, stage: str, step: int):
+def CheckpointWriter(run: Path, stage: str, step: int, clip: int = 0):
     """``with CheckpointWriter(run, stage, step) as tmp:`` fill ``tmp``; on success it becomes the checkpoint."""
-    return publish_dir(Path(run) / "checkpoints" / checkpoint_name(stage, step))
+    return publish_dir(Path(run) / "checkpoints" / checkpoint_name(stage, step, clip))
 
 
 class ResumePoint(NamedTuple):
-    """Where a run continues: the stage and step of its furthest checkpoint, and that checkpoint's folder."""
+    """Where a run continues: the stage and step of its furthest checkpoint, and that checkpoint's folder; ``clip``:
+    whose absorbers the checkpoint holds (several clips train their absorbers one after another)."""
 
     stage: str
     step: int
     folder: Path
+    clip: int = 0
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        return step_order(self.stage, self.clip, self.step)
+
+
+def step_order(stage: str, clip: int, step: int) -> tuple[int, int, int]:
+    """Training order of a step: stage 1 clip by clip, then stage 2 (T-LoRA steps carry clip 0)."""
+    return (STAGE_ORDER[stage], clip, step)
 
 
 def save_state(directory: Path, stage: str, step: int, optimizer: torch.optim.Optimizer, gen_state: torch.Tensor,
-               elapsed_seconds: float | None = None) -> None:
+               elapsed_seconds: float | None = None, clip: int = 0) -> None:
     opt = optimizer.state_dict()
     tensors = {"rng.generator": gen_state, "rng.torch": torch.get_rng_state()}
     for idx, st in opt["state"].items():
         for key, value in st.items():
             tensors[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     save_safetensors(Path(directory) / "state.safetensors", tensors)
-    meta = {"stage": stage, "step": step, "param_groups": opt["param_groups"]}
+    meta = {"stage": stage, "step": step, "param_groups": opt["param_groups"], **({"clip": clip} if clip else {})}
     if elapsed_seconds is not None:
         meta["elapsed_seconds"] = elapsed_seconds
     write_json(Path(directory) / "state.json", meta)
@@ -75,19 +90,20 @@ def latest(run: Path) -> ResumePoint | None:
         if d.name.startswith(".") or not (d / "state.json").is_file():
             continue
         meta = json.loads((d / "state.json").read_text())
-        key = (STAGE_ORDER[meta["stage"]], meta["step"])
-        if best is None or key > best[0]:
-            best = (key, ResumePoint(meta["stage"], int(meta["step"]), d))
-    return None if best is None else best[1]
+        point = ResumePoint(meta["stage"], int(meta["step"]), d, int(meta.get("clip", 0)))
+        if best is None or point.order > best.order:
+            best = point
+    return best
 
 
-def truncate_log(path: Path, stage: str, step: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from."""
+def truncate_log(path: Path, stage: str, step: int, clip: int = 0) -> None:
+    """Drop log lines written after the checkpoint a run resumes from (absorber lines of a run on several clips
+    carry their ``clip``)."""
     if not path.is_file():
         return
     keep = []
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        if (STAGE_ORDER[rec["stage"]], rec["step"]) <= (STAGE_ORDER[stage], step):
+        if step_order(rec["stage"], int(rec.get("clip", 0)), rec["step"]) <= step_order(stage, clip, step):
             keep.append(line)
     write_text(path, "".join(x + "\n" for x in keep))

@@ -7,7 +7,6 @@ previous version or the new one, never half of one. ``api.train`` drives the sta
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import accel
+from . import accel, generation
 from . import resume as resume_mod
 from .adapters import lora
 from .config import TrainConfig, dump_yaml
 from .errors import CavError
-from .io_utils import atomic_path, publish_dir, write_json, write_text
+from .io_utils import atomic_path, content_hash, publish_dir, write_json, write_text
 from .sampling import sample_video
 from .stages import S_LORA, T_LORA
 
@@ -84,37 +83,62 @@ def prepare(out: Path, overwrite: bool) -> None:
 def clip_record(video, selection: dict | None) -> dict:
     """The identity of the training data: the clip's path and content hash and the frame selection applied."""
     path = Path(video)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            digest.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return {"clip": str(path.absolute()), "sha256": digest.hexdigest(),
+    return {"clip": str(path.absolute()), "sha256": content_hash(path),
             "selection": {k: v for k, v in (selection or {}).items() if v is not None}}
+
+
+def data_record(records: list[dict], cfg: TrainConfig) -> dict:
+    """``data.json``: the first clip's record (as one-clip runs always wrote it), every clip's under ``clips`` for a
+    run on several, and the files ``--s-lora-from`` / ``--ti-from`` gave (path and hash) under ``absorbers_from``."""
+    given = {key: {"path": str(Path(value).absolute()), "sha256": content_hash(value)}
+             for key in ("s_lora_from", "ti_from") if (value := getattr(cfg, key))}
+    return {**records[0], **({"clips": records} if len(records) > 1 else {}),
+            **({"absorbers_from": given} if given else {})}
 
 
 def record_clip(out: Path, record: dict) -> None:
     write_json(Path(out) / "data.json", record)
 
 
-def resumed_selection(out: Path, record: dict) -> dict:
-    """Check that a resumed run trains on the clip it started with; returns the frame selection to use (the recorded
-    one when none is given). Runs from before ``data.json`` existed are not checked."""
+def resumed_selection(out: Path, records: list[dict], cfg: TrainConfig | None = None) -> dict:
+    """Check that a resumed run trains on the clips it started with (same content, same order) and, with ``cfg``,
+    from the same ``--s-lora-from`` / ``--ti-from`` files; returns the frame selection to use (the recorded one when
+    none is given). Runs from before ``data.json`` existed are not checked."""
     path = Path(out) / "data.json"
     if not path.is_file():
-        return record["selection"]
+        return records[0]["selection"]
     saved = json.loads(path.read_text())
-    if saved["sha256"] != record["sha256"]:
-        raise CavError(f"'{record['clip']}' is not the clip the run in '{out}' was trained on ({saved['clip']}): "
-                       "resume with that clip, or start a new run with another --out")
-    given = record["selection"]
+    _check_clips(out, records, saved.get("clips") or [saved])
+    if cfg is not None:
+        _check_given(out, data_record(records, cfg).get("absorbers_from", {}), saved.get("absorbers_from", {}))
+    given = records[0]["selection"]
     if given and given != saved["selection"]:
         raise CavError(f"the frame selection {_flags(given)} differs from the run's {_flags(saved['selection'])}: "
                        "resume without selection flags to use the run's own")
     return saved["selection"]
+
+
+def _check_clips(out: Path, records: list[dict], saved: list[dict]) -> None:
+    if [r["sha256"] for r in records] == [c["sha256"] for c in saved]:
+        return
+    if len(records) == len(saved) == 1:
+        raise CavError(f"'{records[0]['clip']}' is not the clip the run in '{out}' was trained on "
+                       f"({saved[0]['clip']}): resume with that clip, or start a new run with another --out")
+    names = " ".join(Path(c["clip"]).name for c in saved)
+    raise CavError(f"the {len(records)} clip(s) given are not the {len(saved)} clip(s) the run in '{out}' was trained "
+                   f"on ({names}, in that order): resume with those clips, or start a new run with another --out")
+
+
+def _check_given(out: Path, given: dict, saved: dict) -> None:
+    """The absorbers a run started from (``--s-lora-from`` / ``--ti-from``) must be the same files, unchanged."""
+    for key in sorted(set(given) | set(saved)):
+        flag = "--" + key.replace("_", "-")
+        if key not in saved:
+            raise CavError(f"the run in '{out}' did not start from {flag}: resume without it, or start a new run with "
+                           "another --out")
+        if key not in given or given[key]["sha256"] != saved[key]["sha256"]:
+            raise CavError(f"{flag} is not the file the run in '{out}' started from ({saved[key]['path']}, as it was "
+                           "then): resume with that file unchanged, or start a new run with another --out")
 
 
 def _flags(selection: dict) -> str:
@@ -135,7 +159,7 @@ def start(out: Path, cfg: TrainConfig, point: resume_mod.ResumePoint | None) -> 
     """Write the resolved recipe and cut the log back to the checkpoint the run continues from."""
     write_text(Path(out) / "config.yaml", dump_yaml(cfg))
     if point:
-        resume_mod.truncate_log(Path(out) / "log.jsonl", point.stage, point.step)
+        resume_mod.truncate_log(Path(out) / "log.jsonl", point.stage, point.step, point.clip)
     else:
         write_text(Path(out) / "log.jsonl", "")
 
@@ -191,9 +215,10 @@ def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti, clip: int = 0, s_lor
         ti.save(folder / "textual_inversion.safetensors")
 
 
-def load_absorbers(bb, cfg: TrainConfig, folder: Path, ti) -> None:
+def load_absorbers(bb, cfg: TrainConfig, folder: Path, ti, s_lora: str = S_LORA) -> None:
+    """Saved absorbers (``write_absorbers``' folder) into adapter ``s_lora`` and ``ti``'s rows."""
     if cfg.uses_s_lora:
-        lora.load_lora_weights(bb.unet, folder / "s_lora", S_LORA)
+        lora.load_lora_weights(bb.unet, folder / "s_lora", s_lora)
     if ti is not None:
         ti.load_rows(folder / "textual_inversion.safetensors")
 
@@ -209,18 +234,21 @@ def absorber_dir(out: Path, clip: int) -> Path:
     return Path(out) / "absorbers" / (f"clip-{clip}" if clip else "")
 
 
-def absorber_checkpoint(bb, cfg: TrainConfig, out: Path, ti, clock: Clock):
-    """The absorber stage's checkpoint callback: adapters + trainer state, no samples."""
+def absorber_checkpoint(bb, cfg: TrainConfig, out: Path, ti, clock: Clock, clip: int = 0, s_lora: str = S_LORA):
+    """Clip ``clip``'s absorber stage checkpoint callback: its adapters + trainer state, no samples."""
     def save(step: int, opt, gen_state, interrupted: bool) -> None:
-        with resume_mod.CheckpointWriter(out, "absorbers", step) as tmp:
-            write_absorbers(bb, cfg, tmp, ti)
-            resume_mod.save_state(tmp, "absorbers", step, opt, gen_state, elapsed_seconds=clock.total())
+        with resume_mod.CheckpointWriter(out, "absorbers", step, clip) as tmp:
+            write_absorbers(bb, cfg, tmp, ti, clip, s_lora)
+            resume_mod.save_state(tmp, "absorbers", step, opt, gen_state, elapsed_seconds=clock.total(), clip=clip)
     return save
 
 
-def t_lora_checkpoint(bb, cfg: TrainConfig, out: Path, active: list[str], clock: Clock):
+def t_lora_checkpoint(bb, cfg: TrainConfig, out: Path, active: list[str], clock: Clock,
+                      starts: generation.StartInputs | None = None):
     """The T-LoRA stage's checkpoint callback: T-LoRA, trainer state and validation samples made exactly as
-    ``cav generate`` makes them (none when the checkpoint is taken on Ctrl-C: the user is waiting)."""
+    ``cav generate`` makes them, from the start ``cfg``'s validation start options name (``starts``: its reference
+    frames / image), each with its generation recipe beside it (``sample-K.json``); no samples when the checkpoint
+    is taken on Ctrl-C: the user is waiting."""
     from .data.video import write_video
 
     def save(step: int, opt, gen_state, interrupted: bool) -> None:
@@ -231,17 +259,21 @@ def t_lora_checkpoint(bb, cfg: TrainConfig, out: Path, active: list[str], clock:
             if interrupted:
                 return
             lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # only the T-LoRA, as at inference
-            s = cfg.sample_config()  # the settings `cav generate --adapter RUN` starts from
+            s = cfg.sample_config(run=Path(out).absolute())  # what `cav generate --adapter RUN` starts from
+            prompts = validation_prompts(cfg)
             try:
-                with accel.on_device(bb.device, bb.vae, bb.text_encoder):
+                with accel.on_device(bb.device, bb.vae, *bb.text_encoders):
+                    start = generation.start_for(bb, s, starts, s.seed) if starts else None  # adapter on, as generate
                     videos = [sample_video(bb, prompt, frames=s.frames, size=s.size, steps=s.steps,
-                                           guidance=s.guidance, seed=s.seed)
-                              for prompt in validation_prompts(cfg)]
+                                           guidance=s.guidance, seed=s.seed, start=start) for prompt in prompts]
             finally:
                 lora.activate(bb.unet, active, trainable=T_LORA)
-            for i, video in enumerate(videos):
+            adapter = [(Path(out).absolute() / "checkpoints" / resume_mod.checkpoint_name("t_lora", step), None)]
+            for i, (prompt, video) in enumerate(zip(prompts, videos)):
                 for ext in (".mp4", ".gif"):
                     write_video(ckpt / "samples" / f"sample-{i}{ext}", video)
+                write_json(ckpt / "samples" / f"sample-{i}.json",
+                           generation.record(prompt, adapter, s, None, s.seed, [cfg.lora_weight]))
                 with atomic_path(ckpt / "samples" / f"sample-{i}.npy") as tmp, open(tmp, "wb") as fh:
                     np.save(fh, video, allow_pickle=False)
     return save

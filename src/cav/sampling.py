@@ -94,7 +94,7 @@ def sample_videos(bb: Backbone, prompts: list[str], *, frames: int, size: tuple[
     with warnings.catch_warnings(), lean.FrozenMerge(bb.unet, lean.live_adapters(bb.unet)).merged():
         warnings.simplefilter("ignore")
         if start is not None and start.skip:
-            videos = _denoise_tail(pipe, latents, list(prompts), steps, start.skip, guidance, negatives)
+            videos = _denoise_tail(bb, pipe, latents, list(prompts), steps, start.skip, guidance, negatives)
         else:
             out = pipe(list(prompts), num_frames=frames, height=h, width=w, num_inference_steps=steps,
                        guidance_scale=guidance, negative_prompt=negatives, latents=latents, output_type="np")
@@ -103,12 +103,14 @@ def sample_videos(bb: Backbone, prompts: list[str], *, frames: int, size: tuple[
     return (np.clip(videos, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def _denoise_tail(pipe, latents: torch.Tensor, prompts: list[str], steps: int, skip: int, guidance: float,
-                  negatives: list[str] | None) -> np.ndarray:
+def _denoise_tail(bb: Backbone, pipe, latents: torch.Tensor, prompts: list[str], steps: int, skip: int,
+                  guidance: float, negatives: list[str] | None) -> np.ndarray:
     """The pipeline's own denoising loop (same prompt encoding, guidance, DDIM step and decoding), run over the
-    sampling schedule from step ``skip`` on: diffusers' text-to-video pipeline always starts at the top."""
+    sampling schedule from step ``skip`` on: diffusers' text-to-video pipeline always starts at the top. The prompt
+    is encoded by the pipeline's own ``encode_prompt`` and handed to the UNet in the family's one-tensor form (the
+    hook of ``backbone.attach_condition`` unpacks it)."""
     cfg = guidance > 1.0
-    cond, uncond = pipe.encode_prompt(prompts, latents.device, 1, cfg, negatives)
+    cond, uncond = bb.condition.pipeline_encode(pipe, prompts, latents.device, cfg, negatives)
     embeds = torch.cat([uncond, cond]) if cfg else cond
     sched = pipe.scheduler
     sched.set_timesteps(steps, device=latents.device)
@@ -151,7 +153,7 @@ def ddim_invert(bb: Backbone, latents: torch.Tensor, steps: int, upto: int | Non
     inverse.set_timesteps(steps, device=bb.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        empty, _ = pipe.encode_prompt([""] * latents.shape[0], bb.device, 1, False)
+        empty, _ = bb.condition.pipeline_encode(pipe, [""] * latents.shape[0], bb.device, False, None)
     x = latents.to(bb.device, bb.dtype)
     for t in inverse.timesteps[:upto]:
         pred = bb.unet(x, t, encoder_hidden_states=empty, return_dict=False)[0]

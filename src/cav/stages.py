@@ -29,11 +29,9 @@ S_LORA, T_LORA = "s_lora", "t_lora"
 
 
 def encode_prompt(bb: Backbone, prompt: str, grad: bool = False) -> torch.Tensor:
-    """Text-encoder hidden states (1, L, D) of ``prompt`` (padded to the tokenizer's max length)."""
-    ids = bb.tokenizer(prompt, padding="max_length", max_length=bb.tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids.to(bb.text_encoder.device)
-    with torch.set_grad_enabled(grad):
-        return bb.text_encoder(ids)[0].to(bb.device, bb.dtype)
+    """The text condition (1, L, D) of ``prompt`` as the base's family builds it (``conditioning``: text-encoder
+    hidden states padded to the tokenizer's max length; SDXL packs its pooled embedding in extra rows)."""
+    return bb.condition.encode(bb, [prompt], grad)
 
 
 @torch.no_grad()
@@ -62,10 +60,10 @@ def s_lora_name(clip: int) -> str:
 
 
 def make_textual_inversion(bb: Backbone, cfg: TrainConfig) -> TextualInversion:
-    """New tokens in the base's own text encoder: from ``--ti-from``'s embedding, else initialised from a word."""
+    """New tokens in the base's own text encoder(s): from ``--ti-from``'s embedding, else initialised from a word."""
     if cfg.ti_from:
-        return TextualInversion.from_file(bb.tokenizer, bb.text_encoder, Path(cfg.ti_from), cfg.ti_token)
-    return TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init)
+        return TextualInversion.from_file(bb.text_parts(), Path(cfg.ti_from), cfg.ti_token)
+    return TextualInversion.into(bb.text_parts(), cfg.ti_token, cfg.ti_tokens, cfg.ti_init)
 
 
 def given_absorbers(bb: Backbone, cfg: TrainConfig) -> None:
@@ -104,8 +102,8 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
 
     stage = Stage("absorbers", cfg.absorber_steps, groups, batch, bypass=True, after_backward=after_backward,
                   after_step=after_step, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)
-    if cfg.uses_s_lora:
-        lean.use_lean_step(stage, bb.unet, S_LORA, lean.autocast_dtype(bb.device, bb.dtype))
+    if cfg.uses_s_lora:  # the fused forward of the S-LoRA this clip trains (clip K ≥ 1: s_lora_K)
+        lean.use_lean_step(stage, bb.unet, s_lora_name(clip), lean.autocast_dtype(bb.device, bb.dtype))
     return stage
 
 
@@ -130,11 +128,12 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         return (encode_frames(bb, clips[k].frames).permute(1, 0, 2, 3).unsqueeze(0),  # (1, C, F, h, w)
                 encode_prompt(bb, prompts[k]))
 
-    empty = encode_prompt(bb, "") if cfg.t_lora_prompt_dropout > 0 else None
+    # the condition guidance's unconditional branch sees at sampling (the empty prompt's; zeros for SDXL)
+    empty = bb.condition.unconditional(bb) if cfg.t_lora_prompt_dropout > 0 else None
     if cfg.cache_inputs:  # encode the clips and their prompts once, reuse them every step
         cached = [encode(k) for k in range(len(clips))]
         if cfg.offload_frozen:
-            offload(bb.vae, bb.text_encoder)
+            offload(bb.vae, *bb.text_encoders)
 
     def batch(gen: torch.Generator):
         k = 0

@@ -1,4 +1,4 @@
-"""An existing image LoRA (e.g. a Stable Diffusion 1.5 LoRA of the subject) as the S-LoRA absorber.
+"""An existing image LoRA (e.g. a Stable Diffusion 1.5 or SDXL LoRA of the subject) as the S-LoRA absorber.
 
 A bypassed AnimateDiff UNet *is* its image model, so an image LoRA made for that model is an appearance absorber
 as it stands. Accepted: a ``.safetensors`` file in diffusers' LoRA layout (``unet.``-prefixed keys, optional
@@ -58,7 +58,8 @@ def load_image_lora(unet: torch.nn.Module, path: str | Path, name: str, family: 
         raise CavError(f"image LoRA '{path}' was trained on a {trained_on} base, but this base is {family}: "
                        f"pass a LoRA of this base's image model")
     state, metadata = _read(file)
-    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(state)  # kohya/A1111 → diffusers keys
+    # kohya/A1111 → diffusers keys; the UNet config maps SDXL's SGM block numbers (input_blocks.N) as diffusers does
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(state, unet_config=unet.config)
     unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     if not unet_state:
         raise CavError(f"image LoRA '{path}' holds no UNet LoRA weights: pass a LoRA that adapts the image UNet")

@@ -6,7 +6,9 @@ directly before ``attentions``.
 One row per base family (see ``backbone.FAMILIES``) in ``TEMPORAL_BLOCKS`` and ``SPATIAL_BLOCKS``:
 - ``unet3d`` (ModelScope, Zeroscope): temporal = ``transformer_in`` and every ``temp_attentions.*``;
 - ``animatediff`` (``UNetMotionModel``): temporal = every motion module (``motion_modules.*`` of the down, mid and up
-  blocks), whose attn1 and attn2 are both self-attention over frames; spatial = the image UNet's attentions.
+  blocks), whose attn1 and attn2 are both self-attention over frames; spatial = the image UNet's attentions;
+- ``animatediff-sdxl``: the same module names on SDXL's UNetMotionModel (no motion mid block in the beta adapter;
+  SDXL's deeper attentions carry several transformer blocks each, which the patterns already allow).
 
 Placements (supp. A.3 and Table 1 of the seed):
 - ``cav``: T-LoRA on temporal cross-frame attention attn1+attn2 (to_q/to_k/to_v/to_out.0); S-LoRA on spatial self-
@@ -28,10 +30,12 @@ _FF = r"ff\.net\.(?:0\.proj|2)"
 TEMPORAL_BLOCKS = {
     "unet3d": rf"(?:transformer_in|{_BLOCK}temp_attentions\.\d+)\.transformer_blocks\.\d+\.",
     "animatediff": rf"{_BLOCK}motion_modules\.\d+\.transformer_blocks\.\d+\.",
+    "animatediff-sdxl": rf"{_BLOCK}motion_modules\.\d+\.transformer_blocks\.\d+\.",
 }
 SPATIAL_BLOCKS = {
     "unet3d": rf"{_BLOCK}attentions\.\d+\.transformer_blocks\.\d+\.",
     "animatediff": rf"{_BLOCK}attentions\.\d+\.transformer_blocks\.\d+\.",
+    "animatediff-sdxl": rf"{_BLOCK}attentions\.\d+\.transformer_blocks\.\d+\.",
 }
 # Temporal layers outside the transformer blocks: unet3d's ``TemporalConvLayer`` (``temp_convs.*``: four
 # GroupNorm-SiLU-[Dropout]-Conv3d stacks, kernel (3, 1, 1); only the Conv3d is a LoRA target). AnimateDiff's motion

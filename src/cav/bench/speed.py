@@ -37,13 +37,15 @@ import torch
 from .. import lean
 from ..accel import compile_unet, graph_breaks, set_gradient_checkpointing, tune_backends, uncompile_unet
 from ..adapters import lora
+from .. import backbone as backbone_mod
 from ..backbone import Backbone, resolve_device
 from ..errors import CavError
 from ..stages import encode_frames, encode_prompt
 from ..trainer import Stage, make_optimizer, train_step
 from .opcount import count_ops
 
-UNET_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "modelscope_unet_config.json"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+UNET_CONFIG = ASSETS / "modelscope_unet_config.json"
 
 # ModelScope text-to-video-ms-1.7b: the VAE is Stable Diffusion's, the text encoder OpenCLIP ViT-H/14's text tower.
 FULL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
@@ -100,10 +102,12 @@ def _fill_random(module: torch.nn.Module, gen: torch.Generator) -> None:
 
 def _materialize(build: Callable[[], torch.nn.Module], device: torch.device, dtype: torch.dtype,
                  gen: torch.Generator) -> torch.nn.Module:
+    from accelerate import init_empty_weights
     from diffusers.utils import logging as diffusers_logging
 
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (position tables) computed
         module = build()
+    buffers = {name: buf.detach().clone() for name, buf in module.named_buffers()}
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # no "modules that should be kept in float32: []" notice
     try:
@@ -112,16 +116,59 @@ def _materialize(build: Callable[[], torch.nn.Module], device: torch.device, dty
         diffusers_logging.set_verbosity(level)
     module = module.to_empty(device=device)
     _fill_random(module, gen)
+    with torch.no_grad():  # to_empty left the buffers uninitialised: AnimateDiff's positional tables must be real
+        for name, buf in module.named_buffers():
+            buf.copy_(buffers[name])
     module.requires_grad_(False)
     module.eval()
     return module
 
 
-def _build_unet(size: str, device, dtype, gen):
+def _unet3d(size: str) -> torch.nn.Module:
     from diffusers import UNet3DConditionModel
 
-    config = json.loads(UNET_CONFIG.read_text()) if size == "full" else dict(TINY_UNET)
-    return _materialize(lambda: UNet3DConditionModel.from_config(config), device, dtype, gen)
+    return UNet3DConditionModel.from_config(json.loads(UNET_CONFIG.read_text()) if size == "full" else dict(TINY_UNET))
+
+
+def _animatediff(size: str) -> torch.nn.Module:
+    """SD 1.5's UNet + the v1-5-2 motion adapter from the shipped configs (full), or the tests' tiny AnimateDiff."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    if size == "full":
+        image = UNet2DConditionModel.from_config(json.loads((ASSETS / "sd15_unet_config.json").read_text()))
+        adapter = MotionAdapter.from_config(
+            json.loads((ASSETS / "animatediff_motion_adapter_v1_5_2_config.json").read_text()))
+    else:
+        from ..toy.factory import TinyAnimateDiffSpec, build_image_unet, build_motion_adapter
+
+        spec = TinyAnimateDiffSpec(cross_attention_dim=TINY_TEXT["hidden_size"])
+        image, adapter = build_image_unet(spec), build_motion_adapter(spec)
+    return UNetMotionModel.from_unet2d(image, adapter, load_weights=False)
+
+
+@dataclass(frozen=True)
+class RigModel:
+    """What a rig builds for one base family: its UNet (``size`` → module, built on the meta device) and its
+    full-size text encoder (the VAE is Stable Diffusion's for every family here)."""
+
+    family: str
+    label: str
+    unet: Callable[[str], torch.nn.Module]
+    full_text: dict
+
+
+SD15_TEXT = {k: v for k, v in json.loads((ASSETS / "sd15_text_encoder_config.json").read_text()).items()
+             if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "max_position_embeddings", "hidden_act", "projection_dim")}
+MODELS = {
+    "unet3d": RigModel("unet3d", "UNet3D (ModelScope)", _unet3d, FULL_TEXT),
+    "animatediff": RigModel("animatediff", "UNetMotionModel (SD 1.5 + motion adapter v1-5-2)", _animatediff,
+                            SD15_TEXT),
+}
+
+
+def _build_unet(size: str, device, dtype, gen, family: str = "unet3d"):
+    return _materialize(lambda: MODELS[family].unet(size), device, dtype, gen)
 
 
 def _build_vae(size: str, device, dtype, gen):
@@ -133,10 +180,10 @@ def _build_vae(size: str, device, dtype, gen):
     return _materialize(lambda: AutoencoderKL(in_channels=3, out_channels=3, **blocks, **spec), device, dtype, gen)
 
 
-def _build_text_encoder(size: str, device, dtype, gen):
+def _build_text_encoder(size: str, device, dtype, gen, family: str = "unet3d"):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    spec = dict(FULL_TEXT if size == "full" else TINY_TEXT)
+    spec = dict(MODELS[family].full_text if size == "full" else TINY_TEXT)
     if size != "full":  # special tokens inside the tiny vocabulary
         spec.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
     config = CLIPTextConfig(**spec)
@@ -167,6 +214,7 @@ class _Bench:
         self.errors: dict[str, str] = {}
         self.peak_memory: dict[str, int | None] = {}
         self.samples: dict[str, list[float]] = {}
+        self.paired: dict[str, float] = {}  # case → median of eager/compiled ratios over alternating pairs
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -183,8 +231,18 @@ class _Bench:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def measure(self, name: str, make: Callable[[], tuple[Callable[[], None], Callable[[], None]]]) -> float | None:
-        """``make()`` → (step, teardown); warm-up, then the median of ``reps`` synchronised steps (None if failed)."""
+    def timed(self, step: Callable[[], None]) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        step()
+        self.sync()
+        return time.perf_counter() - t0
+
+    def measure(self, name: str, make: Callable[[], tuple[Callable[[], None], Callable[[], None]]],
+                paired: bool = False) -> float | None:
+        """``make()`` → (step, teardown); warm-up, then the median of ``reps`` synchronised steps (None if failed).
+        ``paired``: the step has an eager twin (``step.eager``); after its warm-up the two alternate (eager first in
+        even pairs, second in odd ones), and the median of the per-pair ratios eager/step lands in ``paired``."""
         self.release()
         t_start = time.perf_counter()
         teardown = None
@@ -194,14 +252,19 @@ class _Bench:
             for _ in range(self.warmup):
                 step()
             self.sync()
-            times = []
-            for _ in range(self.reps):
-                self.sync()
-                t0 = time.perf_counter()
-                step()
-                self.sync()
-                times.append(time.perf_counter() - t0)
+            times, twins = [], []
+            if paired:
+                step.eager()
+            for i in range(self.reps):
+                if paired and i % 2 == 0:
+                    twins.append(self.timed(step.eager))
+                times.append(self.timed(step))
+                if paired and i % 2 == 1:
+                    twins.append(self.timed(step.eager))
             self.samples[name] = [round(t, 6) for t in times]
+            if paired:
+                self.samples[name + "_eager"] = [round(t, 6) for t in twins]
+                self.paired[name] = statistics.median(e / c for e, c in zip(twins, times))
             result = statistics.median(times)
             self.peak_memory[name] = self.peak()
         except Exception as exc:  # noqa: BLE001 — one failed measurement (e.g. CUDA OOM) must not lose the others
@@ -292,20 +355,23 @@ class _Rig:
     """The models and inputs the cases share, and the two step factories every case is made of. Each factory
     returns ``make() → (step, teardown)``; ``make`` sets the UNet up for the case, ``teardown`` undoes it."""
 
-    def __init__(self, size: str, dev: torch.device, dtype: torch.dtype, codecs: bool = True):
+    def __init__(self, size: str, dev: torch.device, dtype: torch.dtype, codecs: bool = True,
+                 family: str = "unet3d"):
         from diffusers import DDIMScheduler, DDPMScheduler
 
-        self.dev, self.dtype = dev, dtype
+        self.dev, self.dtype, self.family = dev, dtype, family
         self.autocast = dtype if dtype != torch.float32 else None  # the GPU's configuration: bf16 under autocast
         gen = torch.Generator().manual_seed(SEED)
-        self.unet = _build_unet(size, dev, dtype, gen)
+        self.unet = _build_unet(size, dev, dtype, gen, family)
         self.unet_params = sum(p.numel() for p in self.unet.parameters())
-        # adapters: cav T-LoRA + S-LoRA; MotionDirector temporal (attn + FFN) + spatial (attn1 + FFN) LoRA
+        # adapters on the family's targets: cav T-LoRA + S-LoRA; MotionDirector temporal (attn + FFN) + spatial
+        # (attn1 + FFN) LoRA
+        config = lambda kind, placement, r, a: lora.lora_config(kind, placement, r, a, family)  # noqa: E731
         self.n_modules = {
-            T_CAV: lora.add_lora(self.unet, T_CAV, lora.lora_config("temporal", "cav", RANK_T, ALPHA_T)),
-            S_CAV: lora.add_lora(self.unet, S_CAV, lora.lora_config("spatial", "cav", RANK_S, ALPHA_S)),
-            T_MD: lora.add_lora(self.unet, T_MD, lora.lora_config("temporal", "motiondirector", RANK_T, ALPHA_T)),
-            S_MD: lora.add_lora(self.unet, S_MD, lora.lora_config("spatial", "motiondirector", RANK_S, ALPHA_S)),
+            T_CAV: lora.add_lora(self.unet, T_CAV, config("temporal", "cav", RANK_T, ALPHA_T)),
+            S_CAV: lora.add_lora(self.unet, S_CAV, config("spatial", "cav", RANK_S, ALPHA_S)),
+            T_MD: lora.add_lora(self.unet, T_MD, config("temporal", "motiondirector", RANK_T, ALPHA_T)),
+            S_MD: lora.add_lora(self.unet, S_MD, config("spatial", "motiondirector", RANK_S, ALPHA_S)),
         }
         self.n_params = {name: lora.count_parameters(self.unet, name) for name in self.n_modules}
         self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
@@ -315,16 +381,18 @@ class _Rig:
         self.ddim.set_timesteps(50)
         self.latent_shape = TINY_LATENT if size == "tiny" else PAPER_LATENT if dev.type == "cuda" else CPU_FULL_LATENT
         self.vae = self.text_encoder = None
+        # the text condition reaches the UNet as backbone.load passes it (AnimateDiff: repeated for every frame)
+        backbone_mod.attach_condition(self.unet, backbone_mod.FAMILIES[family])
         if codecs:  # pixel frames and token ids → the cached latents / text states (computed once here)
             self.vae = _build_vae(size, dev, dtype, gen)
-            self.text_encoder = _build_text_encoder(size, dev, dtype, gen)
+            self.text_encoder = _build_text_encoder(size, dev, dtype, gen, family)
             _, _, n_frames, h, w = self.latent_shape
             factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
             self.frames = (torch.rand(n_frames, 3, h * factor, w * factor, generator=gen) * 2 - 1).to(dev)
             te = self.text_encoder.config
             self.ids = torch.randint(0, te.vocab_size, (1, te.max_position_embeddings), generator=gen).to(dev)
             self.bb = Backbone(self.unet, self.vae, self.text_encoder, _FixedIds(self.ids), self.scheduler, "random",
-                               dev, dtype)
+                               dev, dtype, family)
             self.latents, self.cond = self.encode_inputs()
             assert tuple(self.latents.shape) == tuple(self.latent_shape), (self.latents.shape, self.latent_shape)
             self.uncond = encode_prompt(self.bb, "")  # stands in for the negative prompt's states
@@ -358,14 +426,15 @@ class _Rig:
             else:
                 lean.use_lean_step(stage, self.unet, trainable, self.autocast)
                 optimizer = make_optimizer(stage)
-            if compiled:
-                compile_unet(self.unet, self.dev)
             gen = torch.Generator().manual_seed(SEED)  # same noise and timesteps in every measurement
 
             def step():
                 train_step(self.unet, self.scheduler, stage, optimizer, gen, autocast_dtype=self.autocast)
 
             step.stage = stage  # for explain()
+            if compiled:
+                compile_unet(self.unet, self.dev)
+                step.eager = self._eager_twin(step)
 
             def teardown():
                 optimizer.zero_grad(set_to_none=True)
@@ -385,8 +454,6 @@ class _Rig:
             lora.activate(self.unet, [T_CAV])
             set_gradient_checkpointing(self.unet, False)
             frozen = lean.FrozenMerge(self.unet, [] if plain else [T_CAV]).merge()
-            if compiled:
-                compile_unet(self.unet, self.dev)
             text = torch.cat([self.uncond, self.cond])
             t = self.ddim.timesteps[len(self.ddim.timesteps) // 2]
             x0 = torch.randn(self.latents.shape, generator=torch.Generator().manual_seed(SEED)).to(self.dev, self.dtype)
@@ -397,6 +464,10 @@ class _Rig:
                 u, v = out.chunk(2)
                 self.ddim.step(u + 9.0 * (v - u), t, x0)
 
+            if compiled:
+                compile_unet(self.unet, self.dev)
+                step.eager = self._eager_twin(step)
+
             def teardown():
                 uncompile_unet(self.unet)
                 frozen.restore()
@@ -404,6 +475,20 @@ class _Rig:
             return step, teardown
 
         return make
+
+    def _eager_twin(self, step: Callable[[], None]) -> Callable[[], None]:
+        """The same step with the UNet's compiled forward taken off for one call: what the compiled step is timed
+        against, alternating with it (``_Bench.measure(..., paired=True)``)."""
+        compiled_forward = self.unet.__dict__["forward"]
+
+        def eager():
+            del self.unet.forward
+            try:
+                step()
+            finally:
+                self.unet.forward = compiled_forward
+
+        return eager
 
     def explain(self, make) -> tuple[int, list[str]]:
         """Graph breaks of the UNet call a case's step makes, traced in that call's configuration: the step's stage
@@ -438,6 +523,10 @@ class Case:
     make: Callable[[_Rig], Callable]
     group: str = "timing"  # --only picks cases by name or group
     quick: bool = True  # also run with --quick
+    family: str = "unet3d"  # the rig (MODELS row) the step runs on
+    # compiled cases: the JSON key of the speedup over the same step eager, measured with the two alternating
+    # (``step.eager``), so that a change of machine load hits both sides of every pair
+    paired: str | None = None
 
 
 TIMED = (
@@ -454,9 +543,12 @@ TIMED = (
     Case("uncached_step", "uncached_step_s", lambda r: r.train(CAV, T_CAV, uncached=True)),
     # measured again right after the uncached step; its spread against t_lora_step shows the timing noise
     Case("cached_step", "cached_step_s", lambda r: r.train(CAV, T_CAV), quick=False),
-    Case("t_lora_step_compiled", "compiled_step_s", lambda r: r.train(CAV, T_CAV, compiled=True), group="compile"),
+    Case("t_lora_step_compiled", "compiled_step_s", lambda r: r.train(CAV, T_CAV, compiled=True), group="compile",
+         paired="compiled_speedup"),
     Case("generation_step_compiled", "compiled_generation_step_s", lambda r: r.generation(compiled=True),
-         group="compile"),
+         group="compile", paired="compiled_generation_speedup"),
+    # the cav T-LoRA step on the motion modules of SD 1.5 + v1-5-2 (S-LoRA on the image UNet, active and frozen)
+    Case("animatediff_t_lora_step", "animatediff_t_lora_step_s", lambda r: r.train(CAV, T_CAV), family="animatediff"),
 )
 
 
@@ -468,6 +560,10 @@ class Count:
     name: str
     make: Callable[[_Rig], Callable]
     graph_breaks: bool = True
+    family: str = "unet3d"  # the rig (MODELS row) the step runs on
+    # compiled cases: the JSON key of the speedup over the same step eager, measured with the two alternating
+    # (``step.eager``), so that a change of machine load hits both sides of every pair
+    paired: str | None = None
 
 
 COUNTED = (
@@ -475,6 +571,7 @@ COUNTED = (
     Count("t_lora_step_plain", lambda r: r.train(CAV, T_CAV, plain=True), graph_breaks=False),
     Count("generation_step", lambda r: r.generation()),
     Count("generation_step_plain", lambda r: r.generation(plain=True), graph_breaks=False),
+    Count("animatediff_t_lora_step", lambda r: r.train(CAV, T_CAV), graph_breaks=False, family="animatediff"),
 )
 GROUPS = ("timing", "compile", "counts", "graph_breaks", "flops")
 COUNT_LATENT = (1, 4, 2, 8, 8)  # small: counting runs the full UNet in bf16 on the CPU too
@@ -492,11 +589,17 @@ def _count_phase(size: str, dev: torch.device, bench: "_Bench", only: set[str]) 
     """Ops, casts and graph breaks per counted step, on a UNet built in the GPU's configuration."""
     cuda = dev.type == "cuda"
     dtype = (torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16)
-    rig = _Rig(size, dev, dtype, codecs=False)
-    if not cuda:
-        rig.latents = rig.latents[:, :, :COUNT_LATENT[2], :COUNT_LATENT[3], :COUNT_LATENT[4]].contiguous()
-    counts, breaks = {}, {}
+    counts, breaks, rig, shape = {}, {}, None, None
     for case in COUNTED:
+        if "counts" not in only and not (case.graph_breaks and "graph_breaks" in only):
+            continue
+        if rig is None or rig.family != case.family:  # one rig per family, built when its first count comes
+            del rig
+            gc.collect()
+            rig = _Rig(size, dev, dtype, codecs=False, family=case.family)
+            if not cuda:
+                rig.latents = rig.latents[:, :, :COUNT_LATENT[2], :COUNT_LATENT[3], :COUNT_LATENT[4]].contiguous()
+            shape = shape or list(rig.latents.shape)
         try:
             if "counts" not in only:
                 raise _Skip
@@ -520,7 +623,6 @@ def _count_phase(size: str, dev: torch.device, bench: "_Bench", only: set[str]) 
             except Exception as exc:  # noqa: BLE001
                 bench.errors[f"graph_breaks_{case.name}"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
         bench.release()
-    shape = list(rig.latents.shape)
     del rig
     gc.collect()  # the bf16 UNet sits in reference cycles (step closures): free it before the timing rig is built
     bench.release()
@@ -567,28 +669,25 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
         _log("counting ops per step (bf16 weights, fp32 adapters, bf16 autocast) ...")
         counted = _count_phase(size, dev, bench, chosen)
 
-    t0 = time.perf_counter()
-    rig = _Rig(size, dev, dtype)
-    _log(f"device {dev} ({_device_name(dev)}), dtype {str(dtype).replace('torch.', '')}, size {size}, "
-         f"latent {rig.latent_shape}, warm-up {warmup}, timed {reps}; built random-weight UNet3D "
-         f"({rig.unet_params / 1e9:.3f} B params), VAE, text encoder in {time.perf_counter() - t0:.1f} s")
-
-    # one untimed T-LoRA step first: a fresh process pays for page faults, allocator growth and kernel/library setup
-    # on its first big steps, which would otherwise land on whichever measurement comes first
-    _log("process warm-up ...")
-    try:
-        step, teardown = rig.train(CAV, T_CAV)()
-        step()
-        bench.sync()
-        teardown()
-    except Exception as exc:  # noqa: BLE001 — the measurements below record the failure properly
-        _log(f"warm-up failed ({type(exc).__name__})")
-    bench.release()
-
-    res: dict[str, float | None] = {}
-    for case in TIMED:
-        if case.name in chosen and (case.quick or not quick):
-            res[case.key] = bench.measure(case.name, case.make(rig))
+    cases = [c for c in TIMED if c.name in chosen and (c.quick or not quick)]
+    # The UNet3D rig carries the headline keys (and FLOPs); another family's rig is built only for its own cases,
+    # first, and freed before the next is built: two full-size UNets at once do not fit a 24 GB machine.
+    families = list(dict.fromkeys(["unet3d"] * (not cases or "flops" in chosen) + [c.family for c in cases]))
+    primary = "unet3d" if "unet3d" in families else families[-1]
+    rig, res, others = None, {}, {}
+    for family in [f for f in families if f != primary] + [primary]:
+        current = _warm_rig(size, dev, dtype, family, warmup, reps, bench)
+        for case in (c for c in cases if c.family == family):
+            res[case.key] = bench.measure(case.name, case.make(current), paired=case.paired is not None)
+            if case.paired and case.name in bench.paired:
+                res[case.paired] = bench.paired[case.name]
+        if family == primary:
+            rig = current  # the rig the result's model keys describe
+        else:
+            others[family] = _rig_info(current)
+            del current
+            gc.collect()
+            bench.release()
     if "cached_step_s" not in res and "t_lora_step_s" in res:
         res["cached_step_s"] = res["t_lora_step_s"]  # the very same computation: reuse it where time is short
         cached_note = "cached_step_s is the t_lora_step measurement (identical computation)"
@@ -599,12 +698,43 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
 
     flops = _flops_section(rig, bench, res, quick) if "flops" in chosen else {}
     result = _result(rig, bench, res, flops, counted, quick, size, warmup, reps)
+    result["families"] = {rig.family: _rig_info(rig), **others}
     result["note"] = _note(result, cuda, size, cached_note)
     result["total_s"] = round(time.perf_counter() - t_all, 2)
     _log(f"done in {result['total_s']:.1f} s")
     del rig
     bench.release()
     return _jsonable(result)
+
+
+def _warm_rig(size: str, dev: torch.device, dtype: torch.dtype, family: str, warmup: int, reps: int,
+              bench: _Bench) -> _Rig:
+    """The rig of ``family``, after one untimed T-LoRA step: a fresh process (or model) pays for page faults,
+    allocator growth and kernel/library setup on its first big steps, which would otherwise land on whichever
+    measurement comes first."""
+    t0 = time.perf_counter()
+    rig = _Rig(size, dev, dtype, family=family)
+    _log(f"device {dev} ({_device_name(dev)}), dtype {str(dtype).replace('torch.', '')}, size {size}, "
+         f"latent {rig.latent_shape}, warm-up {warmup}, timed {reps}; built random-weight {MODELS[family].label} "
+         f"({rig.unet_params / 1e9:.3f} B params), VAE, text encoder in {time.perf_counter() - t0:.1f} s")
+    _log("process warm-up ...")
+    try:
+        step, teardown = rig.train(CAV, T_CAV)()
+        step()
+        bench.sync()
+        teardown()
+    except Exception as exc:  # noqa: BLE001 — the measurements record the failure properly
+        _log(f"warm-up failed ({type(exc).__name__})")
+    bench.release()
+    return rig
+
+
+def _rig_info(rig: _Rig) -> dict:
+    """What a family's rig measured on: its UNet, latent and adapters."""
+    return {"unet": MODELS[rig.family].label, "unet_params": rig.unet_params, "latent_shape": list(rig.latent_shape),
+            "text_shape": list(rig.cond.shape),
+            "trainable_params": {"cav": rig.n_params[T_CAV], "cav_s_lora": rig.n_params[S_CAV]},
+            "adapted_modules": {"cav": rig.n_modules[T_CAV], "cav_s_lora": rig.n_modules[S_CAV]}}
 
 
 def _flops_section(rig: _Rig, bench: _Bench, res: dict, quick: bool) -> dict:
@@ -695,6 +825,8 @@ def _count_keys(counted: dict | None) -> dict:
         "generation_cast_ops_per_step": get("generation_step", "casts"),
         "generation_ops_per_step_plain": get("generation_step_plain", "ops"),
         "generation_cast_ops_per_step_plain": get("generation_step_plain", "casts"),
+        "animatediff_ops_per_step": get("animatediff_t_lora_step", "ops"),
+        "animatediff_cast_ops_per_step": get("animatediff_t_lora_step", "casts"),
         "op_counts": c,
         "op_count_latent": counted["latent"],
         "op_count_dtype": counted["dtype"],
@@ -729,8 +861,9 @@ def _result(rig: _Rig, bench: _Bench, res: dict, flops: dict, counted, quick: bo
         "timed_steps": reps,
         **res,
         "eager_step_s": eager,
-        "compiled_speedup": _ratio(eager, res.get("compiled_step_s")),
-        "compiled_generation_speedup": _ratio(res.get("generation_step_s"), res.get("compiled_generation_step_s")),
+        "compiled_speedup": res.get("compiled_speedup", _ratio(eager, res.get("compiled_step_s"))),
+        "compiled_generation_speedup": res.get("compiled_generation_speedup", _ratio(
+            res.get("generation_step_s"), res.get("compiled_generation_step_s"))),
         "lean_speedup": _ratio(res.get("t_lora_step_plain_s"), eager),
         **_count_keys(counted),
         "step_ratio": _ratio(eager, md),
@@ -797,10 +930,18 @@ def _note(r: dict, cuda: bool, size: str, cached_note: str) -> str:
                      "configuration (training: lean context, grad, autocast; generation: no grad, T-LoRA only)")
     if r.get("compiled_step_s") is not None or "t_lora_step_compiled" in r.get("errors", {}):
         parts.append("compiled step = the lean T-LoRA step with the UNet's forward under torch.compile(fullgraph="
-                     "True; CUDA: mode='reduce-overhead'), compile time excluded (warm-up); eager_step_s = t_lora_step_s")
+                     "True; CUDA: mode='reduce-overhead'; CPU: inductor layout optimization off), compile time excluded "
+                     "(warm-up); compiled_speedup (and compiled_generation_speedup) = median over pairs of "
+                     "eager/compiled time, the compiled step and its eager twin alternating in one process; "
+                     "eager_step_s = t_lora_step_s")
+    if r.get("animatediff_t_lora_step_s") is not None or "animatediff_t_lora_step" in r.get("errors", {}):
+        parts.append("animatediff_t_lora_step_s = the cav T-LoRA step on a random-weight UNetMotionModel (SD 1.5 "
+                     "UNet + motion adapter v1-5-2 from the shipped configs; families.animatediff): T-LoRA r4 on the "
+                     "motion modules' attn1+attn2 q/k/v/out trainable, S-LoRA r1 on the image UNet's attn1+attn2 "
+                     "active and frozen, the text condition repeated for every frame as backbone.load passes it")
     if not cuda and size == "full":
         parts.append(f"CPU: latent reduced to {tuple(r['latent_shape'])} (the paper's is {PAPER_LATENT}) so the full "
-                     "1.4 B UNet finishes in minutes; at this size a step is bound by reading the weights, so times "
+                     "UNet finishes in minutes; at this size a step is bound by reading the weights, so times "
                      "do not scale with the latent; paper_shape_* FLOPs are counted on meta tensors")
     if size == "tiny":
         parts.append("tiny random model (tests): numbers say nothing about real speed")
@@ -892,6 +1033,8 @@ def format_table(result: dict) -> str:
         ("Cached step (UNet only)", _fmt_s(r.get("cached_step_s")),
          _fmt_bytes(mem.get("cached_step", mem.get("t_lora_step")))),
         ("  cached speedup", _fmt_x(r.get("cached_speedup")), ""),
+        ("AnimateDiff T-LoRA step (cav)", _fmt_s(r.get("animatediff_t_lora_step_s")),
+         _fmt_bytes(mem.get("animatediff_t_lora_step"))),
         ("T-LoRA step before issue 16 (plain)", _fmt_s(r.get("t_lora_step_plain_s")),
          _fmt_bytes(mem.get("t_lora_step_plain"))),
         ("  lean speedup", _fmt_x(r.get("lean_speedup")), ""),

@@ -8,7 +8,7 @@ loaded by exactly the code that loads real models. Used for the toy world's base
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -260,5 +260,98 @@ def make_tiny_animatediff(directory: Path, spec: TinyAnimateDiffSpec | None = No
     unet = UNetMotionModel.from_unet2d(build_image_unet(spec, seed), build_motion_adapter(spec, seed + 1))
     parts = build_text_and_vae(spec, tokenizer)
     pipe = AnimateDiffPipeline(unet=unet, motion_adapter=None, scheduler=build_scheduler(spec), **parts)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+# ------------------------------------------------------------------------------------- SDXL AnimateDiff (tests)
+@dataclass
+class TinySdxlSpec(TinyAnimateDiffSpec):
+    """A tiny SDXL image UNet (``addition_embed_type`` "text_time", three levels as SDXL's) with two tiny CLIP text
+    encoders, the second with a projection, at the scale of diffusers' own AnimateDiffSDXL tests."""
+
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    transformer_layers_per_block: tuple[int, ...] = (1, 1, 2)
+    layers_per_block: int = 1
+    text_hidden: int = 16  # CLIP-L stand-in
+    text_hidden_2: int = 16  # OpenCLIP-G stand-in; its projection (the pooled embedding) is as wide
+    cross_attention_dim: int = 32  # = text_hidden + text_hidden_2: the UNet attends to both, concatenated
+    addition_time_embed_dim: int = 8
+    motion_mid_block: bool = False  # as the SDXL beta motion adapter
+
+
+def build_sdxl_unet(spec: TinySdxlSpec, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=spec.latent_channels, out_channels=spec.latent_channels,
+        down_block_types=spec.down_block_types, up_block_types=spec.up_block_types,
+        block_out_channels=spec.block_out_channels, layers_per_block=spec.layers_per_block,
+        transformer_layers_per_block=spec.transformer_layers_per_block, norm_num_groups=spec.norm_num_groups,
+        cross_attention_dim=spec.cross_attention_dim, attention_head_dim=spec.attention_head_dim,
+        use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=spec.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * spec.addition_time_embed_dim + spec.text_hidden_2)
+
+
+def build_sdxl_text(spec: TinySdxlSpec, tokenizer, seed: int = 2) -> dict:
+    """The tiny VAE and the two text encoders (CLIP-L and OpenCLIP-G stand-ins) with their tokenizers."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if spec.text_hidden + spec.text_hidden_2 != spec.cross_attention_dim:
+        raise ValueError("text_hidden + text_hidden_2 must equal cross_attention_dim (SDXL concatenates both)")
+    vae = build_text_and_vae(replace(spec, cross_attention_dim=spec.text_hidden), tokenizer)["vae"]
+
+    def config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, projection_dim=hidden,
+                              intermediate_size=hidden * 2, num_hidden_layers=spec.text_layers,
+                              num_attention_heads=spec.text_heads, max_position_embeddings=spec.max_length,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+
+    torch.manual_seed(seed)
+    return {"vae": vae, "text_encoder": CLIPTextModel(config(spec.text_hidden)), "tokenizer": tokenizer,
+            "text_encoder_2": CLIPTextModelWithProjection(config(spec.text_hidden_2)), "tokenizer_2": tokenizer}
+
+
+def _sdxl_parts(directory: Path, spec: TinySdxlSpec) -> dict:
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer(directory / "tokenizer", spec.words, spec.max_length)
+    return build_sdxl_text(spec, CLIPTokenizer.from_pretrained(directory / "tokenizer"))
+
+
+def make_tiny_sdxl_image_model(directory: Path, spec: TinySdxlSpec | None = None, seed: int = 0) -> Path:
+    """A random tiny SDXL image model in the diffusers layout (``StableDiffusionXLPipeline``)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    spec = spec or TinySdxlSpec()
+    directory = Path(directory)
+    parts = _sdxl_parts(directory, spec)
+    pipe = StableDiffusionXLPipeline(unet=build_sdxl_unet(spec, seed), scheduler=build_scheduler(spec), **parts)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def make_tiny_sdxl_motion_adapter(directory: Path, spec: TinySdxlSpec | None = None, seed: int = 1) -> Path:
+    """A random tiny SDXL ``MotionAdapter`` folder (no motion mid block, as the SDXL beta adapter)."""
+    return make_tiny_motion_adapter(directory, spec or TinySdxlSpec(), seed)
+
+
+def make_tiny_sdxl_animatediff(directory: Path, spec: TinySdxlSpec | None = None, seed: int = 0) -> Path:
+    """A random tiny SDXL AnimateDiff model in its diffusers layout (``AnimateDiffSDXLPipeline``, ``unet/`` =
+    ``UNetMotionModel`` built from the tiny SDXL UNet and motion adapter)."""
+    from diffusers import AnimateDiffSDXLPipeline
+
+    from ..backbone import motion_unet
+
+    spec = spec or TinySdxlSpec()
+    directory = Path(directory)
+    parts = _sdxl_parts(directory, spec)
+    unet = motion_unet(build_sdxl_unet(spec, seed), build_motion_adapter(spec, seed + 1))
+    pipe = AnimateDiffSDXLPipeline(unet=unet, motion_adapter=None, scheduler=build_scheduler(spec), **parts)
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
