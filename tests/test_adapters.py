@@ -67,8 +67,15 @@ def test_tconv_placement_adds_exactly_the_temporal_convolutions(tiny_model, tmp_
 def test_tconv_placement_is_refused_where_the_family_has_no_temporal_convolutions():
     assert target_regex("spatial", "motiondirector+tconv", "animatediff") == target_regex(
         "spatial", "motiondirector", "animatediff")
-    with pytest.raises(CavError, match="temporal convolutions.*use placement cav or motiondirector"):
-        target_regex("temporal", "motiondirector+tconv", "animatediff")
+    for family in ("animatediff", "animatediff-sdxl"):
+        with pytest.raises(CavError, match="temporal convolutions.*use placement cav or motiondirector"):
+            target_regex("temporal", "motiondirector+tconv", family)
+
+
+def test_every_family_says_whether_it_has_temporal_convolutions():
+    from cav.adapters.targets import TEMPORAL_BLOCKS, TEMPORAL_CONVS
+
+    assert TEMPORAL_CONVS.keys() == TEMPORAL_BLOCKS.keys()
 
 def _frames(n=4, size=32):
     g = torch.Generator().manual_seed(3)

@@ -39,10 +39,12 @@ SPATIAL_BLOCKS = {
 }
 # Temporal layers outside the transformer blocks: unet3d's ``TemporalConvLayer`` (``temp_convs.*``: four
 # GroupNorm-SiLU-[Dropout]-Conv3d stacks, kernel (3, 1, 1); only the Conv3d is a LoRA target). AnimateDiff's motion
-# modules are its only temporal layers, so it has none (None: a placement that needs them is refused there).
+# modules (SD 1.5 and SDXL) are its only temporal layers, so it has none (None: a placement that needs them is
+# refused there).
 TEMPORAL_CONVS = {
     "unet3d": rf"{_BLOCK}temp_convs\.\d+\.(?:conv1\.2|conv[234]\.3)",
     "animatediff": None,
+    "animatediff-sdxl": None,
 }
 TEMPORAL_BLOCK = TEMPORAL_BLOCKS["unet3d"]
 SPATIAL_BLOCK = SPATIAL_BLOCKS["unet3d"]
