@@ -18,23 +18,11 @@ from cav.bypass import temporal_bypass, temporal_modules
 from cav.cli import main
 from cav.config import TrainConfig
 from cav.conditioning import pack
-from cav.data.video import read_video
 from cav.stages import encode_prompt
 from cav.toy.factory import (TinySdxlSpec, build_motion_adapter, build_sdxl_unet, make_tiny_motion_adapter,
                              make_tiny_sdxl_animatediff, make_tiny_sdxl_image_model, make_tiny_sdxl_motion_adapter)
 
-PROMPT = "a red square moving right"
-TRAIN = ["--frames", "4", "--size", "16", "--steps", "2", "--absorber-steps", "2", "--sample-steps", "2",
-         "--ti-tokens", "2", "--absorber-batch", "2", "--checkpoint-every", "1", "--quiet"]
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err.strip()
-
-
-def _video(path):
-    return read_video(path, frames=None, size=(16, 16))
+from test_animatediff import PROMPT, TRAIN, _run, _video  # the SD 1.5 tests' schedule and helpers
 
 
 def _one_line_error(code, err, *words):
