@@ -4,21 +4,23 @@
 
 Env: PROMPTS (new-appearance prompts, default 8), SPEC_SEED (seed that draws them; default the recipe's seed),
 REF (shape,colour,background,motion; default the demo's reference), OWN (K > 0: also score the reference's own prompt
-with K sampling seeds, "own"). Skips training when OUT/run/checkpoints exists. Prints a BASE line, then one PT line per
-(checkpoint, weight): ratio and appearance accuracy over all prompts and over the first 4 (the demo's), and the own
-motion error and ratio when OWN is set. Used for every table of docs/DEMO-TUNING.md (session 3: PROMPTS=4 OWN=1,
+with K sampling seeds, "own"), RECIPE (shipped recipe the overrides apply to; default toy). Skips training when OUT/run/checkpoints exists. Prints a BASE line, then one PT line per
+(checkpoint, weight): ratio, appearance accuracy and frame leakage over all prompts, ratio and appearance over the first
+4 (the demo's), and the own motion error and ratio when OWN is set; a TRAIN line gives the training seconds. Used for every table of docs/DEMO-TUNING.md (session 3: PROMPTS=4 OWN=1,
 weight 1).
 """
-import sys, json, os, torch, numpy as np
+import sys, json, os, time, torch, numpy as np
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 from pathlib import Path
 from cav import api, backbone
 from cav.adapters import lora
 from cav.config import TrainConfig, load_recipe
+from cav.metrics import toy as tm
 from cav.data import toyworld as tw
 from cav.data.video import write_video
 from cav.sampling import sample_videos
-from cav.toy.demo import DEFAULT_REFERENCE, RECIPE, score_videos
+from cav.toy.demo import DEFAULT_REFERENCE, score_videos
+RECIPE = os.environ.get("RECIPE", "toy")
 out = Path(sys.argv[1]); ov = json.loads(sys.argv[2]); every = int(sys.argv[3])
 weights = [float(w) for w in sys.argv[4].split(",")]
 n = int(os.environ.get("PROMPTS", "8"))
@@ -28,7 +30,9 @@ full, spatial = tw.caption(ref)
 cfg = TrainConfig.from_dict({**load_recipe(RECIPE), **ov, "checkpoint_every": every, "prompt": full, "spatial_prompt": spatial})
 rv, _ = tw.render(ref, frames=cfg.frames, size=cfg.size[0])
 if not (out / "run" / "checkpoints").exists():
+    t0 = time.time()
     api.train(write_video(out / "reference.mp4", rv), cfg, out / "run", overwrite=True, quiet=True)
+    print("TRAIN", json.dumps(ov), "seconds", round(time.time() - t0, 1), flush=True)
 specs = tw.new_appearances(ref, n, np.random.default_rng(int(os.environ.get("SPEC_SEED", cfg.seed))))
 texts = [tw.caption(s)[0] for s in specs]
 kw = dict(frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps, guidance=cfg.guidance, seeds=[cfg.validation_seed] * n)
@@ -53,11 +57,12 @@ for ck in sorted((out / "run" / "checkpoints").glob("step-*")):
         lora.activate(bb.unet, [name], [w])
         vids = sample_videos(bb, texts, **kw)
         errors, follows = score_videos(rv, vids, specs)
+        leak = np.mean([tm.frame_leakage(v, ref, sp) for v, sp in zip(vids, specs)])
         own = []
         if k_own:
             e = own_error()
             own = ["| own", round(e, 3), "ratio", round(e / own_base, 3)]
         print("PT", json.dumps(ov), ck.name, "w", w, "ratio", round(float(np.mean(errors) / base), 3),
-              "app", round(float(np.mean(follows)), 3), "| first4 ratio", round(float(np.mean(errors[:4]) / base4), 3),
+              "app", round(float(np.mean(follows)), 3), "leak", round(float(leak), 3), "| first4 ratio", round(float(np.mean(errors[:4]) / base4), 3),
               "app", float(np.mean(follows[:4])), *own, flush=True)
     lora.activate(bb.unet, [])

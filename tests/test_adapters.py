@@ -13,6 +13,7 @@ from cav.adapters import lora
 from cav.adapters.targets import target_regex
 from cav.adapters.textual_inversion import TextualInversion
 from cav.config import TrainConfig
+from cav.errors import CavError
 from cav.stages import S_LORA, T_LORA, absorber_stage, t_lora_stage
 from cav.trainer import diffusion_loss, run_stage
 
@@ -29,6 +30,52 @@ def test_anchored_targets_separate_temporal_and_spatial():
     assert re.fullmatch(target_regex("temporal", "motiondirector"), "down_blocks.0.temp_attentions.1.transformer_blocks.0.ff.net.2")
     assert not re.fullmatch(target_regex("spatial", "motiondirector"), "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k")
 
+
+
+def _adapted(unet, name: str) -> set[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n for n, m in unet.named_modules() if isinstance(m, LoraLayer) and name in m.lora_A}
+
+
+def test_tconv_placement_adds_exactly_the_temporal_convolutions(tiny_model, tmp_path):
+    from diffusers.models.resnet import TemporalConvLayer
+
+    bb = backbone.load(tiny_model, "cpu")
+    convs = {f"{n}.{c}" for n, m in bb.unet.named_modules() if isinstance(m, TemporalConvLayer)
+             for c, sub in m.named_modules() if isinstance(sub, torch.nn.Conv3d)}
+    assert len(convs) == 4 * sum(isinstance(m, TemporalConvLayer) for m in bb.unet.modules()) > 0
+    for kind in ("temporal", "spatial"):
+        lora.add_lora(bb.unet, f"md_{kind}", lora.lora_config(kind, "motiondirector", 2, 1.0))
+        cfg = lora.lora_config(kind, "motiondirector+tconv", 2, 1.0)
+        lora.add_lora(bb.unet, f"tc_{kind}", cfg)
+    assert _adapted(bb.unet, "tc_temporal") == _adapted(bb.unet, "md_temporal") | convs
+    assert _adapted(bb.unet, "tc_spatial") == _adapted(bb.unet, "md_spatial")  # the S-LoRA is MotionDirector's
+    with torch.no_grad():
+        for p in lora.lora_parameters(bb.unet, "tc_temporal"):
+            p.normal_()
+    out = lora.save_lora(bb.unet, "tc_temporal", lora.lora_config("temporal", "motiondirector+tconv", 2, 1.0),
+                         tmp_path / "tc", {"kind": "temporal", "base": "tiny"})
+    bb2 = backbone.load(tiny_model, "cpu")
+    lora.load_lora(bb2.unet, out, "again", expect_kind="temporal")
+    assert _adapted(bb2.unet, "again") == _adapted(bb.unet, "tc_temporal")
+    src = {n.replace(".tc_temporal.", "."): p for n, p in bb.unet.named_parameters() if ".tc_temporal." in n}
+    dst = {n.replace(".again.", "."): p for n, p in bb2.unet.named_parameters() if ".again." in n}
+    assert src.keys() == dst.keys() and all(torch.equal(src[k], dst[k]) for k in src)
+
+
+def test_tconv_placement_is_refused_where_the_family_has_no_temporal_convolutions():
+    assert target_regex("spatial", "motiondirector+tconv", "animatediff") == target_regex(
+        "spatial", "motiondirector", "animatediff")
+    for family in ("animatediff", "animatediff-sdxl"):
+        with pytest.raises(CavError, match="temporal convolutions.*use placement cav or motiondirector"):
+            target_regex("temporal", "motiondirector+tconv", family)
+
+
+def test_every_family_says_whether_it_has_temporal_convolutions():
+    from cav.adapters.targets import TEMPORAL_BLOCKS, TEMPORAL_CONVS
+
+    assert TEMPORAL_CONVS.keys() == TEMPORAL_BLOCKS.keys()
 
 def _frames(n=4, size=32):
     g = torch.Generator().manual_seed(3)

@@ -7,13 +7,20 @@ import pytest
 from cav.bench import rows
 from cav.bench.ablation import load_settings
 from cav.data import toyworld as tw
+from cav.config import load_recipe
 from cav.errors import CavError
 
 
 def test_motion_recipe_loads_with_its_rows_and_comparisons():
     s = load_settings("ablation/motion")
     keys = [r["key"] for r in s["rows"]]
-    assert {"both-aa", "md-r4", "both-aa-3clips", "np-0.2", "np-0.5", "inversion", "selected", "image-0.6"} <= set(keys)
+    assert {"both-aa", "md-r4", "both-aa-3clips", "np-0.2", "np-0.5", "inversion", "selected", "image-0.6",
+            "best"} <= set(keys)
+    best = {**s["overrides"], **next(r for r in s["rows"] if r["key"] == "best")}  # the row is the shipped toy-best
+    shipped = load_recipe("toy-best")
+    for key, value in shipped.items():
+        if key not in ("checkpoint_every", "sample_steps"):  # the ablation's checkpoints and sampler are its own
+            assert best.get(key, s["recipe"].get(key)) == value, key
     assert s["compare"] == ["base", "both-aa", "md-r4"]
     assert s["overrides"]["checkpoint_every"] > 0  # the selection row needs checkpoints with samples
 

@@ -23,6 +23,8 @@ def test_choose_follows_a_hand_made_score_table():
     for r in no_truth:
         r.pop("text_alignment")
     assert choose(no_truth)["checkpoint"] == "step-100"  # motion fidelity alone
+    no_truth[0]["motion_fidelity"] = None  # step-100's samples could not be tracked: it ranks last, not an error
+    assert choose(no_truth)["checkpoint"] == "step-300" and no_truth[0]["rank"] == 3.0
 
 
 @pytest.fixture(scope="module")

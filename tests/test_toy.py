@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from cav import backbone
 from cav.cli import main
@@ -45,8 +46,7 @@ def test_check_base_on_a_few_videos(capsys):
 @pytest.mark.slow
 def test_reduced_demo_writes_everything(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--prompts", "2", "--steps", "3", "--absorber-steps", "2", "--quiet",
-                 "--best"]) == 0
+    assert main(["demo", "--out", str(out), "--prompts", "2", "--steps", "3", "--absorber-steps", "2", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "motion error" in text and "contact_sheet.png" in text
     metrics = json.loads((out / "metrics.json").read_text())
@@ -54,14 +54,25 @@ def test_reduced_demo_writes_everything(tmp_path, capsys):
         assert isinstance(metrics[key], float)
     assert metrics["motion_error_ratio"] == pytest.approx(metrics["motion_error_cav"] / metrics["motion_error_base"])
     assert len(metrics["per_video"]) == 2
-    best = metrics["best"]  # the toy-best recipe, scored the same way, plus per-frame leakage
+    best = metrics["best"]  # on by default: the toy-best recipe, scored the same way, plus per-frame leakage
     for key in ("motion_error_base", "motion_error_cav", "motion_error_ratio", "appearance_accuracy", "frame_leakage"):
         assert isinstance(best[key], float)
     assert best["motion_error_base"] == metrics["motion_error_base"] and 0 <= best["frame_leakage"] <= 1
     for name in ("reference.mp4", "reference.gif", "base-0.mp4", "cav-1.gif", "contact_sheet.png", "best-1.mp4",
-                 "side_by_side.gif", "best-run/selection.json", "best-run/selected/t_lora/adapter_model.safetensors",
+                 "side_by_side.gif", "best-run/t_lora/adapter_model.safetensors",
                  "run/t_lora/adapter_model.safetensors", "run/absorbers/textual_inversion.safetensors"):
         assert (out / name).is_file(), name
+    best_cfg = yaml.safe_load((out / "best-run" / "config.yaml").read_text())
+    assert best_cfg["placement"] == "motiondirector+tconv" and best_cfg["steps"] == 3  # --steps reaches both recipes
+    assert best["adapter"] == str(out / "best-run")  # toy-best samples its last T-LoRA (no checkpoint selection)
+
+
+def test_demo_runs_both_recipes_by_default_each_with_its_own_schedule():
+    from cav.cli import build_parser
+
+    args = build_parser().parse_args(["demo"])
+    assert args.best is True and args.steps is None and args.absorber_steps is None
+    assert build_parser().parse_args(["demo", "--no-best"]).best is False
 
 
 def test_zero_terminal_snr_needs_v_prediction():

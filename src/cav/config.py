@@ -21,7 +21,7 @@ from .errors import CavError
 from .options import coerce_fields, option as _f
 
 ABSORBERS = ("none", "s-lora", "ti", "both")
-PLACEMENTS = ("cav", "motiondirector")
+PLACEMENTS = ("cav", "motiondirector", "motiondirector+tconv")
 WEIGHT_MAX = 4.0  # adapter weights above this only saturate the video
 
 
@@ -191,7 +191,7 @@ class TrainConfig:
                           "as the S-LoRA absorber: skips stage 1 (absorbers are then exactly the given ones)")
     ti_from: str = _f("", "start from this existing textual-inversion embedding (.safetensors) as the TI absorber: "
                       "skips stage 1 (absorbers are then exactly the given ones)")
-    placement: Literal["cav", "motiondirector"] = _f("cav", "LoRA placement preset")
+    placement: Literal["cav", "motiondirector", "motiondirector+tconv"] = _f("cav", "LoRA placement preset")
     # T-LoRA (stage 2)
     steps: int = _f(300, "T-LoRA training steps", unit="steps")
     t_lora_rank: int = _f(4, "T-LoRA rank")

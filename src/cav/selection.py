@@ -45,13 +45,14 @@ def checkpoints(run: Path) -> list[Path]:
 def choose(table: list[dict]) -> dict:
     """The row (``checkpoint``, ``step``, criterion scores) with the best mean rank; adds ``rank`` to every row."""
     used = [c for c in CRITERIA if c != "motion_fidelity" or "toy_motion_error" not in table[0]]
-    used = [c for c in used if all(row.get(c) is not None for row in table)]
+    used = [c for c in used if any(row.get(c) is not None for row in table)]
     if not used:
         raise CavError("no score to select on: the checkpoints' samples could not be scored")
     for row in table:
         ranks = []
-        for c in used:
-            better = [r for r in table if (r[c] > row[c] if CRITERIA[c] else r[c] < row[c])]
+        for c in used:  # a checkpoint without a score (None: its samples could not be scored) ranks last on it
+            better = [r for r in table if r.get(c) is not None and (
+                row.get(c) is None or (r[c] > row[c] if CRITERIA[c] else r[c] < row[c]))]
             ranks.append(1 + len(better))
         row["rank"] = float(np.mean(ranks))
     return min(table, key=lambda r: (r["rank"], -r["step"]))
@@ -61,7 +62,7 @@ def score_checkpoints(run: Path, clip: str | None = None) -> tuple[list[dict], l
     """One row of scores per checkpoint, and the criteria left out (with why)."""
     from .config import TrainConfig
     from .data.video import read_video
-    from .metrics import motion, toy as tm
+    from .metrics import toy as tm
 
     run = Path(run)
     found = checkpoints(run)  # refuses a folder that is not a run before reading anything
@@ -77,8 +78,7 @@ def score_checkpoints(run: Path, clip: str | None = None) -> tuple[list[dict], l
     table = []
     for ckpt in found:
         samples = [np.load(p, allow_pickle=False) for p in sorted((ckpt / "samples").glob("sample-*.npy"))]
-        row = {"checkpoint": ckpt.name, "step": int(ckpt.name[5:]),
-               "motion_fidelity": float(np.mean([motion.motion_fidelity(s, reference) for s in samples]))}
+        row = {"checkpoint": ckpt.name, "step": int(ckpt.name[5:]), "motion_fidelity": _fidelity(samples, reference)}
         if ref_track is not None:
             row["toy_motion_error"] = float(np.mean([tm.motion_error(tm.track(s), ref_track, reference.shape[1])
                                                      for s in samples]))
@@ -88,6 +88,17 @@ def score_checkpoints(run: Path, clip: str | None = None) -> tuple[list[dict], l
     if ref_track is None:
         notes.append("toy_motion_error: the base is not the toy world")
     return table, notes
+
+
+def _fidelity(samples: list[np.ndarray], reference: np.ndarray) -> float | None:
+    """Mean motion fidelity of a checkpoint's samples; None when one cannot be tracked (an early checkpoint's flat or
+    noisy sample): that checkpoint then ranks last on it instead of stopping the selection."""
+    from .metrics import Undefined, motion
+
+    try:
+        return float(np.mean([motion.motion_fidelity(s, reference) for s in samples]))
+    except Undefined:
+        return None
 
 
 def _clip_scorer(clip: str | None):
