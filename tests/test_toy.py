@@ -84,3 +84,20 @@ def test_zero_terminal_snr_needs_v_prediction():
     assert float(s.alphas_cumprod[-1]) < 1e-6  # x_T holds no signal at all
     s.set_timesteps(25)
     assert int(s.timesteps[0]) == 999  # trailing spacing starts sampling at the pure-noise step
+
+
+def test_demo_contact_sheet_has_a_column_per_recipe(tmp_path):
+    """The demo's sheet: reference, base, paper T-LoRA and, when the best recipe ran, its column too (same rows)."""
+    from PIL import Image
+
+    from cav.toy.demo import write_sheet
+
+    video = lambda v: np.full((8, 32, 32, 3), v, np.uint8)  # noqa: E731
+    prompts = ["a red square", "a blue circle"]
+    three = [[video(10), video(20)], [video(30), video(40)], [video(50), video(60)]]
+    errors = [[0.5, 0.4], [0.3, 0.2], [0.1, 0.05]]
+    both = Image.open(write_sheet(tmp_path / "both.png", video(0), "ref", prompts, three, errors))
+    paper = Image.open(write_sheet(tmp_path / "paper.png", video(0), "ref", prompts, three[:2], errors[:2]))
+    assert both.height == paper.height and both.width > paper.width
+    assert both.width - paper.width == paper.width - Image.open(write_sheet(
+        tmp_path / "base.png", video(0), "ref", prompts, three[:1], errors[:1])).width  # one more equal column

@@ -63,15 +63,18 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
         for kind, video in (("base", b), ("cav", c)):
             write_video(out / f"{kind}-{i}.mp4", video)
             write_video(out / f"{kind}-{i}.gif", video)
-    write_sheet(out / "contact_sheet.png", ref_video, full, texts, base_videos, cav_videos, err_base, err_cav)
     columns = [list(base_videos), list(cav_videos)]
+    best_block = None
     if best:  # the product's best recipe (toy/best.py), scored the same way
         best_cfg = best_mod.best_config(full, spatial, base, overrides)
         best_videos, adapter = best_mod.run_best(ref_path, best_cfg, out, texts, seed_list, quiet)
+        best_block = best_mod.block(reference, ref_video, best_videos, spec_per_video, err_base, adapter)
         columns.append(list(best_videos))
         for i, video in enumerate(best_videos):
             write_video(out / f"best-{i}.mp4", video)
             write_video(out / f"best-{i}.gif", video)
+    write_sheet(out / "contact_sheet.png", ref_video, full, texts, columns,
+                [err_base, err_cav] + ([[v["motion_error_cav"] for v in best_block["per_video"]]] if best else []))
     best_mod.write_side_by_side(out / "side_by_side.gif", ref_video, columns)
     metrics = {
         "reference": full,
@@ -85,23 +88,28 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
                       for t, eb, ec, f in zip(texts, err_base, err_cav, follows)],
         "seconds": round(time.time() - t0, 1),
     }
-    if best:
-        metrics["best"] = best_mod.block(reference, ref_video, best_videos, spec_per_video, err_base, adapter)
-        metrics["seconds"] = round(time.time() - t0, 1)
+    if best_block is not None:
+        metrics["best"] = best_block
     write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def write_sheet(path: Path, reference: np.ndarray, reference_prompt: str, prompts: list[str], base_videos,
-                cav_videos, err_base: list[float], err_cav: list[float]) -> Path:
-    """One row per prompt: the reference, the base model and the T-LoRA side by side, captioned with the prompt and
-    both motion errors (the reference repeats in every row so each row compares motion at a glance)."""
+SHEET_COLUMNS = ("base model", "with the T-LoRA (paper recipe)", "best recipe (toy-best)")
+SHEET_SHORT = ("base", "T-LoRA", "best")
+
+
+def write_sheet(path: Path, reference: np.ndarray, reference_prompt: str, prompts: list[str], columns: list[list],
+                errors: list[list[float]]) -> Path:
+    """One row per prompt: the reference, then the base model, the paper recipe's T-LoRA and (when the demo ran it)
+    the best recipe side by side, captioned with the prompt and each one's motion error (the reference repeats in
+    every row so each row compares motion at a glance)."""
     from ..data.sheet import write_comparison_sheet
 
-    rows = [[reference, b, c] for b, c in zip(base_videos, cav_videos)]
-    captions = [f"{t}   (motion error vs reference: base {eb:.3f}, T-LoRA {ec:.3f})"
-                for t, eb, ec in zip(prompts, err_base, err_cav)]
-    return write_comparison_sheet(path, rows, columns=["reference (its motion)", "base model", "with the T-LoRA"],
+    rows = [[reference, *videos] for videos in zip(*columns)]
+    captions = [f"{t}   (motion error vs reference: "
+                + ", ".join(f"{name} {e[k]:.3f}" for name, e in zip(SHEET_SHORT, errors)) + ")"
+                for k, t in enumerate(prompts)]
+    return write_comparison_sheet(path, rows, columns=["reference (its motion)", *SHEET_COLUMNS[:len(columns)]],
                                   captions=captions, title=f"reference: {reference_prompt}", tile=64)
 
 
@@ -124,6 +132,7 @@ def summary(metrics: dict, out: Path) -> str:
         *([f"best recipe ({metrics['best']['recipe']}): motion error {metrics['best']['motion_error_cav']:.3f} (ratio "
            f"{metrics['best']['motion_error_ratio']:.2f}), appearance {metrics['best']['appearance_accuracy']:.0%}, "
            f"frame leakage {metrics['best']['frame_leakage']:.0%}"] if "best" in metrics else []),
-        f"took {metrics['seconds']:.0f} s.  Look at {out / 'contact_sheet.png'} (a row per prompt: reference, base, T-LoRA),",
+        f"took {metrics['seconds']:.0f} s.  Look at {out / 'contact_sheet.png'} (a row per prompt: reference, base, "
+        f"T-LoRA{', best' if 'best' in metrics else ''}) and {out / 'side_by_side.gif'},",
         f"the videos in {out}/, and the run (adapters, checkpoints, log) in {out / 'run'}/",
     ])
