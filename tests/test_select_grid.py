@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from cav.cli import main
@@ -65,3 +66,35 @@ def test_select_bad_run_one_line_exit_2(tmp_path, run_cli):
     for target in (tmp_path / "missing", tmp_path):
         code, err = run_cli(["select", target])
         assert code == 2 and len(err.splitlines()) == 1 and "not a run folder" in err, err
+
+
+def test_select_scores_a_run_on_several_clips_against_every_clip(tmp_path):
+    """A run on two clips (one moving left, one moving up): each checkpoint's toy error is the mean over both clips,
+    not the first clip's alone (a sample identical to clip 1 would score 0 against clip 1 only)."""
+    import yaml
+
+    from cav.data import toyworld as tw
+    from cav.data.video import read_video, write_video
+    from cav.metrics import toy as tm
+    from cav.selection import score_checkpoints
+
+    run = tmp_path / "run"
+    records, clips = [], []
+    for k, motion in enumerate(("left", "up")):
+        frames, _ = tw.render(tw.ToySpec("circle", "red", "navy", motion, 0.32, 0.0), 8, 32)
+        path = write_video(tmp_path / f"clip-{k}.mp4", frames)
+        records.append({"clip": str(path), "selection": {}})
+        clips.append(read_video(path, frames=8, size=(32, 32), fit="crop"))
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"base": "toy", "prompt": "a red circle moving left",
+                                                     "frames": 8, "size": [32, 32]}))
+    (run / "data.json").write_text(json.dumps({**records[0], "clips": records}))
+    for step, sample in ((2, clips[0]), (4, clips[1])):
+        (run / "checkpoints" / f"step-{step:06d}" / "samples").mkdir(parents=True)
+        np.save(run / "checkpoints" / f"step-{step:06d}" / "samples" / "sample-0.npy", sample)
+    table, _ = score_checkpoints(run, clip=str(tmp_path / "no-clip"))
+    tracks = [tm.track(c) for c in clips]
+    for row, sample in zip(table, clips):
+        each = [tm.motion_error(tm.track(sample), t, 32) for t in tracks]
+        assert row["toy_motion_error"] == pytest.approx(np.mean(each))
+        assert min(each) < 0.05 < max(each)  # one clip matches the sample, the other does not: the mean sees both

@@ -1,5 +1,5 @@
-"""`cav select RUN`: score every checkpoint's validation samples against the run's reference clip and publish the
-best checkpoint's T-LoRA as ``RUN/selected/`` (``cav generate --adapter RUN/selected``).
+"""`cav select RUN`: score every checkpoint's validation samples against the run's reference clip (each of them, for a
+run on several clips: the scores are means over the clips) and publish the best checkpoint's T-LoRA as ``RUN/selected/`` (``cav generate --adapter RUN/selected``).
 
 Scores per checkpoint (means over its validation samples):
 
@@ -61,42 +61,49 @@ def choose(table: list[dict]) -> dict:
 def score_checkpoints(run: Path, clip: str | None = None) -> tuple[list[dict], list[str]]:
     """One row of scores per checkpoint, and the criteria left out (with why)."""
     from .config import TrainConfig
-    from .data.video import read_video
     from .metrics import toy as tm
 
     run = Path(run)
     found = checkpoints(run)  # refuses a folder that is not a run before reading anything
     cfg = TrainConfig.from_dict(_yaml(run / "config.yaml"))
     data = json.loads((run / "data.json").read_text()) if (run / "data.json").is_file() else {}
-    source = data.get("clip")
-    if not source or not Path(source).exists():
-        raise CavError(f"the run's reference clip '{source}' is missing: put it back to score against it")
-    reference = read_video(source, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **data.get("selection", {}))
+    references = [_reference(record, cfg) for record in (data.get("clips") or [data])]
     scorer, notes = _clip_scorer(clip)
     prompts = cfg.validation_prompts or [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]
-    ref_track = tm.track(reference) if cfg.base == "toy" else None
+    ref_tracks = [tm.track(r) for r in references] if cfg.base == "toy" else None
     table = []
     for ckpt in found:
         samples = [np.load(p, allow_pickle=False) for p in sorted((ckpt / "samples").glob("sample-*.npy"))]
-        row = {"checkpoint": ckpt.name, "step": int(ckpt.name[5:]), "motion_fidelity": _fidelity(samples, reference)}
-        if ref_track is not None:
-            row["toy_motion_error"] = float(np.mean([tm.motion_error(tm.track(s), ref_track, reference.shape[1])
-                                                     for s in samples]))
+        row = {"checkpoint": ckpt.name, "step": int(ckpt.name[5:]), "motion_fidelity": _fidelity(samples, references)}
+        if ref_tracks is not None:  # a run on several clips: the mean over its clips, each sample against each clip
+            row["toy_motion_error"] = float(np.mean([tm.motion_error(tm.track(s), t, r.shape[1])
+                                                     for s in samples for t, r in zip(ref_tracks, references)]))
         if scorer is not None:
             row["text_alignment"] = float(np.mean([scorer.score(s, p) for s, p in zip(samples, prompts)]))
         table.append(row)
-    if ref_track is None:
+    if ref_tracks is None:
         notes.append("toy_motion_error: the base is not the toy world")
     return table, notes
 
 
-def _fidelity(samples: list[np.ndarray], reference: np.ndarray) -> float | None:
-    """Mean motion fidelity of a checkpoint's samples; None when one cannot be tracked (an early checkpoint's flat or
-    noisy sample): that checkpoint then ranks last on it instead of stopping the selection."""
+def _reference(record: dict, cfg) -> np.ndarray:
+    """One reference clip of the run, read as the run read it (its frame selection and fit)."""
+    from .data.video import read_video
+
+    source = record.get("clip")
+    if not source or not Path(source).exists():
+        raise CavError(f"the run's reference clip '{source}' is missing: put it back to score against it")
+    return read_video(source, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **record.get("selection", {}))
+
+
+def _fidelity(samples: list[np.ndarray], references: list[np.ndarray]) -> float | None:
+    """Mean motion fidelity of a checkpoint's samples against each reference clip (a run on several clips is scored
+    against all of them); None when one cannot be tracked (an early checkpoint's flat or noisy sample): that
+    checkpoint then ranks last on it instead of stopping the selection."""
     from .metrics import Undefined, motion
 
     try:
-        return float(np.mean([motion.motion_fidelity(s, reference) for s in samples]))
+        return float(np.mean([motion.motion_fidelity(s, r) for s in samples for r in references]))
     except Undefined:
         return None
 
