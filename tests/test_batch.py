@@ -304,3 +304,28 @@ def test_a_lost_worker_is_retried_by_ray_and_resumes(library, cluster, inputs):
     assert state["status"] == "finished" and state["pid"] != killed[0]
     ref, got = _adapters(library["out"] / "right"), _adapters(out / "right")
     assert all(ref[k].equal(got[k]) for k in ref)
+
+
+def test_a_row_on_a_clips_file_trains_one_t_lora_on_all_its_clips(inputs, tmp_path):
+    """A row whose clip is a `cav train --clips` file: one run on both clips (each its own absorbers and spatial
+    prompt), a config hash over every clip, and the file's spatial prompts not given twice."""
+    recipe = batch.load_recipe(inputs / "recipe.yaml")
+    (tmp_path / "b.mp4").write_bytes((inputs / "down.mp4").read_bytes())
+    (tmp_path / "two.yaml").write_text(f"- clip: {inputs / 'right.mp4'}\n  spatial_prompt: a red square\n"
+                                       "- clip: b.mp4\n  spatial_prompt: a red square, again\n")
+    (tmp_path / "m.csv").write_text("clip,prompt,spatial_prompt\ntwo.yaml,a red square moving,\n")
+    [row] = batch.load_rows(tmp_path / "m.csv", recipe)
+    assert row.name == "two" and row.clips == [inputs / "right.mp4", tmp_path / "b.mp4"]
+    assert row.cfg.spatial_prompt == ["a red square", "a red square, again"]
+    key = batch.config_hash(row)
+    (tmp_path / "b.mp4").write_bytes((inputs / "right.mp4").read_bytes())  # the second clip changes: another run
+    assert batch.config_hash(row) != key
+    row.key = batch.config_hash(row)
+    record = batch.train_row(batch._spec(batch.Step(row, "train"), tmp_path / "lib", {"num_cpus": 1}))
+    assert record["status"] == "finished", record
+    data = json.loads((tmp_path / "lib" / "two" / "data.json").read_text())
+    assert [c["clip"] for c in data["clips"]] == [str(c) for c in row.clips]
+    assert (tmp_path / "lib" / "two" / "absorbers" / "clip-1" / "s_lora").is_dir()  # clip 2's own absorbers
+    (tmp_path / "m.csv").write_text("clip,prompt,spatial_prompt\ntwo.yaml,a red square moving,a red square\n")
+    with pytest.raises(CavError, match="spatial prompts are given twice"):
+        batch.load_rows(tmp_path / "m.csv", recipe)

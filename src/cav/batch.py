@@ -1,4 +1,5 @@
-"""`cav batch`: a motion library from a manifest of clips, one Ray task per clip, each calling ``api.train``.
+"""`cav batch`: a motion library from a manifest of clips, one Ray task per row, each calling ``api.train``. A row
+trains on one clip, or on several clips of one motion when its ``clip`` is a clips file (as `cav train --clips`).
 
 This module has no training code of its own: it reads and validates the manifest, decides per row what to do
 (train, resume, skip) from the row's run folder, runs the rows as Ray tasks and writes the library's index.
@@ -60,6 +61,11 @@ class Row:
     cfg: TrainConfig
     video_options: dict = field(default_factory=dict)
     key: str = ""  # config hash, filled by ``plan``
+    more: list[Path] = field(default_factory=list)  # a row on several clips of one motion: clips 2, 3, ...
+
+    @property
+    def clips(self) -> list[Path]:
+        return [self.clip, *self.more]
 
 
 @dataclass
@@ -186,6 +192,8 @@ def _row(line: int, raw, recipe: dict, folder: Path) -> Row:
         raise CavError("prompt is empty: describe the clip and its motion")
     clip = _clip_path(_text(raw, "clip"), folder)
     name = _text(raw, "name") or clip.stem
+    spatial, more = _several(clip, spatial)
+    clip, more = (more[0], more[1:]) if more else (clip, [])
     if not NAME_RE.match(name) or name in RESERVED:
         raise CavError(f"name '{name}' is not a folder name: use letters, digits, '.', '_', '-', not {'/'.join(RESERVED)} "
                        "(column `name`)")
@@ -197,7 +205,22 @@ def _row(line: int, raw, recipe: dict, folder: Path) -> Row:
         cfg = TrainConfig.from_dict(data)
     except TypeError as exc:
         raise CavError(f"a recipe value has the wrong type ({exc})") from None
-    return Row(line, name, clip, cfg, video_options)
+    return Row(line, name, clip, cfg, video_options, more=more)
+
+
+def _several(clip: Path, spatial: str) -> tuple[str | list[str], list[Path]]:
+    """A row whose ``clip`` is a clips file (`cav train --clips`: a .csv or .yaml of clips of one motion and their
+    spatial prompts) trains one T-LoRA on all of them, each clip with its own absorbers; a video or a folder of
+    images is one clip. Returns the row's spatial prompt(s) and the clips ([] for one clip)."""
+    from . import clips as clips_mod
+
+    if not (clip.is_file() and clip.suffix.lower() in (".csv", ".yaml", ".yml")):
+        return spatial, []
+    found, prompts = clips_mod.read_clips(clip)
+    if prompts and spatial:
+        raise CavError(f"the spatial prompts are given twice: empty the row's spatial_prompt (the clips file "
+                       f"'{clip.name}' has them) or the file's spatial_prompt column")
+    return (prompts or spatial), found
 
 
 def _text(raw: dict, key: str) -> str:
@@ -251,9 +274,9 @@ def config_hash(row: Row) -> str:
     as ``runfolder.clip_record`` hashes it for the run's own ``data.json``)."""
     from . import runfolder
 
-    clip = runfolder.clip_record(row.clip, row.video_options)
-    blob = json.dumps({"recipe": row.cfg.to_dict(), "video": clip["selection"], "clip": clip["sha256"]},
-                      sort_keys=True)
+    records = [runfolder.clip_record(c, row.video_options) for c in row.clips]
+    blob = json.dumps({"recipe": row.cfg.to_dict(), "video": records[0]["selection"], "clip": records[0]["sha256"],
+                       **({"more": [r["sha256"] for r in records[1:]]} if row.more else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -336,7 +359,7 @@ def _train_locked(spec: dict, run: Path) -> dict:
     write_state(run, record)
     t0 = time.time()
     try:
-        api.train(spec["clip"], TrainConfig.from_dict(spec["recipe"]), run, overwrite=not again, resume=again,
+        api.train(spec.get("clips") or spec["clip"], TrainConfig.from_dict(spec["recipe"]), run, overwrite=not again, resume=again,
                   quiet=True, video_options=spec["video_options"])
     except KeyboardInterrupt:
         write_state(run, {**record, "status": "interrupted", "seconds": round(seconds + time.time() - t0, 2)})
@@ -515,7 +538,7 @@ def check_cluster_paths(steps: list[Step], out: Path) -> None:
 
     probe = out / f".probe-{uuid.uuid4().hex}"
     write_text(probe, "cav batch probe\n")
-    paths = {str(s.row.clip): f"clip of line {s.row.line}" for s in steps}
+    paths = {str(c): f"clip of line {s.row.line}" for s in steps for c in s.row.clips}
     paths.update({getattr(s.row.cfg, k): k for s in steps for k in PATH_KEYS
                   if Path(getattr(s.row.cfg, k) or "").is_absolute()})
     paths[str(probe)] = f"--out '{out}'"
@@ -583,6 +606,7 @@ def _drive(todo: list[Step], out: Path, opts: Options, skipped: dict, on_done: C
 def _spec(step: Step, out: Path, need: dict) -> dict:
     row = step.row
     return {"name": row.name, "line": row.line, "clip": str(row.clip), "recipe": row.cfg.to_dict(),
+            **({"clips": [str(c) for c in row.clips]} if row.more else {}),
             "video_options": row.video_options, "hash": row.key, "out": str(out), "cpus": need["num_cpus"]}
 
 
@@ -641,6 +665,7 @@ def _index_row(step: Step, out: Path) -> dict:
     if status == "finished" and state.get("hash") != row.key:
         status = "pending"
     return {"row": row.line, "name": row.name, "clip": str(row.clip), "status": status,
+            **({"clips": [str(c) for c in row.clips]} if row.more else {}),
             "seconds": state.get("seconds"), "final_loss": state.get("final_loss"), "error": state.get("error"),
             "contact_sheet": state.get("contact_sheet") if status == "finished" else None, "hash": row.key}
 
