@@ -1,7 +1,8 @@
 """`cav toy check-base`: does the base model draw the prompted colour, shape and (seen) motion?
 
-Generates videos for seen-motion prompts and scores them against the toy world's ground truth; also measures how
-far the base alone is from the held-out motions (it must *not* produce them: that is what customization adds).
+Generates videos for seen-motion prompts and scores them against the toy world's ground truth (the object's colour
+and shape, the background, the motion); also measures how far the base alone is from the held-out motions (it must
+*not* produce them: that is what customization adds).
 """
 
 from __future__ import annotations
@@ -32,11 +33,20 @@ def check_base(base: str = "toy", n: int = 64, heldout: int = 24, seed: int = 0,
         "videos": n,
         "colour_accuracy": float(np.mean([s["colour_ok"] for s in scores])),
         "shape_accuracy": float(np.mean([s["shape_ok"] for s in scores])),
+        "background_accuracy": float(np.mean([s["background_ok"] for s in scores])),
+        "background_accuracy_by_background": {
+            b: float(np.mean([s["background_ok"] for s, spec in zip(scores, seen) if spec.background == b]))
+            for b in tw.BACKGROUNDS if any(spec.background == b for spec in seen)},
         "motion_accuracy": float(np.mean([s["motion_ok"] for s in scores])),
         "seen_motion_error": float(np.mean([s["motion_error"] for s in scores])),
         "heldout_videos": heldout,
         "heldout_motion_error": float(np.mean([s["motion_error"] for s in held_scores])),
         "heldout_motion_accuracy": float(np.mean([s["motion_ok"] for s in held_scores])),
+        # the prompt's appearance (colour, shape and background at once) in videos whose prompts name a held-out
+        # motion: what customized videos are scored on, and what the base caps
+        "heldout_appearance_accuracy": float(np.mean([s["colour_ok"] and s["shape_ok"] and s["background_ok"]
+                                                      for s in held_scores])),
+        "heldout_background_accuracy": float(np.mean([s["background_ok"] for s in held_scores])),
         "seconds": round(time.time() - t0, 1),
     }
 

@@ -8,6 +8,7 @@ state is saved as safetensors every ``save_every`` steps under ``OUT/.train_stat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -69,6 +70,9 @@ class BaseRecipe:
     text_lr: float = _f(1e-4, "phase 2: text encoder learning rate")
     image_every: int = _f(4, "every k-th step is an image batch (temporal layers bypassed, appearance prompt)",
                           unit="steps")
+    image_motion_words: float = _f(0.5, "fraction of image-batch captions that name a motion drawn from all of them, "
+                                   "held-out ones included (a still frame shows no motion, so the words are learnt "
+                                   "as appearance-neutral, as a real text encoder knows them)")
     caption_dropout: float = _f(0.1, "fraction of captions dropped (for classifier-free guidance)")
     seed: int = _f(0, "seed of the data and of every random choice")
     save_every: int = _f(500, "save resume state every N steps", unit="steps")
@@ -190,12 +194,26 @@ def train_base(out: Path, recipe: BaseRecipe | None = None, device: str = "auto"
         sched.step()
     amp_dtype = torch.bfloat16 if amp else None
 
+    def image_ids(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The appearance-only caption, or (a fraction ``image_motion_words``) the caption with a motion phrase drawn
+        from every motion, held-out ones included: without it the held-out words, and the token positions that their
+        longer phrases push the background to, are never trained, and the base draws e.g. "… moving in a spiral on a
+        grey background" brown. A still frame carries no motion, so this teaches the words' appearance, not motions."""
+        ids = ids_spat[idx].clone()
+        worded = torch.rand(len(idx), generator=gen) < recipe.image_motion_words
+        motion = torch.randint(0, len(tw.MOTIONS), (len(idx),), generator=gen)
+        for k in worded.nonzero().flatten().tolist():
+            spec = dataclasses.replace(specs[int(idx[k])], motion=tw.MOTIONS[int(motion[k])])
+            ids[k] = tokenizer(tw.caption(spec)[0], padding="max_length", max_length=TOY_SPEC.max_length,
+                               truncation=True, return_tensors="pt").input_ids[0]
+        return ids
+
     def batch(image: bool):
         def draw(gen: torch.Generator):
             idx = torch.randint(0, n, (recipe.batch,), generator=gen)
-            if image:  # single frames, temporal layers bypassed (the stage's bypass), appearance-only caption
+            if image:  # single frames, temporal layers bypassed (the stage's bypass), appearance caption
                 fi = torch.randint(0, f, (recipe.batch,), generator=gen)
-                x0, ids = lat[idx, :, fi].unsqueeze(2).to(dev), ids_spat[idx]
+                x0, ids = lat[idx, :, fi].unsqueeze(2).to(dev), image_ids(idx, gen)
             else:
                 x0, ids = lat[idx].to(dev), ids_full[idx]
             drop = torch.rand(recipe.batch, generator=gen) < recipe.caption_dropout
