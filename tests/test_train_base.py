@@ -1,5 +1,6 @@
 """The toy base trainer runs on the one training step and resumes exactly from its saved state."""
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -37,3 +38,18 @@ def test_interrupted_base_training_resumes_exactly(tmp_path, monkeypatch):
     tb.train_base(out, tb.BaseRecipe(**RECIPE), device="cpu", quiet=True)
     a, b = _unet(ref), _unet(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_image_captions_name_every_motion_held_out_ones_too_and_keep_the_appearance():
+    from cav.data import toyworld as tw
+
+    specs = tw.sample_specs(np.random.default_rng(0), 400)
+    worded = tb.image_captions(specs, 0.5, torch.Generator().manual_seed(0))
+    assert 150 < len(worded) < 250  # about half of the rows
+    named = {m for text in worded.values() for m in tw.MOTIONS if f" {tw.MOTION_PHRASES[m]} on " in text}
+    assert named == set(tw.MOTIONS)  # the held-out words (zigzag, figure eight, spiral) as well as the seen ones
+    for k, text in worded.items():  # the row's own colour, shape and background, only the motion phrase drawn
+        s = specs[k]
+        assert text.startswith(f"a {s.colour} {s.shape} "), text
+        assert text.endswith(f"on a {s.background} background")
+    assert tb.image_captions(specs, 0.0, torch.Generator().manual_seed(0)) == {}

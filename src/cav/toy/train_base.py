@@ -107,6 +107,18 @@ def _load_state(out: Path, phase: str, modules: dict, optimizer, gen: torch.Gene
     return resume.load_state(folder, optimizer, gen)
 
 
+def image_captions(specs: list, fraction: float, gen: torch.Generator) -> dict[int, str]:
+    """Which image-batch rows get a full caption instead of the appearance-only one, and which: a fraction
+    ``fraction`` of them name a motion drawn from every motion, held-out ones included. Without it the held-out words,
+    and the token positions their longer phrases push the background to, are never trained, and run 3 drew "… moving
+    in a spiral on a grey background" brown. A still frame carries no motion, so this teaches the words' appearance
+    (none), not the motions."""
+    worded = torch.rand(len(specs), generator=gen) < fraction
+    motion = torch.randint(0, len(tw.MOTIONS), (len(specs),), generator=gen)
+    return {k: tw.caption(dataclasses.replace(specs[k], motion=tw.MOTIONS[int(motion[k])]))[0]
+            for k in worded.nonzero().flatten().tolist()}
+
+
 def _to_pixels(clips_u8: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(clips_u8).to(device).permute(0, 1, 4, 2, 3).float().div(127.5).sub(1.0)
 
@@ -195,17 +207,10 @@ def train_base(out: Path, recipe: BaseRecipe | None = None, device: str = "auto"
     amp_dtype = torch.bfloat16 if amp else None
 
     def image_ids(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """The appearance-only caption, or (a fraction ``image_motion_words``) the caption with a motion phrase drawn
-        from every motion, held-out ones included: without it the held-out words, and the token positions that their
-        longer phrases push the background to, are never trained, and the base draws e.g. "… moving in a spiral on a
-        grey background" brown. A still frame carries no motion, so this teaches the words' appearance, not motions."""
         ids = ids_spat[idx].clone()
-        worded = torch.rand(len(idx), generator=gen) < recipe.image_motion_words
-        motion = torch.randint(0, len(tw.MOTIONS), (len(idx),), generator=gen)
-        for k in worded.nonzero().flatten().tolist():
-            spec = dataclasses.replace(specs[int(idx[k])], motion=tw.MOTIONS[int(motion[k])])
-            ids[k] = tokenizer(tw.caption(spec)[0], padding="max_length", max_length=TOY_SPEC.max_length,
-                               truncation=True, return_tensors="pt").input_ids[0]
+        for k, text in image_captions([specs[int(i)] for i in idx], recipe.image_motion_words, gen).items():
+            ids[k] = tokenizer(text, padding="max_length", max_length=TOY_SPEC.max_length, truncation=True,
+                               return_tensors="pt").input_ids[0]
         return ids
 
     def batch(image: bool):
