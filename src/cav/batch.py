@@ -359,8 +359,8 @@ def _train_locked(spec: dict, run: Path) -> dict:
     write_state(run, record)
     t0 = time.time()
     try:
-        api.train(spec.get("clips") or spec["clip"], TrainConfig.from_dict(spec["recipe"]), run, overwrite=not again, resume=again,
-                  quiet=True, video_options=spec["video_options"])
+        api.train(spec.get("clips") or spec["clip"], TrainConfig.from_dict(spec["recipe"]), run,
+                  overwrite=not again, resume=again, quiet=True, video_options=spec["video_options"])
     except KeyboardInterrupt:
         write_state(run, {**record, "status": "interrupted", "seconds": round(seconds + time.time() - t0, 2)})
         raise

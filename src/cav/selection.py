@@ -1,5 +1,6 @@
 """`cav select RUN`: score every checkpoint's validation samples against the run's reference clip (each of them, for a
-run on several clips: the scores are means over the clips) and publish the best checkpoint's T-LoRA as ``RUN/selected/`` (``cav generate --adapter RUN/selected``).
+run on several clips: the scores are means over the clips) and publish the best checkpoint's T-LoRA as
+``RUN/selected/`` (``cav generate --adapter RUN/selected``).
 
 Scores per checkpoint (means over its validation samples):
 
