@@ -16,4 +16,4 @@ demo: install
 	$(BIN)/cav demo
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
