@@ -1,0 +1,77 @@
+"""Wan LoRA files other tools load: diffusers' layout and ComfyUI's (Wan's original module names).
+
+- diffusers: ``WanPipeline.save_lora_weights`` itself writes the file (``transformer.``-prefixed peft keys, the
+  LoraConfig in the safetensors metadata), so stock ``WanPipeline.load_lora_weights`` + ``set_adapters`` rebuilds
+  the same adapter, scaling included.
+- ComfyUI: keys ``diffusion_model.blocks.N.{self_attn,cross_attn}.{q,k,v,o}.lora_{A,B}.weight`` (and
+  ``blocks.N.ffn.{0,2}`` for the FFN placements) with one ``.alpha`` scalar per module, ComfyUI's convention for the
+  scale alpha / rank. diffusers' own Wan converter (``_convert_non_diffusers_wan_lora_to_diffusers``) reads the
+  same file, folding alpha / rank into the weights. musubi's ``lora_unet_*`` names are not written: diffusers'
+  converter raises ``KeyError`` on an attention-only LoRA in that layout.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+
+from ..errors import CavError
+from ..io_utils import save_safetensors
+
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+_ORIGINAL = {"attn1": "self_attn", "attn2": "cross_attn", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o",
+             "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+_KEY = re.compile(r"(?:transformer\.)?blocks\.(\d+)\.(?:(attn[12])\.(to_q|to_k|to_v|to_out\.0)|(ffn\.net\.(?:0\.proj|2)))"
+                  r"\.(lora_[AB])\.weight")
+_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "init_lora_weights", "use_dora",
+                "use_rslora")
+
+
+def adapter_state(transformer, name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s weights under peft's saved names (``blocks.0.attn1.to_q.lora_A.weight``), fp32 on CPU."""
+    return {k: v.detach().float().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
+
+
+def save_diffusers(transformer, name: str, config: LoraConfig, directory: str | Path) -> Path:
+    """Write adapter ``name`` in diffusers' Wan LoRA layout, by ``WanPipeline.save_lora_weights``."""
+    from diffusers import WanPipeline
+
+    cfg = config.to_dict()
+    cfg["target_modules"] = config.target_modules if isinstance(config.target_modules, str) else sorted(
+        config.target_modules)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        WanPipeline.save_lora_weights(str(directory), transformer_lora_layers=adapter_state(transformer, name),
+                                      transformer_lora_adapter_metadata={k: cfg[k] for k in _CONFIG_KEYS if k in cfg},
+                                      weight_name=DIFFUSERS_WEIGHTS, safe_serialization=True)
+    return Path(directory) / DIFFUSERS_WEIGHTS
+
+
+def to_comfyui(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft/diffusers-named LoRA tensors → Wan's original names with ``diffusion_model.`` prefix and ``.alpha``."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        m = _KEY.fullmatch(key)
+        if m is None:
+            raise CavError(f"LoRA tensor '{key}' is not on a Wan attention or FFN projection: only motion and "
+                           "absorber LoRAs of a Wan transformer can be exported to ComfyUI")
+        block, attn, proj, ffn, ab = m.groups()
+        module = f"blocks.{block}." + (f"{_ORIGINAL[attn]}.{_ORIGINAL[proj]}" if attn else _ORIGINAL[ffn])
+        out[f"diffusion_model.{module}.{ab}.weight"] = tensor
+        out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def export_comfyui(transformer, name: str, config: LoraConfig, path: str | Path) -> Path:
+    """Write adapter ``name`` as one ComfyUI LoRA file (safetensors)."""
+    tensors = to_comfyui(adapter_state(transformer, name), config.lora_alpha)
+    return save_safetensors(path, tensors, metadata={"format": "pt", "cav_rank": str(config.r),
+                                                     "cav_alpha": str(config.lora_alpha)})
+
+
+__all__ = ["DIFFUSERS_WEIGHTS", "adapter_state", "save_diffusers", "to_comfyui", "export_comfyui"]

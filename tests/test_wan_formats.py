@@ -1,0 +1,106 @@
+"""Wan LoRA formats: stock diffusers loads cav's diffusers-layout and ComfyUI files and gives the peft model's output;
+diffusers' own Wan converter reads the ComfyUI export back to the same weights."""
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cav.adapters.lora import activate, lora_parameters
+from cav.errors import CavError
+from cav.wan.formats import adapter_state, export_comfyui, save_diffusers, to_comfyui
+from cav.wan.targets import add_absorber_lora, add_motion_lora
+from cav.wan.tiny import make_tiny_wan
+
+GEN = dict(prompt="a red circle moving left", num_frames=5, height=16, width=16, num_inference_steps=3,
+           max_sequence_length=16, output_type="latent", guidance_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_wan(tmp_path_factory.mktemp("wan") / "tiny-wan")
+
+
+def _open(folder):
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _randomize(model, name, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model, name):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _latents(pipe):
+    return pipe(**GEN, generator=torch.Generator().manual_seed(0)).frames
+
+
+@pytest.mark.parametrize("placement, fmt", [("cav", "diffusers"), ("motiondirector", "diffusers"),
+                                            ("cav", "comfyui"), ("temporal-heads", "comfyui")])
+def test_stock_pipeline_loads_the_motion_lora_and_matches_cav(folder, tmp_path, placement, fmt):
+    cav = _open(folder)
+    base = _latents(cav)
+    heads = {1: [0]} if placement == "temporal-heads" else None
+    config = add_motion_lora(cav.transformer, "motion", placement, heads=heads)
+    _randomize(cav.transformer, "motion")
+    activate(cav.transformer, ["motion"])
+    ours = _latents(cav)
+    if fmt == "diffusers":
+        saved = save_diffusers(cav.transformer, "motion", config, tmp_path / "lora")
+    else:
+        saved = export_comfyui(cav.transformer, "motion", config, tmp_path / "motion_comfyui.safetensors")
+
+    stock = _open(folder)  # from here on: diffusers only
+    stock.load_lora_weights(str(saved), adapter_name="motion")
+    stock.set_adapters(["motion"], [1.0])
+    theirs = _latents(stock)
+    assert (ours - base).abs().max() > 1e-3  # the LoRA changes the output: the comparison is not vacuous
+    assert (theirs - ours).abs().max() < 1e-5
+
+
+def _delta(state, module, scale):
+    return state[f"{module}.lora_B.weight"] @ state[f"{module}.lora_A.weight"] * scale
+
+
+@pytest.mark.parametrize("kind, alpha", [("motion", 1.0), ("motion", 4.0), ("absorber", 0.5)])
+def test_diffusers_converter_reads_the_comfyui_export_back(tmp_path, kind, alpha):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+
+    from cav.wan.tiny import TinyWanSpec, build_transformer
+
+    wan = build_transformer(TinyWanSpec(layers=3))
+    if kind == "motion":
+        config = add_motion_lora(wan, "x", "motiondirector", alpha=alpha)
+    else:
+        config = add_absorber_lora(wan, "x", alpha=alpha)
+    _randomize(wan, "x", seed=1)
+    path = export_comfyui(wan, "x", config, tmp_path / "x.safetensors")
+    exported = load_file(str(path))
+    pattern = (r"diffusion_model\.blocks\.\d+\.(?:(?:self_attn|cross_attn)\.[qkvo]|ffn\.[02])"
+               r"\.(?:lora_[AB]\.weight|alpha)")
+    assert all(re.fullmatch(pattern, k) for k in exported)
+    assert "diffusion_model.blocks.2.self_attn.o.lora_A.weight" in exported
+    if kind == "absorber":
+        assert "diffusion_model.blocks.0.cross_attn.v.lora_B.weight" in exported
+
+    ours = adapter_state(wan, "x")
+    back = {k.removeprefix("transformer."): v for k, v in _convert_non_diffusers_wan_lora_to_diffusers(exported).items()}
+    assert set(back) == set(ours)
+    scale = alpha / config.r
+    for key in (k[: -len(".lora_A.weight")] for k in ours if k.endswith("lora_A.weight")):
+        # diffusers folds alpha / rank into the weights; the LoRA's update B·A·alpha/rank is unchanged
+        assert torch.allclose(_delta(back, key, 1.0), _delta(ours, key, scale), atol=1e-6)
+        if scale == 1.0:
+            assert torch.equal(back[f"{key}.lora_A.weight"], ours[f"{key}.lora_A.weight"])
+            assert torch.equal(back[f"{key}.lora_B.weight"], ours[f"{key}.lora_B.weight"])
+
+
+def test_comfyui_export_refuses_non_wan_tensors():
+    with pytest.raises(CavError, match="only motion and absorber LoRAs of a Wan transformer"):
+        to_comfyui({"down_blocks.0.attentions.0.to_q.lora_A.weight": torch.zeros(1, 2)}, 1.0)
