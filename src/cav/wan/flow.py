@@ -83,6 +83,27 @@ class FlowObjective:
         return scheduler.sigmas.clone()
 
 
+def transformer_loss(transformer, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                     objective: FlowObjective, generator: torch.Generator | None = None,
+                     image_mode: bool = False) -> torch.Tensor:
+    """One flow-matching loss of ``transformer`` on clean normalised ``latents`` (B, C, F, H, W).
+
+    ``image_mode``: every frame is its own 1-frame video (frames folded into the batch, the prompt repeated) with
+    its own σ, as the absorber trains on unordered frames; otherwise one σ per clip."""
+    if image_mode:
+        from .image_mode import fold_frames
+
+        frames = latents.shape[2]
+        latents = fold_frames(latents)
+        encoder_hidden_states = encoder_hidden_states.repeat_interleave(frames, dim=0)
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device="cpu").to(latents.device)
+    sigmas = objective.sample_sigmas(latents.shape[0], generator=generator).to(latents.device)
+    prediction = transformer(hidden_states=objective.noisy(latents, noise, sigmas),
+                             timestep=objective.timesteps(sigmas), encoder_hidden_states=encoder_hidden_states,
+                             return_dict=False)[0]
+    return objective.loss(prediction, latents, noise)
+
+
 def _integrate(velocity: Velocity, latents: torch.Tensor, sigmas: torch.Tensor, num_train_timesteps: int):
     x = latents
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
@@ -103,4 +124,4 @@ def invert(velocity: Velocity, latents: torch.Tensor, sigmas: torch.Tensor, num_
     return _integrate(velocity, latents, sigmas.flip(0), num_train_timesteps)
 
 
-__all__ = ["shift_sigmas", "FlowObjective", "sample", "invert", "Velocity"]
+__all__ = ["shift_sigmas", "FlowObjective", "transformer_loss", "sample", "invert", "Velocity"]
