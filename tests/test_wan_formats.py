@@ -104,3 +104,39 @@ def test_diffusers_converter_reads_the_comfyui_export_back(tmp_path, kind, alpha
 def test_comfyui_export_refuses_non_wan_tensors():
     with pytest.raises(CavError, match="only motion and absorber LoRAs of a Wan transformer"):
         to_comfyui({"down_blocks.0.attentions.0.to_q.lora_A.weight": torch.zeros(1, 2)}, 1.0)
+
+
+@pytest.mark.parametrize("trained", [("transformer",), ("transformer", "transformer_2")])
+def test_a14b_pair_loads_into_both_experts_with_stock_diffusers(tmp_path, trained):
+    from cav.wan.formats import export_comfyui_experts
+
+    folder = make_tiny_wan(tmp_path / "tiny-a14b", experts=2)
+    cav = _open(folder)
+    base = _latents(cav)
+    config = None
+    for seed, component in enumerate(trained):
+        config = add_motion_lora(getattr(cav, component), "motion", "cav")
+        _randomize(getattr(cav, component), "motion", seed=seed)
+        activate(getattr(cav, component), ["motion"])
+    ours = _latents(cav)
+    files = export_comfyui_experts({"transformer": cav.transformer, "transformer_2": cav.transformer_2}, "motion",
+                                   config, tmp_path / "motion.safetensors")
+    assert sorted(p.name for p in files.values()) == sorted(
+        f"motion_{'high' if c == 'transformer' else 'low'}_noise.safetensors" for c in trained)
+
+    stock = _open(folder)  # diffusers only: the high-noise file into transformer, the low-noise one into transformer_2
+    stock.load_lora_weights(str(files["transformer"]), adapter_name="motion")
+    assert (ours - base).abs().max() > 1e-3
+    if "transformer_2" in files:
+        assert (_latents(stock) - ours).abs().max() > 1e-3  # the low-noise expert's LoRA matters too
+        stock.load_lora_weights(str(files["transformer_2"]), adapter_name="motion", load_into_transformer_2=True)
+    stock.set_adapters(["motion"], [1.0])
+    assert (_latents(stock) - ours).abs().max() < 1e-5
+
+
+def test_expert_export_needs_a_trained_expert(tmp_path):
+    from cav.wan.formats import export_comfyui_experts
+    from cav.wan.tiny import TinyWanSpec, build_transformer
+
+    with pytest.raises(CavError, match="no expert carries the LoRA 'motion'"):
+        export_comfyui_experts({"transformer": build_transformer(TinyWanSpec())}, "motion", None, tmp_path / "m")

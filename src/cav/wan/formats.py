@@ -37,8 +37,10 @@ def adapter_state(transformer, name: str) -> dict[str, torch.Tensor]:
             for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
 
 
-def save_diffusers(transformer, name: str, config: LoraConfig, directory: str | Path) -> Path:
-    """Write adapter ``name`` in diffusers' Wan LoRA layout, by ``WanPipeline.save_lora_weights``."""
+def save_diffusers(transformer, name: str, config: LoraConfig, directory: str | Path,
+                   weight_name: str = DIFFUSERS_WEIGHTS) -> Path:
+    """Write adapter ``name`` in diffusers' Wan LoRA layout, by ``WanPipeline.save_lora_weights``. (An A14B
+    low-noise expert's file loads with ``load_lora_weights(..., load_into_transformer_2=True)``.)"""
     from diffusers import WanPipeline
 
     cfg = config.to_dict()
@@ -48,8 +50,8 @@ def save_diffusers(transformer, name: str, config: LoraConfig, directory: str | 
         warnings.simplefilter("ignore")
         WanPipeline.save_lora_weights(str(directory), transformer_lora_layers=adapter_state(transformer, name),
                                       transformer_lora_adapter_metadata={k: cfg[k] for k in _CONFIG_KEYS if k in cfg},
-                                      weight_name=DIFFUSERS_WEIGHTS, safe_serialization=True)
-    return Path(directory) / DIFFUSERS_WEIGHTS
+                                      weight_name=weight_name, safe_serialization=True)
+    return Path(directory) / weight_name
 
 
 def to_comfyui(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -74,4 +76,30 @@ def export_comfyui(transformer, name: str, config: LoraConfig, path: str | Path)
                                                      "cav_alpha": str(config.lora_alpha)})
 
 
-__all__ = ["DIFFUSERS_WEIGHTS", "adapter_state", "save_diffusers", "to_comfyui", "export_comfyui"]
+# Wan 2.2 A14B: the community's names for the two experts' files (``transformer`` = high noise)
+EXPERT_SUFFIXES = {"transformer": "high_noise", "transformer_2": "low_noise"}
+
+
+def has_adapter(transformer, name: str) -> bool:
+    return transformer is not None and any(name in getattr(m, "lora_A", {}) for m in transformer.modules())
+
+
+def export_comfyui_experts(experts: dict, name: str, config: LoraConfig, path: str | Path) -> dict[str, Path]:
+    """A14B: one ComfyUI file per expert that carries adapter ``name``, ``<stem>_high_noise.safetensors`` and
+    ``<stem>_low_noise.safetensors`` beside ``path`` (``experts`` maps ``transformer`` / ``transformer_2`` to the
+    models). An expert the LoRA was not trained on gets no file."""
+    path = Path(path)
+    written = {}
+    for component, model in experts.items():
+        if component not in EXPERT_SUFFIXES:
+            raise ValueError(f"unknown Wan expert '{component}': use transformer or transformer_2")
+        if has_adapter(model, name):
+            target = path.with_name(f"{path.stem}_{EXPERT_SUFFIXES[component]}{path.suffix or '.safetensors'}")
+            written[component] = export_comfyui(model, name, config, target)
+    if not written:
+        raise CavError(f"no expert carries the LoRA '{name}': train it with --experts high, low or both first")
+    return written
+
+
+__all__ = ["DIFFUSERS_WEIGHTS", "EXPERT_SUFFIXES", "adapter_state", "save_diffusers", "to_comfyui", "export_comfyui",
+           "has_adapter", "export_comfyui_experts"]
