@@ -140,3 +140,50 @@ def test_expert_export_needs_a_trained_expert(tmp_path):
 
     with pytest.raises(CavError, match="no expert carries the LoRA 'motion'"):
         export_comfyui_experts({"transformer": build_transformer(TinyWanSpec())}, "motion", None, tmp_path / "m")
+
+
+def _fake_lora(path, width, blocks, base=None, prefix="diffusion_model.blocks.{}.self_attn.q"):
+    """A LoRA file with a published base's shapes (rank 1, so no big tensors are needed)."""
+    from cav.io_utils import save_safetensors
+
+    tensors = {}
+    for b in blocks:
+        tensors[prefix.format(b) + ".lora_A.weight"] = torch.zeros(1, width)
+        tensors[prefix.format(b) + ".lora_B.weight"] = torch.zeros(width, 1)
+    return save_safetensors(path, tensors, metadata={"format": "pt", **({"cav_base": base} if base else {})})
+
+
+def test_lora_that_does_not_fit_the_base_is_refused_from_its_header(tmp_path):
+    from cav.wan.formats import check_lora_file
+    from cav.wan.published import published
+
+    small = published("wan2.1-t2v-1.3b")["transformer"]
+    a14b = published("wan2.2-t2v-a14b")["transformer"]
+    check_lora_file(_fake_lora(tmp_path / "ok.safetensors", 1536, range(30)), small, "wan2.1-t2v-1.3b")
+    check_lora_file(_fake_lora(tmp_path / "d.safetensors", 1536, [0, 29], prefix="transformer.blocks.{}.attn1.to_q"),
+                    small)
+    with pytest.raises(CavError, match=r"^LoRA 'big.safetensors' is for a Wan of width 5120 \(trained on "
+                                       r"wan2.1-t2v-14b\), this base has width 1536 \(30 blocks\): use a LoRA"):
+        check_lora_file(_fake_lora(tmp_path / "big.safetensors", 5120, [0], "wan2.1-t2v-14b"), small)
+    with pytest.raises(CavError, match="adapts block 35, this base has 30 blocks"):
+        check_lora_file(_fake_lora(tmp_path / "deep.safetensors", 1536, [35]), small)
+    with pytest.raises(CavError, match=r"trained on wan2.1-t2v-14b, a Wan 2.1 base, but this base is "
+                                       r"wan2.2-t2v-a14b \(Wan 2.2\): use a LoRA trained on a Wan 2.2 base"):
+        check_lora_file(_fake_lora(tmp_path / "v21.safetensors", 5120, [0], "wan2.1-t2v-14b"), a14b, "wan2.2-t2v-a14b")
+    musubi = _fake_lora(tmp_path / "m.safetensors", 1536, [0], prefix="lora_unet_blocks_{}_self_attn_q")
+    with pytest.raises(CavError, match="musubi's lora_unet_"):
+        check_lora_file(musubi, small)
+    with pytest.raises(CavError, match="does not exist"):
+        check_lora_file(tmp_path / "none.safetensors", small)
+
+
+def test_cav_export_passes_its_own_check_and_records_the_base(tmp_path):
+    from cav.wan.formats import check_lora_file
+    from cav.wan.tiny import TinyWanSpec, build_transformer
+
+    wan = build_transformer(TinyWanSpec())
+    config = add_motion_lora(wan, "m", "cav")
+    path = export_comfyui(wan, "m", config, tmp_path / "m.safetensors", base="wan2.1-t2v-1.3b")
+    check_lora_file(path, dict(wan.config), "wan2.1-t2v-1.3b")
+    with pytest.raises(CavError, match="a Wan 2.1 base, but this base is wan2.2-ti2v-5b"):
+        check_lora_file(path, dict(wan.config), "wan2.2-ti2v-5b")

@@ -5,6 +5,8 @@
 - ``latents``: the VAE, per clip or per frame, with Wan's latent normalisation;
 - ``flow``: the flow-matching objective (shifted timesteps, velocity target) and flow inversion;
 - ``targets``: LoRA placements over Wan module names, the temporal-heads measurement, named peft adapters;
-- ``formats``: diffusers-layout save and the ComfyUI (original Wan names) export;
+- ``formats``: diffusers-layout save, the ComfyUI (original Wan names) export incl. the A14B expert pair, and the
+  header-only check that a LoRA file fits a base;
+- ``prompt_vectors``: textual inversion's analogue (learned vectors in the umT5 output, passed as prompt_embeds);
 - ``published``: the shipped transformer configs of the published Wan bases, and size / frame-count checks.
 """

@@ -69,11 +69,61 @@ def to_comfyui(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.
     return out
 
 
-def export_comfyui(transformer, name: str, config: LoraConfig, path: str | Path) -> Path:
-    """Write adapter ``name`` as one ComfyUI LoRA file (safetensors)."""
+def export_comfyui(transformer, name: str, config: LoraConfig, path: str | Path, base: str | None = None) -> Path:
+    """Write adapter ``name`` as one ComfyUI LoRA file (safetensors); ``base`` (a published name such as
+    ``wan2.1-t2v-14b``) is recorded so that a same-shaped but different base can be refused later."""
     tensors = to_comfyui(adapter_state(transformer, name), config.lora_alpha)
-    return save_safetensors(path, tensors, metadata={"format": "pt", "cav_rank": str(config.r),
-                                                     "cav_alpha": str(config.lora_alpha)})
+    meta = {"format": "pt", "cav_rank": str(config.r), "cav_alpha": str(config.lora_alpha)}
+    if base:
+        meta["cav_base"] = base
+    return save_safetensors(path, tensors, metadata=meta)
+
+
+# ------------------------------------------------------------------------------- does a LoRA file fit this base?
+_SELF_Q = re.compile(r"(?:transformer\.|diffusion_model\.)?blocks\.(\d+)\.(?:attn1\.to_q|self_attn\.q)"
+                     r"\.lora_(?:A|down)\.weight")
+_BLOCK = re.compile(r"(?:transformer\.|diffusion_model\.)?blocks\.(\d+)\.")
+
+
+def _version(base: str | None) -> str | None:
+    m = re.match(r"wan(\d\.\d)-", base or "")
+    return m.group(1) if m else None
+
+
+def check_lora_file(path: str | Path, transformer_config: dict, base: str | None = None) -> None:
+    """Refuse, from the file's header alone (no weights read), a Wan LoRA that does not fit a transformer with
+    ``transformer_config``: another width (e.g. a 14B LoRA on 1.3B), more blocks, or, when both are known, another
+    Wan version (a 2.1 LoRA on a 2.2 base: same shapes for 14B / A14B, so only the recorded base tells)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CavError(f"LoRA file '{path}' does not exist: pass a .safetensors LoRA file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
+            meta = fh.metadata() or {}
+    except Exception as exc:
+        raise CavError(f"could not read LoRA '{path}' ({type(exc).__name__}): pass a .safetensors LoRA file") from None
+    if any(k.startswith("lora_unet_") for k in shapes):
+        raise CavError(f"'{path}' is in musubi's lora_unet_* layout: convert it to diffusers or ComfyUI names first")
+    width = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    layers = transformer_config["num_layers"]
+    trained = meta.get("cav_base")
+    widths = {shape[1] for k, shape in shapes.items() if _SELF_Q.fullmatch(k)}
+    blocks = {int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))}
+    if not blocks:
+        raise CavError(f"'{path}' holds no Wan transformer block weights: pass a Wan LoRA")
+    on = f" (trained on {trained})" if trained else ""
+    if widths and widths != {width}:
+        raise CavError(f"LoRA '{path.name}' is for a Wan of width {max(widths)}{on}, this base has width {width} "
+                       f"({layers} blocks): use a LoRA trained on this base size")
+    if max(blocks) >= layers:
+        raise CavError(f"LoRA '{path.name}' adapts block {max(blocks)}{on}, this base has {layers} blocks: use a "
+                       "LoRA trained on this base size")
+    if _version(trained) and _version(base) and _version(trained) != _version(base):
+        raise CavError(f"LoRA '{path.name}' was trained on {trained}, a Wan {_version(trained)} base, but this base "
+                       f"is {base} (Wan {_version(base)}): use a LoRA trained on a Wan {_version(base)} base")
 
 
 # Wan 2.2 A14B: the community's names for the two experts' files (``transformer`` = high noise)
@@ -84,7 +134,8 @@ def has_adapter(transformer, name: str) -> bool:
     return transformer is not None and any(name in getattr(m, "lora_A", {}) for m in transformer.modules())
 
 
-def export_comfyui_experts(experts: dict, name: str, config: LoraConfig, path: str | Path) -> dict[str, Path]:
+def export_comfyui_experts(experts: dict, name: str, config: LoraConfig, path: str | Path,
+                           base: str | None = None) -> dict[str, Path]:
     """A14B: one ComfyUI file per expert that carries adapter ``name``, ``<stem>_high_noise.safetensors`` and
     ``<stem>_low_noise.safetensors`` beside ``path`` (``experts`` maps ``transformer`` / ``transformer_2`` to the
     models). An expert the LoRA was not trained on gets no file."""
@@ -95,11 +146,11 @@ def export_comfyui_experts(experts: dict, name: str, config: LoraConfig, path: s
             raise ValueError(f"unknown Wan expert '{component}': use transformer or transformer_2")
         if has_adapter(model, name):
             target = path.with_name(f"{path.stem}_{EXPERT_SUFFIXES[component]}{path.suffix or '.safetensors'}")
-            written[component] = export_comfyui(model, name, config, target)
+            written[component] = export_comfyui(model, name, config, target, base)
     if not written:
         raise CavError(f"no expert carries the LoRA '{name}': train it with --experts high, low or both first")
     return written
 
 
 __all__ = ["DIFFUSERS_WEIGHTS", "EXPERT_SUFFIXES", "adapter_state", "save_diffusers", "to_comfyui", "export_comfyui",
-           "has_adapter", "export_comfyui_experts"]
+           "has_adapter", "export_comfyui_experts", "check_lora_file"]
