@@ -121,3 +121,18 @@ def test_image_mode_loss_draws_one_sigma_per_frame_and_trains_the_absorber():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]  # same draws each step: the absorber fits them
+
+
+def test_frame_difference_loss_ignores_what_every_frame_shares():
+    obj = FlowObjective()
+    x0, eps = torch.randn(2, 4, 5, 3, 3), torch.randn(2, 4, 5, 3, 3)
+    target = obj.target(x0, eps)
+    static_error = torch.randn(2, 4, 1, 3, 3).expand_as(target)  # the same wrong appearance in every frame
+    assert obj.frame_difference_loss(target + static_error, x0, eps).item() < 1e-10
+    assert obj.loss(target + static_error, x0, eps).item() > 0.1
+    moving_error = torch.zeros_like(target)
+    moving_error[:, :, 2] = 1.0
+    # one frame off by 1 in all 4·3·3 entries: two of the four differences are off by ±1
+    assert obj.frame_difference_loss(target + moving_error, x0, eps).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        obj.frame_difference_loss(target[:, :, :1], x0[:, :, :1], eps[:, :, :1])

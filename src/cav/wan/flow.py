@@ -71,6 +71,17 @@ class FlowObjective:
         """Mean squared velocity error, in fp32 whatever the model's dtype."""
         return torch.nn.functional.mse_loss(prediction.float(), self.target(latents, noise).float())
 
+    def frame_difference_loss(self, prediction: torch.Tensor, latents: torch.Tensor,
+                              noise: torch.Tensor) -> torch.Tensor:
+        """MSE between consecutive-frame differences of the predicted and the true velocity (B, C, F, H, W): blind to
+        any error that is the same in every frame (a static appearance), so it weighs what changes between frames.
+        An optional term beside ``loss`` for the motion LoRA."""
+        if prediction.shape[2] < 2:
+            raise ValueError("a frame-difference loss needs at least 2 latent frames")
+        target = self.target(latents, noise).float()
+        prediction = prediction.float()
+        return torch.nn.functional.mse_loss(prediction.diff(dim=2), target.diff(dim=2))
+
     def sigma_grid(self, steps: int) -> torch.Tensor:
         """σ from 1 down to 0 for ``steps`` Euler steps (``steps`` + 1 values): the grid of diffusers'
         ``FlowMatchEulerDiscreteScheduler(shift=...)``, so cav's sampler and the stock one step alike."""
