@@ -60,6 +60,8 @@ def test_bad_placements_are_one_line_errors():
         target_regex("motiondirector+tconv")
     with pytest.raises(CavError, match="needs measured heads"):
         add_motion_lora(build_transformer(SPEC), "t", "temporal-heads")
+    with pytest.raises(CavError, match=r"do not exist in this base \(2 blocks × 2 heads\): measure them on this base"):
+        add_motion_lora(build_transformer(SPEC), "t", "temporal-heads", heads={1: [2]})
     with pytest.raises(CavError, match="fraction"):
         select_temporal_heads(torch.rand(2, 2), 0.0)
 

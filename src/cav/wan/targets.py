@@ -70,6 +70,11 @@ def add_motion_lora(transformer, name: str, placement: str = "cav", rank: int = 
     if (placement == "temporal-heads") != (heads is not None):
         raise CavError("placement temporal-heads needs measured heads (and only it takes them): measure them with "
                        "select_temporal_heads, or pick placement cav, qk or motiondirector")
+    n_blocks, n_heads = len(transformer.blocks), transformer.config.num_attention_heads
+    if heads is not None and any(not 0 <= b < n_blocks or any(not 0 <= h < n_heads for h in hs)
+                                 for b, hs in heads.items()):
+        raise CavError(f"temporal heads {heads} do not exist in this base ({n_blocks} blocks × {n_heads} heads): "
+                       "measure them on this base")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=True,
                         target_modules=target_regex(placement, None if heads is None else heads.keys()))
     add_lora(transformer, name, config)
