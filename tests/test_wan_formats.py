@@ -187,3 +187,28 @@ def test_cav_export_passes_its_own_check_and_records_the_base(tmp_path):
     check_lora_file(path, dict(wan.config), "wan2.1-t2v-1.3b")
     with pytest.raises(CavError, match="a Wan 2.1 base, but this base is wan2.2-ti2v-5b"):
         check_lora_file(path, dict(wan.config), "wan2.2-ti2v-5b")
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "comfyui"])
+def test_load_lora_file_rebuilds_the_adapter_in_either_layout(tmp_path, fmt):
+    """``--s-lora-from``: an image LoRA in diffusers or ComfyUI layout becomes a named adapter with the same effect."""
+    from cav.wan.formats import load_lora_file
+    from cav.wan.tiny import TinyWanSpec, build_transformer
+
+    src = build_transformer(TinyWanSpec()).eval()
+    config = add_absorber_lora(src, "s_lora")
+    _randomize(src, "s_lora", seed=3)
+    if fmt == "diffusers":
+        path = save_diffusers(src, "s_lora", config, tmp_path / "lora")
+    else:
+        path = export_comfyui(src, "s_lora", config, tmp_path / "s.safetensors")
+    dst = build_transformer(TinyWanSpec()).eval()  # same seed: same base weights
+    load_lora_file(dst, path, "image")
+    x, ctx, ts = torch.randn(1, 4, 3, 4, 4), torch.randn(1, 6, 16), torch.tensor([400])
+    with torch.no_grad():
+        ours, theirs = src(x, ts, ctx, return_dict=False)[0], dst(x, ts, ctx, return_dict=False)[0]
+        activate(dst, [])
+        bare = dst(x, ts, ctx, return_dict=False)[0]
+    assert (ours - theirs).abs().max() < 1e-5 and (ours - bare).abs().max() > 1e-3
+    with pytest.raises(CavError, match="width 24, this base has width 48"):
+        load_lora_file(build_transformer(TinyWanSpec(heads=4)), path, "image")

@@ -152,5 +152,18 @@ def export_comfyui_experts(experts: dict, name: str, config: LoraConfig, path: s
     return written
 
 
+def load_lora_file(transformer, path: str | Path, name: str, base: str | None = None) -> None:
+    """Load a Wan LoRA file in diffusers' or ComfyUI's layout (e.g. ``--s-lora-from``: an image LoRA) into
+    ``transformer`` as peft adapter ``name``, through diffusers' own reader and Wan converter. Checked against the
+    transformer's config from the file header first, so a misfit is one line, not a shape error mid-load."""
+    from diffusers import WanPipeline
+
+    check_lora_file(path, dict(transformer.config), base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state, metadata = WanPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+        transformer.load_lora_adapter(state, prefix="transformer", adapter_name=name, metadata=metadata)
+
+
 __all__ = ["DIFFUSERS_WEIGHTS", "EXPERT_SUFFIXES", "adapter_state", "save_diffusers", "to_comfyui", "export_comfyui",
-           "has_adapter", "export_comfyui_experts", "check_lora_file"]
+           "has_adapter", "export_comfyui_experts", "check_lora_file", "load_lora_file"]
