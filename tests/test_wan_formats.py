@@ -90,7 +90,8 @@ def test_diffusers_converter_reads_the_comfyui_export_back(tmp_path, kind, alpha
         assert "diffusion_model.blocks.0.cross_attn.v.lora_B.weight" in exported
 
     ours = adapter_state(wan, "x")
-    back = {k.removeprefix("transformer."): v for k, v in _convert_non_diffusers_wan_lora_to_diffusers(exported).items()}
+    converted = _convert_non_diffusers_wan_lora_to_diffusers(exported)
+    back = {k.removeprefix("transformer."): v for k, v in converted.items()}
     assert set(back) == set(ours)
     scale = alpha / config.r
     for key in (k[: -len(".lora_A.weight")] for k in ours if k.endswith("lora_A.weight")):

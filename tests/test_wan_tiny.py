@@ -38,5 +38,6 @@ def test_stock_wan_pipeline_opens_and_generates(tmp_path, experts):
     again = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
     assert video.shape == (1, 5, 16, 16, 3) and (video >= 0).all() and (video <= 1).all()
     assert (video == again).all()
-    # two runs of 4 steps; with two experts the high-noise one takes the steps above the boundary, the low-noise one the rest
+    # two runs of 4 steps; with two experts the high-noise one takes the steps above the boundary, the low-noise
+    # one the rest
     assert calls["high"] > 0 and (calls["low"] > 0) == (experts == 2) and sum(calls.values()) == 8

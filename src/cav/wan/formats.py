@@ -25,7 +25,8 @@ from ..io_utils import save_safetensors
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 _ORIGINAL = {"attn1": "self_attn", "attn2": "cross_attn", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o",
              "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
-_KEY = re.compile(r"(?:transformer\.)?blocks\.(\d+)\.(?:(attn[12])\.(to_q|to_k|to_v|to_out\.0)|(ffn\.net\.(?:0\.proj|2)))"
+_KEY = re.compile(r"(?:transformer\.)?blocks\.(\d+)\."
+                  r"(?:(attn[12])\.(to_q|to_k|to_v|to_out\.0)|(ffn\.net\.(?:0\.proj|2)))"
                   r"\.(lora_[AB])\.weight")
 _CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "init_lora_weights", "use_dora",
                 "use_rslora")

@@ -102,7 +102,8 @@ def build_components(spec: TinyWanSpec | None = None, seed: int = 0, experts: in
 
 
 def make_tiny_wan(directory: str | Path, spec: TinyWanSpec | None = None, seed: int = 0, experts: int = 1) -> Path:
-    """Write a random tiny Wan model (``experts=2``: A14B layout) to ``directory`` with ``WanPipeline.save_pretrained``."""
+    """Write a random tiny Wan model (``experts=2``: A14B layout) to ``directory`` with
+    ``WanPipeline.save_pretrained``."""
     from diffusers import WanPipeline
 
     spec = spec or TinyWanSpec()
