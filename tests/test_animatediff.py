@@ -13,7 +13,7 @@ import torch
 from cav import api, backbone
 from cav.adapters import lora, motion_lora
 from cav.api import ASSETS
-from cav.bypass import temporal_bypass, temporal_modules
+from cav.families import ANIMATEDIFF
 from cav.cli import main
 from cav.config import TrainConfig
 from cav.data.video import read_video
@@ -80,7 +80,7 @@ def test_bypassed_motion_unet_is_the_image_unet_frame_by_frame():
     cond = torch.randn(b * f, 24, 32)  # one condition per frame, as AnimateDiffPipeline passes it
     t = torch.tensor([10, 500])
     with torch.no_grad():
-        with temporal_bypass(motion):
+        with ANIMATEDIFF.image_mode(motion):
             video = motion(x, t, encoder_hidden_states=cond).sample
         frames = image(x.permute(0, 2, 1, 3, 4).reshape(b * f, 4, 8, 8), t.repeat_interleave(f),
                        encoder_hidden_states=cond).sample
@@ -89,7 +89,7 @@ def test_bypassed_motion_unet_is_the_image_unet_frame_by_frame():
     assert torch.allclose(video, frames, atol=1e-5, rtol=1e-5), (video - frames).abs().max()
     assert (unbypassed - frames).abs().max() > 1e-3  # the motion modules do act when not bypassed
     n_motion = sum(1 for n, _ in motion.named_modules() if re.fullmatch(r".*motion_modules\.\d+", n))
-    assert len(temporal_modules(motion)) == n_motion > 0
+    assert len(ANIMATEDIFF.image_mode.modules(motion)) == n_motion > 0
 
 
 def test_t_lora_targets_only_motion_attention(ad_model):
@@ -101,7 +101,7 @@ def test_t_lora_targets_only_motion_attention(ad_model):
     spatial = {n for n, a in adapted.items() if "s" in a}
     projections = {n for n, _ in bb.unet.named_modules()
                    if re.fullmatch(r".*motion_modules\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)", n)}
-    assert temporal == projections and len(temporal) == 8 * len(temporal_modules(bb.unet))
+    assert temporal == projections and len(temporal) == 8 * len(ANIMATEDIFF.image_mode.modules(bb.unet))
     assert all(".attentions." in n and "motion_modules" not in n for n in spatial) and spatial
     assert any(n.startswith("mid_block.motion_modules") for n in temporal)
 
@@ -314,7 +314,7 @@ def test_bypassed_unet_with_given_image_lora_is_the_image_model_with_it(sd_parts
     bb = backbone.load(sd, "cpu", motion_adapter=str(adapter))
     load_image_lora(bb.unet, file, "s_lora", bb.family)
     x, cond, t = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 24, 32), torch.tensor([200])
-    with torch.no_grad(), temporal_bypass(bb.unet):
+    with torch.no_grad(), ANIMATEDIFF.image_mode(bb.unet):
         video = bb.unet(x, t, encoder_hidden_states=cond).sample
         frames = pipe.unet(x[0].permute(1, 0, 2, 3), t.repeat(3), encoder_hidden_states=cond.expand(3, -1, -1)).sample
     assert torch.allclose(video[0].permute(1, 0, 2, 3), frames, atol=1e-5)

@@ -14,7 +14,7 @@ from cav import api, backbone
 from cav.adapters import lora, motion_lora
 from cav.adapters.textual_inversion import TextualInversion
 from cav.api import ASSETS
-from cav.bypass import temporal_bypass, temporal_modules
+from cav.families import ANIMATEDIFF_SDXL
 from cav.cli import main
 from cav.config import TrainConfig
 from cav.conditioning import pack
@@ -104,7 +104,7 @@ def test_bypassed_sdxl_motion_unet_is_the_image_unet_frame_by_frame():
     per_frame = {k: v.repeat_interleave(f, dim=0) for k, v in added.items()}  # the image UNet sees B·F images
     t = torch.tensor([10, 500])
     with torch.no_grad():
-        with temporal_bypass(motion):
+        with ANIMATEDIFF_SDXL.image_mode(motion):
             video = motion(x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
         frames = image(x.permute(0, 2, 1, 3, 4).reshape(b * f, 4, 8, 8), t.repeat_interleave(f),
                        encoder_hidden_states=cond, added_cond_kwargs=per_frame).sample
@@ -112,7 +112,7 @@ def test_bypassed_sdxl_motion_unet_is_the_image_unet_frame_by_frame():
     frames = frames.reshape(b, f, 4, 8, 8).permute(0, 2, 1, 3, 4)
     assert torch.allclose(video, frames, atol=1e-5, rtol=1e-5), (video - frames).abs().max()
     assert (unbypassed - frames).abs().max() > 1e-3
-    assert len(temporal_modules(motion)) == 3 * 1 + 3 * 2  # down: 1 per layer, up: layers + 1, no mid block
+    assert len(ANIMATEDIFF_SDXL.image_mode.modules(motion)) == 3 * 1 + 3 * 2  # down: 1 per layer, up: layers + 1, no mid block
 
 
 # ------------------------------------------------------------------------------------------ end to end

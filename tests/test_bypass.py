@@ -1,7 +1,9 @@
 import torch
 
 from cav import backbone
-from cav.bypass import temporal_bypass, temporal_modules
+from cav.families import UNET3D
+
+temporal_bypass, temporal_modules = UNET3D.image_mode, UNET3D.image_mode.modules
 
 
 def _inputs(unet, frames, batch=1):

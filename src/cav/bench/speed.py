@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from .. import lean
+from .. import families, lean
 from ..accel import compile_unet, graph_breaks, set_gradient_checkpointing, tune_backends, uncompile_unet
 from ..adapters import lora
 from .. import backbone as backbone_mod
@@ -50,11 +50,8 @@ UNET_CONFIG = ASSETS / "modelscope_unet_config.json"
 # ModelScope text-to-video-ms-1.7b: the VAE is Stable Diffusion's, the text encoder OpenCLIP ViT-H/14's text tower.
 FULL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
                 scaling_factor=0.18215)
-FULL_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                 num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
-TINY_UNET = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                 up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), layers_per_block=1, norm_num_groups=8,
-                 cross_attention_dim=32, attention_head_dim=8, in_channels=4, out_channels=4, sample_size=8)
+FULL_TEXT = families.MODELSCOPE_TEXT
+TINY_UNET = families.TINY_UNET3D  # the UNet3D rig's tiny UNet (each family's rig: ``families.Family.rig``)
 TINY_VAE = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
                 scaling_factor=1.0)
 TINY_TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -124,51 +121,8 @@ def _materialize(build: Callable[[], torch.nn.Module], device: torch.device, dty
     return module
 
 
-def _unet3d(size: str) -> torch.nn.Module:
-    from diffusers import UNet3DConditionModel
-
-    return UNet3DConditionModel.from_config(json.loads(UNET_CONFIG.read_text()) if size == "full" else dict(TINY_UNET))
-
-
-def _animatediff(size: str) -> torch.nn.Module:
-    """SD 1.5's UNet + the v1-5-2 motion adapter from the shipped configs (full), or the tests' tiny AnimateDiff."""
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-
-    if size == "full":
-        image = UNet2DConditionModel.from_config(json.loads((ASSETS / "sd15_unet_config.json").read_text()))
-        adapter = MotionAdapter.from_config(
-            json.loads((ASSETS / "animatediff_motion_adapter_v1_5_2_config.json").read_text()))
-    else:
-        from ..toy.factory import TinyAnimateDiffSpec, build_image_unet, build_motion_adapter
-
-        spec = TinyAnimateDiffSpec(cross_attention_dim=TINY_TEXT["hidden_size"])
-        image, adapter = build_image_unet(spec), build_motion_adapter(spec)
-    return UNetMotionModel.from_unet2d(image, adapter, load_weights=False)
-
-
-@dataclass(frozen=True)
-class RigModel:
-    """What a rig builds for one base family: its UNet (``size`` → module, built on the meta device) and its
-    full-size text encoder (the VAE is Stable Diffusion's for every family here)."""
-
-    family: str
-    label: str
-    unet: Callable[[str], torch.nn.Module]
-    full_text: dict
-
-
-SD15_TEXT = {k: v for k, v in json.loads((ASSETS / "sd15_text_encoder_config.json").read_text()).items()
-             if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "max_position_embeddings", "hidden_act", "projection_dim")}
-MODELS = {
-    "unet3d": RigModel("unet3d", "UNet3D (ModelScope)", _unet3d, FULL_TEXT),
-    "animatediff": RigModel("animatediff", "UNetMotionModel (SD 1.5 + motion adapter v1-5-2)", _animatediff,
-                            SD15_TEXT),
-}
-
-
 def _build_unet(size: str, device, dtype, gen, family: str = "unet3d"):
-    return _materialize(lambda: MODELS[family].unet(size), device, dtype, gen)
+    return _materialize(lambda: families.get(family).rig.model(size), device, dtype, gen)
 
 
 def _build_vae(size: str, device, dtype, gen):
@@ -183,7 +137,7 @@ def _build_vae(size: str, device, dtype, gen):
 def _build_text_encoder(size: str, device, dtype, gen, family: str = "unet3d"):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    spec = dict(MODELS[family].full_text if size == "full" else TINY_TEXT)
+    spec = dict(families.get(family).rig.full_text if size == "full" else TINY_TEXT)
     if size != "full":  # special tokens inside the tiny vocabulary
         spec.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
     config = CLIPTextConfig(**spec)
@@ -334,8 +288,9 @@ def _paper_shape_flops(size: str, latent_shape: tuple, cond_shape: tuple) -> int
         unet = UNet3DConditionModel.from_config(config)
     unet.requires_grad_(False)
     unet.train(False)
-    lora.add_lora(unet, S_CAV, lora.lora_config("spatial", "cav", RANK_S, ALPHA_S), low_cpu_mem_usage=True)
-    lora.add_lora(unet, T_CAV, lora.lora_config("temporal", "cav", RANK_T, ALPHA_T), low_cpu_mem_usage=True)
+    config = lambda kind, r, a: lora.lora_config(kind, "cav", r, a, families.UNET3D)  # noqa: E731
+    lora.add_lora(unet, S_CAV, config("spatial", RANK_S, ALPHA_S), low_cpu_mem_usage=True)
+    lora.add_lora(unet, T_CAV, config("temporal", RANK_T, ALPHA_T), low_cpu_mem_usage=True)
     lora.activate(unet, [S_CAV, T_CAV], trainable=T_CAV)
     latents = torch.empty(latent_shape, device=meta)
     cond = torch.empty(cond_shape, device=meta)
@@ -360,13 +315,14 @@ class _Rig:
         from diffusers import DDIMScheduler, DDPMScheduler
 
         self.dev, self.dtype, self.family = dev, dtype, family
+        row = families.get(family)
         self.autocast = dtype if dtype != torch.float32 else None  # the GPU's configuration: bf16 under autocast
         gen = torch.Generator().manual_seed(SEED)
         self.unet = _build_unet(size, dev, dtype, gen, family)
         self.unet_params = sum(p.numel() for p in self.unet.parameters())
         # adapters on the family's targets: cav T-LoRA + S-LoRA; MotionDirector temporal (attn + FFN) + spatial
         # (attn1 + FFN) LoRA
-        config = lambda kind, placement, r, a: lora.lora_config(kind, placement, r, a, family)  # noqa: E731
+        config = lambda kind, placement, r, a: lora.lora_config(kind, placement, r, a, row)  # noqa: E731
         self.n_modules = {
             T_CAV: lora.add_lora(self.unet, T_CAV, config("temporal", "cav", RANK_T, ALPHA_T)),
             S_CAV: lora.add_lora(self.unet, S_CAV, config("spatial", "cav", RANK_S, ALPHA_S)),
@@ -382,7 +338,7 @@ class _Rig:
         self.latent_shape = TINY_LATENT if size == "tiny" else PAPER_LATENT if dev.type == "cuda" else CPU_FULL_LATENT
         self.vae = self.text_encoder = None
         # the text condition reaches the UNet as backbone.load passes it (AnimateDiff: repeated for every frame)
-        backbone_mod.attach_condition(self.unet, backbone_mod.FAMILIES[family])
+        backbone_mod.attach_condition(self.unet, row)
         if codecs:  # pixel frames and token ids → the cached latents / text states (computed once here)
             self.vae = _build_vae(size, dev, dtype, gen)
             self.text_encoder = _build_text_encoder(size, dev, dtype, gen, family)
@@ -392,7 +348,7 @@ class _Rig:
             te = self.text_encoder.config
             self.ids = torch.randint(0, te.vocab_size, (1, te.max_position_embeddings), generator=gen).to(dev)
             self.bb = Backbone(self.unet, self.vae, self.text_encoder, _FixedIds(self.ids), self.scheduler, "random",
-                               dev, dtype, family)
+                               dev, dtype, row)
             self.latents, self.cond = self.encode_inputs()
             assert tuple(self.latents.shape) == tuple(self.latent_shape), (self.latents.shape, self.latent_shape)
             self.uncond = encode_prompt(self.bb, "")  # stands in for the negative prompt's states
@@ -419,8 +375,9 @@ class _Rig:
             frozen = lean.FrozenMerge(self.unet, [] if plain else [a for a in active if a != trainable]).merge()
             x, y = (self.latents, self.cond) if lat is None else (lat, cnd)
             batch = (lambda g: self.encode_inputs()) if uncached else (lambda g: (x, y))
+            row = families.get(self.family)
             stage = Stage(trainable, 0, [{"params": lora.lora_parameters(self.unet, trainable), "lr": 1e-4}], batch,
-                          bypass=bypass)
+                          row.objective, row.image_mode if bypass else None)
             if plain:
                 optimizer = torch.optim.AdamW(stage.param_groups, weight_decay=0.0)  # make_optimizer before
             else:
@@ -523,7 +480,7 @@ class Case:
     make: Callable[[_Rig], Callable]
     group: str = "timing"  # --only picks cases by name or group
     quick: bool = True  # also run with --quick
-    family: str = "unet3d"  # the rig (MODELS row) the step runs on
+    family: str = "unet3d"  # the rig (``families.Family.rig`` of this family) the step runs on
     # compiled cases: the JSON key of the speedup over the same step eager, measured with the two alternating
     # (``step.eager``), so that a change of machine load hits both sides of every pair
     paired: str | None = None
@@ -560,7 +517,7 @@ class Count:
     name: str
     make: Callable[[_Rig], Callable]
     graph_breaks: bool = True
-    family: str = "unet3d"  # the rig (MODELS row) the step runs on
+    family: str = "unet3d"  # the rig (``families.Family.rig`` of this family) the step runs on
     # compiled cases: the JSON key of the speedup over the same step eager, measured with the two alternating
     # (``step.eager``), so that a change of machine load hits both sides of every pair
     paired: str | None = None
@@ -672,10 +629,10 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
     cases = [c for c in TIMED if c.name in chosen and (c.quick or not quick)]
     # The UNet3D rig carries the headline keys (and FLOPs); another family's rig is built only for its own cases,
     # first, and freed before the next is built: two full-size UNets at once do not fit a 24 GB machine.
-    families = list(dict.fromkeys(["unet3d"] * (not cases or "flops" in chosen) + [c.family for c in cases]))
-    primary = "unet3d" if "unet3d" in families else families[-1]
+    names = list(dict.fromkeys(["unet3d"] * (not cases or "flops" in chosen) + [c.family for c in cases]))
+    primary = "unet3d" if "unet3d" in names else names[-1]
     rig, res, others = None, {}, {}
-    for family in [f for f in families if f != primary] + [primary]:
+    for family in [f for f in names if f != primary] + [primary]:
         current = _warm_rig(size, dev, dtype, family, warmup, reps, bench)
         for case in (c for c in cases if c.family == family):
             res[case.key] = bench.measure(case.name, case.make(current), paired=case.paired is not None)
@@ -715,7 +672,8 @@ def _warm_rig(size: str, dev: torch.device, dtype: torch.dtype, family: str, war
     t0 = time.perf_counter()
     rig = _Rig(size, dev, dtype, family=family)
     _log(f"device {dev} ({_device_name(dev)}), dtype {str(dtype).replace('torch.', '')}, size {size}, "
-         f"latent {rig.latent_shape}, warm-up {warmup}, timed {reps}; built random-weight {MODELS[family].label} "
+         f"latent {rig.latent_shape}, warm-up {warmup}, timed {reps}; built random-weight "
+         f"{families.get(family).rig.label} "
          f"({rig.unet_params / 1e9:.3f} B params), VAE, text encoder in {time.perf_counter() - t0:.1f} s")
     _log("process warm-up ...")
     try:
@@ -731,7 +689,8 @@ def _warm_rig(size: str, dev: torch.device, dtype: torch.dtype, family: str, war
 
 def _rig_info(rig: _Rig) -> dict:
     """What a family's rig measured on: its UNet, latent and adapters."""
-    return {"unet": MODELS[rig.family].label, "unet_params": rig.unet_params, "latent_shape": list(rig.latent_shape),
+    return {"unet": families.get(rig.family).rig.label, "unet_params": rig.unet_params,
+            "latent_shape": list(rig.latent_shape),
             "text_shape": list(rig.cond.shape),
             "trainable_params": {"cav": rig.n_params[T_CAV], "cav_s_lora": rig.n_params[S_CAV]},
             "adapted_modules": {"cav": rig.n_modules[T_CAV], "cav_s_lora": rig.n_modules[S_CAV]}}
