@@ -37,8 +37,8 @@ SHIPPED_CONFIGS = {"damo-vilab/text-to-video-ms-1.7b": "modelscope", "stabilitya
                    "guoyww/animatediff-motion-adapter-sdxl-beta": "animatediff_motion_adapter_sdxl_beta"}
 HUB_TIMEOUT_S = 5.0  # one request to the hub before a download; its absence is reported instead of retried
 PIPELINE_MULTIPLE = 8  # diffusers' TextToVideoSD- and AnimateDiffPipeline.check_inputs: height, width divisible by 8
+# the config keys that bound a model's (or its add-on's) frame count: the rows' ``frame_limit_key``s
 FRAME_LIMIT_KEYS = tuple(dict.fromkeys(f.frame_limit_key for f in FAMILIES.values() if f.frame_limit_key))
-FRAME_LIMIT_KEY = FRAME_LIMIT_KEYS[0]  # AnimateDiff's motion_max_seq_length (``families``)
 _DOWNLOAD_HINT = "download it where the hub is reachable (`hf download {repo} --local-dir DIR`) and pass {flag} DIR"
 
 

@@ -15,19 +15,34 @@ Adding a family is adding a row (and a mechanism only where it is genuinely new)
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from .adapters import motion_lora
 from .adapters.targets import BLOCK, UNetTargets
 from .bypass import LayerBypass
 from .conditioning import ClipCondition, SdxlCondition
 from .errors import CavError
-from .objectives import DDPM, DdpmObjective
+from .objectives import DDPM, Objective
 from .toy import factory
 
 ASSETS = Path(__file__).parent / "assets"
+
+
+class Targets(Protocol):
+    """Where a family's adapters go (``adapters.targets.UNetTargets`` for the UNet families)."""
+
+    def regex(self, kind: str, placement: str, family: str) -> str: ...
+
+
+class ImageMode(Protocol):
+    """How a family's model runs as an image model (``bypass.LayerBypass`` for the UNet families)."""
+
+    def __call__(self, model, enabled: bool = True) -> AbstractContextManager: ...
+
+    def modules(self, model) -> list: ...
 
 
 @dataclass(frozen=True)
@@ -72,17 +87,17 @@ class Rig:
     full_text: dict
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Family:
-    """One kind of text-to-video base (see the module doc)."""
+    """One kind of text-to-video base (see the module doc). Rows are singletons: equal only to themselves."""
 
     name: str
     model_class: str  # the diffusers class of the denoiser
     pipeline_class: str  # the diffusers pipeline that samples from it
     condition: object  # how the text condition is built and passed (``conditioning``)
-    targets: UNetTargets  # where each adapter goes, for each placement
-    image_mode: LayerBypass  # how image mode runs: ``image_mode(model)`` is a context manager
-    objective: DdpmObjective  # how it trains, samples and inverts
+    targets: Targets  # where each adapter goes, for each placement
+    image_mode: ImageMode  # how image mode runs: ``image_mode(model)`` is a context manager
+    objective: Objective  # how it trains, samples and inverts
     tiny: Tiny
     model_folder: str = "unet"  # the denoiser's subfolder of a base
     pipeline_extra: tuple[tuple[str, object], ...] = ()  # constructor arguments the pipeline needs besides ours

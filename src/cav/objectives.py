@@ -10,7 +10,25 @@ second class with the same methods.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class Objective(Protocol):
+    """What a family's objective answers (``DdpmObjective`` is the one implemented)."""
+
+    name: str
+    scheduler_class: str  # the diffusers scheduler a base's scheduler/ folder is loaded as
+
+    def noised(self, scheduler, latents: torch.Tensor, gen: torch.Generator,
+               timesteps: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def sampler(self, config): ...
+
+    def inverse(self, config): ...
+
+    def add_noise(self, sampler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
 
 class DdpmObjective:

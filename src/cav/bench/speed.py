@@ -121,8 +121,8 @@ def _materialize(build: Callable[[], torch.nn.Module], device: torch.device, dty
     return module
 
 
-def _build_unet(size: str, device, dtype, gen, family: str = "unet3d"):
-    return _materialize(lambda: families.get(family).rig.model(size), device, dtype, gen)
+def _build_unet(size: str, device, dtype, gen, family: families.Family):
+    return _materialize(lambda: family.rig.model(size), device, dtype, gen)
 
 
 def _build_vae(size: str, device, dtype, gen):
@@ -134,10 +134,10 @@ def _build_vae(size: str, device, dtype, gen):
     return _materialize(lambda: AutoencoderKL(in_channels=3, out_channels=3, **blocks, **spec), device, dtype, gen)
 
 
-def _build_text_encoder(size: str, device, dtype, gen, family: str = "unet3d"):
+def _build_text_encoder(size: str, device, dtype, gen, family: families.Family):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    spec = dict(families.get(family).rig.full_text if size == "full" else TINY_TEXT)
+    spec = dict(family.rig.full_text if size == "full" else TINY_TEXT)
     if size != "full":  # special tokens inside the tiny vocabulary
         spec.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
     config = CLIPTextConfig(**spec)
@@ -311,18 +311,17 @@ class _Rig:
     returns ``make() → (step, teardown)``; ``make`` sets the UNet up for the case, ``teardown`` undoes it."""
 
     def __init__(self, size: str, dev: torch.device, dtype: torch.dtype, codecs: bool = True,
-                 family: str = "unet3d"):
+                 family: families.Family = families.UNET3D):
         from diffusers import DDIMScheduler, DDPMScheduler
 
         self.dev, self.dtype, self.family = dev, dtype, family
-        row = families.get(family)
         self.autocast = dtype if dtype != torch.float32 else None  # the GPU's configuration: bf16 under autocast
         gen = torch.Generator().manual_seed(SEED)
         self.unet = _build_unet(size, dev, dtype, gen, family)
         self.unet_params = sum(p.numel() for p in self.unet.parameters())
         # adapters on the family's targets: cav T-LoRA + S-LoRA; MotionDirector temporal (attn + FFN) + spatial
         # (attn1 + FFN) LoRA
-        config = lambda kind, placement, r, a: lora.lora_config(kind, placement, r, a, row)  # noqa: E731
+        config = lambda kind, placement, r, a: lora.lora_config(kind, placement, r, a, family)  # noqa: E731
         self.n_modules = {
             T_CAV: lora.add_lora(self.unet, T_CAV, config("temporal", "cav", RANK_T, ALPHA_T)),
             S_CAV: lora.add_lora(self.unet, S_CAV, config("spatial", "cav", RANK_S, ALPHA_S)),
@@ -338,7 +337,7 @@ class _Rig:
         self.latent_shape = TINY_LATENT if size == "tiny" else PAPER_LATENT if dev.type == "cuda" else CPU_FULL_LATENT
         self.vae = self.text_encoder = None
         # the text condition reaches the UNet as backbone.load passes it (AnimateDiff: repeated for every frame)
-        backbone_mod.attach_condition(self.unet, row)
+        backbone_mod.attach_condition(self.unet, family)
         if codecs:  # pixel frames and token ids → the cached latents / text states (computed once here)
             self.vae = _build_vae(size, dev, dtype, gen)
             self.text_encoder = _build_text_encoder(size, dev, dtype, gen, family)
@@ -348,7 +347,7 @@ class _Rig:
             te = self.text_encoder.config
             self.ids = torch.randint(0, te.vocab_size, (1, te.max_position_embeddings), generator=gen).to(dev)
             self.bb = Backbone(self.unet, self.vae, self.text_encoder, _FixedIds(self.ids), self.scheduler, "random",
-                               dev, dtype, row)
+                               dev, dtype, family)
             self.latents, self.cond = self.encode_inputs()
             assert tuple(self.latents.shape) == tuple(self.latent_shape), (self.latents.shape, self.latent_shape)
             self.uncond = encode_prompt(self.bb, "")  # stands in for the negative prompt's states
@@ -375,9 +374,9 @@ class _Rig:
             frozen = lean.FrozenMerge(self.unet, [] if plain else [a for a in active if a != trainable]).merge()
             x, y = (self.latents, self.cond) if lat is None else (lat, cnd)
             batch = (lambda g: self.encode_inputs()) if uncached else (lambda g: (x, y))
-            row = families.get(self.family)
+            fam = self.family
             stage = Stage(trainable, 0, [{"params": lora.lora_parameters(self.unet, trainable), "lr": 1e-4}], batch,
-                          row.objective, row.image_mode if bypass else None)
+                          fam.objective, fam.image_mode if bypass else None)
             if plain:
                 optimizer = torch.optim.AdamW(stage.param_groups, weight_decay=0.0)  # make_optimizer before
             else:
@@ -480,7 +479,7 @@ class Case:
     make: Callable[[_Rig], Callable]
     group: str = "timing"  # --only picks cases by name or group
     quick: bool = True  # also run with --quick
-    family: str = "unet3d"  # the rig (``families.Family.rig`` of this family) the step runs on
+    family: families.Family = families.UNET3D  # the family whose rig (``Family.rig``) the step runs on
     # compiled cases: the JSON key of the speedup over the same step eager, measured with the two alternating
     # (``step.eager``), so that a change of machine load hits both sides of every pair
     paired: str | None = None
@@ -505,7 +504,7 @@ TIMED = (
     Case("generation_step_compiled", "compiled_generation_step_s", lambda r: r.generation(compiled=True),
          group="compile", paired="compiled_generation_speedup"),
     # the cav T-LoRA step on the motion modules of SD 1.5 + v1-5-2 (S-LoRA on the image UNet, active and frozen)
-    Case("animatediff_t_lora_step", "animatediff_t_lora_step_s", lambda r: r.train(CAV, T_CAV), family="animatediff"),
+    Case("animatediff_t_lora_step", "animatediff_t_lora_step_s", lambda r: r.train(CAV, T_CAV), family=families.ANIMATEDIFF),
 )
 
 
@@ -517,7 +516,7 @@ class Count:
     name: str
     make: Callable[[_Rig], Callable]
     graph_breaks: bool = True
-    family: str = "unet3d"  # the rig (``families.Family.rig`` of this family) the step runs on
+    family: families.Family = families.UNET3D  # the family whose rig (``Family.rig``) the step runs on
     # compiled cases: the JSON key of the speedup over the same step eager, measured with the two alternating
     # (``step.eager``), so that a change of machine load hits both sides of every pair
     paired: str | None = None
@@ -528,7 +527,7 @@ COUNTED = (
     Count("t_lora_step_plain", lambda r: r.train(CAV, T_CAV, plain=True), graph_breaks=False),
     Count("generation_step", lambda r: r.generation()),
     Count("generation_step_plain", lambda r: r.generation(plain=True), graph_breaks=False),
-    Count("animatediff_t_lora_step", lambda r: r.train(CAV, T_CAV), graph_breaks=False, family="animatediff"),
+    Count("animatediff_t_lora_step", lambda r: r.train(CAV, T_CAV), graph_breaks=False, family=families.ANIMATEDIFF),
 )
 GROUPS = ("timing", "compile", "counts", "graph_breaks", "flops")
 COUNT_LATENT = (1, 4, 2, 8, 8)  # small: counting runs the full UNet in bf16 on the CPU too
@@ -550,7 +549,7 @@ def _count_phase(size: str, dev: torch.device, bench: "_Bench", only: set[str]) 
     for case in COUNTED:
         if "counts" not in only and not (case.graph_breaks and "graph_breaks" in only):
             continue
-        if rig is None or rig.family != case.family:  # one rig per family, built when its first count comes
+        if rig is None or rig.family is not case.family:  # one rig per family, built when its first count comes
             del rig
             gc.collect()
             rig = _Rig(size, dev, dtype, codecs=False, family=case.family)
@@ -629,19 +628,19 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
     cases = [c for c in TIMED if c.name in chosen and (c.quick or not quick)]
     # The UNet3D rig carries the headline keys (and FLOPs); another family's rig is built only for its own cases,
     # first, and freed before the next is built: two full-size UNets at once do not fit a 24 GB machine.
-    names = list(dict.fromkeys(["unet3d"] * (not cases or "flops" in chosen) + [c.family for c in cases]))
-    primary = "unet3d" if "unet3d" in names else names[-1]
+    rows = list(dict.fromkeys([families.UNET3D] * (not cases or "flops" in chosen) + [c.family for c in cases]))
+    primary = families.UNET3D if families.UNET3D in rows else rows[-1]
     rig, res, others = None, {}, {}
-    for family in [f for f in names if f != primary] + [primary]:
+    for family in [f for f in rows if f is not primary] + [primary]:
         current = _warm_rig(size, dev, dtype, family, warmup, reps, bench)
-        for case in (c for c in cases if c.family == family):
+        for case in (c for c in cases if c.family is family):
             res[case.key] = bench.measure(case.name, case.make(current), paired=case.paired is not None)
             if case.paired and case.name in bench.paired:
                 res[case.paired] = bench.paired[case.name]
-        if family == primary:
+        if family is primary:
             rig = current  # the rig the result's model keys describe
         else:
-            others[family] = _rig_info(current)
+            others[family.name] = _rig_info(current)
             del current
             gc.collect()
             bench.release()
@@ -655,7 +654,7 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
 
     flops = _flops_section(rig, bench, res, quick) if "flops" in chosen else {}
     result = _result(rig, bench, res, flops, counted, quick, size, warmup, reps)
-    result["families"] = {rig.family: _rig_info(rig), **others}
+    result["families"] = {rig.family.name: _rig_info(rig), **others}
     result["note"] = _note(result, cuda, size, cached_note)
     result["total_s"] = round(time.perf_counter() - t_all, 2)
     _log(f"done in {result['total_s']:.1f} s")
@@ -664,7 +663,7 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
     return _jsonable(result)
 
 
-def _warm_rig(size: str, dev: torch.device, dtype: torch.dtype, family: str, warmup: int, reps: int,
+def _warm_rig(size: str, dev: torch.device, dtype: torch.dtype, family: families.Family, warmup: int, reps: int,
               bench: _Bench) -> _Rig:
     """The rig of ``family``, after one untimed T-LoRA step: a fresh process (or model) pays for page faults,
     allocator growth and kernel/library setup on its first big steps, which would otherwise land on whichever
@@ -672,8 +671,7 @@ def _warm_rig(size: str, dev: torch.device, dtype: torch.dtype, family: str, war
     t0 = time.perf_counter()
     rig = _Rig(size, dev, dtype, family=family)
     _log(f"device {dev} ({_device_name(dev)}), dtype {str(dtype).replace('torch.', '')}, size {size}, "
-         f"latent {rig.latent_shape}, warm-up {warmup}, timed {reps}; built random-weight "
-         f"{families.get(family).rig.label} "
+         f"latent {rig.latent_shape}, warm-up {warmup}, timed {reps}; built random-weight {family.rig.label} "
          f"({rig.unet_params / 1e9:.3f} B params), VAE, text encoder in {time.perf_counter() - t0:.1f} s")
     _log("process warm-up ...")
     try:
@@ -689,7 +687,7 @@ def _warm_rig(size: str, dev: torch.device, dtype: torch.dtype, family: str, war
 
 def _rig_info(rig: _Rig) -> dict:
     """What a family's rig measured on: its UNet, latent and adapters."""
-    return {"unet": families.get(rig.family).rig.label, "unet_params": rig.unet_params,
+    return {"unet": rig.family.rig.label, "unet_params": rig.unet_params,
             "latent_shape": list(rig.latent_shape),
             "text_shape": list(rig.cond.shape),
             "trainable_params": {"cav": rig.n_params[T_CAV], "cav_s_lora": rig.n_params[S_CAV]},
