@@ -442,7 +442,6 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
     """Load a base model (see module doc) with frozen weights on ``device`` in ``dtype``."""
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL
 
     source = resolve_base(base)
     motion_adapter = str(motion_adapter) if motion_adapter else None
@@ -453,11 +452,12 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
     text = {}
     try:
         unet = _load_unet(family, source, motion_adapter, dt, kw)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dt, **kw)
+        vae = getattr(diffusers, family.vae_class).from_pretrained(source, subfolder="vae", torch_dtype=dt, **kw)
         for part in family.condition.parts:  # the family's text encoder(s) and tokenizer(s)
             text[part.encoder] = getattr(transformers, part.encoder_class).from_pretrained(
                 source, subfolder=part.encoder, torch_dtype=dt, **kw)
-            text[part.tokenizer] = transformers.CLIPTokenizer.from_pretrained(source, subfolder=part.tokenizer, **kw)
+            text[part.tokenizer] = getattr(transformers, part.tokenizer_class).from_pretrained(
+                source, subfolder=part.tokenizer, **kw)
         scheduler = getattr(diffusers, family.objective.scheduler_class).from_pretrained(source, subfolder="scheduler",
                                                                                          **kw)
     except CavError:

@@ -29,12 +29,14 @@ import torch
 class TextPart:
     """One text encoder of a base: its tokenizer and encoder (attribute names on ``Backbone`` and on the pipeline,
     and the base's subfolders), the transformers class of the encoder, and the key of its rows in a
-    textual-inversion file (None: the one-tensor layout ``{token: rows}`` of single-encoder bases)."""
+    textual-inversion file (None: the one-tensor layout ``{token: rows}`` of single-encoder bases), and the
+    transformers class of the tokenizer."""
 
     tokenizer: str
     encoder: str
     encoder_class: str
     ti_key: str | None = None
+    tokenizer_class: str = "CLIPTokenizer"
 
 
 class ClipCondition:

@@ -100,6 +100,7 @@ class Family:
     objective: Objective  # how it trains, samples and inverts
     tiny: Tiny
     model_folder: str = "unet"  # the denoiser's subfolder of a base
+    vae_class: str = "AutoencoderKL"  # the diffusers class of its vae/
     pipeline_extra: tuple[tuple[str, object], ...] = ()  # constructor arguments the pipeline needs besides ours
     per_frame_condition: bool = False  # the denoiser wants one text condition per frame (B·F, L, D), not per video
     addon: AddOn | None = None  # an image model + this add-on is a base of the family
