@@ -101,8 +101,8 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
         return latents, cond.expand(n, -1, -1)
 
     stage = Stage("absorbers", cfg.absorber_steps, groups, batch, bb.family.objective, bb.family.image_mode,
-                  after_backward=after_backward,
-                  after_step=after_step, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)
+                  after_backward=after_backward, after_step=after_step, checkpoint=checkpoint,
+                  checkpoint_every=cfg.checkpoint_every)
     if cfg.uses_s_lora:  # the fused forward of the S-LoRA this clip trains (clip K ≥ 1: s_lora_K)
         lean.use_lean_step(stage, bb.unet, s_lora_name(clip), lean.autocast_dtype(bb.device, bb.dtype))
     return stage

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import CavError
+from .objectives import Objective
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Stage:
     steps: int
     param_groups: list[dict]
     batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # → latents (B,C,F,h,w), cond (B,L,D)
-    objective: object  # the family's training objective (``objectives``: noising, timesteps, target)
+    objective: Objective  # the family's training objective (noising, timestep draws, target)
     # the family's image mode (``Family.image_mode``: a context manager over the model), or None: video mode
     image_mode: Callable[[torch.nn.Module], contextlib.AbstractContextManager] | None = None
     after_backward: list[Callable[[], None]] = field(default_factory=list)
