@@ -87,25 +87,30 @@ class Rig:
     full_text: dict
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class Family:
     """One kind of text-to-video base (see the module doc). Rows are singletons: equal only to themselves."""
 
     name: str
-    model_class: str  # the diffusers class of the denoiser
-    pipeline_class: str  # the diffusers pipeline that samples from it
-    condition: object  # how the text condition is built and passed (``conditioning``)
-    targets: Targets  # where each adapter goes, for each placement
-    image_mode: ImageMode  # how image mode runs: ``image_mode(model)`` is a context manager
-    objective: Objective  # how it trains, samples and inverts
-    tiny: Tiny
-    model_folder: str = "unet"  # the denoiser's subfolder of a base
-    vae_class: str = "AutoencoderKL"  # the diffusers class of its vae/
-    pipeline_extra: tuple[tuple[str, object], ...] = ()  # constructor arguments the pipeline needs besides ours
-    per_frame_condition: bool = False  # the denoiser wants one text condition per frame (B·F, L, D), not per video
-    addon: AddOn | None = None  # an image model + this add-on is a base of the family
+    # the model: its denoiser's diffusers class and subfolder, its VAE, and the add-on form (image model + add-on)
+    model_class: str
+    model_folder: str = "unet"
+    vae_class: str = "AutoencoderKL"
+    addon: AddOn | None = None
     frame_limit_key: str | None = None  # the config key (model's or add-on's) that bounds the frame count
+    # sampling: the diffusers pipeline and the constructor arguments it needs besides the modules
+    pipeline_class: str
+    pipeline_extra: tuple[tuple[str, object], ...] = ()
+    # the text condition: how it is built and passed (``conditioning``); per frame (B·F, L, D) or per video
+    condition: object
+    per_frame_condition: bool = False
+    # the method: where each adapter goes for each placement, how image mode runs, how it trains/samples/inverts
+    targets: Targets
+    image_mode: ImageMode  # ``image_mode(model)`` is a context manager; ``image_mode.modules(model)`` its layers
+    objective: Objective
+    # around it: export layouts, the tests' tiny model, the speed benchmark's model
     exports: tuple[ExportFormat, ...] = ()
+    tiny: Tiny
     rig: Rig | None = None
 
     def __repr__(self) -> str:
@@ -179,21 +184,24 @@ def _rig_animatediff(size: str):
 
 
 # ------------------------------------------------------------------------------------------------------ rows
-UNET3D = Family(
-    "unet3d", "UNet3DConditionModel", "TextToVideoSDPipeline", ClipCondition(), UNET3D_TARGETS, UNET3D_BYPASS, DDPM,
-    Tiny(factory.make_tiny_model, size=32),
+UNET3D = Family(  # ModelScope, Zeroscope
+    name="unet3d", model_class="UNet3DConditionModel", pipeline_class="TextToVideoSDPipeline",
+    condition=ClipCondition(), targets=UNET3D_TARGETS, image_mode=UNET3D_BYPASS, objective=DDPM,
+    tiny=Tiny(factory.make_tiny_model, size=32),
     rig=Rig("UNet3D (ModelScope)", _rig_unet3d, MODELSCOPE_TEXT))
-ANIMATEDIFF = Family(
-    "animatediff", "UNetMotionModel", "AnimateDiffPipeline", ClipCondition(), MOTION_TARGETS, MOTION_BYPASS, DDPM,
-    Tiny(factory.make_tiny_animatediff, factory.make_tiny_animatediff_parts),
-    pipeline_extra=(("motion_adapter", None),), per_frame_condition=True, addon=MOTION_ADAPTER,
+ANIMATEDIFF = Family(  # SD 1.5 + a motion adapter, or its AnimateDiff folder
+    name="animatediff", model_class="UNetMotionModel", pipeline_class="AnimateDiffPipeline",
+    pipeline_extra=(("motion_adapter", None),), condition=ClipCondition(), per_frame_condition=True,
+    targets=MOTION_TARGETS, image_mode=MOTION_BYPASS, objective=DDPM, addon=MOTION_ADAPTER,
     frame_limit_key=FRAME_LIMIT_KEY, exports=(ANIMATEDIFF_EXPORT,),
+    tiny=Tiny(factory.make_tiny_animatediff, factory.make_tiny_animatediff_parts),
     rig=Rig("UNetMotionModel (SD 1.5 + motion adapter v1-5-2)", _rig_animatediff, SD15_TEXT))
-ANIMATEDIFF_SDXL = Family(
-    "animatediff-sdxl", "UNetMotionModel", "AnimateDiffSDXLPipeline", SdxlCondition(), MOTION_TARGETS, MOTION_BYPASS,
-    DDPM, Tiny(factory.make_tiny_sdxl_animatediff, factory.make_tiny_sdxl_parts),
-    pipeline_extra=(("motion_adapter", None),), per_frame_condition=True, addon=MOTION_ADAPTER_SDXL,
-    frame_limit_key=FRAME_LIMIT_KEY, exports=(ANIMATEDIFF_EXPORT,))
+ANIMATEDIFF_SDXL = Family(  # SDXL + the SDXL motion adapter, or its AnimateDiffSDXL folder
+    name="animatediff-sdxl", model_class="UNetMotionModel", pipeline_class="AnimateDiffSDXLPipeline",
+    pipeline_extra=(("motion_adapter", None),), condition=SdxlCondition(), per_frame_condition=True,
+    targets=MOTION_TARGETS, image_mode=MOTION_BYPASS, objective=DDPM, addon=MOTION_ADAPTER_SDXL,
+    frame_limit_key=FRAME_LIMIT_KEY, exports=(ANIMATEDIFF_EXPORT,),
+    tiny=Tiny(factory.make_tiny_sdxl_animatediff, factory.make_tiny_sdxl_parts))
 
 FAMILIES = {f.name: f for f in (UNET3D, ANIMATEDIFF, ANIMATEDIFF_SDXL)}
 LEGACY = UNET3D  # what an adapter without a recorded family was trained on (runs from before families existed)
