@@ -84,7 +84,7 @@ class Rig:
 
     label: str
     model: Callable[[str], object]
-    full_text: dict
+    full_text: Callable[[], dict]
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -157,9 +157,13 @@ MODELSCOPE_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=409
 TINY_UNET3D = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
                    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), layers_per_block=1, norm_num_groups=8,
                    cross_attention_dim=32, attention_head_dim=8, in_channels=4, out_channels=4, sample_size=8)
-SD15_TEXT = {k: v for k, v in _asset("sd15_text_encoder_config.json").items()
-             if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "max_position_embeddings", "hidden_act", "projection_dim")}
+
+
+def _sd15_text() -> dict:
+    """SD 1.5's CLIP-L text encoder config (the keys the benchmark builds it from)."""
+    return {k: v for k, v in _asset("sd15_text_encoder_config.json").items()
+            if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings", "hidden_act", "projection_dim")}
 
 
 def _rig_unet3d(size: str):
@@ -188,14 +192,14 @@ UNET3D = Family(  # ModelScope, Zeroscope
     name="unet3d", model_class="UNet3DConditionModel", pipeline_class="TextToVideoSDPipeline",
     condition=ClipCondition(), targets=UNET3D_TARGETS, image_mode=UNET3D_BYPASS, objective=DDPM,
     tiny=Tiny(factory.make_tiny_model, size=32),
-    rig=Rig("UNet3D (ModelScope)", _rig_unet3d, MODELSCOPE_TEXT))
+    rig=Rig("UNet3D (ModelScope)", _rig_unet3d, lambda: dict(MODELSCOPE_TEXT)))
 ANIMATEDIFF = Family(  # SD 1.5 + a motion adapter, or its AnimateDiff folder
     name="animatediff", model_class="UNetMotionModel", pipeline_class="AnimateDiffPipeline",
     pipeline_extra=(("motion_adapter", None),), condition=ClipCondition(), per_frame_condition=True,
     targets=MOTION_TARGETS, image_mode=MOTION_BYPASS, objective=DDPM, addon=MOTION_ADAPTER,
     frame_limit_key=FRAME_LIMIT_KEY, exports=(ANIMATEDIFF_EXPORT,),
     tiny=Tiny(factory.make_tiny_animatediff, factory.make_tiny_animatediff_parts),
-    rig=Rig("UNetMotionModel (SD 1.5 + motion adapter v1-5-2)", _rig_animatediff, SD15_TEXT))
+    rig=Rig("UNetMotionModel (SD 1.5 + motion adapter v1-5-2)", _rig_animatediff, _sd15_text))
 ANIMATEDIFF_SDXL = Family(  # SDXL + the SDXL motion adapter, or its AnimateDiffSDXL folder
     name="animatediff-sdxl", model_class="UNetMotionModel", pipeline_class="AnimateDiffSDXLPipeline",
     pipeline_extra=(("motion_adapter", None),), condition=SdxlCondition(), per_frame_condition=True,

@@ -47,10 +47,9 @@ from .opcount import count_ops
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 UNET_CONFIG = ASSETS / "modelscope_unet_config.json"
 
-# ModelScope text-to-video-ms-1.7b: the VAE is Stable Diffusion's, the text encoder OpenCLIP ViT-H/14's text tower.
+# ModelScope text-to-video-ms-1.7b: the VAE is Stable Diffusion's (its text encoder: families.MODELSCOPE_TEXT).
 FULL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
                 scaling_factor=0.18215)
-FULL_TEXT = families.MODELSCOPE_TEXT
 TINY_UNET = families.TINY_UNET3D  # the UNet3D rig's tiny UNet (each family's rig: ``families.Family.rig``)
 TINY_VAE = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
                 scaling_factor=1.0)
@@ -137,7 +136,7 @@ def _build_vae(size: str, device, dtype, gen):
 def _build_text_encoder(size: str, device, dtype, gen, family: families.Family):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    spec = dict(family.rig.full_text if size == "full" else TINY_TEXT)
+    spec = dict(family.rig.full_text() if size == "full" else TINY_TEXT)
     if size != "full":  # special tokens inside the tiny vocabulary
         spec.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
     config = CLIPTextConfig(**spec)
