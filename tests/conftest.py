@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from cav.toy.factory import make_tiny_model
+from cav.families import UNET3D
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A random tiny ModelScope-layout T2V model saved to disk and loaded by path, as real models are."""
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-t2v")
+    return UNET3D.tiny.make(tmp_path_factory.mktemp("models") / "tiny-t2v")
 
 
 def _square_clip(path, square_rgb, background_channel, background_value, top):

@@ -9,6 +9,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from cav import backbone
+from cav.families import ANIMATEDIFF, ANIMATEDIFF_SDXL, FAMILIES, UNET3D
 from cav.adapters import lora
 from cav.adapters.targets import target_regex
 from cav.adapters.textual_inversion import TextualInversion
@@ -19,7 +20,7 @@ from cav.trainer import diffusion_loss, run_stage
 
 
 def test_anchored_targets_separate_temporal_and_spatial():
-    t, s = target_regex("temporal"), target_regex("spatial")
+    t, s = target_regex("temporal", "cav", UNET3D), target_regex("spatial", "cav", UNET3D)
     assert re.fullmatch(t, "down_blocks.0.temp_attentions.1.transformer_blocks.0.attn1.to_q")
     assert re.fullmatch(t, "transformer_in.transformer_blocks.0.attn2.to_out.0")
     assert re.fullmatch(t, "mid_block.temp_attentions.0.transformer_blocks.0.attn2.to_v")
@@ -27,8 +28,9 @@ def test_anchored_targets_separate_temporal_and_spatial():
     assert re.fullmatch(s, "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k")
     assert not re.fullmatch(t, "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k")
     assert not re.fullmatch(t, "down_blocks.0.temp_attentions.1.transformer_blocks.0.ff.net.2")
-    assert re.fullmatch(target_regex("temporal", "motiondirector"), "down_blocks.0.temp_attentions.1.transformer_blocks.0.ff.net.2")
-    assert not re.fullmatch(target_regex("spatial", "motiondirector"), "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k")
+    t_md, s_md = target_regex("temporal", "motiondirector", UNET3D), target_regex("spatial", "motiondirector", UNET3D)
+    assert re.fullmatch(t_md, "down_blocks.0.temp_attentions.1.transformer_blocks.0.ff.net.2")
+    assert not re.fullmatch(s_md, "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k")
 
 
 
@@ -46,15 +48,16 @@ def test_tconv_placement_adds_exactly_the_temporal_convolutions(tiny_model, tmp_
              for c, sub in m.named_modules() if isinstance(sub, torch.nn.Conv3d)}
     assert len(convs) == 4 * sum(isinstance(m, TemporalConvLayer) for m in bb.unet.modules()) > 0
     for kind in ("temporal", "spatial"):
-        lora.add_lora(bb.unet, f"md_{kind}", lora.lora_config(kind, "motiondirector", 2, 1.0))
-        cfg = lora.lora_config(kind, "motiondirector+tconv", 2, 1.0)
+        lora.add_lora(bb.unet, f"md_{kind}", lora.lora_config(kind, "motiondirector", 2, 1.0, bb.family))
+        cfg = lora.lora_config(kind, "motiondirector+tconv", 2, 1.0, bb.family)
         lora.add_lora(bb.unet, f"tc_{kind}", cfg)
     assert _adapted(bb.unet, "tc_temporal") == _adapted(bb.unet, "md_temporal") | convs
     assert _adapted(bb.unet, "tc_spatial") == _adapted(bb.unet, "md_spatial")  # the S-LoRA is MotionDirector's
     with torch.no_grad():
         for p in lora.lora_parameters(bb.unet, "tc_temporal"):
             p.normal_()
-    out = lora.save_lora(bb.unet, "tc_temporal", lora.lora_config("temporal", "motiondirector+tconv", 2, 1.0),
+    tconv = lora.lora_config("temporal", "motiondirector+tconv", 2, 1.0, bb.family)
+    out = lora.save_lora(bb.unet, "tc_temporal", tconv,
                          tmp_path / "tc", {"kind": "temporal", "base": "tiny"})
     bb2 = backbone.load(tiny_model, "cpu")
     lora.load_lora(bb2.unet, out, "again", expect_kind="temporal")
@@ -65,17 +68,15 @@ def test_tconv_placement_adds_exactly_the_temporal_convolutions(tiny_model, tmp_
 
 
 def test_tconv_placement_is_refused_where_the_family_has_no_temporal_convolutions():
-    assert target_regex("spatial", "motiondirector+tconv", "animatediff") == target_regex(
-        "spatial", "motiondirector", "animatediff")
-    for family in ("animatediff", "animatediff-sdxl"):
+    assert target_regex("spatial", "motiondirector+tconv", ANIMATEDIFF) == target_regex(
+        "spatial", "motiondirector", ANIMATEDIFF)
+    for family in (ANIMATEDIFF, ANIMATEDIFF_SDXL):
         with pytest.raises(CavError, match="temporal convolutions.*use placement cav or motiondirector"):
             target_regex("temporal", "motiondirector+tconv", family)
 
 
 def test_every_family_says_whether_it_has_temporal_convolutions():
-    from cav.adapters.targets import TEMPORAL_BLOCKS, TEMPORAL_CONVS
-
-    assert TEMPORAL_CONVS.keys() == TEMPORAL_BLOCKS.keys()
+    assert [f.targets.temporal_convs is not None for f in FAMILIES.values()] == [True, False, False]
 
 def _frames(n=4, size=32):
     g = torch.Generator().manual_seed(3)
@@ -108,7 +109,7 @@ def test_stages_train_only_their_parameters_and_never_touch_the_base(tiny_model)
     # one manual step: gradients reach T-LoRA parameters only
     from cav.trainer import diffusion_loss
     latents, cond = stage2.batch(gen)
-    diffusion_loss(bb.unet, bb.scheduler, latents, cond, gen).backward()
+    diffusion_loss(bb.unet, bb.scheduler, latents, cond, gen, objective=bb.family.objective).backward()
     with_grad = {n for n, p in bb.unet.named_parameters() if p.grad is not None}
     assert with_grad == {n for n in trainable}
     bb.unet.zero_grad(set_to_none=True)
@@ -136,7 +137,7 @@ def test_stages_train_only_their_parameters_and_never_touch_the_base(tiny_model)
 
 def test_save_load_peft_format_round_trip(tiny_model, tmp_path):
     bb = backbone.load(tiny_model, "cpu")
-    cfg = lora.lora_config("temporal", "cav", 4, 1.0)
+    cfg = lora.lora_config("temporal", "cav", 4, 1.0, bb.family)
     lora.add_lora(bb.unet, "t_lora", cfg)
     with torch.no_grad():
         for p in lora.lora_parameters(bb.unet, "t_lora"):
@@ -208,6 +209,7 @@ def test_t_lora_batch_repeats_the_clip_and_drops_the_prompt_per_copy(tiny_model)
         rows += [torch.equal(c, empty) for c in cond if torch.equal(c, empty) or torch.equal(c, full)]
     assert len(rows) == 30 and 6 <= sum(rows) <= 24  # each copy chooses by itself
     # one loss over the three copies, each with its own timestep: finite, and it trains the T-LoRA
-    loss = diffusion_loss(bb.unet, bb.scheduler, latents, cond, gen, timesteps=stage.timesteps)
+    loss = diffusion_loss(bb.unet, bb.scheduler, latents, cond, gen, timesteps=stage.timesteps,
+                          objective=bb.family.objective)
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None for p in lora.lora_parameters(bb.unet, T_LORA))

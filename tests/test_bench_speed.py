@@ -80,10 +80,11 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
 
     from cav.adapters import lora
     from cav.bench.speed import TINY_UNET
+    from cav.families import UNET3D
 
     unet = UNet3DConditionModel(**TINY_UNET)
     unet.requires_grad_(False)
-    lora.add_lora(unet, "t", lora.lora_config("temporal", "cav", 4, 1.0))
+    lora.add_lora(unet, "t", lora.lora_config("temporal", "cav", 4, 1.0, UNET3D))
     lora.activate(unet, ["t"], trainable="t")
     params = lora.lora_parameters(unet, "t")
     with torch.no_grad():
@@ -146,7 +147,7 @@ def test_animatediff_row_runs_on_its_own_rig(result):
     """The AnimateDiff case is one TIMED row on the family's own rig (tiny AnimateDiff here): its time, op count and
     adapters are reported beside the UNet3D rig's, with the T-LoRA on the motion modules only."""
     from cav.adapters import lora
-    from cav.bench.speed import MODELS
+    from cav.families import ANIMATEDIFF
 
     assert result["animatediff_t_lora_step_s"] > 0 and result["animatediff_ops_per_step"] > 0
     fam = result["families"]
@@ -154,8 +155,8 @@ def test_animatediff_row_runs_on_its_own_rig(result):
     assert fam["unet3d"]["unet_params"] == result["unet_params"]
     ad = fam["animatediff"]
     assert ad["latent_shape"] == [1, 4, 4, 8, 8] and ad["text_shape"][0] == 1  # one condition per video (hook)
-    unet = MODELS["animatediff"].unet("tiny")
-    n = lora.add_lora(unet, "t", lora.lora_config("temporal", "cav", 4, 1.0, "animatediff"))
+    unet = ANIMATEDIFF.rig.model("tiny")
+    n = lora.add_lora(unet, "t", lora.lora_config("temporal", "cav", 4, 1.0, ANIMATEDIFF))
     assert ad["adapted_modules"]["cav"] == n and ad["trainable_params"]["cav"] == lora.count_parameters(unet, "t")
     assert all("motion_modules" in name for name, m in unet.named_modules() if hasattr(m, "lora_A") and m.lora_A)
     assert "AnimateDiff T-LoRA step" in format_table(result)

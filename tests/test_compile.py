@@ -12,6 +12,7 @@ import torch
 
 from cav import accel, lean
 from cav.errors import CavError
+from cav.objectives import DDPM
 from cav.trainer import Stage
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,7 +48,7 @@ def test_training_step_compiles_as_one_graph_with_eager_results():
     from cav.adapters import lora
 
     unet = _unet()
-    stage = Stage(T, 1, [{"params": lora.lora_parameters(unet, T)}], batch=None)
+    stage = Stage(T, 1, [{"params": lora.lora_parameters(unet, T)}], batch=None, objective=DDPM)
     lean.use_lean_step(stage, unet, T, None)
     with lean.FrozenMerge(unet, [S]).merged():
         eager_out, eager_grads = _train_call(unet, stage)

@@ -11,6 +11,8 @@ from cav import lean
 from cav.adapters import lora
 from cav.bench.opcount import count_ops
 from cav.bench.speed import TINY_UNET
+from cav.families import UNET3D
+from cav.objectives import DDPM
 from cav.trainer import Stage, make_optimizer, train_step
 
 S, T = "s", "t"
@@ -20,8 +22,8 @@ def _unet(dtype=torch.float32) -> UNet3DConditionModel:
     torch.manual_seed(0)
     unet = UNet3DConditionModel(**TINY_UNET).to(dtype)
     unet.requires_grad_(False)
-    lora.add_lora(unet, T, lora.lora_config("temporal", "cav", 4, 1.0))
-    lora.add_lora(unet, S, lora.lora_config("spatial", "cav", 1, 0.5))
+    lora.add_lora(unet, T, lora.lora_config("temporal", "cav", 4, 1.0, UNET3D))
+    lora.add_lora(unet, S, lora.lora_config("spatial", "cav", 1, 0.5, UNET3D))
     with torch.no_grad():  # B = 0 at init would hide both adapters
         for name in (S, T):
             for p in lora.lora_parameters(unet, name):
@@ -37,7 +39,7 @@ def _setup(unet, dtype, lean_step: bool):
     lat = torch.randn(1, 4, 3, 8, 8, generator=gen).to(dtype)
     cond = torch.randn(1, 5, 32, generator=gen).to(dtype)
     params = lora.lora_parameters(unet, T)
-    stage = Stage(T, 1, [{"params": params, "lr": 1e-3}], batch=lambda g: (lat, cond))
+    stage = Stage(T, 1, [{"params": params, "lr": 1e-3}], batch=lambda g: (lat, cond), objective=DDPM)
     grads = []
     stage.after_backward.append(lambda: grads.append([p.grad.detach().float().clone() for p in params]))
     autocast = dtype if dtype != torch.float32 else None
@@ -113,7 +115,7 @@ def test_frozen_merge_restores_the_weights_bit_exactly(dtype):
 def test_compute_copies_leave_fp32_masters_in_the_model_outside_a_step():
     unet = _unet(torch.bfloat16)
     masters = lora.lora_parameters(unet, T)
-    stage = Stage(T, 1, [{"params": masters, "lr": 1e-3}], batch=lambda g: None)
+    stage = Stage(T, 1, [{"params": masters, "lr": 1e-3}], batch=lambda g: None, objective=DDPM)
     copies = lean.use_lean_step(stage, unet, T, torch.bfloat16)
     assert copies is not None and all(p.dtype == torch.float32 for p in masters)
     with stage.forward_backward_context():
@@ -127,7 +129,8 @@ def test_compute_copies_leave_fp32_masters_in_the_model_outside_a_step():
             raise RuntimeError("boom")
     assert all(a is b for a, b in zip(lora.lora_parameters(unet, T), masters))
     assert not any("forward" in m.__dict__ for m in unet.modules())
-    assert lean.use_lean_step(Stage(T, 1, [], batch=None), unet, T, None) is None  # fp32 step: no copies
+    no_copies = lean.use_lean_step(Stage(T, 1, [], batch=None, objective=DDPM), unet, T, None)
+    assert no_copies is None  # fp32 step: no copies
 
 
 def test_lean_step_dispatches_fewer_ops_and_almost_no_casts():

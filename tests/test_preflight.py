@@ -11,6 +11,7 @@ import time
 import pytest
 
 from cav import backbone
+from cav.families import ANIMATEDIFF
 from cav.cli import main
 from cav.errors import CavError
 from cav.prompts import check_prompt
@@ -68,7 +69,7 @@ def test_valid_sizes_pass_and_units_come_from_the_configs(tiny_model):
         backbone.check_shape(MS_HUB_ID, (300, 300), 16)
     with pytest.raises(CavError, match="--frames 33 is more than"):  # a UNet config that bounds the frame count
         backbone.check_shape("toy", (32, 32), 33, unet_config={**backbone.read_config("toy", "unet"),
-                                                               backbone.FRAME_LIMIT_KEY: 32})
+                                                               ANIMATEDIFF.frame_limit_key: 32})
 
 
 def test_dry_run_and_generate_refuse_a_bad_size(tmp_path, tiny_model, capsys):
@@ -194,7 +195,7 @@ def test_animatediff_frame_limit_comes_from_the_motion_adapter(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     shutil.copy(backbone.ASSETS / "animatediff_motion_adapter_v1_5_2_config.json", adapter / "config.json")
-    limit = json.loads((adapter / "config.json").read_text())[backbone.FRAME_LIMIT_KEY]
+    limit = json.loads((adapter / "config.json").read_text())[ANIMATEDIFF.frame_limit_key]
     configs = dict(unet_config=json.loads((backbone.ASSETS / "sd15_unet_config.json").read_text()),
                    vae_config=json.loads((backbone.ASSETS / "modelscope_vae_config.json").read_text()))
     backbone.check_shape("sd", (512, 512), limit, motion_adapter=str(adapter), **configs)

@@ -61,7 +61,7 @@ def test_each_t_lora_step_uses_its_own_clips_absorbers(tiny_model, tiny_video, b
         ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.clip_token(k), 2, "object")
         with torch.no_grad():  # distinct rows per clip, so a prompt with the other clip's tokens differs
             ti.weight[ti.ids] = torch.randn(len(ti.ids), ti.weight.shape[1])
-        lora.add_lora(bb.unet, s_lora_name(k), cfg.lora_config("spatial"))
+        lora.add_lora(bb.unet, s_lora_name(k), cfg.lora_config("spatial", bb.family))
         clips.append(ClipInputs(to_tensor(read_video(video, frames=3, size=(32, 32))), ti, s_lora_name(k)))
     stage = t_lora_stage(bb, cfg, clips[0].frames, clips[0].ti, clips=clips)
     want = [(encode_frames(bb, c.frames).permute(1, 0, 2, 3).unsqueeze(0), encode_prompt(bb, c.ti.expand(PROMPT)))

@@ -39,13 +39,13 @@ def plan(cfg: TrainConfig, clips: int = 1) -> dict:
         own = {"clip": k, "spatial_prompt": cfg.spatial_prompt_of(k)} if clips > 1 else {}
         if cfg.uses_s_lora:
             name = s_lora_name(k)
-            n = lora.add_lora(unet, name, cfg.lora_config("spatial", family.name), low_cpu_mem_usage=True)
+            n = lora.add_lora(unet, name, cfg.lora_config("spatial", family), low_cpu_mem_usage=True)
             stages.append({"name": name, "trainable_params": lora.count_parameters(unet, name), "modules": n, **own})
         if cfg.uses_ti:
             dim = _text_hidden_size(cfg.base, unet_config, family)
             stages.append({"name": "textual_inversion" + (f" {cfg.clip_token(k)}" if clips > 1 else ""),
                            "trainable_params": cfg.ti_tokens * dim, "modules": 1, **own})
-    n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal", family.name), low_cpu_mem_usage=True)
+    n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal", family), low_cpu_mem_usage=True)
     stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n,
                    **({"clips": clips} if clips > 1 else {})})
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
@@ -56,7 +56,7 @@ def plan(cfg: TrainConfig, clips: int = 1) -> dict:
 def _text_hidden_size(base: str, unet_config: dict, family) -> int:
     """Width of one TI token over all of the family's text encoders (SDXL: CLIP-L's 768 + OpenCLIP-G's 1280)."""
     resolved = backbone_mod.resolve_base(base)
-    paths = [Path(resolved) / part.encoder / "config.json" for part in backbone_mod.CONDITIONS[family.condition].parts]
+    paths = [Path(resolved) / part.encoder / "config.json" for part in family.condition.parts]
     if all(p.is_file() for p in paths):
         return sum(int(json.loads(p.read_text())["hidden_size"]) for p in paths)
     return int(unet_config["cross_attention_dim"])  # the UNet attends to the text encoders' hidden states

@@ -9,9 +9,9 @@ A *base* is one of:
   image model (``unet/`` = ``UNet2DConditionModel``) plus ``motion_adapter`` (a ``MotionAdapter`` folder or hub id);
   SD 1.5 (``AnimateDiffPipeline``) or SDXL (``AnimateDiffSDXLPipeline``: a second text encoder, ``text_encoder_2``).
 
-Families of bases are the rows of ``FAMILIES``: the UNet class each one loads, the pipeline that samples from it and
-how its UNet is conditioned on text (``conditioning.CONDITIONS``). Targets (``adapters/targets.py``) and temporal
-layers (``bypass.py``) have one row per family too; the rest of cav only passes ``Backbone.family`` along.
+Families of bases are the rows of ``families.FAMILIES``: the model class each one loads, the pipeline that samples
+from it, its text condition, its objective's schedulers; this module reads them and never branches on a family's
+name. The rest of cav only passes ``Backbone.family`` (a ``families.Family``) along.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .conditioning import CONDITIONS
 from .errors import CavError
+from .families import FAMILIES, LEGACY, Family
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
@@ -37,32 +37,9 @@ SHIPPED_CONFIGS = {"damo-vilab/text-to-video-ms-1.7b": "modelscope", "stabilitya
                    "guoyww/animatediff-motion-adapter-sdxl-beta": "animatediff_motion_adapter_sdxl_beta"}
 HUB_TIMEOUT_S = 5.0  # one request to the hub before a download; its absence is reported instead of retried
 PIPELINE_MULTIPLE = 8  # diffusers' TextToVideoSD- and AnimateDiffPipeline.check_inputs: height, width divisible by 8
-FRAME_LIMIT_KEY = "motion_max_seq_length"  # bounds the frames of AnimateDiff motion modules (positional embeddings);
-#                                            UNet3D has no such key: its temporal attention has no positions
+# the config keys that bound a model's (or its add-on's) frame count: the rows' ``frame_limit_key``s
+FRAME_LIMIT_KEYS = tuple(dict.fromkeys(f.frame_limit_key for f in FAMILIES.values() if f.frame_limit_key))
 _DOWNLOAD_HINT = "download it where the hub is reachable (`hf download {repo} --local-dir DIR`) and pass {flag} DIR"
-
-
-@dataclass(frozen=True)
-class Family:
-    """One kind of T2V base: the class of its ``unet/`` and the diffusers pipeline that samples from it."""
-
-    name: str
-    unet_class: str
-    pipeline_class: str
-    pipeline_extra: tuple[tuple[str, object], ...] = ()  # constructor arguments the pipeline needs besides ours
-    per_frame_condition: bool = False  # the UNet wants one text condition per frame (B·F, L, D), not per video
-    condition: str = "clip"  # how the text condition is built and passed (a row of conditioning.CONDITIONS)
-
-
-_MOTION = (("motion_adapter", None),)
-FAMILIES = {
-    "unet3d": Family("unet3d", "UNet3DConditionModel", "TextToVideoSDPipeline"),
-    "animatediff": Family("animatediff", "UNetMotionModel", "AnimateDiffPipeline", _MOTION, per_frame_condition=True),
-    "animatediff-sdxl": Family("animatediff-sdxl", "UNetMotionModel", "AnimateDiffSDXLPipeline", _MOTION,
-                               per_frame_condition=True, condition="sdxl"),
-}
-IMAGE_UNET = "UNet2DConditionModel"  # an image model: with a motion adapter it becomes an AnimateDiff base
-MOTION_FAMILY = "animatediff"  # the family an image model plus a motion adapter belongs to (its SDXL variant below)
 
 
 def resolve_base(base: str | Path) -> str:
@@ -189,34 +166,41 @@ def _condition_of(index: dict) -> str:
     return "sdxl" if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None else "clip"
 
 
-def _family(unet_cls: str, condition: str) -> Family | None:
-    return next((f for f in FAMILIES.values() if f.unet_class == unet_cls and f.condition == condition), None)
+def _model_class(index: dict) -> str | None:
+    """The class of the denoiser a model_index.json names (in the first model folder a family uses)."""
+    folders = dict.fromkeys(f.model_folder for f in FAMILIES.values())
+    return next((index[k][1] for k in folders if index.get(k)), None)
 
 
 def family_of(base: str | Path, motion_adapter: str | None = None) -> Family:
-    """The family of a base, from its model_index.json (and whether a motion adapter animates it)."""
+    """The family of a base, from its model_index.json (and whether an add-on such as a motion adapter animates it):
+    the row whose model class (or whose add-on's image class) and text condition the folder has."""
     resolved = resolve_base(base)
     try:
         index = _read_json(resolved, "model_index.json", "base")
     except CavError:  # an unreachable hub id: take the family the arguments say; loading it reports the problem
-        index = {"unet": [None, IMAGE_UNET if motion_adapter else FAMILIES["unet3d"].unet_class]}
-    unet_cls = (index.get("unet") or [None, FAMILIES["unet3d"].unet_class])[1]
+        index = {}
     condition = _condition_of(index)
+    addons = [f for f in FAMILIES.values() if f.addon and f.condition.name == condition]
+    model_cls = _model_class(index) or (addons[0].addon.image_class if motion_adapter and addons
+                                        else LEGACY.model_class)
     if motion_adapter:
-        if unet_cls != IMAGE_UNET:
-            raise CavError(f"--motion-adapter needs an image model base ({IMAGE_UNET}), but '{base}' has a {unet_cls}: "
+        family = next((f for f in addons if f.addon.image_class == model_cls), None)
+        if family is None:
+            image = " or ".join(dict.fromkeys(f.addon.image_class for f in FAMILIES.values() if f.addon))
+            raise CavError(f"--motion-adapter needs an image model base ({image}), but '{base}' has a {model_cls}: "
                            "pass a Stable Diffusion folder or drop --motion-adapter")
-        return _family(FAMILIES[MOTION_FAMILY].unet_class, condition)
-    family = _family(unet_cls, condition)
+        return family
+    family = next((f for f in FAMILIES.values() if f.model_class == model_cls and f.condition.name == condition),
+                  None)
     if family is not None:
         return family
-    if unet_cls == IMAGE_UNET:
-        example = ("guoyww/animatediff-motion-adapter-sdxl-beta" if condition == "sdxl" else
-                   "guoyww/animatediff-motion-adapter-v1-5-2")
-        raise CavError(f"base '{base}' is an image model: pass --motion-adapter (e.g. {example}) to animate it with "
-                       "AnimateDiff")
-    known = ", ".join(dict.fromkeys(f.unet_class for f in FAMILIES.values()))
-    raise CavError(f"base '{base}' has a {unet_cls}: cav supports bases whose unet is one of {known}")
+    animated = next((f for f in addons if f.addon.image_class == model_cls), None)
+    if animated is not None:
+        raise CavError(f"base '{base}' is an image model: pass {animated.addon.flag} (e.g. {animated.addon.example}) "
+                       "to animate it with AnimateDiff")
+    known = ", ".join(dict.fromkeys(f.model_class for f in FAMILIES.values()))
+    raise CavError(f"base '{base}' has a {model_cls}: cav supports bases whose unet is one of {known}")
 
 
 def check_motion_adapter_fits(unet_config: dict, adapter_config: dict, adapter: str) -> None:
@@ -235,16 +219,16 @@ def empty_unet(base: str | Path, motion_adapter: str | None = None) -> tuple[tor
     from accelerate import init_empty_weights
 
     family = family_of(base, motion_adapter)
-    config = read_unet_config(base)
+    config = read_config(base, family.model_folder)
     with init_empty_weights():
-        if motion_adapter:
+        if motion_adapter:  # the image model + the family's add-on
             ad_config = read_motion_adapter_config(motion_adapter)
             check_motion_adapter_fits(config, ad_config, motion_adapter)
-            image = diffusers.UNet2DConditionModel.from_config(config)
-            adapter = diffusers.MotionAdapter.from_config(ad_config)
+            image = getattr(diffusers, family.addon.image_class).from_config(config)
+            adapter = getattr(diffusers, family.addon.addon_class).from_config(ad_config)
             unet = motion_unet(image, adapter, motion_adapter, load_weights=False)
         else:
-            unet = getattr(diffusers, family.unet_class).from_config(config)
+            unet = getattr(diffusers, family.model_class).from_config(config)
     return unet, family
 
 
@@ -300,9 +284,10 @@ def check_shape(base: str | Path, size, frames: int, *, motion_adapter: str | No
         options = _nearby(h, w, unit)
         raise CavError(f"--size {h}x{w} does not fit base '{base}': height and width must be multiples of {unit} "
                        f"({why}): use {' or '.join(options)}")
-    limit = unet_config.get(FRAME_LIMIT_KEY)
+    limit = next((unet_config[k] for k in FRAME_LIMIT_KEYS if unet_config.get(k) is not None), None)
     if limit is None and motion_adapter:
-        limit = read_motion_adapter_config(motion_adapter).get(FRAME_LIMIT_KEY)
+        ad_config = read_motion_adapter_config(motion_adapter)
+        limit = next((ad_config[k] for k in FRAME_LIMIT_KEYS if ad_config.get(k) is not None), None)
     if limit is not None and frames > int(limit):
         raise CavError(f"--frames {frames} is more than base '{base}' takes (its motion modules have positions for "
                        f"{limit} frames): use --frames {limit} or fewer")
@@ -359,7 +344,7 @@ class Backbone:
     source: str
     device: torch.device
     dtype: torch.dtype
-    family: str = "unet3d"
+    family: Family  # the base's row of families.FAMILIES
     motion_adapter: str | None = None
     reported: set = field(default_factory=set, repr=False, compare=False)  # prompts already warned about (cut)
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder (OpenCLIP bigG) and its tokenizer
@@ -367,8 +352,8 @@ class Backbone:
 
     @property
     def condition(self):
-        """How this base's UNet is conditioned on text (a row of ``conditioning.CONDITIONS``)."""
-        return CONDITIONS[FAMILIES[self.family].condition]
+        """How this base's UNet is conditioned on text (the family's ``conditioning`` class)."""
+        return self.family.condition
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -390,9 +375,8 @@ class Backbone:
         """The family's diffusers pipeline (``TextToVideoSDPipeline``, ``AnimateDiffPipeline``,
         ``AnimateDiffSDXLPipeline``) over these very modules (no copies)."""
         import diffusers
-        from diffusers import DDIMScheduler
 
-        family = FAMILIES[self.family]
+        family = self.family
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             text = {name: getattr(self, name) for part in self.condition.parts
@@ -401,7 +385,7 @@ class Backbone:
                 vae=self.vae,
                 **text,
                 unet=self.unet,
-                scheduler=DDIMScheduler.from_config(self.scheduler.config),
+                scheduler=family.objective.sampler(self.scheduler.config),
                 **dict(family.pipeline_extra),
             )
         pipe.set_progress_bar_config(disable=True)
@@ -411,12 +395,13 @@ class Backbone:
 def _load_unet(family: Family, source: str, motion_adapter: str | None, dt: torch.dtype, kw: dict) -> torch.nn.Module:
     import diffusers
 
+    folder = family.model_folder
     if not motion_adapter:
-        return getattr(diffusers, family.unet_class).from_pretrained(source, subfolder="unet", torch_dtype=dt, **kw)
-    adapter_src = resolve_motion_adapter(motion_adapter)
-    image = diffusers.UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dt, **kw)
-    adapter_kw = _hub_kwargs(adapter_src, "motion adapter", "--motion-adapter", marker="config.json")
-    adapter = diffusers.MotionAdapter.from_pretrained(adapter_src, torch_dtype=dt, **adapter_kw)
+        return getattr(diffusers, family.model_class).from_pretrained(source, subfolder=folder, torch_dtype=dt, **kw)
+    adapter_src = resolve_motion_adapter(motion_adapter)  # the image model + the family's add-on
+    image = getattr(diffusers, family.addon.image_class).from_pretrained(source, subfolder=folder, torch_dtype=dt, **kw)
+    adapter_kw = _hub_kwargs(adapter_src, "motion adapter", family.addon.flag, marker="config.json")
+    adapter = getattr(diffusers, family.addon.addon_class).from_pretrained(adapter_src, torch_dtype=dt, **adapter_kw)
     check_motion_adapter_fits(dict(image.config), dict(adapter.config), motion_adapter)
     return motion_unet(image, adapter, motion_adapter)
 
@@ -425,7 +410,7 @@ def attach_condition(unet: torch.nn.Module, family: Family, vae_factor: int = 8)
     """Register the forward pre-hook that turns cav's one text-condition tensor per video into what the family's
     UNet takes (nothing for a UNet that takes it as it is). ``vae_factor`` turns latent sizes into the pixel sizes of
     SDXL's time ids."""
-    condition = CONDITIONS[family.condition]
+    condition = family.condition
     if family.per_frame_condition or condition.packed:
         unet.register_forward_pre_hook(
             lambda module, args, kwargs: _adapt_condition(module, args, kwargs, condition, family.per_frame_condition,
@@ -455,8 +440,8 @@ def _adapt_condition(module, args: tuple, kwargs: dict, condition, per_frame: bo
 def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
          motion_adapter: str | None = None) -> Backbone:
     """Load a base model (see module doc) with frozen weights on ``device`` in ``dtype``."""
+    import diffusers
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler
 
     source = resolve_base(base)
     motion_adapter = str(motion_adapter) if motion_adapter else None
@@ -467,22 +452,24 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
     text = {}
     try:
         unet = _load_unet(family, source, motion_adapter, dt, kw)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dt, **kw)
-        for part in CONDITIONS[family.condition].parts:  # the family's text encoder(s) and tokenizer(s)
+        vae = getattr(diffusers, family.vae_class).from_pretrained(source, subfolder="vae", torch_dtype=dt, **kw)
+        for part in family.condition.parts:  # the family's text encoder(s) and tokenizer(s)
             text[part.encoder] = getattr(transformers, part.encoder_class).from_pretrained(
                 source, subfolder=part.encoder, torch_dtype=dt, **kw)
-            text[part.tokenizer] = transformers.CLIPTokenizer.from_pretrained(source, subfolder=part.tokenizer, **kw)
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+            text[part.tokenizer] = getattr(transformers, part.tokenizer_class).from_pretrained(
+                source, subfolder=part.tokenizer, **kw)
+        scheduler = getattr(diffusers, family.objective.scheduler_class).from_pretrained(source, subfolder="scheduler",
+                                                                                         **kw)
     except CavError:
         raise
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CavError(f"could not load base '{base}': {first[:200]} — check the folder is a complete diffusers T2V model") from None
     attach_condition(unet, family, 2 ** (len(vae.config.block_out_channels) - 1))
-    encoders = [text[p.encoder] for p in CONDITIONS[family.condition].parts]
+    encoders = [text[p.encoder] for p in family.condition.parts]
     for module in (unet, vae, *encoders):
         module.requires_grad_(False)
         module.eval()
         module.to(dev)
     return Backbone(unet, vae, text.pop("text_encoder"), text.pop("tokenizer"), scheduler, source, dev, dt,
-                    family.name, motion_adapter, **text)
+                    family, motion_adapter, **text)

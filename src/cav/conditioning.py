@@ -1,6 +1,6 @@
 """How a base's UNet is conditioned on text: how the condition is built from prompts and passed to the UNet.
 
-One row of ``CONDITIONS`` per kind (``backbone.Family.condition`` names it):
+One class per kind (a family's row holds one: ``families.Family.condition``):
 
 - ``clip`` (ModelScope, Zeroscope, SD 1.5 AnimateDiff): one CLIP text encoder; its last hidden states (B, L, D) are
   the UNet's ``encoder_hidden_states``.
@@ -29,12 +29,14 @@ import torch
 class TextPart:
     """One text encoder of a base: its tokenizer and encoder (attribute names on ``Backbone`` and on the pipeline,
     and the base's subfolders), the transformers class of the encoder, and the key of its rows in a
-    textual-inversion file (None: the one-tensor layout ``{token: rows}`` of single-encoder bases)."""
+    textual-inversion file (None: the one-tensor layout ``{token: rows}`` of single-encoder bases), and the
+    transformers class of the tokenizer."""
 
     tokenizer: str
     encoder: str
     encoder_class: str
     ti_key: str | None = None
+    tokenizer_class: str = "CLIPTokenizer"
 
 
 class ClipCondition:
@@ -123,5 +125,3 @@ def pack(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     pad = pooled.new_zeros(b, rows * d - pooled.shape[-1])
     return torch.cat([hidden, torch.cat([pooled.to(hidden.dtype), pad.to(hidden.dtype)], -1).view(b, rows, d)], 1)
 
-
-CONDITIONS = {"clip": ClipCondition(), "sdxl": SdxlCondition()}

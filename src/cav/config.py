@@ -371,9 +371,9 @@ class TrainConfig:
         """Absorbers come from existing files (``--s-lora-from``/``--ti-from``): no stage 1."""
         return bool(self.s_lora_from or self.ti_from)
 
-    def lora_config(self, kind: str, family: str = "unet3d"):
+    def lora_config(self, kind: str, family):
         """The peft ``LoraConfig`` of this recipe's S-LoRA (``kind="spatial"``) or T-LoRA (``"temporal"``) on a base of
-        ``family`` (``Backbone.family``)."""
+        ``family`` (``Backbone.family``, a ``families.Family``)."""
         from .adapters.lora import lora_config
 
         rank, alpha = ((self.s_lora_rank, self.s_lora_alpha) if kind == "spatial"

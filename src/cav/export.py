@@ -1,36 +1,22 @@
 """`cav export`: write a run's T-LoRA in the file layout another tool loads.
 
-Formats are rows of ``FORMATS``: the base family a T-LoRA must come from, the converter of its peft state, and the
-default file name. (The diffusers LoRA layout needs no export: every adapter folder already holds
-``pytorch_lora_weights.safetensors``.)
+Formats are fields of the family rows (``families.Family.exports``: a family lists the layouts its T-LoRAs go to;
+an ``ExportFormat`` holds the converter of the peft state and the default file name). (The diffusers LoRA layout
+needs no export: every adapter folder already holds ``pytorch_lora_weights.safetensors``.)
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from .adapters import lora, motion_lora
+from . import families
+from .adapters import lora
 from .errors import CavError
 from .io_utils import save_safetensors
 
 
-@dataclass(frozen=True)
-class ExportFormat:
-    families: tuple[str, ...]  # the base families whose T-LoRAs the layout holds
-    convert: Callable  # (peft state, rank, alpha) -> state in the target layout
-    filename: str
-    describe: str
-
-
-FORMATS = {
-    # SDXL motion modules are named as SD 1.5's in the original AnimateDiff code (sdxl branch), so the layout holds both
-    "animatediff": ExportFormat(("animatediff", "animatediff-sdxl"), motion_lora.to_animatediff,
-                                "animatediff_motion_lora.safetensors",
-                                "the original AnimateDiff MotionLoRA key layout"),
-}
+FORMATS = families.export_formats()  # every format a family lists, by name
 
 
 def export(run: str | Path, fmt: str = "animatediff", out: str | Path | None = None, overwrite: bool = False) -> Path:
@@ -42,10 +28,11 @@ def export(run: str | Path, fmt: str = "animatediff", out: str | Path | None = N
     spec = FORMATS[fmt]
     folder = lora.find_adapter_dir(Path(run), "temporal")
     meta = lora.read_meta(folder)
-    family = meta.get("family", "unet3d")
-    if family not in spec.families:
+    family = meta.get("family", families.LEGACY.name)
+    if spec not in families.get(family).exports:
+        takes = [f.name for f in families.FAMILIES.values() if spec in f.exports]
         raise CavError(f"T-LoRA '{folder}' was trained on a {family} base ({meta.get('base', 'unknown')}): "
-                       f"--format {fmt} needs a T-LoRA trained on a {' or '.join(spec.families)} base")
+                       f"--format {fmt} needs a T-LoRA trained on a {' or '.join(takes)} base")
     config = json.loads((folder / lora.CONFIG).read_text())
     converted = spec.convert(load_file(str(folder / lora.WEIGHTS)), int(config["r"]), float(config["lora_alpha"]))
     target = Path(out) if out else Path(run) / "export" / spec.filename

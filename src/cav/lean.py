@@ -197,7 +197,7 @@ def _lean_forward(layer: LoraLayer, name: str):
 
 class LeanForward:
     """Inside ``active()``: every plain layer of adapter ``name`` adds its LoRA term with ``_LoraDelta``; outside,
-    peft's forward (an instance attribute shadows the class method, like ``bypass.temporal_bypass``). The patched
+    peft's forward (an instance attribute shadows the class method, like ``bypass.LayerBypass``). The patched
     functions are made once, so a compiled UNet sees the same objects every step (no recompilation)."""
 
     def __init__(self, unet: torch.nn.Module, name: str):

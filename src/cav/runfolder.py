@@ -187,7 +187,7 @@ def validation_prompts(cfg: TrainConfig) -> list[str]:
 def base_meta(bb) -> dict:
     """What an adapter records about its base (family, motion adapter), so `cav generate` rebuilds the same model
     and adapters of another family are refused by name."""
-    return {"family": bb.family, **({"motion_adapter": bb.motion_adapter} if bb.motion_adapter else {})}
+    return {"family": bb.family.name, **({"motion_adapter": bb.motion_adapter} if bb.motion_adapter else {})}
 
 
 def t_lora_meta(bb, cfg: TrainConfig, step: int) -> dict:

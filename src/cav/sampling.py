@@ -145,11 +145,9 @@ def encode_clip(bb: Backbone, clip_u8: np.ndarray) -> torch.Tensor:
 def ddim_invert(bb: Backbone, latents: torch.Tensor, steps: int, upto: int | None = None) -> torch.Tensor:
     """DDIM inversion of clean latents (B, C, F, h, w): the empty prompt, no guidance, ``DDIMInverseScheduler`` over
     ``steps`` timesteps of the sampling schedule; stops after ``upto`` of them (None: all, ending at the first
-    sampling timestep)."""
-    from diffusers import DDIMInverseScheduler
-
+    sampling timestep). The inverse scheduler is the family objective's (DDIM inversion for DDPM bases)."""
     pipe = bb.pipeline()
-    inverse = DDIMInverseScheduler.from_config(bb.scheduler.config)
+    inverse = bb.family.objective.inverse(bb.scheduler.config)
     inverse.set_timesteps(steps, device=bb.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -162,14 +160,14 @@ def ddim_invert(bb: Backbone, latents: torch.Tensor, steps: int, upto: int | Non
 
 
 def _forward_noised(bb: Backbone, latents: torch.Tensor, seeds: list[int], steps: int, skip: int) -> torch.Tensor:
-    """Clean latents noised to the sampling schedule's step ``skip`` with each seed's second noise draw."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(bb.scheduler.config)
+    """Clean latents noised to the sampling schedule's step ``skip`` with each seed's second noise draw (as the
+    family's objective noises)."""
+    objective = bb.family.objective
+    sched = objective.sampler(bb.scheduler.config)
     sched.set_timesteps(steps)
     t = sched.timesteps[skip]
     noise = fresh_noise((1, *latents.shape[1:]), seeds, stream=1)
-    return sched.add_noise(latents.cpu().float(), noise, t.reshape(1)).to(latents.dtype)
+    return objective.add_noise(sched, latents.cpu().float(), noise, t.reshape(1)).to(latents.dtype)
 
 
 def noise_prior_start(bb: Backbone, reference_u8: np.ndarray, seeds: list[int], *, steps: int, prior: float,

@@ -100,8 +100,9 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
         cond = cached_cond if cached_cond is not None else encode_prompt(bb, prompt, grad=True)
         return latents, cond.expand(n, -1, -1)
 
-    stage = Stage("absorbers", cfg.absorber_steps, groups, batch, bypass=True, after_backward=after_backward,
-                  after_step=after_step, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)
+    stage = Stage("absorbers", cfg.absorber_steps, groups, batch, bb.family.objective, bb.family.image_mode,
+                  after_backward=after_backward, after_step=after_step, checkpoint=checkpoint,
+                  checkpoint_every=cfg.checkpoint_every)
     if cfg.uses_s_lora:  # the fused forward of the S-LoRA this clip trains (clip K ≥ 1: s_lora_K)
         lean.use_lean_step(stage, bb.unet, s_lora_name(clip), lean.autocast_dtype(bb.device, bb.dtype))
     return stage
@@ -149,7 +150,7 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         return latents, cond
 
     groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.t_lora_lr, "name": T_LORA}]
-    stage = Stage("t_lora", cfg.steps, groups, batch, bypass=False,
+    stage = Stage("t_lora", cfg.steps, groups, batch, bb.family.objective,
                   timesteps=tuple(int(t) for t in cfg.t_lora_timesteps), checkpoint=checkpoint,
                   checkpoint_every=cfg.checkpoint_every)
     lean.use_lean_step(stage, bb.unet, T_LORA, lean.autocast_dtype(bb.device, bb.dtype))

@@ -1,8 +1,8 @@
 """One explicit training loop for a diffusion adapter stage, read top to bottom.
 
-batch (latents, text condition) → noise at a random timestep → UNet (temporal layers bypassed or not) → MSE on the
-scheduler's target → backward → clip → step → hooks → log → checkpoint. All randomness comes from one CPU
-``torch.Generator`` so a run is reproducible (and resumable) on any device.
+batch (latents, text condition) → noise at a random timestep (the family's objective) → UNet (in the family's image
+mode or not) → MSE on the objective's target → backward → clip → step → hooks → log → checkpoint. All randomness
+comes from one CPU ``torch.Generator`` so a run is reproducible (and resumable) on any device.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .bypass import temporal_bypass
 from .errors import CavError
+from .objectives import Objective
 
 
 @dataclass
@@ -30,7 +30,9 @@ class Stage:
     steps: int
     param_groups: list[dict]
     batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # → latents (B,C,F,h,w), cond (B,L,D)
-    bypass: bool = False
+    objective: Objective  # the family's training objective (noising, timestep draws, target)
+    # the family's image mode (``Family.image_mode``: a context manager over the model), or None: video mode
+    image_mode: Callable[[torch.nn.Module], contextlib.AbstractContextManager] | None = None
     after_backward: list[Callable[[], None]] = field(default_factory=list)
     after_step: list[Callable[[], None]] = field(default_factory=list)
     # checkpoint(step, optimizer, generator_state, interrupted): saves adapters and the state to resume from
@@ -45,29 +47,15 @@ class NonFiniteLoss(CavError):
     pass
 
 
-def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet must predict under the scheduler's ``prediction_type``: the noise, v, or the clean latents."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
-    return latents
-
-
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, gen: torch.Generator,
-                   bypass: bool = False, autocast_dtype: torch.dtype | None = None,
-                   timesteps: tuple[int, int] | None = None) -> torch.Tensor:
-    """The denoising loss of one batch (noise and timesteps drawn from ``gen`` on the CPU)."""
+                   image_mode: Callable | None = None, autocast_dtype: torch.dtype | None = None,
+                   timesteps: tuple[int, int] | None = None, *, objective) -> torch.Tensor:
+    """The denoising loss of one batch under ``objective`` (noise and timesteps drawn from ``gen`` on the CPU), the
+    model in ``image_mode`` when one is given."""
     device = latents.device
-    noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-    total = scheduler.config.num_train_timesteps
-    lo, hi = timesteps or (0, total)
-    t = torch.randint(lo, min(hi, total), (latents.shape[0],), generator=gen).to(device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    target = diffusion_target(scheduler, latents, noise, t)
-    with temporal_bypass(unet, bypass), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                                       enabled=autocast_dtype is not None):
+    noisy, t, target = objective.noised(scheduler, latents, gen, timesteps)
+    mode = image_mode(unet) if image_mode is not None else contextlib.nullcontext()
+    with mode, torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
     return F.mse_loss(pred.float(), target.float())
 
@@ -89,7 +77,8 @@ def train_step(unet, scheduler, stage: Stage, optimizer: torch.optim.Optimizer, 
     """
     with stage.forward_backward_context():
         latents, cond = stage.batch(gen)
-        loss = diffusion_loss(unet, scheduler, latents, cond, gen, stage.bypass, autocast_dtype, stage.timesteps)
+        loss = diffusion_loss(unet, scheduler, latents, cond, gen, stage.image_mode, autocast_dtype, stage.timesteps,
+                              objective=stage.objective)
         if not math.isfinite(loss.item()):
             raise NonFiniteLoss(
                 f"loss became {loss.item()} at {stage.name} step {step}: the last good checkpoint is kept; "

@@ -47,15 +47,16 @@ def _read(file: Path) -> tuple[dict, dict | None]:
     return state, json.loads(raw) if raw else None
 
 
-def load_image_lora(unet: torch.nn.Module, path: str | Path, name: str, family: str) -> dict:
-    """Inject image LoRA ``path`` into ``unet`` as adapter ``name``; it must fit the UNet's modules exactly."""
+def load_image_lora(unet: torch.nn.Module, path: str | Path, name: str, family) -> dict:
+    """Inject image LoRA ``path`` into ``unet`` (of base ``family``, a ``families.Family``) as adapter ``name``; it
+    must fit the UNet's modules exactly."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     file = resolve_image_lora(path)
     trained_on = read_meta(file.parent).get("family")
-    if trained_on and trained_on != family:
-        raise CavError(f"image LoRA '{path}' was trained on a {trained_on} base, but this base is {family}: "
+    if trained_on and trained_on != family.name:
+        raise CavError(f"image LoRA '{path}' was trained on a {trained_on} base, but this base is {family.name}: "
                        f"pass a LoRA of this base's image model")
     state, metadata = _read(file)
     # kohya/A1111 → diffusers keys; the UNet config maps SDXL's SGM block numbers (input_blocks.N) as diffusers does

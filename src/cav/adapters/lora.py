@@ -16,6 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
+from .. import families
 from ..errors import CavError
 from ..io_utils import save_safetensors, write_json
 from .targets import target_regex
@@ -26,7 +27,7 @@ META = "cav.json"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
 
 
-def lora_config(kind: str, placement: str, rank: int, alpha: float, family: str = "unet3d") -> LoraConfig:
+def lora_config(kind: str, placement: str, rank: int, alpha: float, family: families.Family) -> LoraConfig:
     if rank < 1:
         raise CavError(f"LoRA rank must be ≥ 1, got {rank}: pass --t-lora-rank/--s-lora-rank 1 or more")
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_regex(kind, placement, family), lora_dropout=0.0,
@@ -118,7 +119,7 @@ def find_adapter_dir(path: Path, kind: str) -> Path:
 
 
 def load_lora(unet: torch.nn.Module, directory: Path, name: str, expect_kind: str | None = None,
-              family: str | None = None) -> dict:
+              family: families.Family | None = None) -> dict:
     """Inject adapter ``name`` from a saved folder; the weights must fit this UNet (of base ``family``) exactly."""
     from safetensors.torch import load_file
 
@@ -127,10 +128,11 @@ def load_lora(unet: torch.nn.Module, directory: Path, name: str, expect_kind: st
     if expect_kind and meta.get("kind") and meta["kind"] != expect_kind:
         raise CavError(f"adapter '{directory}' is a {meta['kind']} LoRA, not a {expect_kind} one: pass a "
                        f"{'T-LoRA (run/t_lora)' if expect_kind == 'temporal' else 'spatial LoRA'} folder")
-    trained_on = meta.get("family", "unet3d" if meta else None)  # runs before families existed were UNet3D
-    if family and trained_on and trained_on != family:
+    trained_on = meta.get("family", families.LEGACY.name if meta else None)  # runs before families: UNet3D
+    if family and trained_on and trained_on != family.name:
         raise CavError(f"adapter '{directory}' was trained on a {trained_on} base ({meta.get('base', 'unknown')}), "
-                       f"but this base is {family}: use an adapter trained on a {family} base, or that adapter's base")
+                       f"but this base is {family.name}: use an adapter trained on a {family.name} base, or that "
+                       "adapter's base")
     try:
         config = LoraConfig.from_pretrained(str(directory))
         state = load_file(str(directory / WEIGHTS))

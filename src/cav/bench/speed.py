@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from .. import lean
+from .. import families, lean
 from ..accel import compile_unet, graph_breaks, set_gradient_checkpointing, tune_backends, uncompile_unet
 from ..adapters import lora
 from .. import backbone as backbone_mod
@@ -47,14 +47,10 @@ from .opcount import count_ops
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 UNET_CONFIG = ASSETS / "modelscope_unet_config.json"
 
-# ModelScope text-to-video-ms-1.7b: the VAE is Stable Diffusion's, the text encoder OpenCLIP ViT-H/14's text tower.
+# ModelScope text-to-video-ms-1.7b: the VAE is Stable Diffusion's (its text encoder: families.MODELSCOPE_TEXT).
 FULL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
                 scaling_factor=0.18215)
-FULL_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                 num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
-TINY_UNET = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                 up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), layers_per_block=1, norm_num_groups=8,
-                 cross_attention_dim=32, attention_head_dim=8, in_channels=4, out_channels=4, sample_size=8)
+TINY_UNET = families.TINY_UNET3D  # the UNet3D rig's tiny UNet (each family's rig: ``families.Family.rig``)
 TINY_VAE = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
                 scaling_factor=1.0)
 TINY_TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -124,51 +120,8 @@ def _materialize(build: Callable[[], torch.nn.Module], device: torch.device, dty
     return module
 
 
-def _unet3d(size: str) -> torch.nn.Module:
-    from diffusers import UNet3DConditionModel
-
-    return UNet3DConditionModel.from_config(json.loads(UNET_CONFIG.read_text()) if size == "full" else dict(TINY_UNET))
-
-
-def _animatediff(size: str) -> torch.nn.Module:
-    """SD 1.5's UNet + the v1-5-2 motion adapter from the shipped configs (full), or the tests' tiny AnimateDiff."""
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-
-    if size == "full":
-        image = UNet2DConditionModel.from_config(json.loads((ASSETS / "sd15_unet_config.json").read_text()))
-        adapter = MotionAdapter.from_config(
-            json.loads((ASSETS / "animatediff_motion_adapter_v1_5_2_config.json").read_text()))
-    else:
-        from ..toy.factory import TinyAnimateDiffSpec, build_image_unet, build_motion_adapter
-
-        spec = TinyAnimateDiffSpec(cross_attention_dim=TINY_TEXT["hidden_size"])
-        image, adapter = build_image_unet(spec), build_motion_adapter(spec)
-    return UNetMotionModel.from_unet2d(image, adapter, load_weights=False)
-
-
-@dataclass(frozen=True)
-class RigModel:
-    """What a rig builds for one base family: its UNet (``size`` → module, built on the meta device) and its
-    full-size text encoder (the VAE is Stable Diffusion's for every family here)."""
-
-    family: str
-    label: str
-    unet: Callable[[str], torch.nn.Module]
-    full_text: dict
-
-
-SD15_TEXT = {k: v for k, v in json.loads((ASSETS / "sd15_text_encoder_config.json").read_text()).items()
-             if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "max_position_embeddings", "hidden_act", "projection_dim")}
-MODELS = {
-    "unet3d": RigModel("unet3d", "UNet3D (ModelScope)", _unet3d, FULL_TEXT),
-    "animatediff": RigModel("animatediff", "UNetMotionModel (SD 1.5 + motion adapter v1-5-2)", _animatediff,
-                            SD15_TEXT),
-}
-
-
-def _build_unet(size: str, device, dtype, gen, family: str = "unet3d"):
-    return _materialize(lambda: MODELS[family].unet(size), device, dtype, gen)
+def _build_unet(size: str, device, dtype, gen, family: families.Family):
+    return _materialize(lambda: family.rig.model(size), device, dtype, gen)
 
 
 def _build_vae(size: str, device, dtype, gen):
@@ -180,10 +133,10 @@ def _build_vae(size: str, device, dtype, gen):
     return _materialize(lambda: AutoencoderKL(in_channels=3, out_channels=3, **blocks, **spec), device, dtype, gen)
 
 
-def _build_text_encoder(size: str, device, dtype, gen, family: str = "unet3d"):
+def _build_text_encoder(size: str, device, dtype, gen, family: families.Family):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    spec = dict(MODELS[family].full_text if size == "full" else TINY_TEXT)
+    spec = dict(family.rig.full_text() if size == "full" else TINY_TEXT)
     if size != "full":  # special tokens inside the tiny vocabulary
         spec.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
     config = CLIPTextConfig(**spec)
@@ -334,8 +287,9 @@ def _paper_shape_flops(size: str, latent_shape: tuple, cond_shape: tuple) -> int
         unet = UNet3DConditionModel.from_config(config)
     unet.requires_grad_(False)
     unet.train(False)
-    lora.add_lora(unet, S_CAV, lora.lora_config("spatial", "cav", RANK_S, ALPHA_S), low_cpu_mem_usage=True)
-    lora.add_lora(unet, T_CAV, lora.lora_config("temporal", "cav", RANK_T, ALPHA_T), low_cpu_mem_usage=True)
+    config = lambda kind, r, a: lora.lora_config(kind, "cav", r, a, families.UNET3D)  # noqa: E731
+    lora.add_lora(unet, S_CAV, config("spatial", RANK_S, ALPHA_S), low_cpu_mem_usage=True)
+    lora.add_lora(unet, T_CAV, config("temporal", RANK_T, ALPHA_T), low_cpu_mem_usage=True)
     lora.activate(unet, [S_CAV, T_CAV], trainable=T_CAV)
     latents = torch.empty(latent_shape, device=meta)
     cond = torch.empty(cond_shape, device=meta)
@@ -356,7 +310,7 @@ class _Rig:
     returns ``make() → (step, teardown)``; ``make`` sets the UNet up for the case, ``teardown`` undoes it."""
 
     def __init__(self, size: str, dev: torch.device, dtype: torch.dtype, codecs: bool = True,
-                 family: str = "unet3d"):
+                 family: families.Family = families.UNET3D):
         from diffusers import DDIMScheduler, DDPMScheduler
 
         self.dev, self.dtype, self.family = dev, dtype, family
@@ -382,7 +336,7 @@ class _Rig:
         self.latent_shape = TINY_LATENT if size == "tiny" else PAPER_LATENT if dev.type == "cuda" else CPU_FULL_LATENT
         self.vae = self.text_encoder = None
         # the text condition reaches the UNet as backbone.load passes it (AnimateDiff: repeated for every frame)
-        backbone_mod.attach_condition(self.unet, backbone_mod.FAMILIES[family])
+        backbone_mod.attach_condition(self.unet, family)
         if codecs:  # pixel frames and token ids → the cached latents / text states (computed once here)
             self.vae = _build_vae(size, dev, dtype, gen)
             self.text_encoder = _build_text_encoder(size, dev, dtype, gen, family)
@@ -419,8 +373,9 @@ class _Rig:
             frozen = lean.FrozenMerge(self.unet, [] if plain else [a for a in active if a != trainable]).merge()
             x, y = (self.latents, self.cond) if lat is None else (lat, cnd)
             batch = (lambda g: self.encode_inputs()) if uncached else (lambda g: (x, y))
+            fam = self.family
             stage = Stage(trainable, 0, [{"params": lora.lora_parameters(self.unet, trainable), "lr": 1e-4}], batch,
-                          bypass=bypass)
+                          fam.objective, fam.image_mode if bypass else None)
             if plain:
                 optimizer = torch.optim.AdamW(stage.param_groups, weight_decay=0.0)  # make_optimizer before
             else:
@@ -523,7 +478,7 @@ class Case:
     make: Callable[[_Rig], Callable]
     group: str = "timing"  # --only picks cases by name or group
     quick: bool = True  # also run with --quick
-    family: str = "unet3d"  # the rig (MODELS row) the step runs on
+    family: families.Family = families.UNET3D  # the family whose rig (``Family.rig``) the step runs on
     # compiled cases: the JSON key of the speedup over the same step eager, measured with the two alternating
     # (``step.eager``), so that a change of machine load hits both sides of every pair
     paired: str | None = None
@@ -548,7 +503,7 @@ TIMED = (
     Case("generation_step_compiled", "compiled_generation_step_s", lambda r: r.generation(compiled=True),
          group="compile", paired="compiled_generation_speedup"),
     # the cav T-LoRA step on the motion modules of SD 1.5 + v1-5-2 (S-LoRA on the image UNet, active and frozen)
-    Case("animatediff_t_lora_step", "animatediff_t_lora_step_s", lambda r: r.train(CAV, T_CAV), family="animatediff"),
+    Case("animatediff_t_lora_step", "animatediff_t_lora_step_s", lambda r: r.train(CAV, T_CAV), family=families.ANIMATEDIFF),
 )
 
 
@@ -560,7 +515,7 @@ class Count:
     name: str
     make: Callable[[_Rig], Callable]
     graph_breaks: bool = True
-    family: str = "unet3d"  # the rig (MODELS row) the step runs on
+    family: families.Family = families.UNET3D  # the family whose rig (``Family.rig``) the step runs on
     # compiled cases: the JSON key of the speedup over the same step eager, measured with the two alternating
     # (``step.eager``), so that a change of machine load hits both sides of every pair
     paired: str | None = None
@@ -571,7 +526,7 @@ COUNTED = (
     Count("t_lora_step_plain", lambda r: r.train(CAV, T_CAV, plain=True), graph_breaks=False),
     Count("generation_step", lambda r: r.generation()),
     Count("generation_step_plain", lambda r: r.generation(plain=True), graph_breaks=False),
-    Count("animatediff_t_lora_step", lambda r: r.train(CAV, T_CAV), graph_breaks=False, family="animatediff"),
+    Count("animatediff_t_lora_step", lambda r: r.train(CAV, T_CAV), graph_breaks=False, family=families.ANIMATEDIFF),
 )
 GROUPS = ("timing", "compile", "counts", "graph_breaks", "flops")
 COUNT_LATENT = (1, 4, 2, 8, 8)  # small: counting runs the full UNet in bf16 on the CPU too
@@ -593,7 +548,7 @@ def _count_phase(size: str, dev: torch.device, bench: "_Bench", only: set[str]) 
     for case in COUNTED:
         if "counts" not in only and not (case.graph_breaks and "graph_breaks" in only):
             continue
-        if rig is None or rig.family != case.family:  # one rig per family, built when its first count comes
+        if rig is None or rig.family is not case.family:  # one rig per family, built when its first count comes
             del rig
             gc.collect()
             rig = _Rig(size, dev, dtype, codecs=False, family=case.family)
@@ -672,19 +627,19 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
     cases = [c for c in TIMED if c.name in chosen and (c.quick or not quick)]
     # The UNet3D rig carries the headline keys (and FLOPs); another family's rig is built only for its own cases,
     # first, and freed before the next is built: two full-size UNets at once do not fit a 24 GB machine.
-    families = list(dict.fromkeys(["unet3d"] * (not cases or "flops" in chosen) + [c.family for c in cases]))
-    primary = "unet3d" if "unet3d" in families else families[-1]
+    rows = list(dict.fromkeys([families.UNET3D] * (not cases or "flops" in chosen) + [c.family for c in cases]))
+    primary = families.UNET3D if families.UNET3D in rows else rows[-1]
     rig, res, others = None, {}, {}
-    for family in [f for f in families if f != primary] + [primary]:
+    for family in [f for f in rows if f is not primary] + [primary]:
         current = _warm_rig(size, dev, dtype, family, warmup, reps, bench)
-        for case in (c for c in cases if c.family == family):
+        for case in (c for c in cases if c.family is family):
             res[case.key] = bench.measure(case.name, case.make(current), paired=case.paired is not None)
             if case.paired and case.name in bench.paired:
                 res[case.paired] = bench.paired[case.name]
-        if family == primary:
+        if family is primary:
             rig = current  # the rig the result's model keys describe
         else:
-            others[family] = _rig_info(current)
+            others[family.name] = _rig_info(current)
             del current
             gc.collect()
             bench.release()
@@ -698,7 +653,7 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
 
     flops = _flops_section(rig, bench, res, quick) if "flops" in chosen else {}
     result = _result(rig, bench, res, flops, counted, quick, size, warmup, reps)
-    result["families"] = {rig.family: _rig_info(rig), **others}
+    result["families"] = {rig.family.name: _rig_info(rig), **others}
     result["note"] = _note(result, cuda, size, cached_note)
     result["total_s"] = round(time.perf_counter() - t_all, 2)
     _log(f"done in {result['total_s']:.1f} s")
@@ -707,7 +662,7 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
     return _jsonable(result)
 
 
-def _warm_rig(size: str, dev: torch.device, dtype: torch.dtype, family: str, warmup: int, reps: int,
+def _warm_rig(size: str, dev: torch.device, dtype: torch.dtype, family: families.Family, warmup: int, reps: int,
               bench: _Bench) -> _Rig:
     """The rig of ``family``, after one untimed T-LoRA step: a fresh process (or model) pays for page faults,
     allocator growth and kernel/library setup on its first big steps, which would otherwise land on whichever
@@ -715,7 +670,7 @@ def _warm_rig(size: str, dev: torch.device, dtype: torch.dtype, family: str, war
     t0 = time.perf_counter()
     rig = _Rig(size, dev, dtype, family=family)
     _log(f"device {dev} ({_device_name(dev)}), dtype {str(dtype).replace('torch.', '')}, size {size}, "
-         f"latent {rig.latent_shape}, warm-up {warmup}, timed {reps}; built random-weight {MODELS[family].label} "
+         f"latent {rig.latent_shape}, warm-up {warmup}, timed {reps}; built random-weight {family.rig.label} "
          f"({rig.unet_params / 1e9:.3f} B params), VAE, text encoder in {time.perf_counter() - t0:.1f} s")
     _log("process warm-up ...")
     try:
@@ -731,7 +686,8 @@ def _warm_rig(size: str, dev: torch.device, dtype: torch.dtype, family: str, war
 
 def _rig_info(rig: _Rig) -> dict:
     """What a family's rig measured on: its UNet, latent and adapters."""
-    return {"unet": MODELS[rig.family].label, "unet_params": rig.unet_params, "latent_shape": list(rig.latent_shape),
+    return {"unet": rig.family.rig.label, "unet_params": rig.unet_params,
+            "latent_shape": list(rig.latent_shape),
             "text_shape": list(rig.cond.shape),
             "trainable_params": {"cav": rig.n_params[T_CAV], "cav_s_lora": rig.n_params[S_CAV]},
             "adapted_modules": {"cav": rig.n_modules[T_CAV], "cav_s_lora": rig.n_modules[S_CAV]}}

@@ -247,6 +247,12 @@ def make_tiny_motion_adapter(directory: Path, spec: TinyAnimateDiffSpec | None =
     return Path(directory)
 
 
+def make_tiny_animatediff_parts(root: Path) -> tuple[Path, Path]:
+    """A tiny SD image model and a tiny motion adapter that animates it, under ``root``."""
+    root = Path(root)
+    return make_tiny_image_model(root / "tiny-sd"), make_tiny_motion_adapter(root / "tiny-motion-adapter")
+
+
 def make_tiny_animatediff(directory: Path, spec: TinyAnimateDiffSpec | None = None, seed: int = 0) -> Path:
     """A random tiny AnimateDiff model in its diffusers layout (``AnimateDiffPipeline``, ``unet/`` =
     ``UNetMotionModel`` built from the tiny image UNet and motion adapter)."""
@@ -339,6 +345,12 @@ def make_tiny_sdxl_image_model(directory: Path, spec: TinySdxlSpec | None = None
 def make_tiny_sdxl_motion_adapter(directory: Path, spec: TinySdxlSpec | None = None, seed: int = 1) -> Path:
     """A random tiny SDXL ``MotionAdapter`` folder (no motion mid block, as the SDXL beta adapter)."""
     return make_tiny_motion_adapter(directory, spec or TinySdxlSpec(), seed)
+
+
+def make_tiny_sdxl_parts(root: Path) -> tuple[Path, Path]:
+    """A tiny SDXL image model and a tiny SDXL motion adapter that animates it, under ``root``."""
+    root = Path(root)
+    return make_tiny_sdxl_image_model(root / "tiny-sdxl"), make_tiny_sdxl_motion_adapter(root / "tiny-adapter-xl")
 
 
 def make_tiny_sdxl_animatediff(directory: Path, spec: TinySdxlSpec | None = None, seed: int = 0) -> Path:

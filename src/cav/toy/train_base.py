@@ -23,6 +23,7 @@ from .. import resume
 from ..accel import tune_backends
 from ..backbone import resolve_device
 from ..data import toyworld as tw
+from ..families import UNET3D
 from ..io_utils import publish_dir, save_safetensors, write_json
 from ..options import option as _f
 from ..trainer import Stage, train_step
@@ -216,7 +217,7 @@ def train_base(out: Path, recipe: BaseRecipe | None = None, device: str = "auto"
     def batch(image: bool):
         def draw(gen: torch.Generator):
             idx = torch.randint(0, n, (recipe.batch,), generator=gen)
-            if image:  # single frames, temporal layers bypassed (the stage's bypass), appearance caption
+            if image:  # single frames, temporal layers bypassed (the stage's image mode), appearance caption
                 fi = torch.randint(0, f, (recipe.batch,), generator=gen)
                 x0, ids = lat[idx, :, fi].unsqueeze(2).to(dev), image_ids(idx, gen)
             else:
@@ -228,8 +229,10 @@ def train_base(out: Path, recipe: BaseRecipe | None = None, device: str = "auto"
         return draw
 
     groups = opt.param_groups
-    video_stage = Stage("unet", recipe.steps, groups, batch(False), after_step=[sched.step])
-    image_stage = Stage("unet-images", recipe.steps, groups, batch(True), bypass=True, after_step=[sched.step])
+    # the toy base is a UNet3D (ModelScope layout): that family's objective and image mode
+    video_stage = Stage("unet", recipe.steps, groups, batch(False), UNET3D.objective, after_step=[sched.step])
+    image_stage = Stage("unet-images", recipe.steps, groups, batch(True), UNET3D.objective, UNET3D.image_mode,
+                        after_step=[sched.step])
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="unet", disable=quiet)
     mark, t_mark = start, time.time()
     for step in bar:
