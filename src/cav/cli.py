@@ -174,14 +174,10 @@ def cmd_select(args) -> int:
     _quiet_libraries()
     from . import api
 
+    from .selection import format_text
+
     result = api.select(args.run, clip=args.clip)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for row in result["table"]:
-            scores = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("checkpoint", "step"))
-            print(f"{'*' if row['checkpoint'] == result['chosen'] else ' '} {row['checkpoint']:<12} {scores}")
-        print(f"chosen {result['chosen']}: use `cav generate --adapter {result['adapter']}`")
+    print(json.dumps(result) if args.json else format_text(result))
     return 0
 
 
@@ -292,6 +288,7 @@ def cmd_toy_train_base(args) -> int:
 
 def cmd_toy_check_base(args) -> int:
     _quiet_libraries()
+    from .metrics import shown
     from .toy.check import check_base
 
     result = check_base(args.base, n=args.videos, heldout=args.heldout, seed=args.seed, steps=args.steps,
@@ -300,7 +297,7 @@ def cmd_toy_check_base(args) -> int:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}")
+            print(f"{k:<24} {shown(v)}")
     return 0
 
 
