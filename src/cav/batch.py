@@ -301,7 +301,7 @@ def plan(rows: list[Row], out: Path, retry_failed: bool = False) -> list[Step]:
         row.key = config_hash(row)
         run = Path(out) / row.name
         state = read_state(run)
-        holds = run.is_dir() and any((run / m).exists() for m in runfolder.RUN_MARKERS)
+        holds = runfolder.holds_run(run)
         point = resume.latest(run) if holds else None
         same = state is not None and state.get("hash") == row.key
         status = state.get("status") if state else None
