@@ -76,3 +76,23 @@ def test_a_refused_start_leaves_no_folder(tiny_model, tiny_video, tmp_path, run_
     code, err = run_cli(_train(tmp_path / "missing.mp4", tiny_model, out))
     assert code == 2 and len(err.splitlines()) == 1, err
     assert not (tmp_path / "a").exists()
+
+
+def test_a_batch_row_on_a_folder_being_trained_fails_and_writes_no_state(finished, tmp_path):
+    from cav import batch
+
+    run = tmp_path / "lib" / "row"
+    shutil.copytree(finished, run)
+    code = ("import sys, time; from cav import runlock; runlock.RunLock(sys.argv[1]).__enter__(); "
+            "print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _snapshot(run)
+        record = batch.train_row({"name": "row", "line": 2, "hash": "h", "out": str(tmp_path / "lib"), "cpus": 1})
+        assert record["status"] == "failed" and "being trained by another process" in record["error"], record
+        after = _snapshot(run)
+        assert {k: v for k, v in after.items() if k != batch.LOCK} == before and not (run / batch.STATE).exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -34,6 +34,7 @@ from typing import Callable
 
 import yaml
 
+from . import runlock
 from .config import TrainConfig, load_recipe
 from .errors import CavError
 from .io_utils import write_json, write_text
@@ -342,6 +343,7 @@ def train_row(spec: dict) -> dict:
     _set_threads(spec["cpus"])
     try:
         with _lock(run / LOCK, wait=120, busy=f"another process is training row '{spec['name']}'"):
+            runlock.refuse_if_held(run, "run the batch again")  # a `cav train` or the web app owns the folder
             return _train_locked(spec, run)
     except CavError as busy:  # the folder belongs to another process: report, leave its state alone
         return {"name": spec["name"], "line": spec["line"], "hash": spec["hash"], "status": "failed",

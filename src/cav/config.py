@@ -74,7 +74,8 @@ class SampleConfig:
     a run records its settings in the T-LoRA's ``cav.json`` and `cav generate --adapter RUN` starts from them)."""
 
     frames: int = _f(16, "frames per video", unit="frames")
-    size: tuple[int, int] | None = _f(None, f"sampling size, H or HxW ({SIZE_RULE})", unit="pixels", repeat=True, metavar="H[xW]",
+    size: tuple[int, int] | None = _f(None, f"sampling size, H or HxW ({SIZE_RULE})", unit="pixels", repeat=True,
+                                      metavar="H[xW]",
                                       default_text="the adapter's training size, else the base's native size "
                                                    "(toy: 32x32)")
     steps: int = _f(25, "denoising steps", unit="steps")
@@ -226,7 +227,8 @@ class TrainConfig:
     # data: which frames of the reference video, at what size
     frames: int = _f(_SAMPLE.frames, "frames taken from the reference video (uniformly, or the first of --stride/"
                      "--fps); also the validation samples' length; a motion needs ≥ 2", unit="frames")
-    size: tuple[int, int] = _f((256, 256), f"training size, H or HxW ({SIZE_RULE})", unit="pixels", repeat=True, metavar="H[xW]")
+    size: tuple[int, int] = _f((256, 256), f"training size, H or HxW ({SIZE_RULE})", unit="pixels", repeat=True,
+                               metavar="H[xW]")
     fit: Literal["crop", "pad"] = _f("crop", "fit the video to the size: crop to cover, or pad to fit")
     stride: int | None = _f(None, "take every K-th frame of the video, then the first --frames of those", unit="frames",
                             metavar="K", default_text="off: --frames spread uniformly")
@@ -282,7 +284,8 @@ class TrainConfig:
             self.absorbers = {(True, True): "both", (True, False): "s-lora", (False, True): "ti"}[
                 (bool(self.s_lora_from), bool(self.ti_from))]
         if self.steps < 1:  # 0 steps would train, save and publish no T-LoRA at all
-            raise CavError(f"--steps {self.steps} trains no T-LoRA: pass --steps N with N ≥ 1 (T-LoRA training steps)")
+            raise CavError(f"--steps {self.steps} trains no T-LoRA: pass --steps N with N ≥ 1 (T-LoRA training "
+                           "steps)")
         if self.absorber_steps < 0:
             raise CavError("--absorber-steps must be ≥ 0")
         if not 1 <= self.t_lora_batch <= 64:

@@ -69,7 +69,8 @@ def check_writable(path: Path, flag: str = "--out") -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise CavError(f"cannot write '{path}' ({exc.strerror or exc}): pass {flag} in a folder you can write") from None
+        raise CavError(f"cannot write '{path}' ({exc.strerror or exc}): pass {flag} in a folder you can "
+                       "write") from None
 
 
 def prepare(out: Path, overwrite: bool) -> None:

@@ -200,7 +200,7 @@ def frame_leakage(video: np.ndarray, reference: tw.ToySpec, target: tw.ToySpec) 
 
 
 PALETTE_DISTANCE = 40.0  # RGB distance within which a pixel counts as one of the toy world's colours
-TOY_PALETTE_SHARE = 0.9  # share of such pixels a toy-world clip has (≥ 0.97 measured on 80 rendered, mp4-encoded clips)
+TOY_PALETTE_SHARE = 0.9  # share of such pixels a toy-world clip has (≥ 0.97 on 80 rendered, mp4-encoded clips)
 
 
 def not_toy_world(video: np.ndarray) -> str | None:
