@@ -96,3 +96,22 @@ def test_a_batch_row_on_a_folder_being_trained_fails_and_writes_no_state(finishe
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_tidy_lock_leaves_nothing_and_never_counts_a_removed_lock_file(tmp_path):
+    import fcntl
+    import os
+
+    run = tmp_path / "a" / "run"
+    with runlock.RunLock(run, tidy=True):
+        assert runlock.held(run)
+        late = os.open(run / runlock.LOCK, os.O_RDWR)  # a newcomer that opened the file just before it was removed
+    assert not (tmp_path / "a").exists()  # the lock file and the two folders the lock created are gone
+    try:
+        fcntl.flock(late, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it gets the removed file's lock: that must not count
+        assert not runlock._same_file(late, run / runlock.LOCK)
+    finally:
+        os.close(late)
+    with runlock.RunLock(run):  # the untidy default keeps its file, as before
+        pass
+    assert (run / runlock.LOCK).is_file() and not runlock.held(run)
