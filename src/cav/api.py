@@ -73,7 +73,9 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     same ``--s-lora-from``/``--ti-from`` files), and without selection flags it uses the frame selection the run
     recorded. Several clips: each gets its own absorbers in stage 1 (own S-LoRA, TI tokens ``cfg.clip_token(k)``,
     spatial prompt), and stage 2 trains one T-LoRA over all of them. Validation samples start as ``cfg``'s
-    ``validation_*`` start options say (the reference: the run's first clip), as `cav generate` would.
+    ``validation_*`` start options say (the reference: the run's first clip), as `cav generate` would. The process
+    holds ``out``'s lock (``runlock.py``) from before anything in it changes to the end: a second training, an
+    ``overwrite`` or a ``resume`` of a folder being trained is refused with one line.
     """
     from .runlock import RunLock
 
