@@ -71,11 +71,25 @@ def test_same_seed_same_video_and_weight_zero_is_base(run_dir, tiny_model, tmp_p
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     base = gen("base", "--seed", "3")
     zero = gen("zero", "--adapter", f"{run_dir}:0", "--seed", "3")
-    assert np.array_equal(base, zero)
-    # two T-LoRAs compose with weights (the same adapter twice at 0.5 each acts like once at 1.0)
-    halves = gen("halves", "--adapter", f"{run_dir}:0.5", "--adapter", f"{run_dir}:0.5", "--seed", "3")
+    assert np.array_equal(base, zero)  # weight 0 adds exact zeros: equal frames, so equal files
     assert not np.array_equal(base, a)  # the T-LoRA changes the video, so the next check can fail
-    assert np.abs(halves.astype(int) - a.astype(int)).max() <= 1
+
+
+def test_two_t_loras_compose_with_weights(run_dir, tiny_model):
+    """The same adapter twice at 0.5 each acts like once at 1.0. Compared on the sampled frames, not on decoded
+    mp4s: the two sums round differently (by how many threads split each matmul), which can move a pixel by one
+    level, and H.264 turns a one-level change into up to ~18 levels after decoding (measured), so a check on the
+    files held or failed with the thread count (issue 28); on the frames one level is the rounding bound."""
+    from cav import api, backbone
+    from cav.sampling import sample_video
+
+    def frames(adapters):
+        bb = backbone.load(str(tiny_model), "cpu")
+        api.load_adapters(bb, adapters)
+        return sample_video(bb, PROMPT, frames=4, size=(32, 32), steps=3, guidance=9.0, seed=3).astype(int)
+
+    once, halves = frames([(str(run_dir), 1.0)]), frames([(str(run_dir), 0.5), (str(run_dir), 0.5)])
+    assert not np.array_equal(once, frames([])) and np.abs(halves - once).max() <= 1
 
 
 def test_generate_loads_image_lora_and_textual_inversion(run_dir, tmp_path):

@@ -73,18 +73,31 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     same ``--s-lora-from``/``--ti-from`` files), and without selection flags it uses the frame selection the run
     recorded. Several clips: each gets its own absorbers in stage 1 (own S-LoRA, TI tokens ``cfg.clip_token(k)``,
     spatial prompt), and stage 2 trains one T-LoRA over all of them. Validation samples start as ``cfg``'s
-    ``validation_*`` start options say (the reference: the run's first clip), as `cav generate` would.
+    ``validation_*`` start options say (the reference: the run's first clip), as `cav generate` would. The process
+    holds ``out``'s lock (``runlock.py``) from before anything in it changes to the end: a second training, an
+    ``overwrite`` or a ``resume`` of a folder being trained is refused with one line.
     """
-    from .data.video import check_exists, read_video, to_tensor
+    from .runlock import RunLock
 
     videos = [video] if isinstance(video, (str, Path)) else list(video)
+    out = Path(out)
+    runfolder.check(out, overwrite, resume)  # first: `--resume` of nothing says so, whatever else is missing
     if not cfg.prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
     if cfg.absorbers_given and len(videos) > 1:
         raise CavError("--s-lora-from / --ti-from give one clip's absorbers: train on one clip, or drop them so "
                        "each clip trains its own")
     preflight.check_train(cfg)
-    out = Path(out)
+    with RunLock(out, tidy=True):  # one owner (CLI, web app child, batch worker): a second one is refused here
+        return _train_owned(videos, cfg, out, overwrite, resume, quiet, video_options)
+
+
+def _train_owned(videos: list, cfg: TrainConfig, out: Path, overwrite: bool, resume: bool, quiet: bool,
+                 video_options: dict | None) -> Path:
+    """``train`` once this process holds ``out``'s lock: the checks again (the folder may have changed before the
+    lock was ours), then the run."""
+    from .data.video import check_exists, read_video, to_tensor
+
     runfolder.check(out, overwrite, resume)
     backbone_mod.resolve_dtype(cfg.dtype, backbone_mod.resolve_device(cfg.device))  # fp16 on a CPU: refuse now
     records = [runfolder.clip_record(check_exists(v), {**cfg.frame_selection(), **(video_options or {})})
@@ -110,6 +123,8 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     torch.manual_seed(cfg.seed)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype, motion_adapter=cfg.motion_adapter or None)
+    if not cfg.validation_prompts:  # the validation prompt is --prompt, whose cut preflight reported: once is enough
+        bb.reported.update(runfolder.validation_prompts(cfg))
     accel.tune_backends(bb.device)
     if accel.wants_checkpointing(cfg.gradient_checkpointing, bb.device):
         accel.set_gradient_checkpointing(bb.unet, True)

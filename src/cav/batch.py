@@ -34,6 +34,7 @@ from typing import Callable
 
 import yaml
 
+from . import runlock
 from .config import TrainConfig, load_recipe
 from .errors import CavError
 from .io_utils import write_json, write_text
@@ -301,7 +302,7 @@ def plan(rows: list[Row], out: Path, retry_failed: bool = False) -> list[Step]:
         row.key = config_hash(row)
         run = Path(out) / row.name
         state = read_state(run)
-        holds = run.is_dir() and any((run / m).exists() for m in runfolder.RUN_MARKERS)
+        holds = runfolder.holds_run(run)
         point = resume.latest(run) if holds else None
         same = state is not None and state.get("hash") == row.key
         status = state.get("status") if state else None
@@ -342,6 +343,7 @@ def train_row(spec: dict) -> dict:
     _set_threads(spec["cpus"])
     try:
         with _lock(run / LOCK, wait=120, busy=f"another process is training row '{spec['name']}'"):
+            runlock.refuse_if_held(run, "run the batch again")  # a `cav train` or the web app owns the folder
             return _train_locked(spec, run)
     except CavError as busy:  # the folder belongs to another process: report, leave its state alone
         return {"name": spec["name"], "line": spec["line"], "hash": spec["hash"], "status": "failed",

@@ -94,14 +94,21 @@ def cmd_train(args) -> int:
         raise CavError("no reference video given: pass `cav train VIDEO --prompt ...`")
     video = args.video[0] if len(args.video) == 1 else args.video
     out = api.train(video, cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
-    print(f"done: T-LoRA in {out / 't_lora'}, samples in {out / 'samples'}, checkpoints in {out / 'checkpoints'}")
+    print(done_line(out))
     return 0
+
+
+def done_line(out: Path) -> str:
+    """What a finished `cav train` wrote, naming only folders that exist (never a T-LoRA that was not saved)."""
+    parts = [f"{what} in {out / name}" for what, name in (("T-LoRA", "t_lora"), ("samples", "samples"),
+                                                           ("checkpoints", "checkpoints")) if (out / name).is_dir()]
+    return "done: " + (", ".join(parts) if parts else f"no T-LoRA was written to {out}")
 
 
 def _interrupt_hint(args) -> str:
     """What to do after Ctrl-C in `cav train` (resume only when a checkpoint exists) or `cav batch`; paths are quoted
     for the shell."""
-    from . import resume
+    from . import resume, runfolder
 
     if getattr(args, "command", None) == "batch":
         again = [args.manifest, "--out", args.out] + (["--recipe", args.recipe] if args.recipe else []) + (
@@ -114,7 +121,7 @@ def _interrupt_hint(args) -> str:
     if resume.latest(out) is not None:
         return (f"; the last completed step is checkpointed: continue with "
                 f"`cav train {shlex.join(clips)} --resume --out {shlex.quote(str(out))}`")
-    if out.is_dir() and any(out.iterdir()):
+    if runfolder.holds_run(out):  # not a leftover lock file (.cav.lock) of a killed run: that is no run
         return "; no checkpoint was saved yet, so there is nothing to resume: start over with --overwrite"
     return "; no checkpoint was saved yet: run the same command again"
 
@@ -174,14 +181,10 @@ def cmd_select(args) -> int:
     _quiet_libraries()
     from . import api
 
+    from .selection import format_text
+
     result = api.select(args.run, clip=args.clip)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for row in result["table"]:
-            scores = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("checkpoint", "step"))
-            print(f"{'*' if row['checkpoint'] == result['chosen'] else ' '} {row['checkpoint']:<12} {scores}")
-        print(f"chosen {result['chosen']}: use `cav generate --adapter {result['adapter']}`")
+    print(json.dumps(result) if args.json else format_text(result))
     return 0
 
 
@@ -292,15 +295,16 @@ def cmd_toy_train_base(args) -> int:
 
 def cmd_toy_check_base(args) -> int:
     _quiet_libraries()
+    from .metrics import shown
     from .toy.check import check_base
 
     result = check_base(args.base, n=args.videos, heldout=args.heldout, seed=args.seed, steps=args.steps,
-                        device=args.device)
+                        device=args.device, quiet=args.quiet)
     if args.json:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}")
+            print(f"{k:<24} {shown(v)}")
     return 0
 
 
@@ -341,6 +345,7 @@ def _add_toy(sub, flags: bool = True) -> None:
     _opt(cb, "--seed", "seed of the prompts drawn and of the videos' noise", 0, type=options.arg_type(int))
     _opt(cb, "--device", "auto | cpu | cuda | cuda:N", "auto")
     cb.add_argument("--json", action="store_true", help="JSON output")
+    cb.add_argument("--quiet", action="store_true", help="no progress bar")
     cb.set_defaults(func=cmd_toy_check_base)
 
 
@@ -436,10 +441,21 @@ def _add_eval_bench(sub) -> None:
 
 
 def cmd_ui(args) -> int:
+    check_runs_folder(args.runs)  # before gradio loads and the server starts
     _quiet_libraries()
     from .ui.layout import serve
 
     return serve(host=args.host, port=args.port, base=args.base, runs=args.runs, auth=args.auth, share=args.share)
+
+
+def check_runs_folder(runs) -> None:
+    """`cav ui --runs`: a folder the app can write (created if missing), or one line naming the problem."""
+    from .runfolder import check_writable
+
+    path = Path(runs)
+    if path.exists() and not path.is_dir():
+        raise CavError(f"--runs '{runs}' is a file: pass a folder for the app's runs (it is created if missing)")
+    check_writable(path, "--runs")
 
 
 def _add_ui(sub) -> None:

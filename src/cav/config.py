@@ -61,14 +61,21 @@ def parse_weighted(spec: str, flag: str = "--adapter") -> tuple[str, float | Non
                               source=f" (in '{spec}')")
 
 
+# Each family's size unit: heights and widths are multiples of it (its VAE's downsampling times its UNet's, from the
+# shipped configs by ``backbone.shape_unit``; a test keeps these in step). A size that does not fit is refused with
+# the nearest ones that do.
+SIZE_UNITS = {"the toy": 16, "AnimateDiff SDXL": 32, "ModelScope, Zeroscope and AnimateDiff (SD 1.5)": 64}
+SIZE_RULE = "multiples of the base's size unit: " + ", ".join(f"{u} for {name}" for name, u in SIZE_UNITS.items())
+
+
 @dataclass
 class SampleConfig:
     """How videos are sampled: by `cav generate` and for a training run's validation samples (one set of defaults;
     a run records its settings in the T-LoRA's ``cav.json`` and `cav generate --adapter RUN` starts from them)."""
 
     frames: int = _f(16, "frames per video", unit="frames")
-    size: tuple[int, int] | None = _f(None, "sampling size, H or HxW (a multiple of the VAE factor, 8 for "
-                                      "ModelScope, 4 for the toy)", unit="pixels", repeat=True, metavar="H[xW]",
+    size: tuple[int, int] | None = _f(None, f"sampling size, H or HxW ({SIZE_RULE})", unit="pixels", repeat=True,
+                                      metavar="H[xW]",
                                       default_text="the adapter's training size, else the base's native size "
                                                    "(toy: 32x32)")
     steps: int = _f(25, "denoising steps", unit="steps")
@@ -220,7 +227,8 @@ class TrainConfig:
     # data: which frames of the reference video, at what size
     frames: int = _f(_SAMPLE.frames, "frames taken from the reference video (uniformly, or the first of --stride/"
                      "--fps); also the validation samples' length; a motion needs ≥ 2", unit="frames")
-    size: tuple[int, int] = _f((256, 256), "training size, H or HxW", unit="pixels", repeat=True, metavar="H[xW]")
+    size: tuple[int, int] = _f((256, 256), f"training size, H or HxW ({SIZE_RULE})", unit="pixels", repeat=True,
+                               metavar="H[xW]")
     fit: Literal["crop", "pad"] = _f("crop", "fit the video to the size: crop to cover, or pad to fit")
     stride: int | None = _f(None, "take every K-th frame of the video, then the first --frames of those", unit="frames",
                             metavar="K", default_text="off: --frames spread uniformly")
@@ -275,8 +283,11 @@ class TrainConfig:
         if self.s_lora_from or self.ti_from:  # given absorbers replace stage 1: they are the run's absorbers
             self.absorbers = {(True, True): "both", (True, False): "s-lora", (False, True): "ti"}[
                 (bool(self.s_lora_from), bool(self.ti_from))]
-        if self.steps < 0 or self.absorber_steps < 0:
-            raise CavError("--steps and --absorber-steps must be ≥ 0")
+        if self.steps < 1:  # 0 steps would train, save and publish no T-LoRA at all
+            raise CavError(f"--steps {self.steps} trains no T-LoRA: pass --steps N with N ≥ 1 (T-LoRA training "
+                           "steps)")
+        if self.absorber_steps < 0:
+            raise CavError("--absorber-steps must be ≥ 0")
         if not 1 <= self.t_lora_batch <= 64:
             raise CavError(f"--t-lora-batch {self.t_lora_batch} is out of range: use 1-64")
         if not 1 <= self.ti_tokens <= 16:

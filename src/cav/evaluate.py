@@ -25,7 +25,7 @@ import numpy as np
 from cav.data import toyworld as tw
 from cav.data.video import IMAGE_SUFFIXES, _natural_key, read_video
 from cav.errors import CavError
-from cav.metrics import Undefined
+from cav.metrics import Undefined, shown
 from cav.metrics import toy as mt
 from cav.metrics.clip_score import DEFAULT_CLIP, ClipScorer
 from cav.metrics.lpips import LPIPS
@@ -283,7 +283,7 @@ def format_text(result: dict) -> str:
         if name in ("videos", "notes"):
             continue
         if value is None:
-            lines.append(f"{name:<22} n/a ({notes.get(name, 'undefined')})")
+            lines.append(f"{name:<22} {shown(None, why=notes.get(name, 'undefined'))}")
         else:
-            lines.append(f"{name:<22} {value:.4f}" + (f"  ({notes[name]})" if name in notes else ""))
+            lines.append(f"{name:<22} {shown(value, 4)}" + (f"  ({notes[name]})" if name in notes else ""))
     return "\n".join(lines)

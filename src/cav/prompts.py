@@ -44,10 +44,10 @@ def check_prompt(tokenizer, prompt: str, what: str = "the prompt", warn: bool = 
     if lost:
         raise CavError(f"{what} is {n} tokens but the text encoder reads {limit}: the cut drops the textual-inversion "
                        f"token(s) {' '.join(lost)}, so they would learn nothing: shorten it or put them earlier")
-    if warn:
-        text = " ".join(tokenizer.decode(dropped).split())
-        log.warning(f"cav: warning: {what} is {n} tokens but the text encoder reads {limit}: "
-                    f"'{text}' is ignored (shorten it to keep it)")
+    if warn:  # one short line, however long the prompt: its start names the cut, the count says how much
+        text = _short(" ".join(tokenizer.decode(dropped).split()))
+        log.warning(f"cav: warning: {what} is {n} tokens but the text encoder reads {limit}: everything from "
+                    f"'{text}' on ({len(dropped)} tokens) is ignored (shorten it to keep it)")
     return True
 
 

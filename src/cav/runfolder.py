@@ -39,31 +39,38 @@ def check(out: Path, overwrite: bool, resume: bool) -> bool:
                        "or --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise CavError(f"--out '{out}' is a file: pass a folder path")
-    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
-    if holds_run and not (overwrite or resume):
+    holds = holds_run(out)
+    if holds and not (overwrite or resume):
         raise CavError(f"'{out}' already holds a run: pass --resume to continue it, --overwrite to replace it, "
                        "or another --out")
-    if resume and not holds_run:
+    if resume and not holds:
         raise CavError(f"nothing to resume in '{out}': drop --resume to start a new run there")
     check_writable(out)
-    return holds_run
+    return holds
 
 
-def check_writable(path: Path) -> None:
+def holds_run(out: Path) -> bool:
+    """Whether ``out`` holds a run: one of its files, not merely a folder (a leftover ``.cav.lock`` is no run)."""
+    return Path(out).is_dir() and any((Path(out) / m).exists() for m in RUN_MARKERS)
+
+
+def check_writable(path: Path, flag: str = "--out") -> None:
     """Prove that ``path`` (a folder, existing or not) can be created and written, by writing a probe file into
-    its nearest existing ancestor (permission bits alone say nothing for root or on read-only mounts)."""
+    its nearest existing ancestor (permission bits alone say nothing for root or on read-only mounts); ``flag``
+    names the option that gave it."""
     path = Path(path).absolute()
     ancestor = path
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise CavError(f"cannot write '{path}': '{ancestor}' is a file, not a folder: pass another --out")
+        raise CavError(f"cannot write '{path}': '{ancestor}' is a file, not a folder: pass another {flag}")
     try:
         fd, probe = tempfile.mkstemp(prefix=".cav-probe-", dir=ancestor)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise CavError(f"cannot write '{path}' ({exc.strerror or exc}): pass an --out in a folder you can write") from None
+        raise CavError(f"cannot write '{path}' ({exc.strerror or exc}): pass {flag} in a folder you can "
+                       "write") from None
 
 
 def prepare(out: Path, overwrite: bool) -> None:

@@ -6,13 +6,16 @@ Scores per checkpoint (means over its validation samples):
 
 - ``motion_fidelity`` (higher is better): ``cav.metrics.motion`` tracklet similarity to the reference, any base;
 - ``toy_motion_error`` (lower is better): the toy world's ground truth (centroid displacement track vs the
-  reference's), only when the base is ``toy``;
+  reference's), only when the base is ``toy`` and every reference clip is a toy-world clip (a real clip on the toy
+  base is ranked by motion fidelity: the toy tracker would follow some patch of the scene);
 - ``text_alignment`` (higher is better): CLIPScore of the samples vs their validation prompts, only when CLIP weights
   are found locally (``clip``; nothing is downloaded).
 
 Choice: each criterion ranks the checkpoints (1 = best; ties share the better rank); the checkpoint with the lowest
 mean rank wins, a tie going to the later step (more training at equal quality). With the toy base the ground truth
-replaces motion fidelity (which tracks the same thing, less reliably). ``selection.json`` holds the table and the choice.
+replaces motion fidelity (which tracks the same thing, less reliably). A score that cannot be measured is None in
+the table (its reason in the row's ``notes``) and prints as ``n/a (reason)``. ``selection.json`` holds the table, the
+criteria that ranked (``ranked_by``) and the choice.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 from .errors import CavError
 from .io_utils import publish_dir, write_json
+from .metrics import shown
 
 # criterion -> True when higher is better
 CRITERIA = {"toy_motion_error": False, "motion_fidelity": True, "text_alignment": True}
@@ -43,12 +47,20 @@ def checkpoints(run: Path) -> list[Path]:
     return found
 
 
-def choose(table: list[dict]) -> dict:
-    """The row (``checkpoint``, ``step``, criterion scores) with the best mean rank; adds ``rank`` to every row."""
+def ranked_by(table: list[dict]) -> list[str]:
+    """The criteria that rank ``table``: those with a score for some checkpoint (the toy ground truth, where it
+    applies, instead of motion fidelity)."""
     used = [c for c in CRITERIA if c != "motion_fidelity" or "toy_motion_error" not in table[0]]
-    used = [c for c in used if any(row.get(c) is not None for row in table)]
+    return [c for c in used if any(row.get(c) is not None for row in table)]
+
+
+def choose(table: list[dict], left_out: list[str] = ()) -> dict:
+    """The row (``checkpoint``, ``step``, criterion scores) with the best mean rank; adds ``rank`` to every row."""
+    used = ranked_by(table)
     if not used:
-        raise CavError("no score to select on: the checkpoints' samples could not be scored")
+        why = dict.fromkeys([f"{c}: {n}" for row in table for c, n in row.get("notes", {}).items()] + list(left_out))
+        raise CavError(f"no score to select on ({'; '.join(why) or 'the samples could not be scored'}): the run's own "
+                       "T-LoRA (its last checkpoint) is what `cav generate --adapter RUN` uses")
     for row in table:
         ranks = []
         for c in used:  # a checkpoint without a score (None: its samples could not be scored) ranks last on it
@@ -71,20 +83,32 @@ def score_checkpoints(run: Path, clip: str | None = None) -> tuple[list[dict], l
     references = [_reference(record, cfg) for record in (data.get("clips") or [data])]
     scorer, notes = _clip_scorer(clip)
     prompts = cfg.validation_prompts or [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]
-    ref_tracks = [tm.track(r) for r in references] if cfg.base == "toy" else None
+    not_toy = _not_toy(cfg, references)
+    ref_tracks = [tm.track(r) for r in references] if not_toy is None else None
     table = []
     for ckpt in found:
         samples = [np.load(p, allow_pickle=False) for p in sorted((ckpt / "samples").glob("sample-*.npy"))]
-        row = {"checkpoint": ckpt.name, "step": int(ckpt.name[5:]), "motion_fidelity": _fidelity(samples, references)}
+        fidelity, why = _fidelity(samples, references)
+        row = {"checkpoint": ckpt.name, "step": int(ckpt.name[5:]), "motion_fidelity": fidelity,
+               **({"notes": {"motion_fidelity": why}} if why else {})}
         if ref_tracks is not None:  # a run on several clips: the mean over its clips, each sample against each clip
             row["toy_motion_error"] = float(np.mean([tm.motion_error(tm.track(s), t, r.shape[1])
                                                      for s in samples for t, r in zip(ref_tracks, references)]))
         if scorer is not None:
             row["text_alignment"] = float(np.mean([scorer.score(s, p) for s, p in zip(samples, prompts)]))
         table.append(row)
-    if ref_tracks is None:
-        notes.append("toy_motion_error: the base is not the toy world")
+    if not_toy:
+        notes.append(f"toy_motion_error: {not_toy}")
     return table, notes
+
+
+def _not_toy(cfg, references: list[np.ndarray]) -> str | None:
+    """Why the toy world's ground truth does not score this run (None: it does)."""
+    from .metrics import toy as tm
+
+    if cfg.base != "toy":
+        return "the base is not the toy world"
+    return next((why for r in references if (why := tm.not_toy_world(r))), None)
 
 
 def _reference(record: dict, cfg) -> np.ndarray:
@@ -97,16 +121,16 @@ def _reference(record: dict, cfg) -> np.ndarray:
     return read_video(source, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **record.get("selection", {}))
 
 
-def _fidelity(samples: list[np.ndarray], references: list[np.ndarray]) -> float | None:
+def _fidelity(samples: list[np.ndarray], references: list[np.ndarray]) -> tuple[float | None, str | None]:
     """Mean motion fidelity of a checkpoint's samples against each reference clip (a run on several clips is scored
-    against all of them); None when one cannot be tracked (an early checkpoint's flat or noisy sample): that
-    checkpoint then ranks last on it instead of stopping the selection."""
+    against all of them), or None and why when one cannot be tracked (an early checkpoint's flat or noisy sample):
+    that checkpoint then ranks last on it instead of stopping the selection."""
     from .metrics import Undefined, motion
 
     try:
-        return float(np.mean([motion.motion_fidelity(s, r) for s in samples for r in references]))
-    except Undefined:
-        return None
+        return float(np.mean([motion.motion_fidelity(s, r) for s in samples for r in references])), None
+    except Undefined as exc:
+        return None, str(exc)
 
 
 def _clip_scorer(clip: str | None):
@@ -128,11 +152,29 @@ def select(run, clip: str | None = None) -> dict:
     """Score, choose, write ``RUN/selection.json`` and publish the chosen T-LoRA and samples as ``RUN/selected/``."""
     run = Path(run)
     table, notes = score_checkpoints(run, clip)
-    best = choose(table)
+    best = choose(table, notes)
+    result = {"chosen": best["checkpoint"], "adapter": str(run / "selected"), "criteria": CRITERIA,
+              "ranked_by": ranked_by(table), "left_out": notes, "table": table}
+    format_text(result)  # a result that cannot be shown must not be published half-way: shown first, then written
     with publish_dir(run / "selected") as tmp:
         for name in ("t_lora", "samples"):
             shutil.copytree(run / "checkpoints" / best["checkpoint"] / name, tmp / name)
-    result = {"chosen": best["checkpoint"], "adapter": str(run / "selected"), "criteria": CRITERIA,
-              "left_out": notes, "table": table}
     write_json(run / "selection.json", result)
     return result
+
+
+def format_text(result: dict) -> str:
+    """``select``'s result for a terminal: a line per checkpoint (``*``: chosen; an unmeasurable score reads
+    ``n/a (reason)``), which scorer ranked them, what was left out and why, and how to use the choice."""
+    lines = []
+    for row in result["table"]:
+        notes = row.get("notes", {})
+        scores = "  ".join(f"{c} {shown(row[c], why=notes.get(c, 'not measurable'))}" for c in CRITERIA if c in row)
+        mark = "*" if row["checkpoint"] == result["chosen"] else " "
+        lines.append(f"{mark} {row['checkpoint']:<12} {scores}  rank {shown(row.get('rank'), 1)}")
+    better = {c: "higher" if up else "lower" for c, up in CRITERIA.items()}
+    lines.append("ranked by " + ", ".join(f"{c} ({better[c]} is better)" for c in result["ranked_by"])
+                 + " (mean rank; a tie goes to the later step)")
+    lines += [f"left out {n}" for n in result["left_out"]]
+    lines.append(f"chosen {result['chosen']}: use `cav generate --adapter {result['adapter']}`")
+    return "\n".join(lines)

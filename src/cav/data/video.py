@@ -177,11 +177,17 @@ def _check_count(
     if frames is None or n >= frames:
         return
     how = f" at --stride {stride}" if stride else f" at --fps {fps:g}" if fps else ""
-    fix = ", a smaller --stride" if stride else ", a lower --fps" if fps else ""
-    raise CavError(
-        f"video '{path}' has {n} frames{how}{span}, fewer than --frames {frames}: "
-        f"pass --frames {n}{fix} or a longer video"
-    )
+    fix = "a smaller --stride" if stride else "a lower --fps" if fps else ""
+    raise CavError(f"video '{path}' has {n} frame{'s' if n != 1 else ''}{how}{span}, fewer than --frames {frames}: "
+                   + _fewer_fix(n, fix, "a longer video"))
+
+
+def _fewer_fix(n: int, fix: str, more: str) -> str:
+    """The advice for a clip with ``n`` frames, fewer than asked: ``--frames n`` only where that is allowed (a motion
+    needs ≥ 2 frames, so a 1-frame clip is told to bring more frames, never ``--frames 1``)."""
+    ways = ([f"--frames {n}"] if n >= 2 else []) + ([fix] if fix else []) + [more]
+    need = "" if n >= 2 else "a motion needs ≥ 2 frames: "
+    return need + "pass " + (", ".join(ways[:-1]) + " or " if len(ways) > 1 else "") + ways[-1]
 
 
 def _timed_frames(path: Path, start: float | None, end: float | None) -> Iterator[tuple[float, av.VideoFrame]]:
@@ -318,10 +324,9 @@ def _read_folder(
         files = [files[i] for i in _uniform_indices(len(files), frames)]
     if frames is not None and len(files) < frames:
         how = f" at --stride {stride}" if stride else ""
-        raise CavError(
-            f"folder '{folder}' has {len(files)} images{how}, fewer than --frames {frames}: "
-            f"pass --frames {len(files)}{', a smaller --stride' if stride else ''} or add images"
-        )
+        raise CavError(f"folder '{folder}' has {len(files)} image{'s' if len(files) != 1 else ''}{how}, fewer than "
+                       f"--frames {frames}: "
+                       + _fewer_fix(len(files), "a smaller --stride" if stride else "", "add images"))
     return np.stack([_fit(_open_image(p), size, fit) for p in files])
 
 

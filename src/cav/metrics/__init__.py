@@ -8,3 +8,11 @@ class Undefined(CavError):
 
     Raised instead of returning a number that would read as a score (e.g. a perfect 1.0 for two untrackable videos).
     """
+
+
+def shown(value, digits: int = 3, why: str | None = None) -> str:
+    """A score as text for a table; a missing one (None: not measurable) reads ``n/a (why)`` instead of stopping the
+    table (every printed table goes through here, so one unmeasurable metric never crashes a command)."""
+    if value is None:
+        return f"n/a ({why})" if why else "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)

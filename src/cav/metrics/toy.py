@@ -197,3 +197,27 @@ def frame_leakage(video: np.ndarray, reference: tw.ToySpec, target: tw.ToySpec) 
                   or (reference.shape != target.shape and shape == reference.shape)
                   or (reference.background != target.background and background == reference.background))
     return leaks / len(v)
+
+
+PALETTE_DISTANCE = 40.0  # RGB distance within which a pixel counts as one of the toy world's colours
+TOY_PALETTE_SHARE = 0.9  # share of such pixels a toy-world clip has (≥ 0.97 on 80 rendered, mp4-encoded clips)
+
+
+def not_toy_world(video: np.ndarray) -> str | None:
+    """Why the ground-truth scorers do not apply to ``video`` (None: it looks like a toy-world clip).
+
+    The scorers track the largest blob that differs from the border colour: on a real clip that is some patch of
+    the scene, and a number from it would read as a motion score. A toy-world clip is a flat background and one flat
+    shape, both from the world's palette, so nearly all of its pixels are palette colours (measured ≥ 97 % after mp4
+    encoding and resizing; a real clip, e.g. tests/data/man-skiing-64.mp4 at 32 px: 49 %; noise: 12 %).
+    """
+    v = _as_video(video)
+    palette = np.array([tw.RGB[n] for n in tw.COLOURS + tw.BACKGROUNDS], dtype=np.float32)
+    nearest = np.full(v.shape[:-1], np.inf, dtype=np.float32)
+    for rgb in palette:  # one colour at a time: small memory for long clips
+        nearest = np.minimum(nearest, np.linalg.norm(v - rgb, axis=-1))
+    share = float((nearest < PALETTE_DISTANCE).mean())
+    if share >= TOY_PALETTE_SHARE:
+        return None
+    return (f"the reference is not a toy-world clip ({share:.0%} of its pixels are toy-world colours, a toy clip has "
+            f"≥ {TOY_PALETTE_SHARE:.0%})")

@@ -20,14 +20,19 @@ TOY_FRAMES, TOY_SIZE, TOY_GUIDANCE, TOY_STEPS = 8, 32, 6.0, 25
 
 
 def check_base(base: str = "toy", n: int = 64, heldout: int = 24, seed: int = 0, steps: int = TOY_STEPS,
-               guidance: float = TOY_GUIDANCE, device: str = "auto", batch: int = 16) -> dict:
+               guidance: float = TOY_GUIDANCE, device: str = "auto", batch: int = 16, quiet: bool = False) -> dict:
+    """Scores of ``n`` seen-motion and ``heldout`` held-out-motion videos (minutes on a CPU: a progress bar counts
+    the videos unless ``quiet``)."""
+    from tqdm.auto import tqdm
+
     t0 = time.time()
     bb = backbone.load(base, device)
     rng = np.random.default_rng(seed)
     seen = tw.sample_specs(rng, n, tw.SEEN_MOTIONS)
     held = tw.sample_specs(rng, heldout, tw.HELDOUT_MOTIONS)
-    scores = _score(bb, seen, steps, guidance, seed, batch)
-    held_scores = _score(bb, held, steps, guidance, seed + 10_000, batch)
+    with tqdm(total=n + heldout, desc="check-base", unit="video", disable=quiet) as bar:
+        scores = _score(bb, seen, steps, guidance, seed, batch, bar)
+        held_scores = _score(bb, held, steps, guidance, seed + 10_000, batch, bar)
     return {
         "base": base,
         "videos": n,
@@ -51,11 +56,12 @@ def check_base(base: str = "toy", n: int = 64, heldout: int = 24, seed: int = 0,
     }
 
 
-def _score(bb, specs, steps, guidance, seed, batch) -> list[dict]:
+def _score(bb, specs, steps, guidance, seed, batch, bar) -> list[dict]:
     out = []
     for i in range(0, len(specs), batch):
         chunk = specs[i:i + batch]
         videos = sample_videos(bb, [tw.caption(s)[0] for s in chunk], frames=TOY_FRAMES, size=(TOY_SIZE, TOY_SIZE),
                                steps=steps, guidance=guidance, seeds=[seed + i + k for k in range(len(chunk))])
         out += [tm.score(v, s) for v, s in zip(videos, chunk)]
+        bar.update(len(chunk))
     return out
