@@ -62,6 +62,8 @@ def build_config(args: argparse.Namespace):
     says which recipe the values came from."""
     from .config import TrainConfig, load_recipe
 
+    given = options.given(args, TrainConfig)
+    options.typed(TrainConfig, given)  # a flag's bad value is named before the base is read (and torch imported)
     saved = Path(args.out) / "config.yaml"
     if getattr(args, "resume", False) and saved.is_file():
         data, args.recipe_used = load_recipe(saved), f"the run's own {saved}"
@@ -72,7 +74,7 @@ def build_config(args: argparse.Namespace):
 
         row, data = native.starting_recipe(args.base, args.motion_adapter)
         args.recipe_used = f"{row.recipe}, the base's own ({row.what}; --recipe picks another)"
-    data.update(options.given(args, TrainConfig))
+    data.update(given)
     return TrainConfig.from_dict(data)
 
 
