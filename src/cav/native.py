@@ -48,8 +48,8 @@ class Row:
 BASES: tuple[Row, ...] = (
     Row("toy", "a toy-world model", marker=TOY_MARKER),
     Row("zeroscope", "Zeroscope", family="unet3d", name=r"^zeroscope"),
-    Row("modelscope", "a UNet3D model (ModelScope's family)", family="unet3d"),
-    Row("animatediff", "an AnimateDiff model (Stable Diffusion 1.5 + motion modules)", family="animatediff"),
+    Row("modelscope", "a UNet3D model, ModelScope's family", family="unet3d"),
+    Row("animatediff", "an AnimateDiff model, Stable Diffusion 1.5 with motion modules", family="animatediff"),
     Row("animatediff-sdxl", "an SDXL AnimateDiff model", family="animatediff-sdxl"),
 )
 
