@@ -58,8 +58,8 @@ def _choose(p: argparse.ArgumentParser, what: str, names: str):
 # ------------------------------------------------------------------------------------------------- train
 def build_config(args: argparse.Namespace):
     """Recipe values, then explicit flags; with --resume the run's own config.yaml is the starting point. Without
-    --recipe the base's own recipe is (``native.BASES``: toy → toy, ModelScope → modelscope, …); ``args.recipe_used``
-    says which recipe the values came from."""
+    --recipe the base's own recipe is (``native.BASES``: toy → toy, ModelScope → modelscope, …);
+    ``args.recipe_used`` says which recipe the values came from."""
     from .config import TrainConfig, load_recipe
 
     given = options.given(args, TrainConfig)
