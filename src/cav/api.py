@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from . import accel, preflight
+from . import accel, native, preflight
+from . import estimate as estimate_mod
 from . import backbone as backbone_mod
 from . import generation
 from . import lean
@@ -24,12 +27,15 @@ from .stages import (S_LORA, T_LORA, ClipInputs, absorber_stage, active_adapters
 from .trainer import JsonlLog, make_optimizer, run_stage
 
 ASSETS = Path(__file__).parent / "assets"
+logger = logging.getLogger("cav")
 
 
 # ----------------------------------------------------------------------------------------------- plan (dry run)
-def plan(cfg: TrainConfig, clips: int = 1) -> dict:
+def plan(cfg: TrainConfig, clips: int = 1, estimate: bool = False) -> dict:
     """Trainable parameters and adapted modules per stage, from the base's config files alone (meta device). With
-    several ``clips`` stage 1 lists each clip's own absorbers (``clip`` and ``spatial_prompt`` name them)."""
+    several ``clips`` stage 1 lists each clip's own absorbers (``clip`` and ``spatial_prompt`` name them). Also what
+    the run will do (``estimate.statement``: size, frames, steps per stage, device, dtype, the base's native
+    settings and a warning when far from them) and, with ``estimate``, its wall time measured on this machine."""
     cfg.check_clips(clips)
     preflight.check_train(cfg)
     unet, family = backbone_mod.empty_unet(cfg.base, cfg.motion_adapter or None)
@@ -50,7 +56,8 @@ def plan(cfg: TrainConfig, clips: int = 1) -> dict:
                    **({"clips": clips} if clips > 1 else {})})
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
     return {"base": cfg.base, "family": family.name, "placement": cfg.placement, "absorbers": cfg.absorbers,
-            "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {})}
+            "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {}),
+            **estimate_mod.statement(cfg, clips, measure=estimate, unet_params=base_params)}
 
 
 def _text_hidden_size(base: str, unet_config: dict, family) -> int:
@@ -64,7 +71,8 @@ def _text_hidden_size(base: str, unet_config: dict, family) -> int:
 
 # ----------------------------------------------------------------------------------------------------- train
 def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool = False, quiet: bool = False,
-          video_options: dict | None = None) -> Path:
+          video_options: dict | None = None, announce: Callable[[dict], None] | None = None,
+          estimate: bool = True) -> Path:
     """Run the staged method on one reference video (or a list of clips of one motion); returns the run folder
     (its files: ``runfolder.py``).
 
@@ -76,6 +84,10 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     ``validation_*`` start options say (the reference: the run's first clip), as `cav generate` would. The process
     holds ``out``'s lock (``runlock.py``) from before anything in it changes to the end: a second training, an
     ``overwrite`` or a ``resume`` of a folder being trained is refused with one line.
+
+    A size or frame count far from the base's native settings is warned about (``native.warning``). ``announce``
+    is called, once every input is checked and before any training, with what the run will do
+    (``estimate.statement``; with ``estimate``, its wall time measured on this machine).
     """
     from .runlock import RunLock
 
@@ -89,11 +101,11 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
                        "each clip trains its own")
     preflight.check_train(cfg)
     with RunLock(out, tidy=True):  # one owner (CLI, web app child, batch worker): a second one is refused here
-        return _train_owned(videos, cfg, out, overwrite, resume, quiet, video_options)
+        return _train_owned(videos, cfg, out, overwrite, resume, quiet, video_options, announce, estimate)
 
 
 def _train_owned(videos: list, cfg: TrainConfig, out: Path, overwrite: bool, resume: bool, quiet: bool,
-                 video_options: dict | None) -> Path:
+                 video_options: dict | None, announce: Callable[[dict], None] | None, estimate: bool) -> Path:
     """``train`` once this process holds ``out``'s lock: the checks again (the folder may have changed before the
     lock was ours), then the run."""
     from .data.video import check_exists, read_video, to_tensor
@@ -117,6 +129,11 @@ def _train_owned(videos: list, cfg: TrainConfig, out: Path, overwrite: bool, res
                  for v, r in zip(videos, records)]
     selection = {k: clip["selection"].get(k) for k in ("stride", "fps", "start", "end")}
     cfg = dataclasses.replace(cfg, **selection)  # config.yaml records the frames actually used
+    far = native.warning(cfg)  # once every input is checked: a refused run says only why it is refused
+    if far:
+        logger.warning(far)
+    if announce is not None:  # before the seed is set: the measurement cannot change the run's random draws
+        announce(estimate_mod.statement(cfg, len(videos), measure=estimate))
     runfolder.prepare(out, overwrite)
     point = resume_mod.latest(out) if resume else None
     clock = runfolder.Clock(point)

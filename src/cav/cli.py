@@ -57,15 +57,24 @@ def _choose(p: argparse.ArgumentParser, what: str, names: str):
 
 # ------------------------------------------------------------------------------------------------- train
 def build_config(args: argparse.Namespace):
-    """Recipe values, then explicit flags; with --resume the run's own config.yaml is the starting point."""
+    """Recipe values, then explicit flags; with --resume the run's own config.yaml is the starting point. Without
+    --recipe the base's own recipe is (``native.BASES``: toy → toy, ModelScope → modelscope, …);
+    ``args.recipe_used`` says which recipe the values came from."""
     from .config import TrainConfig, load_recipe
 
+    given = options.given(args, TrainConfig)
+    options.typed(TrainConfig, given)  # a flag's bad value is named before the base is read (and torch imported)
     saved = Path(args.out) / "config.yaml"
     if getattr(args, "resume", False) and saved.is_file():
-        data = load_recipe(saved)
+        data, args.recipe_used = load_recipe(saved), f"the run's own {saved}"
+    elif args.recipe:
+        data, args.recipe_used = load_recipe(args.recipe), f"{args.recipe} (--recipe)"
     else:
-        data = load_recipe(args.recipe) if args.recipe else {}
-    data.update(options.given(args, TrainConfig))
+        from . import native
+
+        row, data = native.starting_recipe(args.base, args.motion_adapter)
+        args.recipe_used = f"{row.recipe}, the base's own ({row.what}; --recipe picks another)"
+    data.update(given)
     return TrainConfig.from_dict(data)
 
 
@@ -77,9 +86,11 @@ def cmd_train(args) -> int:
         args.video, cfg = apply(args.clips, args.video, cfg, args.spatial_prompt is not None)
     _quiet_libraries()
     from . import api
+    from .estimate import format_statement
 
     if args.dry_run:
-        result = api.plan(cfg, clips=max(1, len(args.video)))
+        result = api.plan(cfg, clips=max(1, len(args.video)), estimate=args.estimate)
+        result["recipe"] = args.recipe_used
         if args.json:
             print(json.dumps(result))
         else:
@@ -89,11 +100,18 @@ def cmd_train(args) -> int:
             for s in result["stages"]:
                 own = f"  clip {s['clip'] + 1}: {s['spatial_prompt']}" if "clip" in s else ""
                 print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules{own}")
+            print(f"recipe: {result['recipe']}")
+            print(format_statement(result))
+        if result["warning"]:
+            print(result["warning"], file=sys.stderr)
         return 0
     if not args.video:
         raise CavError("no reference video given: pass `cav train VIDEO --prompt ...`")
     video = args.video[0] if len(args.video) == 1 else args.video
-    out = api.train(video, cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
+    announce = None if args.quiet else (lambda info: print(f"recipe: {args.recipe_used}\n{format_statement(info)}",
+                                                           flush=True))
+    out = api.train(video, cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet,
+                    announce=announce, estimate=args.estimate)
     print(done_line(out))
     return 0
 
@@ -130,17 +148,24 @@ def _add_train(sub) -> None:
     from .config import TrainConfig, recipe_names
 
     t = sub.add_parser("train", help="train absorbers then a T-LoRA on one reference video",
-                       description="Train absorbers then a T-LoRA on one reference video. Values come from the "
-                                   "defaults shown, then --recipe, then the flags given (with --resume: the run's "
-                                   "config.yaml, then the flags given). Every flag --a-b is the recipe key a_b.")
+                       description="Train absorbers then a T-LoRA on one reference video. Values come from "
+                                   "--recipe (without it: the base's own recipe, toy for the toy base, modelscope "
+                                   "for ModelScope, zeroscope, animatediff, animatediff-sdxl), then the flags given "
+                                   "(with --resume: the run's config.yaml, then the flags given); the defaults shown "
+                                   "fill keys a recipe leaves out. Every flag --a-b is the recipe key a_b.")
     t.add_argument("video", nargs="*", help="reference video (any ffmpeg format) or a folder of images; several "
                    "clips of one motion train one T-LoRA, each clip with its own absorbers and --spatial-prompt")
     _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it "
-         "[default: none: the defaults shown]", metavar="NAME_OR_YAML")
+         "[default: the base's own recipe]", metavar="NAME_OR_YAML")
     _opt(t, "--out", "run folder", "runs/train", metavar="DIR")
     _opt(t, "--clips", "the clips of one motion from a .csv or .yaml file with the fields clip and spatial_prompt, "
          "one row per clip, in order (instead of clip arguments and --spatial-prompt) [default: none]", metavar="FILE")
-    t.add_argument("--dry-run", action="store_true", help="print the plan (parameters per stage) without weights")
+    t.add_argument("--dry-run", action="store_true", help="print the plan without training: parameters per stage, "
+                   "the resolved size, frames, steps, device and dtype, and an estimated time per stage from a few "
+                   "steps timed on this machine")
+    t.add_argument("--estimate", action=argparse.BooleanOptionalAction, default=True,
+                   help="time a few steps on this machine to estimate the run's duration, with --dry-run and at the "
+                        "start of a run (loads the base once more) [default: on]")
     t.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its "
                                                         "recorded config.yaml and frame selection")
