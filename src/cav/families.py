@@ -92,6 +92,10 @@ class Family:
     """One kind of text-to-video base (see the module doc). Rows are singletons: equal only to themselves."""
 
     name: str
+    # the shipped recipe (configs/<recipe>.yaml) a base of this family starts from when no name or marker of
+    # ``native.BASES`` says more, and the family in words for the messages that name it
+    recipe: str
+    what: str
     # the model: its denoiser's diffusers class and subfolder, its VAE, and the add-on form (image model + add-on)
     model_class: str
     model_folder: str = "unet"
@@ -189,19 +193,20 @@ def _rig_animatediff(size: str):
 
 # ------------------------------------------------------------------------------------------------------ rows
 UNET3D = Family(  # ModelScope, Zeroscope
-    name="unet3d", model_class="UNet3DConditionModel", pipeline_class="TextToVideoSDPipeline",
+    name="unet3d", recipe="modelscope", what="a UNet3D model, ModelScope's family", model_class="UNet3DConditionModel", pipeline_class="TextToVideoSDPipeline",
     condition=ClipCondition(), targets=UNET3D_TARGETS, image_mode=UNET3D_BYPASS, objective=DDPM,
     tiny=Tiny(factory.make_tiny_model, size=32),
     rig=Rig("UNet3D (ModelScope)", _rig_unet3d, lambda: dict(MODELSCOPE_TEXT)))
 ANIMATEDIFF = Family(  # SD 1.5 + a motion adapter, or its AnimateDiff folder
-    name="animatediff", model_class="UNetMotionModel", pipeline_class="AnimateDiffPipeline",
+    name="animatediff", recipe="animatediff",
+    what="an AnimateDiff model, Stable Diffusion 1.5 with motion modules", model_class="UNetMotionModel", pipeline_class="AnimateDiffPipeline",
     pipeline_extra=(("motion_adapter", None),), condition=ClipCondition(), per_frame_condition=True,
     targets=MOTION_TARGETS, image_mode=MOTION_BYPASS, objective=DDPM, addon=MOTION_ADAPTER,
     frame_limit_key=FRAME_LIMIT_KEY, exports=(ANIMATEDIFF_EXPORT,),
     tiny=Tiny(factory.make_tiny_animatediff, factory.make_tiny_animatediff_parts),
     rig=Rig("UNetMotionModel (SD 1.5 + motion adapter v1-5-2)", _rig_animatediff, _sd15_text))
 ANIMATEDIFF_SDXL = Family(  # SDXL + the SDXL motion adapter, or its AnimateDiffSDXL folder
-    name="animatediff-sdxl", model_class="UNetMotionModel", pipeline_class="AnimateDiffSDXLPipeline",
+    name="animatediff-sdxl", recipe="animatediff-sdxl", what="an SDXL AnimateDiff model", model_class="UNetMotionModel", pipeline_class="AnimateDiffSDXLPipeline",
     pipeline_extra=(("motion_adapter", None),), condition=SdxlCondition(), per_frame_condition=True,
     targets=MOTION_TARGETS, image_mode=MOTION_BYPASS, objective=DDPM, addon=MOTION_ADAPTER_SDXL,
     frame_limit_key=FRAME_LIMIT_KEY, exports=(ANIMATEDIFF_EXPORT,),

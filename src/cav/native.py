@@ -9,8 +9,8 @@ the recipe. A base is recognized by
   ``cav_model.json`` recording the recipe it was trained with (a random model of ``toy.factory`` records none);
 - its name (an anchored regex on the hub id's name or the folder's name) within a family: Zeroscope v2 is a
   fine-tune of ModelScope with the same UNet3D and VAE layout, so no config field tells the two apart;
-- else its family (``backbone.family_of``): every family has a last-resort row, so a family added later must add one
-  (a test checks every ``backbone.FAMILIES`` name).
+- else its family (``backbone.family_of``): the last rows are the families' own (``Family.recipe``), so a family
+  added later brings its recipe in its row of ``families.FAMILIES``.
 
 The native settings are what a warning compares a run's size and frames against: a toy-world model's recorded
 recipe; a base recognized by name: its recipe's size and frames; a base recognized only by family: the size its
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import backbone
+from .families import FAMILIES
 from .config import TrainConfig, load_recipe
 from .errors import CavError
 
@@ -40,7 +41,7 @@ class Row:
 
     recipe: str
     what: str  # the base in words, for messages
-    family: str | None = None  # a ``backbone.FAMILIES`` name the base must have (None: any)
+    family: str | None = None  # a ``families.FAMILIES`` name the base must have (None: any)
     name: str | None = None  # anchored regex on the name of the hub id or folder, case-insensitive
     marker: tuple[str, str] | None = None  # (file, key): the base folder holds that JSON file with that key
 
@@ -48,9 +49,7 @@ class Row:
 BASES: tuple[Row, ...] = (
     Row("toy", "a toy-world model", marker=TOY_MARKER),
     Row("zeroscope", "Zeroscope", family="unet3d", name=r"^zeroscope"),
-    Row("modelscope", "a UNet3D model, ModelScope's family", family="unet3d"),
-    Row("animatediff", "an AnimateDiff model, Stable Diffusion 1.5 with motion modules", family="animatediff"),
-    Row("animatediff-sdxl", "an SDXL AnimateDiff model", family="animatediff-sdxl"),
+    *(Row(f.recipe, f.what, family=f.name) for f in FAMILIES.values()),  # last resort: the family's own recipe
 )
 
 
