@@ -125,7 +125,7 @@ class Page:
         self.el("#clip-upload input[type=file]").send_keys(str(path))
 
     def tab(self, name: str) -> None:
-        self.d.find_element("xpath", f"//div[contains(@class,'tab-nav')]/button[contains(., '{name}')]").click()
+        self.d.find_element("xpath", f"//button[@role='tab' and contains(., '{name}')]").click()
 
     def shot(self, name: str) -> Path:
         path = self.shots / f"{name}.png"
@@ -201,5 +201,5 @@ def test_train_then_generate(page, server):
         "const v = [...document.querySelectorAll('#gen-grid video')];"
         "return v.length === 2 && v.every(x => x.readyState >= 1 && !x.error) ? v.map(x => x.currentSrc) : null"),
         "playable videos")
-    assert all(src.endswith(".mp4") and "/file=" in src for src in playable)
+    assert all(src.endswith(".mp4") and "/gradio_api/file=" in src for src in playable)
     page.shot("05-generated")

@@ -267,8 +267,8 @@ def grid_html(cells: list[tuple[list, int, Path]], adapters: list[str], seeds: l
     head = "".join(f"<th>seed {s}</th>" for s in seeds)
     for ws, items in by_weights.items():
         tds = "".join(
-            f'<td><video src="file={html.escape(str(p))}" controls autoplay loop muted playsinline width="192"></video>'
-            f'<br><a href="file={html.escape(str(p))}" download>mp4</a> · '
-            f'<a href="file={html.escape(str(p.with_suffix(".gif")))}" download>gif</a></td>' for _, p in items)
+            f'<td><video src="gradio_api/file={html.escape(str(p))}" controls autoplay loop muted playsinline width="192"></video>'
+            f'<br><a href="gradio_api/file={html.escape(str(p))}" download>mp4</a> · '
+            f'<a href="gradio_api/file={html.escape(str(p.with_suffix(".gif")))}" download>gif</a></td>' for _, p in items)
         rows.append(f"<tr><th>{html.escape(label(list(ws)))}</th>{tds}</tr>")
     return f'<table class="cav-grid"><tr><th></th>{head}</tr>{"".join(rows)}</table>'

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 from ..errors import CavError
@@ -47,7 +46,8 @@ def build(app: App):
     default_preset = "toy" if "toy" in form.presets() else (form.presets() or [""])[0]
     values = app.preset(default_preset)
     fields = form.advanced_fields()
-    with gr.Blocks(title="cav", theme=theme, css=CSS, analytics_enabled=False) as demo:
+    with gr.Blocks(title="cav", analytics_enabled=False) as demo:
+        demo.cav_theme = theme  # gradio 6 takes theme and css at launch (``serve``)
         gr.Markdown(f"## cav — one-shot motion customization\nbase model `{app.base}` · runs in `{app.root}`")
         with gr.Tab("Train", id="train", elem_id="tab-train"):
             with gr.Row():
@@ -169,8 +169,9 @@ def build(app: App):
             return (say(out["job"]), say(out.get("progress", "")), out.get("figure", gr.update()),
                     out.get("sample", gr.update()), label, out["shown"])
 
-        demo.load(poll, shown, [job, progress, loss, sample, sample_label, shown], every=POLL_SECONDS,
-                  show_progress="hidden")
+        gr.Timer(POLL_SECONDS).tick(poll, shown, [job, progress, loss, sample, sample_label, shown],
+                                    show_progress="hidden")
+        demo.load(poll, shown, [job, progress, loss, sample, sample_label, shown], show_progress="hidden")
 
         # ---- generate
         def refresh_lists():
@@ -263,7 +264,6 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "toy", runs: st
     """``cav ui``: build the app, print its address, serve until Ctrl-C or SIGTERM (a running training is then
     stopped with a checkpoint)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # gradio 3's import, not ours
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -278,13 +278,13 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "toy", runs: st
     work = Path(tempfile.mkdtemp(prefix="cav-ui-"))
     app = App(base, Path(runs), work)
     demo = build(app)
-    demo.queue(concurrency_count=4)  # polling, previews and a generation run side by side
+    demo.queue(default_concurrency_limit=4)  # polling, previews and a generation run side by side
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a background start inherits Ctrl-C ignored
     try:
         demo.launch(server_name=host, server_port=port, auth=credentials, share=share, prevent_thread_lock=True,
-                    quiet=True, show_api=False, show_error=True, allowed_paths=[str(app.root), str(work)])
-        _no_forwarding_timeout(demo)
+                    quiet=True, footer_links=[], show_error=True, allowed_paths=[str(app.root), str(work)],
+                    theme=demo.cav_theme, css=CSS, ssr_mode=False, mcp_server=False)
         print(f"cav ui: http://{host}:{port} (runs in {app.root}; Ctrl-C stops)", flush=True)
         if share and demo.share_url:
             print(f"cav ui: public link {demo.share_url}", flush=True)
@@ -297,15 +297,3 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "toy", runs: st
         demo.close()
         shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _no_forwarding_timeout(demo) -> None:
-    """gradio 3.36's queue forwards every event to its own server over HTTP with httpx's default 5 s timeout, so a
-    callback that takes longer (a generation, a preview of a long clip on a busy CPU) ends as an empty "Error";
-    give that forwarding client no timeout (the client is created when the server starts)."""
-    import httpx
-
-    deadline = time.time() + 60
-    while demo._queue.queue_client is None and time.time() < deadline:
-        time.sleep(0.05)
-    demo._queue.queue_client = httpx.AsyncClient(verify=demo.ssl_verify, timeout=None)
