@@ -153,11 +153,26 @@ def test_stop_leaves_a_checkpoint_and_resume_finishes(app, tiny_video):
     assert app.resumable_choices() == []
 
 
-def test_cav_ui_refuses_a_bad_login_or_a_busy_port(capsys):
+def test_cav_ui_refuses_a_bad_login_or_a_busy_port(capsys, tmp_path, monkeypatch):
     import socket
 
+    monkeypatch.delenv("CAV_UI_PASSWORD", raising=False)
     assert _cli_error(capsys, ["ui", "--auth", "alice"]) == \
-        "cav: error: --auth 'alice' is not user:password: pass e.g. --auth alice:secret"
+        "cav: error: --auth alice needs a password: put it in a file (--password-file FILE) or in $CAV_UI_PASSWORD"
+    # issue 25: the password never on the command line (ps shows it to every local user)
+    assert _cli_error(capsys, ["ui", "--auth", "alice:secret"]) == \
+        "cav: error: --auth takes a user name only: a password on the command line shows in ps; pass --auth alice " \
+        "and put the password in a file (--password-file) or in $CAV_UI_PASSWORD"
+    # a server others can reach needs a login
+    assert _cli_error(capsys, ["ui", "--host", "0.0.0.0"]) == \
+        "cav: error: --host 0.0.0.0 opens the app to the network: pass --auth USER (password in --password-file " \
+        "or $CAV_UI_PASSWORD), or keep --host 127.0.0.1"
+    assert _cli_error(capsys, ["ui", "--share"]).startswith("cav: error: --share opens the app to the internet: "
+                                                            "pass --auth USER")
+    # issue 28: --runs naming a file is refused before the server starts
+    (tmp_path / "afile").write_text("x")
+    assert _cli_error(capsys, ["ui", "--runs", str(tmp_path / "afile")]) == \
+        f"cav: error: --runs '{tmp_path / 'afile'}' is a file: pass a folder (it is created if missing)"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -201,5 +201,7 @@ def test_train_then_generate(page, server):
         "const v = [...document.querySelectorAll('#gen-grid video')];"
         "return v.length === 2 && v.every(x => x.readyState >= 1 && !x.error) ? v.map(x => x.currentSrc) : null"),
         "playable videos")
-    assert all(src.endswith(".mp4") and "/gradio_api/file=" in src for src in playable)
+    # issue 28: written under --runs (generations/), served from there by a relative route (no server path)
+    assert all(src.endswith(".mp4") and "/cav/runs/generations/" in src for src in playable)
+    assert len(list((server[1] / "generations").glob("*/w*-seed0.mp4"))) == 2
     page.shot("05-generated")
