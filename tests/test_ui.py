@@ -5,6 +5,7 @@ grid, and the Runs tab's zip / delete."""
 import json
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,78 @@ def test_the_page_builds_with_every_recipe_field(app):
     assert {f"field-{f.name}" for f in form.advanced_fields()} <= ids
     assert {"clip-upload", "start", "stop", "resume", "gen-start", "gen-grid", "runs-delete", "runs-zip"} <= ids
     assert layout.say("cav: error: it's 'x'") == '<p class="cav-line cav-error">cav: error: it&#x27;s &#x27;x&#x27;</p>'
+
+
+def test_a_clip_must_be_an_upload_of_this_server_and_no_server_path_is_shown(tiny_model, tmp_path, tiny_video):
+    """Issue 25: a posted path (``/etc/passwd``) was read as the clip and its copy's path printed."""
+    import shutil
+
+    uploads = tmp_path / "work" / "uploads"
+    app = App(str(tiny_model), tmp_path / "runs", tmp_path / "work", uploads=uploads, runs_label="runs")
+    (uploads / "h1").mkdir(parents=True)
+    clip = shutil.copy(tiny_video, uploads / "h1" / "clip.mp4")
+    assert app.preview(clip, None, 0, 0, 0, 3, "32", "crop")[1].startswith("preview: 3 frames of 'clip.mp4'")
+    (uploads / "h1" / "link.mp4").symlink_to(tiny_video)
+    for path in ("/etc/passwd", str(tiny_video), str(uploads / "h1" / "link.mp4"), str(uploads / "h1" / ".." / ".." /
+                                                                                      ".." / "runs")):
+        assert app.preview(path, None, 0, 0, 0, 3, "32", "crop") == \
+            (None, f"cav: error: '{Path(path).name}' is not a clip uploaded to this server: upload it with the clip "
+                   "field")
+    (uploads / "h1" / "notes.txt").write_text("not a video")
+    line = app.preview(str(uploads / "h1" / "notes.txt"), None, 0, 0, 0, 3, "32", "crop")[1]
+    assert line.startswith("cav: error: 'notes.txt' is not a video") and str(tmp_path) not in line
+    assert _start(app, clip) == "started training 'r1' in runs/r1"  # the runs folder as the user named it
+    _wait(app)
+
+
+def test_a_run_held_by_another_process_cannot_be_deleted(app):
+    """Issue 25/28: the run's lock (held by whoever trains it: the CLI, another server, a batch) blocks Delete."""
+    from cav import runlock
+
+    run = app.root / "busy"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("steps: 1\n")
+    with runlock.RunLock(run):
+        assert app.delete_run("busy", True) == f"cav: error: run '{run}' is being trained by another process: " \
+            "wait for it to finish or stop it, then delete it"
+        assert run.is_dir()
+    assert app.delete_run("busy", True) == "deleted 'busy'" and not run.exists()
+
+
+def test_generation_is_a_job_stop_ends_it_and_too_many_steps_is_one_line(app):
+    import threading
+
+    # issue 25: steps above the scheduler's timesteps were a raw 500
+    assert app.generate([], "", "0", None, 1, "a red square", "", 4, 5000, 0) == \
+        ("", [], "cav: error: steps (--steps) 5000 is more than this base's scheduler has timesteps (1000): pass "
+                 "--steps 1000 or fewer")
+    assert app.stop_generation() == "cav: error: no generation is running: nothing to stop"
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=app.generate(
+        [], "", "0, 1, 2, 3", None, 1, "a red square", "", 4, 1000, 0)))
+    worker.start()
+    deadline = time.time() + 60
+    while app.grids.proc is None or app.grids.proc.poll() is not None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)
+    t0 = time.time()
+    assert app.stop_generation() == "stopping the generation"
+    worker.join(30)
+    assert not worker.is_alive() and time.time() - t0 < 10
+    assert result["out"][2].startswith("cav: error: the generation was stopped")
+    assert app.grids.proc.returncode != 0
+
+
+def test_the_train_tab_shows_the_child_s_own_end(app, tiny_video):
+    """Issue 28: a training that ended before its folder existed said 'run was deleted'; a Stop before the first
+    checkpoint said the last step was checkpointed."""
+    ghost = app.root / "ghost"
+    app.jobs.start(ghost, [str(app.root / "missing.mp4"), "--out", str(ghost), "--prompt", PROMPT])
+    _wait(app)
+    said = app.poll({})["job"]
+    assert said.startswith("cav: error:") and "missing.mp4" in said and "deleted" not in said
+    assert _start(app, tiny_video, steps=50, checkpoint_every=0).startswith("started")
+    app.stop_training()
+    assert _wait(app) == "stopped before 'r1' had a checkpoint: nothing to resume; start it again"
+    assert app.resumable_choices() == []

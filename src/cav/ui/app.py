@@ -81,7 +81,7 @@ class App:
     def clip_path(self, upload, toy: str | None) -> Path:
         """The uploaded clip, else the picked toy clip."""
         if upload:
-            path = Path(getattr(upload, "name", upload))
+            path = Path(upload if isinstance(upload, (str, Path)) else upload.name)  # gradio 6: a path string
             if self.uploads is not None and guard.plain_path(path, self.uploads) is None:
                 raise CavError(f"'{path.name}' is not a clip uploaded to this server: upload it with the clip field")
             return path

@@ -30,8 +30,7 @@ FILE_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"content-security-pol
 
 def plain_path(path: Path, root: Path) -> Path | None:
     """``path`` when it lies under ``root`` without a symlink on the way (nor ``..``), else None."""
-    root = Path(os.path.abspath(root))
-    path = Path(os.path.abspath(path))
+    root, path = Path(os.path.abspath(root)), Path(os.path.abspath(path))
     try:
         rel = path.relative_to(root)
     except ValueError:
@@ -41,7 +40,7 @@ def plain_path(path: Path, root: Path) -> Path | None:
         here = here / part
         if here.is_symlink():
             return None
-    return path if path.is_file() and os.path.realpath(path) == str(path) else None
+    return path if path.is_file() and Path(os.path.realpath(path)) == Path(os.path.realpath(root)) / rel else None
 
 
 class Guard:
