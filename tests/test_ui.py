@@ -112,6 +112,12 @@ def test_train_generate_runs_tab(app, tiny_video, tmp_path):
     assert line.startswith("4 video(s) in") and grid.count("<video ") == 4
     assert sorted(p.rsplit(".", 1)[1] for p in files) == ["gif"] * 4 + ["mp4"] * 4
     assert "r1:0.5" in grid and "seed 4" in grid
+    # issue 28: the videos are kept under --runs (not a temp folder) and the Runs tab lists them
+    assert all(p.startswith(str(app.root / "generations")) for p in files) and str(app.root) not in grid
+    assert line.endswith(f"in generations/{app.generation_choices()[0]} (listed in the Runs tab)")
+    shown, said = app.show_generation(app.generation_choices()[0])
+    assert shown == grid and said == f"generation {app.generation_choices()[0]}"
+    assert shown.count('src="cav/runs/generations/') == 4
     assert app.generate(["r1"], "0.5/1", "0", None, 1, "x", "", 4, 2, 0)[2].startswith(
         "cav: error: weights '0.5/1' give 2 values for 1 adapters")
     assert app.generate(["r1"], "", "0", None, 1, " ", "", 4, 2, 0)[2] == \
@@ -266,3 +272,10 @@ def test_the_train_tab_shows_the_child_s_own_end(app, tiny_video):
     app.stop_training()
     assert _wait(app) == "stopped before 'r1' had a checkpoint: nothing to resume; start it again"
     assert app.resumable_choices() == []
+    # a Stop the child does not answer (it is busy in a library that holds Ctrl-C): Stop again ends it at once
+    assert _start(app, tiny_video, name="r2", steps=50, checkpoint_every=0).startswith("started")
+    time.sleep(2)
+    assert app.stop_training().endswith("Stop again ends it at once, without a checkpoint)")
+    t0 = time.time()
+    assert app.stop_training().startswith("stopped")
+    assert not app.jobs.busy() and time.time() - t0 < 5
