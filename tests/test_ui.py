@@ -151,6 +151,7 @@ def test_stop_leaves_a_checkpoint_and_resume_finishes(app, tiny_video):
     assert _wait(app) == "stopped: the last step of 'r1' is checkpointed; pick it under Resume to continue"
     assert app.jobs.current.proc.returncode == 130
     assert app.resumable_choices() == ["r1"] and runs.checkpoints(run)
+    assert app.poll({})["resumable"] == ["r1"]  # the page offers it under Resume once the child has ended
     stopped_at = len(runs.read_log(run))
     assert app.stop_training() == "cav: error: no training is running: nothing to stop"
     assert app.resume_training("r1") == "resuming 'r1'"
@@ -272,6 +273,8 @@ def test_the_train_tab_shows_the_child_s_own_end(app, tiny_video):
     app.stop_training()
     assert _wait(app) == "stopped before 'r1' had a checkpoint: nothing to resume; start it again"
     assert app.resumable_choices() == []
+    first = app.poll({})
+    assert first["resumable"] == [] and "resumable" not in app.poll(first["shown"])  # Resume offers nothing
     # a Stop the child does not answer (it is busy in a library that holds Ctrl-C): Stop again ends it at once
     assert _start(app, tiny_video, name="r2", steps=50, checkpoint_every=0).startswith("started")
     time.sleep(2)

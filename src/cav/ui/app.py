@@ -181,11 +181,15 @@ class App:
         job = self.jobs.current
         if job is None:
             return {"job": "no training started from this server yet", "shown": shown}
+        out = {"shown": dict(shown)}
+        if not job.running and shown.get("ended") != job.started:  # once per job: what Resume can offer now
+            out["resumable"] = self.resumable_choices()
+            out["shown"]["ended"] = job.started
         if not job.run.is_dir():  # deleted from the Runs tab, or ended before its folder was made: say which
-            said = f"run '{job.run.name}' was deleted" if job.run in self.deleted else self.public(job.message())
-            return {"job": said, "shown": shown}
+            out["job"] = f"run '{job.run.name}' was deleted" if job.run in self.deleted else self.public(job.message())
+            return out
         records = runs.read_log(job.run)
-        out = {"job": self.public(job.message()), "progress": runs.progress(job.run, records).text(), "shown": dict(shown)}
+        out.update(job=self.public(job.message()), progress=runs.progress(job.run, records).text())
         if job.run != shown.get("run") or len(records) != shown.get("records"):
             out["figure"] = runs.loss_figure(records, f"loss: {job.run.name}")
             out["shown"].update(run=job.run, records=len(records))

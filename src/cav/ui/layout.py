@@ -161,26 +161,22 @@ def build(app: App):
         preset.change(pick_preset, preset, [frames] + adv)
         start_btn.click(_said(lambda *v: _start(app, fields, v)), [clip, toy, start, end, fps, prompt, spatial, frames, name,
                                                             overwrite] + adv, status, api_name="start")
-        def stop():
-            line, job = app.stop_training(), app.jobs.current
-            if line.startswith("cav: error:") or job is None:
-                return say(line), gr.update()
-            # offer the stopped run under Resume at once (it is listed as resumable once its checkpoint is written)
-            return say(line), gr.update(choices=sorted(set(app.resumable_choices()) | {job.run.name}),
-                                        value=job.run.name)
-
-        stop_btn.click(stop, None, [status, resume_run])
+        # Stop answers at once; the run is offered under Resume when its child has ended with a checkpoint (poll)
+        stop_btn.click(_said(app.stop_training), None, status, concurrency_limit=None)
         resume_btn.click(_said(app.resume_training), resume_run, status)
 
         def poll(state):
             out = app.poll(state)
             label = say(out["sample_label"]) if "sample_label" in out else gr.update()
+            ended = out.get("resumable")
+            offer = gr.update() if ended is None else gr.update(
+                choices=ended, value=app.jobs.current.run.name if app.jobs.current.run.name in ended else None)
             return (say(out["job"]), say(out.get("progress", "")), out.get("figure", gr.update()),
-                    out.get("sample", gr.update()), label, out["shown"])
+                    out.get("sample", gr.update()), label, offer, out["shown"])
 
-        gr.Timer(POLL_SECONDS).tick(poll, shown, [job, progress, loss, sample, sample_label, shown],
-                                    show_progress="hidden")
-        demo.load(poll, shown, [job, progress, loss, sample, sample_label, shown], show_progress="hidden")
+        polled = [job, progress, loss, sample, sample_label, resume_run, shown]
+        gr.Timer(POLL_SECONDS).tick(poll, shown, polled, show_progress="hidden", concurrency_limit=None)
+        demo.load(poll, shown, polled, show_progress="hidden")
 
         # ---- generate
         def refresh_lists():
