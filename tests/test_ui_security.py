@@ -99,6 +99,10 @@ def test_same_origin_only(server):
     assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
     # a page on another port of this host is "same-site" for the browser: refused too, with or without Origin
     assert get(url + "/config", headers={"Sec-Fetch-Site": "same-site"}).status_code == 403
+    # a link to the app on another page still opens it (a top-level navigation to its page), and only that
+    opening = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert get(url + "/", headers=opening).status_code == 200
+    assert get(url + "/logout", headers=opening).status_code == 403
     # DNS rebinding: another host name that resolves here
     assert get(url + "/config", headers={"Host": f"attacker.example:{port}"}).status_code == 403
     # the page's own requests pass

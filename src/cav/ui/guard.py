@@ -58,7 +58,7 @@ class Guard:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        refused = self.foreign(headers)
+        refused = self.foreign(headers, scope)
         if refused:
             return await self._refuse(scope, receive, send, 403, refused)
         path = scope.get("path", "")
@@ -73,15 +73,18 @@ class Guard:
             return await self._login(scope, receive, send)
         return await self.app(scope, receive, send)
 
-    def foreign(self, headers: dict) -> str | None:
-        """Why a request is not this page's own (None: it is)."""
+    def foreign(self, headers: dict, scope: dict) -> str | None:
+        """Why a request is not this page's own (None: it is). Opening the app's page from a link elsewhere (a
+        top-level navigation to ``/``) is not refused: it has no effect and its answer goes to the user's tab."""
         host = headers.get("host", "")
         if self.hosts is not None and host not in self.hosts:
             return f"unknown host '{host}'"
         origin = headers.get("origin")
         if origin is not None and origin.split("://", 1)[-1] != host:
             return "cross-origin requests are refused"
-        if headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        opening = scope.get("method") == "GET" and scope.get("path") == "/" and \
+            headers.get("sec-fetch-mode") == "navigate"
+        if headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none") and not opening:
             return "cross-site requests are refused"
         return None
 
