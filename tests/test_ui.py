@@ -282,3 +282,21 @@ def test_the_train_tab_shows_the_child_s_own_end(app, tiny_video):
     t0 = time.time()
     assert app.stop_training().startswith("stopped")
     assert not app.jobs.busy() and time.time() - t0 < 5
+
+
+def test_the_app_loads_its_own_base_never_the_one_a_run_names(app):
+    """Issue 25: a run's t_lora/cav.json named the base (a folder or hub id) that generation then loaded."""
+    run = app.root / "foreign"
+    (run / "t_lora").mkdir(parents=True)
+    (run / "config.yaml").write_text("steps: 1\n")
+    (run / "t_lora" / "adapter_model.safetensors").write_bytes(b"")
+    (run / "t_lora" / "cav.json").write_text(json.dumps({"kind": "temporal", "base": "/etc"}))
+    assert app.generate(["foreign"], "", "0", None, 1, "x", "", 4, 2, 0)[2] == \
+        f"cav: error: run 'foreign' was trained on base '/etc', but this server serves '{app.base}': start cav ui " \
+        "--base /etc to generate with it"
+    (run / "t_lora" / "cav.json").write_text(json.dumps({"kind": "temporal", "base": app.base,
+                                                          "motion_adapter": "someone/motion"}))
+    assert app.generate(["foreign"], "", "0", None, 1, "x", "", 4, 2, 0)[2] == \
+        "cav: error: run 'foreign' was trained with the motion adapter 'someone/motion': type it in the motion " \
+        "adapter field to load it"
+    assert not (app.root / "generations").exists()  # refused before anything was written

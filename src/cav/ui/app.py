@@ -224,7 +224,7 @@ class App:
                 raise CavError("the prompt is empty: pass --prompt 'a description of the video to generate'")
             paths = [runs.inside(self.root, a) for a in adapters or []]
             for path in paths:
-                self._check_base(path)
+                self._check_base(path, str(motion_adapter or "").strip())
             columns, seed_list = form.parse_weights(weights, len(paths)), form.parse_seeds(seeds)
             form.check_grid(columns, seed_list)
             image = [(str(runs.inside(self.root, image_lora)), float(image_weight or 1.0))] if image_lora else []
@@ -258,14 +258,19 @@ class App:
         except CavError as exc:
             return self.error(exc)
 
-    def _check_base(self, run: Path) -> None:
-        """A run's recorded base is compared with the server's, never loaded from (adapters are data)."""
+    def _check_base(self, run: Path, motion_adapter: str) -> None:
+        """A run's recorded base and motion adapter are compared with the server's base and the page's field, never
+        loaded from (adapters are data): the user names what is loaded."""
         from ..adapters import lora
 
-        recorded = lora.read_meta(lora.find_adapter_dir(run, "temporal")).get("base")
+        meta = lora.read_meta(lora.find_adapter_dir(run, "temporal"))
+        recorded, motion = meta.get("base"), meta.get("motion_adapter")
         if recorded is not None and str(recorded) != str(self.base):
             raise CavError(f"run '{run.name}' was trained on base '{recorded}', but this server serves '{self.base}': "
                            f"start cav ui --base {recorded} to generate with it")
+        if motion and not motion_adapter:
+            raise CavError(f"run '{run.name}' was trained with the motion adapter '{motion}': type it in the motion "
+                           "adapter field to load it")
 
     def generation_choices(self) -> list[str]:
         return [d.name for d in runs.generations(self.root)]

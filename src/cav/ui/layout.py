@@ -116,7 +116,7 @@ def build(app: App):
                         gen_frames = gr.Number(0, precision=0, label="frames (0: the run's)", elem_id="gen-frames")
                         gen_steps = gr.Number(0, precision=0, label="steps (0: the run's)", elem_id="gen-steps")
                         gen_guidance = gr.Number(0, label="guidance (0: the run's)", elem_id="gen-guidance")
-                    motion = gr.Textbox(label="AnimateDiff motion adapter (image-model bases; empty: the run's)",
+                    motion = gr.Textbox(label="AnimateDiff motion adapter (image-model bases: the run's, typed here)",
                                         elem_id="gen-motion-adapter")
                     with gr.Row():
                         gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-start")
@@ -326,14 +326,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "toy", runs: st
     root = check_runs(runs)
     _free(host, port)
     base = str(Path(base).resolve()) if Path(base).exists() else base  # the server works in its own folder
-    work = Path(tempfile.mkdtemp(prefix="cav-ui-"))  # mode 0700: this user's only
-    uploads = work / "uploads"
-    # before gradio is imported (it reads them then): no analytics; uploads, caches and temp files in the private
-    # folder; it is also the working folder, since gradio accepts outputs from the working and temp folders
-    os.environ.update(GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(uploads),
-                      GRADIO_EXAMPLES_CACHE=str(work / "cache"), GRADIO_RUN_HISTORY="False")
-    tempfile.tempdir = str(work)
-    os.chdir(work)
+    work, uploads = _private_folder()
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -366,6 +359,19 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "toy", runs: st
         demo.close()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _private_folder() -> tuple[Path, Path]:
+    """A new 0700 folder that is this server's working folder, temp folder and gradio's upload and cache folder
+    (set before gradio is imported: it reads them then; gradio accepts outputs from the working and temp folders).
+    Returns (folder, uploads)."""
+    work = Path(tempfile.mkdtemp(prefix="cav-ui-"))
+    uploads = work / "uploads"
+    os.environ.update(GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(uploads),
+                      GRADIO_EXAMPLES_CACHE=str(work / "cache"), GRADIO_RUN_HISTORY="False")
+    tempfile.tempdir = str(work)
+    os.chdir(work)
+    return work, uploads
 
 
 def _guard_first(fastapi_app) -> None:
