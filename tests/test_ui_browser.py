@@ -206,6 +206,22 @@ def test_train_then_generate(page, server):
     assert len(list((server[1] / "generations").glob("*/w*-seed0.mp4"))) == 2
     page.shot("05-generated")
 
+    # issue 28: the Runs tab shows the run's contact sheet whole (not a cropped thumbnail) and lists the generation
+    page.tab("Runs")
+    page.el("#runs-refresh").click()
+    page.el("#runs-pick input").click()
+    page.wait(lambda: [o for o in page.d.find_elements("css selector", "#runs-pick li") if o.text == "run-001"],
+              "the run in the runs list")[0].click()
+    sheet = page.wait(lambda: page.d.execute_script(
+        "const i = document.querySelector('#runs-sheets img');"
+        "return i && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight, getComputedStyle(i).objectFit,"
+        " i.clientWidth] : null"), "the contact sheet")
+    assert sheet[1] >= 2 * 128 and sheet[2] == "contain" and sheet[3] > 600, sheet  # rows of ≥128-px frames, wide
+    page.el("#runs-generations input").click()
+    page.wait(lambda: page.d.find_elements("css selector", "#runs-generations li"), "the generations list")[0].click()
+    page.wait(lambda: len(page.d.find_elements("css selector", "#runs-generation video")) == 2, "the generation")
+    page.shot("06-runs")
+
 
 ATTACKER = """<!doctype html><title>running</title><script>
 const app = "APP", body = BODY, out = {};
