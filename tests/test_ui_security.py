@@ -70,7 +70,10 @@ def get(url, **kw):
 def test_the_working_folder_and_symlinks_are_not_served(server):
     url, _, runs, tmp = server
     secret = tmp / "checkout" / "secret.txt"
+    (runs / "page.html").write_text("<script>document.title='owned'</script>" + SECRET)  # a page in --runs
     for path in (f"/gradio_api/file={secret}", "/gradio_api/file=secret.txt", f"/file={secret}", "/file=secret.txt",
+                 f"/gradio_api/file/{secret}", f"/gradio_api/file/{runs / 'page.html'}", "/cav/runs/page.html",
+                 f"/gradio_api/file={runs / 'page.html'}",
                  "/cav/runs/link.png", f"/gradio_api/file={runs / 'link.png'}", "/cav/runs/../checkout/secret.txt",
                  "/gradio_api/file=/etc/passwd"):
         r = get(url + path)
@@ -84,8 +87,8 @@ def test_no_url_is_fetched_and_the_server_stays_up(server):
         r = get(f"{url}/gradio_api/file={target}")
         assert r.status_code == 403 and r.text == "cav ui serves only its own files"
         assert time.time() - t0 < 5
-        r = get(f"{url}/file={target}")
-        assert r.status_code in (403, 404)
+        for route in ("/file=", "/gradio_api/file/", "/gradio_api/proxy="):
+            assert get(f"{url}{route}{target}").status_code in (403, 404), route
     assert get(url + "/config").status_code == 200  # not frozen
 
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import mimetypes
 import os
+import re
 import time
 from pathlib import Path
 from urllib.parse import unquote
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 RUNS_ROUTE = "/cav/runs/"
+FILE_ROUTE = re.compile(r"^(?:/gradio_api)?/(file=|file/|proxy=)(.*)$", re.S)  # gradio's routes that open a path
 SERVED = {".mp4", ".gif", ".png", ".jpg", ".jpeg", ".webm"}  # what the page shows from --runs
 FILE_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"content-security-policy", b"sandbox"),
                 (b"cache-control", b"no-store")]
@@ -64,9 +66,10 @@ class Guard:
         path = scope.get("path", "")
         if scope["type"] == "http" and path.startswith(RUNS_ROUTE):
             return await self._runs_file(scope, receive, send, unquote(path[len(RUNS_ROUTE):]))
-        if "/file=" in path or "/proxy=" in path:
-            target = unquote(path.split("=", 1)[1])
-            if "/proxy=" in path or plain_path(Path(target), self.uploads) is None:
+        route = FILE_ROUTE.match(path)
+        if route or "proxy=" in path:
+            target = unquote(route.group(2)) if route and route.group(1) != "proxy=" else ""
+            if not target or plain_path(Path(target), self.uploads) is None:
                 return await self._refuse(scope, receive, send, 403, "cav ui serves only its own files")
             return await self.app(scope, receive, self._file_headers(send))
         if scope["type"] == "http" and scope["method"] == "POST" and path.rstrip("/").endswith("/login"):
