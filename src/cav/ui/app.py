@@ -1,8 +1,9 @@
 """The web app's callbacks, without Gradio: each takes the page's values and returns what the page shows.
 
 A user's mistake comes back as the CLI's own line (``cav: error: ...``) in a status field; the server goes on.
-Training runs in a child process (``jobs.py``) writing the same run folder the CLI writes; generation runs here
-through ``cav.api.generate``. ``layout.py`` wires these callbacks to Gradio components.
+Training runs in a child process (``jobs.py``) writing the same run folder the CLI writes; a generation grid runs in
+another (``grid.py``) writing under ``--runs/generations/``. Lines never show a server path (``App.public``).
+``layout.py`` wires these callbacks to Gradio components.
 """
 
 from __future__ import annotations
