@@ -452,7 +452,8 @@ def _add_ui(sub) -> None:
     _opt(ui, "--runs", "folder of the runs the app trains and lists", "runs", metavar="DIR")
     _opt(ui, "--auth", "ask for a login as USER, with the password from --password-file or $CAV_UI_PASSWORD "
          "(never on the command line) [default: none: only for --host 127.0.0.1]", metavar="USER")
-    _opt(ui, "--password-file", "file holding the --auth password", metavar="FILE")
+    _opt(ui, "--password-file", "file holding the --auth password [default: none: $CAV_UI_PASSWORD]",
+         metavar="FILE")
     _opt(ui, "--max-upload-mb", "largest upload accepted, in MB", 500, type=_positive, metavar="MB")
     ui.add_argument("--share", action="store_true", help="also open a public share link (needs --auth)")
     ui.set_defaults(func=cmd_ui, command="ui")
