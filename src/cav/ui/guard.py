@@ -20,7 +20,6 @@ import os
 import re
 import time
 from pathlib import Path
-from urllib.parse import unquote
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 RUNS_ROUTE = "/cav/runs/"
@@ -65,10 +64,10 @@ class Guard:
             return await self._refuse(scope, receive, send, 403, refused)
         path = scope.get("path", "")
         if scope["type"] == "http" and path.startswith(RUNS_ROUTE):
-            return await self._runs_file(scope, receive, send, unquote(path[len(RUNS_ROUTE):]))
+            return await self._runs_file(scope, receive, send, path[len(RUNS_ROUTE):])
         route = FILE_ROUTE.match(path)
         if route or "proxy=" in path:
-            target = unquote(route.group(2)) if route and route.group(1) != "proxy=" else ""
+            target = route.group(2) if route and route.group(1) != "proxy=" else ""  # the server decoded it already
             if not target or plain_path(Path(target), self.uploads) is None:
                 return await self._refuse(scope, receive, send, 403, "cav ui serves only its own files")
             return await self.app(scope, receive, self._file_headers(send))
