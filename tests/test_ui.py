@@ -177,6 +177,14 @@ def test_cav_ui_refuses_a_bad_login_or_a_busy_port(capsys, tmp_path, monkeypatch
         "or $CAV_UI_PASSWORD), or keep --host 127.0.0.1"
     assert _cli_error(capsys, ["ui", "--share"]).startswith("cav: error: --share opens the app to the internet: "
                                                             "pass --auth USER")
+    from cav.ui.layout import credentials
+
+    (tmp_path / "pw").write_text("s3cret\n")
+    assert credentials("alice", str(tmp_path / "pw")) == ("alice", "s3cret")
+    monkeypatch.setenv("CAV_UI_PASSWORD", "from-env")
+    assert credentials("alice", None) == ("alice", "from-env")
+    assert _cli_error(capsys, ["ui", "--auth", "alice", "--password-file", str(tmp_path / "none")]).startswith(
+        f"cav: error: cannot read --password-file '{tmp_path / 'none'}' (No such file or directory)")
     # issue 28: --runs naming a file is refused before the server starts
     (tmp_path / "afile").write_text("x")
     assert _cli_error(capsys, ["ui", "--runs", str(tmp_path / "afile")]) == \
