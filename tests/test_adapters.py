@@ -213,3 +213,42 @@ def test_t_lora_batch_repeats_the_clip_and_drops_the_prompt_per_copy(tiny_model)
                           objective=bb.family.objective)
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None for p in lora.lora_parameters(bb.unet, T_LORA))
+
+
+def test_an_adapter_is_data_its_patterns_never_run_and_its_base_never_followed(tiny_model, tmp_path):
+    """Issue 25: a crafted adapter_config.json regex (catastrophic backtracking over every module name) used to hang
+    loading, and cav.json's base named what generation loads; now the weights' own module names are the targets
+    (checked against this UNet) and a caller may refuse the recorded base."""
+    import time
+
+    from cav import api
+
+    bb = backbone.load(tiny_model, "cpu")
+    cfg = lora.lora_config("temporal", "cav", 2, 1.0)
+    lora.add_lora(bb.unet, "t_lora", cfg)
+    out = lora.save_lora(bb.unet, "t_lora", cfg, tmp_path / "t_lora", {"kind": "temporal", "base": "/etc"})
+    raw = json.loads((out / "adapter_config.json").read_text())
+    raw["target_modules"] = "(?:" + "(?:.*)*" * 12 + ")x"  # hangs re.fullmatch on any name that does not end in x
+    raw["rank_pattern"] = {"(a*)*b": 8}
+    (out / "adapter_config.json").write_text(json.dumps(raw))
+    bb2 = backbone.load(tiny_model, "cpu")
+    t0 = time.time()
+    lora.load_lora(bb2.unet, out, "again", expect_kind="temporal")
+    assert time.time() - t0 < 10
+    assert _adapted(bb2.unet, "again") == _adapted(bb.unet, "t_lora")  # the modules its weights name, nothing else
+    # a weight naming a module this base does not have is refused
+    state = load_file(str(out / "adapter_model.safetensors"))
+    key = next(iter(state))
+    from safetensors.torch import save_file
+
+    save_file({**state, "nowhere.lora_A.weight": state[key].clone()}, str(out / "adapter_model.safetensors"))
+    with pytest.raises(CavError, match=r"module nowhere is not one of its modules"):
+        lora.load_lora(backbone.load(tiny_model, "cpu").unet, out, "x", expect_kind="temporal")
+    # a rank that is not a number is refused before anything is built
+    raw["r"] = "4; import os"
+    (out / "adapter_config.json").write_text(json.dumps(raw))
+    with pytest.raises(CavError, match="has no valid rank and alpha"):
+        lora.load_lora(backbone.load(tiny_model, "cpu").unet, out, "x", expect_kind="temporal")
+    # cav.json's base ("/etc" here) is not followed where the caller says adapters are data
+    with pytest.raises(CavError, match=r"^no base model given"):
+        api.generate("p", [(str(out), 1.0)], recorded=False, out=tmp_path / "o.mp4", steps=1, frames=4)

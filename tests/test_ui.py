@@ -5,6 +5,7 @@ grid, and the Runs tab's zip / delete."""
 import json
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +112,12 @@ def test_train_generate_runs_tab(app, tiny_video, tmp_path):
     assert line.startswith("4 video(s) in") and grid.count("<video ") == 4
     assert sorted(p.rsplit(".", 1)[1] for p in files) == ["gif"] * 4 + ["mp4"] * 4
     assert "r1:0.5" in grid and "seed 4" in grid
+    # issue 28: the videos are kept under --runs (not a temp folder) and the Runs tab lists them
+    assert all(p.startswith(str(app.root / "generations")) for p in files) and str(app.root) not in grid
+    assert line.endswith(f"in generations/{app.generation_choices()[0]} (listed in the Runs tab)")
+    shown, said = app.show_generation(app.generation_choices()[0])
+    assert shown == grid and said == f"generation {app.generation_choices()[0]}"
+    assert shown.count('src="cav/runs/generations/') == 4
     assert app.generate(["r1"], "0.5/1", "0", None, 1, "x", "", 4, 2, 0)[2].startswith(
         "cav: error: weights '0.5/1' give 2 values for 1 adapters")
     assert app.generate(["r1"], "", "0", None, 1, " ", "", 4, 2, 0)[2] == \
@@ -144,6 +151,7 @@ def test_stop_leaves_a_checkpoint_and_resume_finishes(app, tiny_video):
     assert _wait(app) == "stopped: the last step of 'r1' is checkpointed; pick it under Resume to continue"
     assert app.jobs.current.proc.returncode == 130
     assert app.resumable_choices() == ["r1"] and runs.checkpoints(run)
+    assert app.poll({})["resumable"] == ["r1"]  # the page offers it under Resume once the child has ended
     stopped_at = len(runs.read_log(run))
     assert app.stop_training() == "cav: error: no training is running: nothing to stop"
     assert app.resume_training("r1") == "resuming 'r1'"
@@ -153,11 +161,34 @@ def test_stop_leaves_a_checkpoint_and_resume_finishes(app, tiny_video):
     assert app.resumable_choices() == []
 
 
-def test_cav_ui_refuses_a_bad_login_or_a_busy_port(capsys):
+def test_cav_ui_refuses_a_bad_login_or_a_busy_port(capsys, tmp_path, monkeypatch):
     import socket
 
+    monkeypatch.delenv("CAV_UI_PASSWORD", raising=False)
     assert _cli_error(capsys, ["ui", "--auth", "alice"]) == \
-        "cav: error: --auth 'alice' is not user:password: pass e.g. --auth alice:secret"
+        "cav: error: --auth alice needs a password: put it in a file (--password-file FILE) or in $CAV_UI_PASSWORD"
+    # issue 25: the password never on the command line (ps shows it to every local user)
+    assert _cli_error(capsys, ["ui", "--auth", "alice:secret"]) == \
+        "cav: error: --auth takes a user name only: a password on the command line shows in ps; pass --auth alice " \
+        "and put the password in a file (--password-file) or in $CAV_UI_PASSWORD"
+    # a server others can reach needs a login
+    assert _cli_error(capsys, ["ui", "--host", "0.0.0.0"]) == \
+        "cav: error: --host 0.0.0.0 opens the app to the network: pass --auth USER (password in --password-file " \
+        "or $CAV_UI_PASSWORD), or keep --host 127.0.0.1"
+    assert _cli_error(capsys, ["ui", "--share"]).startswith("cav: error: --share opens the app to the internet: "
+                                                            "pass --auth USER")
+    from cav.ui.layout import credentials
+
+    (tmp_path / "pw").write_text("s3cret\n")
+    assert credentials("alice", str(tmp_path / "pw")) == ("alice", "s3cret")
+    monkeypatch.setenv("CAV_UI_PASSWORD", "from-env")
+    assert credentials("alice", None) == ("alice", "from-env")
+    assert _cli_error(capsys, ["ui", "--auth", "alice", "--password-file", str(tmp_path / "none")]).startswith(
+        f"cav: error: cannot read --password-file '{tmp_path / 'none'}' (No such file or directory)")
+    # issue 28: --runs naming a file is refused before the server starts
+    (tmp_path / "afile").write_text("x")
+    assert _cli_error(capsys, ["ui", "--runs", str(tmp_path / "afile")]) == \
+        f"cav: error: --runs '{tmp_path / 'afile'}' is a file: pass a folder (it is created if missing)"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -175,3 +206,105 @@ def test_the_page_builds_with_every_recipe_field(app):
     assert {f"field-{f.name}" for f in form.advanced_fields()} <= ids
     assert {"clip-upload", "start", "stop", "resume", "gen-start", "gen-grid", "runs-delete", "runs-zip"} <= ids
     assert layout.say("cav: error: it's 'x'") == '<p class="cav-line cav-error">cav: error: it&#x27;s &#x27;x&#x27;</p>'
+
+
+def test_a_clip_must_be_an_upload_of_this_server_and_no_server_path_is_shown(tiny_model, tmp_path, tiny_video):
+    """Issue 25: a posted path (``/etc/passwd``) was read as the clip and its copy's path printed."""
+    import shutil
+
+    uploads = tmp_path / "work" / "uploads"
+    app = App(str(tiny_model), tmp_path / "runs", tmp_path / "work", uploads=uploads, runs_label="runs")
+    (uploads / "h1").mkdir(parents=True)
+    clip = shutil.copy(tiny_video, uploads / "h1" / "clip.mp4")
+    assert app.preview(clip, None, 0, 0, 0, 3, "32", "crop")[1].startswith("preview: 3 frames of 'clip.mp4'")
+    (uploads / "h1" / "link.mp4").symlink_to(tiny_video)
+    for path in ("/etc/passwd", str(tiny_video), str(uploads / "h1" / "link.mp4"), str(uploads / "h1" / ".." / ".." /
+                                                                                      ".." / "runs")):
+        assert app.preview(path, None, 0, 0, 0, 3, "32", "crop") == \
+            (None, f"cav: error: '{Path(path).name}' is not a clip uploaded to this server: upload it with the clip "
+                   "field")
+    (uploads / "h1" / "notes.txt").write_text("not a video")
+    line = app.preview(str(uploads / "h1" / "notes.txt"), None, 0, 0, 0, 3, "32", "crop")[1]
+    assert line.startswith("cav: error: 'notes.txt' is not a video") and str(tmp_path) not in line
+    assert _start(app, clip) == "started training 'r1' in runs/r1"  # the runs folder as the user named it
+    _wait(app)
+
+
+def test_a_run_held_by_another_process_cannot_be_deleted(app):
+    """Issue 25/28: the run's lock (held by whoever trains it: the CLI, another server, a batch) blocks Delete."""
+    from cav import runlock
+
+    run = app.root / "busy"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("steps: 1\n")
+    with runlock.RunLock(run):
+        assert app.delete_run("busy", True) == f"cav: error: run '{run}' is being trained by another process: " \
+            "wait for it to finish or stop it, then delete it"
+        assert run.is_dir()
+    assert app.delete_run("busy", True) == "deleted 'busy'" and not run.exists()
+
+
+def test_generation_is_a_job_stop_ends_it_and_too_many_steps_is_one_line(app):
+    import threading
+
+    # issue 25: steps above the scheduler's timesteps were a raw 500
+    assert app.generate([], "", "0", None, 1, "a red square", "", 4, 5000, 0) == \
+        ("", [], "cav: error: steps (--steps) 5000 is more than this base's scheduler has timesteps (1000): pass "
+                 "--steps 1000 or fewer")
+    assert app.stop_generation() == "cav: error: no generation is running: nothing to stop"
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=app.generate(
+        [], "", "0, 1, 2, 3", None, 1, "a red square", "", 4, 1000, 0)))
+    worker.start()
+    deadline = time.time() + 60
+    while app.grids.proc is None or app.grids.proc.poll() is not None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)
+    t0 = time.time()
+    assert app.stop_generation() == "stopping the generation"
+    worker.join(30)
+    assert not worker.is_alive() and time.time() - t0 < 10
+    assert result["out"][2].startswith("cav: error: the generation was stopped")
+    assert app.grids.proc.returncode != 0
+
+
+def test_the_train_tab_shows_the_child_s_own_end(app, tiny_video):
+    """Issue 28: a training that ended before its folder existed said 'run was deleted'; a Stop before the first
+    checkpoint said the last step was checkpointed."""
+    ghost = app.root / "ghost"
+    app.jobs.start(ghost, [str(app.root / "missing.mp4"), "--out", str(ghost), "--prompt", PROMPT])
+    _wait(app)
+    said = app.poll({})["job"]
+    assert said.startswith("cav: error:") and "missing.mp4" in said and "deleted" not in said
+    assert _start(app, tiny_video, steps=50, checkpoint_every=0).startswith("started")
+    app.stop_training()
+    assert _wait(app) == "stopped before 'r1' had a checkpoint: nothing to resume; start it again"
+    assert app.resumable_choices() == []
+    first = app.poll({})
+    assert first["resumable"] == [] and "resumable" not in app.poll(first["shown"])  # Resume offers nothing
+    # a Stop the child does not answer (it is busy in a library that holds Ctrl-C): Stop again ends it at once
+    assert _start(app, tiny_video, name="r2", steps=50, checkpoint_every=0).startswith("started")
+    time.sleep(2)
+    assert app.stop_training().endswith("Stop again ends it at once, without a checkpoint)")
+    t0 = time.time()
+    assert app.stop_training().startswith("stopped")
+    assert not app.jobs.busy() and time.time() - t0 < 5
+
+
+def test_the_app_loads_its_own_base_never_the_one_a_run_names(app):
+    """Issue 25: a run's t_lora/cav.json named the base (a folder or hub id) that generation then loaded."""
+    run = app.root / "foreign"
+    (run / "t_lora").mkdir(parents=True)
+    (run / "config.yaml").write_text("steps: 1\n")
+    (run / "t_lora" / "adapter_model.safetensors").write_bytes(b"")
+    (run / "t_lora" / "cav.json").write_text(json.dumps({"kind": "temporal", "base": "/etc"}))
+    assert app.generate(["foreign"], "", "0", None, 1, "x", "", 4, 2, 0)[2] == \
+        f"cav: error: run 'foreign' was trained on base '/etc', but this server serves '{app.base}': start cav ui " \
+        "--base /etc to generate with it"
+    (run / "t_lora" / "cav.json").write_text(json.dumps({"kind": "temporal", "base": app.base,
+                                                          "motion_adapter": "someone/motion"}))
+    assert app.generate(["foreign"], "", "0", None, 1, "x", "", 4, 2, 0)[2] == \
+        "cav: error: run 'foreign' was trained with the motion adapter 'someone/motion': type it in the motion " \
+        "adapter field to load it"
+    assert not (app.root / "generations").exists()  # refused before anything was written

@@ -125,7 +125,7 @@ class Page:
         self.el("#clip-upload input[type=file]").send_keys(str(path))
 
     def tab(self, name: str) -> None:
-        self.d.find_element("xpath", f"//div[contains(@class,'tab-nav')]/button[contains(., '{name}')]").click()
+        self.d.find_element("xpath", f"//button[@role='tab' and contains(., '{name}')]").click()
 
     def shot(self, name: str) -> Path:
         path = self.shots / f"{name}.png"
@@ -201,5 +201,101 @@ def test_train_then_generate(page, server):
         "const v = [...document.querySelectorAll('#gen-grid video')];"
         "return v.length === 2 && v.every(x => x.readyState >= 1 && !x.error) ? v.map(x => x.currentSrc) : null"),
         "playable videos")
-    assert all(src.endswith(".mp4") and "/file=" in src for src in playable)
+    # issue 28: written under --runs (generations/), served from there by a relative route (no server path)
+    assert all(src.endswith(".mp4") and "/cav/runs/generations/" in src for src in playable)
+    assert len(list((server[1] / "generations").glob("*/w*-seed0.mp4"))) == 2
     page.shot("05-generated")
+
+    # issue 28: the Runs tab shows the run's contact sheet whole (not a cropped thumbnail) and lists the generation
+    page.tab("Runs")
+    page.el("#runs-refresh").click()
+    page.el("#runs-pick input").click()
+    page.wait(lambda: [o for o in page.d.find_elements("css selector", "#runs-pick li") if o.text == "run-001"],
+              "the run in the runs list")[0].click()
+    sheet = page.wait(lambda: page.d.execute_script(
+        "const i = document.querySelector('#runs-sheets img');"
+        "return i && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight, getComputedStyle(i).objectFit,"
+        " i.clientWidth] : null"), "the contact sheet")
+    assert sheet[1] >= 2 * 128 and sheet[2] == "contain" and sheet[3] > 600, sheet  # rows of ≥128-px frames, wide
+    page.el("#runs-generations input").click()
+    page.wait(lambda: page.d.find_elements("css selector", "#runs-generations li"), "the generations list")[0].click()
+    page.wait(lambda: len(page.d.find_elements("css selector", "#runs-generation video")) == 2, "the generation")
+    page.shot("06-runs")
+
+
+ATTACKER = """<!doctype html><title>running</title><script>
+const app = "APP", body = BODY, out = {};
+(async () => {
+  try { await (await fetch(app + "/config")).text(); out.read = "allowed"; } catch (e) { out.read = "blocked"; }
+  try {
+    const r = await fetch(app + "/gradio_api/queue/join", {method: "POST", credentials: "include",
+                          headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+    out.start = "sent " + r.status;
+  } catch (e) { out.start = "blocked"; }
+  const img = new Image();  // a plain <img>: no CORS, so only the server can refuse it
+  img.onload = () => { out.img = "loaded"; document.title = "done " + JSON.stringify(out); };
+  img.onerror = () => { out.img = "refused"; document.title = "done " + JSON.stringify(out); };
+  img.src = app + "/gradio_api/file=/etc/passwd";
+})();
+</script>"""
+
+
+def _start_payload(url: str, name: str) -> dict:
+    """What the page sends for Start training (the toy clip, tiny steps), built from the page's own config."""
+    import json
+    import urllib.request
+
+    config = json.load(urllib.request.urlopen(url + "config", timeout=10))
+    dep = next(d for d in config["dependencies"] if d.get("api_name") == "start")
+    values = {c["id"]: c.get("props", {}).get("value") for c in config["components"]}
+    data = [values[i] for i in dep["inputs"]]
+    labels = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    by_id = {labels[i]: k for k, i in enumerate(dep["inputs"])}
+    data[by_id["toy-clip"]], data[by_id["prompt"]], data[by_id["run-name"]] = "red circle, spiral", PROMPT, name
+    for field, value in {"steps": 1, "absorber_steps": 1, "checkpoint_every": 1, "sample_steps": 1}.items():
+        data[by_id[f"field-{field}"]] = value
+    return {"data": data, "fn_index": dep["id"], "session_hash": "attacker", "event_data": None,
+            "trigger_id": dep["targets"][0][0]}
+
+
+def test_a_page_on_another_local_port_cannot_read_drive_or_fetch(page, server):
+    """Issue 25: with ``Access-Control-Allow-Origin: *`` (gradio 3) or any localhost origin allowed (gradio 6),
+    a page on another local port read the app and started trainings; now only the app's own page can."""
+    import http.server
+    import json
+    import threading
+    import urllib.request
+
+    url, runs = server
+    payload = _start_payload(url, "xorigin")
+    html = ATTACKER.replace("APP", url.rstrip("/")).replace("BODY", json.dumps(payload)).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args):
+            pass
+
+    evil = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        page.d.get(f"http://127.0.0.1:{evil.server_address[1]}/")
+        said = page.wait(lambda: page.d.title.startswith("done") and page.d.title, "the attacker page", timeout=30)
+        assert json.loads(said[5:]) == {"read": "blocked", "start": "blocked", "img": "refused"}
+        time.sleep(3)
+        assert not (runs / "xorigin").exists()  # nothing was started
+    finally:
+        evil.shutdown()
+    # the same request from the app's own origin does start the training: the payload was a real one
+    req = urllib.request.Request(url + "gradio_api/queue/join", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    assert urllib.request.urlopen(req, timeout=10).status == 200
+    deadline = time.time() + 60
+    while not (runs / "xorigin").exists():
+        assert time.time() < deadline, "the same-origin start did not start"
+        time.sleep(0.5)
+    page.d.get(url)

@@ -399,6 +399,11 @@ def test_contact_sheet(tmp_path: Path) -> None:
         assert sheet.size[1] == g + 64 + g + 32 + g and sheet.size[0] > width + 10
         assert np.asarray(sheet)[:, g : sheet.size[0] - width].max() > 200  # label text drawn at the left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labelled.png", "sheet.png"]
+    # issue 28: without a scale, small frames are shown at least 128 px (a toy library.png was 299x76)
+    with Image.open(write_contact_sheet(tmp_path / "auto.png", [[toy(8, 32)]], labels=["run-1"])) as sheet:
+        assert sheet.size[1] == g + 128 + g and sheet.size[0] > 8 * 128
+    with Image.open(write_contact_sheet(tmp_path / "big.png", [[toy(2, 256)]])) as sheet:
+        assert sheet.size == (g + 2 * 256 + g, g + 256 + g)  # large frames as they are
 
 
 # ----------------------------------------------------------------------------------------------- tensors

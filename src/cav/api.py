@@ -294,12 +294,14 @@ def output_files(out, num_videos: int, overwrite: bool = False, sample: SampleCo
 def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, sample: SampleConfig | None = None,
              image_loras=(), textual_inversions=(), base: str | None = None, out="out.mp4", overwrite: bool = False,
              device="auto", dtype="auto", quiet: bool = False, motion_adapter: str | None = None,
-             **settings) -> list[Path]:
+             recorded: bool = True, **settings) -> list[Path]:
     """Sample one video per entry of ``sample.grid`` (seeds seed, seed+1, … or --weights × --seeds), each from the
     start ``sample`` names (noise, a reference's noise prior or inversion, an image); writes ``out`` (.mp4 or .gif),
     the other format and the recipe (.json) beside each, and ``out-sheet.png`` for several. Settings: ``sample``
     (None: the first adapter's recorded ones, see ``sample_settings``), then the SampleConfig fields given in
-    ``settings`` (``steps=10``, ``seed=3``; None means "not given"); ``size`` None: the base's native size."""
+    ``settings`` (``steps=10``, ``seed=3``; None means "not given"); ``size`` None: the base's native size.
+    ``recorded=False``: the adapters are data from elsewhere (the web app): their ``cav.json`` never names the base or
+    motion adapter to load (``base`` is required then)."""
     from .data.video import write_video
     from .io_utils import write_json
 
@@ -310,10 +312,13 @@ def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, samp
         raise CavError("--weights sets the weight of each --adapter: pass --adapter RUN, or drop --weights")
     targets = output_files(out, sample.num_videos, overwrite, sample)
     metas = [lora.read_meta(lora.find_adapter_dir(Path(p), "temporal")) for p, _ in adapters]
+    if not recorded and not base:
+        raise CavError("no base model given: pass --base (an adapter's own record is not followed here)")
     base = base or (metas[0].get("base") if metas else None) or "toy"
-    if motion_adapter is None and metas and base == metas[0].get("base"):
+    if recorded and motion_adapter is None and metas and base == metas[0].get("base"):
         motion_adapter = metas[0].get("motion_adapter")  # the adapter's own base: image model + its motion adapter
     bb = backbone_mod.load(base, device, dtype, motion_adapter=motion_adapter)
+    check_steps(bb, sample.steps)
     size = tuple(sample.size or _default_size(bb))
     inputs = generation.read_inputs(sample, size)
     metas = load_adapters(bb, list(adapters), list(image_loras), list(textual_inversions), default=sample.lora_weight)
@@ -330,6 +335,14 @@ def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, samp
     if len(targets) > 1:
         generation.write_sheet(Path(out).with_name(f"{Path(out).stem}-sheet.png"), videos, sample)
     return targets
+
+
+def check_steps(bb, steps: int) -> None:
+    """The scheduler takes at most as many denoising steps as it has training timesteps."""
+    limit = int(getattr(bb.scheduler.config, "num_train_timesteps", 0) or 0)
+    if limit and steps > limit:
+        raise CavError(f"steps (--steps) {steps} is more than this base's scheduler has timesteps ({limit}): pass "
+                       f"--steps {limit} or fewer")
 
 
 def _set_grid_weight(bb, adapters, image_loras, metas, sample: SampleConfig, weight: float | None) -> list[float]:

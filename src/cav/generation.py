@@ -120,4 +120,4 @@ def write_sheet(path: Path, videos: list[np.ndarray], sample: SampleConfig) -> P
     rows = [[v for v, (w, _) in zip(videos, grid) if w == weight] for weight in weights]
     labels = [("adapter's weight" if w is None else f"weight {w:g}") + " | seeds " +
               ",".join(str(s) for ww, s in grid if ww == w) for w in weights]
-    return write_contact_sheet(path, rows, labels=labels, scale=2)
+    return write_contact_sheet(path, rows, labels=labels)

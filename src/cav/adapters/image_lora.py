@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CavError
-from .lora import DIFFUSERS_WEIGHTS, read_meta
+from .lora import DIFFUSERS_WEIGHTS, SAFE_KEYS, read_meta
 
 
 def resolve_image_lora(path: str | Path) -> Path:
@@ -70,6 +70,8 @@ def load_image_lora(unet: torch.nn.Module, path: str | Path, name: str, family) 
     if alphas and metadata:
         alphas = None  # diffusers' own metadata already carries lora_alpha
     metadata = {k.removeprefix("unet."): v for k, v in (metadata or {}).items() if k.startswith("unet.")} or None
+    if metadata:  # data only: rank, alpha and flags; no pattern fields (peft runs them as regexes)
+        metadata = {k: v for k, v in metadata.items() if k in SAFE_KEYS and type(v) in (int, float, bool, str)}
     if metadata:  # suffix targets such as "to_q" would also match the motion modules: name the modules exactly
         metadata["target_modules"] = sorted({k.split(".lora_", 1)[0] for k in unet_state if ".lora_" in k})
         metadata = {f"unet.{k}": v for k, v in metadata.items()}

@@ -134,10 +134,11 @@ def load_lora(unet: torch.nn.Module, directory: Path, name: str, expect_kind: st
                        f"but this base is {family.name}: use an adapter trained on a {family.name} base, or that "
                        "adapter's base")
     try:
-        config = LoraConfig.from_pretrained(str(directory))
+        raw = json.loads((directory / CONFIG).read_text())
         state = load_file(str(directory / WEIGHTS))
     except Exception as exc:
         raise CavError(f"could not read adapter '{directory}' ({type(exc).__name__}): is it a peft LoRA folder?") from None
+    config = saved_config(raw, state, unet, directory)
     try:
         add_lora(unet, name, config)
     except CavError:
@@ -151,6 +152,26 @@ def load_lora(unet: torch.nn.Module, directory: Path, name: str, expect_kind: st
     ref = next(p for n, p in unet.named_parameters() if f".{name}." in n)
     set_peft_model_state_dict(unet, {k: v.to(ref.device) for k, v in state.items()}, adapter_name=name)
     return meta
+
+
+SAFE_KEYS = ("r", "lora_alpha", "lora_dropout", "bias", "init_lora_weights", "use_dora", "use_rslora")
+
+
+def saved_config(raw: dict, state: dict, unet: torch.nn.Module, directory) -> LoraConfig:
+    """A saved adapter's LoraConfig, read as data: rank and alpha must be numbers, and the adapted modules are the
+    ones its weights name, each checked to be a module of this UNet. Its ``target_modules`` (a regex peft would run
+    over every module name: a crafted one hangs loading) and pattern fields are never used."""
+    r, alpha = raw.get("r"), raw.get("lora_alpha")
+    if not (type(r) is int and 1 <= r <= 4096 and type(alpha) in (int, float) and 0 < alpha <= 1e6):
+        raise CavError(f"adapter '{directory}' has no valid rank and alpha in {CONFIG}: is it a LoRA saved by cav?")
+    modules = sorted({k.split(".lora_", 1)[0] for k in state if ".lora_" in k})
+    known = dict(unet.named_modules())
+    stray = [m for m in modules if m not in known]
+    if not modules or stray:
+        raise CavError(f"adapter '{directory}' does not fit this base (module {stray[0] if stray else 'none'} is "
+                       "not one of its modules): it was trained on another base")
+    return LoraConfig(**{k: raw[k] for k in SAFE_KEYS if k in raw and type(raw[k]) in (int, float, bool, str)},
+                      target_modules=modules)
 
 
 def load_lora_weights(unet: torch.nn.Module, directory: Path, name: str) -> None:

@@ -29,6 +29,7 @@ _VIEW_MIN = 128  # write_video upscales so the longer side is at least this many
 _GAP = 4  # contact sheet: pixels between and around tiles
 _SHEET_FRAMES = 8  # contact sheet: frames shown per video at most
 _SHEET_FONT = 16  # contact sheet: label size in pixels
+_SHEET_MIN_SIDE = 128  # contact sheet: frames are upscaled to at least this many pixels unless a scale is given
 _REENCODE = "re-encode it, e.g. `ffmpeg -i in.mp4 -c:v libx264 -pix_fmt yuv420p fixed.mp4`"
 
 
@@ -401,11 +402,13 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
 
 
 def write_contact_sheet(
-    path: str | Path, rows: list[list[np.ndarray]], labels: list[str] | None = None, scale: int = 1
+    path: str | Path, rows: list[list[np.ndarray]], labels: list[str] | None = None, scale: int | None = None
 ) -> Path:
     """Write a PNG grid: one line per row, each video as up to 8 of its frames side by side (uniformly chosen).
 
-    Videos are ``uint8 (F, H, W, 3)`` and are upscaled by the integer ``scale`` (nearest neighbour). Tiles are
+    Videos are ``uint8 (F, H, W, 3)`` and are upscaled by the integer ``scale`` (nearest neighbour); None: the
+    smallest factor that shows the largest frame at least ``_SHEET_MIN_SIDE`` px (a 32-px toy frame 4×), so a sheet
+    is legible at a glance. Tiles are
     separated and surrounded by 4 px of dark grey; ``labels`` (one per row) are drawn in a column at the left.
     The file is written atomically.
     """
@@ -416,6 +419,9 @@ def write_contact_sheet(
         raise ValueError("contact sheet needs at least one row and at least one video per row")
     if labels is not None and len(labels) != len(rows):
         raise ValueError(f"got {len(labels)} labels for {len(rows)} rows")
+    if scale is None:
+        side = max(max(v.shape[1:3]) for row in rows for v in row)
+        scale = max(1, -(-_SHEET_MIN_SIDE // side))
     if int(scale) != scale or scale < 1:
         raise ValueError(f"scale must be a positive integer, got {scale}")
     strips = [[_strip(video, int(scale)) for video in row] for row in rows]

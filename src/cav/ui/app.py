@@ -1,23 +1,24 @@
 """The web app's callbacks, without Gradio: each takes the page's values and returns what the page shows.
 
 A user's mistake comes back as the CLI's own line (``cav: error: ...``) in a status field; the server goes on.
-Training runs in a child process (``jobs.py``) writing the same run folder the CLI writes; generation runs here
-through ``cav.api.generate``. ``layout.py`` wires these callbacks to Gradio components.
+Training runs in a child process (``jobs.py``) writing the same run folder the CLI writes; a generation grid runs in
+another (``grid.py``) writing under ``--runs/generations/``. Lines never show a server path (``App.public``).
+``layout.py`` wires these callbacks to Gradio components.
 """
 
 from __future__ import annotations
 
-import html
+import re
 import shutil
 import time
 from pathlib import Path
 
-from .. import preflight, runfolder
+from .. import preflight, runfolder, runlock
 from ..config import TrainConfig, dump_yaml
 from ..data import toyworld as tw
 from ..errors import CavError
-from . import form, runs
-from .jobs import TrainingJobs
+from . import form, grid, guard, runs
+from .jobs import GridJobs, TrainingJobs
 
 # the toy world's held-out motions (the base model never saw them), one appearance each: clips to customize on
 TOY_CLIPS = {
@@ -33,14 +34,33 @@ def error_line(exc: CavError) -> str:
 
 
 class App:
-    """The state of one server: its base model, its runs folder, a scratch folder and its training job."""
+    """The state of one server: its base model, its runs folder, a scratch folder and its training job.
 
-    def __init__(self, base: str, runs_root: Path, work: Path):
+    ``uploads``: the only folder a clip may come from (the server's own upload folder; None for library use, where
+    the caller's paths are trusted). ``runs_label``: how lines name the runs folder (as the user typed it)."""
+
+    def __init__(self, base: str, runs_root: Path, work: Path, uploads: Path | None = None,
+                 runs_label: str | None = None):
         self.base = base
         self.root = Path(runs_root).resolve()
         self.work = Path(work).resolve()
+        self.uploads = Path(uploads).absolute() if uploads is not None else None
+        self.runs_label = runs_label or str(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.jobs = TrainingJobs(self.work / "jobs")
+        self.grids = GridJobs()
+        self.deleted: set[Path] = set()  # runs deleted from the Runs tab (so the Train tab can say so)
+
+    def public(self, line: str) -> str:
+        """``line`` without server paths: a file in the server's private folder (an upload, a preview) by its name,
+        the runs folder as the user named it."""
+        line = re.sub(re.escape(str(self.work)) + r"/(?:[^/\s']+/)*", "", line)
+        if self.uploads is not None:
+            line = re.sub(re.escape(str(self.uploads)) + r"/(?:[^/\s']+/)*", "", line)
+        return line.replace(str(self.root), self.runs_label)
+
+    def error(self, exc: CavError) -> str:
+        return self.public(error_line(exc))
 
     # ------------------------------------------------------------------------------------------------ train
     def preset(self, name: str) -> dict:
@@ -62,7 +82,10 @@ class App:
     def clip_path(self, upload, toy: str | None) -> Path:
         """The uploaded clip, else the picked toy clip."""
         if upload:
-            return Path(getattr(upload, "name", upload))
+            path = Path(upload if isinstance(upload, (str, Path)) else upload.name)  # gradio 6: a path string
+            if self.uploads is not None and guard.plain_path(path, self.uploads) is None:
+                raise CavError(f"'{path.name}' is not a clip uploaded to this server: upload it with the clip field")
+            return path
         if toy:
             return self.toy_clip(toy)[0]
         raise CavError("no reference video given: upload a clip or pick a toy-world clip")
@@ -76,7 +99,7 @@ class App:
             cfg = TrainConfig.from_dict({"frames": frames, "size": size, "fit": fit, **form.selection(start, end, fps)})
             video = read_video(clip, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **cfg.frame_selection())
         except CavError as exc:
-            return None, error_line(exc)
+            return None, self.error(exc)
         out = write_video(self.work / "preview" / f"preview-{time.time_ns()}.mp4", video)
         return str(out), f"preview: {len(video)} frames of '{clip.name}' at {video.shape[1]}×{video.shape[2]} " \
                          "(what training sees)"
@@ -103,8 +126,8 @@ class App:
             args = [str(self._keep_clip(clip)), "--out", str(run), "--recipe", str(recipe)]  # trimming is in it
             self.jobs.start(run, args + (["--overwrite"] if overwrite and (run / "config.yaml").exists() else []))
         except CavError as exc:
-            return error_line(exc)
-        return f"started training '{run.name}' in {run}"
+            return self.error(exc)
+        return self.public(f"started training '{run.name}' in {run}")
 
     def _new_run_path(self, name: str) -> Path:
         name = str(name or "").strip()
@@ -112,6 +135,8 @@ class App:
             raise CavError("the run name is empty: type a name for the run's folder")
         if not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
             raise CavError(f"run name '{name}' is not a plain folder name: use letters, digits, '-', '_' and '.'")
+        if name == runs.GENERATIONS:
+            raise CavError(f"'{name}' is the folder of generated videos: pick another run name")
         return self.root / name
 
     def _keep_clip(self, clip: Path) -> Path:
@@ -130,7 +155,7 @@ class App:
         try:
             return self.jobs.stop()
         except CavError as exc:
-            return error_line(exc)
+            return self.error(exc)
 
     def resume_training(self, name: str) -> str:
         """``cav train CLIP --out RUN --resume``, with the clip and frame selection the run recorded."""
@@ -149,7 +174,7 @@ class App:
             runfolder.check(run, False, True)
             self.jobs.start(run, [str(clip), "--out", str(run), "--resume"])
         except CavError as exc:
-            return error_line(exc)
+            return self.error(exc)
         return f"resuming '{run.name}'"
 
     def poll(self, shown: dict) -> dict:
@@ -157,10 +182,15 @@ class App:
         job = self.jobs.current
         if job is None:
             return {"job": "no training started from this server yet", "shown": shown}
-        if not job.run.is_dir():  # deleted from the Runs tab after it finished
-            return {"job": f"run '{job.run.name}' was deleted", "shown": shown}
+        out = {"shown": dict(shown)}
+        if not job.running and shown.get("ended") != job.started:  # once per job: what Resume can offer now
+            out["resumable"] = self.resumable_choices()
+            out["shown"]["ended"] = job.started
+        if not job.run.is_dir():  # deleted from the Runs tab, or ended before its folder was made: say which
+            out["job"] = f"run '{job.run.name}' was deleted" if job.run in self.deleted else self.public(job.message())
+            return out
         records = runs.read_log(job.run)
-        out = {"job": job.message(), "progress": runs.progress(job.run, records).text(), "shown": dict(shown)}
+        out.update(job=self.public(job.message()), progress=runs.progress(job.run, records).text())
         if job.run != shown.get("run") or len(records) != shown.get("records"):
             out["figure"] = runs.loss_figure(records, f"loss: {job.run.name}")
             out["shown"].update(run=job.run, records=len(records))
@@ -186,32 +216,72 @@ class App:
     def generate(self, adapters: list[str], weights: str, seeds: str, image_lora: str | None, image_weight,
                  prompt: str, negative_prompt: str, frames, steps, guidance,
                  motion_adapter: str = "") -> tuple[str, list[str], str]:
-        """A weights × seeds grid through ``cav.api.generate``: (HTML grid of <video>s, mp4+gif files, status)."""
-        from .. import api
+        """A weights × seeds grid of ``cav.api.generate`` in a child process (Stop ends it), written under
+        ``--runs/generations/<stamp>/``: (HTML grid of <video>s, mp4+gif files, status)."""
+        import json
 
         try:
             if not str(prompt or "").strip():
                 raise CavError("the prompt is empty: pass --prompt 'a description of the video to generate'")
             paths = [runs.inside(self.root, a) for a in adapters or []]
-            grid, seed_list = form.parse_weights(weights, len(paths)), form.parse_seeds(seeds)
-            form.check_grid(grid, seed_list)
+            for path in paths:
+                self._check_base(path, str(motion_adapter or "").strip())
+            columns, seed_list = form.parse_weights(weights, len(paths)), form.parse_seeds(seeds)
+            form.check_grid(columns, seed_list)
             image = [(str(runs.inside(self.root, image_lora)), float(image_weight or 1.0))] if image_lora else []
-            folder = self.work / "generated" / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
-            cells = []
-            for row, ws in enumerate(grid):
-                for seed in seed_list:
-                    out = folder / f"w{row}-seed{seed}.mp4"
-                    api.generate(prompt, list(zip(map(str, paths), ws)), image_loras=image,
-                                 base=None if paths else self.base, frames=int(frames) if frames else None,
-                                 steps=int(steps) if steps else None, guidance=guidance if guidance else None,
-                                 seed=seed, out=out, negative_prompt=negative_prompt or None, quiet=True,
-                                 motion_adapter=str(motion_adapter or "").strip() or None)
-                    cells.append((ws, seed, out))
+            folder = runs.new_generation(self.root)
+            cells = [{"weights": ws, "seed": seed, "file": f"w{row}-seed{seed}.mp4"}
+                     for row, ws in enumerate(columns) for seed in seed_list]
+            spec = {"prompt": prompt, "adapters": [str(p) for p in paths], "names": [p.name for p in paths],
+                    "seeds": seed_list, "image_loras": image, "base": self.base, "cells": cells,
+                    "frames": int(frames) if frames else None, "steps": int(steps) if steps else None,
+                    "guidance": guidance if guidance else None, "negative_prompt": negative_prompt or None,
+                    "motion_adapter": str(motion_adapter or "").strip() or None}
+            (folder / grid.SPEC).write_text(json.dumps(spec, indent=1))
+            rc, said = self.grids.run(folder / grid.SPEC)
+            if rc != 0 and not any((folder / c["file"]).is_file() for c in cells):
+                shutil.rmtree(folder, ignore_errors=True)  # nothing to list in the Runs tab
+            if self.grids.stopped:
+                raise CavError("the generation was stopped" + (f": what was done is in {runs.GENERATIONS}/{folder.name}"
+                                                               if folder.is_dir() else ""))
+            if rc != 0:
+                raise CavError(said.removeprefix("cav: error: ") or f"the generation ended with exit code {rc}")
         except CavError as exc:
-            return "", [], error_line(exc)
-        files = [str(p) for _, _, p in cells] + [str(p.with_suffix(".gif")) for _, _, p in cells]
-        return grid_html(cells, [p.name for p in paths], seed_list), files, \
-            f"{len(cells)} video(s) in {folder}"
+            return "", [], self.error(exc)
+        done = [folder / c["file"] for c in cells]
+        files = [str(p) for p in done] + [str(p.with_suffix(".gif")) for p in done]
+        return runs.generation_html(self.root, folder), files, \
+            f"{len(done)} video(s) in {runs.GENERATIONS}/{folder.name} (listed in the Runs tab)"
+
+    def stop_generation(self) -> str:
+        try:
+            return self.grids.stop()
+        except CavError as exc:
+            return self.error(exc)
+
+    def _check_base(self, run: Path, motion_adapter: str) -> None:
+        """A run's recorded base and motion adapter are compared with the server's base and the page's field, never
+        loaded from (adapters are data): the user names what is loaded."""
+        from ..adapters import lora
+
+        meta = lora.read_meta(lora.find_adapter_dir(run, "temporal"))
+        recorded, motion = meta.get("base"), meta.get("motion_adapter")
+        if recorded is not None and str(recorded) != str(self.base):
+            raise CavError(f"run '{run.name}' was trained on base '{recorded}', but this server serves '{self.base}': "
+                           f"start cav ui --base {recorded} to generate with it")
+        if motion and not motion_adapter:
+            raise CavError(f"run '{run.name}' was trained with the motion adapter '{motion}': type it in the motion "
+                           "adapter field to load it")
+
+    def generation_choices(self) -> list[str]:
+        return [d.name for d in runs.generations(self.root)]
+
+    def show_generation(self, name: str) -> tuple[str, str]:
+        try:
+            folder = runs.generation(self.root, name or "")
+        except CavError as exc:
+            return "", self.error(exc)
+        return runs.generation_html(self.root, folder), f"generation {name}"
 
     # ------------------------------------------------------------------------------------------------- runs
     def run_choices(self) -> list[str]:
@@ -224,7 +294,7 @@ class App:
         try:
             run = runs.inside(self.root, name or "")
         except CavError as exc:
-            return {"status": error_line(exc)}
+            return {"status": self.error(exc)}
         info = runs.details(run)
         info["figure"] = runs.loss_figure(info["records"], f"loss: {run.name}")
         info["status"] = f"{run.name}: {len(info['records'])} logged steps, checkpoints " \
@@ -236,7 +306,7 @@ class App:
             run = runs.inside(self.root, name or "")
             path = runs.zip_adapter(run, self.work / "zips" / str(time.time_ns()))
         except CavError as exc:
-            return None, error_line(exc)
+            return None, self.error(exc)
         return str(path), f"adapter of '{run.name}' zipped: {path.name}"
 
     def delete_run(self, name: str, confirmed: bool) -> str:
@@ -247,28 +317,9 @@ class App:
             job = self.jobs.busy()
             if job is not None and job.run.resolve() == run:
                 raise CavError(f"'{run.name}' is training: stop it before deleting it")
+            runlock.refuse_if_held(run, "delete it")  # a training by any process: this server's, the CLI's, a batch
             runs.delete_run(run)
+            self.deleted.add(run)
         except CavError as exc:
-            return error_line(exc)
+            return self.error(exc)
         return f"deleted '{run.name}'"
-
-
-def grid_html(cells: list[tuple[list, int, Path]], adapters: list[str], seeds: list[int]) -> str:
-    """A table of <video> elements (rows: weights, columns: seeds) with mp4 / gif download links, served by the
-    app's file route (``file=<absolute path>``)."""
-    def label(ws: list) -> str:
-        if not adapters:
-            return "base model"
-        return " + ".join(f"{a}:{'own' if w is None else w}" for a, w in zip(adapters, ws))
-
-    rows, by_weights = [], {}
-    for ws, seed, path in cells:
-        by_weights.setdefault(tuple(ws), []).append((seed, path))
-    head = "".join(f"<th>seed {s}</th>" for s in seeds)
-    for ws, items in by_weights.items():
-        tds = "".join(
-            f'<td><video src="file={html.escape(str(p))}" controls autoplay loop muted playsinline width="192"></video>'
-            f'<br><a href="file={html.escape(str(p))}" download>mp4</a> · '
-            f'<a href="file={html.escape(str(p.with_suffix(".gif")))}" download>gif</a></td>' for _, p in items)
-        rows.append(f"<tr><th>{html.escape(label(list(ws)))}</th>{tds}</tr>")
-    return f'<table class="cav-grid"><tr><th></th>{head}</tr>{"".join(rows)}</table>'

@@ -1,5 +1,5 @@
-"""The training child process the web app starts: ``cav`` itself (``python -m cav.ui.child train ...``), with Ctrl-C
-turned back on.
+"""The child processes the web app starts: ``cav`` itself (``python -m cav.ui.child train ...``) or a Generate-tab
+grid (``python -m cav.ui.child grid SPEC.json``, ``grid.py``), with Ctrl-C turned back on.
 
 A server started in the background (``cav ui &``, CI) inherits SIGINT ignored and would pass that on, so the app's
 Stop button (SIGINT, which cav answers by checkpointing the last step and exiting 130) would do nothing.
@@ -13,6 +13,15 @@ import sys
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if sys.argv[1:2] == ["grid"]:
+        from ..errors import CavError
+        from .grid import run
+
+        try:
+            return run(sys.argv[2])
+        except CavError as exc:
+            print(f"cav: error: {exc}", file=sys.stderr)
+            return 2
     from ..cli import main as cli_main
 
     return cli_main(sys.argv[1:])

@@ -31,16 +31,23 @@ class Job:
         """One line: what the job is doing or how it ended (the CLI's own error line when it failed)."""
         rc = self.proc.poll()
         if rc is None:
-            return f"training '{self.run.name}' (stopping: the last step is being checkpointed)" if self.stop_requested \
-                else f"training '{self.run.name}'"
+            return f"training '{self.run.name}' (stopping: the last step is being checkpointed; Stop again ends it " \
+                   "at once, without a checkpoint)" if self.stop_requested else f"training '{self.run.name}'"
         if rc == 0:
             return f"finished: T-LoRA in {self.run / 't_lora'}, samples in {self.run / 'samples'}"
         lines = [x for x in self.stderr.read_text(errors="replace").splitlines() if x.strip()] \
             if self.stderr.is_file() else []
-        if rc == 130:
-            return f"stopped: the last step of '{self.run.name}' is checkpointed; pick it under Resume to continue"
+        if rc in (130, -signal.SIGINT, -signal.SIGKILL) or (self.stop_requested and rc != 2):
+            if _resumable(self.run):
+                return f"stopped: the last step of '{self.run.name}' is checkpointed; pick it under Resume to continue"
+            return f"stopped before '{self.run.name}' had a checkpoint: nothing to resume; start it again"
         said = next((x for x in reversed(lines) if x.startswith("cav: error:")), None)
         return said or f"cav: error: training stopped with exit code {rc}: {lines[-1] if lines else 'no message'}"
+
+
+def _resumable(run: Path) -> bool:
+    """A completed checkpoint to resume from (what the Resume list offers)."""
+    return any((c / "state.json").is_file() for c in (Path(run) / "checkpoints").glob("*step-*"))
 
 
 class TrainingJobs:
@@ -85,6 +92,10 @@ class TrainingJobs:
         job = self.busy()
         if job is None:
             raise CavError("no training is running: nothing to stop")
+        if job.stop_requested:  # asked twice: end it now (a checkpoint written so far stays)
+            job.proc.kill()
+            job.proc.wait()
+            return job.message()
         job.stop_requested = True
         job.proc.send_signal(signal.SIGINT)
         return job.message()
@@ -100,3 +111,42 @@ class TrainingJobs:
         except subprocess.TimeoutExpired:
             job.proc.kill()
             job.proc.wait()
+
+
+class GridJobs:
+    """The server's one generation grid at a time, in a child process (``grid.py``) that Stop ends at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
+        self.stopped = False
+
+    def run(self, spec: Path) -> tuple[int, str]:
+        """Run the grid of ``spec`` to its end (or its Stop): (exit code, last stderr line)."""
+        with self._lock:
+            if self.proc is not None and self.proc.poll() is None:
+                raise CavError("a generation is already running: one at a time per server; wait for it or stop it")
+            self.stopped = False
+            stderr = Path(spec).with_suffix(".stderr")
+            with open(stderr, "w") as err:
+                self.proc = subprocess.Popen([sys.executable, "-m", "cav.ui.child", "grid", str(spec)],
+                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                             start_new_session=True)
+        rc = self.proc.wait()
+        lines = [x for x in stderr.read_text(errors="replace").splitlines() if x.strip()]
+        said = next((x for x in reversed(lines) if x.startswith("cav: error:")), lines[-1] if lines else "")
+        stderr.unlink(missing_ok=True)
+        return rc, said
+
+    def stop(self) -> str:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            raise CavError("no generation is running: nothing to stop")
+        self.stopped = True
+        proc.terminate()
+        return "stopping the generation"
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -14,11 +14,12 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from pathlib import Path
 
+from .. import runfolder
 from ..errors import CavError
-from . import form
+from . import form, guard
+from . import runs as runs_mod
 from .app import TOY_CLIPS, App
 
 POLL_SECONDS = 1.0
@@ -47,8 +48,9 @@ def build(app: App):
     default_preset = "toy" if "toy" in form.presets() else (form.presets() or [""])[0]
     values = app.preset(default_preset)
     fields = form.advanced_fields()
-    with gr.Blocks(title="cav", theme=theme, css=CSS, analytics_enabled=False) as demo:
-        gr.Markdown(f"## cav — one-shot motion customization\nbase model `{app.base}` · runs in `{app.root}`")
+    with gr.Blocks(title="cav", analytics_enabled=False) as demo:
+        demo.cav_theme = theme  # gradio 6 takes theme and css at launch (``serve``)
+        gr.Markdown(f"## cav — one-shot motion customization\nbase model `{app.base}` · runs in `{app.runs_label}`")
         with gr.Tab("Train", id="train", elem_id="tab-train"):
             with gr.Row():
                 with gr.Column():
@@ -114,9 +116,11 @@ def build(app: App):
                         gen_frames = gr.Number(0, precision=0, label="frames (0: the run's)", elem_id="gen-frames")
                         gen_steps = gr.Number(0, precision=0, label="steps (0: the run's)", elem_id="gen-steps")
                         gen_guidance = gr.Number(0, label="guidance (0: the run's)", elem_id="gen-guidance")
-                    motion = gr.Textbox(label="AnimateDiff motion adapter (image-model bases; empty: the run's)",
+                    motion = gr.Textbox(label="AnimateDiff motion adapter (image-model bases: the run's, typed here)",
                                         elem_id="gen-motion-adapter")
-                    gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-start")
+                    with gr.Row():
+                        gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-start")
+                        gen_stop = gr.Button("Stop", elem_id="gen-stop")
             gen_status = gr.HTML(elem_id="gen-status")
             gen_grid = gr.HTML(elem_id="gen-grid")
             gen_files = gr.File(label="downloads (mp4 and gif)", file_count="multiple", elem_id="gen-files")
@@ -129,11 +133,16 @@ def build(app: App):
             with gr.Row():
                 run_loss = gr.Plot(label="loss", elem_id="runs-loss")
                 metrics = gr.JSON(label="summary and metrics", elem_id="runs-metrics")
-            sheets = gr.Gallery(label="contact sheets", elem_id="runs-sheets")
+            sheets = gr.Gallery(label="contact sheets", elem_id="runs-sheets", columns=1, object_fit="contain",
+                                height="auto", preview=False)  # whole sheets, full width: no cropped thumbnails
             config = gr.Code(language="yaml", label="config.yaml", elem_id="runs-config")
             with gr.Row():
                 zip_btn = gr.Button("Download the adapter (zip)", elem_id="runs-zip")
                 zip_file = gr.File(label="adapter zip", elem_id="runs-zip-file")
+            with gr.Row():
+                gen_pick = gr.Dropdown(app.generation_choices(), label="generated videos (under the runs folder's "
+                                       f"{runs_mod.GENERATIONS}/)", elem_id="runs-generations")
+            gen_shown = gr.HTML(elem_id="runs-generation")
             with gr.Row():
                 confirm = gr.Checkbox(False, label="yes, delete this run and all its files", elem_id="runs-confirm")
                 delete_btn = gr.Button("Delete run", variant="stop", elem_id="runs-delete")
@@ -141,8 +150,8 @@ def build(app: App):
         # ---- train
         trim = [clip, toy, start, end, fps, frames, adv[[f.name for f in fields].index("size")],
                 adv[[f.name for f in fields].index("fit")]]
-        for comp in (clip, start, end, fps, frames):
-            comp.change(_said(app.preview, 1), trim, [preview, preview_status])
+        for k, comp in enumerate((clip, start, end, fps, frames)):  # api names: what tests drive over HTTP
+            comp.change(_said(app.preview, 1), trim, [preview, preview_status], api_name=f"preview{k}")
 
         def pick_preset(name):
             vals = app.preset(name)
@@ -151,35 +160,36 @@ def build(app: App):
         toy.change(_said(lambda *v: _pick_toy(gr, app, *v), 3), trim, [prompt, spatial, preview, preview_status])
         preset.change(pick_preset, preset, [frames] + adv)
         start_btn.click(_said(lambda *v: _start(app, fields, v)), [clip, toy, start, end, fps, prompt, spatial, frames, name,
-                                                            overwrite] + adv, status)
-        def stop():
-            line, job = app.stop_training(), app.jobs.current
-            if line.startswith("cav: error:") or job is None:
-                return say(line), gr.update()
-            # offer the stopped run under Resume at once (it is listed as resumable once its checkpoint is written)
-            return say(line), gr.update(choices=sorted(set(app.resumable_choices()) | {job.run.name}),
-                                        value=job.run.name)
-
-        stop_btn.click(stop, None, [status, resume_run])
+                                                            overwrite] + adv, status, api_name="start")
+        # Stop answers at once; the run is offered under Resume when its child has ended with a checkpoint (poll)
+        stop_btn.click(_said(app.stop_training), None, status, concurrency_limit=None)
         resume_btn.click(_said(app.resume_training), resume_run, status)
 
         def poll(state):
             out = app.poll(state)
             label = say(out["sample_label"]) if "sample_label" in out else gr.update()
+            ended = out.get("resumable")
+            offer = gr.update() if ended is None else gr.update(
+                choices=ended, value=app.jobs.current.run.name if app.jobs.current.run.name in ended else None)
             return (say(out["job"]), say(out.get("progress", "")), out.get("figure", gr.update()),
-                    out.get("sample", gr.update()), label, out["shown"])
+                    out.get("sample", gr.update()), label, offer, out["shown"])
 
-        demo.load(poll, shown, [job, progress, loss, sample, sample_label, shown], every=POLL_SECONDS,
-                  show_progress="hidden")
+        polled = [job, progress, loss, sample, sample_label, resume_run, shown]
+        gr.Timer(POLL_SECONDS).tick(poll, shown, polled, show_progress="hidden", concurrency_limit=None)
+        demo.load(poll, shown, polled, show_progress="hidden")
 
         # ---- generate
         def refresh_lists():
             return (gr.update(choices=app.adapter_choices()), gr.update(choices=app.image_lora_choices()),
-                    gr.update(choices=app.resumable_choices()), gr.update(choices=app.run_choices()))
+                    gr.update(choices=app.resumable_choices()), gr.update(choices=app.run_choices()),
+                    gr.update(choices=app.generation_choices()))
 
-        refresh_gen.click(refresh_lists, None, [adapters, image_lora, resume_run, run_pick])
+        lists = [adapters, image_lora, resume_run, run_pick, gen_pick]
+        refresh_gen.click(refresh_lists, None, lists)
         gen_btn.click(_said(app.generate, 2), [adapters, weights, seeds, image_lora, image_weight, gen_prompt, negative,
-                                     gen_frames, gen_steps, gen_guidance, motion], [gen_grid, gen_files, gen_status])
+                                     gen_frames, gen_steps, gen_guidance, motion], [gen_grid, gen_files, gen_status],
+                      concurrency_limit=1, concurrency_id="generate")
+        gen_stop.click(_said(app.stop_generation), None, gen_status, concurrency_limit=None)
 
         # ---- runs
         def show_run(name):
@@ -190,7 +200,8 @@ def build(app: App):
                     info["config"])
 
         run_pick.change(show_run, run_pick, [runs_status, run_loss, metrics, sheets, config])
-        refresh_runs.click(refresh_lists, None, [adapters, image_lora, resume_run, run_pick])
+        refresh_runs.click(refresh_lists, None, lists)
+        gen_pick.change(_said(app.show_generation, 1), gen_pick, [gen_shown, runs_status])
         zip_btn.click(_said(lambda n: _swap(app.zip_adapter(n)), 0), run_pick, [runs_status, zip_file])
 
         def delete(name, ok):
@@ -199,7 +210,7 @@ def build(app: App):
                 False
 
         delete_btn.click(delete, [run_pick, confirm], [runs_status, run_pick, confirm])
-        demo.load(refresh_lists, None, [adapters, image_lora, resume_run, run_pick], show_progress="hidden")
+        demo.load(refresh_lists, None, lists, show_progress="hidden")
         demo.load(app.next_run_name, None, name, show_progress="hidden")
     return demo
 
@@ -258,34 +269,84 @@ def _free(host: str, port: int) -> None:
             raise CavError(f"port {port} on {host} is in use: pass another --port") from None
 
 
+PASSWORD_ENV = "CAV_UI_PASSWORD"
+
+
+def credentials(auth: str | None, password_file: str | None) -> tuple[str, str] | None:
+    """(user, password) for ``--auth USER``: the password from ``--password-file`` or ``$CAV_UI_PASSWORD``, never
+    from the command line (every local user sees a process's arguments in ``ps``)."""
+    if not auth:
+        if password_file:
+            raise CavError("--password-file needs --auth USER: pass the user name too")
+        return None
+    if ":" in auth:
+        raise CavError(f"--auth takes a user name only: a password on the command line shows in ps; pass --auth "
+                       f"{auth.split(':', 1)[0]} and put the password in a file (--password-file) or in ${PASSWORD_ENV}")
+    if password_file:
+        try:
+            password = Path(password_file).read_text().strip("\r\n")
+        except OSError as exc:
+            raise CavError(f"cannot read --password-file '{password_file}' ({exc.strerror or exc}): pass a readable "
+                           "file holding the password") from None
+    else:
+        password = os.environ.get(PASSWORD_ENV, "")
+    if not password:
+        raise CavError(f"--auth {auth} needs a password: put it in a file (--password-file FILE) or in ${PASSWORD_ENV}")
+    return auth, password
+
+
+def check_exposure(host: str, share: bool, login) -> None:
+    """A server others can reach (another --host than loopback, a share link) needs a login."""
+    if login is None and share:
+        raise CavError("--share opens the app to the internet: pass --auth USER (password in --password-file or "
+                       f"${PASSWORD_ENV}) as well")
+    if login is None and host not in guard.LOOPBACK:
+        raise CavError(f"--host {host} opens the app to the network: pass --auth USER (password in --password-file "
+                       f"or ${PASSWORD_ENV}), or keep --host 127.0.0.1")
+
+
+def check_runs(runs: str) -> Path:
+    """The runs folder must be (or become) a folder this user can write, before the server starts."""
+    path = Path(runs).absolute()
+    if path.exists() and not path.is_dir():
+        raise CavError(f"--runs '{runs}' is a file: pass a folder (it is created if missing)")
+    try:
+        runfolder.check_writable(path)
+    except CavError:
+        raise CavError(f"--runs '{runs}' cannot be written: pass a folder you can write") from None
+    return path.resolve()
+
+
 def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "toy", runs: str = "runs", auth: str | None = None,
-          share: bool = False) -> int:
-    """``cav ui``: build the app, print its address, serve until Ctrl-C or SIGTERM (a running training is then
-    stopped with a checkpoint)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # gradio 3's import, not ours
+          share: bool = False, password_file: str | None = None, max_upload_mb: int = 500) -> int:
+    """``cav ui``: check the flags, build the app, print its address, serve until Ctrl-C or SIGTERM (a running
+    training is then stopped with a checkpoint, and the server's private folder, uploads included, is removed)."""
+    login = credentials(auth, password_file)
+    check_exposure(host, share, login)
+    root = check_runs(runs)
+    _free(host, port)
+    base = str(Path(base).resolve()) if Path(base).exists() else base  # the server works in its own folder
+    work, uploads = _private_folder()
     try:
         import gradio  # noqa: F401
     except ImportError:
+        shutil.rmtree(work, ignore_errors=True)
         raise CavError("the web app needs gradio: pip install 'cav[ui]'") from None
-    credentials = None
-    if auth:
-        user, sep, password = auth.partition(":")
-        if not (sep and user and password):
-            raise CavError(f"--auth '{auth}' is not user:password: pass e.g. --auth alice:secret")
-        credentials = (user, password)
-    _free(host, port)
-    work = Path(tempfile.mkdtemp(prefix="cav-ui-"))
-    app = App(base, Path(runs), work)
+    app = App(base, root, work, uploads=uploads, runs_label=runs)
     demo = build(app)
-    demo.queue(concurrency_count=4)  # polling, previews and a generation run side by side
+    demo.queue(default_concurrency_limit=4)  # polling, previews and a generation run side by side
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a background start inherits Ctrl-C ignored
+    from starlette.middleware import Middleware
+
+    shield = Middleware(guard.Guard, runs=root, uploads=uploads, host=host, port=port)
     try:
-        demo.launch(server_name=host, server_port=port, auth=credentials, share=share, prevent_thread_lock=True,
-                    quiet=True, show_api=False, show_error=True, allowed_paths=[str(app.root), str(work)])
-        _no_forwarding_timeout(demo)
-        print(f"cav ui: http://{host}:{port} (runs in {app.root}; Ctrl-C stops)", flush=True)
+        demo.launch(server_name=host, server_port=port, auth=login, share=share, prevent_thread_lock=True,
+                    quiet=True, footer_links=[], show_error=False, allowed_paths=[str(root)], theme=demo.cav_theme,
+                    css=CSS, ssr_mode=False, mcp_server=False, max_file_size=f"{int(max_upload_mb)}mb",
+                    app_kwargs={"middleware": [shield], "docs_url": None, "redoc_url": None, "openapi_url": None})
+        _guard_first(demo.app)
+        print(f"cav ui: http://{host}:{port} (runs in {root}; Ctrl-C stops)", flush=True)
         if share and demo.share_url:
             print(f"cav ui: public link {demo.share_url}", flush=True)
         while True:
@@ -294,18 +355,28 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str = "toy", runs: st
         pass
     finally:
         app.jobs.close()
+        app.grids.close()
         demo.close()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def _no_forwarding_timeout(demo) -> None:
-    """gradio 3.36's queue forwards every event to its own server over HTTP with httpx's default 5 s timeout, so a
-    callback that takes longer (a generation, a preview of a long clip on a busy CPU) ends as an empty "Error";
-    give that forwarding client no timeout (the client is created when the server starts)."""
-    import httpx
+def _private_folder() -> tuple[Path, Path]:
+    """A new 0700 folder that is this server's working folder, temp folder and gradio's upload and cache folder
+    (set before gradio is imported: it reads them then; gradio accepts outputs from the working and temp folders).
+    Returns (folder, uploads)."""
+    work = Path(tempfile.mkdtemp(prefix="cav-ui-"))
+    uploads = work / "uploads"
+    os.environ.update(GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(uploads),
+                      GRADIO_EXAMPLES_CACHE=str(work / "cache"), GRADIO_RUN_HISTORY="False")
+    tempfile.tempdir = str(work)
+    os.chdir(work)
+    return work, uploads
 
-    deadline = time.time() + 60
-    while demo._queue.queue_client is None and time.time() < deadline:
-        time.sleep(0.05)
-    demo._queue.queue_client = httpx.AsyncClient(verify=demo.ssl_verify, timeout=None)
+
+def _guard_first(fastapi_app) -> None:
+    """Gradio adds its CORS middleware outside the app's own; put the guard outermost instead (so a refused
+    request gets no CORS header either) and have Starlette rebuild the stack on the next request. Until then the
+    guard already runs, one layer in."""
+    fastapi_app.user_middleware.sort(key=lambda m: m.cls is not guard.Guard)
+    fastapi_app.middleware_stack = None

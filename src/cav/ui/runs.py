@@ -6,8 +6,10 @@ Everything here reads files only, so a run trained by the CLI, by the app, or st
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import yaml
 from ..errors import CavError
 
 CLIPS = ".clips"  # under the runs folder: uploaded clips, kept by content so a run can be resumed after a restart
+GENERATIONS = "generations"  # under the runs folder: one folder per Generate-tab grid (its videos and grid.json)
 
 
 def list_runs(root: Path) -> list[Path]:
@@ -174,3 +177,53 @@ def zip_adapter(run: Path, dest: Path) -> Path:
 
 def delete_run(run: Path) -> None:
     shutil.rmtree(run)
+
+
+def new_generation(root: Path) -> Path:
+    """A new, empty ``generations/<stamp>`` folder."""
+    base = Path(root) / GENERATIONS / time.strftime("%Y%m%d-%H%M%S")
+    folder, k = base, 1
+    while folder.exists():
+        folder, k = base.with_name(f"{base.name}-{k}"), k + 1
+    folder.mkdir(parents=True)
+    return folder
+
+
+def generations(root: Path) -> list[Path]:
+    """Generation folders (those holding a grid.json), newest first."""
+    folder = Path(root) / GENERATIONS
+    found = [d for d in folder.iterdir() if (d / "grid.json").is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda d: d.name, reverse=True)
+
+
+def generation(root: Path, name: str) -> Path:
+    folder = (Path(root).resolve() / GENERATIONS / str(name).strip())
+    if not name or Path(str(name)).name != str(name).strip() or not (folder / "grid.json").is_file():
+        raise CavError(f"'{name}' is not a generation under '{GENERATIONS}': pick one from the list")
+    return folder
+
+
+def generation_html(root: Path, folder: Path) -> str:
+    """The grid as a table of <video>s (rows: weights, columns: seeds) with mp4 / gif links, served by the app's
+    ``cav/runs/`` route (a path relative to the runs folder: no server path in the page). Cells not (yet) written
+    are left empty."""
+    spec = json.loads((Path(folder) / "grid.json").read_text())
+    rel = Path(folder).resolve().relative_to(Path(root).resolve()).as_posix()
+
+    def label(ws: list) -> str:
+        if not spec["names"]:
+            return "base model"
+        return " + ".join(f"{a}:{'own' if w is None else w}" for a, w in zip(spec["names"], ws))
+
+    rows: dict[tuple, list[str]] = {}
+    for cell in spec["cells"]:
+        url = html.escape(f"cav/runs/{rel}/{cell['file']}")
+        gif = url[:-4] + ".gif"
+        td = (f'<td><video src="{url}" controls autoplay loop muted playsinline width="256"></video><br>'
+              f'<a href="{url}" download>mp4</a> · <a href="{gif}" download>gif</a></td>'
+              if (Path(folder) / cell["file"]).is_file() else "<td>not generated</td>")
+        rows.setdefault(tuple(cell["weights"]), []).append(td)
+    head = "".join(f"<th>seed {s}</th>" for s in spec["seeds"])
+    body = "".join(f"<tr><th>{html.escape(label(list(ws)))}</th>{''.join(tds)}</tr>" for ws, tds in rows.items())
+    return (f'<p class="cav-line">{html.escape(spec["prompt"])}</p>'
+            f'<table class="cav-grid"><tr><th></th>{head}</tr>{body}</table>')
