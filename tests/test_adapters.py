@@ -224,7 +224,7 @@ def test_an_adapter_is_data_its_patterns_never_run_and_its_base_never_followed(t
     from cav import api
 
     bb = backbone.load(tiny_model, "cpu")
-    cfg = lora.lora_config("temporal", "cav", 2, 1.0)
+    cfg = lora.lora_config("temporal", "cav", 2, 1.0, bb.family)
     lora.add_lora(bb.unet, "t_lora", cfg)
     out = lora.save_lora(bb.unet, "t_lora", cfg, tmp_path / "t_lora", {"kind": "temporal", "base": "/etc"})
     raw = json.loads((out / "adapter_config.json").read_text())

@@ -188,7 +188,7 @@ def test_cav_ui_refuses_a_bad_login_or_a_busy_port(capsys, tmp_path, monkeypatch
     # issue 28: --runs naming a file is refused before the server starts
     (tmp_path / "afile").write_text("x")
     assert _cli_error(capsys, ["ui", "--runs", str(tmp_path / "afile")]) == \
-        f"cav: error: --runs '{tmp_path / 'afile'}' is a file: pass a folder (it is created if missing)"
+        f"cav: error: --runs '{tmp_path / 'afile'}' is a file: pass a folder for the app's runs (it is created if missing)"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

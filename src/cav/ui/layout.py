@@ -309,7 +309,7 @@ def check_runs(runs: str) -> Path:
     """The runs folder must be (or become) a folder this user can write, before the server starts."""
     path = Path(runs).absolute()
     if path.exists() and not path.is_dir():
-        raise CavError(f"--runs '{runs}' is a file: pass a folder (it is created if missing)")
+        raise CavError(f"--runs '{runs}' is a file: pass a folder for the app's runs (it is created if missing)")
     try:
         runfolder.check_writable(path)
     except CavError:
