@@ -2,6 +2,7 @@
 reconstruction error of held-out toy clips, and the transformer's tokens per clip and training-step time.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/toywan_measure.py [SECONDS_PER_VAE] > numbers.json
+    OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/toywan_measure.py frames   # what the stock pipeline returns
 """
 
 import json
@@ -65,7 +66,25 @@ def transformer_cost(comps: dict, latent_shape, recipe: WanRecipe, reps: int = 3
     return {"tokens_per_clip": (f // pt) * (h // ph) * (w // pw), "transformer_step_seconds": round(min(times[1:]), 3)}
 
 
+def stock_frames() -> dict:
+    """Frames the stock ``WanPipeline`` returns when asked for 9, per temporal compression (random tiny models)."""
+    from diffusers import WanPipeline
+
+    got = {}
+    for t in (1, 4):
+        spec = ToyWanSpec(heads=2, head_dim=12, layers=1, ffn_dim=16, text_dim=8, text_layers=1, text_heads=2,
+                          text_ff=16, z_dim=4, vae_base_dim=4, vae_dim_mult=(1, 1, 1), temporal=t)
+        pipe = WanPipeline(**build_components(spec))
+        pipe.set_progress_bar_config(disable=True)
+        got[f"temporal_{t}"] = pipe("a red circle", num_frames=9, height=16, width=16, num_inference_steps=1,
+                                    max_sequence_length=16, output_type="np").frames.shape[1]
+    return {"asked_frames": 9, "returned_frames": got}
+
+
 def main() -> None:
+    if sys.argv[1:] == ["frames"]:
+        print(json.dumps(stock_frames()))
+        return
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 150
     recipe = WanRecipe(clips=2000, vae_batch=4)
     rows = [vae_run(t, seconds, recipe) for t in (1, 4)]
