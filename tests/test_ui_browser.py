@@ -111,7 +111,7 @@ class Page:
     def type(self, css: str, value) -> None:
         from selenium.webdriver.common.keys import Keys
 
-        box = self.el(css)
+        box = self.wait(lambda: self.el(css), css)  # gradio 6 renders an accordion's fields after it opens
         box.send_keys(Keys.CONTROL, "a")
         box.send_keys(str(value))
         box.send_keys(Keys.TAB)
