@@ -128,3 +128,58 @@ def test_failed_overwrite_leaves_no_stale_summary(tiny_model, tiny_video, tmp_pa
     code, err = _run(capsys, _train(tiny_video, tiny_model, run, "--overwrite"))
     _one_line_error(code, err)
     assert not (run / "summary.json").exists() and not (run / "t_lora").exists()
+
+
+# ------------------------------------------------------------------------------- format versions of the records
+RECORDS = ("cav.json", "state.json", "data.json")
+
+
+def _records(run):
+    found = {name: sorted(run.rglob(name)) for name in RECORDS}
+    assert all(found.values()), found  # the run wrote each kind (adapters, checkpoints, its data)
+    return [p for paths in found.values() for p in paths]
+
+
+def test_every_record_of_a_run_starts_with_its_format_version(strided):
+    from cav import versioned
+
+    for path in _records(strided):
+        written = json.loads(path.read_text())
+        assert next(iter(written)) == versioned.KEY and written[versioned.KEY] == versioned.CURRENT[path.name], path
+        assert versioned.read(path) == {k: v for k, v in written.items() if k != versioned.KEY}
+
+
+def test_a_run_from_before_format_versions_resumes_as_before(tiny_model, tiny_video, tmp_path, strided):
+    """Files without ``format_version`` (every run of an older cav) read as version 1: the resume continues exactly,
+    and what it writes again carries the version."""
+    from cav import versioned
+
+    run = tmp_path / "run"
+    shutil.copytree(strided, run)
+    _interrupt_after(run, 2)
+    for path in _records(run):
+        written = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in written.items() if k != versioned.KEY}, indent=2) + "\n")
+    assert main(_train(tiny_video, tiny_model, run, "--resume")) == 0
+    ref, got = _weights(strided), _weights(run)
+    assert all((ref[k] == got[k]).all() for k in ref)
+    for name in ("data.json", "t_lora/cav.json", "checkpoints/step-000004/state.json"):
+        assert json.loads((run / name).read_text())[versioned.KEY] == 1
+
+
+@pytest.mark.parametrize("record", ["data.json", "checkpoints/step-000002/state.json", "t_lora/cav.json"])
+def test_a_record_of_a_newer_cav_is_refused_with_one_line(tiny_model, tiny_video, tmp_path, capsys, strided, record):
+    from cav import versioned
+
+    run = tmp_path / "run"
+    shutil.copytree(strided, run)
+    _interrupt_after(run, 2)
+    path = run / ("checkpoints/step-000002/t_lora/cav.json" if record == "t_lora/cav.json" else record)
+    path.write_text(json.dumps({**json.loads(path.read_text()), versioned.KEY: versioned.CURRENT[path.name] + 1}))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    # the resume reads data.json and state.json; `cav export` reads the T-LoRA's cav.json first
+    argv = ["export", path.parent.parent] if path.name == "cav.json" else _train(tiny_video, tiny_model, run, "--resume")
+    code, err = _run(capsys, argv)
+    _one_line_error(code, err)
+    assert "written by a newer cav" in err and err.endswith("upgrade cav") and str(path) in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -5,13 +5,13 @@ each output. ``api.generate`` drives it; the latents themselves are made in ``ca
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from . import versioned
 from .config import SampleConfig
 from .errors import CavError
 from .io_utils import content_hash
@@ -69,7 +69,7 @@ def reference_source(reference: str, clip: int = 1) -> tuple[str, dict, str]:
             raise CavError(f"--reference-clip {clip} picks one clip of a run on several: pass --reference RUN (a "
                            "`cav train` folder), or drop --reference-clip")
         return reference, {}, "crop"
-    record = json.loads((run / "data.json").read_text())
+    record = versioned.read(run / "data.json")
     clips = record.get("clips") or [record]
     if clip > len(clips):
         raise CavError(f"--reference-clip {clip} is out of range: the run in '{run}' was trained on {len(clips)} "

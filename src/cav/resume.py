@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 import torch
 
-from .io_utils import publish_dir, save_safetensors, write_json, write_text
+from . import versioned
+from .io_utils import publish_dir, save_safetensors, write_text
 
 STAGE_ORDER = {"absorbers": 0, "t_lora": 1}
 
@@ -61,13 +62,13 @@ def save_state(directory: Path, stage: str, step: int, optimizer: torch.optim.Op
     meta = {"stage": stage, "step": step, "param_groups": opt["param_groups"], **({"clip": clip} if clip else {})}
     if elapsed_seconds is not None:
         meta["elapsed_seconds"] = elapsed_seconds
-    write_json(Path(directory) / "state.json", meta)
+    versioned.write(Path(directory) / "state.json", meta)
 
 
 def load_state(directory: Path, optimizer: torch.optim.Optimizer, gen: torch.Generator) -> int:
     from safetensors.torch import load_file
 
-    meta = json.loads((Path(directory) / "state.json").read_text())
+    meta = versioned.read(Path(directory) / "state.json")
     tensors = load_file(str(Path(directory) / "state.safetensors"))
     state: dict = {}
     for key, value in tensors.items():
@@ -89,7 +90,7 @@ def latest(run: Path) -> ResumePoint | None:
     for d in (Path(run) / "checkpoints").glob("*step-*"):
         if d.name.startswith(".") or not (d / "state.json").is_file():
             continue
-        meta = json.loads((d / "state.json").read_text())
+        meta = versioned.read(d / "state.json")
         point = ResumePoint(meta["stage"], int(meta["step"]), d, int(meta.get("clip", 0)))
         if best is None or point.order > best.order:
             best = point

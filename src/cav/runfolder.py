@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import accel, generation
+from . import accel, generation, versioned
 from . import resume as resume_mod
 from .adapters import lora
 from .config import TrainConfig, dump_yaml
@@ -104,7 +104,7 @@ def data_record(records: list[dict], cfg: TrainConfig) -> dict:
 
 
 def record_clip(out: Path, record: dict) -> None:
-    write_json(Path(out) / "data.json", record)
+    versioned.write(Path(out) / "data.json", record)
 
 
 def resumed_selection(out: Path, records: list[dict], cfg: TrainConfig | None = None) -> dict:
@@ -114,7 +114,7 @@ def resumed_selection(out: Path, records: list[dict], cfg: TrainConfig | None = 
     path = Path(out) / "data.json"
     if not path.is_file():
         return records[0]["selection"]
-    saved = json.loads(path.read_text())
+    saved = versioned.read(path)
     _check_clips(out, records, saved.get("clips") or [saved])
     if cfg is not None:
         _check_given(out, data_record(records, cfg).get("absorbers_from", {}), saved.get("absorbers_from", {}))
@@ -178,7 +178,7 @@ class Clock:
     def __init__(self, point: resume_mod.ResumePoint | None):
         before = 0.0
         if point:
-            before = float(json.loads((point.folder / "state.json").read_text()).get("elapsed_seconds", 0.0))
+            before = float(versioned.read(point.folder / "state.json").get("elapsed_seconds", 0.0))
         self.t0 = time.time() - before
 
     def total(self) -> float:

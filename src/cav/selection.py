@@ -20,12 +20,12 @@ criteria that ranked (``ranked_by``) and the choice.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from . import versioned
 from .errors import CavError
 from .io_utils import publish_dir, write_json
 from .metrics import shown
@@ -79,7 +79,7 @@ def score_checkpoints(run: Path, clip: str | None = None) -> tuple[list[dict], l
     run = Path(run)
     found = checkpoints(run)  # refuses a folder that is not a run before reading anything
     cfg = TrainConfig.from_dict(_yaml(run / "config.yaml"))
-    data = json.loads((run / "data.json").read_text()) if (run / "data.json").is_file() else {}
+    data = versioned.read(run / "data.json") if (run / "data.json").is_file() else {}
     references = [_reference(record, cfg) for record in (data.get("clips") or [data])]
     scorer, notes = _clip_scorer(clip)
     prompts = cfg.validation_prompts or [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]

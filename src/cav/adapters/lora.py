@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
-from .. import families
+from .. import families, versioned
 from ..errors import CavError
 from ..io_utils import save_safetensors, write_json
 from .targets import target_regex
@@ -82,7 +82,7 @@ def save_lora(unet: torch.nn.Module, name: str, config: LoraConfig, directory: P
         if isinstance(value, set):
             cfg[key] = sorted(value)
     write_json(directory / CONFIG, cfg)
-    write_json(directory / META, meta)
+    versioned.write(directory / META, meta)
     save_diffusers_lora(directory, state, cfg)
     return directory
 
@@ -103,7 +103,7 @@ def save_diffusers_lora(directory: Path, state: dict, config: dict) -> Path:
 
 def read_meta(directory: Path) -> dict:
     path = Path(directory) / META
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return versioned.read(path) if path.is_file() else {}
 
 
 def find_adapter_dir(path: Path, kind: str) -> Path:

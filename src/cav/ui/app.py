@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .. import preflight, runfolder, runlock
+from .. import preflight, runfolder, runlock, versioned
 from ..config import TrainConfig, dump_yaml
 from ..data import toyworld as tw
 from ..errors import CavError
@@ -159,15 +159,13 @@ class App:
 
     def resume_training(self, name: str) -> str:
         """``cav train CLIP --out RUN --resume``, with the clip and frame selection the run recorded."""
-        import json
-
         try:
             self.jobs.check_idle()
             run = runs.inside(self.root, name or "")
             data = run / "data.json"
             if not data.is_file():
                 raise CavError(f"run '{run.name}' has no data.json (it never started training): start it anew")
-            clip = Path(json.loads(data.read_text())["clip"])
+            clip = Path(versioned.read(data)["clip"])
             if not clip.exists():
                 raise CavError(f"the clip run '{run.name}' trained on is gone ({clip}): resume it from the command "
                                "line with that clip")
@@ -293,9 +291,9 @@ class App:
     def run_details(self, name: str) -> dict:
         try:
             run = runs.inside(self.root, name or "")
+            info = runs.details(run)  # refuses a data.json of a newer cav
         except CavError as exc:
             return {"status": self.error(exc)}
-        info = runs.details(run)
         info["figure"] = runs.loss_figure(info["records"], f"loss: {run.name}")
         info["status"] = f"{run.name}: {len(info['records'])} logged steps, checkpoints " \
                          f"{', '.join(info['checkpoints']) or 'none'}"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import versioned
 from ..errors import CavError
 
 CLIPS = ".clips"  # under the runs folder: uploaded clips, kept by content so a run can be resumed after a restart
@@ -144,10 +145,12 @@ def details(run: Path) -> dict:
     """What the Runs tab shows: config text, loss records, contact sheets, metrics and checkpoint names."""
     run = Path(run)
     metrics = {}
-    for name in ("summary.json", "metrics.json", "data.json"):
+    for name in ("summary.json", "metrics.json"):
         path = run / name
         if path.is_file():
             metrics[name[:-5]] = json.loads(path.read_text())
+    if (run / "data.json").is_file():
+        metrics["data"] = versioned.read(run / "data.json")
     sheets = sorted(run.glob("contact_sheet*.png")) + sorted(run.glob("samples/contact_sheet*.png"))
     return {"config": (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else "",
             "records": read_log(run), "sheets": sheets, "metrics": metrics,
