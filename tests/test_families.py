@@ -13,7 +13,7 @@ import torch
 from conftest import config_folder
 
 from cav import api, backbone, families
-from cav.adapters import lora, motion_lora
+from cav.adapters import animatediff_export, lora
 from cav.adapters.textual_inversion import TextualInversion
 from cav.api import ASSETS
 from cav.cli import main
@@ -275,7 +275,7 @@ def test_export_round_trip_and_original_merge(built, family, tmp_path, capsys):
         assert all(re.fullmatch(r"(down_blocks\.\d|up_blocks\.\d|mid_block)\.motion_modules\.\d\.temporal_transformer"
                                 r"\.transformer_blocks\.0\.attention_blocks\.[01]\.processor\.to_(q|k|v|out)_lora\."
                                 r"(down|up)\.weight", k) for k in exported)
-        back = motion_lora.from_animatediff(exported, rank=4, alpha=1.0)
+        back = animatediff_export.from_animatediff(exported, rank=4, alpha=1.0)
         assert back.keys() == peft_state.keys()
         for k, v in peft_state.items():
             assert torch.allclose(back[k], v, rtol=1e-6, atol=0), k
@@ -289,7 +289,8 @@ def test_export_round_trip_and_original_merge(built, family, tmp_path, capsys):
         with torch.no_grad():
             for key, down in exported.items():
                 if ".down." in key:
-                    modules[motion_lora.diffusers_module(key)].weight += exported[key.replace(".down.", ".up.")] @ down
+                    up = exported[key.replace(".down.", ".up.")]
+                    modules[animatediff_export.diffusers_module(key)].weight += up @ down
         ours = backbone.load(model, "cpu")
         api.load_adapters(ours, [(str(run_dir), 1.0)])
         x, t = torch.randn(1, 4, 4, 8, 8), torch.tensor([300])

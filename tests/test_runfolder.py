@@ -178,8 +178,8 @@ def test_a_record_of_a_newer_cav_is_refused_with_one_line(tiny_model, tiny_video
     path.write_text(json.dumps({**json.loads(path.read_text()), versioned.KEY: versioned.CURRENT[path.name] + 1}))
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     # the resume reads data.json and state.json; `cav export` reads the T-LoRA's cav.json first
-    argv = ["export", path.parent.parent] if path.name == "cav.json" else _train(tiny_video, tiny_model, run, "--resume")
-    code, err = _run(capsys, argv)
+    resume = _train(tiny_video, tiny_model, run, "--resume")
+    code, err = _run(capsys, ["export", path.parent.parent] if path.name == "cav.json" else resume)
     _one_line_error(code, err)
     assert "written by a newer cav" in err and err.endswith("upgrade cav") and str(path) in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

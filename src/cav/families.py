@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from .adapters import motion_lora
+from .adapters import animatediff_export
 from .adapters.targets import BLOCK, UNetTargets
 from .bypass import LayerBypass
 from .conditioning import ClipCondition, SdxlCondition
@@ -144,7 +144,7 @@ MOTION_ADAPTER = AddOn("UNet2DConditionModel", "MotionAdapter", "--motion-adapte
 MOTION_ADAPTER_SDXL = AddOn("UNet2DConditionModel", "MotionAdapter", "--motion-adapter",
                             "guoyww/animatediff-motion-adapter-sdxl-beta")
 # SDXL motion modules are named as SD 1.5's in the original AnimateDiff code (sdxl branch), so both export to it
-ANIMATEDIFF_EXPORT = ExportFormat("animatediff", motion_lora.to_animatediff, "animatediff_motion_lora.safetensors",
+ANIMATEDIFF_EXPORT = ExportFormat("animatediff", animatediff_export.to_animatediff, "animatediff_motion_lora.safetensors",
                                   "the original AnimateDiff MotionLoRA key layout")
 FRAME_LIMIT_KEY = "motion_max_seq_length"  # AnimateDiff motion modules have positions for this many frames;
 #                                            UNet3D has no such key: its temporal attention has no positions
