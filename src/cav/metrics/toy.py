@@ -180,6 +180,15 @@ def appearance_ok(video: np.ndarray, spec: tw.ToySpec) -> bool:
     return _colour(v, mask) == spec.colour and _shape(mask) == spec.shape and classify_background(v) == spec.background
 
 
+def score_videos(reference: np.ndarray, videos, specs: list[tw.ToySpec]) -> tuple[list[float], list[bool]]:
+    """Per video: motion error against the reference's track (normalised by frame size), and whether its colour,
+    shape and background follow its own spec (the prompt)."""
+    ref_track, size = track(reference), reference.shape[1]
+    errors = [motion_error(track(v), ref_track, size) for v in videos]
+    follows = [appearance_ok(v, s) for v, s in zip(videos, specs)]
+    return errors, follows
+
+
 def frame_leakage(video: np.ndarray, reference: tw.ToySpec, target: tw.ToySpec) -> float:
     """Fraction of frames that show the reference's appearance where the prompt (``target``) asks for another: the
     frame's object colour or shape, or its background, classified as the reference's and not the target's.

@@ -1,5 +1,5 @@
 """The demo's second recipe: the product's best (``cav/configs/toy-best.yaml``), trained and scored exactly as the
-paper's recipe is, and the animated side-by-side GIF of reference, base, paper and best.
+paper's recipe is (``metrics.toy.score_videos``, which the demo uses too).
 
 With ``checkpoint_every`` > 0 in the recipe the sampled T-LoRA is the checkpoint ``cav select`` picks (toy ground
 truth against the reference), not the last one.
@@ -42,9 +42,7 @@ def run_best(ref_path: Path, cfg: TrainConfig, out: Path, texts: list[str], seed
 
 def block(reference: tw.ToySpec, ref_video: np.ndarray, videos, specs, err_base: list[float], adapter: str) -> dict:
     """``metrics.json``'s ``best``: the paper block's keys, plus ``frame_leakage`` and which recipe and adapter."""
-    from .demo import score_videos
-
-    errors, follows = score_videos(ref_video, videos, specs)
+    errors, follows = tm.score_videos(ref_video, videos, specs)
     leak = [tm.frame_leakage(v, reference, s) for v, s in zip(videos, specs)]
     return {
         "recipe": str(recipe_path(BEST_RECIPE).name), "adapter": adapter,
@@ -57,15 +55,3 @@ def block(reference: tw.ToySpec, ref_video: np.ndarray, videos, specs, err_base:
                       for s, e, f, k in zip(specs, errors, follows, leak)],
     }
 
-
-def write_side_by_side(path: Path, ref_video: np.ndarray, columns: list[list[np.ndarray]]) -> Path:
-    """An animated GIF: one row per prompt, [reference | each column's video] side by side, 2 px dark gaps."""
-    from ..data.video import write_video
-
-    gap = lambda v: np.full((v.shape[0], v.shape[1], 2, 3), 24, dtype=np.uint8)  # noqa: E731
-    rows = []
-    for i in range(len(columns[0])):
-        tiles = [ref_video] + [col[i] for col in columns]
-        row = np.concatenate([t for v in tiles for t in (v, gap(v))][:-1], axis=2)
-        rows += [row, np.full((row.shape[0], 2, row.shape[2], 3), 24, dtype=np.uint8)]
-    return write_video(path, np.concatenate(rows[:-1], axis=1))

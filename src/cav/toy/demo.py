@@ -19,6 +19,7 @@ from ..config import TrainConfig, load_recipe, recipe_path
 from ..data import toyworld as tw
 from ..io_utils import write_json
 from ..metrics import toy as tm
+from ..metrics.toy import score_videos  # the demo's scorer (scripts/demo_sweep.py imports it from here)
 from . import best as best_mod
 
 RECIPE = recipe_path("toy")
@@ -75,7 +76,7 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
             write_video(out / f"best-{i}.gif", video)
     write_sheet(out / "contact_sheet.png", ref_video, full, texts, columns,
                 [err_base, err_cav] + ([[v["motion_error_cav"] for v in best_block["per_video"]]] if best else []))
-    best_mod.write_side_by_side(out / "side_by_side.gif", ref_video, columns)
+    write_side_by_side(out / "side_by_side.gif", ref_video, columns)
     metrics = {
         "reference": full,
         "prompts": texts,
@@ -113,13 +114,17 @@ def write_sheet(path: Path, reference: np.ndarray, reference_prompt: str, prompt
                                   captions=captions, title=f"reference: {reference_prompt}", tile=64)
 
 
-def score_videos(reference: np.ndarray, videos, specs: list[tw.ToySpec]) -> tuple[list[float], list[bool]]:
-    """Per video: motion error against the reference's track (normalised by frame size), and whether its colour,
-    shape and background follow its own spec (the prompt)."""
-    ref_track, size = tm.track(reference), reference.shape[1]
-    errors = [tm.motion_error(tm.track(v), ref_track, size) for v in videos]
-    follows = [tm.appearance_ok(v, s) for v, s in zip(videos, specs)]
-    return errors, follows
+def write_side_by_side(path: Path, ref_video: np.ndarray, columns: list[list[np.ndarray]]) -> Path:
+    """An animated GIF: one row per prompt, [reference | each column's video] side by side, 2 px dark gaps."""
+    from ..data.video import write_video
+
+    gap = lambda v: np.full((v.shape[0], v.shape[1], 2, 3), 24, dtype=np.uint8)  # noqa: E731
+    rows = []
+    for i in range(len(columns[0])):
+        tiles = [ref_video] + [col[i] for col in columns]
+        row = np.concatenate([t for v in tiles for t in (v, gap(v))][:-1], axis=2)
+        rows += [row, np.full((row.shape[0], 2, row.shape[2], 3), 24, dtype=np.uint8)]
+    return write_video(path, np.concatenate(rows[:-1], axis=1))
 
 
 def summary(metrics: dict, out: Path) -> str:
