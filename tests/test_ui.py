@@ -308,3 +308,20 @@ def test_the_app_loads_its_own_base_never_the_one_a_run_names(app):
         "cav: error: run 'foreign' was trained with the motion adapter 'someone/motion': type it in the motion " \
         "adapter field to load it"
     assert not (app.root / "generations").exists()  # refused before anything was written
+
+
+def test_a_run_of_a_newer_cav_is_one_line_in_the_runs_tab_and_on_resume(app):
+    """``data.json`` of a newer cav (a newer ``format_version``): Runs and Resume show the CLI's line, not a trace;
+    the same file without a version (an older cav's) shows as it is."""
+    from cav import versioned
+
+    run = app.root / "later"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("steps: 1\n")
+    record = {"clip": str(run / "gone.mp4"), "sha256": "ab", "selection": {}}
+    (run / "data.json").write_text(json.dumps(record))
+    assert app.run_details("later")["metrics"]["data"] == record
+    (run / "data.json").write_text(json.dumps({versioned.KEY: versioned.CURRENT["data.json"] + 1, **record}))
+    for line in (app.run_details("later")["status"], app.resume_training("later")):
+        assert line.startswith("cav: error: ") and "written by a newer cav" in line and line.endswith("upgrade cav")
+        assert "\n" not in line and "later/data.json" in line
