@@ -53,6 +53,7 @@ TRAIN = train_args(ANIMATEDIFF)  # both AnimateDiff rows train at 16 px
 
 
 def _run(capsys, *argv):
+    capsys.readouterr()  # only this command's output (building a fixture's model or run may print progress)
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err.strip()
 
