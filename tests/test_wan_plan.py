@@ -129,3 +129,20 @@ def test_check_run_refuses_before_any_weight(tmp_path):
                            "width 1536")]:
         with pytest.raises(CavError, match=match):
             checks.check_run(**{**base, **change})
+
+
+def test_dry_run_of_a_published_hub_id_offline():
+    """The whole Wan dry run from the shipped files of a hub id (what api.plan will call once wired)."""
+    from cav.wan import shipped
+
+    hub = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    got = plan.dry_run(lambda name: shipped.read(hub, name), frames=17, height=480, width=832, device="cpu",
+                       dtype="fp32", offload_frozen=True)
+    assert got["n_experts"] == 1 and got["experts"] is None
+    assert [r["name"] for r in got["stages"]] == ["s_lora", "prompt_vectors", "t_lora"]
+    assert got["stages"][-1]["trainable_params"] == 1_474_560
+    assert got["transformer_params"] == published.parameter_count("wan2.1-t2v-1.3b")
+    assert got["warning"].startswith("--offload-frozen does nothing on the CPU") and not got["memory"]["offload_frozen"]
+    assert got["memory"]["tokens"] == 5 * 30 * 52
+    with pytest.raises(CavError, match="two-expert base"):
+        plan.dry_run(lambda name: shipped.read(hub, name), frames=17, height=480, width=832, experts="high")

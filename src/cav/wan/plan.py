@@ -87,5 +87,33 @@ def placement_table(transformer_config: dict, prompt_vectors: int = 4) -> dict:
     return table
 
 
+def dry_run(read, *, frames: int, height: int, width: int, placement: str = "cav", experts: str | None = None,
+            absorbers: str = "both", prompt_vectors: int = 4, absorbers_given: bool = False, dtype: str = "bf16",
+            device: str = "cuda", checkpointing: bool = True, offload_frozen: bool = False,
+            lora_files: tuple = (), base: str | None = None) -> dict:
+    """The Wan part of ``api.plan`` for one base: every weightless check (``checks.check_run``), the stages with
+    their counts and the memory estimate. ``read(name)`` returns a JSON file of the base (``model_index.json``,
+    ``transformer/config.json``, ``vae/config.json``, ``text_encoder/config.json``), e.g. ``backbone._read_json``
+    bound to the resolved base, which finds the shipped files of the published hub ids offline."""
+    from . import checks, memory
+
+    n_experts = checks.experts_of(read("model_index.json"))
+    transformer = read("transformer/config.json")
+    vae = read("vae/config.json")
+    chosen = checks.check_run(transformer, vae, n_experts, frames=frames, height=height, width=width,
+                              placement=placement, experts=experts, lora_files=lora_files, base=base)
+    encoder = read("text_encoder/config.json")
+    rows = stages(transformer, placement, chosen, n_experts, absorbers, prompt_vectors, encoder["d_model"],
+                  absorbers_given)
+    swap, warning = checks.offload_plan(offload_frozen, device)
+    motion = sum(r["trainable_params"] for r in rows if r["name"] == T_LORA)
+    mem = memory.estimate(transformer, vae, encoder, frames=frames, height=height, width=width,
+                          trainable_params=motion, n_experts=n_experts, dtype=dtype, checkpointing=checkpointing,
+                          offload_frozen=swap)
+    return {"family": "wan", "experts": chosen, "n_experts": n_experts, "stages": rows,
+            "transformer_params": n_experts * sum(p.numel() for p in meta_transformer(transformer).parameters()),
+            "memory": mem, **({"warning": warning} if warning else {})}
+
+
 __all__ = ["S_LORA", "T_LORA", "PROMPT_VECTORS", "meta_transformer", "prompt_vector_params", "stages",
-           "placement_table"]
+           "placement_table", "dry_run"]
