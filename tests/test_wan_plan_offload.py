@@ -112,3 +112,20 @@ def test_inference_needs_no_hooks_on_saved_tensors():
         out = model(*_inputs(), return_dict=False)[0]
     assert torch.equal(out, ref.detach()) and rec.bad == [] and swap.peak <= 2
     swap.detach()
+
+
+def test_a_failing_forward_leaves_no_hooks_behind():
+    model = _model()
+    swap = swap_transformer_blocks(model, "cpu", "cpu")
+
+    def fail(*args):
+        raise RuntimeError("inside block 1")
+
+    handle = model.blocks[1].ffn.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="inside block 1"):
+        model(*_inputs())
+    handle.remove()
+    assert swap._hooks == [] and not torch._C._autograd._top_saved_tensors_default_hooks(False)
+    out, _ = _step(model)  # and the next step works
+    assert torch.isfinite(out).all()
+    swap.detach()

@@ -149,7 +149,7 @@ class BlockSwap:
                 slot[2] = home.pin_memory() if self.pin else home
                 self._set(slot, slot[2])
             self._handles += [block.register_forward_pre_hook(self._pre(i), with_kwargs=True),
-                              block.register_forward_hook(self._post(i))]
+                              block.register_forward_hook(self._post(i), always_call=True)]
         self.resident.clear()
         return self
 
