@@ -1,7 +1,7 @@
 """The published Wan bases by their diffusers hub ids, offline: the small JSON files a ``--dry-run`` reads.
 
 ``SHIPPED_CONFIGS`` maps each hub id to the prefix of its files in ``cav/assets/`` in the layout of
-``backbone.SHIPPED_CONFIGS`` (``<prefix>_<file with / → _>``: ``wan21_t2v_1_3b_transformer_config.json``), so the two
+``backbone.SHIPPED_CONFIGS`` (``<prefix>_<file with / → _>``: ``wan2_1_t2v_1_3b_transformer_config.json``), so the two
 tables merge as they are. Per base: ``model_index.json``, ``transformer/config.json`` (A14B also
 ``transformer_2/config.json``), ``vae/config.json``, ``text_encoder/config.json`` (umT5-XXL) and
 ``scheduler/scheduler_config.json``. No tokenizer: a dry run counts parameters and never tokenizes.
@@ -18,19 +18,22 @@ model's parameter count on the meta device is in ``COUNTS`` and compared with a 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..errors import CavError
 from . import published
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# hub id → (asset prefix, published record in configs/)
-HUB_BASES = {
-    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": ("wan21_t2v_1_3b", "wan2.1-t2v-1.3b"),
-    "Wan-AI/Wan2.1-T2V-14B-Diffusers": ("wan21_t2v_14b", "wan2.1-t2v-14b"),
-    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": ("wan22_ti2v_5b", "wan2.2-ti2v-5b"),
-    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": ("wan22_t2v_a14b", "wan2.2-t2v-a14b"),
-}
+
+
+def _prefix(name: str) -> str:
+    """Asset prefix of a published record: ``wan2.1-t2v-1.3b`` → ``wan2_1_t2v_1_3b``."""
+    return re.sub(r"[^a-z0-9]+", "_", name)
+
+
+# hub id → (asset prefix, published record in configs/): the records name their hub ids
+HUB_BASES = {published.published(n)["hub_id"]: (_prefix(n), n) for n in published.names()}
 SHIPPED_CONFIGS = {hub: prefix for hub, (prefix, _) in HUB_BASES.items()}  # merges into backbone.SHIPPED_CONFIGS
 
 # google/umt5-xxl's published dimensions; Wan runs its encoder only (UMT5EncoderModel)
