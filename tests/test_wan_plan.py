@@ -79,9 +79,12 @@ def test_frames_and_size_from_the_configs():
     with pytest.raises(CavError, match=r"^--frames 16 does not fit Wan's VAE, which takes 4k\+1 frames: pass "
                                        r"--frames 13 or 17$"):
         checks.check_clip(SMALL, vae21, 16, 480, 832)
-    with pytest.raises(CavError, match=r"^--height 720 is not a multiple of 32 \(Wan's patch × VAE factor\): pass "
-                                       r"--height 704$"):
+    with pytest.raises(CavError, match=r"^--size 720x1280 does not fit Wan: height and width must be multiples of 32 "
+                                       r"\(patch 2 × VAE factor 16\): pass --size 704x1280 or --size 736x1280$"):
         checks.check_clip(five_b, vae22, 17, 720, 1280)
+    with pytest.raises(CavError, match=r"^--size 8x840 does not fit Wan: .* multiples of 16 \(patch 2 × VAE factor 8\): "
+                                       r"pass --size 16x832 or --size 16x848$"):
+        checks.check_clip(SMALL, vae21, 17, 8, 840)
     checks.check_clip(five_b, vae22, 121, 704, 1280)
 
 
@@ -124,7 +127,7 @@ def test_check_run_refuses_before_any_weight(tmp_path):
     base = dict(transformer_config=SMALL, vae_config={}, n_experts=1, frames=17, height=480, width=832)
     for change, match in [(dict(placement="motiondirector+tconv"), "temporal convolutions"),
                           (dict(experts="both"), "two-expert base"), (dict(frames=8), r"4k\+1"),
-                          (dict(width=840), "multiple of 16"),
+                          (dict(width=840), "multiples of 16"),
                           (dict(transformer_config=a14b, n_experts=2, lora_files=(lora,), base="wan2.2-t2v-a14b"),
                            "width 1536")]:
         with pytest.raises(CavError, match=match):

@@ -55,8 +55,14 @@ def check_clip(transformer_config: dict, vae_config: dict, frames: int, height: 
     """Frames 4k+1 and a size tiled by patch × VAE factor, from the base's transformer and VAE configs (a VAE
     config without factors is Wan 2.1's: 8 spatial, 4 temporal, ``AutoencoderKLWan``'s defaults)."""
     published.check_frames(frames, int(vae_config.get("scale_factor_temporal", 4)))
-    published.check_size(height, width,
-                         published.size_multiple(transformer_config, int(vae_config.get("scale_factor_spatial", 8))))
+    spatial = int(vae_config.get("scale_factor_spatial", 8))
+    unit = published.size_multiple(transformer_config, spatial)
+    if height % unit or width % unit or min(height, width) < unit:
+        down = [max(unit, v // unit * unit) for v in (height, width)]
+        up = [max(unit, -(-v // unit) * unit) for v in (height, width)]
+        options = dict.fromkeys(f"{h}x{w}" for h, w in (down, up))
+        raise CavError(f"--size {height}x{width} does not fit Wan: height and width must be multiples of {unit} (patch "
+                       f"{unit // spatial} × VAE factor {spatial}): pass --size {' or --size '.join(options)}")
 
 
 def check_lora(path: str | Path, transformer_config: dict, base: str | None = None) -> None:
