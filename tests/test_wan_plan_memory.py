@@ -76,8 +76,15 @@ def test_activation_model_predicts_a_measured_step():
     cfg = dict(parts["transformer"].config)
     predicted = memory.activation_bytes(cfg, 3 * 3 * 3, SPEC.max_length)
     assert abs(predicted / got["total"] - 1) < 0.10, (predicted, got)
-    ckpt = memory.activation_bytes(cfg, 27, SPEC.max_length, checkpointing=True)
-    assert ckpt < predicted  # checkpointing keeps block inputs and one block's activations
+    # checkpointing: the checkpoint keeps each block's input (measured: blocks × tokens × width in bf16) and the
+    # backward recomputes one block at a time (one block's share of the step measured above)
+    ckpt = memory.measure_activations(parts["transformer"], latents, torch.tensor([500.0]), context,
+                                      checkpointing=True)
+    assert ckpt["blocks"] == 0 and ckpt["block_inputs"] == 3 * 27 * 32 * 2
+    measured = ckpt["outside"] + ckpt["block_inputs"] + got["blocks"] / 3
+    predicted = memory.activation_bytes(cfg, 27, SPEC.max_length, checkpointing=True)
+    assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
+    assert not parts["transformer"].gradient_checkpointing  # the measurement left the model as it was
 
 
 def test_estimate_is_a_printable_dict():

@@ -20,9 +20,10 @@ Parts (bytes; ``estimate`` returns each and the peak):
       saved = blocks · (tokens · (A·width + B·ffn_dim) + C·text_len·width) + D·tokens·width      (bytes)
 
   (``ACTIVATION_FIT``: ``scripts/wan_memory_fit.py``, which also reports how well it predicts a larger model it was
-  not fitted on). With gradient checkpointing each block keeps only its input (tokens · width in the compute dtype)
-  and the backward recomputes one block at a time, so: blocks · tokens · width · bytes + one block's activations +
-  the non-block part.
+  not fitted on). With gradient checkpointing each block keeps only its input (tokens · width in the compute dtype,
+  measured) plus the inputs all blocks share (RoPE cos/sin in fp32, the prompt, the time projection), and the
+  backward recomputes one block at a time, so: blocks · tokens · width · bytes + shared + one block's activations +
+  the non-block part (composed from measured parts; tests/test_wan_plan_memory.py checks it on a tiny step).
 
 Not modelled: the CUDA context and allocator fragmentation (add ~1-2 GB on a GPU), the VAE's encode / decode
 activations, the optimizer's temporary buffers. GPU figures were not measured (no device lent to this task).
@@ -63,8 +64,9 @@ def activation_bytes(cfg: dict, n_tokens: int, text_len: int = 512, checkpointin
     fit = fit or ACTIVATION_FIT
     block = block_activation_bytes(cfg, n_tokens, text_len, fit)
     outside = fit["D"] * n_tokens * _width(cfg)
-    if checkpointing:
-        return cfg["num_layers"] * n_tokens * _width(cfg) * dtype_bytes + block + outside
+    if checkpointing:  # + the inputs all checkpointed blocks share: RoPE cos/sin (fp32), prompt, time projection
+        shared = n_tokens * cfg["attention_head_dim"] * 2 * 4 + text_len * _width(cfg) * dtype_bytes + 6 * _width(cfg) * 4
+        return cfg["num_layers"] * n_tokens * _width(cfg) * dtype_bytes + block + outside + shared
     return cfg["num_layers"] * block + outside
 
 
@@ -138,10 +140,12 @@ def estimate(transformer_config: dict, vae_config: dict, text_encoder_config: di
 
 # ------------------------------------------------------------------------------------------- the measurement
 def measure_activations(transformer, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                        autocast_dtype: torch.dtype | None = torch.bfloat16) -> dict:
+                        autocast_dtype: torch.dtype | None = torch.bfloat16, checkpointing: bool = False) -> dict:
     """Bytes autograd saves in one forward of ``transformer`` (its trainable LoRA set up by the caller), split into
     the blocks' part and the rest: distinct storages, parameters excluded (weights are not activations). Runs the
-    backward too, so the step is a real one."""
+    backward too, so the step is a real one. ``checkpointing``: diffusers' gradient checkpointing is on for the
+    step; the checkpoint hides what a block saves (its hooks are innermost), so ``block_inputs`` reports what it
+    keeps instead: each block's ``hidden_states`` input."""
     params = {p.untyped_storage().data_ptr() for p in transformer.parameters()}
     saved: dict[int, tuple[int, bool]] = {}
     inside = [False]
@@ -152,10 +156,20 @@ def measure_activations(transformer, latents: torch.Tensor, timestep: torch.Tens
             saved[ptr] = (t.untyped_storage().nbytes(), inside[0])
         return t
 
+    inputs: dict[int, int] = {}
+
+    def enter(module, args):
+        inside[0] = True
+        if torch.is_grad_enabled():
+            inputs.setdefault(args[0].untyped_storage().data_ptr(), args[0].untyped_storage().nbytes())
+
     hooks = []
     for block in transformer.blocks:
-        hooks.append(block.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)))
+        hooks.append(block.register_forward_pre_hook(enter))
         hooks.append(block.register_forward_hook(lambda *a: inside.__setitem__(0, False)))
+    was = transformer.gradient_checkpointing
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
     try:
         with torch.autocast(latents.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -164,9 +178,12 @@ def measure_activations(transformer, latents: torch.Tensor, timestep: torch.Tens
     finally:
         for h in hooks:
             h.remove()
+        if checkpointing and not was:
+            transformer.disable_gradient_checkpointing()
     blocks = sum(n for n, b in saved.values() if b)
-    return {"blocks": blocks, "outside": sum(n for n, b in saved.values() if not b), "total": blocks + sum(
-        n for n, b in saved.values() if not b)}
+    outside = sum(n for n, b in saved.values() if not b)
+    return {"blocks": blocks, "outside": outside, "total": blocks + outside,
+            "block_inputs": sum(inputs.values()) if checkpointing else 0}
 
 
 __all__ = ["ACTIVATION_FIT", "DTYPE_BYTES", "ADAMW_BYTES", "tokens", "block_activation_bytes", "activation_bytes",
