@@ -38,7 +38,7 @@ if __name__ == "__main__":
                                   frames=81, height=h, width=w, trainable_params=table["cav"]["trainable_params"],
                                   n_experts=experts, checkpointing=ckpt, offload_frozen=off)
             cells.append(f"{est['gib']['train_peak']:.1f}")
-        memory_rows.append(f"| {NAMES[name]} | 81 × {h} × {w} ({est['tokens']:,} tokens) | {' | '.join(cells)} | "
+        memory_rows.append(f"| {NAMES[name].replace(' (per expert)', ' (both experts loaded)')} | 81 × {h} × {w} ({est['tokens']:,} tokens) | {' | '.join(cells)} | "
                            f"{est['gib']['encode_phase']:.1f} |")
     print()
     print("| base | clip | no checkpointing | checkpointing | checkpointing + `--offload-frozen` | umT5 phase |")
