@@ -1,7 +1,8 @@
 """Fit the activation model of ``cav.wan.memory`` on measured forward + backward passes of small Wans (CPU), and
 check it on a larger Wan it was not fitted on.
 
-Each case builds a random ``WanTransformer3DModel`` in bf16 (fp32 where diffusers keeps it) with cav's motion LoRA (fp32, trainable) and measures the
+Each case builds a random ``WanTransformer3DModel`` in bf16 (fp32 where diffusers keeps it) with cav's motion LoRA
+(fp32, trainable) and measures the
 bytes autograd saves in one step under bf16 autocast (``memory.measure_activations``). The blocks' part is fitted as
 blocks · (tokens · (A·width + B·ffn_dim) + C·text_len·width), the rest as D·tokens·width (least squares).
 
@@ -67,7 +68,8 @@ if __name__ == "__main__":
     f = fit(calibration)
     worst = max(abs(predicted(r, f) / r["total"] - 1) for r in calibration)
     print("fit", json.dumps(f), f"worst calibration error {worst:.1%}")
-    for heads, head_dim, layers, ffn, frames, side, text_len in [(4, 32, 4, 512, 5, 24, 64), (8, 32, 3, 1024, 9, 16, 48)]:
+    held_out = [(4, 32, 4, 512, 5, 24, 64), (8, 32, 3, 1024, 9, 16, 48)]
+    for heads, head_dim, layers, ffn, frames, side, text_len in held_out:
         r = case(heads, head_dim, layers, ffn, frames, side, text_len)
         p = predicted(r, f)
         print(f"held out: width {heads * head_dim}, ffn {ffn}, {layers} blocks, {r['tokens']} tokens, text {text_len}: "

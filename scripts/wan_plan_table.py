@@ -34,11 +34,13 @@ if __name__ == "__main__":
         h, w = NATIVE.get(name, (480, 832))
         cells = []
         for ckpt, off in ((False, False), (True, False), (True, True)):
-            est = memory.estimate(t, shipped.read(hub, "vae/config.json"), shipped.read(hub, "text_encoder/config.json"),
+            est = memory.estimate(t, shipped.read(hub, "vae/config.json"),
+                                  shipped.read(hub, "text_encoder/config.json"),
                                   frames=81, height=h, width=w, trainable_params=table["cav"]["trainable_params"],
                                   n_experts=experts, checkpointing=ckpt, offload_frozen=off)
             cells.append(f"{est['gib']['train_peak']:.1f}")
-        memory_rows.append(f"| {NAMES[name].replace(' (per expert)', ' (both experts loaded)')} | 81 × {h} × {w} ({est['tokens']:,} tokens) | {' | '.join(cells)} | "
+        label = NAMES[name].replace(" (per expert)", " (both experts loaded)")
+        memory_rows.append(f"| {label} | 81 × {h} × {w} ({est['tokens']:,} tokens) | {' | '.join(cells)} | "
                            f"{est['gib']['encode_phase']:.1f} |")
     print()
     print("| base | clip | no checkpointing | checkpointing | checkpointing + `--offload-frozen` | umT5 phase |")

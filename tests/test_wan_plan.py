@@ -82,7 +82,8 @@ def test_frames_and_size_from_the_configs():
     with pytest.raises(CavError, match=r"^--size 720x1280 does not fit Wan: height and width must be multiples of 32 "
                                        r"\(patch 2 × VAE factor 16\): pass --size 704x1280 or --size 736x1280$"):
         checks.check_clip(five_b, vae22, 17, 720, 1280)
-    with pytest.raises(CavError, match=r"^--size 8x840 does not fit Wan: .* multiples of 16 \(patch 2 × VAE factor 8\): "
+    with pytest.raises(CavError, match=r"^--size 8x840 does not fit Wan: .* multiples of 16 \(patch 2 × VAE factor "
+                                       r"8\): "
                                        r"pass --size 16x832 or --size 16x848$"):
         checks.check_clip(SMALL, vae21, 17, 8, 840)
     checks.check_clip(five_b, vae22, 121, 704, 1280)

@@ -65,7 +65,8 @@ def test_a14b_index_is_what_wan_pipeline_registers():
                        transformer=m["transformer"], transformer_2=m["transformer_2"], boundary_ratio=0.875)
     registered = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(pipe.config).items()}
     registered["tokenizer"] = ["transformers", "T5TokenizerFast"]  # umT5's tokenizer (not built here)
-    assert {k: v for k, v in shipped.read("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "model_index.json").items() if k != "_class_name"} == registered
+    index = shipped.read("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "model_index.json")
+    assert {k: v for k, v in index.items() if k != "_class_name"} == registered
 
 
 def test_scheduler_and_vae_files_load_in_diffusers():

@@ -65,7 +65,8 @@ def activation_bytes(cfg: dict, n_tokens: int, text_len: int = 512, checkpointin
     block = block_activation_bytes(cfg, n_tokens, text_len, fit)
     outside = fit["D"] * n_tokens * _width(cfg)
     if checkpointing:  # + the inputs all checkpointed blocks share: RoPE cos/sin (fp32), prompt, time projection
-        shared = n_tokens * cfg["attention_head_dim"] * 2 * 4 + text_len * _width(cfg) * dtype_bytes + 6 * _width(cfg) * 4
+        shared = (n_tokens * cfg["attention_head_dim"] * 2 * 4 + text_len * _width(cfg) * dtype_bytes
+                  + 6 * _width(cfg) * 4)
         return cfg["num_layers"] * n_tokens * _width(cfg) * dtype_bytes + block + outside + shared
     return cfg["num_layers"] * block + outside
 
@@ -134,7 +135,8 @@ def estimate(transformer_config: dict, vae_config: dict, text_encoder_config: di
             "bytes": parts, "text_encoder": _params(encoder) * nbytes, "encode_phase": encode_phase,
             "train_peak": train_peak, "peak": max(train_peak, encode_phase),
             "gib": {**{k: round(v / GIB, 2) for k, v in parts.items()}, "train_peak": round(train_peak / GIB, 2),
-                    "encode_phase": round(encode_phase / GIB, 2), "peak": round(max(train_peak, encode_phase) / GIB, 2)},
+                    "encode_phase": round(encode_phase / GIB, 2),
+                    "peak": round(max(train_peak, encode_phase) / GIB, 2)},
             "not_counted": "CUDA context and fragmentation (~1-2 GB), VAE encode/decode activations"}
 
 
@@ -172,7 +174,8 @@ def measure_activations(transformer, latents: torch.Tensor, timestep: torch.Tens
         transformer.enable_gradient_checkpointing()
     try:
         with torch.autocast(latents.device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                            enabled=autocast_dtype is not None), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = transformer(latents, timestep, context, return_dict=False)[0]
         out.float().square().mean().backward()
     finally:

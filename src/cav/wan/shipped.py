@@ -77,7 +77,8 @@ def read(hub_id: str, name: str) -> dict:
                        f"{', '.join(HUB_BASES)} or a downloaded folder")
     path = asset_path(hub_id, name)
     if not path.is_file():
-        raise CavError(f"{hub_id} has no {name} (shipped: {', '.join(n for n in FILES if asset_path(hub_id, n).is_file())})")
+        have = ", ".join(n for n in FILES if asset_path(hub_id, n).is_file())
+        raise CavError(f"{hub_id} has no {name} (shipped: {have})")
     return json.loads(path.read_text())
 
 
@@ -161,5 +162,6 @@ def write_assets() -> list[Path]:
     return written
 
 
-__all__ = ["HUB_BASES", "SHIPPED_CONFIGS", "UMT5_XXL", "WAN22_VAE", "FLOW_SHIFT", "FILES", "published_name", "vae_config", "text_encoder_config",
+__all__ = ["HUB_BASES", "SHIPPED_CONFIGS", "UMT5_XXL", "WAN22_VAE", "FLOW_SHIFT", "FILES", "published_name",
+           "vae_config", "text_encoder_config",
            "asset_path", "read", "build_models", "model_index", "build_assets", "write_assets"]
