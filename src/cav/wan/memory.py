@@ -35,7 +35,7 @@ import torch
 
 # bytes per element of a fitted saved tensor (A, B, C, D of the module doc), for the step's mixed precision (bf16
 # weights, fp32 LoRA, bf16 autocast): ``scripts/wan_memory_fit.py`` prints them
-ACTIVATION_FIT = {"A": 45.012, "B": 2.0, "C": 6.031, "D": 4.214}
+ACTIVATION_FIT = {"A": 45.612, "B": 2.0, "C": 6.031, "D": 4.214}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAMW_BYTES = 16  # fp32 weight + gradient + exp_avg + exp_avg_sq
 GIB = 2 ** 30
