@@ -148,5 +148,6 @@ def test_dry_run_of_a_published_hub_id_offline():
     assert got["transformer_params"] == published.parameter_count("wan2.1-t2v-1.3b")
     assert got["warning"].startswith("--offload-frozen does nothing on the CPU") and not got["memory"]["offload_frozen"]
     assert got["memory"]["tokens"] == 5 * 30 * 52
+    assert got["memory"]["absorber_stage"]["tokens"] == 4 * 30 * 52  # 4 frames per absorber step, image mode
     with pytest.raises(CavError, match="two-expert base"):
         plan.dry_run(lambda name: shipped.read(hub, name), frames=17, height=480, width=832, experts="high")

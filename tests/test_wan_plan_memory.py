@@ -87,6 +87,20 @@ def test_activation_model_predicts_a_measured_step():
     assert not parts["transformer"].gradient_checkpointing  # the measurement left the model as it was
 
 
+def test_absorber_stage_is_sized_in_image_mode():
+    """The absorber stage runs ``absorber_batch`` frames as 1-frame videos at the full size (crops are resized back):
+    its activations are those of that many one-frame clips, its trainable part the absorbers'."""
+    parts = _parts()
+    est = _estimate(parts, absorber_batch=8, absorber_trainable_params=100)
+    stage = est["absorber_stage"]
+    cfg = dict(parts["transformer"].config)
+    assert stage["tokens"] == 8 * memory.tokens(cfg, dict(parts["vae"].config), 1, 48, 48) == 8 * 9
+    assert stage["bytes"]["activations"] == int(memory.activation_bytes(cfg, 72, 8 * SPEC.max_length))
+    assert stage["bytes"]["lora"] == 100 * memory.ADAMW_BYTES
+    assert est["train_peak"] == max(stage["total"], sum(est["bytes"].values()))
+    assert "absorber_stage" not in _estimate(parts)
+
+
 def test_estimate_is_a_printable_dict():
     import json
 

@@ -101,8 +101,11 @@ def to_compute_dtype(model, dtype: torch.dtype):
 def estimate(transformer_config: dict, vae_config: dict, text_encoder_config: dict, *, frames: int, height: int,
              width: int, trainable_params: int, n_experts: int = 1, dtype: str = "bf16",
              checkpointing: bool = False, offload_frozen: bool = False, prompts: int = 1,
-             text_len: int = 512) -> dict:
-    """The parts of the training peak (module doc), in bytes and GiB, for the dry run to print."""
+             text_len: int = 512, absorber_trainable_params: int = 0, absorber_batch: int = 0) -> dict:
+    """The parts of the training peak (module doc), in bytes and GiB, for the dry run to print. ``bytes`` are the
+    T-LoRA stage's (the whole clip, ``trainable_params``); with ``absorber_batch`` (frames per absorber step) the
+    absorber stage is sized too (image mode: that many 1-frame videos at the full size, since patch crops are resized
+    back, training ``absorber_trainable_params``) and ``train_peak`` is the larger of the two stages."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -122,17 +125,24 @@ def estimate(transformer_config: dict, vae_config: dict, text_encoder_config: di
     else:
         weights = n_experts * per_expert
     n_tok = tokens(transformer_config, vae_config, frames, height, width)
-    parts = {
-        "weights": weights,
-        "lora": trainable_params * ADAMW_BYTES,
-        "vae": _params(vae) * nbytes,
-        "embeddings": prompts * text_len * text_encoder_config["d_model"] * nbytes,
-        "activations": int(activation_bytes(transformer_config, n_tok, text_len, checkpointing, nbytes)),
-    }
+
+    def stage(trainable: int, n_tokens: int, texts: int) -> dict:
+        return {"weights": weights, "lora": trainable * ADAMW_BYTES, "vae": _params(vae) * nbytes,
+                "embeddings": prompts * text_len * text_encoder_config["d_model"] * nbytes,
+                "activations": int(activation_bytes(transformer_config, n_tokens, texts, checkpointing, nbytes))}
+
+    parts = stage(trainable_params, n_tok, text_len)
     train_peak = sum(parts.values())
+    extra = {}
+    if absorber_batch:
+        a_tok = absorber_batch * tokens(transformer_config, vae_config, 1, height, width)
+        a_parts = stage(absorber_trainable_params, a_tok, absorber_batch * text_len)
+        extra["absorber_stage"] = {"tokens": a_tok, "bytes": a_parts, "total": sum(a_parts.values()),
+                                   "gib": round(sum(a_parts.values()) / GIB, 2)}
+        train_peak = max(train_peak, extra["absorber_stage"]["total"])
     encode_phase = _params(encoder) * nbytes + parts["embeddings"]
     return {"tokens": n_tok, "dtype": dtype, "checkpointing": checkpointing, "offload_frozen": offload_frozen,
-            "bytes": parts, "text_encoder": _params(encoder) * nbytes, "encode_phase": encode_phase,
+            "bytes": parts, **extra, "text_encoder": _params(encoder) * nbytes, "encode_phase": encode_phase,
             "train_peak": train_peak, "peak": max(train_peak, encode_phase),
             "gib": {**{k: round(v / GIB, 2) for k, v in parts.items()}, "train_peak": round(train_peak / GIB, 2),
                     "encode_phase": round(encode_phase / GIB, 2),

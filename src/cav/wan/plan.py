@@ -90,7 +90,7 @@ def placement_table(transformer_config: dict, prompt_vectors: int = 4) -> dict:
 def dry_run(read, *, frames: int, height: int, width: int, placement: str = "cav", experts: str | None = None,
             absorbers: str = "both", prompt_vectors: int = 4, absorbers_given: bool = False, dtype: str = "bf16",
             device: str = "cuda", checkpointing: bool = True, offload_frozen: bool = False,
-            lora_files: tuple = (), base: str | None = None) -> dict:
+            lora_files: tuple = (), base: str | None = None, absorber_batch: int = 4) -> dict:
     """The Wan part of ``api.plan`` for one base: every weightless check (``checks.check_run``), the stages with
     their counts and the memory estimate. ``read(name)`` returns a JSON file of the base (``model_index.json``,
     ``transformer/config.json``, ``vae/config.json``, ``text_encoder/config.json``), e.g. ``backbone._read_json``
@@ -107,9 +107,12 @@ def dry_run(read, *, frames: int, height: int, width: int, placement: str = "cav
                   absorbers_given)
     swap, warning = checks.offload_plan(offload_frozen, device)
     motion = sum(r["trainable_params"] for r in rows if r["name"] == T_LORA)
+    absorber = max((r["trainable_params"] for r in rows if r["name"] == S_LORA), default=0) + sum(
+        r["trainable_params"] for r in rows if r["name"] == PROMPT_VECTORS)
     mem = memory.estimate(transformer, vae, encoder, frames=frames, height=height, width=width,
                           trainable_params=motion, n_experts=n_experts, dtype=dtype, checkpointing=checkpointing,
-                          offload_frozen=swap)
+                          offload_frozen=swap, absorber_trainable_params=absorber,
+                          absorber_batch=absorber_batch if absorber else 0)
     return {"family": "wan", "experts": chosen, "n_experts": n_experts, "stages": rows,
             "transformer_params": n_experts * sum(p.numel() for p in meta_transformer(transformer).parameters()),
             "memory": mem, **({"warning": warning} if warning else {})}
