@@ -35,12 +35,15 @@ def build(heads, head_dim, layers, ffn, text_dim=32, seed=0):
     return model
 
 
-def case(heads, head_dim, layers, ffn, frames, side, text_len):
+def case(heads, head_dim, layers, ffn, frames, side, text_len, peak=False):
     model = build(heads, head_dim, layers, ffn)
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 4, frames, side, side, generator=g, dtype=torch.bfloat16)
     context = torch.randn(1, text_len, 32, generator=g, dtype=torch.bfloat16)
     got = memory.measure_activations(model, latents, torch.tensor([500.0]), context)
+    if peak:  # the whole step's allocation peak, without and with checkpointing
+        got["peak"] = memory.measure_peak(model, latents, torch.tensor([500.0]), context)
+        got["peak_ckpt"] = memory.measure_peak(model, latents, torch.tensor([500.0]), context, checkpointing=True)
     cfg = dict(model.config)
     return {"cfg": cfg, "tokens": frames * side * side // 4, "text_len": text_len, **got}
 
@@ -70,7 +73,10 @@ if __name__ == "__main__":
     print("fit", json.dumps(f), f"worst calibration error {worst:.1%}")
     held_out = [(4, 32, 4, 512, 5, 24, 64), (8, 32, 3, 1024, 9, 16, 48)]
     for heads, head_dim, layers, ffn, frames, side, text_len in held_out:
-        r = case(heads, head_dim, layers, ffn, frames, side, text_len)
+        r = case(heads, head_dim, layers, ffn, frames, side, text_len, peak=True)
         p = predicted(r, f)
+        ck = memory.activation_bytes(r["cfg"], r["tokens"], text_len, checkpointing=True, fit=f)
         print(f"held out: width {heads * head_dim}, ffn {ffn}, {layers} blocks, {r['tokens']} tokens, text {text_len}: "
-              f"measured {r['total']:,} B, predicted {p:,.0f} B ({p / r['total'] - 1:+.1%})")
+              f"saved {r['total']:,} B, model {p:,.0f} B ({p / r['total'] - 1:+.1%}); whole-step peak "
+              f"{r['peak']:,} B = model {r['peak'] / p:.2f}x; checkpointed peak {r['peak_ckpt']:,} B = "
+              f"model {r['peak_ckpt'] / ck:.2f}x")

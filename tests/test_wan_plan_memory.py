@@ -108,3 +108,18 @@ def test_estimate_is_a_printable_dict():
     assert json.loads(json.dumps(est)) == est
     assert est["peak"] == max(est["train_peak"], est["encode_phase"])
     assert est["train_peak"] == sum(est["bytes"].values())
+
+
+def test_the_whole_step_peak_is_a_little_above_the_model():
+    """torch.profiler's allocation peak of the step (transients and gradients included) vs the saved-tensor model:
+    above it (the model counts what stays alive, not one op's scratch), by a fraction of one block."""
+    parts = _parts()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, SPEC.z_dim, 3, 6, 6, generator=g, dtype=torch.bfloat16)
+    context = torch.randn(1, SPEC.max_length, SPEC.text_dim, generator=g, dtype=torch.bfloat16)
+    cfg = dict(parts["transformer"].config)
+    for checkpointing in (False, True):
+        peak = memory.measure_peak(parts["transformer"], latents, torch.tensor([500.0]), context,
+                                   checkpointing=checkpointing)
+        model = memory.activation_bytes(cfg, 27, SPEC.max_length, checkpointing=checkpointing)
+        assert model < peak < model + memory.block_activation_bytes(cfg, 27, SPEC.max_length), (checkpointing, peak)

@@ -25,6 +25,9 @@ Parts (bytes; ``estimate`` returns each and the peak):
   backward recomputes one block at a time, so: blocks · tokens · width · bytes + shared + one block's activations +
   the non-block part (composed from measured parts; tests/test_wan_plan_memory.py checks it on a tiny step).
 
+Saved tensors are not all of a step's memory: ``measure_peak`` (``torch.profiler``'s allocations on the CPU, transient
+buffers and gradients included) measured the true step peak 6-8 % above the model on the held-out sizes, with and
+without checkpointing (``scripts/wan_memory_fit.py`` prints both).
 Not modelled: the CUDA context and allocator fragmentation (add ~1-2 GB on a GPU), the VAE's encode / decode
 activations, the optimizer's temporary buffers. GPU figures were not measured (no device lent to this task).
 """
@@ -199,5 +202,34 @@ def measure_activations(transformer, latents: torch.Tensor, timestep: torch.Tens
             "block_inputs": sum(inputs.values()) if checkpointing else 0}
 
 
+def measure_peak(transformer, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                 autocast_dtype: torch.dtype | None = torch.bfloat16, checkpointing: bool = False) -> int:
+    """Peak bytes of memory allocated during one forward + backward on the CPU, from ``torch.profiler``'s memory
+    events (each op's own allocations at its start, frees as they happen): activations, transient buffers and
+    gradients together — the number the activation model should approach from below."""
+    from torch.profiler import ProfilerActivity, profile
+
+    was = transformer.gradient_checkpointing
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with torch.autocast(latents.device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                out = transformer(latents, timestep, context, return_dict=False)[0]
+            out.float().square().mean().backward()
+            del out
+    finally:
+        if checkpointing and not was:
+            transformer.disable_gradient_checkpointing()
+    events = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                    for e in prof.events())
+    live = peak = 0
+    for _, change in events:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
 __all__ = ["ACTIVATION_FIT", "DTYPE_BYTES", "ADAMW_BYTES", "tokens", "block_activation_bytes", "activation_bytes",
-           "estimate", "measure_activations", "weight_bytes", "to_compute_dtype"]
+           "estimate", "measure_activations", "measure_peak", "weight_bytes", "to_compute_dtype"]
