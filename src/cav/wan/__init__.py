@@ -8,5 +8,10 @@
 - ``formats``: diffusers-layout save, the ComfyUI (original Wan names) export incl. the A14B expert pair, and the
   header-only check that a LoRA file fits a base;
 - ``prompt_vectors``: textual inversion's analogue (learned vectors in the umT5 output, passed as prompt_embeds);
-- ``published``: the shipped transformer configs of the published Wan bases, and size / frame-count checks.
+- ``published``: the shipped transformer configs of the published Wan bases, and size / frame-count checks;
+- ``shipped``: the published bases by hub id offline (model_index, transformer(s), VAE, umT5, scheduler JSON files);
+- ``plan``: the dry run's trainable counts per stage (peft on the meta device), per expert;
+- ``memory``: the training peak estimate (weights, LoRA + AdamW, VAE, umT5 phase, measured activation model);
+- ``offload``: block swap for ``--offload-frozen`` (frozen blocks on the CPU, two at a time on the device);
+- ``checks``: bad input refused from configs and file headers before any weight loads.
 """
