@@ -1,5 +1,6 @@
-"""The stage plan a run executes (``run.py``): its keys for one and several clips and for given or no absorbers, and
-what a resume does with each entry, looked up by the key of the run's latest checkpoint."""
+"""The stage plan a run executes (``run.py``): its keys for one and several clips and for given or no absorbers,
+what a resume does with each entry, looked up by the key of the run's latest checkpoint, and the builders' stages
+carrying their lean step from construction."""
 
 import pytest
 import torch
@@ -53,3 +54,19 @@ def test_resume_looks_up_the_key_of_the_furthest_checkpoint(tmp_path):
     with resume.CheckpointWriter(tmp_path, "t_lora", 1) as d:
         resume.save_state(d, "t_lora", 1, opt, gen.get_state())
     assert str(resume.latest(tmp_path).key) == "t_lora"
+
+
+def test_the_builders_give_each_stage_its_lean_step_for_the_adapter_it_trains(tiny_model):
+    from cav import backbone, lean
+    from cav.stages import absorber_stage, t_lora_stage
+
+    bb = backbone.load(tiny_model, "cpu")
+    cfg = TrainConfig(prompt="a square", frames=2, size=[32, 32], absorbers="s-lora", spatial_prompt=["a", "b"])
+    frames = torch.rand(2, 3, 32, 32) * 2 - 1
+    second = absorber_stage(bb, cfg, frames, None, s_lora="s_lora_1", prompt="b")  # the second clip's absorbers
+    assert isinstance(second.forward_backward_context, lean.LeanStep)
+    assert second.forward_backward_context.fused.name == "s_lora_1"
+    assert [g["name"] for g in second.param_groups] == ["s_lora_1"]
+    stage = t_lora_stage(bb, cfg, frames, None)
+    assert isinstance(stage.forward_backward_context, lean.LeanStep)
+    assert stage.forward_backward_context.fused.name == "t_lora" and stage.forward_backward_context.copies is None
