@@ -72,7 +72,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
           video_options: dict | None = None, announce: Callable[[dict], None] | None = None,
           estimate: bool = True) -> Path:
     """Run the staged method on one reference video (or a list of clips of one motion); returns the run folder
-    (its files: ``runfolder.py``).
+    (its stage plan, resume and hooks: ``run.py``; its files: ``runfolder.py``).
 
     With ``resume`` the run continues from its furthest checkpoint (adapters, optimizer, RNG, stage, clip and step),
     so it ends with the same adapters as an uninterrupted run; it must be the same clips in the same order (and the
