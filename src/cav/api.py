@@ -8,23 +8,20 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-import torch
 
-from . import accel, native, preflight
+from . import native, preflight
 from . import estimate as estimate_mod
 from . import backbone as backbone_mod
 from . import generation
-from . import lean
 from . import resume as resume_mod
 from . import runfolder
 from .adapters import lora
 from .adapters.textual_inversion import TextualInversion
 from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
+from .run import Run, stage_keys
 from .sampling import sample_video
-from .stages import (S_LORA, T_LORA, ClipInputs, absorber_stage, active_adapters, given_absorbers,
-                     make_textual_inversion, s_lora_name, t_lora_stage)
-from .trainer import JsonlLog, make_optimizer, run_stage
+from .stages import T_LORA, s_lora_name
 
 ASSETS = Path(__file__).parent / "assets"
 logger = logging.getLogger("cav")
@@ -41,7 +38,8 @@ def plan(cfg: TrainConfig, clips: int = 1, estimate: bool = False) -> dict:
     unet, family = backbone_mod.empty_unet(cfg.base, cfg.motion_adapter or None)
     unet_config = dict(unet.config)
     stages = []
-    for k in range(clips if not cfg.absorbers_given else 0):  # given absorbers (--s-lora-from/--ti-from) train nothing
+    trained = [] if cfg.absorbers_given else stage_keys(cfg, clips)[:-1]  # given absorbers (--s-lora-from…): none
+    for k in (key.clip_index for key in trained):  # the run's plan: each clip's absorbers, then the T-LoRA
         own = {"clip": k, "spatial_prompt": cfg.spatial_prompt_of(k)} if clips > 1 else {}
         if cfg.uses_s_lora:
             name = s_lora_name(k)
@@ -74,7 +72,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
           video_options: dict | None = None, announce: Callable[[dict], None] | None = None,
           estimate: bool = True) -> Path:
     """Run the staged method on one reference video (or a list of clips of one motion); returns the run folder
-    (its files: ``runfolder.py``).
+    (its stage plan, resume and hooks: ``run.py``; its files: ``runfolder.py``).
 
     With ``resume`` the run continues from its furthest checkpoint (adapters, optimizer, RNG, stage, clip and step),
     so it ends with the same adapters as an uninterrupted run; it must be the same clips in the same order (and the
@@ -107,8 +105,8 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
 def _train_owned(videos: list, cfg: TrainConfig, out: Path, overwrite: bool, resume: bool, quiet: bool,
                  video_options: dict | None, announce: Callable[[dict], None] | None, estimate: bool) -> Path:
     """``train`` once this process holds ``out``'s lock: the checks again (the folder may have changed before the
-    lock was ours), then the run."""
-    from .data.video import check_exists, read_video, to_tensor
+    lock was ours), the inputs read, then the run (``run.Run``: its stage plan, resume, hooks)."""
+    from .data.video import check_exists, read_video
 
     runfolder.check(out, overwrite, resume)
     backbone_mod.resolve_dtype(cfg.dtype, backbone_mod.resolve_device(cfg.device))  # fp16 on a CPU: refuse now
@@ -135,40 +133,8 @@ def _train_owned(videos: list, cfg: TrainConfig, out: Path, overwrite: bool, res
     if announce is not None:  # before the seed is set: the measurement cannot change the run's random draws
         announce(estimate_mod.statement(cfg, len(videos), measure=estimate))
     runfolder.prepare(out, overwrite)
-    point = resume_mod.latest(out) if resume else None
-    clock = runfolder.Clock(point)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype, motion_adapter=cfg.motion_adapter or None)
-    if not cfg.validation_prompts:  # the validation prompt is --prompt, whose cut preflight reported: once is enough
-        bb.reported.update(runfolder.validation_prompts(cfg))
-    accel.tune_backends(bb.device)
-    if accel.wants_checkpointing(cfg.gradient_checkpointing, bb.device):
-        accel.set_gradient_checkpointing(bb.unet, True)
-    if accel.wants_compile(cfg.compile, bb.device):
-        accel.compile_unet(bb.unet, bb.device)
-    runfolder.start(out, cfg, point)
-    runfolder.record_clip(out, runfolder.data_record(records, cfg))
-    starts = generation.StartInputs(generation.read_reference(val, tuple(cfg.size)), image)  # via the run, as generate
-    log = JsonlLog(out / "log.jsonl")
-    run = dict(max_grad_norm=cfg.max_grad_norm, quiet=quiet,
-               autocast_dtype=lean.autocast_dtype(bb.device, bb.dtype))
-    try:
-        clips = [_absorbers(bb, cfg, k, to_tensor(f), out, point, gen, log, clock, run, several=len(videos) > 1)
-                 for k, f in enumerate(frames_u8)]
-        active = active_adapters(clips[0])
-        # one clip: its frozen S-LoRA is folded into the weights for stage 2 (several clips switch S-LoRAs per step)
-        frozen = lean.FrozenMerge(bb.unet, [clips[0].s_lora] if len(clips) == 1 and clips[0].s_lora else [])
-        stage = t_lora_stage(bb, cfg, clips[0].frames, clips[0].ti,
-                             frozen.unmerged_during(runfolder.t_lora_checkpoint(bb, cfg, out, active, clock, starts)),
-                             clips=clips)
-        t_point = point if point and point.stage == "t_lora" else None
-        start, opt = _restore(bb, cfg, stage, t_point, clips[0].ti, gen) if t_point else (0, None)
-        with frozen.merged():
-            run_stage(bb.unet, bb.scheduler, stage, gen, log, start_step=start, optimizer=opt, **run)
-    finally:
-        log.close()
-    runfolder.finalize(out, frames_u8[0], clock)
+    run = Run(out, cfg, resume_mod.latest(out) if resume else None, quiet)
+    run.train(frames_u8, runfolder.data_record(records, cfg), image)
     return out
 
 
@@ -181,46 +147,6 @@ def _validation_paths(cfg: TrainConfig, clips: int) -> TrainConfig:
     if not cfg.validation_image:
         return cfg
     return dataclasses.replace(cfg, validation_image=str(Path(cfg.validation_image).absolute()))
-
-
-def _absorbers(bb, cfg: TrainConfig, k: int, frames: torch.Tensor, out: Path, point, gen, log, clock, run: dict,
-               several: bool) -> ClipInputs:
-    """Stage 1 for clip ``k``: its own TI tokens and S-LoRA trained on its frames under its spatial prompt,
-    checkpointed (``absorbers-clip-K-step-N`` for clip K ≥ 1) and published under ``absorbers/`` (``clip-K/``);
-    ``--s-lora-from``/``--ti-from``: the given absorbers instead (one clip). Resumed at ``point``: clips finished
-    before it are loaded as published, the clip it holds continues from it, later clips train anew."""
-    ti = None
-    if cfg.uses_ti:
-        ti = (make_textual_inversion(bb, cfg) if k == 0 else
-              TextualInversion.into(bb.text_parts(), cfg.clip_token(k), cfg.ti_tokens, cfg.ti_init))
-    name = s_lora_name(k)
-    if cfg.absorbers_given:  # existing appearance work, no stage 1
-        given_absorbers(bb, cfg)
-        runfolder.publish_absorbers(bb, cfg, out, ti)
-    elif cfg.absorbers != "none":
-        save = runfolder.absorber_checkpoint(bb, cfg, out, ti, clock, k, name)
-        stage = absorber_stage(bb, cfg, frames, ti, save, clip=k)
-        if point and (point.stage == "t_lora" or point.clip > k):  # finished before the interruption
-            runfolder.load_absorbers(bb, cfg, runfolder.absorber_dir(out, k), ti, name)
-        else:
-            start, opt = _restore(bb, cfg, stage, point, ti, gen, name) if point and point.clip == k else (0, None)
-            # a run on several clips tags its absorber log lines with the clip (a resume cuts the log by it)
-            clip_log = (lambda record: log({**record, "clip": k})) if several else log
-            run_stage(bb.unet, bb.scheduler, stage, gen, clip_log, start_step=start, optimizer=opt, **run)
-            runfolder.publish_absorbers(bb, cfg, out, ti, k, name)
-    return ClipInputs(frames, ti, name if cfg.uses_s_lora else None)
-
-
-def _restore(bb, cfg: TrainConfig, stage, point: resume_mod.ResumePoint, ti, gen,
-             s_lora: str = S_LORA) -> tuple[int, torch.optim.Optimizer]:
-    """Load a checkpoint's adapter weights (absorbers: into adapter ``s_lora``), optimizer and RNG state into a
-    freshly built stage."""
-    if point.stage == "t_lora":
-        lora.load_lora_weights(bb.unet, point.folder / "t_lora", T_LORA)
-    else:
-        runfolder.load_absorbers(bb, cfg, point.folder, ti, s_lora)
-    opt = make_optimizer(stage)
-    return resume_mod.load_state(point.folder, opt, gen), opt
 
 
 # -------------------------------------------------------------------------------------------------- generate

@@ -217,22 +217,31 @@ class LeanForward:
                 m.__dict__.pop("forward", None)
 
 
-def use_lean_step(stage, unet: torch.nn.Module, name: str, dtype: torch.dtype | None) -> ComputeCopies | None:
-    """Make ``stage``'s steps lean for its trainable adapter ``name``: the fused LoRA forward always, and compute
-    copies in ``dtype`` when the step runs under autocast (``dtype`` not None / fp32)."""
-    copies = ComputeCopies(unet, name, dtype) if dtype not in (None, torch.float32) else None
-    fused = LeanForward(unet, name)
+class LeanStep:
+    """The lean step of a stage that trains adapter ``name``, given as ``Stage(forward_backward_context=...)`` where
+    the stage is built: the fused LoRA forward always, and compute copies in ``dtype`` when the step runs under
+    autocast (``dtype`` not None / fp32). Build it once the adapter is in ``unet``."""
+
+    def __init__(self, unet: torch.nn.Module, name: str, dtype: torch.dtype | None):
+        self.copies = ComputeCopies(unet, name, dtype) if dtype not in (None, torch.float32) else None
+        self.fused = LeanForward(unet, name)
 
     @contextmanager
-    def context():
+    def __call__(self):
         with contextlib.ExitStack() as stack:
-            if copies is not None:
-                stack.enter_context(copies.active())
-            stack.enter_context(fused.active())
+            if self.copies is not None:
+                stack.enter_context(self.copies.active())
+            stack.enter_context(self.fused.active())
             yield
 
-    stage.forward_backward_context = context
-    return copies
+
+def use_lean_step(stage, unet: torch.nn.Module, name: str, dtype: torch.dtype | None) -> ComputeCopies | None:
+    """A ``LeanStep`` for a stage built by hand elsewhere (tests, the speed benchmark's variants); returns its compute
+    copies (None without autocast). ``stages.py`` passes its ``LeanStep`` when it builds the stage."""
+    step = LeanStep(unet, name, dtype)
+    stage.forward_backward_context = step
+    return step.copies
 
 
-__all__ = ["live_adapters", "FrozenMerge", "ComputeCopies", "LeanForward", "use_lean_step", "autocast_dtype"]
+__all__ = ["live_adapters", "FrozenMerge", "ComputeCopies", "LeanForward", "LeanStep", "use_lean_step",
+           "autocast_dtype"]

@@ -19,22 +19,38 @@ from .io_utils import publish_dir, save_safetensors, write_text
 STAGE_ORDER = {"absorbers": 0, "t_lora": 1}
 
 
-def checkpoint_name(stage: str, step: int, clip: int = 0) -> str:
+def checkpoint_name(stage: str, step: int, clip_index: int = 0) -> str:
     """``step-N`` (T-LoRA), ``absorbers-step-N`` (the first clip's absorbers), ``absorbers-clip-K-step-N`` (clip K ≥ 1
     of a run on several clips, counted from 0 as ``absorbers/clip-K``)."""
     if stage == "t_lora":
         return f"step-{step:06d}"
-    return f"{stage}-{f'clip-{clip}-' if clip else ''}step-{step:06d}"
+    return f"{stage}-{f'clip-{clip_index}-' if clip_index else ''}step-{step:06d}"
 
 
-def CheckpointWriter(run: Path, stage: str, step: int, clip: int = 0):
+def CheckpointWriter(run: Path, stage: str, step: int, clip_index: int = 0):
     """``with CheckpointWriter(run, stage, step) as tmp:`` fill ``tmp``; on success it becomes the checkpoint."""
-    return publish_dir(Path(run) / "checkpoints" / checkpoint_name(stage, step, clip))
+    return publish_dir(Path(run) / "checkpoints" / checkpoint_name(stage, step, clip_index))
+
+
+class StageKey(NamedTuple):
+    """A stage of a run's plan as its checkpoints record it (``state.json``'s ``stage`` and ``clip``): the trainer
+    stage and, for absorbers, the number of the clip they absorb (from 0). Written ``absorbers/clip-K`` or
+    ``t_lora``; a resumed run looks the key of its latest checkpoint up in its plan."""
+
+    stage: str
+    clip_index: int = 0
+
+    def __str__(self) -> str:
+        return self.stage if self.stage == "t_lora" else f"{self.stage}/clip-{self.clip_index}"
+
+    def checkpoint_name(self, step: int) -> str:
+        return checkpoint_name(self.stage, step, self.clip_index)
 
 
 class ResumePoint(NamedTuple):
-    """Where a run continues: the stage and step of its furthest checkpoint, and that checkpoint's folder; ``clip``:
-    whose absorbers the checkpoint holds (several clips train their absorbers one after another)."""
+    """Where a run continues: the stage and step of its furthest checkpoint, and that checkpoint's folder; ``clip``
+    (``state.json``'s name): the number of the clip whose absorbers the checkpoint holds (several clips train their
+    absorbers one after another); ``key``: the plan's key of it all."""
 
     stage: str
     step: int
@@ -42,24 +58,29 @@ class ResumePoint(NamedTuple):
     clip: int = 0
 
     @property
+    def key(self) -> StageKey:
+        return StageKey(self.stage, self.clip)
+
+    @property
     def order(self) -> tuple[int, int, int]:
         return step_order(self.stage, self.clip, self.step)
 
 
-def step_order(stage: str, clip: int, step: int) -> tuple[int, int, int]:
+def step_order(stage: str, clip_index: int, step: int) -> tuple[int, int, int]:
     """Training order of a step: stage 1 clip by clip, then stage 2 (T-LoRA steps carry clip 0)."""
-    return (STAGE_ORDER[stage], clip, step)
+    return (STAGE_ORDER[stage], clip_index, step)
 
 
 def save_state(directory: Path, stage: str, step: int, optimizer: torch.optim.Optimizer, gen_state: torch.Tensor,
-               elapsed_seconds: float | None = None, clip: int = 0) -> None:
+               elapsed_seconds: float | None = None, clip_index: int = 0) -> None:
     opt = optimizer.state_dict()
     tensors = {"rng.generator": gen_state, "rng.torch": torch.get_rng_state()}
     for idx, st in opt["state"].items():
         for key, value in st.items():
             tensors[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     save_safetensors(Path(directory) / "state.safetensors", tensors)
-    meta = {"stage": stage, "step": step, "param_groups": opt["param_groups"], **({"clip": clip} if clip else {})}
+    meta = {"stage": stage, "step": step, "param_groups": opt["param_groups"],
+            **({"clip": clip_index} if clip_index else {})}
     if elapsed_seconds is not None:
         meta["elapsed_seconds"] = elapsed_seconds
     versioned.write(Path(directory) / "state.json", meta)
@@ -97,7 +118,7 @@ def latest(run: Path) -> ResumePoint | None:
     return best
 
 
-def truncate_log(path: Path, stage: str, step: int, clip: int = 0) -> None:
+def truncate_log(path: Path, stage: str, step: int, clip_index: int = 0) -> None:
     """Drop log lines written after the checkpoint a run resumes from (absorber lines of a run on several clips
     carry their ``clip``)."""
     if not path.is_file():
@@ -105,6 +126,6 @@ def truncate_log(path: Path, stage: str, step: int, clip: int = 0) -> None:
     keep = []
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        if step_order(rec["stage"], int(rec.get("clip", 0)), rec["step"]) <= step_order(stage, clip, step):
+        if step_order(rec["stage"], int(rec.get("clip", 0)), rec["step"]) <= step_order(stage, clip_index, step):
             keep.append(line)
     write_text(path, "".join(x + "\n" for x in keep))

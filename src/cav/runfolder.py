@@ -2,7 +2,8 @@
 
 One rule for every folder a run publishes (checkpoints, ``absorbers/``, ``t_lora/``, ``samples/``): it is built
 beside its final name and renamed into place with ``io_utils.publish_dir``, so a kill at any moment leaves the
-previous version or the new one, never half of one. ``api.train`` drives the stages; this module owns the files.
+previous version or the new one, never half of one. ``run.Run`` drives the stages; this module owns the files:
+what each stage saves and loads, the T-LoRA checkpoints' validation samples (a hook of the plan), the run's end.
 """
 
 from __future__ import annotations
@@ -210,12 +211,13 @@ def _recorded_spatial(cfg: TrainConfig):
     return given if len(given) > 1 else (given[0] if given else "")
 
 
-def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti, clip: int = 0, s_lora: str = S_LORA) -> None:
-    """Clip ``clip``'s absorbers (its S-LoRA, adapter ``s_lora``, and its TI rows) into ``folder``."""
+def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti, s_lora: str = S_LORA, prompt: str | None = None) -> None:
+    """One clip's absorbers into ``folder``: its S-LoRA (adapter ``s_lora``, trained under the spatial ``prompt``;
+    None: the first clip's) and its TI rows."""
     if cfg.uses_s_lora:  # a given image LoRA (--s-lora-from) keeps its own config (targets, rank, alpha)
         config = bb.unet.peft_config[s_lora] if cfg.s_lora_from else cfg.lora_config("spatial", bb.family)
         meta = {**base_meta(bb), "kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": config.r,
-                "alpha": config.lora_alpha, "prompt": cfg.spatial_prompt_of(clip),
+                "alpha": config.lora_alpha, "prompt": cfg.spatial_prompt_of(0) if prompt is None else prompt,
                 **({"from": cfg.s_lora_from} if cfg.s_lora_from else {})}
         lora.save_lora(bb.unet, s_lora, config, folder / "s_lora", meta)
     if ti is not None:
@@ -230,60 +232,49 @@ def load_absorbers(bb, cfg: TrainConfig, folder: Path, ti, s_lora: str = S_LORA)
         ti.load_rows(folder / "textual_inversion.safetensors")
 
 
-def publish_absorbers(bb, cfg: TrainConfig, out: Path, ti, clip: int = 0, s_lora: str = S_LORA) -> None:
-    """The trained absorbers become ``absorbers/`` (the first clip's), ``absorbers/clip-K/`` (clip K ≥ 1 of a run
-    on several clips, counted from 0)."""
-    with publish_dir(absorber_dir(out, clip)) as tmp:
-        write_absorbers(bb, cfg, tmp, ti, clip, s_lora)
+def absorber_dir(out: Path, index: int) -> Path:
+    """Where the absorbers of the run's clip number ``index`` (from 0) are published: ``absorbers/`` for the first,
+    ``absorbers/clip-K/`` after."""
+    return Path(out) / "absorbers" / (f"clip-{index}" if index else "")
 
 
-def absorber_dir(out: Path, clip: int) -> Path:
-    return Path(out) / "absorbers" / (f"clip-{clip}" if clip else "")
+def write_t_lora(bb, cfg: TrainConfig, folder: Path, step: int) -> None:
+    """The T-LoRA after ``step`` steps into ``folder/t_lora`` (what ``cav generate --adapter`` loads)."""
+    lora.save_lora(bb.unet, T_LORA, cfg.lora_config("temporal", bb.family), folder / "t_lora",
+                   t_lora_meta(bb, cfg, step))
 
 
-def absorber_checkpoint(bb, cfg: TrainConfig, out: Path, ti, clock: Clock, clip: int = 0, s_lora: str = S_LORA):
-    """Clip ``clip``'s absorber stage checkpoint callback: its adapters + trainer state, no samples."""
-    def save(step: int, opt, gen_state, interrupted: bool) -> None:
-        with resume_mod.CheckpointWriter(out, "absorbers", step, clip) as tmp:
-            write_absorbers(bb, cfg, tmp, ti, clip, s_lora)
-            resume_mod.save_state(tmp, "absorbers", step, opt, gen_state, elapsed_seconds=clock.total(), clip=clip)
-    return save
+def load_t_lora(bb, folder: Path) -> None:
+    lora.load_lora_weights(bb.unet, folder / "t_lora", T_LORA)
 
 
-def t_lora_checkpoint(bb, cfg: TrainConfig, out: Path, active: list[str], clock: Clock,
-                      starts: generation.StartInputs | None = None):
-    """The T-LoRA stage's checkpoint callback: T-LoRA, trainer state and validation samples made exactly as
-    ``cav generate`` makes them, from the start ``cfg``'s validation start options name (``starts``: its reference
-    frames / image), each with its generation recipe beside it (``sample-K.json``); no samples when the checkpoint
-    is taken on Ctrl-C: the user is waiting."""
+def validation_samples(bb, cfg: TrainConfig, out: Path, starts: generation.StartInputs | None, active: list[str]):
+    """The T-LoRA checkpoints' hook ``hook(folder, step)``: validation samples made exactly as ``cav generate`` makes
+    them, with the T-LoRA alone on, from the start ``cfg``'s validation start options name (``starts``: its reference
+    frames / image), each with its generation recipe beside it (``sample-K.json``); ``active`` (the adapters the
+    stage trains with) is back on afterwards."""
     from .data.video import write_video
 
-    def save(step: int, opt, gen_state, interrupted: bool) -> None:
-        with resume_mod.CheckpointWriter(out, "t_lora", step) as ckpt:
-            lora.save_lora(bb.unet, T_LORA, cfg.lora_config("temporal", bb.family), ckpt / "t_lora",
-                           t_lora_meta(bb, cfg, step))
-            resume_mod.save_state(ckpt, "t_lora", step, opt, gen_state, elapsed_seconds=clock.total())
-            if interrupted:
-                return
-            lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # only the T-LoRA, as at inference
-            s = cfg.sample_config(run=Path(out).absolute())  # what `cav generate --adapter RUN` starts from
-            prompts = validation_prompts(cfg)
-            try:
-                with accel.on_device(bb.device, bb.vae, *bb.text_encoders):
-                    start = generation.start_for(bb, s, starts, s.seed) if starts else None  # adapter on, as generate
-                    videos = [sample_video(bb, prompt, frames=s.frames, size=s.size, steps=s.steps,
-                                           guidance=s.guidance, seed=s.seed, start=start) for prompt in prompts]
-            finally:
-                lora.activate(bb.unet, active, trainable=T_LORA)
-            adapter = [(Path(out).absolute() / "checkpoints" / resume_mod.checkpoint_name("t_lora", step), None)]
-            for i, (prompt, video) in enumerate(zip(prompts, videos)):
-                for ext in (".mp4", ".gif"):
-                    write_video(ckpt / "samples" / f"sample-{i}{ext}", video)
-                write_json(ckpt / "samples" / f"sample-{i}.json",
-                           generation.record(prompt, adapter, s, None, s.seed, [cfg.lora_weight]))
-                with atomic_path(ckpt / "samples" / f"sample-{i}.npy") as tmp, open(tmp, "wb") as fh:
-                    np.save(fh, video, allow_pickle=False)
-    return save
+    def hook(ckpt: Path, step: int) -> None:
+        lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # only the T-LoRA, as at inference
+        s = cfg.sample_config(run=Path(out).absolute())  # what `cav generate --adapter RUN` starts from
+        prompts = validation_prompts(cfg)
+        try:
+            with accel.on_device(bb.device, bb.vae, *bb.text_encoders):
+                start = generation.start_for(bb, s, starts, s.seed) if starts else None  # adapter on, as generate
+                videos = [sample_video(bb, prompt, frames=s.frames, size=s.size, steps=s.steps,
+                                       guidance=s.guidance, seed=s.seed, start=start) for prompt in prompts]
+        finally:
+            lora.activate(bb.unet, active, trainable=T_LORA)
+        adapter = [(Path(out).absolute() / "checkpoints" / resume_mod.checkpoint_name("t_lora", step), None)]
+        for i, (prompt, video) in enumerate(zip(prompts, videos)):
+            for ext in (".mp4", ".gif"):
+                write_video(ckpt / "samples" / f"sample-{i}{ext}", video)
+            write_json(ckpt / "samples" / f"sample-{i}.json",
+                       generation.record(prompt, adapter, s, None, s.seed, [cfg.lora_weight]))
+            with atomic_path(ckpt / "samples" / f"sample-{i}.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, video, allow_pickle=False)
+    return hook
 
 
 # ------------------------------------------------------------------------------------------------ at the end

@@ -8,6 +8,7 @@ Stage 2 (T-LoRA): temporal-attention LoRA on the whole clip with the absorbers l
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,9 +55,10 @@ class ClipInputs:
     s_lora: str | None
 
 
-def s_lora_name(clip: int) -> str:
-    """Adapter name of clip ``clip``'s S-LoRA: ``s_lora`` for the first (as for one clip), ``s_lora_K`` after."""
-    return S_LORA if clip == 0 else f"{S_LORA}_{clip}"
+def s_lora_name(index: int) -> str:
+    """Adapter name of the S-LoRA of the run's clip number ``index`` (from 0): ``s_lora`` for the first (as for one
+    clip), ``s_lora_K`` after."""
+    return S_LORA if index == 0 else f"{S_LORA}_{index}"
 
 
 def make_textual_inversion(bb: Backbone, cfg: TrainConfig) -> TextualInversion:
@@ -74,16 +76,16 @@ def given_absorbers(bb: Backbone, cfg: TrainConfig) -> None:
 
 
 def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
-                   checkpoint: Callable | None = None, clip: int = 0) -> Stage:
-    """Stage 1 over frames (F, 3, H, W) in [-1, 1] of clip ``clip`` (its own S-LoRA, TI and spatial prompt; the
-    other clips' S-LoRAs inactive); ``checkpoint`` is the callback ``Stage.checkpoint`` describes."""
+                   checkpoint: Callable | None = None, *, s_lora: str = S_LORA, prompt: str | None = None) -> Stage:
+    """Stage 1 over one clip's frames (F, 3, H, W) in [-1, 1] with that clip's own absorbers: its S-LoRA (adapter
+    ``s_lora``; the other clips' inactive), its TI and its spatial ``prompt`` (None: the first clip's); ``checkpoint``
+    is the callback ``Stage.checkpoint`` describes. Its step is lean for the S-LoRA (``lean.LeanStep``)."""
     groups, after_backward, after_step = [], [], []
     if cfg.uses_s_lora:
-        name = s_lora_name(clip)
-        lora.add_lora(bb.unet, name, cfg.lora_config("spatial", bb.family))
-        lora.activate(bb.unet, [name], trainable=name)
-        groups.append({"params": lora.lora_parameters(bb.unet, name), "lr": cfg.s_lora_lr, "name": name})
-    prompt = cfg.spatial_prompt_of(clip)
+        lora.add_lora(bb.unet, s_lora, cfg.lora_config("spatial", bb.family))
+        lora.activate(bb.unet, [s_lora], trainable=s_lora)
+        groups.append({"params": lora.lora_parameters(bb.unet, s_lora), "lr": cfg.s_lora_lr, "name": s_lora})
+    prompt = cfg.spatial_prompt_of(0) if prompt is None else prompt
     if ti is not None:
         prompt = ti.expand(prompt)
         groups.append({"params": ti.trainable(), "lr": cfg.ti_lr, "name": "textual_inversion"})
@@ -100,17 +102,17 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
         cond = cached_cond if cached_cond is not None else encode_prompt(bb, prompt, grad=True)
         return latents, cond.expand(n, -1, -1)
 
-    stage = Stage("absorbers", cfg.absorber_steps, groups, batch, bb.family.objective, bb.family.image_mode,
-                  after_backward=after_backward, after_step=after_step, checkpoint=checkpoint,
-                  checkpoint_every=cfg.checkpoint_every)
-    if cfg.uses_s_lora:  # the fused forward of the S-LoRA this clip trains (clip K ≥ 1: s_lora_K)
-        lean.use_lean_step(stage, bb.unet, s_lora_name(clip), lean.autocast_dtype(bb.device, bb.dtype))
-    return stage
+    # the fused forward of the S-LoRA this clip trains; TI alone: the plain step
+    step = lean.LeanStep(bb.unet, s_lora, lean.autocast_dtype(bb.device, bb.dtype)) if cfg.uses_s_lora else None
+    return Stage("absorbers", cfg.absorber_steps, groups, batch, bb.family.objective, bb.family.image_mode,
+                 after_backward=after_backward, after_step=after_step, checkpoint=checkpoint,
+                 checkpoint_every=cfg.checkpoint_every, forward_backward_context=step or contextlib.nullcontext)
 
 
 def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
                  checkpoint: Callable | None = None, clips: list[ClipInputs] | None = None) -> Stage:
-    """Stage 2 over the whole clip (F, 3, H, W) in [-1, 1]; absorbers (if any) active and frozen.
+    """Stage 2 over the whole clip (F, 3, H, W) in [-1, 1]; absorbers (if any) active and frozen; its step is lean
+    for the T-LoRA (``lean.LeanStep``).
 
     With ``clips`` (several references of one motion) each step draws one clip from the generator and trains the one
     T-LoRA on it with that clip's own absorbers active (its S-LoRA, its TI tokens in the prompt) and no other's.
@@ -150,11 +152,10 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         return latents, cond
 
     groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.t_lora_lr, "name": T_LORA}]
-    stage = Stage("t_lora", cfg.steps, groups, batch, bb.family.objective,
-                  timesteps=tuple(int(t) for t in cfg.t_lora_timesteps), checkpoint=checkpoint,
-                  checkpoint_every=cfg.checkpoint_every)
-    lean.use_lean_step(stage, bb.unet, T_LORA, lean.autocast_dtype(bb.device, bb.dtype))
-    return stage
+    return Stage("t_lora", cfg.steps, groups, batch, bb.family.objective,
+                 timesteps=tuple(int(t) for t in cfg.t_lora_timesteps), checkpoint=checkpoint,
+                 checkpoint_every=cfg.checkpoint_every,
+                 forward_backward_context=lean.LeanStep(bb.unet, T_LORA, lean.autocast_dtype(bb.device, bb.dtype)))
 
 
 def active_adapters(clip: ClipInputs) -> list[str]:

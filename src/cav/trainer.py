@@ -39,7 +39,7 @@ class Stage:
     checkpoint: Callable[[int, torch.optim.Optimizer, torch.Tensor, bool], None] | None = None
     checkpoint_every: int = 0
     timesteps: tuple[int, int] | None = None  # [low, high) of the training timesteps (None: the scheduler's all)
-    # entered around forward + backward of every step (lean.ComputeCopies: compute-dtype copies of the adapter)
+    # entered around forward + backward of every step (lean.LeanStep: fused LoRA forward, compute-dtype copies)
     forward_backward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
