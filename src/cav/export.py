@@ -42,5 +42,5 @@ def export(run: str | Path, fmt: str = "animatediff", out: str | Path | None = N
         raise CavError(f"'{target}' already exists: pass --overwrite to replace it, or another --out")
     info = {"format": "pt", "cav_layout": fmt, "cav_rank": str(config["r"]), "cav_alpha": str(config["lora_alpha"]),
             "cav_base": str(meta.get("base", "")), "cav_family": family, "cav_step": str(meta.get("step", "")),
-            "cav_note": "lora_alpha/r is folded into the up weights: load with alpha (strength) 1.0"}
+            "cav_note": spec.note}
     return save_safetensors(target, converted, metadata=info)
