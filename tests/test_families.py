@@ -959,3 +959,29 @@ def test_wan_bad_inputs_are_one_line(wan_model, tiny_video, tmp_path, run_cli):
         code, err = run_cli(base + extra)
         _one_line_error(code, err, *words)
         assert not out.exists()
+
+
+def test_wan_several_clips_validation_inversion_and_weight_grid(wan_model, tiny_video, blue_video, tmp_path):
+    """On Wan as on UNet3D: a run on two clips (each its own S-LoRA and spatial prompt) whose validation sample
+    starts from the flow inversion of its reference, which `cav generate` makes again exactly; and a weight × seed
+    grid."""
+    out = tmp_path / "run"
+    assert main([str(a) for a in ["train", tiny_video, blue_video, "--prompt", PROMPT, "--spatial-prompt", "a red square",
+                                  "--spatial-prompt", "a blue square", "--base", wan_model, "--out", out,
+                                  "--validation-invert", *train_args(WAN)]]) == 0
+    assert (out / "absorbers" / "s_lora").is_dir() and (out / "absorbers" / "clip-1" / "s_lora").is_dir()
+    again = tmp_path / "again.mp4"
+    assert main(["generate", "--prompt", PROMPT, "--adapter", str(out), "--invert", "--reference", str(out),
+                 "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(_video(again), _video(out / "samples" / "sample-0.mp4"))
+    grid = tmp_path / "grid.mp4"
+    assert main(["generate", "--prompt", PROMPT, "--adapter", str(out), "--weights", "0,1", "--seeds", "0,1",
+                 "--out", str(grid), "--quiet"]) == 0
+    assert (tmp_path / "grid-sheet.png").is_file()
+    assert not np.array_equal(_video(tmp_path / "grid-w1-s0.mp4"), _video(tmp_path / "grid-w1-s1.mp4"))
+
+
+def test_toy_wan_names_the_shipped_toy_wan():
+    """``--base toy-wan`` is the toy world's Wan shipped in the package (``src/cav/toy/wan_model``), a Wan base."""
+    assert backbone.resolve_base("toy-wan") == str(backbone.TOY_MODELS["toy-wan"])
+    assert backbone.family_of("toy-wan") is WAN
