@@ -938,6 +938,9 @@ def test_wan_export_comfyui_reads_back_through_diffusers(wan_run, wan_model, tmp
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
     code, err = _run(capsys, "export", wan_run, "--format", "comfyui", "--out", target)
     assert code == 2 and "already exists" in err and "\n" not in err
+    assert _run(capsys, "export", wan_run)[0] == 0  # without --format: the family's own layout, ComfyUI's
+    default = load_file(str(wan_run / "export" / WAN.exports[0].filename))
+    assert default.keys() == exported.keys() and all(torch.equal(default[k], exported[k]) for k in default)
 
 
 def test_wan_bad_inputs_are_one_line(wan_model, tiny_video, tmp_path, run_cli):
