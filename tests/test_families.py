@@ -988,3 +988,46 @@ def test_toy_wan_names_the_shipped_toy_wan():
     """``--base toy-wan`` is the toy world's Wan shipped in the package (``src/cav/toy/wan_model``), a Wan base."""
     assert backbone.resolve_base("toy-wan") == str(backbone.TOY_MODELS["toy-wan"])
     assert backbone.family_of("toy-wan") is WAN
+
+
+def test_wan_s_lora_from_diffusers_or_comfyui_layout(built, wan_model, wan_run, tiny_video, tmp_path, capsys):
+    """`--s-lora-from` on Wan: a Wan image LoRA replaces stage 1 (the run's absorber is exactly the given one); the
+    same LoRA in ComfyUI's layout acts the same (read by diffusers' own Wan loader); another family's is refused."""
+    from safetensors.torch import load_file
+
+    from cav.wan.formats import export_comfyui, save_diffusers
+
+    given = wan_run / "absorbers" / "s_lora" / lora.DIFFUSERS_WEIGHTS
+    out = tmp_path / "run"
+    assert main([str(a) for a in ["train", tiny_video, "--prompt", PROMPT, "--base", wan_model, "--out", out,
+                                  "--s-lora-from", given, *train_args(WAN)]]) == 0
+    assert {json.loads(x)["stage"] for x in (out / "log.jsonl").read_text().splitlines()} == {"t_lora"}
+    a = load_file(str(wan_run / "absorbers" / "s_lora" / lora.WEIGHTS))
+    b = load_file(str(out / "absorbers" / "s_lora" / lora.WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    src = backbone.load(wan_model, "cpu")  # the run's S-LoRA, made visible (two steps barely move it)
+    WAN.image_lora(src.unet, given, "look", WAN)
+    with torch.no_grad():
+        for n, p in src.unet.named_parameters():
+            if ".lora_B.look." in n:
+                p.mul_(300)
+    config = src.unet.peft_config["look"]
+    files = [save_diffusers(src.unet, "look", config, tmp_path / "diffusers"),
+             export_comfyui(src.unet, "look", config, tmp_path / "look_comfyui.safetensors")]
+    x, cond = _inputs(src.unet, frames=1)
+    t = torch.tensor([500.0])
+    outputs = []
+    for file in files:
+        bb = backbone.load(wan_model, "cpu")
+        with torch.no_grad():
+            plain = bb.unet(x, t, encoder_hidden_states=cond).sample
+        WAN.image_lora(bb.unet, file, "look", WAN)
+        lora.activate(bb.unet, ["look"])
+        with torch.no_grad():
+            outputs.append(bb.unet(x, t, encoder_hidden_states=cond).sample)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-5)
+    assert (outputs[0] - plain).abs().max() > 1e-3
+    other = built("run", ANIMATEDIFF) / "absorbers" / "s_lora" / lora.DIFFUSERS_WEIGHTS
+    code, err = _run(capsys, "train", tiny_video, "--prompt", PROMPT, "--base", wan_model, "--out",
+                     tmp_path / "bad", "--s-lora-from", other, *train_args(WAN))
+    _one_line_error(code, err, "animatediff", "wan")

@@ -231,7 +231,8 @@ WAN = Family(  # Wan 2.1 / 2.2 text-to-video DiTs (one expert)
     name="wan", recipe="wan", what="a Wan text-to-video DiT", model_class="WanTransformer3DModel",
     model_folder="transformer", vae_class="AutoencoderKLWan", latents=wan_family.WAN_LATENTS,
     pipeline_class="WanPipeline", condition=UmT5Condition(), targets=DiTTargets(),
-    image_mode=wan_family.FOLD_FRAMES, objective=FLOW, exports=(COMFYUI_WAN_EXPORT,), image_lora=None,
+    image_mode=wan_family.FOLD_FRAMES, objective=FLOW, exports=(COMFYUI_WAN_EXPORT,),
+    image_lora=wan_family.load_image_lora,
     lora_writer="diffusers:WanPipeline",
     tiny=Tiny(wan_family.make_tiny, size=16, frames=5))
 

@@ -48,8 +48,7 @@ def check_train(cfg: TrainConfig) -> None:
 def check_family_supports(cfg: TrainConfig, family) -> None:
     """Refuse what the base's family cannot do yet, in one line: textual inversion needs a condition with token
     rows (Wan's umT5 analogue, ``cav.wan.prompt_vectors``, is not wired into training); an image LoRA given as the
-    S-LoRA (``--s-lora-from``) is read in the UNet LoRA layouts only; the placement must exist on the family's
-    model."""
+    S-LoRA (``--s-lora-from``) needs the row's reader; the placement must exist on the family's model."""
     if cfg.uses_ti and not family.condition.textual_inversion:
         given = " (--ti-from)" if cfg.ti_from else ""
         raise CavError(f"textual inversion{given} (--absorbers {cfg.absorbers}) is not supported on {family.what} yet: "

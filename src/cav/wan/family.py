@@ -121,6 +121,25 @@ def to_comfyui(state: dict, rank: int, alpha: float) -> dict:
     return convert(state, alpha)
 
 
+def load_image_lora(transformer, path, name: str, family) -> dict:
+    """``--s-lora-from`` on Wan: a Wan image LoRA file (or a folder / run holding one) in diffusers' or ComfyUI's
+    layout, checked against the transformer from its header first (``cav.wan.formats.check_lora_file``), then read
+    by diffusers' own Wan loader (``cav.wan.formats.load_lora_file``) as adapter ``name``."""
+    from ..adapters.image_lora import resolve_image_lora
+    from ..adapters.lora import read_meta
+    from ..errors import CavError
+    from .formats import load_lora_file
+
+    file = resolve_image_lora(path)
+    meta = read_meta(file.parent)
+    trained_on = meta.get("family")
+    if trained_on and trained_on != family.name:
+        raise CavError(f"image LoRA '{path}' was trained on a {trained_on} base, but this base is {family.name}: "
+                       "pass a LoRA of this base")
+    load_lora_file(transformer, file, name)
+    return meta
+
+
 def make_tiny(directory):
     """The tests' tiny Wan (``cav.wan.tiny.make_tiny_wan``)."""
     from .tiny import make_tiny_wan
