@@ -8,6 +8,8 @@ A *base* is one of:
 - an AnimateDiff model: a diffusers folder or hub id whose ``unet/`` is a ``UNetMotionModel``, or a Stable Diffusion
   image model (``unet/`` = ``UNet2DConditionModel``) plus ``motion_adapter`` (a ``MotionAdapter`` folder or hub id);
   SD 1.5 (``AnimateDiffPipeline``) or SDXL (``AnimateDiffSDXLPipeline``: a second text encoder, ``text_encoder_2``).
+- a Wan text-to-video DiT (``WanPipeline``: ``transformer/`` = ``WanTransformer3DModel``, ``AutoencoderKLWan``, a umT5
+  text encoder; one expert), or ``toy-wan``, the toy world's Wan shipped in the package.
 
 Families of bases are the rows of ``families.FAMILIES``: the model class each one loads, the pipeline that samples
 from it, its text condition, its objective's schedulers; this module reads them and never branches on a family's
