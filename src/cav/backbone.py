@@ -34,6 +34,7 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # "unet"
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 # shipped toy models by name (``toy-wan``: the toy world's Wan, trained by `cav toy` on its own)
 TOY_MODELS = {"toy": TOY_MODEL_DIR, "toy-wan": Path(__file__).parent / "toy" / "wan_model"}
+_TOY_HINT = {"toy": " or train it with `cav toy train-base`"}  # how a missing toy model is made again
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ASSETS = Path(__file__).parent / "assets"
 # hub ids whose small JSON files ship in ``assets/`` as <prefix>_<path with / as _> (plans and checks work offline)
@@ -53,7 +54,7 @@ def resolve_base(base: str | Path) -> str:
         folder = TOY_MODELS[base]
         if not (folder / "model_index.json").is_file():
             raise CavError(
-                f"the embedded toy model is missing from {folder}: reinstall cav or train it with `cav toy train-base`"
+                f"the embedded toy model is missing from {folder}: reinstall cav{_TOY_HINT.get(base, '')}"
             )
         return str(folder)
     path = Path(base).expanduser()
