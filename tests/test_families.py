@@ -20,7 +20,8 @@ from cav.cli import main
 from cav.conditioning import pack
 from cav.config import TrainConfig
 from cav.data.video import read_video
-from cav.families import ANIMATEDIFF, ANIMATEDIFF_SDXL, UNET3D
+from cav.bypass import LayerBypass
+from cav.families import ANIMATEDIFF, ANIMATEDIFF_SDXL, ANIMATEDIFF_EXPORT, UNET3D, WAN
 from cav.stages import encode_prompt
 from cav.toy.factory import (TinyAnimateDiffSpec, TinySdxlSpec, build_image_unet, build_motion_adapter,
                              build_sdxl_unet, make_tiny_motion_adapter)
@@ -28,7 +29,12 @@ from cav.toy.factory import (TinyAnimateDiffSpec, TinySdxlSpec, build_image_unet
 PROMPT = "a red square moving right"
 ROWS = list(families.FAMILIES.values())
 ANIMATED = [f for f in ROWS if f.addon]  # families whose base can also be an image model + an add-on
-EXPORTED = [f for f in ROWS if f.exports]
+# the image-mode tests that look at bypassed layers apply to the rows whose image mode bypasses layers; Wan's folds
+# frames into the batch (no layer is bypassed, and a 1-frame video is already image mode): its own tests below
+BYPASSED = [f for f in ROWS if isinstance(f.image_mode, LayerBypass)]
+# the MotionLoRA layout's test; Wan's ComfyUI export has its own test below
+MOTION_LORA_EXPORT = [f for f in ROWS if ANIMATEDIFF_EXPORT in f.exports]
+WITH_TI = [f for f in ROWS if f.condition.textual_inversion]  # Wan: textual inversion is not wired yet
 
 
 def _stock_loads_loras(family) -> bool:
@@ -45,7 +51,7 @@ NAMES = lambda f: f.name  # noqa: E731 (test ids)
 
 def train_args(family) -> list[str]:
     """The tiny schedule every family's run uses, at the family's tiny size."""
-    return ["--frames", "4", "--size", str(family.tiny.size), "--steps", "2", "--absorber-steps", "2",
+    return ["--frames", str(family.tiny.frames), "--size", str(family.tiny.size), "--steps", "2", "--absorber-steps", "2",
             "--sample-steps", "2", "--ti-tokens", "2", "--absorber-batch", "2", "--checkpoint-every", "1", "--quiet"]
 
 
@@ -105,19 +111,24 @@ def test_image_mode_makes_frames_independent(built, family):
     unet = backbone.load(built("model", family), "cpu").unet
     x, cond = _inputs(unet, frames=4)
     with torch.no_grad(), family.image_mode(unet):
-        together = unet(x, 10, encoder_hidden_states=cond).sample
-        separate = torch.cat([unet(x[:, :, i:i + 1], 10, encoder_hidden_states=cond).sample for i in range(4)], dim=2)
+        together = unet(x, T10, encoder_hidden_states=cond).sample
+        separate = torch.cat([unet(x[:, :, i:i + 1], T10, encoder_hidden_states=cond).sample for i in range(4)],
+                             dim=2)
     torch.testing.assert_close(together, separate, atol=1e-5, rtol=1e-5)
+
+
+T10 = torch.tensor([10])  # a timestep every family's model takes (a DiT takes no plain int)
 
 
 def _inputs(unet, frames, batch=1):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, unet.config.in_channels, frames, 8, 8, generator=g)
-    cond = torch.randn(batch, 5, unet.config.cross_attention_dim, generator=g)
+    width = unet.config.get("cross_attention_dim") or unet.config.get("text_dim")  # UNet / Wan text width
+    cond = torch.randn(batch, 5, width, generator=g)
     return x, cond
 
 
-@pytest.mark.parametrize("family", ROWS, ids=NAMES)
+@pytest.mark.parametrize("family", BYPASSED, ids=NAMES)
 def test_image_mode_removes_temporal_layers_and_restores_bit_for_bit(built, family):
     unet = backbone.load(built("model", family), "cpu").unet
     modules = family.image_mode.modules(unet)
@@ -155,14 +166,16 @@ def test_image_mode_restores_after_exception(built, family):
     except RuntimeError:
         pass
     assert all("forward" not in vars(m) for _, m in family.image_mode.modules(unet))
+    assert "forward" not in vars(unet)
 
 
 @pytest.mark.parametrize("family", ROWS, ids=NAMES)
 def test_train_then_generate_reproduces_the_checkpoint_sample(built, family, tmp_path):
     run_dir, size = built("run", family), family.tiny.size
+    ti = family in WITH_TI  # the family recipe trains textual inversion too (Wan's: the S-LoRA alone)
     for rel in ("t_lora/adapter_model.safetensors", "t_lora/pytorch_lora_weights.safetensors",
-                "absorbers/s_lora/pytorch_lora_weights.safetensors", "absorbers/textual_inversion.safetensors",
-                "checkpoints/step-000002/samples/sample-0.mp4", "samples/contact_sheet.png"):
+                "absorbers/s_lora/pytorch_lora_weights.safetensors", "checkpoints/step-000002/samples/sample-0.mp4",
+                "samples/contact_sheet.png") + (("absorbers/textual_inversion.safetensors",) if ti else ()):
         assert (run_dir / rel).is_file(), rel
     meta = json.loads((run_dir / "t_lora" / "cav.json").read_text())
     assert meta["family"] == family.name and meta["kind"] == "temporal"
@@ -173,9 +186,10 @@ def test_train_then_generate_reproduces_the_checkpoint_sample(built, family, tmp
     assert main(["generate", "--prompt", PROMPT, "--adapter", str(ckpt), "--out", str(out), "--quiet"]) == 0
     assert np.array_equal(_video(out, size), _video(ckpt / "samples" / "sample-0.mp4", size))
     composed = tmp_path / "composed.mp4"  # two T-LoRAs, the S-LoRA as an image LoRA and the TI tokens together
-    assert main(["generate", "--prompt", "a <cav> moving right", "--adapter", f"{run_dir}:0.7", "--adapter",
-                 f"{ckpt}:0.3", "--image-lora", str(run_dir), "--textual-inversion",
-                 str(run_dir / "absorbers" / "textual_inversion.safetensors"), "--out", str(composed), "--quiet"]) == 0
+    tokens = ["--textual-inversion", str(run_dir / "absorbers" / "textual_inversion.safetensors")] if ti else []
+    assert main(["generate", "--prompt", "a <cav> moving right", "--adapter", f"{run_dir}:0.7",
+                 "--adapter", f"{ckpt}:0.3", "--image-lora", str(run_dir), *tokens, "--out", str(composed),
+                 "--quiet"]) == 0
     assert not np.array_equal(_video(composed, size), _video(out, size))
 
 
@@ -231,8 +245,9 @@ def test_stock_diffusers_loads_t_lora_and_s_lora(built, family):
 
     bb = backbone.load(model, "cpu")
     api.load_adapters(bb, [(str(run_dir), 1.0)], [(str(run_dir), 1.0)])
-    latents = fresh_noise(latent_shape(bb, 4, (size, size)), [0])
-    call = dict(prompt=PROMPT, num_frames=4, height=size, width=size, num_inference_steps=2, guidance_scale=7.5,
+    frames = family.tiny.frames
+    latents = fresh_noise(latent_shape(bb, frames, (size, size)), [0])
+    call = dict(prompt=PROMPT, num_frames=frames, height=size, width=size, num_inference_steps=2, guidance_scale=7.5,
                 latents=latents, output_type="latent")
     with torch.no_grad():
         ours = bb.pipeline()(**call).frames
@@ -258,7 +273,7 @@ def test_image_model_plus_addon_trains_and_generate_rebuilds_it(built, family, t
     assert np.array_equal(_video(gen), _video(out / "samples" / "sample-0.mp4"))
 
 
-@pytest.mark.parametrize("family", EXPORTED, ids=NAMES)
+@pytest.mark.parametrize("family", MOTION_LORA_EXPORT, ids=NAMES)
 def test_export_round_trip_and_original_merge(built, family, tmp_path, capsys):
     """Each format the family lists: the layout's keys, the converter's inverse gives the peft state back, the file
     records the family, and the original loader's rule (W += up @ down, alpha folded in) equals the T-LoRA at
@@ -746,3 +761,290 @@ def test_sampling_starts_pass_the_sdxl_condition(xl_model, tiny_video):
         assert video.shape == (4, 16, 16, 3)
     plain = sampling.sample_video(bb, PROMPT, frames=4, size=(16, 16), steps=2, guidance=7.5, seed=0)
     assert not np.array_equal(plain, video)
+
+
+# ---------------------------------------------------------------------------------------------------- Wan
+@pytest.fixture(scope="module")
+def wan_model(built):
+    return built("model", WAN)
+
+
+@pytest.fixture(scope="module")
+def wan_run(built):
+    return built("run", WAN)
+
+
+def test_wan_image_mode_is_each_frame_alone_and_the_frame_local_clip(wan_model):
+    """Wan's image mode (frames folded into the batch) = each frame run as its own 1-frame video = the whole clip
+    under a frame-local self-attention mask; it differs from video mode and leaves the model as it was."""
+    from cav.wan.image_mode import frame_local
+
+    unet = backbone.load(wan_model, "cpu").unet
+    x, cond = _inputs(unet, frames=3)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        video = unet(x, t, encoder_hidden_states=cond).sample
+        with WAN.image_mode(unet):
+            folded = unet(x, t, encoder_hidden_states=cond).sample
+        alone = torch.cat([unet(x[:, :, i:i + 1], t, encoder_hidden_states=cond).sample for i in range(3)], dim=2)
+        with frame_local(unet, 3, 8, 8):
+            masked = unet(x, t, encoder_hidden_states=cond).sample
+        again = unet(x, t, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(folded, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(folded, masked, atol=1e-5, rtol=1e-5)
+    assert (folded - video).abs().max() > 1e-3
+    assert torch.equal(video, again) and "forward" not in vars(unet)
+    assert [n for n, _ in WAN.image_mode.modules(unet)] == ["blocks.0.attn1", "blocks.1.attn1"]
+
+
+def test_wan_latents_clip_as_video_frames_alone(wan_model):
+    """The motion stage sees the clip as Wan's VAE encodes a video ((F − 1)/4 + 1 latent frames), image mode each
+    frame alone (read as a first frame: frame 0 alone = the clip's latent frame 0); both normalised as the pipeline
+    expects; sampling's latent shape has the same frame count."""
+    from cav.sampling import latent_shape
+    from cav.wan.latents import encode_video
+
+    bb = backbone.load(wan_model, "cpu")
+    frames = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    clip, alone = bb.encode_clip(frames), bb.encode_frames(frames)
+    assert clip.shape == (1, 4, 2, 2, 2) and alone.shape == (5, 4, 2, 2)
+    assert latent_shape(bb, 5, (16, 16)) == (1, 4, 2, 2, 2)
+    torch.testing.assert_close(clip, encode_video(bb.vae, frames.permute(1, 0, 2, 3)[None]))
+    torch.testing.assert_close(alone[0], clip[0, :, 0], atol=1e-5, rtol=1e-5)
+    assert (alone[4] - clip[0, :, 1]).abs().max() > 1e-4  # a later frame alone is not its group's latent
+
+
+def test_wan_condition_is_the_pipelines(wan_model):
+    """cav's umT5 condition = ``WanPipeline.encode_prompt``'s (512 zero-padded slots); the unconditional branch =
+    the empty prompt's, which the pipeline guides against without a negative prompt."""
+    from diffusers import WanPipeline
+
+    bb = backbone.load(wan_model, "cpu")
+    pipe = WanPipeline.from_pretrained(str(wan_model))
+    with torch.no_grad():
+        theirs, negative = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=True, device="cpu",
+                                              max_sequence_length=512)  # what WanPipeline.__call__ passes
+    ours = bb.encode_prompt(PROMPT)
+    assert ours.shape == (1, 512, 16) and torch.equal(ours, theirs)
+    assert torch.equal(bb.condition.unconditional(bb), negative)
+    assert ours[0, 7:].abs().sum() == 0 and ours[0, :6].abs().sum() > 0  # 6 tokens + </s>, then zeros
+
+
+def test_wan_flow_objective_noises_and_targets_as_flow_matching(wan_model):
+    """The objective's batch: x_σ = (1 − σ)·x₀ + σ·ε, target ε − x₀, timestep 1000·σ, with σ drawn as
+    ``cav.wan.flow.FlowObjective`` draws it under the scheduler's shift (noise first, then σ, from one generator)."""
+    from cav.wan.flow import FlowObjective
+
+    bb = backbone.load(wan_model, "cpu")
+    x0 = torch.randn(3, 4, 2, 2, 2)
+    noisy, t, target = WAN.objective.noised(bb.scheduler, x0, torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    eps = torch.randn(x0.shape, generator=gen)
+    sigma = FlowObjective(shift=3.0).sample_sigmas(3, generator=gen)
+    torch.testing.assert_close(t, 1000 * sigma)
+    torch.testing.assert_close(noisy, (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * eps)
+    torch.testing.assert_close(target, eps - x0)
+    _, window, _ = WAN.objective.noised(bb.scheduler, x0, torch.Generator().manual_seed(7), (200, 400))
+    assert ((window >= 200) & (window < 400)).all()
+
+
+def test_wan_flow_inversion_is_euler_up_the_samplers_grid(wan_model):
+    """`--invert` on Wan: the family objective's inverse walks ``cav.wan.flow.invert``'s Euler update up the
+    sampler's own sigma grid, and ``upto`` steps stop on the sigma where the sampler's step ``steps − upto``
+    starts (where `--image --strength` continues)."""
+    from cav.sampling import ddim_invert
+    from cav.wan import flow
+
+    bb = backbone.load(wan_model, "cpu")
+    z0 = torch.randn(1, 4, 2, 2, 2, generator=torch.Generator().manual_seed(3))
+    empty = bb.condition.unconditional(bb)
+    sampler = WAN.objective.sampler(bb.scheduler.config)
+    sampler.set_timesteps(4)
+
+    def velocity(x, t):
+        return bb.unet(x, t, encoder_hidden_states=empty, return_dict=False)[0]
+
+    with torch.no_grad():
+        ours = ddim_invert(bb, z0, 4)
+        theirs = flow.invert(velocity, z0, sampler.sigmas)
+        part = ddim_invert(bb, z0, 4, upto=1)
+        first = flow.invert(velocity, z0, sampler.sigmas[-2:])
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part, first, atol=1e-5, rtol=1e-5)
+
+
+def test_wan_generate_starts_and_select(wan_run, tmp_path, capsys):
+    """`cav select RUN` scores the run's checkpoints as any run's (a random tiny Wan's samples are noise: no score
+    can be measured, which it says in one line, exit 2, nothing published), then `cav generate` from the
+    reference's inversion, its noise prior, and an image at a strength (forward-noised and inverted): each runs
+    through the flow objective and changes the video."""
+    import imageio.v3 as iio
+
+    code, err = _run(capsys, "select", wan_run, "--clip", tmp_path / "no-clip")
+    _one_line_error(code, err, "no score to select on", "motion_fidelity")
+    assert not (wan_run / "selected").exists()
+    still = np.zeros((16, 16, 3), dtype=np.uint8)
+    still[4:12, 4:12] = (230, 40, 40)
+    image = tmp_path / "still.png"
+    iio.imwrite(image, still)
+    plain = tmp_path / "plain.mp4"
+    assert main(["generate", "--prompt", PROMPT, "--adapter", str(wan_run), "--out", str(plain), "--quiet"]) == 0
+    outs = {}
+    for name, extra in {"invert": ["--reference", str(wan_run), "--invert"],
+                        "prior": ["--reference", str(wan_run), "--noise-prior", "0.5"],
+                        "image": ["--image", str(image), "--strength", "0.5"],
+                        "image-inv": ["--image", str(image), "--strength", "0.5", "--invert"]}.items():
+        outs[name] = tmp_path / f"{name}.mp4"
+        assert main(["generate", "--prompt", PROMPT, "--adapter", str(wan_run), *extra, "--out", str(outs[name]),
+                     "--quiet"]) == 0, name
+        assert not np.array_equal(_video(outs[name]), _video(plain)), name
+    assert not np.array_equal(_video(outs["image"]), _video(outs["image-inv"]))
+
+
+def test_wan_export_comfyui_reads_back_through_diffusers(wan_run, wan_model, tmp_path, capsys):
+    """`cav export RUN --format comfyui`: Wan's original names (``diffusion_model.blocks.N.self_attn.{q,k,v,o}``)
+    with one alpha per module; diffusers' own Wan converter reads it back to the T-LoRA's modules and update
+    (B·A·alpha/r); stock ``WanPipeline.load_lora_weights`` on that file samples what cav samples with the run."""
+    from diffusers import WanPipeline
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from cav.sampling import fresh_noise, latent_shape
+
+    target = tmp_path / "wan.safetensors"
+    assert _run(capsys, "export", wan_run, "--format", "comfyui", "--out", target)[0] == 0
+    exported = load_file(str(target))
+    assert all(re.fullmatch(r"diffusion_model\.blocks\.[01]\.self_attn\.[qkvo]\.(lora_[AB]\.weight|alpha)", k)
+               for k in exported) and len(exported) == 2 * 4 * 3
+    with safe_open(str(target), "pt") as fh:
+        assert fh.metadata()["cav_family"] == "wan"
+    peft_state = load_file(str(wan_run / "t_lora" / lora.WEIGHTS))
+    back = _convert_non_diffusers_wan_lora_to_diffusers(dict(exported))
+    for key in (k for k in peft_state if ".lora_A." in k):
+        module = key.split(".lora_A.")[0]
+        ours = peft_state[key.replace("lora_A", "lora_B")] @ peft_state[key] * (1.0 / 4)
+        theirs = back[f"transformer.{module}.lora_B.weight"] @ back[f"transformer.{module}.lora_A.weight"]
+        torch.testing.assert_close(theirs, ours, atol=1e-7, rtol=1e-5)
+    size, frames = WAN.tiny.size, WAN.tiny.frames
+    bb = backbone.load(wan_model, "cpu")
+    api.load_adapters(bb, [(str(wan_run), 1.0)])
+    stock = WanPipeline.from_pretrained(str(wan_model))
+    stock.load_lora_weights(str(target), adapter_name="motion")
+    stock.set_adapters(["motion"], adapter_weights=[1.0])
+    stock.set_progress_bar_config(disable=True)
+    call = dict(prompt=PROMPT, num_frames=frames, height=size, width=size, num_inference_steps=2,
+                latents=fresh_noise(latent_shape(bb, frames, (size, size)), [0]), output_type="latent")
+    with torch.no_grad():
+        ours, theirs = bb.pipeline()(**call).frames, stock(**call).frames
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    code, err = _run(capsys, "export", wan_run, "--format", "comfyui", "--out", target)
+    assert code == 2 and "already exists" in err and "\n" not in err
+    assert _run(capsys, "export", wan_run)[0] == 0  # without --format: the family's own layout, ComfyUI's
+    default = load_file(str(wan_run / "export" / WAN.exports[0].filename))
+    assert default.keys() == exported.keys() and all(torch.equal(default[k], exported[k]) for k in default)
+
+
+def test_wan_bad_inputs_are_one_line(wan_model, tiny_video, tmp_path, run_cli):
+    """A frame count Wan's VAE cannot take, a size the patch × VAE cannot tile, temporal convolutions a DiT lacks,
+    textual inversion (not wired on Wan yet), a two-expert base (no --experts yet): one line each, exit 2, before
+    the run folder exists."""
+    from cav.wan.tiny import make_tiny_wan
+
+    out = tmp_path / "run"
+    base = ["train", tiny_video, "--prompt", PROMPT, "--base", wan_model, "--out", out, "--steps", "1",
+            "--absorber-steps", "1", "--quiet"]
+    two = make_tiny_wan(tmp_path / "a14b", experts=2)
+    for extra, words in ((["--frames", "4", "--size", "16"], ("--frames 4", "4k+1", "--frames 1 or 5")),
+                         (["--frames", "5", "--size", "24"], ("24", "multiple of 16")),
+                         (["--frames", "5", "--size", "16", "--placement", "motiondirector+tconv"],
+                          ("temporal convolutions", "placement cav")),
+                         (["--frames", "5", "--size", "16", "--absorbers", "both"], ("textual inversion", "s-lora")),
+                         (["--frames", "5", "--size", "16", "--base", two], ("two experts", "--experts"))):
+        code, err = run_cli(base + extra)
+        _one_line_error(code, err, *words)
+        assert not out.exists()
+
+
+def test_wan_several_clips_validation_inversion_and_weight_grid(wan_model, tiny_video, blue_video, tmp_path):
+    """On Wan as on UNet3D: a run on two clips (each its own S-LoRA and spatial prompt) whose validation sample
+    starts from the flow inversion of its reference, which `cav generate` makes again exactly; and a weight × seed
+    grid."""
+    out = tmp_path / "run"
+    assert main([str(a) for a in ["train", tiny_video, blue_video, "--prompt", PROMPT, "--spatial-prompt", "a red square",
+                                  "--spatial-prompt", "a blue square", "--base", wan_model, "--out", out,
+                                  "--validation-invert", *train_args(WAN)]]) == 0
+    assert (out / "absorbers" / "s_lora").is_dir() and (out / "absorbers" / "clip-1" / "s_lora").is_dir()
+    again = tmp_path / "again.mp4"
+    assert main(["generate", "--prompt", PROMPT, "--adapter", str(out), "--invert", "--reference", str(out),
+                 "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(_video(again), _video(out / "samples" / "sample-0.mp4"))
+    grid = tmp_path / "grid.mp4"
+    assert main(["generate", "--prompt", PROMPT, "--adapter", str(out), "--weights", "0,1", "--seeds", "0,1",
+                 "--out", str(grid), "--quiet"]) == 0
+    assert (tmp_path / "grid-sheet.png").is_file()
+    assert not np.array_equal(_video(tmp_path / "grid-w1-s0.mp4"), _video(tmp_path / "grid-w1-s1.mp4"))
+
+
+def test_toy_wan_names_the_shipped_toy_wan():
+    """``--base toy-wan`` is the toy world's Wan shipped in the package (``src/cav/toy/wan_model``), a Wan base."""
+    assert backbone.resolve_base("toy-wan") == str(backbone.TOY_MODELS["toy-wan"])
+    assert backbone.family_of("toy-wan") is WAN
+
+
+def test_wan_s_lora_from_diffusers_or_comfyui_layout(built, wan_model, wan_run, tiny_video, tmp_path, capsys):
+    """`--s-lora-from` on Wan: a Wan image LoRA replaces stage 1 (the run's absorber is exactly the given one); the
+    same LoRA in ComfyUI's layout acts the same (read by diffusers' own Wan loader); another family's is refused."""
+    from safetensors.torch import load_file
+
+    from cav.wan.formats import export_comfyui, save_diffusers
+
+    given = wan_run / "absorbers" / "s_lora" / lora.DIFFUSERS_WEIGHTS
+    out = tmp_path / "run"
+    assert main([str(a) for a in ["train", tiny_video, "--prompt", PROMPT, "--base", wan_model, "--out", out,
+                                  "--s-lora-from", given, *train_args(WAN)]]) == 0
+    assert {json.loads(x)["stage"] for x in (out / "log.jsonl").read_text().splitlines()} == {"t_lora"}
+    a = load_file(str(wan_run / "absorbers" / "s_lora" / lora.WEIGHTS))
+    b = load_file(str(out / "absorbers" / "s_lora" / lora.WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    src = backbone.load(wan_model, "cpu")  # the run's S-LoRA, made visible (two steps barely move it)
+    WAN.image_lora(src.unet, given, "look", WAN)
+    with torch.no_grad():
+        for n, p in src.unet.named_parameters():
+            if ".lora_B.look." in n:
+                p.mul_(300)
+    config = src.unet.peft_config["look"]
+    files = [save_diffusers(src.unet, "look", config, tmp_path / "diffusers"),
+             export_comfyui(src.unet, "look", config, tmp_path / "look_comfyui.safetensors")]
+    x, cond = _inputs(src.unet, frames=1)
+    t = torch.tensor([500.0])
+    outputs = []
+    for file in files:
+        bb = backbone.load(wan_model, "cpu")
+        with torch.no_grad():
+            plain = bb.unet(x, t, encoder_hidden_states=cond).sample
+        WAN.image_lora(bb.unet, file, "look", WAN)
+        lora.activate(bb.unet, ["look"])
+        with torch.no_grad():
+            outputs.append(bb.unet(x, t, encoder_hidden_states=cond).sample)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-5)
+    assert (outputs[0] - plain).abs().max() > 1e-3
+    other = built("run", ANIMATEDIFF) / "absorbers" / "s_lora" / lora.DIFFUSERS_WEIGHTS
+    code, err = _run(capsys, "train", tiny_video, "--prompt", PROMPT, "--base", wan_model, "--out",
+                     tmp_path / "bad", "--s-lora-from", other, *train_args(WAN))
+    _one_line_error(code, err, "animatediff", "wan")
+
+
+def test_select_on_a_toy_wan_run(tiny_video, tmp_path, capsys):
+    """`cav select` on a Wan run whose samples can be tracked (the shipped toy Wan draws squares): it ranks the
+    checkpoints by motion fidelity and publishes the choice, which `cav generate --adapter RUN/selected` samples."""
+    out = tmp_path / "run"
+    assert main([str(a) for a in ["train", tiny_video, "--prompt", PROMPT, "--base", "toy-wan", "--out", out,
+                                  "--frames", "5", "--size", "32", "--steps", "4", "--absorber-steps", "1",
+                                  "--sample-steps", "4", "--checkpoint-every", "2", "--quiet"]]) == 0
+    assert _run(capsys, "select", out, "--clip", tmp_path / "no-clip")[0] == 0
+    table = json.loads((out / "selection.json").read_text())
+    assert "motion_fidelity" in table["ranked_by"]
+    assert (out / "selected" / "t_lora" / lora.WEIGHTS).is_file()
+    gen = tmp_path / "gen.mp4"
+    assert main(["generate", "--prompt", PROMPT, "--adapter", str(out / "selected"), "--out", str(gen), "--quiet"]) == 0

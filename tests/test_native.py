@@ -83,7 +83,7 @@ def test_every_family_and_shipped_base_recipe_has_a_row():
     ships."""
     last_resort = {r.family: r.recipe for r in native.BASES if r.family and not r.name and not r.marker}
     assert set(last_resort) == set(FAMILIES)
-    assert {r.recipe for r in native.BASES} == {"toy", "zeroscope", "modelscope", "animatediff", "animatediff-sdxl"}
+    assert {r.recipe for r in native.BASES} == {"toy", "zeroscope", "modelscope", "animatediff", "animatediff-sdxl", "wan"}
     for row in native.BASES:
         TrainConfig.from_dict({**load_recipe(row.recipe), "prompt": "x"})
 

@@ -168,6 +168,8 @@ def load_adapters(bb, adapters: list[tuple[str, float | None]], image_loras: lis
         weights.append(1.0 if w is None else w)
     if names:
         lora.activate(bb.unet, names, weights)
+    if textual_inversions and not bb.condition.textual_inversion:
+        raise CavError(f"--textual-inversion is not supported on {bb.family.what} yet: drop it")
     for file in textual_inversions:
         if not Path(file).is_file():
             raise CavError(f"textual inversion file '{file}' does not exist: pass a .safetensors file from absorbers/")
@@ -284,8 +286,7 @@ def _set_grid_weight(bb, adapters, image_loras, metas, sample: SampleConfig, wei
 
 
 def _default_size(bb) -> tuple[int, int]:
-    s = int(bb.unet.config.sample_size) * bb.vae_factor
-    return (s, s)
+    return bb.latents.default_size(bb)
 
 
 # ---------------------------------------------------------------------------------------------------- select

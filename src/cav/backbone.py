@@ -8,6 +8,8 @@ A *base* is one of:
 - an AnimateDiff model: a diffusers folder or hub id whose ``unet/`` is a ``UNetMotionModel``, or a Stable Diffusion
   image model (``unet/`` = ``UNet2DConditionModel``) plus ``motion_adapter`` (a ``MotionAdapter`` folder or hub id);
   SD 1.5 (``AnimateDiffPipeline``) or SDXL (``AnimateDiffSDXLPipeline``: a second text encoder, ``text_encoder_2``).
+- a Wan text-to-video DiT (``WanPipeline``: ``transformer/`` = ``WanTransformer3DModel``, ``AutoencoderKLWan``, a umT5
+  text encoder; one expert), or ``toy-wan``, the toy world's Wan shipped in the package.
 
 Families of bases are the rows of ``families.FAMILIES``: the model class each one loads, the pipeline that samples
 from it, its text condition, its objective's schedulers; this module reads them and never branches on a family's
@@ -28,8 +30,11 @@ import torch
 from .errors import CavError
 from .families import FAMILIES, LEGACY, Family
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # "unet": the denoiser's folder (any row's)
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
+# shipped toy models by name (``toy-wan``: the toy world's Wan, trained by `cav toy` on its own)
+TOY_MODELS = {"toy": TOY_MODEL_DIR, "toy-wan": Path(__file__).parent / "toy" / "wan_model"}
+_TOY_HINT = {"toy": " or train it with `cav toy train-base`"}  # how a missing toy model is made again
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ASSETS = Path(__file__).parent / "assets"
 # hub ids whose small JSON files ship in ``assets/`` as <prefix>_<path with / as _> (plans and checks work offline)
@@ -43,14 +48,15 @@ _DOWNLOAD_HINT = "download it where the hub is reachable (`hf download {repo} --
 
 
 def resolve_base(base: str | Path) -> str:
-    """Map ``toy`` to the shipped model; check a local folder's layout; pass a hub id through."""
+    """Map ``toy`` (``toy-wan``) to the shipped model; check a local folder's layout; pass a hub id through."""
     base = str(base)
-    if base == "toy":
-        if not (TOY_MODEL_DIR / "model_index.json").is_file():
+    if base in TOY_MODELS:
+        folder = TOY_MODELS[base]
+        if not (folder / "model_index.json").is_file():
             raise CavError(
-                f"the embedded toy model is missing from {TOY_MODEL_DIR}: reinstall cav or train it with `cav toy train-base`"
+                f"the embedded toy model is missing from {folder}: reinstall cav{_TOY_HINT.get(base, '')}"
             )
-        return str(TOY_MODEL_DIR)
+        return str(folder)
     path = Path(base).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "model_index.json").is_file():
@@ -58,7 +64,10 @@ def resolve_base(base: str | Path) -> str:
                 f"base '{base}' is not a diffusers text-to-video folder (no model_index.json): "
                 "pass a folder like text-to-video-ms-1.7b, a hub id, or `toy`"
             )
-        missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+        denoisers = dict.fromkeys(f.model_folder for f in FAMILIES.values())  # unet/ or transformer/
+        missing = [c for c in COMPONENTS[1:] if not (path / c).is_dir()]
+        if not any((path / d).is_dir() for d in denoisers):
+            missing.insert(0, " or ".join(denoisers))
         if missing:
             raise CavError(f"base '{base}' misses component folder(s) {', '.join(missing)}: download the complete model")
         return str(path)
@@ -162,8 +171,24 @@ def read_motion_adapter_config(adapter: str | Path) -> dict:
 
 
 def _condition_of(index: dict) -> str:
-    """The text condition a model_index.json describes: SDXL layouts have a second text encoder."""
+    """The text condition a model_index.json describes: the condition whose text encoders (folder and class) are
+    exactly the index's (Wan: umT5); an index without that says (config-only folders): SDXL layouts have a second
+    text encoder."""
+    encoders = {k: v[1] for k, v in index.items() if k.startswith("text_encoder") and isinstance(v, list) and v[0]}
+    for condition in dict.fromkeys(f.condition for f in FAMILIES.values()):
+        if encoders == {p.encoder: p.encoder_class for p in condition.parts}:
+            return condition.name
     return "sdxl" if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None else "clip"
+
+
+def _check_one_expert(base, index: dict, family: Family) -> None:
+    """Refuse a two-expert base (Wan 2.2 A14B: ``transformer_2`` beside ``transformer``): cav trains and samples
+    one denoiser for now."""
+    second = index.get(f"{family.model_folder}_2")
+    if isinstance(second, list) and second[0] is not None:
+        raise CavError(f"base '{base}' has two experts ({family.model_folder} and {family.model_folder}_2, "
+                       "Wan 2.2 A14B's layout): cav does not train two-expert bases yet (no --experts): use a "
+                       "one-expert base such as Wan 2.1 T2V 1.3B / 14B or Wan 2.2 TI2V-5B")
 
 
 def _model_class(index: dict) -> str | None:
@@ -194,6 +219,7 @@ def family_of(base: str | Path, motion_adapter: str | None = None) -> Family:
     family = next((f for f in FAMILIES.values() if f.model_class == model_cls and f.condition.name == condition),
                   None)
     if family is not None:
+        _check_one_expert(base, index, family)
         return family
     animated = next((f for f in addons if f.addon.image_class == model_cls), None)
     if animated is not None:
@@ -272,12 +298,22 @@ def shape_unit(unet_config: dict, vae_config: dict) -> tuple[int, str]:
 
 
 def check_shape(base: str | Path, size, frames: int, *, motion_adapter: str | None = None,
-                unet_config: dict | None = None, vae_config: dict | None = None) -> None:
+                unet_config: dict | None = None, vae_config: dict | None = None, family: Family | None = None) -> None:
     """Refuse, before any work, a size or frame count the base cannot take, from its config files alone (or the
-    configs given, e.g. a loaded model's). ``size`` is (height, width) in pixels; the message names the nearest valid
-    sizes. The frame limit is the UNet's (or the motion adapter's) ``motion_max_seq_length`` when it has one."""
-    unet_config = read_config(base, "unet") if unet_config is None else unet_config
+    configs given, e.g. a loaded model's), by the rule of its family's latents (``Family.latents.check_shape``).
+    ``family`` None: the base's (its folder read), or, with configs given, the row whose model class the config
+    names (a UNet's rule when none does)."""
+    if family is None:
+        family = (family_of(base, motion_adapter) if unet_config is None else
+                  next((f for f in FAMILIES.values() if f.model_class == unet_config.get("_class_name")), LEGACY))
+    unet_config = read_config(base, family.model_folder) if unet_config is None else unet_config
     vae_config = read_config(base, "vae") if vae_config is None else vae_config
+    family.latents.check_shape(base, size, frames, unet_config, vae_config, motion_adapter)
+
+
+def check_unet_shape(base, size, frames: int, unet_config, vae_config, motion_adapter: str | None = None) -> None:
+    """The UNet families' rule: height and width multiples of ``shape_unit``, the message naming the nearest valid
+    sizes; the frame limit is the UNet's (or the motion adapter's) ``motion_max_seq_length`` when it has one."""
     unit, why = shape_unit(unet_config, vae_config)
     h, w = (int(s) for s in size)
     if h % unit or w % unit or min(h, w) < unit:
@@ -369,11 +405,32 @@ class Backbone:
 
     @property
     def vae_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.family.latents.spatial_factor(self.vae.config)
+
+    @property
+    def latents(self):
+        """How this base's VAE makes the latents its denoiser sees (the family's ``latents``)."""
+        return self.family.latents
+
+    def encode_prompt(self, prompt: str, grad: bool = False) -> torch.Tensor:
+        """The text condition (1, L, D) of ``prompt`` as the base's family builds it (``conditioning``)."""
+        return self.condition.encode(self, [prompt], grad)
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Latents (N, C, h, w) of frames (N, 3, H, W) in [-1, 1], each an independent image (image mode)."""
+        return self.latents.encode_frames(self, frames)
+
+    def encode_clip(self, frames: torch.Tensor) -> torch.Tensor:
+        """Latents (1, C, F', h, w) of a clip (F, 3, H, W) in [-1, 1] as the base's video model sees it."""
+        return self.latents.encode_clip(self, frames)
+
+    def decode(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, F', h, w) → the video tensor ``pipe.video_processor`` post-processes."""
+        return self.latents.decode(self, pipe, latents)
 
     def pipeline(self):
         """The family's diffusers pipeline (``TextToVideoSDPipeline``, ``AnimateDiffPipeline``,
-        ``AnimateDiffSDXLPipeline``) over these very modules (no copies)."""
+        ``AnimateDiffSDXLPipeline``, ``WanPipeline``) over these very modules (no copies)."""
         import diffusers
 
         family = self.family
@@ -384,7 +441,7 @@ class Backbone:
             pipe = getattr(diffusers, family.pipeline_class)(
                 vae=self.vae,
                 **text,
-                unet=self.unet,
+                **{family.model_folder: self.unet},  # the pipeline names the denoiser as the folder: unet, transformer
                 scheduler=family.objective.sampler(self.scheduler.config),
                 **dict(family.pipeline_extra),
             )
@@ -465,7 +522,7 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CavError(f"could not load base '{base}': {first[:200]} — check the folder is a complete diffusers T2V model") from None
-    attach_condition(unet, family, 2 ** (len(vae.config.block_out_channels) - 1))
+    attach_condition(unet, family, family.latents.spatial_factor(vae.config))
     encoders = [text[p.encoder] for p in family.condition.parts]
     for module in (unet, vae, *encoders):
         module.requires_grad_(False)

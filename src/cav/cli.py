@@ -300,8 +300,8 @@ def _add_export(sub) -> None:
     ex = sub.add_parser("export", help="write a run's T-LoRA in another tool's layout (e.g. AnimateDiff MotionLoRA)")
     ex.add_argument("run", help="run, checkpoint or T-LoRA folder")
     # the formats are not listed from cav.export: importing it would make every --help load peft
-    _opt(ex, "--format", "target layout: animatediff (the original MotionLoRA key layout)", "animatediff",
-         metavar="FORMAT")
+    _opt(ex, "--format", "target layout: animatediff (the original MotionLoRA key layout) or comfyui (Wan's "
+         "original names) [default: the first layout of the run's base family]", metavar="FORMAT")
     _opt(ex, "--out", "output .safetensors [default: RUN/export/<the format's file name>]", metavar="FILE")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     ex.set_defaults(func=cmd_export)

@@ -8,6 +8,8 @@ One class per kind (a family's row holds one: ``families.Family.condition``):
   ``AnimateDiffSDXLPipeline.encode_prompt`` builds them: the penultimate hidden states of both, concatenated
   (B, L, D1 + D2), plus the second encoder's pooled, projected output (B, P), which the UNet takes in
   ``added_cond_kwargs`` together with the size "time ids" (original size, crop corner, target size).
+- ``umt5`` (Wan): one umT5 encoder; as ``WanPipeline`` encodes a prompt: its last hidden states cut to the prompt's
+  real tokens and zero-padded to 512 slots (the transformer cross-attends to all of them, without a mask).
 
 cav's stages and trainer move one tensor per batch as the text condition (they expand it, cache it, swap in the empty
 prompt's for dropout, hand it to the UNet). For ``sdxl`` that tensor *packs* the pooled embedding as ``ceil(P / D)``
@@ -45,6 +47,7 @@ class ClipCondition:
     name = "clip"
     parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModel"),)
     packed = False  # the condition tensor is exactly encoder_hidden_states
+    textual_inversion = True  # new token rows in the encoder's embedding (``adapters.textual_inversion``)
 
     def encode(self, bb, prompts: list[str], grad: bool = False) -> torch.Tensor:
         """(B, L, D) hidden states of ``prompts``, padded to the tokenizer's max length."""
@@ -72,6 +75,7 @@ class SdxlCondition:
     parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModel", "clip_l"),
              TextPart("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection", "clip_g"))
     packed = True
+    textual_inversion = True
     TIME_IDS = 6  # original (h, w), crop corner (top, left), target (h, w)
 
     def encode(self, bb, prompts: list[str], grad: bool = False) -> torch.Tensor:
@@ -109,6 +113,44 @@ class SdxlCondition:
         h, w = sample.shape[-2] * vae_factor, sample.shape[-1] * vae_factor
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond.dtype, device=cond.device).expand(cond.shape[0], -1)
         return hidden, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+class UmT5Condition:
+    """Wan's umT5 encoder, as ``WanPipeline._get_t5_prompt_embeds`` encodes: the cleaned prompt tokenized to
+    ``LENGTH`` slots, the encoder's last hidden states kept for the real tokens and zeros after them."""
+
+    name = "umt5"
+    parts = (TextPart("tokenizer", "text_encoder", "UMT5EncoderModel", tokenizer_class="AutoTokenizer"),)
+    packed = False
+    textual_inversion = False  # umT5's analogue (learned output vectors, ``cav.wan.prompt_vectors``) is not wired yet
+    LENGTH = 512  # WanPipeline's default max_sequence_length
+
+    def encode(self, bb, prompts: list[str], grad: bool = False) -> torch.Tensor:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        tokens = bb.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=self.LENGTH,
+                              truncation=True, add_special_tokens=True, return_attention_mask=True,
+                              return_tensors="pt")
+        device = bb.text_encoder.device
+        mask = tokens.attention_mask
+        lengths = mask.gt(0).sum(dim=1).long()
+        with torch.set_grad_enabled(grad):
+            hidden = bb.text_encoder(tokens.input_ids.to(device), mask.to(device)).last_hidden_state
+            hidden = hidden.to(bb.device, bb.dtype)
+            keep = (torch.arange(self.LENGTH, device=hidden.device)[None, :] < lengths.to(hidden.device)[:, None])
+            return hidden.masked_fill(~keep[..., None], 0)
+
+    def pipeline_encode(self, pipe, prompts: list[str], device, guidance: bool, negatives) -> tuple:
+        cond, uncond = pipe.encode_prompt(prompts, negatives, do_classifier_free_guidance=guidance,
+                                          num_videos_per_prompt=1, max_sequence_length=self.LENGTH, device=device)
+        return cond, (uncond if guidance else None)
+
+    def unconditional(self, bb) -> torch.Tensor:
+        """The empty prompt's encoding: ``WanPipeline`` guides against ``""`` when no negative prompt is given."""
+        return self.encode(bb, [""])
+
+    def unpack(self, unet_config, sample: torch.Tensor, cond: torch.Tensor, vae_factor: int):
+        return cond, None
 
 
 def pooled_width(unet_config) -> int:

@@ -19,16 +19,23 @@ from .io_utils import save_safetensors
 FORMATS = families.export_formats()  # every format a family lists, by name
 
 
-def export(run: str | Path, fmt: str = "animatediff", out: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Convert the T-LoRA of ``run`` (a run, checkpoint or adapter folder) to ``fmt``; returns the written file."""
+def export(run: str | Path, fmt: str | None = None, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Convert the T-LoRA of ``run`` (a run, checkpoint or adapter folder) to ``fmt`` (None: the first format of the
+    run's family); returns the written file."""
     from safetensors.torch import load_file
 
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise CavError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
-    spec = FORMATS[fmt]
     folder = lora.find_adapter_dir(Path(run), "temporal")
     meta = lora.read_meta(folder)
     family = meta.get("family", families.LEGACY.name)
+    if fmt is None:
+        own = families.get(family).exports
+        if not own:
+            raise CavError(f"T-LoRA '{folder}' was trained on a {family} base, which has no export layout: its "
+                           f"{lora.DIFFUSERS_WEIGHTS} is already diffusers' layout")
+        fmt = own[0].name
+    spec = FORMATS[fmt]
     if spec not in families.get(family).exports:
         takes = [f.name for f in families.FAMILIES.values() if spec in f.exports]
         raise CavError(f"T-LoRA '{folder}' was trained on a {family} base ({meta.get('base', 'unknown')}): "
@@ -42,5 +49,5 @@ def export(run: str | Path, fmt: str = "animatediff", out: str | Path | None = N
         raise CavError(f"'{target}' already exists: pass --overwrite to replace it, or another --out")
     info = {"format": "pt", "cav_layout": fmt, "cav_rank": str(config["r"]), "cav_alpha": str(config["lora_alpha"]),
             "cav_base": str(meta.get("base", "")), "cav_family": family, "cav_step": str(meta.get("step", "")),
-            "cav_note": "lora_alpha/r is folded into the up weights: load with alpha (strength) 1.0"}
+            "cav_note": spec.note}
     return save_safetensors(target, converted, metadata=info)

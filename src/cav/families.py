@@ -21,24 +21,29 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from .adapters import animatediff_export
-from .adapters.targets import BLOCK, UNetTargets
+from .adapters.image_lora import load_image_lora
+from .adapters.targets import BLOCK, DiTTargets, UNetTargets
 from .bypass import LayerBypass
-from .conditioning import ClipCondition, SdxlCondition
+from .conditioning import ClipCondition, SdxlCondition, UmT5Condition
 from .errors import CavError
-from .objectives import DDPM, Objective
+from .latents import FRAMES
+from .objectives import DDPM, FLOW, Objective
 from .toy import factory
+from .wan import family as wan_family
 
 ASSETS = Path(__file__).parent / "assets"
 
 
 class Targets(Protocol):
-    """Where a family's adapters go (``adapters.targets.UNetTargets`` for the UNet families)."""
+    """Where a family's adapters go (``adapters.targets.UNetTargets`` for the UNet families, ``DiTTargets`` for
+    Wan)."""
 
     def regex(self, kind: str, placement: str, family: str) -> str: ...
 
 
 class ImageMode(Protocol):
-    """How a family's model runs as an image model (``bypass.LayerBypass`` for the UNet families)."""
+    """How a family's model runs as an image model (``bypass.LayerBypass`` for the UNet families,
+    ``wan.family.FoldFrames`` for Wan)."""
 
     def __call__(self, model, enabled: bool = True) -> AbstractContextManager: ...
 
@@ -64,17 +69,19 @@ class ExportFormat:
     convert: Callable  # (peft state, rank, alpha) -> state in the target layout
     filename: str
     describe: str
+    note: str = "lora_alpha/r is folded into the up weights: load with alpha (strength) 1.0"  # the file's cav_note
 
 
 @dataclass(frozen=True)
 class Tiny:
     """The family's tiny random model for tests, in its diffusers folder layout (``make(dir) -> dir``), and, when the
     family has an add-on, the tiny image model and add-on (``parts(root) -> (image dir, add-on dir)``); ``size`` is
-    the pixel size tests train and sample at."""
+    the pixel size and frame count tests train and sample at."""
 
     make: Callable[[Path], Path]
     parts: Callable[[Path], tuple[Path, Path]] | None = None
     size: int = 16
+    frames: int = 4
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,9 @@ class Family:
     what: str
     # the model: its denoiser's diffusers class and subfolder, its VAE, and the add-on form (image model + add-on)
     model_class: str
-    model_folder: str = "unet"
+    model_folder: str = "unet"  # also the pipeline's name for it
     vae_class: str = "AutoencoderKL"
+    latents: object = FRAMES  # how the VAE makes the denoiser's latents and what shapes it takes (``latents.py``)
     addon: AddOn | None = None
     frame_limit_key: str | None = None  # the config key (model's or add-on's) that bounds the frame count
     # sampling: the diffusers pipeline and the constructor arguments it needs besides the modules
@@ -114,6 +122,10 @@ class Family:
     objective: Objective
     # around it: export layouts, the tests' tiny model, the speed benchmark's model
     exports: tuple[ExportFormat, ...] = ()
+    # how an image LoRA file of the base's image model is read (``--s-lora-from``; None: not supported yet) and the
+    # diffusers class whose ``save_lora_weights`` writes an adapter's diffusers-layout copy
+    image_lora: Callable | None = load_image_lora
+    lora_writer: str = "diffusers.loaders:StableDiffusionLoraLoaderMixin"
     tiny: Tiny
     rig: Rig | None = None
 
@@ -143,6 +155,9 @@ MOTION_ADAPTER = AddOn("UNet2DConditionModel", "MotionAdapter", "--motion-adapte
                        "guoyww/animatediff-motion-adapter-v1-5-2")
 MOTION_ADAPTER_SDXL = AddOn("UNet2DConditionModel", "MotionAdapter", "--motion-adapter",
                             "guoyww/animatediff-motion-adapter-sdxl-beta")
+COMFYUI_WAN_EXPORT = ExportFormat("comfyui", wan_family.to_comfyui, "wan_motion_lora_comfyui.safetensors",
+                                  "ComfyUI's Wan LoRA layout (diffusion_model.blocks.N.self_attn.q …, with alpha)",
+                                  "each module's .alpha holds lora_alpha: load with strength 1.0")
 # SDXL motion modules are named as SD 1.5's in the original AnimateDiff code (sdxl branch), so both export to it
 ANIMATEDIFF_EXPORT = ExportFormat("animatediff", animatediff_export.to_animatediff, "animatediff_motion_lora.safetensors",
                                   "the original AnimateDiff MotionLoRA key layout")
@@ -212,7 +227,16 @@ ANIMATEDIFF_SDXL = Family(  # SDXL + the SDXL motion adapter, or its AnimateDiff
     frame_limit_key=FRAME_LIMIT_KEY, exports=(ANIMATEDIFF_EXPORT,),
     tiny=Tiny(factory.make_tiny_sdxl_animatediff, factory.make_tiny_sdxl_parts))
 
-FAMILIES = {f.name: f for f in (UNET3D, ANIMATEDIFF, ANIMATEDIFF_SDXL)}
+WAN = Family(  # Wan 2.1 / 2.2 text-to-video DiTs (one expert)
+    name="wan", recipe="wan", what="a Wan text-to-video DiT", model_class="WanTransformer3DModel",
+    model_folder="transformer", vae_class="AutoencoderKLWan", latents=wan_family.WAN_LATENTS,
+    pipeline_class="WanPipeline", condition=UmT5Condition(), targets=DiTTargets(),
+    image_mode=wan_family.FOLD_FRAMES, objective=FLOW, exports=(COMFYUI_WAN_EXPORT,),
+    image_lora=wan_family.load_image_lora,
+    lora_writer="diffusers:WanPipeline",
+    tiny=Tiny(wan_family.make_tiny, size=16, frames=5))
+
+FAMILIES = {f.name: f for f in (UNET3D, ANIMATEDIFF, ANIMATEDIFF_SDXL, WAN)}
 LEGACY = UNET3D  # what an adapter without a recorded family was trained on (runs from before families existed)
 
 

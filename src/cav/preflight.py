@@ -12,19 +12,22 @@ from pathlib import Path
 from . import backbone
 from .adapters.textual_inversion import expand, token_names
 from .config import TrainConfig
+from .errors import CavError
 from .prompts import check_prompt
 
 
 def check_train(cfg: TrainConfig) -> None:
     """Refuse (CavError) a size or frame count the base cannot take and a prompt whose cut drops a textual-inversion
     token; warn of any other prompt cut. Prompts are checked when the base's tokenizer is on this machine."""
-    backbone.check_shape(cfg.base, cfg.size, cfg.frames, motion_adapter=cfg.motion_adapter or None)
+    family = backbone.family_of(cfg.base, cfg.motion_adapter or None)
+    backbone.check_shape(cfg.base, cfg.size, cfg.frames, motion_adapter=cfg.motion_adapter or None, family=family)
+    check_family_supports(cfg, family)
     if cfg.motion_adapter:  # e.g. an SD 1.5 motion adapter on an SDXL image model: refused before the folder is touched
         backbone.check_motion_adapter_fits(backbone.read_unet_config(cfg.base),
                                            backbone.read_motion_adapter_config(cfg.motion_adapter), cfg.motion_adapter)
     if not cfg.prompt.strip():
         return
-    tokenizer = local_tokenizer(cfg.base)
+    tokenizer = local_tokenizer(cfg.base, family)
     if tokenizer is None:
         return
     tokens = token_names(cfg.ti_token, cfg.ti_tokens) if cfg.uses_ti else None
@@ -42,14 +45,32 @@ def check_train(cfg: TrainConfig) -> None:
         check_prompt(tokenizer, prompt, f"--validation-prompt '{prompt[:40]}'", warn=False)
 
 
-def local_tokenizer(base: str):
-    """The base's tokenizer from its folder or the Hugging Face cache, or None when neither has it."""
-    from transformers import CLIPTokenizer
+def check_family_supports(cfg: TrainConfig, family) -> None:
+    """Refuse what the base's family cannot do yet, in one line: textual inversion needs a condition with token
+    rows (Wan's umT5 analogue, ``cav.wan.prompt_vectors``, is not wired into training); an image LoRA given as the
+    S-LoRA (``--s-lora-from``) needs the row's reader; the placement must exist on the family's model."""
+    if cfg.uses_ti and not family.condition.textual_inversion:
+        given = " (--ti-from)" if cfg.ti_from else ""
+        raise CavError(f"textual inversion{given} (--absorbers {cfg.absorbers}) is not supported on {family.what} yet: "
+                       "pass --absorbers s-lora (or none)")
+    for kind in ("temporal", "spatial"):  # a placement the family's model has not (e.g. a DiT's temporal convs)
+        cfg.lora_config(kind, family)
+    if cfg.s_lora_from and family.image_lora is None:
+        raise CavError(f"--s-lora-from is not supported on {family.what} yet: drop it (stage 1 then trains the "
+                       "S-LoRA on the clip)")
+
+
+def local_tokenizer(base: str, family=None):
+    """The base's tokenizer (its family's tokenizer class) from its folder or the Hugging Face cache, or None when
+    neither has it."""
+    import transformers
 
     source = backbone.resolve_base(base)
     if not Path(source).is_dir() and not backbone.hub_cached(source):
         return None
+    family = family or backbone.family_of(base)
     try:
-        return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=True)
+        return getattr(transformers, family.condition.parts[0].tokenizer_class).from_pretrained(
+            source, subfolder="tokenizer", local_files_only=True)
     except (OSError, ValueError):  # an incomplete folder: loading the base reports it
         return None

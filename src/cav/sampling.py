@@ -52,12 +52,13 @@ def sample_video(bb: Backbone, prompt: str, *, frames: int, size: tuple[int, int
 
 
 def latent_shape(bb: Backbone, frames: int, size: tuple[int, int]) -> tuple[int, int, int, int, int]:
-    """(1, C, F, h, w) of one video; a size the VAE cannot divide is a CavError."""
+    """(1, C, F', h, w) of one video (F' latent frames: F, or fewer for a VAE that compresses time); a size the VAE
+    cannot divide is a CavError."""
     h, w = size
     f = bb.vae_factor
     if h % f or w % f:
         raise CavError(f"--size {h}x{w} is not a multiple of the VAE factor {f}: pick a size divisible by {f}")
-    return (1, bb.unet.config.in_channels, frames, h // f, w // f)
+    return (1, bb.unet.config.in_channels, bb.latents.latent_frames(bb.vae.config, frames), h // f, w // f)
 
 
 def fresh_noise(shape: tuple[int, ...], seeds: list[int], stream: int = 0) -> torch.Tensor:
@@ -79,7 +80,7 @@ def sample_videos(bb: Backbone, prompts: list[str], *, frames: int, size: tuple[
     """A batch of videos, one per (prompt, seed), as uint8 (B, F, H, W, 3); from fresh noise unless ``start``."""
     h, w = size
     # the same checks as before training, against the loaded model: a sample never fails inside diffusers
-    check_shape(bb.source, size, frames, unet_config=bb.unet.config, vae_config=bb.vae.config)
+    check_shape(bb.source, size, frames, unet_config=bb.unet.config, vae_config=bb.vae.config, family=bb.family)
     check_prompts(bb.tokenizer, prompts, "the prompt", reported=bb.reported)
     if negative_prompt is not None:
         check_prompts(bb.tokenizer, [negative_prompt], "--negative-prompt", reported=bb.reported)
@@ -112,16 +113,17 @@ def _denoise_tail(bb: Backbone, pipe, latents: torch.Tensor, prompts: list[str],
     cfg = guidance > 1.0
     cond, uncond = bb.condition.pipeline_encode(pipe, prompts, latents.device, cfg, negatives)
     embeds = torch.cat([uncond, cond]) if cfg else cond
-    sched = pipe.scheduler
+    sched, objective = pipe.scheduler, bb.family.objective
     sched.set_timesteps(steps, device=latents.device)
     for t in pipe.progress_bar(sched.timesteps[skip:]):
         model_in = torch.cat([latents] * 2) if cfg else latents
-        pred = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        pred = bb.unet(model_in, objective.model_timestep(t, model_in.shape[0]), encoder_hidden_states=embeds,
+                       return_dict=False)[0]
         if cfg:
             pred_uncond, pred_text = pred.chunk(2)
             pred = pred_uncond + guidance * (pred_text - pred_uncond)
         latents = _per_frame(lambda x, p: sched.step(p, t, x).prev_sample, latents, pred)
-    return pipe.video_processor.postprocess_video(video=pipe.decode_latents(latents), output_type="np")
+    return pipe.video_processor.postprocess_video(video=bb.decode(pipe, latents), output_type="np")
 
 
 def _per_frame(step, latents: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -134,11 +136,10 @@ def _per_frame(step, latents: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- initial latents
 @torch.no_grad()
 def encode_clip(bb: Backbone, clip_u8: np.ndarray) -> torch.Tensor:
-    """VAE latents (1, C, F, h, w) of a uint8 (F, H, W, 3) clip, scaled as the UNet sees them."""
+    """VAE latents (1, C, F', h, w) of a uint8 (F, H, W, 3) clip, as the base's denoiser sees them."""
     from .data.video import to_tensor
-    from .stages import encode_frames
 
-    return encode_frames(bb, to_tensor(clip_u8)).unsqueeze(0).permute(0, 2, 1, 3, 4)
+    return bb.encode_clip(to_tensor(clip_u8))
 
 
 @torch.no_grad()
@@ -154,7 +155,8 @@ def ddim_invert(bb: Backbone, latents: torch.Tensor, steps: int, upto: int | Non
         empty, _ = bb.condition.pipeline_encode(pipe, [""] * latents.shape[0], bb.device, False, None)
     x = latents.to(bb.device, bb.dtype)
     for t in inverse.timesteps[:upto]:
-        pred = bb.unet(x, t, encoder_hidden_states=empty, return_dict=False)[0]
+        pred = bb.unet(x, bb.family.objective.model_timestep(t, x.shape[0]), encoder_hidden_states=empty,
+                       return_dict=False)[0]
         x = _per_frame(lambda a, p: inverse.step(p, t, a).prev_sample, x, pred)
     return x
 

@@ -18,7 +18,6 @@ import torch
 from . import lean
 from .accel import offload
 from .adapters import lora
-from .adapters.image_lora import load_image_lora
 from .adapters.textual_inversion import TextualInversion
 from .backbone import Backbone
 from .config import TrainConfig
@@ -30,19 +29,13 @@ S_LORA, T_LORA = "s_lora", "t_lora"
 
 
 def encode_prompt(bb: Backbone, prompt: str, grad: bool = False) -> torch.Tensor:
-    """The text condition (1, L, D) of ``prompt`` as the base's family builds it (``conditioning``: text-encoder
-    hidden states padded to the tokenizer's max length; SDXL packs its pooled embedding in extra rows)."""
-    return bb.condition.encode(bb, [prompt], grad)
+    """``Backbone.encode_prompt`` (the family's text condition of ``prompt``), under the stages' name."""
+    return bb.encode_prompt(prompt, grad)
 
 
-@torch.no_grad()
-def encode_frames(bb: Backbone, frames: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """VAE latents (N, C, h, w) of frames (N, 3, H, W) in [-1, 1], scaled by the VAE's scaling factor."""
-    out = []
-    for i in range(0, frames.shape[0], chunk):
-        x = frames[i:i + chunk].to(bb.vae.device, bb.vae.dtype)
-        out.append(bb.vae.encode(x).latent_dist.mode() * bb.vae_scale)
-    return torch.cat(out).to(bb.device, bb.dtype)
+def encode_frames(bb: Backbone, frames: torch.Tensor) -> torch.Tensor:
+    """``Backbone.encode_frames`` (latents (N, C, h, w) of independent frames), under the stages' name."""
+    return bb.encode_frames(frames)
 
 
 @dataclass
@@ -72,7 +65,7 @@ def given_absorbers(bb: Backbone, cfg: TrainConfig) -> None:
     """Stage 1 replaced by existing appearance work: ``--s-lora-from``'s image LoRA becomes the frozen S-LoRA (a
     bypassed UNet is its image model, so an image LoRA of that model absorbs appearance as it stands)."""
     if cfg.s_lora_from:
-        load_image_lora(bb.unet, cfg.s_lora_from, S_LORA, bb.family)
+        bb.family.image_lora(bb.unet, cfg.s_lora_from, S_LORA, bb.family)
 
 
 def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
@@ -128,8 +121,7 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         check_prompt(bb.tokenizer, p, "--prompt", warn=False)  # cut placeholders: refused (preflight warned of cuts)
 
     def encode(k: int):
-        return (encode_frames(bb, clips[k].frames).permute(1, 0, 2, 3).unsqueeze(0),  # (1, C, F, h, w)
-                encode_prompt(bb, prompts[k]))
+        return bb.encode_clip(clips[k].frames), encode_prompt(bb, prompts[k])  # (1, C, F', h, w), (1, L, D)
 
     # the condition guidance's unconditional branch sees at sampling (the empty prompt's; zeros for SDXL)
     empty = bb.condition.unconditional(bb) if cfg.t_lora_prompt_dropout > 0 else None

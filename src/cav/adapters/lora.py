@@ -83,21 +83,25 @@ def save_lora(unet: torch.nn.Module, name: str, config: LoraConfig, directory: P
             cfg[key] = sorted(value)
     write_json(directory / CONFIG, cfg)
     versioned.write(directory / META, meta)
-    save_diffusers_lora(directory, state, cfg)
+    save_diffusers_lora(directory, state, cfg, families.get(meta["family"]) if meta.get("family") else None)
     return directory
 
 
-def save_diffusers_lora(directory: Path, state: dict, config: dict) -> Path:
-    """The adapter in diffusers' LoRA layout, written by diffusers itself (``unet.`` keys, LoraConfig metadata)."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+def save_diffusers_lora(directory: Path, state: dict, config: dict, family: families.Family | None = None) -> Path:
+    """The adapter in diffusers' LoRA layout, written by diffusers itself (the family's ``lora_writer``:
+    ``unet.`` keys for the UNet pipelines, ``transformer.`` for Wan; LoraConfig metadata)."""
+    import importlib
 
+    module, cls = (family or families.LEGACY).lora_writer.split(":")
+    writer = getattr(importlib.import_module(module), cls)
+    part = (family or families.LEGACY).model_folder  # the pipeline's name of the denoiser: unet, transformer
     keep = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "init_lora_weights", "use_dora", "use_rslora")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        StableDiffusionLoraLoaderMixin.save_lora_weights(
-            str(directory), unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in state.items()},
-            unet_lora_adapter_metadata={k: config[k] for k in keep if k in config}, weight_name=DIFFUSERS_WEIGHTS,
-            safe_serialization=True)
+        writer.save_lora_weights(
+            str(directory), **{f"{part}_lora_layers": {k: v.detach().float().cpu().contiguous() for k, v in state.items()},
+                               f"{part}_lora_adapter_metadata": {k: config[k] for k in keep if k in config}},
+            weight_name=DIFFUSERS_WEIGHTS, safe_serialization=True)
     return Path(directory) / DIFFUSERS_WEIGHTS
 
 

@@ -72,6 +72,25 @@ class UNetTargets:
         return rf"(?:{regex}|{self.temporal_convs})"
 
 
+@dataclass(frozen=True)
+class DiTTargets:
+    """Where a Wan-style DiT's adapters go (``cav.wan.targets``): the T-LoRA on the placement's self-attention (and
+    FFN) projections of every block; the S-LoRA absorber on self- and cross-attention of every block under ``cav``
+    (``cav.wan.targets.ABSORBER``), on the placement's own modules otherwise (image mode is what makes it spatial:
+    a DiT block is the same module in both stages). A DiT has no temporal convolutions: that placement is refused."""
+
+    temporal_convs = None  # a DiT mixes frames only in self-attention: no temporal convolutions
+
+    def regex(self, kind: str, placement: str, family: str) -> str:
+        from ..wan import targets as wan
+
+        if PLACEMENTS[placement].get("temporal_convs") and self.temporal_convs is None:
+            raise CavError(f"placement '{placement}' adapts temporal convolutions, which a {family} base does not "
+                           "have (a DiT mixes frames only in self-attention): use placement cav or motiondirector")
+        temporal = wan.target_regex(placement)
+        return temporal if kind == "temporal" or placement != "cav" else wan.absorber_regex()
+
+
 def target_regex(kind: str, placement: str, family) -> str:
     """The anchored target regex of adapter ``kind`` (temporal / spatial) under ``placement`` on ``family``'s model
     (a ``families.Family``)."""
