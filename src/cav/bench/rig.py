@@ -1,8 +1,7 @@
-"""The speed benchmark's rig: a random-weight ``Backbone`` of a family (its ``Family.rig`` model, Stable Diffusion's
-VAE, the family's text encoder, a CLIP tokenizer) and the steps cav runs on it, made by cav's own code:
-``stages.absorber_stage`` / ``stages.t_lora_stage`` + ``trainer.train_step`` for training, ``sampling.sample_videos``
-for generation. Each step factory returns ``make() → (step, teardown)``: ``make`` builds the case's stage on the bare
-UNet as a run does, ``teardown`` takes its adapters off again. ``Bench`` times steps."""
+"""The speed benchmark's rig: a random-weight ``Backbone`` of a family (``Family.rig``'s model, SD's VAE, the family's
+text encoder, a CLIP tokenizer) and step factories made of cav's own code (``stages`` builders + ``train_step``,
+``sample_videos``): ``make() → (step, teardown)`` builds a case's stage on the bare UNet as a run does, ``teardown``
+takes its adapters off again. ``Bench`` times steps."""
 
 from __future__ import annotations
 
@@ -44,11 +43,9 @@ def log(msg: str) -> None:
     print(f"[cav bench speed] {msg}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------------------------- random weights
 def _fill_random(module: torch.nn.Module, gen: torch.Generator) -> None:
-    """Random weights, fast: every weight is a random window of one shared uniform(-1, 1) pool, scaled to PyTorch's
-    default init (std 1/sqrt(3·fan_in)); embeddings std 0.02 (CLIP's init), norm scales 1, biases 0. Speed does not
-    depend on the values as long as they stay finite."""
+    """Random weights, fast: windows of one shared uniform(-1, 1) pool scaled to PyTorch's default init (std
+    1/sqrt(3·fan_in)); embeddings std 0.02, norm scales 1, biases 0 (speed needs finite values, nothing more)."""
     params = list(module.parameters())
     largest = max(p.numel() for p in params)
     pool = (torch.rand(largest * 2, generator=gen) * 2 - 1).to(params[0].device, params[0].dtype)  # var 1/3
@@ -86,8 +83,7 @@ def materialize(build: Callable[[], torch.nn.Module], device, dtype, gen: torch.
 
 
 def random_backbone(family: families.Family, size: str, device, dtype) -> Backbone:
-    """A ``Backbone`` of random weights at the family's full size (``Family.rig``) or tiny, as ``backbone.load``
-    would return it (frozen, condition hook attached, the family's scheduler and pipeline)."""
+    """A ``Backbone`` of random weights, full size (``Family.rig``) or tiny, as ``backbone.load`` returns one."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -112,7 +108,7 @@ def random_backbone(family: families.Family, size: str, device, dtype) -> Backbo
 
 
 def drop_adapters(unet: torch.nn.Module, names) -> None:
-    """Take adapters off the UNet entirely (the next case adds its own, as a new run would)."""
+    """Take adapters off the UNet (the next case adds its own, as a new run would)."""
     from peft.tuners.lora import LoraLayer
 
     for m in unet.modules():
@@ -124,7 +120,6 @@ def drop_adapters(unet: torch.nn.Module, names) -> None:
         getattr(unet, "peft_config", {}).pop(name, None)
 
 
-# ------------------------------------------------------------------------------------------------------ rig
 class Rig:
     """A random-weight backbone of ``family``, a random clip at ``latent`` (1, C, F, h, w) and the run's recipe (the
     family's shipped one, S-LoRA absorber: textual inversion would run the text encoder with grad every step)."""
@@ -268,7 +263,6 @@ class Rig:
         return found[0]
 
 
-# --------------------------------------------------------------------------------------------------- timing
 class Bench:
     """Medians of synchronised steps after warm-up; peak memory, samples and failures per measurement."""
 

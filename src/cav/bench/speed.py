@@ -24,7 +24,7 @@ from ..backbone import resolve_device
 from ..errors import CavError
 from .opcount import OpCounter, count_ops
 from .rig import Bench as _Bench, Rig, log
-from .speed_report import ASSUMED_PEAKS, PAPER_LATENT, format_table, ratio, result_of
+from .speed_report import ASSUMED_PEAKS, PAPER_LATENT, format_table, ratio, result_of, rig_info
 
 TINY_UNET = families.TINY_UNET3D  # the UNet3D rig's tiny UNet (each family's rig: ``families.Family.rig``)
 CPU_FULL_LATENT = (1, 4, 8, 8, 8)  # 8 frames of 64×64: as large as the 5-minute CPU budget allows
@@ -187,7 +187,7 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
         if family is primary:
             rig = current  # the rig the result's model keys describe
         else:
-            others[family.name] = current
+            others[family.name] = rig_info(current)  # the rig itself goes: its UNet would not fit beside the next
             current = None
             gc.collect()
             bench.release()

@@ -24,6 +24,11 @@ _COUNT_KEYS = (("ops_per_step", "cast_ops_per_step", "t_lora_step"),
                ("animatediff_ops_per_step", "animatediff_cast_ops_per_step", "animatediff_t_lora_step"))
 
 
+# adapters reported per rig: name → (placement, kind) of ``Rig.adapters``
+_ADAPTERS = {"cav": ("cav", "temporal"), "motiondirector": ("motiondirector", "temporal"),
+             "cav_s_lora": ("cav", "spatial"), "motiondirector_spatial": ("motiondirector", "spatial")}
+
+
 def ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -43,12 +48,12 @@ def _counts(counted: dict | None) -> dict:
     return out
 
 
-def _rig_info(rig) -> dict:
-    """What a family's rig measured on: its UNet, latent and adapters."""
-    (t_mod, t_par), (s_mod, s_par) = rig.adapters["cav", "temporal"], rig.adapters["cav", "spatial"]
+def rig_info(rig) -> dict:
+    """What a family's rig measured on: its UNet, latent and the cav adapters."""
+    cav = {k: v for k, v in _ADAPTERS.items() if k.startswith("cav")}
     return {"unet": rig.family.rig.label, "unet_params": rig.unet_params, "latent_shape": list(rig.latent_shape),
-            "text_shape": rig.text_shape, "trainable_params": {"cav": t_par, "cav_s_lora": s_par},
-            "adapted_modules": {"cav": t_mod, "cav_s_lora": s_mod}}
+            "text_shape": rig.text_shape, **{key: {name: rig.adapters[slot][i] for name, slot in cav.items()}
+                                             for i, key in enumerate(("adapted_modules", "trainable_params"))}}
 
 
 def result_of(rig, others: dict, bench, res: dict, flops: dict, counted, quick: bool, size: str) -> dict:
@@ -80,15 +85,11 @@ def result_of(rig, others: dict, bench, res: dict, flops: dict, counted, quick: 
                              "weights of UNet, VAE and text encoder" if cuda else
                              "process peak RSS (ru_maxrss) after each measurement: monotonic, whole process"),
         **flops,
-        "trainable_params": {"cav": a["cav", "temporal"][1], "motiondirector": a["motiondirector", "temporal"][1],
-                             "cav_s_lora": a["cav", "spatial"][1],
-                             "motiondirector_spatial": a["motiondirector", "spatial"][1]},
-        "adapted_modules": {"cav": a["cav", "temporal"][0], "motiondirector": a["motiondirector", "temporal"][0],
-                            "cav_s_lora": a["cav", "spatial"][0],
-                            "motiondirector_spatial": a["motiondirector", "spatial"][0]},
+        **{key: {name: a[slot][i] for name, slot in _ADAPTERS.items()}
+           for i, key in enumerate(("adapted_modules", "trainable_params"))},
         "gradient_checkpointing_method": _checkpointing_method(rig.unet),
         "step_samples_s": bench.samples, "errors": bench.errors, "torch_version": torch.__version__,
-        "families": {f.family.name: _rig_info(f) for f in (rig, *others.values())}, "total_s": None,
+        "families": {rig.family.name: rig_info(rig), **others}, "total_s": None,
     }
     r["note"] = _note(r, cuda, size, rig.cfg())
     return jsonable(r)
@@ -101,42 +102,16 @@ def _checkpointing_method(unet) -> str:
 
 
 def _note(r: dict, cuda: bool, size: str, cfg) -> str:
-    parts = [
-        "random weights; every step is cav's own: trainer.train_step of the stage stages.absorber_stage / "
-        f"t_lora_stage build from the family's shipped recipe ({cfg.absorber_batch} absorber frames, patch-cropped "
-        "and VAE-encoded every step; S-LoRA absorber only, no textual inversion), and sampling.sample_videos",
-        "cav T-LoRA step = stage 2: T-LoRA (placement cav) trainable, S-LoRA folded into the weights as cav train "
-        "does; motiondirector step = stage 2 with placement motiondirector (temporal attn + FFN; spatial attn1 + FFN "
-        "folded in); motiondirector_dual_step_s adds MotionDirector's spatial path (its spatial LoRA trainable on the "
-        "first frame as a one-frame video, temporal LoRA off), which it runs every iteration too",
-        "absorber step = stage 1 (temporal layers bypassed, S-LoRA trainable)",
-        f"generation step = one denoising step of sampling.sample_videos (guidance {cfg.guidance}: a batch of 2; "
-        "T-LoRA merged into the weights as cav generate does): the median time between successive UNet calls of "
-        "3-step samples, so prompt encoding and VAE decoding are not in it",
-        f"uncached step = the T-LoRA step with cache_inputs off (VAE on all frames + text encoder, "
-        f"{r['text_tokens']} tokens, every step); cached_step_s is the T-LoRA step measured again (or reused)",
-        "lean step (as cav train runs it) = frozen adapters merged, trainable adapter through one addmm per layer, "
-        "compute-dtype copies under autocast, fused AdamW; *_plain = the same stage without it (the step before "
-        "issue 16)",
-    ]
+    """What the numbers are, in short (each key: docs/PERFORMANCE.md, "What each key measures")."""
+    parts = ["random weights; every step is cav's own: trainer.train_step of the stage that stages.absorber_stage / "
+             f"t_lora_stage build from the family's shipped recipe (S-LoRA absorber, {cfg.absorber_batch} frames), "
+             f"and one denoising step of sampling.sample_videos (guidance {cfg.guidance}, T-LoRA merged); *_plain: "
+             "the same step without the lean step (before issue 16); medians of synchronised steps after warm-up"]
     if r.get("ops_per_step") is not None:
-        parts.append(f"ops_per_step / cast_ops_per_step: ATen ops dispatched by one training step after the first, "
-                     f"counted with a TorchDispatchMode (cav.bench.opcount) on a {r.get('op_count_dtype')} rig with "
-                     f"fp32 adapters under {r.get('op_count_dtype')} autocast, latent "
-                     f"{tuple(r.get('op_count_latent') or ())}; a generation step's = ops of a 2-step sample minus a "
-                     "1-step sample's")
-    if r.get("graph_breaks") is not None:
-        parts.append("graph_breaks: torch._dynamo.explain on the UNet call inside the step itself")
-    if r.get("compiled_step_s") is not None or "t_lora_step_compiled" in r["errors"]:
-        parts.append("compiled = the same step with the UNet's forward under torch.compile (fullgraph; CUDA: "
-                     "reduce-overhead; CPU: layout optimization off), compile time excluded; compiled_speedup = median "
-                     "over alternating pairs of eager/compiled")
-    if r.get("animatediff_t_lora_step_s") is not None or "animatediff_t_lora_step" in r["errors"]:
-        parts.append("animatediff_t_lora_step_s = the cav T-LoRA step on a random-weight UNetMotionModel (SD 1.5 + "
-                     "motion adapter v1-5-2 from the shipped configs), T-LoRA on the motion modules")
+        parts.append(f"ops counted on a {r['op_count_dtype']} rig, fp32 adapters under autocast, latent "
+                     f"{tuple(r['op_count_latent'])}")
     if not cuda and size == "full":
-        parts.append(f"CPU: latent reduced to {tuple(r['latent_shape'])} (the paper's is {PAPER_LATENT}); "
-                     "paper_shape_* FLOPs are counted on meta tensors")
+        parts.append(f"CPU: latent {tuple(r['latent_shape'])} (the paper's is {PAPER_LATENT})")
     if size == "tiny":
         parts.append("tiny random model (tests): numbers say nothing about real speed")
     if r["errors"]:
