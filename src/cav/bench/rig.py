@@ -43,43 +43,11 @@ def log(msg: str) -> None:
     print(f"[cav bench speed] {msg}", file=sys.stderr, flush=True)
 
 
-def _fill_random(module: torch.nn.Module, gen: torch.Generator) -> None:
-    """Random weights, fast: windows of one shared uniform(-1, 1) pool scaled to PyTorch's default init (std
-    1/sqrt(3·fan_in)); embeddings std 0.02, norm scales 1, biases 0 (speed needs finite values, nothing more)."""
-    params = list(module.parameters())
-    largest = max(p.numel() for p in params)
-    pool = (torch.rand(largest * 2, generator=gen) * 2 - 1).to(params[0].device, params[0].dtype)  # var 1/3
-    with torch.no_grad():
-        for m in module.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if p.dim() < 2:
-                    is_scale = name == "weight" and isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
-                    p.fill_(1.0 if is_scale else 0.0)
-                    continue
-                off = int(torch.randint(0, largest + 1, (1,), generator=gen))
-                scale = 0.02 * 3 ** 0.5 if isinstance(m, torch.nn.Embedding) else p[0].numel() ** -0.5
-                p.copy_(pool[off:off + p.numel()].view_as(p)).mul_(scale)
-
-
-def materialize(build: Callable[[], torch.nn.Module], device, dtype, gen: torch.Generator) -> torch.nn.Module:
-    """``build()`` on the meta device, then random weights of ``dtype`` on ``device``, frozen, in eval mode."""
-    from accelerate import init_empty_weights
-    from diffusers.utils import logging as diffusers_logging
-
-    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (position tables) computed
+def materialize(build: Callable[[], torch.nn.Module], device, dtype) -> torch.nn.Module:
+    """``build()`` on ``device`` with the libraries' own random init, in ``dtype``, frozen, in eval mode."""
+    with torch.device(device):
         module = build()
-    buffers = {name: buf.detach().clone() for name, buf in module.named_buffers()}
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # no "modules that should be kept in float32: []" notice
-    try:
-        module = module.to(dtype).to_empty(device=device)
-    finally:
-        diffusers_logging.set_verbosity(level)
-    _fill_random(module, gen)
-    with torch.no_grad():  # to_empty left the buffers uninitialised: position tables and ids must be real
-        for name, buf in module.named_buffers():
-            buf.copy_(buffers[name])
-    return module.requires_grad_(False).eval()
+    return module.to(dtype).requires_grad_(False).eval()
 
 
 def random_backbone(family: families.Family, size: str, device, dtype) -> Backbone:
@@ -89,7 +57,7 @@ def random_backbone(family: families.Family, size: str, device, dtype) -> Backbo
 
     from ..toy.factory import BASE_WORDS, write_clip_tokenizer
 
-    gen = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(SEED)
     text = dict(family.rig.full_text() if size == "full" else TINY_TEXT)
     with tempfile.TemporaryDirectory() as tmp:  # a CLIP BPE tokenizer that pads to the text encoder's length
         write_clip_tokenizer(Path(tmp), BASE_WORDS, text["max_position_embeddings"])
@@ -98,9 +66,9 @@ def random_backbone(family: families.Family, size: str, device, dtype) -> Backbo
                pad_token_id=tokenizer.pad_token_id)
     vae_spec = json.loads((ASSETS / "modelscope_vae_config.json").read_text()) if size == "full" else dict(
         TINY_VAE, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    unet = materialize(lambda: family.rig.model(size), device, dtype, gen)
-    vae = materialize(lambda: AutoencoderKL.from_config(vae_spec), device, dtype, gen)
-    encoder = materialize(lambda: CLIPTextModel(CLIPTextConfig(**text, **ids)), device, dtype, gen)
+    unet = materialize(lambda: family.rig.model(size), device, dtype)
+    vae = materialize(lambda: AutoencoderKL.from_config(vae_spec), device, dtype)
+    encoder = materialize(lambda: CLIPTextModel(CLIPTextConfig(**text, **ids)), device, dtype)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, prediction_type="epsilon")  # ModelScope's and SD's training schedule
     attach_condition(unet, family, 2 ** (len(vae.config.block_out_channels) - 1))

@@ -272,7 +272,8 @@ def _matmul_peak(device: torch.device, dtype: torch.dtype, n: int, trials: int, 
 def _flops_section(rig: Rig, bench: _Bench, res: dict, quick: bool) -> dict:
     """FLOPs of one cav T-LoRA step (with checkpointing only if the plain one failed), the device's matmul peak,
     and what they imply."""
-    flops, counted, step_s = None, "one cav T-LoRA step (forward + backward, no checkpointing)", res.get("t_lora_step_s")
+    flops, step_s = None, res.get("t_lora_step_s")
+    counted = "one cav T-LoRA step (forward + backward, no checkpointing)"
     log("counting FLOPs of one cav T-LoRA step (forward + backward) ...")
     for checkpointing in (False, True):
         if checkpointing and (flops is not None or res.get("checkpointing_step_s") is None):
