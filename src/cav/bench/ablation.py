@@ -27,10 +27,7 @@ Outputs: ``out/runs/<row>/<reference>`` (training runs), ``out/samples/<row>/<re
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +45,7 @@ from .report import format_markdown, write_chart, write_outputs
 from .stats import bootstrap, jsonable, paired_differences
 
 DEFAULT_RECIPE = find_recipe("ablation/toy")
+MODELSCOPE = "damo-vilab/text-to-video-ms-1.7b"  # parameter counts at full size, from its shipped config files
 _ROW_KEYS = ("name", "key", "train") + row_options.KEYS
 _SETTING_KEYS = ("recipe", "overrides", "references", "prompts", "seeds", "threads", "bootstrap", "rows", "quick",
                  "compare")
@@ -114,21 +112,6 @@ def _row_config(settings: dict, row: dict, prompt: str = "x", spatial: str | lis
 
 def _ref_name(i: int, spec: tw.ToySpec) -> str:
     return f"ref{i}-{spec.motion}-{spec.colour}-{spec.shape}"
-
-
-def _modelscope_config_folder(root: Path) -> Path:
-    """A ModelScope-layout folder with config files only (no weights): enough for ``api.plan``."""
-    from .. import api
-
-    folder = root / "text-to-video-ms-1.7b"
-    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        (folder / comp).mkdir(parents=True, exist_ok=True)
-    shutil.copy(api.ASSETS / "modelscope_unet_config.json", folder / "unet" / "config.json")
-    shutil.copy(api.ASSETS / "modelscope_text_encoder_config.json", folder / "text_encoder" / "config.json")
-    shutil.copy(api.ASSETS / "modelscope_vae_config.json", folder / "vae" / "config.json")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline",
-                                                         "unet": ["diffusers", "UNet3DConditionModel"]}))
-    return folder
 
 
 def _params(cfg: TrainConfig | None, base: str, clips: int = 1) -> dict:
@@ -307,15 +290,14 @@ def _spec_dict(spec: tw.ToySpec) -> dict:
 
 
 def row_params(settings: dict) -> list[dict]:
-    """Trainable parameters per row on the toy model and on the full ModelScope config (zeros for the base)."""
+    """Trainable parameters per row on the toy model and on the full ModelScope config (zeros for the base): the
+    hub id's config files ship with cav (``backbone.SHIPPED_CONFIGS``), so this reads no weights and no network."""
     out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        ms = str(_modelscope_config_folder(Path(tmp)))
-        for row in settings["rows"]:
-            cfg = _row_config(settings, row) if row.get("train", True) else None
-            clips = int(row.get("clips", 1))
-            out.append({"toy": _params(cfg, None if cfg is None else cfg.base, clips),
-                        "modelscope": _params(cfg, ms, clips)})
+    for row in settings["rows"]:
+        cfg = _row_config(settings, row) if row.get("train", True) else None
+        clips = int(row.get("clips", 1))
+        out.append({"toy": _params(cfg, None if cfg is None else cfg.base, clips),
+                    "modelscope": _params(cfg, MODELSCOPE, clips)})
     return out
 
 
