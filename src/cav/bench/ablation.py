@@ -27,6 +27,7 @@ Outputs: ``out/runs/<row>/<reference>`` (training runs), ``out/samples/<row>/<re
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -227,7 +228,7 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
             targets = tw.new_appearances(ref, settings["prompts"], np.random.default_rng(probe.seed + i))
             texts = [tw.caption(s)[0] for s in targets for _ in range(n_seeds)]
             seeds = [probe.validation_seed + k for _ in targets for k in range(n_seeds)]
-            ref_info.append({"name": name, "spec": _spec_dict(ref), "prompt": full, "spatial_prompt": spatial,
+            ref_info.append({"name": name, "spec": dataclasses.asdict(ref), "prompt": full, "spatial_prompt": spatial,
                              "video": str(ref_path), "prompts": [tw.caption(s)[0] for s in targets]})
             sheet_rows, sheet_labels = [[ref_video]], ["reference"]
             for row in rows:
@@ -282,11 +283,6 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
         torch.set_num_threads(threads_before)
     return _aggregate(settings, params, records, groups, runs, ref_info, command, time.perf_counter() - t0,
                       lpips_path, lpips_error, complete=True)
-
-
-def _spec_dict(spec: tw.ToySpec) -> dict:
-    return {"shape": spec.shape, "colour": spec.colour, "background": spec.background, "motion": spec.motion,
-            "scale": spec.scale, "phase": spec.phase}
 
 
 def row_params(settings: dict) -> list[dict]:
