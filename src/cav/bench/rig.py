@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import resource
 import statistics
 import sys
@@ -29,7 +28,8 @@ from ..sampling import sample_videos
 from ..stages import S_LORA, T_LORA, absorber_stage, encode_frames, encode_prompt, t_lora_stage
 from ..trainer import make_optimizer, train_step
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+FULL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
+                scaling_factor=0.18215)  # Stable Diffusion's VAE, which ModelScope and AnimateDiff use
 TINY_VAE = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
                 scaling_factor=1.0)
 TINY_TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -64,8 +64,9 @@ def random_backbone(family: families.Family, size: str, device, dtype) -> Backbo
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
-    vae_spec = json.loads((ASSETS / "modelscope_vae_config.json").read_text()) if size == "full" else dict(
-        TINY_VAE, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    vae_spec = dict(FULL_VAE if size == "full" else TINY_VAE)
+    n = len(vae_spec["block_out_channels"])
+    vae_spec.update(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
     unet = materialize(lambda: family.rig.model(size), device, dtype)
     vae = materialize(lambda: AutoencoderKL.from_config(vae_spec), device, dtype)
     encoder = materialize(lambda: CLIPTextModel(CLIPTextConfig(**text, **ids)), device, dtype)
