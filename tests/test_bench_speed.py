@@ -198,3 +198,30 @@ def test_cpu_compile_turns_inductor_layout_optimization_off(monkeypatch):
     assert seen[0]["options"] == {"layout_optimization": False} and seen[0]["mode"] is None
     assert seen[1]["options"] is None and seen[1]["mode"] == "reduce-overhead"
     assert seen[2]["options"] is None and seen[2]["fullgraph"] is True
+
+
+def test_rig_steps_are_cavs_own_and_leave_the_unet_bare():
+    """A rig case builds its stage with the stage builders on the bare UNet (stage 1 adds the S-LoRA, stage 2 the
+    T-LoRA, the S-LoRA folded into the weights as cav train does) and takes every adapter off again; a generation step
+    samples with sample_videos and returns the time of each denoising step after the first."""
+    from peft.tuners.lora import LoraLayer
+
+    from cav.adapters import lora
+    from cav.bench.rig import GEN_STEPS, Rig
+    from cav.families import UNET3D
+    from cav.stages import S_LORA, T_LORA
+
+    rig = Rig(UNET3D, "tiny", "cpu", torch.float32, (1, 4, 4, 8, 8))
+    before = {k: v.clone() for k, v in rig.unet.state_dict().items()}
+    step, teardown = rig.train()()
+    assert lora.adapter_names(rig.unet) == {S_LORA, T_LORA}
+    assert any(S_LORA in m.merged_adapters for m in rig.unet.modules() if isinstance(m, LoraLayer))
+    assert math.isfinite(step().item())
+    teardown()
+    assert lora.adapter_names(rig.unet) == set() and rig.unet.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in rig.unet.state_dict().items())  # the merge was undone exactly
+    step, teardown = rig.generation()()
+    intervals = step()
+    teardown()
+    assert len(intervals) == GEN_STEPS - 1 and all(t > 0 for t in intervals)
+    assert lora.adapter_names(rig.unet) == set()

@@ -27,10 +27,8 @@ Outputs: ``out/runs/<row>/<reference>`` (training runs), ``out/samples/<row>/<re
 
 from __future__ import annotations
 
-import json
-import shutil
+import dataclasses
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +46,7 @@ from .report import format_markdown, write_chart, write_outputs
 from .stats import bootstrap, jsonable, paired_differences
 
 DEFAULT_RECIPE = find_recipe("ablation/toy")
+MODELSCOPE = "damo-vilab/text-to-video-ms-1.7b"  # parameter counts at full size, from its shipped config files
 _ROW_KEYS = ("name", "key", "train") + row_options.KEYS
 _SETTING_KEYS = ("recipe", "overrides", "references", "prompts", "seeds", "threads", "bootstrap", "rows", "quick",
                  "compare")
@@ -114,21 +113,6 @@ def _row_config(settings: dict, row: dict, prompt: str = "x", spatial: str | lis
 
 def _ref_name(i: int, spec: tw.ToySpec) -> str:
     return f"ref{i}-{spec.motion}-{spec.colour}-{spec.shape}"
-
-
-def _modelscope_config_folder(root: Path) -> Path:
-    """A ModelScope-layout folder with config files only (no weights): enough for ``api.plan``."""
-    from .. import api
-
-    folder = root / "text-to-video-ms-1.7b"
-    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        (folder / comp).mkdir(parents=True, exist_ok=True)
-    shutil.copy(api.ASSETS / "modelscope_unet_config.json", folder / "unet" / "config.json")
-    shutil.copy(api.ASSETS / "modelscope_text_encoder_config.json", folder / "text_encoder" / "config.json")
-    shutil.copy(api.ASSETS / "modelscope_vae_config.json", folder / "vae" / "config.json")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline",
-                                                         "unet": ["diffusers", "UNet3DConditionModel"]}))
-    return folder
 
 
 def _params(cfg: TrainConfig | None, base: str, clips: int = 1) -> dict:
@@ -244,7 +228,7 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
             targets = tw.new_appearances(ref, settings["prompts"], np.random.default_rng(probe.seed + i))
             texts = [tw.caption(s)[0] for s in targets for _ in range(n_seeds)]
             seeds = [probe.validation_seed + k for _ in targets for k in range(n_seeds)]
-            ref_info.append({"name": name, "spec": _spec_dict(ref), "prompt": full, "spatial_prompt": spatial,
+            ref_info.append({"name": name, "spec": dataclasses.asdict(ref), "prompt": full, "spatial_prompt": spatial,
                              "video": str(ref_path), "prompts": [tw.caption(s)[0] for s in targets]})
             sheet_rows, sheet_labels = [[ref_video]], ["reference"]
             for row in rows:
@@ -301,21 +285,15 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
                       lpips_path, lpips_error, complete=True)
 
 
-def _spec_dict(spec: tw.ToySpec) -> dict:
-    return {"shape": spec.shape, "colour": spec.colour, "background": spec.background, "motion": spec.motion,
-            "scale": spec.scale, "phase": spec.phase}
-
-
 def row_params(settings: dict) -> list[dict]:
-    """Trainable parameters per row on the toy model and on the full ModelScope config (zeros for the base)."""
+    """Trainable parameters per row on the toy model and on the full ModelScope config (zeros for the base): the
+    hub id's config files ship with cav (``backbone.SHIPPED_CONFIGS``), so this reads no weights and no network."""
     out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        ms = str(_modelscope_config_folder(Path(tmp)))
-        for row in settings["rows"]:
-            cfg = _row_config(settings, row) if row.get("train", True) else None
-            clips = int(row.get("clips", 1))
-            out.append({"toy": _params(cfg, None if cfg is None else cfg.base, clips),
-                        "modelscope": _params(cfg, ms, clips)})
+    for row in settings["rows"]:
+        cfg = _row_config(settings, row) if row.get("train", True) else None
+        clips = int(row.get("clips", 1))
+        out.append({"toy": _params(cfg, None if cfg is None else cfg.base, clips),
+                    "modelscope": _params(cfg, MODELSCOPE, clips)})
     return out
 
 

@@ -1,9 +1,8 @@
-"""Statistics for the benchmarks: bootstrap intervals, pairwise means, paired differences, JSON-safe values."""
+"""Statistics for the benchmarks: bootstrap intervals, paired differences, JSON-safe values."""
 
 from __future__ import annotations
 
 import math
-from itertools import combinations
 
 import numpy as np
 
@@ -17,14 +16,6 @@ def bootstrap(values, resamples: int = 1000, seed=0) -> dict | None:
     means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return {"mean": float(v.mean()), "ci95": [float(lo), float(hi)], "n": int(v.size)}
-
-
-def pairwise(items, fn) -> float | None:
-    pairs = list(combinations(items, 2))
-    return float(np.mean([fn(a, b) for a, b in pairs])) if pairs else None
-
-
-# ------------------------------------------------------------------------------------------------- parameters
 
 
 def paired_differences(result: dict, metrics, vs=("base", "no-aa")) -> list[dict]:
