@@ -53,8 +53,11 @@ def plan(cfg: TrainConfig, clips: int = 1, estimate: bool = False) -> dict:
     stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n,
                    **({"clips": clips} if clips > 1 else {})})
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
-    return {"base": cfg.base, "family": family.name, "placement": cfg.placement, "absorbers": cfg.absorbers,
-            "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {}),
+    resolved = backbone_mod.resolve_base(cfg.base)
+    memory = ({"memory": family.memory(cfg, lambda name: backbone_mod._read_json(resolved, name, "base"))}
+              if family.memory else {})
+    return {"base": cfg.base, "family": family.name, "model_class": family.model_class, "placement": cfg.placement,
+            "absorbers": cfg.absorbers, "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {}), **memory,
             **estimate_mod.statement(cfg, clips, measure=estimate, unet_params=base_params)}
 
 

@@ -29,6 +29,7 @@ import torch
 
 from .errors import CavError
 from .families import FAMILIES, LEGACY, Family
+from .wan.shipped import SHIPPED_CONFIGS as WAN_SHIPPED
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # "unet": the denoiser's folder (any row's)
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
@@ -39,7 +40,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ASSETS = Path(__file__).parent / "assets"
 # hub ids whose small JSON files ship in ``assets/`` as <prefix>_<path with / as _> (plans and checks work offline)
 SHIPPED_CONFIGS = {"damo-vilab/text-to-video-ms-1.7b": "modelscope", "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
-                   "guoyww/animatediff-motion-adapter-sdxl-beta": "animatediff_motion_adapter_sdxl_beta"}
+                   "guoyww/animatediff-motion-adapter-sdxl-beta": "animatediff_motion_adapter_sdxl_beta",
+                   **WAN_SHIPPED}  # the published Wan bases (``wan/shipped.py``)
 HUB_TIMEOUT_S = 5.0  # one request to the hub before a download; its absence is reported instead of retried
 PIPELINE_MULTIPLE = 8  # diffusers' TextToVideoSD- and AnimateDiffPipeline.check_inputs: height, width divisible by 8
 # the config keys that bound a model's (or its add-on's) frame count: the rows' ``frame_limit_key``s

@@ -32,6 +32,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"cav: error: {message} (see `{self.prog} --help`)\n")
 
 
+
+def _memory_line(memory: dict) -> str:
+    """The dry run's memory estimate in one line (the family's ``memory``: Wan)."""
+    gib = memory["gib"]
+    return (f"memory (estimate): peak {gib['peak']} GiB on {memory['device']} in {memory['dtype']} — training "
+            f"{gib['train_peak']} GiB, text encoding {gib['encode_phase']} GiB; checkpointing "
+            f"{'on' if memory['checkpointing'] else 'off'}, offload-frozen {'on' if memory['offload_frozen'] else 'off'}"
+            f"; not counted: {memory['not_counted']}")
+
 def _opt(p: argparse.ArgumentParser, flag: str, help: str, default=None, unit: str = "", **kw) -> None:
     """A hand-written flag whose help states its default (with its unit)."""
     if default is not None and kw.get("action") not in ("store_true", "append"):
@@ -94,13 +103,16 @@ def cmd_train(args) -> int:
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"base {result['base']} ({result['family']}): UNet {result['unet_params']:,} parameters; "
+            print(f"base {result['base']} ({result['family']}): {result['model_class']} {result['unet_params']:,} "
+                  "parameters; "
                   f"placement {result['placement']}"
                   + (f"; {result['clips']} clips, each with its own absorbers, one T-LoRA" if "clips" in result else ""))
             for s in result["stages"]:
                 own = f"  clip {s['clip'] + 1}: {s['spatial_prompt']}" if "clip" in s else ""
                 print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules{own}")
             print(f"recipe: {result['recipe']}")
+            if "memory" in result:
+                print(_memory_line(result["memory"]))
             print(format_statement(result))
         if result["warning"]:
             print(result["warning"], file=sys.stderr)

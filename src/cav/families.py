@@ -30,6 +30,7 @@ from .latents import FRAMES
 from .objectives import DDPM, FLOW, Objective
 from .toy import factory
 from .wan import family as wan_family
+from .wan import plan as wan_plan
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -128,6 +129,9 @@ class Family:
     lora_writer: str = "diffusers.loaders:StableDiffusionLoraLoaderMixin"
     tiny: Tiny
     rig: Rig | None = None
+    # the dry run's training-memory estimate, ``memory(cfg, read) -> dict`` with ``read(name)`` a JSON file of the
+    # base (None: the family has no estimate; the UNet families' memory is measured by `cav bench speed`)
+    memory: Callable | None = None
 
     def __repr__(self) -> str:
         return f"Family({self.name!r})"
@@ -234,7 +238,7 @@ WAN = Family(  # Wan 2.1 / 2.2 text-to-video DiTs (one expert)
     image_mode=wan_family.FOLD_FRAMES, objective=FLOW, exports=(COMFYUI_WAN_EXPORT,),
     image_lora=wan_family.load_image_lora,
     lora_writer="diffusers:WanPipeline",
-    tiny=Tiny(wan_family.make_tiny, size=16, frames=5))
+    tiny=Tiny(wan_family.make_tiny, size=16, frames=5), memory=wan_plan.run_memory)
 
 FAMILIES = {f.name: f for f in (UNET3D, ANIMATEDIFF, ANIMATEDIFF_SDXL, WAN)}
 LEGACY = UNET3D  # what an adapter without a recorded family was trained on (runs from before families existed)

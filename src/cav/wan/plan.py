@@ -120,3 +120,33 @@ def dry_run(read, *, frames: int, height: int, width: int, placement: str = "cav
 
 __all__ = ["S_LORA", "T_LORA", "PROMPT_VECTORS", "meta_transformer", "prompt_vector_params", "stages",
            "placement_table", "dry_run"]
+
+
+def run_memory(cfg, read) -> dict:
+    """The training-memory estimate of a Wan run as ``cfg`` describes it (``api.plan``'s ``memory`` block): on the
+    device the run asks for (``auto``: a GPU, where Wan trains), in the dtype it would load there, with its
+    checkpointing choice. Every weightless check of ``dry_run`` runs too. Block swap (``offload.py``) is not yet
+    what ``cav train --offload-frozen`` does (there it moves the VAE and text encoder off the device), so the
+    estimate never counts it: ``dry_run(..., offload_frozen=True)`` gives what it would save."""
+    device = "cuda" if cfg.device == "auto" else cfg.device
+    on_gpu = device.startswith("cuda")
+    dtype = {"auto": "bf16" if on_gpu else "fp32", "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[cfg.dtype]
+    checkpointing = _checkpointing(cfg.gradient_checkpointing, device)
+    h, w = cfg.size
+    out = dry_run(read, frames=cfg.frames, height=h, width=w, placement=cfg.placement, absorbers=cfg.absorbers,
+                  prompt_vectors=cfg.ti_tokens, absorbers_given=cfg.absorbers_given, dtype=dtype, device=device,
+                  checkpointing=checkpointing, offload_frozen=False, absorber_batch=cfg.absorber_batch)
+    return {**out["memory"], "device": device, "dtype": dtype, "checkpointing": checkpointing,
+            **({"warning": out["warning"]} if "warning" in out else {})}
+
+
+def _checkpointing(setting: str, device: str) -> bool:
+    """Whether the run would recompute activations: ``accel.wants_checkpointing`` where the device is visible; for
+    a GPU this machine does not have, ``auto`` is counted as on (the rule's < 16 GB card, the one to plan for)."""
+    import torch
+
+    from ..accel import wants_checkpointing
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return setting != "off"
+    return wants_checkpointing(setting, torch.device(device))
