@@ -403,8 +403,8 @@ def _add_toy(sub, flags: bool = True) -> None:
     unet = {f.name for f in dataclasses.fields(BaseRecipe)}
     shared = [f for f in dataclasses.fields(WanRecipe) if f.name in unet]
     wan = tb.add_argument_group(
-        "--family wan", "the toy Wan's recipe and sizes; the flags above that it shares (" + ", ".join(
-            f"--{f.name.replace('_', '-')} {f.default}" for f in shared) + ": its defaults) keep their meaning")
+        "--family wan", "the toy Wan's recipe and sizes. With --family wan, the flags above that both share "
+        "default to: " + ", ".join(f"--{f.name.replace('_', '-')} {f.default}" for f in shared))
     options.add_flags(wan, WanRecipe, skip=tuple(unet))
     options.add_flags(wan, ToyWanSpec, skip=("patch", "vae_dim_mult"))
     tb.set_defaults(func=cmd_toy_train_base)
