@@ -123,6 +123,8 @@ def test_cli_trains_the_toy_wan_and_checks_it(tmp_path, capsys):
                                               r"only: pass --device cpu$"),
     (["--family", "wan", "--frames", "8"], r"^cav: error: --frames 8 does not fit a VAE with temporal compression "
                                            r"4: pass 4k\+1 frames \(e\.g\. 9\)$"),
+    (["--family", "wan", "--vae-object-weight", "-1"], r"^cav: error: --vae-object-weight -1\.0 is negative: pass 0 "
+                                                      r"\(no extra weight\) or more$"),
     (["--family", "wan", "--lr", "fast"], r"^cav: error: lr \(--lr\): 'fast' is not a number"),
 ])
 def test_cli_refuses_bad_toy_wan_flags_in_one_line(tmp_path, capsys, argv, message):

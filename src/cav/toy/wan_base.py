@@ -112,6 +112,7 @@ class WanRecipe:
     save_minutes: float = _f(10.0, "save the resume state and the model every N minutes", unit="minutes")
     max_seconds: float = _f(7000.0, "stop (and save) before this much time has passed; 0: no limit", unit="s")
 
+
 def caption_words() -> tuple[str, ...]:
     """Every word a toy caption can use (all colours, shapes, backgrounds and motions), after cav's base words."""
     specs = [tw.ToySpec(s, c, b, m) for s in tw.SHAPES for c in tw.COLOURS for b in tw.BACKGROUNDS for m in tw.MOTIONS]
@@ -297,6 +298,8 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
     if recipe.frames % spec.temporal != 1 % spec.temporal:
         raise CavError(f"--frames {recipe.frames} does not fit a VAE with temporal compression {spec.temporal}: "
                        f"pass 4k+1 frames (e.g. 9)")
+    if recipe.vae_object_weight < 0:
+        raise CavError(f"--vae-object-weight {recipe.vae_object_weight} is negative: pass 0 (no extra weight) or more")
     out = Path(out)
     if not resume:  # asked for: the old run's state (both phases) would not fit the new one
         shutil.rmtree(out / ".train_state", ignore_errors=True)
