@@ -309,6 +309,9 @@ def _add_export(sub) -> None:
 
 
 # --------------------------------------------------------------------------------------------- toy, demo
+TOY_FAMILIES = {"unet": "UNet", "wan": "Wan"}  # `cav toy train-base --family` → the name its messages use
+
+
 def cmd_toy_train_base(args) -> int:
     _quiet_libraries()
     from .toy.train_base import BaseRecipe
@@ -324,9 +327,6 @@ def cmd_toy_train_base(args) -> int:
                 raise CavError(f"{flag} is a flag of the toy {TOY_FAMILIES[other]}, not of the toy "
                                f"{TOY_FAMILIES[args.family]}: drop it or pass --family {other}")
     return _TOY_TRAINERS[args.family](args)
-
-
-TOY_FAMILIES = {"unet": "UNet", "wan": "Wan"}
 
 
 def _train_toy_unet(args) -> int:
