@@ -1,4 +1,5 @@
-"""The toy Wan trainer (cav.toy.wan_base): end to end on a tiny config, exact resume, the stock pipeline opens it."""
+"""The toy Wan trainer (cav.toy.wan_base) and its CLI (`cav toy train-base --family wan`, `cav toy check-base`):
+end to end on a tiny config, exact resume, the stock pipeline opens it."""
 
 import json
 from dataclasses import replace
@@ -9,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from cav.errors import CavError
-from cav.toy.wan_base import ToyWanSpec, WanRecipe, caption_words, main, quick_check, train_wan_base
+from cav.cli import main as cli
+from cav.toy.check import check_base
+from cav.toy.wan_base import ToyWanSpec, WanRecipe, caption_words, main, train_wan_base
 
 # Smallest shapes the layout allows: 2 VAE downsamplings (both temporal → 4× in time), 5 frames of 16 px.
 SPEC = ToyWanSpec(heads=2, head_dim=12, layers=1, ffn_dim=16, text_dim=8, text_layers=1, text_heads=2, text_ff=16,
@@ -32,7 +35,7 @@ def test_trains_end_to_end_and_stock_pipeline_generates(tmp_path):
     stats = train_wan_base(tmp_path / "run", RECIPE, SPEC, quiet=True)
     assert stats["transformer_step"] == 4 and stats["vae_step"] == 2
     assert [row["image"] for row in stats["log"]] == [False]  # step 1 logged; step 2 and 4 were image-mode batches
-    assert np.isfinite(stats["vae_recon_mae"])
+    assert np.isfinite(stats["vae_recon_mae"]) and np.isfinite(stats["vae_object_mae"])
     index = json.loads((tmp_path / "run" / "model_index.json").read_text())
     assert index["_class_name"] == "WanPipeline" and index["transformer"] == ["diffusers", "WanTransformer3DModel"]
     assert index["text_encoder"] == ["transformers", "UMT5EncoderModel"]
@@ -45,8 +48,10 @@ def test_trains_end_to_end_and_stock_pipeline_generates(tmp_path):
                  generator=torch.Generator().manual_seed(0)).frames
     assert video.shape == (1, 5, 16, 16, 3) and np.isfinite(video).all()
 
-    check = quick_check(tmp_path / "run", n=1, heldout=1, steps=2, frames=5, max_sequence_length=16)
-    assert check["videos"] == 1 and 0.0 <= check["colour_accuracy"] <= 1.0 and check["seen_motion_error"] >= 0
+    # check-base samples a Wan folder with the stock pipeline at its defaults (9 frames of 32 px, 512 text slots)
+    check = check_base(str(tmp_path / "run"), n=2, heldout=1, steps=2, batch=2, quiet=True)
+    assert check["videos"] == 2 and check["heldout_videos"] == 1 and check["base"] == str(tmp_path / "run")
+    assert 0.0 <= check["colour_accuracy"] <= 1.0 and check["seen_motion_error"] >= 0
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
@@ -77,3 +82,66 @@ def test_tokenizer_knows_every_caption_word():
     tok = build_components(SPEC)["tokenizer"]
     ids = tok(" ".join(caption_words())).input_ids
     assert 2 not in ids  # no <unk>
+
+
+# the tiny SPEC as flags of `cav toy train-base --family wan`
+SPEC_FLAGS = ["--heads", "2", "--head-dim", "12", "--layers", "1", "--ffn-dim", "16", "--text-dim", "8",
+              "--text-layers", "1", "--text-heads", "2", "--text-ff", "16", "--z-dim", "4", "--vae-base-dim", "4"]
+
+
+def test_cli_trains_the_toy_wan_and_checks_it(tmp_path, capsys):
+    out = tmp_path / "wan"
+
+    def train(steps, *extra):
+        return cli(["toy", "train-base", "--family", "wan", "--out", str(out), "--quiet", "--frames", "5", "--size",
+                    "16", "--clips", "40", "--vae-steps", "2", "--vae-batch", "1", "--steps", str(steps), "--batch",
+                    "2", "--warmup", "2", "--max-sequence-length", "16", "--max-seconds", "0", *SPEC_FLAGS, *extra])
+
+    def last_stats():
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert train(2) == 0
+    stats = last_stats()
+    assert stats["transformer_step"] == 2 and stats["vae_step"] == 2
+    run = json.loads((out / ".train_state" / "run.json").read_text())
+    assert run["recipe"]["frames"] == 5 and run["spec"]["layers"] == 1 and run["recipe"]["lr"] == WanRecipe().lr
+    assert train(4) == 0 and last_stats()["transformer_step"] == 4  # a resume continues the same run
+    assert train(2, "--restart") == 0 and last_stats()["transformer_step"] == 2  # --restart starts over
+
+    assert cli(["toy", "check-base", "--base", str(out), "--videos", "1", "--heldout", "1", "--steps", "2",
+                "--json", "--quiet"]) == 0
+    check = json.loads(capsys.readouterr().out)
+    assert check["base"] == str(out) and check["videos"] == 1 and 0.0 <= check["shape_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--family", "wan", "--save-every", "5"], r"^cav: error: --save-every is a flag of the toy UNet, not of the "
+                                               r"toy Wan: drop it or pass --family unet$"),
+    (["--temporal", "1", "--flow-shift", "5"], r"^cav: error: --flow-shift is a flag of the toy Wan, not of the "
+                                               r"toy UNet: drop it or pass --family wan$"),
+    (["--family", "wan", "--device", "cuda"], r"^cav: error: --device cuda: the toy Wan's trainer runs on the CPU "
+                                              r"only: pass --device cpu$"),
+    (["--family", "wan", "--frames", "8"], r"^cav: error: --frames 8 does not fit a VAE with temporal compression "
+                                           r"4: pass 4k\+1 frames \(e\.g\. 9\)$"),
+    (["--family", "wan", "--vae-object-weight", "-1"], r"^cav: error: --vae-object-weight -1\.0 is negative: pass 0 "
+                                                      r"\(no extra weight\) or more$"),
+    (["--family", "wan", "--lr", "fast"], r"^cav: error: lr \(--lr\): 'fast' is not a number"),
+])
+def test_cli_refuses_bad_toy_wan_flags_in_one_line(tmp_path, capsys, argv, message):
+    import re
+
+    out = tmp_path / "run"
+    assert cli(["toy", "train-base", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.match(message, err), err
+    assert not out.exists()
+
+
+def test_check_base_names_a_missing_toy_wan(tmp_path, monkeypatch):
+    from cav.toy import wan_base
+
+    monkeypatch.setattr(wan_base, "TOY_WAN_DIR", tmp_path / "absent")
+    with pytest.raises(CavError, match=r"^the toy Wan is missing from .*absent: train it with `cav toy train-base "
+                                       r"--family wan --out DIR` and pass --base DIR$"):
+        check_base("toy-wan", n=1, heldout=1)
+    assert wan_base.toy_wan_folder("toy") is None and wan_base.toy_wan_folder(tmp_path) is None

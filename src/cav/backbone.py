@@ -9,7 +9,8 @@ A *base* is one of:
   image model (``unet/`` = ``UNet2DConditionModel``) plus ``motion_adapter`` (a ``MotionAdapter`` folder or hub id);
   SD 1.5 (``AnimateDiffPipeline``) or SDXL (``AnimateDiffSDXLPipeline``: a second text encoder, ``text_encoder_2``).
 - a Wan text-to-video DiT (``WanPipeline``: ``transformer/`` = ``WanTransformer3DModel``, ``AutoencoderKLWan``, a umT5
-  text encoder; one expert), or ``toy-wan``, the toy world's Wan shipped in the package.
+  text encoder; one expert), or ``toy-wan``, the toy world's Wan (in the repository; not in the package data until
+  it meets its floors: ``toy/wan_model/README.md``).
 
 Families of bases are the rows of ``families.FAMILIES``: the model class each one loads, the pipeline that samples
 from it, its text condition, its objective's schedulers; this module reads them and never branches on a family's
@@ -35,7 +36,10 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # "unet"
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 # shipped toy models by name (``toy-wan``: the toy world's Wan, trained by `cav toy` on its own)
 TOY_MODELS = {"toy": TOY_MODEL_DIR, "toy-wan": Path(__file__).parent / "toy" / "wan_model"}
-_TOY_HINT = {"toy": " or train it with `cav toy train-base`"}  # how a missing toy model is made again
+# how a missing toy model is made again
+_TOY_HINT = {"toy": " or train it with `cav toy train-base`",
+             "toy-wan": " from a checkout (it is not in the package yet) or train it with "
+                        "`cav toy train-base --family wan`"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ASSETS = Path(__file__).parent / "assets"
 # hub ids whose small JSON files ship in ``assets/`` as <prefix>_<path with / as _> (plans and checks work offline)

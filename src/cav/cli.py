@@ -8,6 +8,7 @@ their metadata), so a flag and a recipe key are one list and follow one parsing 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -320,14 +321,49 @@ def _add_export(sub) -> None:
 
 
 # --------------------------------------------------------------------------------------------- toy, demo
+TOY_FAMILIES = {"unet": "UNet", "wan": "Wan"}  # `cav toy train-base --family` → the name its messages use
+
+
 def cmd_toy_train_base(args) -> int:
     _quiet_libraries()
+    from .toy.train_base import BaseRecipe
+    from .toy.wan_base import ToyWanSpec, WanRecipe
+
+    own = {"unet": (BaseRecipe,), "wan": (WanRecipe, ToyWanSpec)}  # each family's recipe (and sizes) dataclasses
+    mine = {f.name for cls in own[args.family] for f in dataclasses.fields(cls)}
+    for other in set(own) - {args.family}:
+        for cls in own[other]:
+            stray = sorted(set(options.given(args, cls)) - mine)
+            if stray:
+                flag = "--" + stray[0].replace("_", "-")
+                raise CavError(f"{flag} is a flag of the toy {TOY_FAMILIES[other]}, not of the toy "
+                               f"{TOY_FAMILIES[args.family]}: drop it or pass --family {other}")
+    return _TOY_TRAINERS[args.family](args)
+
+
+def _train_toy_unet(args) -> int:
     from .toy.train_base import BaseRecipe, train_base
 
     recipe = BaseRecipe(**options.typed(BaseRecipe, options.given(args, BaseRecipe)))
-    stats = train_base(args.out, recipe, device=args.device, quiet=args.quiet, resume=not args.restart)
+    stats = train_base(args.out or "runs/toy-base", recipe, device=args.device, quiet=args.quiet,
+                       resume=not args.restart)
     print(json.dumps({k: v for k, v in stats.items() if k != "loss_log"}))
     return 0
+
+
+def _train_toy_wan(args) -> int:
+    from .toy.wan_base import ToyWanSpec, WanRecipe, train_wan_base
+
+    if args.device not in ("auto", "cpu"):
+        raise CavError(f"--device {args.device}: the toy Wan's trainer runs on the CPU only: pass --device cpu")
+    recipe = WanRecipe(**options.typed(WanRecipe, options.given(args, WanRecipe)))
+    spec = ToyWanSpec(**options.typed(ToyWanSpec, options.given(args, ToyWanSpec)))
+    stats = train_wan_base(args.out or "runs/toy-wan", recipe, spec, quiet=args.quiet, resume=not args.restart)
+    print(json.dumps({k: v for k, v in stats.items() if k not in ("log", "vae_log", "recipe", "spec")}))
+    return 0
+
+
+_TOY_TRAINERS = {"unet": _train_toy_unet, "wan": _train_toy_wan}
 
 
 def cmd_toy_check_base(args) -> int:
@@ -364,17 +400,29 @@ def _add_toy(sub, flags: bool = True) -> None:
         return
     from .toy.check import TOY_STEPS
     from .toy.train_base import BaseRecipe
+    from .toy.wan_base import TOY_WAN, ToyWanSpec, WanRecipe
 
     cmds = toy.add_subparsers(title="commands", metavar="COMMAND")
     tb = cmds.add_parser("train-base", help="train the toy T2V base model (seeded, resumable)")
-    _opt(tb, "--out", "model folder (its .train_state/ holds the resume state)", "runs/toy-base", metavar="DIR")
-    _opt(tb, "--device", "auto | cpu | cuda | cuda:N", "auto")
+    _opt(tb, "--family", "which toy base: unet (UNet3D, ModelScope's layout) or wan (a DiT in Wan's layout)",
+         "unet", type=options.arg_type(Literal["unet", "wan"]), metavar="{unet,wan}")
+    tb.add_argument("--out", metavar="DIR", help="model folder (its .train_state/ holds the resume state) "
+                    "[default: runs/toy-base, with --family wan runs/toy-wan]")
+    _opt(tb, "--device", "auto | cpu | cuda | cuda:N (the toy Wan trains on the CPU)", "auto")
     tb.add_argument("--restart", action="store_true", help="ignore saved state in --out and start over")
     tb.add_argument("--quiet", action="store_true", help="no progress bars")
     options.add_flags(tb, BaseRecipe)
+    unet = {f.name for f in dataclasses.fields(BaseRecipe)}
+    shared = [f for f in dataclasses.fields(WanRecipe) if f.name in unet]
+    wan = tb.add_argument_group(
+        "--family wan", "the toy Wan's recipe and sizes. With --family wan, the flags above that both share "
+        "default to: " + ", ".join(f"--{f.name.replace('_', '-')} {f.default}" for f in shared))
+    options.add_flags(wan, WanRecipe, skip=tuple(unet))
+    options.add_flags(wan, ToyWanSpec, skip=("patch", "vae_dim_mult"))
     tb.set_defaults(func=cmd_toy_train_base)
     cb = cmds.add_parser("check-base", help="score a base model's videos against the toy world's ground truth")
-    _opt(cb, "--base", "base model to check", "toy")
+    _opt(cb, "--base", f"base model to check: toy, {TOY_WAN} (sampled by the stock WanPipeline) or a folder of "
+         "either", "toy")
     _opt(cb, "--videos", "seen-motion videos to generate and score", 64, "videos", type=_positive)
     _opt(cb, "--heldout", "held-out-motion videos (the base must not make these motions)", 24, "videos",
          type=_positive)

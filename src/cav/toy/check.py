@@ -2,7 +2,9 @@
 
 Generates videos for seen-motion prompts and scores them against the toy world's ground truth (the object's colour
 and shape, the background, the motion); also measures how far the base alone is from the held-out motions (it must
-*not* produce them: that is what customization adds).
+*not* produce them: that is what customization adds). The toy UNet (and any base cav loads) samples through cav's
+backbone; a toy Wan (``toy-wan`` or a ``WanPipeline`` folder) through the stock ``WanPipeline``, which is what it
+must work with. Both draw the same prompts and seeds and are scored by the same scorer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..metrics import toy as tm
 from ..sampling import sample_videos
 
 TOY_FRAMES, TOY_SIZE, TOY_GUIDANCE, TOY_STEPS = 8, 32, 6.0, 25
+WAN_FRAMES = 9  # Wan's VAE takes 4k+1 frames (the toy Wan's temporal compression is 4)
 
 
 def check_base(base: str = "toy", n: int = 64, heldout: int = 24, seed: int = 0, steps: int = TOY_STEPS,
@@ -26,15 +29,15 @@ def check_base(base: str = "toy", n: int = 64, heldout: int = 24, seed: int = 0,
     from tqdm.auto import tqdm
 
     t0 = time.time()
-    bb = backbone.load(base, device)
+    draw = _sampler(base, device, steps, guidance)
     rng = np.random.default_rng(seed)
     seen = tw.sample_specs(rng, n, tw.SEEN_MOTIONS)
     held = tw.sample_specs(rng, heldout, tw.HELDOUT_MOTIONS)
     with tqdm(total=n + heldout, desc="check-base", unit="video", disable=quiet) as bar:
-        scores = _score(bb, seen, steps, guidance, seed, batch, bar)
-        held_scores = _score(bb, held, steps, guidance, seed + 10_000, batch, bar)
+        scores = _score(draw, seen, seed, batch, bar)
+        held_scores = _score(draw, held, seed + 10_000, batch, bar)
     return {
-        "base": base,
+        "base": str(base),
         "videos": n,
         "colour_accuracy": float(np.mean([s["colour_ok"] for s in scores])),
         "shape_accuracy": float(np.mean([s["shape_ok"] for s in scores])),
@@ -56,12 +59,42 @@ def check_base(base: str = "toy", n: int = 64, heldout: int = 24, seed: int = 0,
     }
 
 
-def _score(bb, specs, steps, guidance, seed, batch, bar) -> list[dict]:
+def _sampler(base, device: str, steps: int, guidance: float):
+    """(prompts, seeds) → uint8 videos (B, F, H, W, 3) of ``base``: a toy Wan's from the stock ``WanPipeline``,
+    any other base's from cav's backbone."""
+    from .wan_base import toy_wan_folder
+
+    wan = toy_wan_folder(base)
+    if wan is not None:
+        return _wan_sampler(wan, device, steps, guidance)
+    bb = backbone.load(base, device)
+    return lambda prompts, seeds: sample_videos(bb, prompts, frames=TOY_FRAMES, size=(TOY_SIZE, TOY_SIZE),
+                                                steps=steps, guidance=guidance, seeds=seeds)
+
+
+def _wan_sampler(folder, device: str, steps: int, guidance: float):
+    """The stock ``WanPipeline`` with its defaults (512 text slots, "" as the negative prompt, UniPC), one CPU
+    generator per video seeded as the UNet's videos are."""
+    import torch
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(str(folder)).to(backbone.resolve_device(device))
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw(prompts, seeds):
+        frames = pipe(prompts, num_frames=WAN_FRAMES, height=TOY_SIZE, width=TOY_SIZE, num_inference_steps=steps,
+                      guidance_scale=guidance, output_type="np",
+                      generator=[torch.Generator().manual_seed(s) for s in seeds]).frames
+        return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+    return draw
+
+
+def _score(draw, specs, seed, batch, bar) -> list[dict]:
     out = []
     for i in range(0, len(specs), batch):
         chunk = specs[i:i + batch]
-        videos = sample_videos(bb, [tw.caption(s)[0] for s in chunk], frames=TOY_FRAMES, size=(TOY_SIZE, TOY_SIZE),
-                               steps=steps, guidance=guidance, seeds=[seed + i + k for k in range(len(chunk))])
+        videos = draw([tw.caption(s)[0] for s in chunk], [seed + i + k for k in range(len(chunk))])
         out += [tm.score(v, s) for v, s in zip(videos, chunk)]
         bar.update(len(chunk))
     return out

@@ -15,14 +15,13 @@ and its default 512 text slots.
 Seeded and exactly resumable: weights, AdamW state and the data generator's state are saved as safetensors under
 ``OUT/.train_state/<phase>/`` every ``save_minutes`` and at the end; the learning rate depends on the step only
 (warm-up, then constant), so a run cut by ``--max-seconds`` and resumed is bit-identical to one run straight
-through (``tests/test_toy_wan.py``). Run it as ``python -m cav.toy.wan_base --out DIR``.
+through (``tests/test_toy_wan.py``). Run it as ``cav toy train-base --family wan --out DIR``.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,17 +29,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import resume as resume_io
+from ..backbone import TOY_MODELS
 from ..data import toyworld as tw
 from ..errors import CavError
 from ..io_utils import publish_dir, save_safetensors, write_json
+from ..options import option as _f
 from ..wan.flow import FlowObjective, transformer_loss
 from ..wan.latents import encode_frames, encode_video
 from ..wan.tiny import TinyWanSpec, build_tokenizer
 from .factory import BASE_WORDS
 from .train_base import image_captions
+
+
+TOY_WAN = "toy-wan"  # the name of the toy Wan (``backbone.TOY_MODELS`` maps it to its folder)
+TOY_WAN_DIR = TOY_MODELS[TOY_WAN]
+
+
+def toy_wan_folder(base) -> Path | None:
+    """The ``WanPipeline`` folder ``base`` names (``toy-wan`` or a folder whose ``model_index.json`` is a
+    ``WanPipeline``'s), or None for any other base."""
+    if str(base) == TOY_WAN:
+        if not (TOY_WAN_DIR / "model_index.json").is_file():
+            raise CavError(f"the toy Wan is missing from {TOY_WAN_DIR}: train it with "
+                           f"`cav toy train-base --family wan --out DIR` and pass --base DIR")
+        return TOY_WAN_DIR
+    index = Path(base) / "model_index.json"
+    try:
+        is_wan = index.is_file() and json.loads(index.read_text()).get("_class_name") == "WanPipeline"
+    except (OSError, ValueError):
+        return None
+    return Path(base) if is_wan else None
 
 
 @dataclass
@@ -49,46 +69,49 @@ class ToyWanSpec:
     4×4) and ``temporal`` × in time (1 or 4, measured in the card); patch (1, 1, 1) gives 64 tokens per latent
     frame. ``head_dim`` 32 splits into Wan's RoPE parts t/h/w = 12/10/10."""
 
-    heads: int = 4
-    head_dim: int = 32
-    layers: int = 6
-    ffn_dim: int = 512
+    heads: int = _f(4, "transformer attention heads")
+    head_dim: int = _f(32, "transformer attention head size (Wan's RoPE splits it t/h/w)")
+    layers: int = _f(6, "transformer blocks")
+    ffn_dim: int = _f(512, "transformer feed-forward width")
     patch: tuple[int, int, int] = (1, 1, 1)
-    text_dim: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    text_ff: int = 128
-    z_dim: int = 16
-    vae_base_dim: int = 16
+    text_dim: int = _f(64, "umT5 text encoder width")
+    text_layers: int = _f(2, "umT5 text encoder layers")
+    text_heads: int = _f(4, "umT5 text encoder heads")
+    text_ff: int = _f(128, "umT5 text encoder feed-forward width")
+    z_dim: int = _f(16, "VAE latent channels")
+    vae_base_dim: int = _f(16, "VAE base width")
     vae_dim_mult: tuple[int, ...] = (1, 2, 2)
-    temporal: int = 4
-    max_length: int = 16  # tokens the tokenizer keeps (the longest toy caption is 13 with </s>)
-    flow_shift: float = 3.0
+    temporal: int = _f(4, "VAE temporal compression (1 or 4; 4 measured better, see the model card)")
+    max_length: int = _f(16, "tokens the tokenizer keeps (the longest toy caption is 13 with </s>)", unit="tokens")
+    flow_shift: float = _f(3.0, "flow shift of training and of the saved scheduler")
 
 
 @dataclass
 class WanRecipe:
-    """The toy Wan's training recipe (``python -m cav.toy.wan_base`` flags come from these fields)."""
+    """The toy Wan's training recipe (``cav toy train-base --family wan`` flags come from these fields)."""
 
-    frames: int = 9
-    size: int = 32
-    clips: int = 20000
-    vae_steps: int = 1500
-    vae_batch: int = 8
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-6
-    steps: int = 200000
-    batch: int = 8
-    lr: float = 3e-4
-    text_lr: float = 1e-4
-    warmup: int = 200
-    image_every: int = 4
-    image_motion_words: float = 0.5
-    caption_dropout: float = 0.1
-    max_sequence_length: int = 512
-    seed: int = 0
-    save_minutes: float = 10.0
-    max_seconds: float = 7000.0
+    frames: int = _f(9, "frames per training clip (4k+1 for the VAE's temporal compression 4)", unit="frames")
+    size: int = _f(32, "clip height and width", unit="pixels")
+    clips: int = _f(20000, "synthetic clips in the data set (the toy UNet's specs, rendered per batch)", unit="clips")
+    vae_steps: int = _f(1500, "phase 1: VAE training steps (fixed once phase 2 has started)", unit="steps")
+    vae_batch: int = _f(8, "phase 1: clips per VAE step (and one frame of each as a 1-frame video)", unit="clips")
+    vae_lr: float = _f(1e-3, "phase 1: VAE learning rate")
+    kl_weight: float = _f(1e-6, "phase 1: weight of the VAE's KL term")
+    vae_object_weight: float = _f(10.0, "phase 1: extra weight of the object's pixels in the reconstruction loss")
+    steps: int = _f(200000, "phase 2: transformer + text encoder steps, an upper bound: --max-seconds ends the run "
+                    "on time", unit="steps")
+    batch: int = _f(8, "phase 2: clips per step", unit="clips")
+    lr: float = _f(3e-4, "phase 2: transformer learning rate")
+    text_lr: float = _f(1e-4, "phase 2: text encoder learning rate")
+    warmup: int = _f(200, "phase 2: linear learning-rate warm-up", unit="steps")
+    image_every: int = _f(4, "every k-th phase-2 step is an image-mode batch (frames seen alone, appearance "
+                          "caption)", unit="steps")
+    image_motion_words: float = _f(0.5, "fraction of image-mode captions that name a motion drawn from all of them")
+    caption_dropout: float = _f(0.1, "fraction of captions dropped (for classifier-free guidance)")
+    max_sequence_length: int = _f(512, "text slots per prompt, zero-padded as WanPipeline pads them", unit="slots")
+    seed: int = _f(0, "seed of the data and of every random choice")
+    save_minutes: float = _f(10.0, "save the resume state and the model every N minutes", unit="minutes")
+    max_seconds: float = _f(7000.0, "stop (and save) before this much time has passed; 0: no limit", unit="s")
 
 
 def caption_words() -> tuple[str, ...]:
@@ -135,8 +158,16 @@ def training_specs(recipe: WanRecipe) -> list[tw.ToySpec]:
 
 def render_batch(specs: list[tw.ToySpec], frames: int, size: int) -> torch.Tensor:
     """(B, 3, F, H, W) pixels in [-1, 1]."""
-    video = np.stack([tw.render(s, frames, size)[0] for s in specs])
-    return torch.from_numpy(video).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+    return render_with_masks(specs, frames, size)[0]
+
+
+def render_with_masks(specs: list[tw.ToySpec], frames: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, F, H, W) pixels in [-1, 1] and the object's exact (B, 1, F, H, W) mask (0/1)."""
+    rendered = [tw.render(s, frames, size) for s in specs]
+    video = np.stack([r[0] for r in rendered])
+    masks = np.stack([r[1]["mask"] for r in rendered])
+    return (torch.from_numpy(video).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0),
+            torch.from_numpy(masks).float().unsqueeze(1))
 
 
 def _state_dir(out: Path, phase: str) -> Path:
@@ -168,19 +199,29 @@ def _load_state(out: Path, phase: str, modules: dict, optimizer, gen: torch.Gene
     return step, json.loads(progress.read_text()) if progress.is_file() else {}
 
 
-def vae_loss(vae, pixels: torch.Tensor, kl_weight: float, gen: torch.Generator) -> torch.Tensor:
-    """MSE + L1 reconstruction of a (B, 3, F, H, W) batch through a posterior sample, plus a small KL."""
+def vae_loss(vae, pixels: torch.Tensor, masks: torch.Tensor, recipe: WanRecipe,
+             gen: torch.Generator) -> torch.Tensor:
+    """MSE + L1 reconstruction of a (B, 3, F, H, W) batch through a posterior sample, plus a small KL.
+
+    The object covers ~8 % of a frame, so an unweighted loss is met by the background alone: the first toy Wan's VAE
+    (800 steps) reconstructed the background to 2–3 / 255 and the object not at all (MAE ~100 / 255, colour and
+    shape lost), which capped everything the transformer could draw. Object pixels weigh ``1 + object_weight``
+    (weights renormalised to mean 1, so the loss keeps its scale)."""
     post = vae.encode(pixels).latent_dist
     rec = vae.decode(post.sample(gen)).sample
-    return F.mse_loss(rec, pixels) + F.l1_loss(rec, pixels) + kl_weight * post.kl().mean()
+    w = 1.0 + recipe.vae_object_weight * masks
+    w = w / w.mean()
+    return (((rec - pixels) ** 2 + (rec - pixels).abs()) * w).mean() + recipe.kl_weight * post.kl().mean()
 
 
-def vae_step_batch(specs, recipe: WanRecipe, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clips, and one random frame of each as a 1-frame video (encoded as a first frame, as image mode does)."""
+def vae_step_batch(specs, recipe: WanRecipe, gen: torch.Generator) -> tuple[tuple, tuple]:
+    """(clips, masks), and one random frame of each as a 1-frame video (encoded as a first frame, as image mode
+    does) with its mask."""
     idx = torch.randint(0, len(specs), (recipe.vae_batch,), generator=gen)
-    clips = render_batch([specs[int(i)] for i in idx], recipe.frames, recipe.size)
+    clips, masks = render_with_masks([specs[int(i)] for i in idx], recipe.frames, recipe.size)
     fi = torch.randint(0, recipe.frames, (recipe.vae_batch,), generator=gen)
-    return clips, clips[torch.arange(recipe.vae_batch), :, fi].unsqueeze(2)
+    rows = torch.arange(recipe.vae_batch)
+    return (clips, masks), (clips[rows, :, fi].unsqueeze(2), masks[rows, :, fi].unsqueeze(2))
 
 
 @torch.no_grad()
@@ -192,11 +233,14 @@ def latent_stats(vae, specs, recipe: WanRecipe, clips: int = 64) -> tuple[list[f
 
 
 @torch.no_grad()
-def vae_error(vae, specs, recipe: WanRecipe, clips: int = 16) -> float:
-    """Mean absolute reconstruction error (0..255) of ``clips`` clips through the posterior mode."""
-    x = render_batch(specs[:clips], recipe.frames, recipe.size)
-    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-    return float((rec - x).abs().mean() * 127.5)
+def vae_error(vae, specs, recipe: WanRecipe, clips: int = 16) -> dict:
+    """Mean absolute reconstruction error (0..255) of ``clips`` clips through the posterior mode: on the object's
+    pixels and on the background's (the object is what the scorer reads and what the first VAE lost)."""
+    x, m = render_with_masks(specs[:clips], recipe.frames, recipe.size)
+    err = (vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1) - x).abs().mean(1, keepdim=True) * 127.5
+    return {"vae_recon_mae": round(float(err.mean()), 3),
+            "vae_object_mae": round(float((err * m).sum() / m.sum()), 3),
+            "vae_background_mae": round(float((err * (1 - m)).sum() / (1 - m).sum()), 3)}
 
 
 class _Clock:
@@ -245,16 +289,21 @@ def _phase2_batch(specs, recipe: WanRecipe, vae, gen: torch.Generator, image: bo
 
 
 def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWanSpec | None = None,
-                   quiet: bool = False) -> dict:
+                   quiet: bool = False, resume: bool = True) -> dict:
     """Train (or resume) the toy Wan in ``out``; write the ``WanPipeline`` folder there at every save and at the
-    end. Returns the run's statistics (also in ``out/training_stats.json``)."""
+    end. Returns the run's statistics (also in ``out/training_stats.json``). ``resume`` False deletes the state
+    saved in ``out`` and starts over."""
     from diffusers import WanPipeline
 
     recipe, spec = recipe or WanRecipe(), spec or ToyWanSpec()
     if recipe.frames % spec.temporal != 1 % spec.temporal:
         raise CavError(f"--frames {recipe.frames} does not fit a VAE with temporal compression {spec.temporal}: "
                        f"pass 4k+1 frames (e.g. 9)")
+    if recipe.vae_object_weight < 0:
+        raise CavError(f"--vae-object-weight {recipe.vae_object_weight} is negative: pass 0 (no extra weight) or more")
     out = Path(out)
+    if not resume:  # asked for: the old run's state (both phases) would not fit the new one
+        shutil.rmtree(out / ".train_state", ignore_errors=True)
     _check_same_run(out, recipe, spec)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / ".train_state" / "run.json", {"recipe": asdict(recipe), "spec": asdict(spec)})
@@ -276,15 +325,19 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
     while step < recipe.vae_steps and not clock.out_of_time():
         t = time.time()
         clips, frames = vae_step_batch(specs, recipe, gen)
-        loss = vae_loss(vae, clips, recipe.kl_weight, gen) + vae_loss(vae, frames, recipe.kl_weight, gen)
+        loss = vae_loss(vae, *clips, recipe, gen) + vae_loss(vae, *frames, recipe, gen)
         loss.backward()
         vae_opt.step()
         vae_opt.zero_grad(set_to_none=True)
         step, trained = step + 1, True
         clock.tick(time.time() - t)
         if step % 50 == 0 or step == 1:
-            vae_log.append({"step": step, "loss": round(loss.item(), 5)})
-            say(f"vae step {step}/{recipe.vae_steps} loss {loss.item():.4f}")
+            row = {"step": step, "loss": round(loss.item(), 5)}
+            if step % 250 == 0:  # the object's error is the one that matters (vae_loss); no random draw
+                row.update(vae_error(vae.eval(), specs, recipe))
+                vae.train()
+            vae_log.append(row)
+            say(f"vae step {step}/{recipe.vae_steps} " + " ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
         if clock.save_due():
             _save_state(out, "vae", step, {"vae": vae}, vae_opt, gen, {"log": vae_log})
     if trained:
@@ -330,7 +383,7 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
     if trained:
         _save_state(out, "transformer", step, modules, opt, gen, {"log": log})
     return _finish(out, comps, recipe, spec, clock, {"phase": "transformer", "vae_step": recipe.vae_steps,
-                                                      "vae_recon_mae": vae_error(vae, specs, recipe),
+                                                      **vae_error(vae, specs, recipe),
                                                       "transformer_step": step, "vae_log": vae_log, "log": log})
 
 
@@ -369,65 +422,11 @@ def _finish(out: Path, comps: dict, recipe: WanRecipe, spec: ToyWanSpec, clock: 
     return stats
 
 
-def quick_check(folder: str | Path, n: int = 16, heldout: int = 8, seed: int = 0, steps: int | None = None,
-                guidance: float | None = None, frames: int = 9, max_sequence_length: int = 512) -> dict:
-    """A small ``cav toy check-base``: the stock ``WanPipeline`` draws seen- and held-out-motion prompts sampled as
-    check-base samples them, scored by the same toy-world scorer (``cav.metrics.toy.score``)."""
-    from diffusers import WanPipeline
-
-    from ..metrics import toy as tm
-    from .check import TOY_GUIDANCE, TOY_SIZE, TOY_STEPS
-
-    pipe = WanPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    rng = np.random.default_rng(seed)
-    seen, held = tw.sample_specs(rng, n, tw.SEEN_MOTIONS), tw.sample_specs(rng, heldout, tw.HELDOUT_MOTIONS)
-
-    def score(specs, offset):
-        rows = []
-        for k, s in enumerate(specs):
-            video = pipe(tw.caption(s)[0], num_frames=frames, height=TOY_SIZE, width=TOY_SIZE,
-                         num_inference_steps=steps or TOY_STEPS, guidance_scale=guidance or TOY_GUIDANCE,
-                         max_sequence_length=max_sequence_length, output_type="np",
-                         generator=torch.Generator().manual_seed(seed + offset + k)).frames[0]
-            rows.append(tm.score(video, s))
-        return rows
-
-    t0 = time.time()
-    a, b = score(seen, 0), score(held, 10_000)
-    mean = lambda rows, key: float(np.mean([r[key] for r in rows]))  # noqa: E731
-    return {"videos": n, "colour_accuracy": mean(a, "colour_ok"), "shape_accuracy": mean(a, "shape_ok"),
-            "background_accuracy": mean(a, "background_ok"), "motion_accuracy": mean(a, "motion_ok"),
-            "seen_motion_error": mean(a, "motion_error"), "heldout_videos": heldout,
-            "heldout_motion_accuracy": mean(b, "motion_ok"), "heldout_motion_error": mean(b, "motion_error"),
-            "heldout_appearance_accuracy": float(np.mean([r["colour_ok"] and r["shape_ok"] and r["background_ok"]
-                                                          for r in b])),
-            "seconds": round(time.time() - t0, 1)}
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cav.toy.wan_base", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="run folder (resumed when it holds .train_state/)")
-    p.add_argument("--quiet", action="store_true")
-    for cls in (WanRecipe, ToyWanSpec):
-        for f in dataclasses.fields(cls):
-            if isinstance(f.default, tuple):
-                continue
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = vars(_parser().parse_args(argv))
-    recipe = WanRecipe(**{f.name: args[f.name] for f in dataclasses.fields(WanRecipe)})
-    spec = ToyWanSpec(**{f.name: args[f.name] for f in dataclasses.fields(ToyWanSpec) if f.name in args})
-    try:
-        stats = train_wan_base(args["out"], recipe, spec, quiet=args["quiet"])
-    except CavError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in stats.items() if k not in ("log", "vae_log", "recipe", "spec")}))
-    return 0
+    """``python -m cav.toy.wan_base ARGS`` is ``cav toy train-base --family wan ARGS`` (one home for the flags)."""
+    from ..cli import main as cli_main
+
+    return cli_main(["toy", "train-base", "--family", "wan", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
