@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from cav.errors import CavError
 from cav.cli import main as cli
 from cav.toy.check import check_base
-from cav.toy.wan_base import ToyWanSpec, WanRecipe, caption_words, main, train_wan_base
+from cav.toy.wan_base import ToyWanSpec, WanRecipe, caption_words, train_wan_base
 
 # Smallest shapes the layout allows: 2 VAE downsamplings (both temporal → 4× in time), 5 frames of 16 px.
 SPEC = ToyWanSpec(heads=2, head_dim=12, layers=1, ffn_dim=16, text_dim=8, text_layers=1, text_heads=2, text_ff=16,
@@ -71,7 +71,7 @@ def test_refuses_a_resume_with_other_settings_and_bad_frames(tmp_path, capsys):
     with pytest.raises(CavError, match=r"^.* holds a run started with other settings \(lr\)"):
         train_wan_base(tmp_path / "run", replace(RECIPE, lr=1e-3), SPEC, quiet=True)
     assert (tmp_path / "run" / ".train_state" / "run.json").read_text() == before
-    assert main(["--out", str(tmp_path / "other"), "--frames", "8"]) == 2
+    assert cli(["toy", "train-base", "--family", "wan", "--out", str(tmp_path / "other"), "--frames", "8"]) == 2
     assert "pass 4k+1 frames" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -421,13 +420,3 @@ def _finish(out: Path, comps: dict, recipe: WanRecipe, spec: ToyWanSpec, clock: 
     write_json(out / "training_stats.json", stats)
     return stats
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cav.toy.wan_base ARGS`` is ``cav toy train-base --family wan ARGS`` (one home for the flags)."""
-    from ..cli import main as cli_main
-
-    return cli_main(["toy", "train-base", "--family", "wan", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
