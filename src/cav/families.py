@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from .adapters import animatediff_export
-from .adapters.image_lora import load_image_lora
 from .adapters.targets import BLOCK, DiTTargets, UNetTargets
 from .bypass import LayerBypass
 from .conditioning import ClipCondition, SdxlCondition, UmT5Condition
@@ -30,7 +29,6 @@ from .latents import FRAMES
 from .objectives import DDPM, FLOW, Objective
 from .toy import factory
 from .wan import family as wan_family
-from .wan import plan as wan_plan
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -125,7 +123,7 @@ class Family:
     exports: tuple[ExportFormat, ...] = ()
     # how an image LoRA file of the base's image model is read (``--s-lora-from``; None: not supported yet) and the
     # diffusers class whose ``save_lora_weights`` writes an adapter's diffusers-layout copy
-    image_lora: Callable | None = load_image_lora
+    image_lora: Callable | None = lambda *a, **k: _load_image_lora(*a, **k)
     lora_writer: str = "diffusers.loaders:StableDiffusionLoraLoaderMixin"
     tiny: Tiny
     rig: Rig | None = None
@@ -167,6 +165,21 @@ ANIMATEDIFF_EXPORT = ExportFormat("animatediff", animatediff_export.to_animatedi
                                   "the original AnimateDiff MotionLoRA key layout")
 FRAME_LIMIT_KEY = "motion_max_seq_length"  # AnimateDiff motion modules have positions for this many frames;
 #                                            UNet3D has no such key: its temporal attention has no positions
+
+
+def _load_image_lora(*args, **kwargs):
+    """``adapters.image_lora.load_image_lora``, imported on first use (it imports ``adapters.lora``, which imports
+    this module: a top-level import would make importing ``adapters.lora`` first fail)."""
+    from .adapters.image_lora import load_image_lora
+
+    return load_image_lora(*args, **kwargs)
+
+
+def _wan_memory(cfg, read) -> dict:
+    """``wan.plan.run_memory``, imported on first use (``wan.plan`` imports ``adapters.lora``: see above)."""
+    from .wan.plan import run_memory
+
+    return run_memory(cfg, read)
 
 
 def _asset(name: str) -> dict:
@@ -238,7 +251,7 @@ WAN = Family(  # Wan 2.1 / 2.2 text-to-video DiTs (one expert)
     image_mode=wan_family.FOLD_FRAMES, objective=FLOW, exports=(COMFYUI_WAN_EXPORT,),
     image_lora=wan_family.load_image_lora,
     lora_writer="diffusers:WanPipeline",
-    tiny=Tiny(wan_family.make_tiny, size=16, frames=5), memory=wan_plan.run_memory)
+    tiny=Tiny(wan_family.make_tiny, size=16, frames=5), memory=lambda cfg, read: _wan_memory(cfg, read))
 
 FAMILIES = {f.name: f for f in (UNET3D, ANIMATEDIFF, ANIMATEDIFF_SDXL, WAN)}
 LEGACY = UNET3D  # what an adapter without a recorded family was trained on (runs from before families existed)

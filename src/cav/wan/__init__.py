@@ -1,4 +1,4 @@
-"""Wan 2.1 / 2.2 mechanisms for cav (issue 23), self-contained until the family table takes Wan as a row.
+"""Wan 2.1 / 2.2 mechanisms for cav (issue 23); ``families.WAN`` is the row that uses them (``wan/family.py``).
 
 - ``tiny``: tiny Wan models in the stock diffusers layout (tests);
 - ``image_mode``: the DiT as an image model (frames folded into the batch = frame-local attention);
