@@ -109,6 +109,7 @@ def cmd_train(args) -> int:
                   + (f"; {result['clips']} clips, each with its own absorbers, one T-LoRA" if "clips" in result else ""))
             for s in result["stages"]:
                 own = f"  clip {s['clip'] + 1}: {s['spatial_prompt']}" if "clip" in s else ""
+                own += f"  on {s['expert']} ({result['experts']}-noise expert)" if "expert" in s else ""
                 print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules{own}")
             print(f"recipe: {result['recipe']}")
             if "memory" in result:

@@ -2,7 +2,8 @@
 
 Formats are fields of the family rows (``families.Family.exports``: a family lists the layouts its T-LoRAs go to;
 an ``ExportFormat`` holds the converter of the peft state and the default file name). (The diffusers LoRA layout
-needs no export: every adapter folder already holds ``pytorch_lora_weights.safetensors``.)
+needs no export: every adapter folder already holds ``pytorch_lora_weights.safetensors``.) A T-LoRA of one expert of
+a two-expert base (Wan 2.2 A14B) is written as that expert's file of the pair (``ExportFormat.expert_suffixes``).
 """
 
 from __future__ import annotations
@@ -43,11 +44,22 @@ def export(run: str | Path, fmt: str | None = None, out: str | Path | None = Non
     config = json.loads((folder / lora.CONFIG).read_text())
     converted = spec.convert(load_file(str(folder / lora.WEIGHTS)), int(config["r"]), float(config["lora_alpha"]))
     target = Path(out) if out else Path(run) / "export" / spec.filename
+    if meta.get("expert_part"):  # a T-LoRA of one expert of a two-expert base: that expert's file of the pair
+        target = _expert_file(target, spec, meta["expert_part"])
     if target.suffix != ".safetensors":
         raise CavError(f"--out '{target}' must end in .safetensors")
     if target.exists() and not overwrite:
         raise CavError(f"'{target}' already exists: pass --overwrite to replace it, or another --out")
-    info = {"format": "pt", "cav_layout": fmt, "cav_rank": str(config["r"]), "cav_alpha": str(config["lora_alpha"]),
+    info = {**({"cav_expert": meta["experts"]} if meta.get("experts") else {}), "format": "pt", "cav_layout": fmt, "cav_rank": str(config["r"]), "cav_alpha": str(config["lora_alpha"]),
             "cav_base": str(meta.get("base", "")), "cav_family": family, "cav_step": str(meta.get("step", "")),
             "cav_note": spec.note}
     return save_safetensors(target, converted, metadata=info)
+
+
+def _expert_file(target: Path, spec, part: str) -> Path:
+    """``<stem>_<suffix>.safetensors`` of the expert component ``part`` (Wan: ``_high_noise`` for ``transformer``,
+    ``_low_noise`` for ``transformer_2``): the other expert's run writes the other file of the pair beside it."""
+    suffixes = dict(spec.expert_suffixes)
+    if part not in suffixes:
+        raise CavError(f"--format {spec.name} has no file for expert '{part}': pick a format that names experts")
+    return target.with_name(f"{target.stem}_{suffixes[part]}{target.suffix}")

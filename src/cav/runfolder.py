@@ -193,9 +193,10 @@ def validation_prompts(cfg: TrainConfig) -> list[str]:
 
 
 def base_meta(bb) -> dict:
-    """What an adapter records about its base (family, motion adapter), so `cav generate` rebuilds the same model
-    and adapters of another family are refused by name."""
-    return {"family": bb.family.name, **({"motion_adapter": bb.motion_adapter} if bb.motion_adapter else {})}
+    """What an adapter records about its base (family, motion adapter, the expert it trained on), so `cav generate`
+    rebuilds the same model and adapters of another family are refused by name."""
+    return {"family": bb.family.name, **({"motion_adapter": bb.motion_adapter} if bb.motion_adapter else {}),
+            **({"experts": bb.expert, "expert_part": bb.part} if bb.expert else {})}
 
 
 def t_lora_meta(bb, cfg: TrainConfig, step: int) -> dict:
