@@ -1,8 +1,9 @@
 """Two-expert Wan bases (Wan 2.2 T2V-A14B's layout: ``transformer`` for the high-noise steps, ``transformer_2`` for
-the low-noise ones, switched at the pipeline's ``boundary_ratio``), on the tiny two-expert Wan: ``--experts`` trains
-the LoRAs on one expert over its own noise range; samples use both experts as stock ``WanPipeline`` does; a run
-resumes exactly; ``cav export`` writes that expert's file of the ``_high_noise`` / ``_low_noise`` pair, which
-diffusers' own Wan converter and loader read back to cav's output."""
+the low-noise ones, switched at the pipeline's ``boundary_ratio``), on the tiny two-expert Wan: ``--experts high|low``
+trains the LoRAs on one expert over its own noise range, ``both`` on both, each draw routed to its expert
+(``backbone.Experts``); samples use both experts as stock ``WanPipeline`` does; a run resumes exactly; ``cav export``
+writes the ``_high_noise`` / ``_low_noise`` files of the experts trained, which diffusers' own Wan converter and
+loader read back to cav's output."""
 
 import json
 import shutil
@@ -56,32 +57,53 @@ def _train_recording(base, video, out, expert: str) -> list[tuple[str, bool, lis
 def runs(a14b, tiny_video, tmp_path_factory):
     """A run on each expert, with the calls each expert saw."""
     root = tmp_path_factory.mktemp("runs")
-    return {e: (root / e, _train_recording(a14b, tiny_video, root / e, e)) for e in ("high", "low")}
+    return {e: (root / e, _train_recording(a14b, tiny_video, root / e, e)) for e in ("high", "low", "both")}
 
 
-@pytest.mark.parametrize("expert", ["high", "low"])
-def test_training_runs_on_its_expert_and_range_samples_on_both(runs, expert):
+PARTS = {"high": ["transformer"], "low": ["transformer_2"], "both": ["transformer", "transformer_2"]}
+
+
+@pytest.mark.parametrize("expert", ["high", "low", "both"])
+def test_training_runs_on_its_experts_and_ranges_samples_on_both(runs, expert):
     run, calls = runs[expert]
-    part = {"high": "transformer", "low": "transformer_2"}[expert]
     trained = [c for c in calls if c[1]]
-    assert trained and {c[0] for c in trained} == {part}  # absorbers and T-LoRA: the chosen expert only
-    steps = [t for c in trained for t in c[2]]
-    assert all(t >= BOUNDARY for t in steps) if expert == "high" else all(t < BOUNDARY for t in steps), steps
+    assert sorted({c[0] for c in trained}) == PARTS[expert]  # absorbers and T-LoRA: the chosen expert(s) only
+    for part, ok in (("transformer", lambda t: t >= BOUNDARY), ("transformer_2", lambda t: t < BOUNDARY)):
+        steps = [t for c in trained if c[0] == part for t in c[2]]
+        assert all(map(ok, steps)), (part, steps)  # each expert only on the timesteps the pipeline gives it
     sampled = {c[0] for c in calls if not c[1]}
     assert sampled == {"transformer", "transformer_2"}  # validation samples: both experts, the pipeline's switch
     meta = json.loads((run / "t_lora" / "cav.json").read_text())
-    assert meta["experts"] == expert and meta["expert_part"] == part
+    assert meta["experts"] == expert and meta["expert_parts"] == PARTS[expert]
     assert f"experts: {expert}" in (run / "config.yaml").read_text()
 
 
-def test_only_the_trained_expert_carries_lora_updates(runs, a14b):
-    bb = backbone.load(a14b, "cpu", experts="high")
-    api.load_adapters(bb, [(str(runs["high"][0]), 1.0)], [(str(runs["high"][0]), 1.0)])
+@pytest.mark.parametrize("expert", ["high", "both"])
+def test_only_the_trained_experts_carry_lora_updates(runs, a14b, expert):
+    bb = backbone.load(a14b, "cpu", experts=expert)
+    api.load_adapters(bb, [(str(runs[expert][0]), 1.0)], [(str(runs[expert][0]), 1.0)])
+    for part, model in bb.denoisers().items():
+        ups = [p for n, p in model.named_parameters() if ".lora_B." in n]
+        if part in PARTS[expert]:
+            assert ups and any(p.abs().max() > 0 for p in ups), part  # trained: non-zero updates
+            assert lora.adapter_names(model) == {"t_lora_0", "image_lora_0"}  # the T-LoRA and the S-LoRA
+        else:
+            assert not ups and not lora.adapter_names(model), part
+
+
+def test_both_experts_route_each_row_by_its_timestep(a14b):
+    bb = backbone.load(a14b, "cpu", experts="both")
     high, low = bb.denoisers().values()
-    assert high is bb.unet
-    ups = [p for n, p in high.named_parameters() if ".lora_B." in n]
-    assert ups and any(p.abs().max() > 0 for p in ups)  # trained: non-zero updates
-    assert not lora.adapter_names(low) and not any(".lora_" in n for n, _ in low.named_parameters())
+    x, cond = torch.randn(4, 4, 2, 2, 2), torch.randn(4, 16, 16)
+    t = torch.tensor([990.0, 100.0, 875.0, 874.0])
+    with torch.no_grad():
+        routed = bb.unet(x, t, encoder_hidden_states=cond).sample
+        alone = [(high if float(ti) >= BOUNDARY else low)(x[i:i + 1], t[i:i + 1], cond[i:i + 1]).sample
+                 for i, ti in enumerate(t)]
+        whole = bb.unet(x, torch.full((4,), 900.0), encoder_hidden_states=cond).sample  # all rows: one call
+    assert torch.allclose(routed, torch.cat(alone), atol=1e-6)
+    assert torch.equal(whole, high(x, torch.full((4,), 900.0), cond).sample)
+    assert bb.train_window((0, 1000)) == (0, 1000) and bb.denoiser_at(torch.tensor(880.0)) is high
 
 
 def test_window_and_timestep_routing(a14b):
@@ -99,8 +121,9 @@ def test_window_and_timestep_routing(a14b):
     assert one.train_window((3, 7)) == (3, 7) and one.boundary is None and one.denoiser_at(torch.tensor(1.0)) is one.unet
 
 
-def test_generate_reproduces_the_checkpoint_sample(runs, tmp_path):
-    run = runs["low"][0]
+@pytest.mark.parametrize("expert", ["low", "both"])
+def test_generate_reproduces_the_checkpoint_sample(runs, tmp_path, expert):
+    run = runs[expert][0]
     ckpt, out = run / "checkpoints" / "step-000001", tmp_path / "gen.mp4"
     assert main(["generate", "--prompt", PROMPT, "--adapter", str(ckpt), "--out", str(out), "--quiet"]) == 0
     assert np.array_equal(read_video(out, frames=None, size=(16, 16)),
@@ -115,8 +138,21 @@ def test_adapters_of_both_experts_are_not_composed(runs, tmp_path, capsys):
     assert code == 2 and "different experts" in err and "\n" not in err and not (tmp_path / "x.mp4").exists()
 
 
-def test_resume_ends_with_the_same_t_lora(runs, tiny_video, tmp_path):
-    run = runs["high"][0]
+def test_image_lora_file_on_both_experts_is_refused(runs, a14b):
+    """The family's image-LoRA reader (``--s-lora-from``'s, refused before loading with ``both`` by preflight) on
+    the two-expert denoiser from the Python API: one CavError line, nothing loaded."""
+    from cav.errors import CavError
+
+    bb = backbone.load(a14b, "cpu", experts="both")
+    file = runs["high"][0] / "absorbers" / "s_lora" / lora.DIFFUSERS_WEIGHTS  # a Wan image LoRA file (one model's)
+    with pytest.raises(CavError, match=r"^an image LoRA file goes into one expert"):
+        WAN.image_lora(bb.unet, file, "look", WAN)
+    assert not lora.adapter_names(bb.unet)
+
+
+@pytest.mark.parametrize("expert", ["high", "both"])
+def test_resume_ends_with_the_same_t_lora(runs, tiny_video, tmp_path, expert):
+    run = runs[expert][0]
     copy = tmp_path / "resumed"
     shutil.copytree(run, copy)
     for rel in ("checkpoints/step-000002", "t_lora", "samples"):
@@ -166,14 +202,44 @@ def test_export_pair_is_read_back_by_diffusers(runs, a14b, tmp_path, capsys):
         assert torch.allclose(ours, theirs, atol=1e-5), (expert, (ours - theirs).abs().max())
 
 
-def test_experts_on_a_one_expert_base_and_both_are_one_line(a14b, tiny_video, tmp_path, run_cli):
+def test_both_experts_export_the_pair_and_stock_loads_it(runs, a14b, tmp_path):
+    """A ``--experts both`` run: `cav export` writes the pair in one command; stock ``WanPipeline`` with the high-noise
+    file in ``transformer`` and the low-noise one in ``transformer_2`` samples cav's latents, and so does it with the
+    run folder's own diffusers-layout files (``pytorch_lora_weights.safetensors`` for ``transformer``,
+    ``pytorch_lora_weights_transformer_2.safetensors`` for ``transformer_2``)."""
+    from diffusers import WanPipeline
+
+    run = runs["both"][0]
+    assert main(["export", str(run), "--out", str(tmp_path / "motion.safetensors")]) == 0
+    high, low = tmp_path / "motion_high_noise.safetensors", tmp_path / "motion_low_noise.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [high.name, low.name]
+    bb = backbone.load(a14b, "cpu", experts="both")
+    api.load_adapters(bb, [(str(run), 1.0)], [])
+    ours = _latents(bb.pipeline())
+    for first, second in (((str(high), {}), (str(low), {})),
+                          ((str(run / "t_lora"), {}),
+                           (str(run / "t_lora"), {"weight_name": lora.diffusers_weights("transformer_2")}))):
+        stock = WanPipeline.from_pretrained(str(a14b))
+        stock.set_progress_bar_config(disable=True)
+        stock.load_lora_weights(first[0], adapter_name="motion", **first[1])
+        one = _latents(stock)
+        stock.load_lora_weights(second[0], adapter_name="motion", load_into_transformer_2=True, **second[1])
+        theirs = _latents(stock)
+        assert (theirs - one).abs().max() > 1e-3  # the low-noise expert's LoRA matters too
+        assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_bad_experts_input_is_one_line(a14b, tiny_video, tmp_path, run_cli):
     one = WAN.tiny.make(tmp_path / "one")
     out = tmp_path / "run"
     base = ["train", tiny_video, "--prompt", PROMPT, "--out", out, "--steps", "1", "--absorber-steps", "1",
             "--frames", "5", "--size", "16", "--quiet"]
+    image_lora = tmp_path / "image_lora.safetensors"
+    image_lora.write_bytes(b"")
     for extra, words in ((["--base", one, "--experts", "high"], ("--experts high", "two-expert base", "drop --experts")),
-                         (["--base", a14b, "--experts", "both"], ("--experts both", "not supported yet")),
-                         (["--base", a14b, "--experts", "mid"], ("--experts mid", "high or low"))):
+                         (["--base", a14b, "--experts", "both", "--s-lora-from", image_lora],
+                          ("--s-lora-from with --experts both", "--experts high or low")),
+                         (["--base", a14b, "--experts", "mid"], ("--experts mid", "high, low or both"))):
         code, err = run_cli(base + extra)
         assert code == 2 and "\n" not in err and "Traceback" not in err and all(w in err for w in words), err
         assert not out.exists()
@@ -182,10 +248,12 @@ def test_experts_on_a_one_expert_base_and_both_are_one_line(a14b, tiny_video, tm
 def test_dry_run_counts_the_trained_expert(a14b):
     from cav.config import TrainConfig
 
-    for expert, part in (("high", "transformer"), ("low", "transformer_2")):
+    for expert, parts in PARTS.items():
         plan = api.plan(TrainConfig(prompt="x", base=str(a14b), frames=5, size=[16, 16], absorbers="s-lora",
                                     experts=expert))
-        assert plan["experts"] == expert and [s["expert"] for s in plan["stages"]] == [part, part]
+        assert plan["experts"] == expert and [s["expert"] for s in plan["stages"]] == parts + parts
+        assert [s["name"] for s in plan["stages"]] == ["s_lora"] * len(parts) + ["t_lora"] * len(parts)
+        assert len({s["trainable_params"] for s in plan["stages"] if s["name"] == "t_lora"}) == 1
         assert plan["memory"]["gib"]["peak"] >= 0
     one = api.plan(TrainConfig(prompt="x", base=str(a14b), frames=5, size=[16, 16], absorbers="s-lora"))
     assert one["experts"] == "high"

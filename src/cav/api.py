@@ -53,9 +53,10 @@ def plan(cfg: TrainConfig, clips: int = 1, estimate: bool = False) -> dict:
     stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n,
                    **({"clips": clips} if clips > 1 else {})})
     expert = backbone_mod.check_experts(cfg.base, cfg.experts or None, family)
-    if expert:  # a two-expert base: every LoRA trains on that expert alone (the other one samples, frozen)
-        part = backbone_mod.expert_part(family, expert)
-        stages = [s if s["name"].startswith("textual_inversion") else {**s, "expert": part} for s in stages]
+    if expert:  # a two-expert base: every LoRA trains on the chosen expert(s) (an untrained one samples, frozen)
+        parts = backbone_mod.expert_parts(family, expert)  # both: each LoRA row once per expert
+        stages = [row for s in stages for row in
+                  ([s] if s["name"].startswith("textual_inversion") else [{**s, "expert": p} for p in parts])]
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
     resolved = backbone_mod.resolve_base(cfg.base)
     memory = ({"memory": family.memory(cfg, lambda name: backbone_mod._read_json(resolved, name, "base"))}

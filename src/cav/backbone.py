@@ -185,7 +185,67 @@ def _condition_of(index: dict) -> str:
     return "sdxl" if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None else "clip"
 
 
-EXPERTS = ("high", "low")  # --experts: the first (high-noise) or the second (low-noise) denoiser of a two-expert base
+# --experts: the first (high-noise) or the second (low-noise) denoiser of a two-expert base, or both (``Experts``)
+EXPERTS = ("high", "low", "both")
+
+
+class Experts(torch.nn.Module):
+    """``--experts both``: a two-expert base's experts as one denoiser, so the trainer still calls one model. Each
+    batch row runs on the expert the pipeline uses at its timestep (high noise at or above ``boundary``), so every
+    draw of a training step reaches its own expert. Module names carry the expert's component name
+    (``transformer.blocks.0…``, ``transformer_2.blocks.0…``): an adapter injected by name (``lora_scope`` widens its
+    target regex) lives in both experts and activates, trains, saves and loads as one."""
+
+    _supports_gradient_checkpointing = True
+
+    def __init__(self, experts: dict[str, torch.nn.Module], boundary: float):
+        super().__init__()
+        self.parts = tuple(experts)  # pipeline order: high noise, low noise
+        for name, model in experts.items():
+            self.add_module(name, model)
+        self.boundary = float(boundary)
+        self.lora_scope = rf"(?:{'|'.join(map(re.escape, self.parts))})\."
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {p: getattr(self, p) for p in self.parts}
+
+    @property
+    def config(self):
+        return self.models()[self.parts[0]].config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.models()[self.parts[0]].dtype
+
+    def enable_gradient_checkpointing(self) -> None:
+        for model in self.models().values():
+            model.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        for model in self.models().values():
+            model.disable_gradient_checkpointing()
+
+    def load_lora_adapter(self, *args, **kwargs):
+        """An image LoRA file (``--s-lora-from``, ``--image-lora FILE``) is one model's: refused on both experts."""
+        raise CavError("an image LoRA file goes into one expert: with it, use an adapter of --experts high or low "
+                       "(or a run folder's own S-LoRA)")
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        n = hidden_states.shape[0]
+        t = timestep.reshape(-1).expand(n) if timestep.numel() == 1 else timestep
+        high = t >= self.boundary
+        out = None
+        for model, rows in zip(self.models().values(), (high, ~high)):
+            idx = rows.nonzero().flatten()
+            if idx.numel() == n:  # every row on one expert: the call as it is
+                return model(hidden_states, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+            if idx.numel():
+                part = model(hidden_states[idx], t[idx], encoder_hidden_states[idx], *args, return_dict=False,
+                             **kwargs)[0]
+                out = (part.new_zeros((n, *part.shape[1:])) if out is None else out).index_copy(0, idx, part)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
 def experts_of(index: dict, family: Family) -> tuple[str, ...]:
@@ -198,9 +258,10 @@ def experts_of(index: dict, family: Family) -> tuple[str, ...]:
     return (family.model_folder,)
 
 
-def expert_part(family: Family, expert: str) -> str:
-    """The component name of expert ``high`` / ``low`` (``transformer`` / ``transformer_2``)."""
-    return (family.model_folder, f"{family.model_folder}_2")[EXPERTS.index(expert)]
+def expert_parts(family: Family, expert: str) -> tuple[str, ...]:
+    """The component names of ``--experts`` ``high`` / ``low`` / ``both`` (``transformer`` / ``transformer_2``)."""
+    parts = (family.model_folder, f"{family.model_folder}_2")
+    return parts if expert == "both" else (parts[EXPERTS.index(expert)],)
 
 
 def _chosen_expert(base, experts: str | None, parts: tuple[str, ...], family: Family) -> str | None:
@@ -468,6 +529,8 @@ class Backbone:
 
     def denoisers(self) -> dict[str, torch.nn.Module]:
         """The pipeline's denoisers by component name, in its order: ``unet`` alone, or both experts."""
+        if isinstance(self.unet, Experts):
+            return self.unet.models()
         parts = {self.part or self.family.model_folder: self.unet, **self.others}
         return {name: parts[name] for name in sorted(parts, key=lambda n: (len(n), n))}  # transformer, transformer_2
 
@@ -488,8 +551,9 @@ class Backbone:
 
     def train_window(self, window: tuple[int, int] | None) -> tuple[int, int] | None:
         """The [low, high) training timesteps of a stage on ``unet``: ``window`` (None: the whole schedule) cut to the
-        trained expert's noise range on a two-expert base (high: at or above the boundary; low: below)."""
-        if self.boundary is None:
+        trained expert's noise range on a two-expert base (high: at or above the boundary; low: below; both: the
+        whole window, each draw routed by ``Experts``)."""
+        if self.boundary is None or self.expert == "both":
             return window
         lo, hi = window or (0, int(self.scheduler.config.num_train_timesteps))
         edge = math.ceil(self.boundary)
@@ -609,9 +673,16 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
         module.requires_grad_(False)
         module.eval()
         module.to(dev)
-    part = expert_part(family, expert) if expert else parts[0]
-    unet = denoisers.pop(part)
-    two = {"expert": expert, "part": part, "others": denoisers,
-           "boundary_ratio": index.get("boundary_ratio")} if expert else {}
+    ratio = index.get("boundary_ratio")
+    if expert == "both":
+        if ratio is None:
+            raise CavError(f"base '{base}' has two experts but no boundary_ratio in model_index.json: pass "
+                           "--experts high or low")
+        unet, part = Experts(denoisers, float(ratio) * int(scheduler.config.num_train_timesteps)), ""
+        denoisers = {}
+    else:
+        part = expert_parts(family, expert)[0] if expert else parts[0]
+        unet = denoisers.pop(part)
+    two = {"expert": expert, "part": part, "others": denoisers, "boundary_ratio": ratio} if expert else {}
     return Backbone(unet, vae, text.pop("text_encoder"), text.pop("tokenizer"), scheduler, source, dev, dt,
                     family, motion_adapter, **text, **two)
