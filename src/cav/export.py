@@ -3,7 +3,8 @@
 Formats are fields of the family rows (``families.Family.exports``: a family lists the layouts its T-LoRAs go to;
 an ``ExportFormat`` holds the converter of the peft state and the default file name). (The diffusers LoRA layout
 needs no export: every adapter folder already holds ``pytorch_lora_weights.safetensors``.) A T-LoRA of one expert of
-a two-expert base (Wan 2.2 A14B) is written as that expert's file of the pair (``ExportFormat.expert_suffixes``).
+a two-expert base (Wan 2.2 A14B) is written as that expert's file of the pair (``ExportFormat.expert_suffixes``), a
+T-LoRA of both experts as the pair.
 """
 
 from __future__ import annotations
