@@ -947,20 +947,18 @@ def test_wan_export_comfyui_reads_back_through_diffusers(wan_run, wan_model, tmp
 
 def test_wan_bad_inputs_are_one_line(wan_model, tiny_video, tmp_path, run_cli):
     """A frame count Wan's VAE cannot take, a size the patch × VAE cannot tile, temporal convolutions a DiT lacks,
-    textual inversion (not wired on Wan yet), a two-expert base (no --experts yet): one line each, exit 2, before
-    the run folder exists."""
-    from cav.wan.tiny import make_tiny_wan
-
+    textual inversion (not wired on Wan yet), --experts on a one-expert base: one line each, exit 2, before the run
+    folder exists."""
     out = tmp_path / "run"
     base = ["train", tiny_video, "--prompt", PROMPT, "--base", wan_model, "--out", out, "--steps", "1",
             "--absorber-steps", "1", "--quiet"]
-    two = make_tiny_wan(tmp_path / "a14b", experts=2)
     for extra, words in ((["--frames", "4", "--size", "16"], ("--frames 4", "4k+1", "--frames 1 or 5")),
                          (["--frames", "5", "--size", "24"], ("24", "multiple of 16")),
                          (["--frames", "5", "--size", "16", "--placement", "motiondirector+tconv"],
                           ("temporal convolutions", "placement cav")),
                          (["--frames", "5", "--size", "16", "--absorbers", "both"], ("textual inversion", "s-lora")),
-                         (["--frames", "5", "--size", "16", "--base", two], ("two experts", "--experts"))):
+                         (["--frames", "5", "--size", "16", "--experts", "low"],
+                          ("--experts low", "two-expert base", "drop --experts"))):
         code, err = run_cli(base + extra)
         _one_line_error(code, err, *words)
         assert not out.exists()

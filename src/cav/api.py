@@ -52,12 +52,17 @@ def plan(cfg: TrainConfig, clips: int = 1, estimate: bool = False) -> dict:
     n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal", family), low_cpu_mem_usage=True)
     stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n,
                    **({"clips": clips} if clips > 1 else {})})
+    expert = backbone_mod.check_experts(cfg.base, cfg.experts or None, family)
+    if expert:  # a two-expert base: every LoRA trains on the chosen expert(s) (an untrained one samples, frozen)
+        parts = backbone_mod.expert_parts(family, expert)  # both: each LoRA row once per expert
+        stages = [row for s in stages for row in
+                  ([s] if s["name"].startswith("textual_inversion") else [{**s, "expert": p} for p in parts])]
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
     resolved = backbone_mod.resolve_base(cfg.base)
     memory = ({"memory": family.memory(cfg, lambda name: backbone_mod._read_json(resolved, name, "base"))}
               if family.memory else {})
     return {"base": cfg.base, "family": family.name, "model_class": family.model_class, "placement": cfg.placement,
-            "absorbers": cfg.absorbers, "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {}), **memory,
+            "absorbers": cfg.absorbers, **({"experts": expert} if expert else {}), "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {}), **memory,
             **estimate_mod.statement(cfg, clips, measure=estimate, unet_params=base_params)}
 
 
@@ -248,7 +253,7 @@ def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, samp
     base = base or (metas[0].get("base") if metas else None) or "toy"
     if recorded and motion_adapter is None and metas and base == metas[0].get("base"):
         motion_adapter = metas[0].get("motion_adapter")  # the adapter's own base: image model + its motion adapter
-    bb = backbone_mod.load(base, device, dtype, motion_adapter=motion_adapter)
+    bb = backbone_mod.load(base, device, dtype, motion_adapter=motion_adapter, experts=_trained_expert(adapters, metas))
     check_steps(bb, sample.steps)
     size = tuple(sample.size or _default_size(bb))
     inputs = generation.read_inputs(sample, size)
@@ -274,6 +279,16 @@ def check_steps(bb, steps: int) -> None:
     if limit and steps > limit:
         raise CavError(f"steps (--steps) {steps} is more than this base's scheduler has timesteps ({limit}): pass "
                        f"--steps {limit} or fewer")
+
+
+def _trained_expert(adapters, metas: list[dict]) -> str | None:
+    """The expert of a two-expert base the T-LoRAs go on (what each recorded: ``experts``); None: one-expert
+    adapters (the base's default). Adapters of different experts cannot be composed on one expert: refused."""
+    chosen = {m.get("experts") for m in metas}
+    if len(chosen) > 1:
+        listed = ", ".join(f"{p} ({m.get('experts') or 'one expert'})" for (p, _), m in zip(adapters, metas))
+        raise CavError(f"the adapters were trained on different experts ({listed}): pass adapters of one expert")
+    return next(iter(chosen), None)
 
 
 def _set_grid_weight(bb, adapters, image_loras, metas, sample: SampleConfig, weight: float | None) -> list[float]:

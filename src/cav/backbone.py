@@ -9,8 +9,10 @@ A *base* is one of:
   image model (``unet/`` = ``UNet2DConditionModel``) plus ``motion_adapter`` (a ``MotionAdapter`` folder or hub id);
   SD 1.5 (``AnimateDiffPipeline``) or SDXL (``AnimateDiffSDXLPipeline``: a second text encoder, ``text_encoder_2``).
 - a Wan text-to-video DiT (``WanPipeline``: ``transformer/`` = ``WanTransformer3DModel``, ``AutoencoderKLWan``, a umT5
-  text encoder; one expert), or ``toy-wan``, the toy world's Wan (in the repository; not in the package data until
-  it meets its floors: ``toy/wan_model/README.md``).
+  text encoder), or ``toy-wan``, the toy world's Wan (in the repository; not in the
+  package data until it meets its floors: ``toy/wan_model/README.md``). A two-expert base (Wan 2.2 T2V-A14B:
+  ``transformer_2`` beside ``transformer``) loads both; LoRAs train on the one ``--experts`` names (``Backbone.unet``),
+  samples use both, each on its side of the pipeline's boundary (``Backbone.denoiser_at``).
 
 Families of bases are the rows of ``families.FAMILIES``: the model class each one loads, the pipeline that samples
 from it, its text condition, its objective's schedulers; this module reads them and never branches on a family's
@@ -187,14 +189,104 @@ def _condition_of(index: dict) -> str:
     return "sdxl" if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None else "clip"
 
 
-def _check_one_expert(base, index: dict, family: Family) -> None:
-    """Refuse a two-expert base (Wan 2.2 A14B: ``transformer_2`` beside ``transformer``): cav trains and samples
-    one denoiser for now."""
+# --experts: the first (high-noise) or the second (low-noise) denoiser of a two-expert base, or both (``Experts``)
+EXPERTS = ("high", "low", "both")
+
+
+class Experts(torch.nn.Module):
+    """``--experts both``: a two-expert base's experts as one denoiser, so the trainer still calls one model. Each
+    batch row runs on the expert the pipeline uses at its timestep (high noise at or above ``boundary``), so every
+    draw of a training step reaches its own expert. Module names carry the expert's component name
+    (``transformer.blocks.0…``, ``transformer_2.blocks.0…``): an adapter injected by name (``lora_scope`` widens its
+    target regex) lives in both experts and activates, trains, saves and loads as one."""
+
+    _supports_gradient_checkpointing = True
+
+    def __init__(self, experts: dict[str, torch.nn.Module], boundary: float):
+        super().__init__()
+        self.parts = tuple(experts)  # pipeline order: high noise, low noise
+        for name, model in experts.items():
+            self.add_module(name, model)
+        self.boundary = float(boundary)
+        self.lora_scope = rf"(?:{'|'.join(map(re.escape, self.parts))})\."
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {p: getattr(self, p) for p in self.parts}
+
+    @property
+    def config(self):
+        return self.models()[self.parts[0]].config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.models()[self.parts[0]].dtype
+
+    def enable_gradient_checkpointing(self) -> None:
+        for model in self.models().values():
+            model.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        for model in self.models().values():
+            model.disable_gradient_checkpointing()
+
+    def load_lora_adapter(self, *args, **kwargs):
+        """An image LoRA file (``--s-lora-from``, ``--image-lora FILE``) is one model's: refused on both experts."""
+        raise CavError("an image LoRA file goes into one expert: with it, use an adapter of --experts high or low "
+                       "(or a run folder's own S-LoRA)")
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        n = hidden_states.shape[0]
+        t = timestep.reshape(-1).expand(n) if timestep.numel() == 1 else timestep
+        high = t >= self.boundary
+        out = None
+        for model, rows in zip(self.models().values(), (high, ~high)):
+            idx = rows.nonzero().flatten()
+            if idx.numel() == n:  # every row on one expert: the call as it is
+                return model(hidden_states, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+            if idx.numel():
+                part = model(hidden_states[idx], t[idx], encoder_hidden_states[idx], *args, return_dict=False,
+                             **kwargs)[0]
+                out = (part.new_zeros((n, *part.shape[1:])) if out is None else out).index_copy(0, idx, part)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def experts_of(index: dict, family: Family) -> tuple[str, ...]:
+    """The denoiser components a model_index.json names, in the pipeline's order: ``(folder,)``, or two experts
+    ``(folder, folder_2)`` (Wan 2.2 T2V-A14B: ``transformer`` for the high-noise steps, ``transformer_2`` for the
+    low-noise ones, switched at the pipeline's ``boundary_ratio``)."""
     second = index.get(f"{family.model_folder}_2")
     if isinstance(second, list) and second[0] is not None:
-        raise CavError(f"base '{base}' has two experts ({family.model_folder} and {family.model_folder}_2, "
-                       "Wan 2.2 A14B's layout): cav does not train two-expert bases yet (no --experts): use a "
-                       "one-expert base such as Wan 2.1 T2V 1.3B / 14B or Wan 2.2 TI2V-5B")
+        return family.model_folder, f"{family.model_folder}_2"
+    return (family.model_folder,)
+
+
+def expert_parts(family: Family, expert: str) -> tuple[str, ...]:
+    """The component names of ``--experts`` ``high`` / ``low`` / ``both`` (``transformer`` / ``transformer_2``)."""
+    parts = (family.model_folder, f"{family.model_folder}_2")
+    return parts if expert == "both" else (parts[EXPERTS.index(expert)],)
+
+
+def _chosen_expert(base, experts: str | None, parts: tuple[str, ...], family: Family) -> str | None:
+    """The expert the LoRAs train on: ``experts`` (default ``high``) on a two-expert base, None on a one-expert one
+    (where ``--experts`` is refused in one line)."""
+    if len(parts) == 1:
+        if experts:
+            raise CavError(f"--experts {experts} needs a two-expert base (Wan 2.2 T2V-A14B), but base '{base}' has one "
+                           f"{family.model_folder}: drop --experts")
+        return None
+    return experts or "high"
+
+
+def check_experts(base, experts: str | None, family: Family | None = None) -> str | None:
+    """``--experts`` against the base's model_index.json, before any weight loads (see ``_chosen_expert``)."""
+    family = family or family_of(base)
+    try:
+        index = _read_json(resolve_base(base), "model_index.json", "base")
+    except CavError:  # an unreachable hub id: loading it reports the problem
+        return experts
+    return _chosen_expert(base, experts, experts_of(index, family), family)
 
 
 def _model_class(index: dict) -> str | None:
@@ -225,7 +317,6 @@ def family_of(base: str | Path, motion_adapter: str | None = None) -> Family:
     family = next((f for f in FAMILIES.values() if f.model_class == model_cls and f.condition.name == condition),
                   None)
     if family is not None:
-        _check_one_expert(base, index, family)
         return family
     animated = next((f for f in addons if f.addon.image_class == model_cls), None)
     if animated is not None:
@@ -391,6 +482,12 @@ class Backbone:
     reported: set = field(default_factory=set, repr=False, compare=False)  # prompts already warned about (cut)
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder (OpenCLIP bigG) and its tokenizer
     tokenizer_2: object = None
+    # a two-expert base: the expert ``unet`` is (high / low), its component name, the other expert(s) by component
+    # name, and the pipeline's boundary_ratio (None: one denoiser, ``unet``)
+    expert: str | None = None
+    part: str = ""
+    others: dict = field(default_factory=dict)
+    boundary_ratio: float | None = None
 
     @property
     def condition(self):
@@ -434,6 +531,42 @@ class Backbone:
         """Latents (B, C, F', h, w) → the video tensor ``pipe.video_processor`` post-processes."""
         return self.latents.decode(self, pipe, latents)
 
+    def denoisers(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's denoisers by component name, in its order: ``unet`` alone, or both experts."""
+        if isinstance(self.unet, Experts):
+            return self.unet.models()
+        parts = {self.part or self.family.model_folder: self.unet, **self.others}
+        return {name: parts[name] for name in sorted(parts, key=lambda n: (len(n), n))}  # transformer, transformer_2
+
+    @property
+    def boundary(self) -> float | None:
+        """The timestep at and above which the high-noise expert denoises (the pipeline's rule); None: one denoiser."""
+        if self.boundary_ratio is None:
+            return None
+        return float(self.boundary_ratio) * int(self.scheduler.config.num_train_timesteps)
+
+    def denoiser_at(self, t: torch.Tensor) -> torch.nn.Module:
+        """The denoiser the pipeline runs at timestep ``t``: ``unet``, or on a two-expert base the high-noise expert
+        at or above the boundary and the low-noise one below (as ``WanPipeline`` switches)."""
+        if self.boundary is None:
+            return self.unet
+        high, low = self.denoisers().values()
+        return high if float(t.reshape(-1)[0]) >= self.boundary else low
+
+    def train_window(self, window: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The [low, high) training timesteps of a stage on ``unet``: ``window`` (None: the whole schedule) cut to the
+        trained expert's noise range on a two-expert base (high: at or above the boundary; low: below; both: the
+        whole window, each draw routed by ``Experts``)."""
+        if self.boundary is None or self.expert == "both":
+            return window
+        lo, hi = window or (0, int(self.scheduler.config.num_train_timesteps))
+        edge = math.ceil(self.boundary)
+        lo, hi = (max(lo, edge), hi) if self.expert == "high" else (lo, min(hi, edge))
+        if lo >= hi:
+            raise CavError(f"--t-lora-timesteps {list(window)} lies outside the {self.expert}-noise expert's range "
+                           f"(boundary {edge}): pass --t-lora-timesteps that overlap it, or the other --experts")
+        return lo, hi
+
     def pipeline(self):
         """The family's diffusers pipeline (``TextToVideoSDPipeline``, ``AnimateDiffPipeline``,
         ``AnimateDiffSDXLPipeline``, ``WanPipeline``) over these very modules (no copies)."""
@@ -447,18 +580,20 @@ class Backbone:
             pipe = getattr(diffusers, family.pipeline_class)(
                 vae=self.vae,
                 **text,
-                **{family.model_folder: self.unet},  # the pipeline names the denoiser as the folder: unet, transformer
+                **self.denoisers(),  # the pipeline names a denoiser as its folder: unet, transformer (transformer_2)
                 scheduler=family.objective.sampler(self.scheduler.config),
                 **dict(family.pipeline_extra),
+                **({"boundary_ratio": self.boundary_ratio} if self.boundary_ratio is not None else {}),
             )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
 
-def _load_unet(family: Family, source: str, motion_adapter: str | None, dt: torch.dtype, kw: dict) -> torch.nn.Module:
+def _load_unet(family: Family, source: str, motion_adapter: str | None, dt: torch.dtype, kw: dict,
+               folder: str | None = None) -> torch.nn.Module:
     import diffusers
 
-    folder = family.model_folder
+    folder = folder or family.model_folder
     if not motion_adapter:
         return getattr(diffusers, family.model_class).from_pretrained(source, subfolder=folder, torch_dtype=dt, **kw)
     adapter_src = resolve_motion_adapter(motion_adapter)  # the image model + the family's add-on
@@ -501,8 +636,9 @@ def _adapt_condition(module, args: tuple, kwargs: dict, condition, per_frame: bo
 
 
 def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
-         motion_adapter: str | None = None) -> Backbone:
-    """Load a base model (see module doc) with frozen weights on ``device`` in ``dtype``."""
+         motion_adapter: str | None = None, experts: str | None = None) -> Backbone:
+    """Load a base model (see module doc) with frozen weights on ``device`` in ``dtype``; on a two-expert base both
+    experts, ``Backbone.unet`` being the one ``experts`` names (default high)."""
     import diffusers
     import transformers
 
@@ -512,9 +648,15 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     kw = _hub_kwargs(source, "base", "--base")
+    try:
+        index = _read_json(source, "model_index.json", "base")
+    except CavError:  # an unreachable hub id: from_pretrained below reports it
+        index = {}
+    parts = experts_of(index, family)
+    expert = _chosen_expert(base, experts, parts, family)
     text = {}
     try:
-        unet = _load_unet(family, source, motion_adapter, dt, kw)
+        denoisers = {part: _load_unet(family, source, motion_adapter, dt, kw, part) for part in parts}
         vae = getattr(diffusers, family.vae_class).from_pretrained(source, subfolder="vae", torch_dtype=dt, **kw)
         for part in family.condition.parts:  # the family's text encoder(s) and tokenizer(s)
             text[part.encoder] = getattr(transformers, part.encoder_class).from_pretrained(
@@ -528,11 +670,23 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CavError(f"could not load base '{base}': {first[:200]} — check the folder is a complete diffusers T2V model") from None
-    attach_condition(unet, family, family.latents.spatial_factor(vae.config))
+    for model in denoisers.values():
+        attach_condition(model, family, family.latents.spatial_factor(vae.config))
     encoders = [text[p.encoder] for p in family.condition.parts]
-    for module in (unet, vae, *encoders):
+    for module in (*denoisers.values(), vae, *encoders):
         module.requires_grad_(False)
         module.eval()
         module.to(dev)
+    ratio = index.get("boundary_ratio")
+    if expert == "both":
+        if ratio is None:
+            raise CavError(f"base '{base}' has two experts but no boundary_ratio in model_index.json: pass "
+                           "--experts high or low")
+        unet, part = Experts(denoisers, float(ratio) * int(scheduler.config.num_train_timesteps)), ""
+        denoisers = {}
+    else:
+        part = expert_parts(family, expert)[0] if expert else parts[0]
+        unet = denoisers.pop(part)
+    two = {"expert": expert, "part": part, "others": denoisers, "boundary_ratio": ratio} if expert else {}
     return Backbone(unet, vae, text.pop("text_encoder"), text.pop("tokenizer"), scheduler, source, dev, dt,
-                    family, motion_adapter, **text)
+                    family, motion_adapter, **text, **two)

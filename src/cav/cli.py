@@ -110,6 +110,7 @@ def cmd_train(args) -> int:
                   + (f"; {result['clips']} clips, each with its own absorbers, one T-LoRA" if "clips" in result else ""))
             for s in result["stages"]:
                 own = f"  clip {s['clip'] + 1}: {s['spatial_prompt']}" if "clip" in s else ""
+                own += f"  on {s['expert']} (--experts {result['experts']})" if "expert" in s else ""
                 print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules{own}")
             print(f"recipe: {result['recipe']}")
             if "memory" in result:
@@ -302,10 +303,10 @@ def _add_batch(sub) -> None:
 # ------------------------------------------------------------------------------------------------- export
 def cmd_export(args) -> int:
     _quiet_libraries()
-    from .export import export
+    from .export import export_files
 
-    path = export(args.run, args.format, args.out, overwrite=args.overwrite)
-    print(f"wrote {path}")
+    for path in export_files(args.run, args.format, args.out, overwrite=args.overwrite):
+        print(f"wrote {path}")
     return 0
 
 

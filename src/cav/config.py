@@ -22,6 +22,7 @@ from .options import coerce_fields, option as _f
 
 ABSORBERS = ("none", "s-lora", "ti", "both")
 PLACEMENTS = ("cav", "motiondirector", "motiondirector+tconv")
+EXPERTS = ("high", "low", "both")  # --experts on a two-expert base (whether it has two: backbone.check_experts)
 WEIGHT_MAX = 4.0  # adapter weights above this only saturate the video
 
 
@@ -199,6 +200,10 @@ class TrainConfig:
     ti_from: str = _f("", "start from this existing textual-inversion embedding (.safetensors) as the TI absorber: "
                       "skips stage 1 (absorbers are then exactly the given ones)")
     placement: Literal["cav", "motiondirector", "motiondirector+tconv"] = _f("cav", "LoRA placement preset")
+    experts: str = _f("", "two-expert bases (Wan 2.2 T2V-A14B): the expert the LoRAs train on, each on its own noise "
+                      "range: high (transformer, the steps at or above the pipeline's boundary), low (transformer_2, "
+                      "below it) or both (each step's draws routed as the pipeline routes); samples use both experts",
+                      default_text="high on a two-expert base", metavar="high|low|both")
     # T-LoRA (stage 2)
     steps: int = _f(300, "T-LoRA training steps", unit="steps")
     t_lora_rank: int = _f(4, "T-LoRA rank")
@@ -283,6 +288,8 @@ class TrainConfig:
         if self.s_lora_from or self.ti_from:  # given absorbers replace stage 1: they are the run's absorbers
             self.absorbers = {(True, True): "both", (True, False): "s-lora", (False, True): "ti"}[
                 (bool(self.s_lora_from), bool(self.ti_from))]
+        if self.experts not in ("", *EXPERTS):  # whether the base has two experts: backbone.check_experts
+            raise CavError(f"--experts {self.experts} is not a choice: pass --experts high, low or both")
         if self.steps < 1:  # 0 steps would train, save and publish no T-LoRA at all
             raise CavError(f"--steps {self.steps} trains no T-LoRA: pass --steps N with N ≥ 1 (T-LoRA training "
                            "steps)")

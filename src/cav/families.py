@@ -29,6 +29,7 @@ from .latents import FRAMES
 from .objectives import DDPM, FLOW, Objective
 from .toy import factory
 from .wan import family as wan_family
+from .wan import formats as wan_formats
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -69,6 +70,9 @@ class ExportFormat:
     filename: str
     describe: str
     note: str = "lora_alpha/r is folded into the up weights: load with alpha (strength) 1.0"  # the file's cav_note
+    # two-expert bases: the file name's suffix per expert component (a T-LoRA of ``transformer`` is written as
+    # ``<stem>_high_noise.safetensors``), the names the community loads the pair by
+    expert_suffixes: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,8 @@ MOTION_ADAPTER_SDXL = AddOn("UNet2DConditionModel", "MotionAdapter", "--motion-a
                             "guoyww/animatediff-motion-adapter-sdxl-beta")
 COMFYUI_WAN_EXPORT = ExportFormat("comfyui", wan_family.to_comfyui, "wan_motion_lora_comfyui.safetensors",
                                   "ComfyUI's Wan LoRA layout (diffusion_model.blocks.N.self_attn.q …, with alpha)",
-                                  "each module's .alpha holds lora_alpha: load with strength 1.0")
+                                  "each module's .alpha holds lora_alpha: load with strength 1.0",
+                                  tuple(wan_formats.EXPERT_SUFFIXES.items()))
 # SDXL motion modules are named as SD 1.5's in the original AnimateDiff code (sdxl branch), so both export to it
 ANIMATEDIFF_EXPORT = ExportFormat("animatediff", animatediff_export.to_animatediff, "animatediff_motion_lora.safetensors",
                                   "the original AnimateDiff MotionLoRA key layout")

@@ -22,6 +22,10 @@ def check_train(cfg: TrainConfig) -> None:
     family = backbone.family_of(cfg.base, cfg.motion_adapter or None)
     backbone.check_shape(cfg.base, cfg.size, cfg.frames, motion_adapter=cfg.motion_adapter or None, family=family)
     check_family_supports(cfg, family)
+    expert = backbone.check_experts(cfg.base, cfg.experts or None, family)  # on a one-expert base: refused
+    if expert == "both" and cfg.s_lora_from:  # an image LoRA file is read into one model
+        raise CavError("--s-lora-from with --experts both is not supported: pass --experts high or low, or let stage 1 "
+                       "train the S-LoRA on both experts")
     if cfg.motion_adapter:  # e.g. an SD 1.5 motion adapter on an SDXL image model: refused before the folder is touched
         backbone.check_motion_adapter_fits(backbone.read_unet_config(cfg.base),
                                            backbone.read_motion_adapter_config(cfg.motion_adapter), cfg.motion_adapter)

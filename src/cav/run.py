@@ -138,7 +138,8 @@ def actions(keys: list[StageKey], point: StageKey | None) -> list[str]:
 # -------------------------------------------------------------------------------------------------- the run
 def _load_backbone(cfg: TrainConfig):
     """The base to train on, with the accelerations the recipe and the device ask for."""
-    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype, motion_adapter=cfg.motion_adapter or None)
+    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype, motion_adapter=cfg.motion_adapter or None,
+                           experts=cfg.experts or None)
     if not cfg.validation_prompts:  # the validation prompt is --prompt, whose cut preflight reported: once is enough
         bb.reported.update(runfolder.validation_prompts(cfg))
     accel.tune_backends(bb.device)

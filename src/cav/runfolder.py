@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import accel, generation, versioned
+from . import backbone as backbone_mod
 from . import resume as resume_mod
 from .adapters import lora
 from .config import TrainConfig, dump_yaml
@@ -193,9 +194,11 @@ def validation_prompts(cfg: TrainConfig) -> list[str]:
 
 
 def base_meta(bb) -> dict:
-    """What an adapter records about its base (family, motion adapter), so `cav generate` rebuilds the same model
-    and adapters of another family are refused by name."""
-    return {"family": bb.family.name, **({"motion_adapter": bb.motion_adapter} if bb.motion_adapter else {})}
+    """What an adapter records about its base (family, motion adapter, the expert it trained on), so `cav generate`
+    rebuilds the same model and adapters of another family are refused by name."""
+    return {"family": bb.family.name, **({"motion_adapter": bb.motion_adapter} if bb.motion_adapter else {}),
+            **({"experts": bb.expert, "expert_parts": list(backbone_mod.expert_parts(bb.family, bb.expert))}
+               if bb.expert else {})}
 
 
 def t_lora_meta(bb, cfg: TrainConfig, step: int) -> dict:

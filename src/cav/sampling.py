@@ -117,8 +117,8 @@ def _denoise_tail(bb: Backbone, pipe, latents: torch.Tensor, prompts: list[str],
     sched.set_timesteps(steps, device=latents.device)
     for t in pipe.progress_bar(sched.timesteps[skip:]):
         model_in = torch.cat([latents] * 2) if cfg else latents
-        pred = bb.unet(model_in, objective.model_timestep(t, model_in.shape[0]), encoder_hidden_states=embeds,
-                       return_dict=False)[0]
+        pred = bb.denoiser_at(t)(model_in, objective.model_timestep(t, model_in.shape[0]), encoder_hidden_states=embeds,
+                                 return_dict=False)[0]
         if cfg:
             pred_uncond, pred_text = pred.chunk(2)
             pred = pred_uncond + guidance * (pred_text - pred_uncond)
@@ -155,8 +155,8 @@ def ddim_invert(bb: Backbone, latents: torch.Tensor, steps: int, upto: int | Non
         empty, _ = bb.condition.pipeline_encode(pipe, [""] * latents.shape[0], bb.device, False, None)
     x = latents.to(bb.device, bb.dtype)
     for t in inverse.timesteps[:upto]:
-        pred = bb.unet(x, bb.family.objective.model_timestep(t, x.shape[0]), encoder_hidden_states=empty,
-                       return_dict=False)[0]
+        pred = bb.denoiser_at(t)(x, bb.family.objective.model_timestep(t, x.shape[0]), encoder_hidden_states=empty,
+                                 return_dict=False)[0]
         x = _per_frame(lambda a, p: inverse.step(p, t, a).prev_sample, x, pred)
     return x
 

@@ -4,6 +4,8 @@ Stage 1 (appearance absorbers): S-LoRA and/or textual inversion on *unordered*, 
 layers bypassed (the T2V UNet acts as a T2I UNet), spatial (appearance-only) prompt.
 Stage 2 (T-LoRA): temporal-attention LoRA on the whole clip with the absorbers loaded and frozen, full prompt
 (textual-inversion tokens in it).
+On a two-expert base both stages train the expert ``--experts`` names (``Backbone.unet``) on its own noise range
+only (``Backbone.train_window``): the timesteps the pipeline hands that expert.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
     # the fused forward of the S-LoRA this clip trains; TI alone: the plain step
     step = lean.LeanStep(bb.unet, s_lora, lean.autocast_dtype(bb.device, bb.dtype)) if cfg.uses_s_lora else None
     return Stage("absorbers", cfg.absorber_steps, groups, batch, bb.family.objective, bb.family.image_mode,
-                 after_backward=after_backward, after_step=after_step, checkpoint=checkpoint,
+                 timesteps=bb.train_window(None), after_backward=after_backward, after_step=after_step, checkpoint=checkpoint,
                  checkpoint_every=cfg.checkpoint_every, forward_backward_context=step or contextlib.nullcontext)
 
 
@@ -145,7 +147,7 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
 
     groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.t_lora_lr, "name": T_LORA}]
     return Stage("t_lora", cfg.steps, groups, batch, bb.family.objective,
-                 timesteps=tuple(int(t) for t in cfg.t_lora_timesteps), checkpoint=checkpoint,
+                 timesteps=bb.train_window(tuple(int(t) for t in cfg.t_lora_timesteps)), checkpoint=checkpoint,
                  checkpoint_every=cfg.checkpoint_every,
                  forward_backward_context=lean.LeanStep(bb.unet, T_LORA, lean.autocast_dtype(bb.device, bb.dtype)))
 

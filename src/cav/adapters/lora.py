@@ -8,6 +8,7 @@ the LoraConfig in the file's metadata), so stock ``pipeline.load_lora_weights(fo
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -35,7 +36,13 @@ def lora_config(kind: str, placement: str, rank: int, alpha: float, family: fami
 
 
 def add_lora(unet: torch.nn.Module, name: str, config: LoraConfig, low_cpu_mem_usage: bool = False) -> int:
-    """Inject adapter ``name``; return the number of adapted modules."""
+    """Inject adapter ``name``; return the number of adapted modules. A denoiser made of several models names
+    their modules with a prefix (``backbone.Experts``: ``transformer.``, ``transformer_2.``) and says so in
+    ``lora_scope``: a target regex then matches under each prefix."""
+    scope = getattr(unet, "lora_scope", None)
+    if scope and isinstance(config.target_modules, str):
+        config = copy.deepcopy(config)
+        config.target_modules = rf"{scope}(?:{config.target_modules})"
     with warnings.catch_warnings():  # several named adapters on one model is what we want
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(config, unet, adapter_name=name, low_cpu_mem_usage=low_cpu_mem_usage)
@@ -83,11 +90,29 @@ def save_lora(unet: torch.nn.Module, name: str, config: LoraConfig, directory: P
             cfg[key] = sorted(value)
     write_json(directory / CONFIG, cfg)
     versioned.write(directory / META, meta)
-    save_diffusers_lora(directory, state, cfg, families.get(meta["family"]) if meta.get("family") else None)
+    family = families.get(meta["family"]) if meta.get("family") else None
+    for k, (part, sub) in enumerate(by_part(state, getattr(unet, "parts", None)).items()):  # one file per expert
+        save_diffusers_lora(directory, sub, cfg, family, DIFFUSERS_WEIGHTS if k == 0 else diffusers_weights(part))
     return directory
 
 
-def save_diffusers_lora(directory: Path, state: dict, config: dict, family: families.Family | None = None) -> Path:
+def diffusers_weights(part: str) -> str:
+    """The diffusers-layout file of the LoRA of a denoiser's model ``part`` after its first (``--experts both``: the
+    low-noise expert's, ``pytorch_lora_weights_transformer_2.safetensors``)."""
+    return DIFFUSERS_WEIGHTS.replace(".safetensors", f"_{part}.safetensors")
+
+
+def by_part(state: dict, parts: tuple[str, ...] | None) -> dict:
+    """An adapter's state per model of its denoiser: ``{None: state}``, or per expert ``parts`` of a
+    ``backbone.Experts`` (keys prefixed by the component name, which is stripped; an expert without keys left out)."""
+    if not parts:
+        return {None: state}
+    split = {p: {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(f"{p}.")} for p in parts}
+    return {p: sub for p, sub in split.items() if sub}
+
+
+def save_diffusers_lora(directory: Path, state: dict, config: dict, family: families.Family | None = None,
+                        weight_name: str = DIFFUSERS_WEIGHTS) -> Path:
     """The adapter in diffusers' LoRA layout, written by diffusers itself (the family's ``lora_writer``:
     ``unet.`` keys for the UNet pipelines, ``transformer.`` for Wan; LoraConfig metadata)."""
     import importlib
@@ -101,8 +126,8 @@ def save_diffusers_lora(directory: Path, state: dict, config: dict, family: fami
         writer.save_lora_weights(
             str(directory), **{f"{part}_lora_layers": {k: v.detach().float().cpu().contiguous() for k, v in state.items()},
                                f"{part}_lora_adapter_metadata": {k: config[k] for k in keep if k in config}},
-            weight_name=DIFFUSERS_WEIGHTS, safe_serialization=True)
-    return Path(directory) / DIFFUSERS_WEIGHTS
+            weight_name=weight_name, safe_serialization=True)
+    return Path(directory) / weight_name
 
 
 def read_meta(directory: Path) -> dict:

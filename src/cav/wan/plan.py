@@ -133,7 +133,8 @@ def run_memory(cfg, read) -> dict:
     dtype = {"auto": "bf16" if on_gpu else "fp32", "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[cfg.dtype]
     checkpointing = _checkpointing(cfg.gradient_checkpointing, device)
     h, w = cfg.size
-    out = dry_run(read, frames=cfg.frames, height=h, width=w, placement=cfg.placement, absorbers=cfg.absorbers,
+    out = dry_run(read, frames=cfg.frames, height=h, width=w, placement=cfg.placement, experts=cfg.experts or None,
+                  absorbers=cfg.absorbers,
                   prompt_vectors=cfg.ti_tokens, absorbers_given=cfg.absorbers_given, dtype=dtype, device=device,
                   checkpointing=checkpointing, offload_frozen=False, absorber_batch=cfg.absorber_batch)
     return {**out["memory"], "device": device, "dtype": dtype, "checkpointing": checkpointing,
