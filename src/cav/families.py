@@ -132,6 +132,10 @@ class Family:
     # the dry run's training-memory estimate, ``memory(cfg, read) -> dict`` with ``read(name)`` a JSON file of the
     # base (None: the family has no estimate; the UNet families' memory is measured by `cav bench speed`)
     memory: Callable | None = None
+    # ``--offload-frozen`` on the denoiser: ``block_swap(denoiser, device)`` keeps its blocks' frozen weights off the
+    # device between their uses and returns a handle whose ``detach()`` puts them back (``run.BlockSwapping`` uses
+    # it); None: the flag moves only the VAE and text encoders off the device, as on the UNet rows
+    block_swap: Callable | None = None
 
     def __repr__(self) -> str:
         return f"Family({self.name!r})"
@@ -238,7 +242,8 @@ WAN = Family(  # Wan 2.1 / 2.2 text-to-video DiTs (one expert)
     image_mode=wan_family.FOLD_FRAMES, objective=FLOW, exports=(COMFYUI_WAN_EXPORT,),
     image_lora=wan_family.load_image_lora,
     lora_writer="diffusers:WanPipeline",
-    tiny=Tiny(wan_family.make_tiny, size=16, frames=5), memory=wan_plan.run_memory)
+    tiny=Tiny(wan_family.make_tiny, size=16, frames=5), memory=wan_plan.run_memory,
+    block_swap=wan_family.swap_blocks)
 
 FAMILIES = {f.name: f for f in (UNET3D, ANIMATEDIFF, ANIMATEDIFF_SDXL, WAN)}
 LEGACY = UNET3D  # what an adapter without a recorded family was trained on (runs from before families existed)

@@ -149,3 +149,11 @@ def make_tiny(directory):
 
 FOLD_FRAMES = FoldFrames()
 WAN_LATENTS = WanLatents()
+
+
+def swap_blocks(transformer, device):
+    """``Family.block_swap`` of the Wan row: ``offload.swap_transformer_blocks`` onto ``device`` (its blocks'
+    frozen weights live on the CPU between their uses); the handle's ``detach()`` puts them all back."""
+    from . import offload
+
+    return offload.swap_transformer_blocks(transformer, device)
