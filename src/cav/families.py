@@ -88,11 +88,16 @@ class Tiny:
 @dataclass(frozen=True)
 class Rig:
     """What the speed benchmark builds for the family: its denoiser (``size`` "full" or "tiny" -> module, called on
-    the meta device) and its full-size text encoder's config (the VAE is Stable Diffusion's for every family)."""
+    the meta device) and its full-size text encoder's config (the VAE is Stable Diffusion's, the tokenizer CLIP's);
+    or, with ``parts``, the family's own VAE, text encoder, tokenizer and scheduler (``parts(size)`` -> dict of
+    ``vae`` / ``text_encoder`` builders and ``tokenizer`` / ``scheduler`` objects). ``frames``: the pixel frames of
+    the rig's clip when the benchmark's latent frame count does not fit the family's VAE (None: that count)."""
 
     label: str
     model: Callable[[str], object]
-    full_text: Callable[[], dict]
+    full_text: Callable[[], dict] | None = None
+    parts: Callable[[str], dict] | None = None
+    frames: int | None = None
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -243,7 +248,8 @@ WAN = Family(  # Wan 2.1 / 2.2 text-to-video DiTs (one expert)
     image_lora=wan_family.load_image_lora,
     lora_writer="diffusers:WanPipeline",
     tiny=Tiny(wan_family.make_tiny, size=16, frames=5), memory=wan_plan.run_memory,
-    block_swap=wan_family.swap_blocks)
+    block_swap=wan_family.swap_blocks,
+    rig=Rig(wan_family.RIG_LABEL, wan_family.rig_model, parts=wan_family.rig_parts, frames=5))
 
 FAMILIES = {f.name: f for f in (UNET3D, ANIMATEDIFF, ANIMATEDIFF_SDXL, WAN)}
 LEGACY = UNET3D  # what an adapter without a recorded family was trained on (runs from before families existed)
