@@ -151,3 +151,24 @@ def test_dry_run_of_a_published_hub_id_offline():
     assert got["memory"]["absorber_stage"]["tokens"] == 4 * 30 * 52  # 4 frames per absorber step, image mode
     with pytest.raises(CavError, match="two-expert base"):
         plan.dry_run(lambda name: shipped.read(hub, name), frames=17, height=480, width=832, experts="high")
+
+
+def test_the_dry_runs_memory_counts_block_swap_with_offload_frozen():
+    """``--offload-frozen`` is block swap on Wan (``run.BlockSwapping``), so the dry run counts it on a GPU: only the
+    non-block parts and two blocks stay resident while training; the whole model's phase (load, checkpoints,
+    validation samples) joins the peak. On a CPU nothing is swapped, said in the warning."""
+    from cav.config import TrainConfig
+    from cav.wan import shipped
+
+    hub = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    read = lambda name: shipped.read(hub, name)  # noqa: E731
+    cfg = dict(prompt="p", frames=17, size=[480, 832], device="cuda", gradient_checkpointing="on")
+    off, on = (plan.run_memory(TrainConfig(**cfg, offload_frozen=o), read) for o in (False, True))
+    assert not off["offload_frozen"] and on["offload_frozen"] and "warning" not in on
+    assert on["bytes"]["weights"] < off["bytes"]["weights"] / 10
+    assert on["train_peak"] < off["train_peak"]
+    assert on["whole_model_phase"] == off["bytes"]["weights"] + off["bytes"]["vae"] + off["bytes"]["lora"]
+    assert on["peak"] == max(on["train_peak"], on["encode_phase"], on["whole_model_phase"])
+    assert "whole_model_phase" not in off
+    cpu = plan.run_memory(TrainConfig(**{**cfg, "device": "cpu"}, offload_frozen=True), read)
+    assert not cpu["offload_frozen"] and cpu["warning"] == checks.offload_plan(True, "cpu")[1]

@@ -26,9 +26,11 @@ def set_gradient_checkpointing(unet, enabled: bool) -> str:
     diffusers' ``UNet3DConditionModel`` declares no gradient-checkpointing support (``enable_gradient_checkpointing``
     raises, and its 3D blocks ignore the flag), so where that happens every down/mid/up block runs under
     non-reentrant ``torch.utils.checkpoint`` (inputs saved, block recomputed in backward)."""
-    if not enabled:
-        for block in _unet_blocks(unet):
-            block.__dict__.pop("forward", None)
+    if not enabled:  # the checkpointed forwards set below, wherever they are (a DiT has no down/mid/up blocks)
+        for module in unet.modules():
+            forward = module.__dict__.get("forward")
+            if isinstance(forward, functools.partial) and forward.func is _checkpointed_forward:
+                del module.__dict__["forward"]
         if getattr(unet, "_supports_gradient_checkpointing", False):
             unet.disable_gradient_checkpointing()
         return "off"

@@ -516,7 +516,7 @@ def _add_eval_bench(sub) -> None:
     bs.add_argument("--json", action="store_true", help="JSON output")
     bs.add_argument("--quick", action="store_true", help="fewer timed steps (1 warm-up, 2 timed)")
     bs.add_argument("--only", metavar="CASES", help="comma-separated cases or groups (timing, compile, counts, "
-                    "graph_breaks, flops) [default: every case]")
+                    "graph_breaks, flops, wan: the Wan 2.1 1.3B row) [default: every case]")
     bs.set_defaults(func=cmd_bench_speed)
     ba = cmds.add_parser("ablation", help="the paper's Table 1 rows in the toy world, with 95%% bootstrap CIs")
     _opt(ba, "--recipe", "ablation file: a shipped name or a YAML path", "ablation/toy", metavar="NAME_OR_YAML")

@@ -278,7 +278,8 @@ class TrainConfig:
     gradient_checkpointing: Literal["auto", "on", "off"] = _f("auto", "recompute activations in the backward pass "
                                                               "(auto: on for GPUs under 16 GB)")
     cache_inputs: bool = _f(True, "encode frames and prompts once and reuse them every step")
-    offload_frozen: bool = _f(False, "move the VAE and text encoder to CPU during the training loop")
+    offload_frozen: bool = _f(False, "move the VAE and text encoder to CPU during the training loop; on a DiT (Wan) "
+                                     "also block swap: each block's frozen weights come from the CPU for its own use")
     compile: Literal["auto", "on", "off"] = _f("off", "torch.compile the UNet as one graph (CUDA: with CUDA graphs); "
                                                "auto: on for CUDA only", parse=_compile_setting)
 

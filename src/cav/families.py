@@ -90,11 +90,16 @@ class Tiny:
 @dataclass(frozen=True)
 class Rig:
     """What the speed benchmark builds for the family: its denoiser (``size`` "full" or "tiny" -> module, called on
-    the meta device) and its full-size text encoder's config (the VAE is Stable Diffusion's for every family)."""
+    the meta device) and its full-size text encoder's config (the VAE is Stable Diffusion's, the tokenizer CLIP's);
+    or, with ``parts``, the family's own VAE, text encoder, tokenizer and scheduler (``parts(size)`` -> dict of
+    ``vae`` / ``text_encoder`` builders and ``tokenizer`` / ``scheduler`` objects). ``frames``: the pixel frames of
+    the rig's clip when the benchmark's latent frame count does not fit the family's VAE (None: that count)."""
 
     label: str
     model: Callable[[str], object]
-    full_text: Callable[[], dict]
+    full_text: Callable[[], dict] | None = None
+    parts: Callable[[str], dict] | None = None
+    frames: int | None = None
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -134,6 +139,10 @@ class Family:
     # the dry run's training-memory estimate, ``memory(cfg, read) -> dict`` with ``read(name)`` a JSON file of the
     # base (None: the family has no estimate; the UNet families' memory is measured by `cav bench speed`)
     memory: Callable | None = None
+    # ``--offload-frozen`` on the denoiser: ``block_swap(denoiser, device)`` keeps its blocks' frozen weights off the
+    # device between their uses and returns a handle whose ``detach()`` puts them back (``run.BlockSwapping`` uses
+    # it); None: the flag moves only the VAE and text encoders off the device, as on the UNet rows
+    block_swap: Callable | None = None
 
     def __repr__(self) -> str:
         return f"Family({self.name!r})"
@@ -256,7 +265,9 @@ WAN = Family(  # Wan 2.1 / 2.2 text-to-video DiTs (one expert)
     image_mode=wan_family.FOLD_FRAMES, objective=FLOW, exports=(COMFYUI_WAN_EXPORT,),
     image_lora=wan_family.load_image_lora,
     lora_writer="diffusers:WanPipeline",
-    tiny=Tiny(wan_family.make_tiny, size=16, frames=5), memory=lambda cfg, read: _wan_memory(cfg, read))
+    tiny=Tiny(wan_family.make_tiny, size=16, frames=5), memory=lambda cfg, read: _wan_memory(cfg, read),
+    block_swap=wan_family.swap_blocks,
+    rig=Rig(wan_family.RIG_LABEL, wan_family.rig_model, parts=wan_family.rig_parts, frames=5))
 
 FAMILIES = {f.name: f for f in (UNET3D, ANIMATEDIFF, ANIMATEDIFF_SDXL, WAN)}
 LEGACY = UNET3D  # what an adapter without a recorded family was trained on (runs from before families existed)

@@ -17,6 +17,7 @@ key of the latest checkpoint in the plan. The files are ``runfolder.py``'s, the 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,6 +38,7 @@ from .stages import (ClipInputs, absorber_stage, active_adapters, given_absorber
 from .trainer import JsonlLog, Stage, make_optimizer, run_stage
 
 NoContext = Callable[[], contextlib.AbstractContextManager]
+logger = logging.getLogger("cav")
 
 
 @dataclass
@@ -150,6 +152,51 @@ def _load_backbone(cfg: TrainConfig):
     return bb
 
 
+class BlockSwapping:
+    """``--offload-frozen`` on a family whose row swaps blocks (``Family.block_swap``: a DiT's blocks visit the device
+    one or two at a time). Attached around a stage's steps, inside its ``around_steps`` (after its adapters are
+    injected and the frozen S-LoRA is merged); detached around each checkpoint, outside its ``around_checkpoint``,
+    so the unmerge and the validation samples see every weight on the device: the swap's home copies are snapshots
+    of the frozen weights when it attached, so a merge or unmerge while attached would be lost on the next release.
+    On a CPU it is a no-op with a warning (``cav.wan.checks.offload_plan``)."""
+
+    def __init__(self, bb, cfg: TrainConfig):
+        from .wan.checks import offload_plan
+
+        self.bb, self.swap = bb, None
+        self.on = False
+        if cfg.offload_frozen and bb.family.block_swap is not None:
+            self.on, warning = offload_plan(True, bb.device)
+            if warning:
+                logger.warning(f"cav: warning: {warning}")
+
+    @contextlib.contextmanager
+    def attached(self):
+        """The blocks swapped inside (a stage's training steps), all back on the device on exit."""
+        if not self.on:
+            yield
+            return
+        self.swap = self.bb.family.block_swap(self.bb.unet, self.bb.device)
+        try:
+            yield
+        finally:
+            self.swap.detach()
+            self.swap = None
+
+    @contextlib.contextmanager
+    def detached(self):
+        """Every block on the device inside (a checkpoint: unmerge, saves, validation samples), swapped again on
+        exit with home copies of the weights as they are then."""
+        if self.swap is None:
+            yield
+            return
+        self.swap.detach()
+        try:
+            yield
+        finally:
+            self.swap = self.bb.family.block_swap(self.bb.unet, self.bb.device)
+
+
 class Run:
     """One training run in its folder ``out``: resumed at ``point`` (None: from the start), it owns the backbone,
     the generator, the log and the wall clock, and executes the plan."""
@@ -172,6 +219,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator("cpu").manual_seed(cfg.seed)
         self.bb = bb = _load_backbone(cfg)
+        self.swapping = BlockSwapping(bb, cfg)
         runfolder.start(self.out, cfg, self.point)
         runfolder.record_clip(self.out, data)
         val = cfg.sample_config(run=self.out.absolute())
@@ -194,7 +242,7 @@ class Run:
                 entry.load(entry.published)
             else:
                 start, opt = self._restore(entry, stage) if action == "restore" else (0, None)
-                with entry.around_steps():
+                with entry.around_steps(), self.swapping.attached():
                     run_stage(self.bb.unet, self.bb.scheduler, stage, self.gen, self._log(entry), start_step=start,
                               optimizer=opt, max_grad_norm=self.cfg.max_grad_norm, quiet=self.quiet,
                               autocast_dtype=lean.autocast_dtype(self.bb.device, self.bb.dtype))
@@ -207,7 +255,8 @@ class Run:
         key = entry.key
 
         def save(step: int, opt, gen_state, interrupted: bool) -> None:
-            with entry.around_checkpoint(), resume_mod.CheckpointWriter(self.out, key.stage, step, key.clip_index) as d:
+            with self.swapping.detached(), entry.around_checkpoint(), \
+                    resume_mod.CheckpointWriter(self.out, key.stage, step, key.clip_index) as d:
                 entry.save(d, step)
                 resume_mod.save_state(d, key.stage, step, opt, gen_state, elapsed_seconds=self.clock.total(),
                                       clip_index=key.clip_index)

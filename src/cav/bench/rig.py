@@ -58,6 +58,8 @@ def random_backbone(family: families.Family, size: str, device, dtype) -> Backbo
     from ..toy.factory import BASE_WORDS, write_clip_tokenizer
 
     torch.manual_seed(SEED)
+    if family.rig.parts is not None:
+        return _own_parts(family, size, device, dtype)
     text = dict(family.rig.full_text() if size == "full" else TINY_TEXT)
     with tempfile.TemporaryDirectory() as tmp:  # a CLIP BPE tokenizer that pads to the text encoder's length
         write_clip_tokenizer(Path(tmp), BASE_WORDS, text["max_position_embeddings"])
@@ -74,6 +76,18 @@ def random_backbone(family: families.Family, size: str, device, dtype) -> Backbo
                               beta_end=0.012, prediction_type="epsilon")  # ModelScope's and SD's training schedule
     attach_condition(unet, family, 2 ** (len(vae.config.block_out_channels) - 1))
     return Backbone(unet, vae, encoder, tokenizer, scheduler, "random", torch.device(device), dtype, family)
+
+
+def _own_parts(family: families.Family, size: str, device, dtype) -> Backbone:
+    """``random_backbone`` of a family whose rig brings its own VAE, text encoder, tokenizer and scheduler."""
+    parts = family.rig.parts(size)
+    unet = materialize(lambda: family.rig.model(size), device, dtype)
+    vae = materialize(parts["vae"], device, dtype)
+    encoder = materialize(parts["text_encoder"], device, dtype)
+    bb = Backbone(unet, vae, encoder, parts["tokenizer"], parts["scheduler"], "random", torch.device(device), dtype,
+                  family)
+    attach_condition(unet, family, bb.vae_factor)
+    return bb
 
 
 def drop_adapters(unet: torch.nn.Module, names) -> None:
@@ -95,11 +109,13 @@ class Rig:
 
     def __init__(self, family: families.Family, size: str, device, dtype, latent: tuple,
                  autocast: torch.dtype | None = None):
-        self.family, self.dev, self.dtype, self.latent_shape = family, torch.device(device), dtype, tuple(latent)
+        self.family, self.dev, self.dtype = family, torch.device(device), dtype
         self.bb = bb = random_backbone(family, size, device, dtype)
         self.unet, self.autocast = bb.unet, autocast
         self.unet_params = sum(p.numel() for p in bb.unet.parameters())
         _, _, n, h, w = latent
+        n = family.rig.frames or n  # a VAE that takes only some frame counts (Wan: 4k+1): the row's own
+        self.latent_shape = (1, bb.unet.config.in_channels, bb.latents.latent_frames(bb.vae.config, n), h, w)
         gen = torch.Generator().manual_seed(SEED)
         self.frames = (torch.rand(n, 3, h * bb.vae_factor, w * bb.vae_factor, generator=gen) * 2 - 1).to(bb.device)
         self.recipe = {**load_recipe(family.recipe), "frames": n, "size": list(self.frames.shape[2:]),

@@ -68,6 +68,9 @@ TIMED = (
          group="compile", paired="compiled_generation_speedup"),
     # the cav T-LoRA step on the motion modules of SD 1.5 + v1-5-2 (S-LoRA on the image UNet, active and frozen)
     Case("animatediff_t_lora_step", "animatediff_t_lora_step_s", lambda r: r.train(), family=families.ANIMATEDIFF),
+    # the cav T-LoRA step on Wan 2.1 T2V 1.3B (self-attention q/k/v/o of every block, S-LoRA merged); its own group:
+    # a full-size Wan rig is another 1.3 B model to build, asked for with --only wan
+    Case("wan_t_lora_step", "wan_t_lora_step_s", lambda r: r.train(), group="wan", family=families.WAN),
 )
 
 
@@ -80,6 +83,7 @@ class Count:
     make: Callable[[Rig], Callable]
     graph_breaks: bool = True
     family: families.Family = families.UNET3D
+    group: str = "counts"  # counted when this group is chosen (``counts``, or a family's own: ``wan``)
 
 
 COUNTED = (
@@ -88,8 +92,11 @@ COUNTED = (
     Count("generation_step", lambda r: r.generation()),
     Count("generation_step_plain", lambda r: r.generation(plain=True), graph_breaks=False),
     Count("animatediff_t_lora_step", lambda r: r.train(), graph_breaks=False, family=families.ANIMATEDIFF),
+    Count("wan_t_lora_step", lambda r: r.train(), graph_breaks=False, family=families.WAN, group="wan"),
+    Count("wan_t_lora_step_plain", lambda r: r.train(plain=True), graph_breaks=False, family=families.WAN,
+          group="wan"),
 )
-GROUPS = ("timing", "compile", "counts", "graph_breaks", "flops")
+GROUPS = ("timing", "compile", "counts", "graph_breaks", "flops", "wan")
 
 
 def _ops_per_step(step) -> OpCounter:
@@ -110,13 +117,14 @@ def _count_phase(size: str, dev: torch.device, bench: _Bench, only: set[str]) ->
     latent = COUNT_LATENT if dev.type != "cuda" else PAPER_LATENT if size == "full" else TINY_LATENT
     counts, breaks, rig = {}, {}, None
     for case in COUNTED:
-        if "counts" not in only and not (case.graph_breaks and "graph_breaks" in only):
+        counting = case.group in only
+        if not counting and not (case.graph_breaks and "graph_breaks" in only):
             continue
         if rig is None or rig.family is not case.family:  # one rig per family, built when its first count comes
             rig = None
             gc.collect()
             rig = Rig(case.family, size, dev, dtype, latent, autocast=dtype)
-        if "counts" in only:
+        if counting:
             try:
                 step, teardown = case.make(rig)()
                 try:
@@ -167,7 +175,7 @@ def run_speed(device: str = "auto", size: str = "full", quick: bool = False, onl
     warmup, reps = (1, 2) if quick else (2, 6) if cuda else (1, 3 if size == "tiny" else 2)
     bench = _Bench(dev, warmup, reps)
     counted = None
-    if "counts" in chosen or "graph_breaks" in chosen:
+    if chosen & {"counts", "graph_breaks", "wan"}:
         log("counting ops per step (bf16 weights, fp32 adapters, bf16 autocast) ...")
         counted = _count_phase(size, dev, bench, chosen)
 

@@ -21,7 +21,9 @@ _COUNT_KEYS = (("ops_per_step", "cast_ops_per_step", "t_lora_step"),
                ("ops_per_step_plain", "cast_ops_per_step_plain", "t_lora_step_plain"),
                ("generation_ops_per_step", "generation_cast_ops_per_step", "generation_step"),
                ("generation_ops_per_step_plain", "generation_cast_ops_per_step_plain", "generation_step_plain"),
-               ("animatediff_ops_per_step", "animatediff_cast_ops_per_step", "animatediff_t_lora_step"))
+               ("animatediff_ops_per_step", "animatediff_cast_ops_per_step", "animatediff_t_lora_step"),
+               ("wan_ops_per_step", "wan_cast_ops_per_step", "wan_t_lora_step"),
+               ("wan_ops_per_step_plain", "wan_cast_ops_per_step_plain", "wan_t_lora_step_plain"))
 
 
 # adapters reported per rig: name → (placement, kind) of ``Rig.adapters``
@@ -162,6 +164,7 @@ _TIME_ROWS = (
     ("Cached step (UNet only)", "cached_step_s", "cached_step"),
     ("  cached speedup", "cached_speedup", None),
     ("AnimateDiff T-LoRA step (cav)", "animatediff_t_lora_step_s", "animatediff_t_lora_step"),
+    ("Wan 2.1 1.3B T-LoRA step (cav)", "wan_t_lora_step_s", "wan_t_lora_step"),
     ("T-LoRA step before issue 16 (plain)", "t_lora_step_plain_s", "t_lora_step_plain"),
     ("  lean speedup", "lean_speedup", None),
     ("T-LoRA step, compiled", "compiled_step_s", "t_lora_step_compiled"),

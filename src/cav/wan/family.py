@@ -149,3 +149,54 @@ def make_tiny(directory):
 
 FOLD_FRAMES = FoldFrames()
 WAN_LATENTS = WanLatents()
+
+
+def swap_blocks(transformer, device):
+    """``Family.block_swap`` of the Wan row: ``offload.swap_transformer_blocks`` onto ``device`` (its blocks'
+    frozen weights live on the CPU between their uses); the handle's ``detach()`` puts them all back."""
+    from . import offload
+
+    return offload.swap_transformer_blocks(transformer, device)
+
+
+# ------------------------------------------------------------------------------------ the speed benchmark's rig
+RIG_BASE = "wan2.1-t2v-1.3b"  # the shipped record (``published``) the full-size rig builds
+RIG_TEXT_LAYERS = 1  # umT5-XXL's width (the transformer's text_dim) and block, 1 of its 24 layers: see rig_parts
+RIG_LABEL = (f"WanTransformer3DModel (Wan 2.1 T2V 1.3B; text: umT5-XXL width, {RIG_TEXT_LAYERS} of 24 layers, "
+             "word-level tokenizer)")
+
+
+def rig_model(size: str):
+    """``Family.rig.model`` of the Wan row: the published 1.3B transformer (``published``), or the tests' tiny one."""
+    from diffusers import WanTransformer3DModel
+
+    from . import published, tiny
+
+    if size == "full":
+        return WanTransformer3DModel.from_config(published.published(RIG_BASE)["transformer"])
+    return tiny.build_transformer(tiny.TinyWanSpec())
+
+
+def rig_parts(size: str) -> dict:
+    """``Family.rig.parts`` of the Wan row. Full: Wan 2.1's VAE and UniPC flow scheduler from the shipped configs of
+    the 1.3B hub id, and umT5-XXL's encoder cut to ``RIG_TEXT_LAYERS`` layer(s) over the tiny word-level vocabulary:
+    the whole encoder (5.7 B parameters, 22.7 GB in fp32) does not fit beside the transformer in a small machine's
+    memory, and a T-LoRA step never runs it (the prompt is encoded once, cached), so only its output width (4096,
+    what the transformer reads) matters to the step. Tiny: the tests' tiny Wan parts."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from . import published, shipped, tiny
+
+    spec = tiny.TinyWanSpec()
+    tokenizer = tiny.build_tokenizer(spec)
+    if size != "full":
+        return {"vae": lambda: tiny.build_components(spec)["vae"],
+                "text_encoder": lambda: tiny.build_components(spec)["text_encoder"], "tokenizer": tokenizer,
+                "scheduler": tiny.build_components(spec)["scheduler"]}
+    hub = published.published(RIG_BASE)["hub_id"]
+    vae = shipped.read(hub, "vae/config.json")
+    text = {**shipped.UMT5_XXL, "num_layers": RIG_TEXT_LAYERS, "vocab_size": len(tokenizer)}
+    return {"vae": lambda: AutoencoderKLWan.from_config(vae),
+            "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**text)), "tokenizer": tokenizer,
+            "scheduler": UniPCMultistepScheduler.from_config(shipped.read(hub, "scheduler/scheduler_config.json"))}

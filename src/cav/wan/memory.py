@@ -4,7 +4,10 @@ Parts (bytes; ``estimate`` returns each and the peak):
 - ``weights``: the transformer(s) resident in the compute dtype (bf16 on a GPU, fp32 on a CPU; the modules diffusers
   keeps in fp32 at 4 bytes). A14B: both experts are loaded (samples use both). ``--offload-frozen`` (block swap,
   ``offload.py``): the blocks live on the CPU; on the device every expert's non-block parts and two blocks of the
-  expert the step runs (a step's timestep selects one expert).
+  expert the step runs (a step's timestep selects one expert). The run loads the whole model onto the device and
+  puts every block back there around each checkpoint (unmerge, saves, validation samples): that is
+  ``whole_model_phase`` (every expert's weights, the VAE, the LoRA state; sampling activations not counted), part of
+  ``peak``.
 - ``trainable_params``: the sum over the adapters that train at once (the T-LoRA stage: its LoRA on each trained
   expert).
 - ``lora``: each trainable parameter in fp32 with its gradient and AdamW's two states (4 × 4 bytes).
@@ -144,12 +147,18 @@ def estimate(transformer_config: dict, vae_config: dict, text_encoder_config: di
                                    "gib": round(sum(a_parts.values()) / GIB, 2)}
         train_peak = max(train_peak, extra["absorber_stage"]["total"])
     encode_phase = _params(encoder) * nbytes + parts["embeddings"]
+    peak = max(train_peak, encode_phase)
+    whole = {}
+    if offload_frozen:  # loading, each checkpoint (unmerge, saves) and validation samples: every block on the device
+        whole_model = n_experts * per_expert + parts["vae"] + parts["lora"]
+        peak = max(peak, whole_model)
+        whole = {"whole_model_phase": whole_model}
     return {"tokens": n_tok, "dtype": dtype, "checkpointing": checkpointing, "offload_frozen": offload_frozen,
             "bytes": parts, **extra, "text_encoder": _params(encoder) * nbytes, "encode_phase": encode_phase,
-            "train_peak": train_peak, "peak": max(train_peak, encode_phase),
+            "train_peak": train_peak, **whole, "peak": peak,
             "gib": {**{k: round(v / GIB, 2) for k, v in parts.items()}, "train_peak": round(train_peak / GIB, 2),
                     "encode_phase": round(encode_phase / GIB, 2),
-                    "peak": round(max(train_peak, encode_phase) / GIB, 2)},
+                    **{k: round(v / GIB, 2) for k, v in whole.items()}, "peak": round(peak / GIB, 2)},
             "not_counted": "CUDA context and fragmentation (~1-2 GB), VAE encode/decode activations"}
 
 

@@ -125,9 +125,9 @@ __all__ = ["S_LORA", "T_LORA", "PROMPT_VECTORS", "meta_transformer", "prompt_vec
 def run_memory(cfg, read) -> dict:
     """The training-memory estimate of a Wan run as ``cfg`` describes it (``api.plan``'s ``memory`` block): on the
     device the run asks for (``auto``: a GPU, where Wan trains), in the dtype it would load there, with its
-    checkpointing choice. Every weightless check of ``dry_run`` runs too. Block swap (``offload.py``) is not yet
-    what ``cav train --offload-frozen`` does (there it moves the VAE and text encoder off the device), so the
-    estimate never counts it: ``dry_run(..., offload_frozen=True)`` gives what it would save."""
+    checkpointing choice. Every weightless check of ``dry_run`` runs too. ``--offload-frozen`` is block swap on
+    Wan (``Family.block_swap``, ``run.BlockSwapping``), so it is counted when the run asks for it on a GPU; on a CPU
+    the run swaps nothing and the estimate says so (``offload_plan``'s warning)."""
     device = "cuda" if cfg.device == "auto" else cfg.device
     on_gpu = device.startswith("cuda")
     dtype = {"auto": "bf16" if on_gpu else "fp32", "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[cfg.dtype]
@@ -136,7 +136,7 @@ def run_memory(cfg, read) -> dict:
     out = dry_run(read, frames=cfg.frames, height=h, width=w, placement=cfg.placement, experts=cfg.experts or None,
                   absorbers=cfg.absorbers,
                   prompt_vectors=cfg.ti_tokens, absorbers_given=cfg.absorbers_given, dtype=dtype, device=device,
-                  checkpointing=checkpointing, offload_frozen=False, absorber_batch=cfg.absorber_batch)
+                  checkpointing=checkpointing, offload_frozen=cfg.offload_frozen, absorber_batch=cfg.absorber_batch)
     return {**out["memory"], "device": device, "dtype": dtype, "checkpointing": checkpointing,
             **({"warning": out["warning"]} if "warning" in out else {})}
 
