@@ -34,7 +34,7 @@ ANIMATED = [f for f in ROWS if f.addon]  # families whose base can also be an im
 BYPASSED = [f for f in ROWS if isinstance(f.image_mode, LayerBypass)]
 # the MotionLoRA layout's test; Wan's ComfyUI export has its own test below
 MOTION_LORA_EXPORT = [f for f in ROWS if ANIMATEDIFF_EXPORT in f.exports]
-WITH_TI = [f for f in ROWS if f.condition.textual_inversion]  # Wan: textual inversion is not wired yet
+WITH_TI = [f for f in ROWS if f.condition.textual_inversion]  # token rows (Wan's prompt vectors: test_wan_ti.py)
 
 
 def _stock_loads_loras(family) -> bool:
@@ -947,8 +947,7 @@ def test_wan_export_comfyui_reads_back_through_diffusers(wan_run, wan_model, tmp
 
 def test_wan_bad_inputs_are_one_line(wan_model, tiny_video, tmp_path, run_cli):
     """A frame count Wan's VAE cannot take, a size the patch × VAE cannot tile, temporal convolutions a DiT lacks,
-    textual inversion (not wired on Wan yet), a two-expert base (no --experts yet): one line each, exit 2, before
-    the run folder exists."""
+    a two-expert base (no --experts yet): one line each, exit 2, before the run folder exists."""
     from cav.wan.tiny import make_tiny_wan
 
     out = tmp_path / "run"
@@ -959,7 +958,6 @@ def test_wan_bad_inputs_are_one_line(wan_model, tiny_video, tmp_path, run_cli):
                          (["--frames", "5", "--size", "24"], ("24", "multiple of 16")),
                          (["--frames", "5", "--size", "16", "--placement", "motiondirector+tconv"],
                           ("temporal convolutions", "placement cav")),
-                         (["--frames", "5", "--size", "16", "--absorbers", "both"], ("textual inversion", "s-lora")),
                          (["--frames", "5", "--size", "16", "--base", two], ("two experts", "--experts"))):
         code, err = run_cli(base + extra)
         _one_line_error(code, err, *words)
