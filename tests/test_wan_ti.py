@@ -171,3 +171,16 @@ def test_dry_run_row_is_the_prompt_vectors(wan):
     assert list(rows) == ["s_lora", "prompt_vectors", "t_lora"]
     width = json.loads((wan / "transformer" / "config.json").read_text())["text_dim"]
     assert rows["prompt_vectors"]["trainable_params"] == prompt_vector_params(3, width) == 3 * width
+
+
+def test_several_clips_each_train_their_own_vectors(wan, tiny_video, blue_video, tmp_path):
+    """Two clips with ``--absorbers ti``: each clip's vectors (own seed, own spatial prompt) published in its own
+    absorbers folder, trained apart from each other."""
+    out = tmp_path / "run"
+    assert main([str(a) for a in ["train", tiny_video, blue_video, "--prompt", PROMPT, "--spatial-prompt",
+                                  "a red square", "--spatial-prompt", "a blue square", "--base", wan, "--out", out,
+                                  "--absorbers", "ti", *TRAIN]]) == 0
+    first, second = (PromptVectors.load(out / d / "prompt_vectors.safetensors").vectors
+                     for d in ("absorbers", "absorbers/clip-1"))
+    assert first.shape == second.shape and not torch.equal(first, second)
+    assert _stages(out) == ["absorbers"] * 4 + ["t_lora"] * 2
