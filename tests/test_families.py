@@ -34,7 +34,7 @@ ANIMATED = [f for f in ROWS if f.addon]  # families whose base can also be an im
 BYPASSED = [f for f in ROWS if isinstance(f.image_mode, LayerBypass)]
 # the MotionLoRA layout's test; Wan's ComfyUI export has its own test below
 MOTION_LORA_EXPORT = [f for f in ROWS if ANIMATEDIFF_EXPORT in f.exports]
-WITH_TI = [f for f in ROWS if f.condition.textual_inversion]  # Wan: textual inversion is not wired yet
+WITH_TI = [f for f in ROWS if f.condition.textual_inversion]  # token rows (Wan's prompt vectors: test_wan_ti.py)
 
 
 def _stock_loads_loras(family) -> bool:
@@ -947,8 +947,7 @@ def test_wan_export_comfyui_reads_back_through_diffusers(wan_run, wan_model, tmp
 
 def test_wan_bad_inputs_are_one_line(wan_model, tiny_video, tmp_path, run_cli):
     """A frame count Wan's VAE cannot take, a size the patch × VAE cannot tile, temporal convolutions a DiT lacks,
-    textual inversion (not wired on Wan yet), --experts on a one-expert base: one line each, exit 2, before the run
-    folder exists."""
+    --experts on a one-expert base: one line each, exit 2, before the run folder exists."""
     out = tmp_path / "run"
     base = ["train", tiny_video, "--prompt", PROMPT, "--base", wan_model, "--out", out, "--steps", "1",
             "--absorber-steps", "1", "--quiet"]
@@ -956,7 +955,6 @@ def test_wan_bad_inputs_are_one_line(wan_model, tiny_video, tmp_path, run_cli):
                          (["--frames", "5", "--size", "24"], ("24", "multiple of 16")),
                          (["--frames", "5", "--size", "16", "--placement", "motiondirector+tconv"],
                           ("temporal convolutions", "placement cav")),
-                         (["--frames", "5", "--size", "16", "--absorbers", "both"], ("textual inversion", "s-lora")),
                          (["--frames", "5", "--size", "16", "--experts", "low"],
                           ("--experts low", "two-expert base", "drop --experts"))):
         code, err = run_cli(base + extra)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -16,7 +15,6 @@ from . import generation
 from . import resume as resume_mod
 from . import runfolder
 from .adapters import lora
-from .adapters.textual_inversion import TextualInversion
 from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
 from .run import Run, stage_keys
@@ -45,10 +43,8 @@ def plan(cfg: TrainConfig, clips: int = 1, estimate: bool = False) -> dict:
             name = s_lora_name(k)
             n = lora.add_lora(unet, name, cfg.lora_config("spatial", family), low_cpu_mem_usage=True)
             stages.append({"name": name, "trainable_params": lora.count_parameters(unet, name), "modules": n, **own})
-        if cfg.uses_ti:
-            dim = _text_hidden_size(cfg.base, unet_config, family)
-            stages.append({"name": "textual_inversion" + (f" {cfg.clip_token(k)}" if clips > 1 else ""),
-                           "trainable_params": cfg.ti_tokens * dim, "modules": 1, **own})
+        if cfg.uses_ti:  # the condition's own absorber (token rows; Wan: prompt vectors)
+            stages.append({**family.condition.ti.plan_row(cfg, unet_config, family, k if clips > 1 else None), **own})
     n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal", family), low_cpu_mem_usage=True)
     stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n,
                    **({"clips": clips} if clips > 1 else {})})
@@ -64,15 +60,6 @@ def plan(cfg: TrainConfig, clips: int = 1, estimate: bool = False) -> dict:
     return {"base": cfg.base, "family": family.name, "model_class": family.model_class, "placement": cfg.placement,
             "absorbers": cfg.absorbers, **({"experts": expert} if expert else {}), "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {}), **memory,
             **estimate_mod.statement(cfg, clips, measure=estimate, unet_params=base_params)}
-
-
-def _text_hidden_size(base: str, unet_config: dict, family) -> int:
-    """Width of one TI token over all of the family's text encoders (SDXL: CLIP-L's 768 + OpenCLIP-G's 1280)."""
-    resolved = backbone_mod.resolve_base(base)
-    paths = [Path(resolved) / part.encoder / "config.json" for part in family.condition.parts]
-    if all(p.is_file() for p in paths):
-        return sum(int(json.loads(p.read_text())["hidden_size"]) for p in paths)
-    return int(unet_config["cross_attention_dim"])  # the UNet attends to the text encoders' hidden states
 
 
 # ----------------------------------------------------------------------------------------------------- train
@@ -176,18 +163,8 @@ def load_adapters(bb, adapters: list[tuple[str, float | None]], image_loras: lis
         weights.append(1.0 if w is None else w)
     if names:
         lora.activate(bb.unet, names, weights)
-    if textual_inversions and not bb.condition.textual_inversion:
-        raise CavError(f"--textual-inversion is not supported on {bb.family.what} yet: drop it")
-    for file in textual_inversions:
-        if not Path(file).is_file():
-            raise CavError(f"textual inversion file '{file}' does not exist: pass a .safetensors file from absorbers/")
-        try:
-            if len(bb.text_encoders) > 1:  # one tensor per encoder (clip_l, clip_g): diffusers loads one at a time
-                TextualInversion.from_file(bb.text_parts(), Path(file), placeholder=None)
-            else:
-                bb.pipeline().load_textual_inversion(str(file))
-        except ValueError as exc:
-            raise CavError(f"could not load textual inversion '{file}': {str(exc).splitlines()[0][:160]}") from None
+    if textual_inversions:  # the condition's own absorber files (token rows; Wan: prompt vectors)
+        bb.condition.ti.apply_files(bb, list(textual_inversions))
     return metas
 
 

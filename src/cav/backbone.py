@@ -488,6 +488,9 @@ class Backbone:
     part: str = ""
     others: dict = field(default_factory=dict)
     boundary_ratio: float | None = None
+    # (cond, prompts) → cond: what `cav generate` puts into the sampled condition after the pipeline encoded it
+    # (Wan's prompt vectors: ``wan.prompt_vectors.OutputVectors.apply_files``); empty: the pipeline's own, untouched
+    condition_edits: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def condition(self):
@@ -518,6 +521,21 @@ class Backbone:
     def encode_prompt(self, prompt: str, grad: bool = False) -> torch.Tensor:
         """The text condition (1, L, D) of ``prompt`` as the base's family builds it (``conditioning``)."""
         return self.condition.encode(self, [prompt], grad)
+
+    def sampling_condition(self, pipe, prompts: list[str], device, guidance: bool, negatives) -> tuple:
+        """(condition, unconditional or None) as the pipeline encodes them, with ``condition_edits`` applied."""
+        cond, uncond = self.condition.pipeline_encode(pipe, prompts, device, guidance, negatives)
+        for edit in self.condition_edits:
+            cond = edit(cond, prompts)
+        return cond, uncond
+
+    def prompt_inputs(self, pipe, prompts: list[str], guidance: float, negatives) -> dict:
+        """The prompt arguments of a pipeline call: the texts (the pipeline encodes them), or with
+        ``condition_edits`` the edited encodings (``prompt_embeds``)."""
+        if not self.condition_edits:
+            return {"prompt": list(prompts), "negative_prompt": negatives}
+        cond, uncond = self.sampling_condition(pipe, list(prompts), self.device, guidance > 1.0, negatives)
+        return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Latents (N, C, h, w) of frames (N, 3, H, W) in [-1, 1], each an independent image (image mode)."""

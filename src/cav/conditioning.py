@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapters.textual_inversion import TokenRows
+from .wan.prompt_vectors import OutputVectors
+
 
 @dataclass(frozen=True)
 class TextPart:
@@ -48,6 +51,7 @@ class ClipCondition:
     parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModel"),)
     packed = False  # the condition tensor is exactly encoder_hidden_states
     textual_inversion = True  # new token rows in the encoder's embedding (``adapters.textual_inversion``)
+    ti = TokenRows()  # the --absorbers ti absorber: those rows
 
     def encode(self, bb, prompts: list[str], grad: bool = False) -> torch.Tensor:
         """(B, L, D) hidden states of ``prompts``, padded to the tokenizer's max length."""
@@ -76,6 +80,7 @@ class SdxlCondition:
              TextPart("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection", "clip_g"))
     packed = True
     textual_inversion = True
+    ti = TokenRows()
     TIME_IDS = 6  # original (h, w), crop corner (top, left), target (h, w)
 
     def encode(self, bb, prompts: list[str], grad: bool = False) -> torch.Tensor:
@@ -122,7 +127,8 @@ class UmT5Condition:
     name = "umt5"
     parts = (TextPart("tokenizer", "text_encoder", "UMT5EncoderModel", tokenizer_class="AutoTokenizer"),)
     packed = False
-    textual_inversion = False  # umT5's analogue (learned output vectors, ``cav.wan.prompt_vectors``) is not wired yet
+    textual_inversion = False  # no token rows: umT5 is too costly to backpropagate through
+    ti = OutputVectors()  # the --absorbers ti absorber: learned vectors in its output (``cav.wan.prompt_vectors``)
     LENGTH = 512  # WanPipeline's default max_sequence_length
 
     def encode(self, bb, prompts: list[str], grad: bool = False) -> torch.Tensor:

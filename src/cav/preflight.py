@@ -34,7 +34,8 @@ def check_train(cfg: TrainConfig) -> None:
     tokenizer = local_tokenizer(cfg.base, family)
     if tokenizer is None:
         return
-    tokens = token_names(cfg.ti_token, cfg.ti_tokens) if cfg.uses_ti else None
+    # token rows go into the prompt (Wan's prompt vectors follow it, outside the text)
+    tokens = token_names(cfg.ti_token, cfg.ti_tokens) if cfg.uses_ti and family.condition.textual_inversion else None
     if tokens:
         tokenizer.add_tokens(tokens)  # this copy only: the run's own tokenizer gets them when the stage is built
 
@@ -50,13 +51,15 @@ def check_train(cfg: TrainConfig) -> None:
 
 
 def check_family_supports(cfg: TrainConfig, family) -> None:
-    """Refuse what the base's family cannot do yet, in one line: textual inversion needs a condition with token
-    rows (Wan's umT5 analogue, ``cav.wan.prompt_vectors``, is not wired into training); an image LoRA given as the
+    """Refuse what the base's family cannot do yet, in one line: textual inversion needs a condition with an
+    absorber of that kind (``condition.ti``: token rows; Wan: prompt vectors); an image LoRA given as the
     S-LoRA (``--s-lora-from``) needs the row's reader; the placement must exist on the family's model."""
-    if cfg.uses_ti and not family.condition.textual_inversion:
+    if cfg.uses_ti and family.condition.ti is None:
         given = " (--ti-from)" if cfg.ti_from else ""
         raise CavError(f"textual inversion{given} (--absorbers {cfg.absorbers}) is not supported on {family.what} yet: "
                        "pass --absorbers s-lora (or none)")
+    if cfg.ti_from:  # a file of the other kind (token rows / prompt vectors): refused before the run folder
+        family.condition.ti.check_file(cfg.ti_from)
     for kind in ("temporal", "spatial"):  # a placement the family's model has not (e.g. a DiT's temporal convs)
         cfg.lora_config(kind, family)
     if cfg.s_lora_from and family.image_lora is None:

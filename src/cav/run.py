@@ -28,7 +28,6 @@ import torch
 from . import accel, generation, lean, runfolder
 from . import backbone as backbone_mod
 from . import resume as resume_mod
-from .adapters.textual_inversion import TextualInversion
 from .config import TrainConfig
 from .errors import CavError
 from .io_utils import publish_dir
@@ -85,8 +84,7 @@ def _absorbers(bb, cfg: TrainConfig, out: Path, key: StageKey, clip: ClipInputs,
 
     def build(checkpoint: Callable) -> Stage:
         if cfg.uses_ti:  # made here, in training order: clip K's tokens join the text encoder after clip K-1 trained
-            clip.ti = (make_textual_inversion(bb, cfg) if k == 0 else
-                       TextualInversion.into(bb.text_parts(), cfg.clip_token(k), cfg.ti_tokens, cfg.ti_init))
+            clip.ti = make_textual_inversion(bb, cfg, k)
         return absorber_stage(bb, cfg, clip.frames, clip.ti, checkpoint, s_lora=name, prompt=prompt)
 
     return PlannedStage(

@@ -224,7 +224,7 @@ def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti, s_lora: str = S_LORA
                 **({"from": cfg.s_lora_from} if cfg.s_lora_from else {})}
         lora.save_lora(bb.unet, s_lora, config, folder / "s_lora", meta)
     if ti is not None:
-        ti.save(folder / "textual_inversion.safetensors")
+        ti.save(folder / ti.FILE)
 
 
 def load_absorbers(bb, cfg: TrainConfig, folder: Path, ti, s_lora: str = S_LORA) -> None:
@@ -232,7 +232,7 @@ def load_absorbers(bb, cfg: TrainConfig, folder: Path, ti, s_lora: str = S_LORA)
     if cfg.uses_s_lora:
         lora.load_lora_weights(bb.unet, folder / "s_lora", s_lora)
     if ti is not None:
-        ti.load_rows(folder / "textual_inversion.safetensors")
+        ti.load_rows(folder / ti.FILE)
 
 
 def absorber_dir(out: Path, index: int) -> Path:

@@ -97,8 +97,8 @@ def sample_videos(bb: Backbone, prompts: list[str], *, frames: int, size: tuple[
         if start is not None and start.skip:
             videos = _denoise_tail(bb, pipe, latents, list(prompts), steps, start.skip, guidance, negatives)
         else:
-            out = pipe(list(prompts), num_frames=frames, height=h, width=w, num_inference_steps=steps,
-                       guidance_scale=guidance, negative_prompt=negatives, latents=latents, output_type="np")
+            out = pipe(**bb.prompt_inputs(pipe, prompts, guidance, negatives), num_frames=frames, height=h, width=w,
+                       num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="np")
             videos = out.frames
     videos = np.asarray(videos, dtype=np.float32)
     return (np.clip(videos, 0.0, 1.0) * 255.0).round().astype(np.uint8)
@@ -111,7 +111,7 @@ def _denoise_tail(bb: Backbone, pipe, latents: torch.Tensor, prompts: list[str],
     is encoded by the pipeline's own ``encode_prompt`` and handed to the UNet in the family's one-tensor form (the
     hook of ``backbone.attach_condition`` unpacks it)."""
     cfg = guidance > 1.0
-    cond, uncond = bb.condition.pipeline_encode(pipe, prompts, latents.device, cfg, negatives)
+    cond, uncond = bb.sampling_condition(pipe, prompts, latents.device, cfg, negatives)
     embeds = torch.cat([uncond, cond]) if cfg else cond
     sched, objective = pipe.scheduler, bb.family.objective
     sched.set_timesteps(steps, device=latents.device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -56,11 +55,10 @@ def s_lora_name(index: int) -> str:
     return S_LORA if index == 0 else f"{S_LORA}_{index}"
 
 
-def make_textual_inversion(bb: Backbone, cfg: TrainConfig) -> TextualInversion:
-    """New tokens in the base's own text encoder(s): from ``--ti-from``'s embedding, else initialised from a word."""
-    if cfg.ti_from:
-        return TextualInversion.from_file(bb.text_parts(), Path(cfg.ti_from), cfg.ti_token)
-    return TextualInversion.into(bb.text_parts(), cfg.ti_token, cfg.ti_tokens, cfg.ti_init)
+def make_textual_inversion(bb: Backbone, cfg: TrainConfig, index: int = 0) -> TextualInversion:
+    """Clip ``index``'s textual-inversion absorber, the condition's own (``condition.ti``): new tokens in the base's
+    text encoder(s) (Wan: prompt vectors in umT5's output); the first clip's from ``--ti-from``'s file when given."""
+    return bb.condition.ti.new(bb, cfg, index)
 
 
 def given_absorbers(bb: Backbone, cfg: TrainConfig) -> None:
@@ -94,7 +92,7 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
         idx = torch.randint(0, frames.shape[0], (n,), generator=gen)  # unordered frames
         crops = random_patch_crop(frames[idx], gen, tuple(cfg.crop_ratio))
         latents = encode_frames(bb, crops).unsqueeze(2)  # (n, C, 1, h, w): n independent images
-        cond = cached_cond if cached_cond is not None else encode_prompt(bb, prompt, grad=True)
+        cond = cached_cond if cached_cond is not None else ti.encode(bb, prompt, grad=True)
         return latents, cond.expand(n, -1, -1)
 
     # the fused forward of the S-LoRA this clip trains; TI alone: the plain step
@@ -123,7 +121,9 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         check_prompt(bb.tokenizer, p, "--prompt", warn=False)  # cut placeholders: refused (preflight warned of cuts)
 
     def encode(k: int):
-        return bb.encode_clip(clips[k].frames), encode_prompt(bb, prompts[k])  # (1, C, F', h, w), (1, L, D)
+        ti = clips[k].ti  # its absorber encodes its prompt (TI: the tokens' rows; Wan: vectors after the prompt)
+        cond = ti.encode(bb, prompts[k]) if ti is not None else encode_prompt(bb, prompts[k])
+        return bb.encode_clip(clips[k].frames), cond  # (1, C, F', h, w), (1, L, D)
 
     # the condition guidance's unconditional branch sees at sampling (the empty prompt's; zeros for SDXL)
     empty = bb.condition.unconditional(bb) if cfg.t_lora_prompt_dropout > 0 else None

@@ -93,6 +93,8 @@ class TextualInversion:
         self.parts = [_Rows(k, tok, enc, self.tokens, init_word) for k, tok, enc in encoders]
         self.ids = self.parts[0].ids
 
+    FILE = "textual_inversion.safetensors"  # its name in a run's absorbers/ folder
+
     @classmethod
     def into(cls, parts, placeholder: str = "<cav>", n_tokens: int = 4,
              init_word: str = "object") -> "TextualInversion":
@@ -108,6 +110,10 @@ class TextualInversion:
     def expand(self, prompt: str) -> str:
         """Put the N tokens into a prompt: replace the placeholder, or prefix them when it is absent."""
         return expand(prompt, self.tokens)
+
+    def encode(self, bb, prompt: str, grad: bool = False) -> torch.Tensor:
+        """The condition of an expanded ``prompt``: the text encoders read the new tokens' rows themselves."""
+        return bb.encode_prompt(prompt, grad)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         for part in self.parts:
@@ -191,9 +197,82 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix != ".safetensors":
         raise CavError(f"textual inversion '{path}' is not a .safetensors file: convert it (pickle files are not loaded)")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as exc:
         raise CavError(f"could not read textual inversion '{path}' ({type(exc).__name__}): is it safetensors?") from None
+    refuse_other_kind(path)
+    return tensors
+
+
+def refuse_other_kind(path: Path) -> None:
+    """Token-row files carry no ``kind``; a file that names one (Wan's prompt vectors: ``wan_prompt_vectors``) holds
+    vectors for another text condition, which could even have the same width: refused by name."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            kind = (fh.metadata() or {}).get("kind")
+    except Exception:  # an unreadable file: its loader reports it
+        return
+    if kind:
+        raise CavError(f"'{path}' holds {kind} (learned vectors of another family's text condition), not "
+                       "textual-inversion token rows: use it with the base family it was trained on")
+
+
+class TokenRows:
+    """The textual-inversion absorber of conditions with token rows (CLIP, SDXL): new tokens in the text encoders'
+    embeddings (``TextualInversion``). A condition's ``ti`` is what stages, runs and `cav generate` ask for the
+    absorber, so no code outside the condition knows which kind a base has."""
+
+    name = "textual_inversion"
+
+    def new(self, bb, cfg, index: int = 0) -> TextualInversion:
+        """Clip ``index``'s tokens (the first clip: ``--ti-from``'s embedding when given)."""
+        if index == 0 and cfg.ti_from:
+            return TextualInversion.from_file(bb.text_parts(), Path(cfg.ti_from), cfg.ti_token)
+        token = cfg.ti_token if index == 0 else cfg.clip_token(index)
+        return TextualInversion.into(bb.text_parts(), token, cfg.ti_tokens, cfg.ti_init)
+
+    def check_file(self, path: str) -> None:
+        """Before the run folder: a ``--ti-from`` file of another kind (Wan's prompt vectors) is refused by name; the
+        rest of the file is read when the tokens are made."""
+        if Path(path).is_file() and Path(path).suffix == ".safetensors":
+            refuse_other_kind(Path(path))
+
+    def apply_files(self, bb, files: list[str]) -> None:
+        """`cav generate --textual-inversion FILE…`: the tokens of each file into the base's text encoders."""
+        for file in files:
+            if not Path(file).is_file():
+                raise CavError(f"textual inversion file '{file}' does not exist: pass a .safetensors file from "
+                               "absorbers/")
+            try:
+                if len(bb.text_encoders) > 1:  # one tensor per encoder (clip_l, clip_g): diffusers loads one at a time
+                    TextualInversion.from_file(bb.text_parts(), Path(file), placeholder=None)
+                else:
+                    if Path(file).suffix == ".safetensors":
+                        refuse_other_kind(Path(file))
+                    bb.pipeline().load_textual_inversion(str(file))
+            except ValueError as exc:
+                raise CavError(f"could not load textual inversion '{file}': {str(exc).splitlines()[0][:160]}") from None
+
+    def plan_row(self, cfg, unet_config: dict, family, index: int | None = None) -> dict:
+        """The dry run's row: ``--ti-tokens`` rows over all of the family's text encoders (``index``: clip K of
+        several, named by its token)."""
+        return {"name": self.name + (f" {cfg.clip_token(index)}" if index is not None else ""),
+                "trainable_params": cfg.ti_tokens * _text_hidden_size(cfg.base, unet_config, family), "modules": 1}
+
+
+def _text_hidden_size(base: str, unet_config: dict, family) -> int:
+    """Width of one TI token over all of the family's text encoders (SDXL: CLIP-L's 768 + OpenCLIP-G's 1280)."""
+    import json
+
+    from ..backbone import resolve_base
+
+    resolved = resolve_base(base)
+    paths = [Path(resolved) / part.encoder / "config.json" for part in family.condition.parts]
+    if all(p.is_file() for p in paths):
+        return sum(int(json.loads(p.read_text())["hidden_size"]) for p in paths)
+    return int(unet_config["cross_attention_dim"])  # the UNet attends to the text encoders' hidden states
 
 
 def read_embedding(path: Path) -> torch.Tensor:

@@ -63,12 +63,8 @@ class PromptVectors(torch.nn.Module):
     def load(cls, path: str | Path) -> "PromptVectors":
         from safetensors import safe_open
 
-        path = Path(path)
-        if not path.is_file():
-            raise CavError(f"prompt vectors '{path}' do not exist: pass the .safetensors file a Wan run saved")
+        path = check_file(path)
         with safe_open(str(path), framework="pt") as fh:
-            if (fh.metadata() or {}).get("kind") != KIND or "vectors" not in fh.keys():
-                raise CavError(f"'{path}' is not a cav Wan prompt-vectors file: pass the one a Wan run saved")
             vectors = fh.get_tensor("vectors")
         module = cls(vectors.shape[0], vectors.shape[1])
         with torch.no_grad():
@@ -76,4 +72,119 @@ class PromptVectors(torch.nn.Module):
         return module
 
 
-__all__ = ["KIND", "prompt_lengths", "PromptVectors"]
+def check_file(path: str | Path) -> Path:
+    """``path`` if it is a prompt-vectors file (its header's ``kind``); else one line naming what to pass instead."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CavError(f"prompt vectors '{path}' do not exist: pass the .safetensors file a Wan run saved")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            ok = (fh.metadata() or {}).get("kind") == KIND and "vectors" in fh.keys()
+    except Exception:
+        ok = False
+    if not ok:
+        raise CavError(f"'{path}' is not a cav Wan prompt-vectors file (a textual-inversion embedding has token rows "
+                       f"for a CLIP text encoder): pass the {VectorAbsorber.FILE} a Wan run saved")
+    return path
+
+
+class VectorAbsorber:
+    """One clip's prompt vectors as stage 1 trains them and stage 2 holds them frozen: the same face a
+    ``TextualInversion`` shows the stages (``expand``, ``encode``, ``trainable``, ``save``, ``load_rows`` …). The
+    prompt is encoded once by the frozen umT5 (cached per prompt) and the vectors are written into its padding."""
+
+    FILE = "prompt_vectors.safetensors"  # its name in a run's absorbers/ folder
+
+    def __init__(self, vectors: PromptVectors):
+        self.module, self._encoded = vectors, {}
+
+    def expand(self, prompt: str) -> str:
+        return prompt  # nothing goes into the text: the vectors follow the prompt's real tokens
+
+    def encode(self, bb, prompt: str, grad: bool = False) -> torch.Tensor:
+        """(1, 512, D) condition of ``prompt`` with the vectors after its real tokens."""
+        if prompt not in self._encoded:
+            lengths = prompt_lengths(bb.tokenizer, [prompt], bb.condition.LENGTH)
+            self._encoded[prompt] = (bb.encode_prompt(prompt), lengths.to(bb.device))
+        base, lengths = self._encoded[prompt]
+        self.module.to(base.device)
+        with torch.set_grad_enabled(grad):
+            return self.module(base, lengths)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [self.module.vectors.requires_grad_(True)]
+
+    def freeze(self) -> None:
+        self.module.vectors.requires_grad_(False)
+
+    def mask_grad(self) -> None:
+        """Nothing to mask: every entry of the vectors trains (token rows share a matrix with frozen rows)."""
+
+    def restore_rows(self) -> None:
+        """Nothing to restore (see ``mask_grad``)."""
+
+    def save(self, path: Path) -> Path:
+        return self.module.save(path)
+
+    def load_rows(self, path: Path) -> None:
+        with torch.no_grad():
+            self.module.vectors.copy_(PromptVectors.load(path).vectors)
+
+
+class OutputVectors:
+    """The textual-inversion absorber of Wan's umT5 condition (``conditioning.UmT5Condition.ti``): prompt vectors."""
+
+    name = "prompt_vectors"
+
+    def new(self, bb, cfg, index: int = 0) -> VectorAbsorber:
+        """Clip ``index``'s ``--ti-tokens`` vectors, drawn from their own generator (seed + index: the run's other
+        random draws stay where they are), or the first clip's from ``--ti-from``'s file."""
+        if index == 0 and cfg.ti_from:
+            vectors = _checked(PromptVectors.load(cfg.ti_from), bb, cfg.ti_from)
+        else:
+            gen = torch.Generator("cpu").manual_seed(int(cfg.seed) + index)
+            vectors = PromptVectors(cfg.ti_tokens, _width(bb), generator=gen)
+        return VectorAbsorber(vectors.to(bb.device))
+
+    def check_file(self, path: str) -> None:
+        """Before the run folder: ``--ti-from`` must be a prompt-vectors file."""
+        check_file(path)
+
+    def apply_files(self, bb, files: list[str]) -> None:
+        """`cav generate --textual-inversion FILE`: the vectors follow every prompt the sampler encodes."""
+        if len(files) > 1:
+            raise CavError(f"{len(files)} --textual-inversion files given, but a Wan prompt holds one set of prompt "
+                           "vectors: pass one")
+        vectors = _checked(PromptVectors.load(files[0]), bb, files[0]).to(bb.device)
+        LENGTH = bb.condition.LENGTH
+
+        def edit(cond: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            lengths = prompt_lengths(bb.tokenizer, prompts, LENGTH).to(cond.device)
+            with torch.no_grad():
+                return vectors(cond, lengths)
+        bb.condition_edits.append(edit)
+
+    def plan_row(self, cfg, unet_config: dict, family, index: int | None = None) -> dict:
+        """The dry run's row (``wan.plan.prompt_vector_params``, umT5's width from the transformer's ``text_dim``)."""
+        from .plan import prompt_vector_params
+
+        width = int(unet_config["text_dim"])
+        return {"name": self.name + (f" clip-{index}" if index is not None else ""),
+                "trainable_params": prompt_vector_params(cfg.ti_tokens, width), "modules": 1,
+                "vectors": cfg.ti_tokens, "width": width}
+
+
+def _width(bb) -> int:
+    return int(bb.text_encoder.config.d_model)
+
+
+def _checked(vectors: PromptVectors, bb, path) -> PromptVectors:
+    if vectors.vectors.shape[1] != _width(bb):
+        raise CavError(f"prompt vectors '{path}' have width {vectors.vectors.shape[1]} but this base's umT5 gives "
+                       f"{_width(bb)}: use vectors trained on this base")
+    return vectors
+
+
+__all__ = ["KIND", "check_file", "prompt_lengths", "PromptVectors", "VectorAbsorber", "OutputVectors"]
