@@ -1032,15 +1032,17 @@ def test_wan_s_lora_from_diffusers_or_comfyui_layout(built, wan_model, wan_run, 
 
 
 def test_select_on_a_toy_wan_run(tiny_video, tmp_path, capsys):
-    """`cav select` on a Wan run whose samples can be tracked (the shipped toy Wan draws squares): it ranks the
-    checkpoints by motion fidelity and publishes the choice, which `cav generate --adapter RUN/selected` samples."""
+    """`cav select` on a run of the shipped toy Wan. That model is a draft under its floors (its card): its samples
+    hold nothing a tracker can follow, so select must say so in one line, per score, and write nothing; the run's own
+    T-LoRA stays what `cav generate --adapter RUN` samples. (The ranking path is family-free and tested on UNet3D;
+    this test should rank once the toy Wan meets its floors.)"""
     out = tmp_path / "run"
     assert main([str(a) for a in ["train", tiny_video, "--prompt", PROMPT, "--base", "toy-wan", "--out", out,
                                   "--frames", "5", "--size", "32", "--steps", "4", "--absorber-steps", "1",
                                   "--sample-steps", "4", "--checkpoint-every", "2", "--quiet"]]) == 0
-    assert _run(capsys, "select", out, "--clip", tmp_path / "no-clip")[0] == 0
-    table = json.loads((out / "selection.json").read_text())
-    assert "motion_fidelity" in table["ranked_by"]
-    assert (out / "selected" / "t_lora" / lora.WEIGHTS).is_file()
+    code, err = _run(capsys, "select", out, "--clip", tmp_path / "no-clip")
+    _one_line_error(code, err, "no score to select on", "motion_fidelity", "cav generate --adapter RUN")
+    assert not (out / "selection.json").exists() and not (out / "selected").exists()
     gen = tmp_path / "gen.mp4"
-    assert main(["generate", "--prompt", PROMPT, "--adapter", str(out / "selected"), "--out", str(gen), "--quiet"]) == 0
+    assert main(["generate", "--prompt", PROMPT, "--adapter", str(out), "--out", str(gen), "--quiet"]) == 0
+    assert gen.is_file()

@@ -22,7 +22,7 @@ import torch
 from ..adapters.lora import count_parameters
 from . import targets
 from .checks import check_experts, expert_components
-from .prompt_vectors import PromptVectors
+from .prompt_vectors import prompt_vector_params
 
 S_LORA, T_LORA, PROMPT_VECTORS = "s_lora", "t_lora", "prompt_vectors"
 
@@ -48,11 +48,6 @@ def _lora_rows(transformer_config: dict, placement: str) -> tuple[dict, dict]:
         modules = sum(1 for m in model.modules() if name in getattr(m, "lora_A", {}))
         rows[name] = {"trainable_params": count_parameters(model, name), "modules": modules}
     return rows[S_LORA], rows[T_LORA]
-
-
-def prompt_vector_params(count: int, text_dim: int) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in PromptVectors(count, text_dim).parameters())
 
 
 def stages(transformer_config: dict, placement: str = "cav", experts: str | None = None, n_experts: int = 1,

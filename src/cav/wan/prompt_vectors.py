@@ -167,13 +167,17 @@ class OutputVectors:
         bb.condition_edits.append(edit)
 
     def plan_row(self, cfg, unet_config: dict, family, index: int | None = None) -> dict:
-        """The dry run's row (``wan.plan.prompt_vector_params``, umT5's width from the transformer's ``text_dim``)."""
-        from .plan import prompt_vector_params
-
+        """The dry run's row (``prompt_vector_params``, umT5's width from the transformer's ``text_dim``)."""
         width = int(unet_config["text_dim"])
         return {"name": self.name + (f" clip-{index}" if index is not None else ""),
                 "trainable_params": prompt_vector_params(cfg.ti_tokens, width), "modules": 1,
                 "vectors": cfg.ti_tokens, "width": width}
+
+
+def prompt_vector_params(count: int, text_dim: int) -> int:
+    """Trainable parameters of ``count`` prompt vectors of width ``text_dim`` (counted on the meta device)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in PromptVectors(count, text_dim).parameters())
 
 
 def _width(bb) -> int:
