@@ -257,3 +257,7 @@ def test_dry_run_counts_the_trained_expert(a14b):
         assert plan["memory"]["gib"]["peak"] >= 0
     one = api.plan(TrainConfig(prompt="x", base=str(a14b), frames=5, size=[16, 16], absorbers="s-lora"))
     assert one["experts"] == "high"
+    # the prompt vectors live in the text condition, which both experts share: one row, not one per expert
+    both = api.plan(TrainConfig(prompt="x", base=str(a14b), frames=5, size=[16, 16], absorbers="both",
+                                experts="both"))
+    assert [s["name"] for s in both["stages"]].count("prompt_vectors") == 1

@@ -50,15 +50,17 @@ def plan(cfg: TrainConfig, clips: int = 1, estimate: bool = False) -> dict:
                    **({"clips": clips} if clips > 1 else {})})
     expert = backbone_mod.check_experts(cfg.base, cfg.experts or None, family)
     if expert:  # a two-expert base: every LoRA trains on the chosen expert(s) (an untrained one samples, frozen)
-        parts = backbone_mod.expert_parts(family, expert)  # both: each LoRA row once per expert
+        parts = backbone_mod.expert_parts(family, expert)  # both: each LoRA row once per expert; the text
+        ti = family.condition.ti.name  # condition's absorber (TI tokens, prompt vectors) is one for both
         stages = [row for s in stages for row in
-                  ([s] if s["name"].startswith("textual_inversion") else [{**s, "expert": p} for p in parts])]
+                  ([s] if s["name"].startswith(ti) else [{**s, "expert": p} for p in parts])]
     base_params = sum(p.numel() for n_, p in unet.named_parameters() if ".lora_" not in n_)
     resolved = backbone_mod.resolve_base(cfg.base)
     memory = ({"memory": family.memory(cfg, lambda name: backbone_mod._read_json(resolved, name, "base"))}
               if family.memory else {})
     return {"base": cfg.base, "family": family.name, "model_class": family.model_class, "placement": cfg.placement,
-            "absorbers": cfg.absorbers, **({"experts": expert} if expert else {}), "unet_params": base_params, "stages": stages, **({"clips": clips} if clips > 1 else {}), **memory,
+            "absorbers": cfg.absorbers, **({"experts": expert} if expert else {}), "unet_params": base_params,
+            "stages": stages, **({"clips": clips} if clips > 1 else {}), **memory,
             **estimate_mod.statement(cfg, clips, measure=estimate, unet_params=base_params)}
 
 
