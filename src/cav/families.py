@@ -102,6 +102,14 @@ class Rig:
     frames: int | None = None
 
 
+def _load_image_lora(*args, **kwargs):
+    """``adapters.image_lora.load_image_lora``, imported on first use (it imports ``adapters.lora``, which imports
+    this module: a top-level import would make importing ``adapters.lora`` first fail)."""
+    from .adapters.image_lora import load_image_lora
+
+    return load_image_lora(*args, **kwargs)
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class Family:
     """One kind of text-to-video base (see the module doc). Rows are singletons: equal only to themselves."""
@@ -132,7 +140,7 @@ class Family:
     exports: tuple[ExportFormat, ...] = ()
     # how an image LoRA file of the base's image model is read (``--s-lora-from``; None: not supported yet) and the
     # diffusers class whose ``save_lora_weights`` writes an adapter's diffusers-layout copy
-    image_lora: Callable | None = lambda *a, **k: _load_image_lora(*a, **k)
+    image_lora: Callable | None = _load_image_lora
     lora_writer: str = "diffusers.loaders:StableDiffusionLoraLoaderMixin"
     tiny: Tiny
     rig: Rig | None = None
@@ -179,14 +187,6 @@ ANIMATEDIFF_EXPORT = ExportFormat("animatediff", animatediff_export.to_animatedi
                                   "the original AnimateDiff MotionLoRA key layout")
 FRAME_LIMIT_KEY = "motion_max_seq_length"  # AnimateDiff motion modules have positions for this many frames;
 #                                            UNet3D has no such key: its temporal attention has no positions
-
-
-def _load_image_lora(*args, **kwargs):
-    """``adapters.image_lora.load_image_lora``, imported on first use (it imports ``adapters.lora``, which imports
-    this module: a top-level import would make importing ``adapters.lora`` first fail)."""
-    from .adapters.image_lora import load_image_lora
-
-    return load_image_lora(*args, **kwargs)
 
 
 def _wan_memory(cfg, read) -> dict:
@@ -258,14 +258,14 @@ ANIMATEDIFF_SDXL = Family(  # SDXL + the SDXL motion adapter, or its AnimateDiff
     frame_limit_key=FRAME_LIMIT_KEY, exports=(ANIMATEDIFF_EXPORT,),
     tiny=Tiny(factory.make_tiny_sdxl_animatediff, factory.make_tiny_sdxl_parts))
 
-WAN = Family(  # Wan 2.1 / 2.2 text-to-video DiTs (one expert)
+WAN = Family(  # Wan 2.1 / 2.2 text-to-video DiTs (one expert, or A14B's two: --experts)
     name="wan", recipe="wan", what="a Wan text-to-video DiT", model_class="WanTransformer3DModel",
     model_folder="transformer", vae_class="AutoencoderKLWan", latents=wan_family.WAN_LATENTS,
     pipeline_class="WanPipeline", condition=UmT5Condition(), targets=DiTTargets(),
     image_mode=wan_family.FOLD_FRAMES, objective=FLOW, exports=(COMFYUI_WAN_EXPORT,),
     image_lora=wan_family.load_image_lora,
     lora_writer="diffusers:WanPipeline",
-    tiny=Tiny(wan_family.make_tiny, size=16, frames=5), memory=lambda cfg, read: _wan_memory(cfg, read),
+    tiny=Tiny(wan_family.make_tiny, size=16, frames=5), memory=_wan_memory,
     block_swap=wan_family.swap_blocks,
     rig=Rig(wan_family.RIG_LABEL, wan_family.rig_model, parts=wan_family.rig_parts, frames=5))
 
