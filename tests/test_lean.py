@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler, UNet3DConditionModel
 
 from cav import lean
 from cav.adapters import lora
-from cav.bench.opcount import count_ops
+from cav.opcount import count_ops
 from cav.bench.speed import TINY_UNET
 from cav.families import UNET3D
 from cav.objectives import DDPM

@@ -521,7 +521,7 @@ def _add_eval_bench(sub) -> None:
     ba = cmds.add_parser("ablation", help="the paper's Table 1 rows in the toy world, with 95%% bootstrap CIs")
     _opt(ba, "--recipe", "ablation file: a shipped name or a YAML path", "ablation/toy", metavar="NAME_OR_YAML")
     ba.add_argument("--quick", action="store_true", help="a CI-sized run: every row, one reference, a few steps")
-    _opt(ba, "--out", "folder for runs, samples and ablation.json|md|png", "runs/ablation", metavar="DIR")
+    _opt(ba, "--out", "folder for runs, samples and ablation.json|md", "runs/ablation", metavar="DIR")
     ba.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
     ba.set_defaults(func=cmd_bench_ablation)
 

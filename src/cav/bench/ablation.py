@@ -9,20 +9,15 @@ trained row runs ``api.train`` once, then samples every new-appearance prompt ×
 backbone that holds only that run's T-LoRA (the absorbers are discarded, as in the paper's inference). The base row
 samples the same prompts and seeds with no adapter.
 
-Per generated video: ``motion_error`` (centroid displacement track vs the reference's, / frame size; lower is better),
-``appearance_leakage`` (its classified colour or shape is the reference's where the prompt asks for another),
-``prompt_accuracy`` (classified colour and shape are the prompt's), ``motion_accuracy`` (``classify_motion`` of
-its track names the reference's motion among all 12) and ``background_leakage`` (its classified background is the
-reference's where the prompt asks for another). Per (row, reference, prompt): ``diversity`` (mean pairwise
-LPIPS between the seeds' videos; only with LPIPS weights, else null) and ``track_diversity`` (mean pairwise
-motion error between the seeds' tracks, a weights-free proxy). Per run: ``train_seconds``. Every metric is a mean
-with a 95% percentile-bootstrap interval (seeded numpy, resampling videos, groups or runs). Trainable parameters come
-from ``api.plan`` on the toy model and on the full ModelScope config (meta device, config files only).
-``comparisons`` holds paired differences (same reference, prompt and seed) of every row against the base and No AA.
+The metrics (per video, per (row, reference, prompt) group, per run) are ``bench.metrics.TABLE``, each with its note.
+Every metric is a mean with a 95% percentile-bootstrap interval (seeded numpy, resampling videos, groups or runs).
+Trainable parameters come from ``api.plan`` on the toy model and on the full ModelScope config (config files only).
+``comparisons`` holds paired differences (same reference, prompt and seed) of every row against the file's
+``compare`` rows (default: the base and No AA).
 
 Outputs: ``out/runs/<row>/<reference>`` (training runs), ``out/samples/<row>/<reference>.npz`` (the scored videos;
 ``rescore`` scores a finished run again from them), ``out/references``, ``out/sheets`` (contact sheets),
-``out/partial.json`` (after each reference) and, from ``write_outputs``, ``ablation.json|md|png``.
+``out/partial.json`` (after each reference) and, from ``write_outputs``, ``ablation.json|md``.
 """
 
 from __future__ import annotations
@@ -42,7 +37,7 @@ from ..io_utils import write_json
 from ..metrics import toy as tm
 from . import rows as row_options
 from .metrics import GROUP_METRICS, METRICS, RUN_METRICS, TABLE, VIDEO_METRICS, Scored, score_group, score_video
-from .report import format_markdown, write_chart, write_outputs
+from .report import format_markdown, write_outputs
 from .stats import bootstrap, jsonable, paired_differences
 
 DEFAULT_RECIPE = find_recipe("ablation/toy")
@@ -357,5 +352,5 @@ def _aggregate(settings, params, records, groups, runs, ref_info, command, wall,
     return jsonable(result)
 
 
-__all__ = ["run_ablation", "format_markdown", "write_outputs", "write_chart", "load_settings", "bootstrap",
+__all__ = ["run_ablation", "format_markdown", "write_outputs", "load_settings", "bootstrap",
            "paired_differences", "rescore"]

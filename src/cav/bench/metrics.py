@@ -3,7 +3,7 @@
 Levels: ``video`` metrics score one generated video against the toy world's ground truth (``fn(Scored)``);
 ``group`` metrics score the seeds' videos of one (row, reference, prompt) (``fn(videos, scored, lpips)``);
 ``run`` metrics are read from a training run's record (its key). The table's order is the order of the JSON's
-metrics, the markdown table's columns and the chart's panels; append new metrics at the end (each metric's bootstrap
+metrics and the markdown table's columns; append new metrics at the end (each metric's bootstrap
 seed is its index, so earlier figures stay reproducible).
 """
 
@@ -55,10 +55,8 @@ class Metric:
     key: str
     level: str  # "video" | "group" | "run"
     label: str  # markdown column (with ↑/↓)
-    chart: str | None  # chart panel title (the bundled PIL font has no arrows); None: not charted
     note: str  # what it measures: the JSON's notes and the docs
     fn: Callable | None = None
-    fraction: bool = False  # a share in [0, 1] (the chart's axis stops at 1)
 
 
 def _appearance_leakage(s: Scored) -> float:
@@ -78,58 +76,49 @@ def _pairwise(items, fn) -> float | None:
 
 
 TABLE = (
-    Metric("motion_error", "video", "motion error ↓", "motion error (lower is better)",
+    Metric("motion_error", "video", "motion error ↓",
            "mean distance between centroid displacement tracks of the video and the reference, as a fraction of "
            "the frame side (metrics.toy.motion_error)",
            lambda s: tm.motion_error(s.track, s.ref_track, s.size)),
-    Metric("appearance_leakage", "video", "appearance leakage ↓", "appearance leakage (lower is better)",
+    Metric("appearance_leakage", "video", "appearance leakage ↓",
            "fraction of videos whose classified colour or shape is the reference's where the prompt asks for another",
-           _appearance_leakage, fraction=True),
-    Metric("prompt_accuracy", "video", "prompt accuracy ↑", "prompt accuracy (higher is better)",
+           _appearance_leakage),
+    Metric("prompt_accuracy", "video", "prompt accuracy ↑",
            "fraction of videos whose classified colour and shape are the prompt's",
-           lambda s: float(s.colour == s.target.colour and s.shape == s.target.shape), fraction=True),
-    Metric("motion_accuracy", "video", "motion accuracy ↑", "motion accuracy (higher is better)",
+           lambda s: float(s.colour == s.target.colour and s.shape == s.target.shape)),
+    Metric("motion_accuracy", "video", "motion accuracy ↑",
            "fraction of videos whose track is classified (among all 12 toy motions) as the reference's motion",
-           _motion_accuracy, fraction=True),
-    Metric("background_leakage", "video", "background leakage ↓", "background leakage (lower is better)",
+           _motion_accuracy),
+    Metric("background_leakage", "video", "background leakage ↓",
            "fraction of videos whose classified background is the reference's where the prompt asks for another "
            "(not part of appearance_leakage)",
-           lambda s: float(s.ref.background != s.target.background and s.background == s.ref.background),
-           fraction=True),
-    Metric("diversity", "group", "LPIPS diversity ↑", None,
+           lambda s: float(s.ref.background != s.target.background and s.background == s.ref.background)),
+    Metric("diversity", "group", "LPIPS diversity ↑",
            "mean pairwise LPIPS between the seeds' videos of one prompt",
            lambda videos, scored, lp: None if lp is None or len(videos) < 2 else lp.diversity(videos)),
-    Metric("track_diversity", "group", "track diversity", "track diversity (between seeds)",
+    Metric("track_diversity", "group", "track diversity",
            "mean pairwise motion error between the seeds' videos of one prompt (weights-free diversity proxy)",
            lambda videos, scored, lp: _pairwise([s.track for s in scored],
                                                 lambda a, b: tm.motion_error(a, b, scored[0].size))),
-    Metric("train_seconds", "run", "train seconds", "training seconds per run",
-           "wall time of one training run (api.train)"),
-    Metric("frame_leakage", "video", "frame leakage ↓", "frame leakage (lower is better)",
+    Metric("train_seconds", "run", "train seconds", "wall time of one training run (api.train)"),
+    Metric("frame_leakage", "video", "frame leakage ↓",
            "fraction of frames whose own classified object colour or shape, or background, is the reference's where "
            "the prompt asks for another (metrics.toy.frame_leakage: catches a few leaking frames)",
-           lambda s: tm.frame_leakage(s.video, s.ref, s.target), fraction=True),
-    Metric("appearance_accuracy", "video", "appearance accuracy ↑", "appearance accuracy (higher is better)",
+           lambda s: tm.frame_leakage(s.video, s.ref, s.target)),
+    Metric("appearance_accuracy", "video", "appearance accuracy ↑",
            "fraction of videos whose classified colour, shape AND background are the prompt's "
            "(metrics.toy.appearance_ok)",
-           lambda s: float(s.colour == s.target.colour and s.shape == s.target.shape
-                           and s.background == s.target.background), fraction=True),
+           lambda s: float(tm.appearance_ok(s.video, s.target))),
 )
 BY_KEY = {m.key: m for m in TABLE}
 METRICS = tuple(m.key for m in TABLE)
 VIDEO_METRICS = tuple(m.key for m in TABLE if m.level == "video")
 GROUP_METRICS = tuple(m.key for m in TABLE if m.level == "group")
 RUN_METRICS = tuple(m.key for m in TABLE if m.level == "run")
-CHART_METRICS = tuple(m.key for m in TABLE if m.chart)
-FRACTIONS = tuple(m.key for m in TABLE if m.fraction)
 
 
 def label(key: str) -> str:
     return BY_KEY[key].label
-
-
-def chart_label(key: str) -> str:
-    return BY_KEY[key].chart or BY_KEY[key].label
 
 
 def score_video(s: Scored) -> dict:

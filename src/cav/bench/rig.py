@@ -1,7 +1,8 @@
-"""The speed benchmark's rig: a random-weight ``Backbone`` of a family (``Family.rig``'s model, SD's VAE, the family's
-text encoder, a CLIP tokenizer) and step factories made of cav's own code (``stages`` builders + ``train_step``,
-``sample_videos``): ``make() → (step, teardown)`` builds a case's stage on the bare UNet as a run does, ``teardown``
-takes its adapters off again. ``Bench`` times steps."""
+"""The speed benchmark's rig: a random-weight ``Backbone`` of a family (``Family.rig``'s model with SD's VAE, the
+family's text encoder and a CLIP tokenizer, or with the family's own parts) and step factories made of cav's own code:
+the plan ``cav train`` runs (``run.stage_plan``: the stage builders and the frozen S-LoRA's merge policy) +
+``trainer.train_step``, and ``sampling.sample_videos``. ``make() → (step, teardown)`` builds a case's stage on the bare
+UNet as a run does, ``teardown`` takes its adapters off again. ``Bench`` times steps."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from ..accel import compile_unet, graph_breaks, set_gradient_checkpointing, unco
 from ..adapters import lora
 from ..backbone import Backbone, attach_condition
 from ..config import TrainConfig, load_recipe
+from ..run import stage_plan
 from ..sampling import sample_videos
-from ..stages import S_LORA, T_LORA, absorber_stage, encode_frames, encode_prompt, t_lora_stage
+from ..stages import S_LORA, T_LORA, encode_frames, encode_prompt
 from ..trainer import make_optimizer, train_step
 
 FULL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
@@ -37,6 +39,7 @@ TINY_TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidd
 PROMPT = "a red circle moving left on a grey background"
 SEED = 0
 GEN_STEPS = 3  # denoising steps per timed generation call: its 2 step-to-step intervals are the step's samples
+RUN_FOLDER = Path("cav-bench-run")  # the plan's output folder: never written (no checkpoint or publish is called)
 
 
 def log(msg: str) -> None:
@@ -50,40 +53,35 @@ def materialize(build: Callable[[], torch.nn.Module], device, dtype) -> torch.nn
     return module.to(dtype).requires_grad_(False).eval()
 
 
-def random_backbone(family: families.Family, size: str, device, dtype) -> Backbone:
-    """A ``Backbone`` of random weights, full size (``Family.rig``) or tiny, as ``backbone.load`` returns one."""
+def clip_parts(family: families.Family, size: str) -> dict:
+    """``Family.rig.parts`` of a UNet row: SD's VAE, the family's CLIP text encoder, a CLIP BPE tokenizer that pads to
+    the encoder's length, ModelScope's (and SD's) DDPM training schedule."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from ..toy.factory import BASE_WORDS, write_clip_tokenizer
 
-    torch.manual_seed(SEED)
-    if family.rig.parts is not None:
-        return _own_parts(family, size, device, dtype)
     text = dict(family.rig.full_text() if size == "full" else TINY_TEXT)
-    with tempfile.TemporaryDirectory() as tmp:  # a CLIP BPE tokenizer that pads to the text encoder's length
+    with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(Path(tmp), BASE_WORDS, text["max_position_embeddings"])
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    vae_spec = dict(FULL_VAE if size == "full" else TINY_VAE)
-    n = len(vae_spec["block_out_channels"])
-    vae_spec.update(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
-    unet = materialize(lambda: family.rig.model(size), device, dtype)
-    vae = materialize(lambda: AutoencoderKL.from_config(vae_spec), device, dtype)
-    encoder = materialize(lambda: CLIPTextModel(CLIPTextConfig(**text, **ids)), device, dtype)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type="epsilon")  # ModelScope's and SD's training schedule
-    attach_condition(unet, family, 2 ** (len(vae.config.block_out_channels) - 1))
-    return Backbone(unet, vae, encoder, tokenizer, scheduler, "random", torch.device(device), dtype, family)
+    text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vae = dict(FULL_VAE if size == "full" else TINY_VAE)
+    n = len(vae["block_out_channels"])
+    vae.update(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
+    return {"vae": lambda: AutoencoderKL.from_config(vae), "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**text)),
+            "tokenizer": tokenizer, "scheduler": DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                                               beta_start=0.00085, beta_end=0.012,
+                                                               prediction_type="epsilon")}
 
 
-def _own_parts(family: families.Family, size: str, device, dtype) -> Backbone:
-    """``random_backbone`` of a family whose rig brings its own VAE, text encoder, tokenizer and scheduler."""
-    parts = family.rig.parts(size)
+def random_backbone(family: families.Family, size: str, device, dtype) -> Backbone:
+    """A ``Backbone`` of random weights, full size (``Family.rig``) or tiny, as ``backbone.load`` returns one."""
+    torch.manual_seed(SEED)
+    parts = family.rig.parts(size) if family.rig.parts is not None else clip_parts(family, size)
     unet = materialize(lambda: family.rig.model(size), device, dtype)
-    vae = materialize(parts["vae"], device, dtype)
-    encoder = materialize(parts["text_encoder"], device, dtype)
+    vae, encoder = (materialize(parts[k], device, dtype) for k in ("vae", "text_encoder"))
     bb = Backbone(unet, vae, encoder, parts["tokenizer"], parts["scheduler"], "random", torch.device(device), dtype,
                   family)
     attach_condition(unet, family, bb.vae_factor)
@@ -133,22 +131,24 @@ class Rig:
 
     def train(self, placement: str = "cav", *, absorber=False, spatial_path=False, uncached=False,
               checkpointing=False, compiled=False, plain=False):
-        """One ``train_step`` of the stage a run builds: stage 2 (T-LoRA, its S-LoRA added by stage 1 and folded into
-        the weights as ``api.train`` does) or, ``absorber``, stage 1; ``spatial_path``: MotionDirector's spatial path
-        (the stage-1 S-LoRA of its placement on the first frame, temporal layers on); ``plain``: the same stage
-        without the lean step (no merge, peft forward, fp32 adapters cast per layer, for-loop AdamW)."""
+        """One ``train_step`` of a stage of the plan ``cav train`` runs on the clip: stage 2 (T-LoRA; stage 1 adds the
+        S-LoRA, which the entry's merge policy folds into the weights) or, ``absorber``, stage 1; ``spatial_path``:
+        MotionDirector's spatial path (the stage-1 S-LoRA of its placement on the first frame, temporal layers on);
+        ``plain``: the same stage without the lean step (no merge, peft forward, fp32 adapters cast per layer,
+        for-loop AdamW)."""
         def make():
             bb, cfg = self.bb, self.cfg(placement, cache_inputs=not uncached)
             set_gradient_checkpointing(bb.unet, checkpointing)
-            stage, name = absorber_stage(bb, cfg, self.frames, None), S_LORA
-            frozen = lean.FrozenMerge(bb.unet, [])
+            absorbers, t_lora = stage_plan(bb, cfg, RUN_FOLDER, [self.frames], None)
+            stage, name, around = absorbers.build(None), S_LORA, contextlib.ExitStack()
             if spatial_path:
                 first = encode_frames(bb, self.frames[:1]).unsqueeze(2)  # (1, C, 1, h, w): one frame as a video
                 batch = (first, encode_prompt(bb, PROMPT))
                 stage = dataclasses.replace(stage, batch=lambda g: batch, image_mode=None)
             elif not absorber:
-                stage, name = t_lora_stage(bb, cfg, self.frames, None), T_LORA
-                frozen = lean.FrozenMerge(bb.unet, [] if plain else [S_LORA]).merge()
+                stage, name = t_lora.build(None), T_LORA
+                if not plain:
+                    around.enter_context(t_lora.around_steps())  # the frozen S-LoRA merged, as in `cav train`
             if plain:
                 stage.forward_backward_context = contextlib.nullcontext
                 optimizer = torch.optim.AdamW(stage.param_groups, weight_decay=0.0)  # make_optimizer before
@@ -162,7 +162,7 @@ class Rig:
                 return train_step(bb.unet, bb.scheduler, stage, optimizer, gen, max_grad_norm=cfg.max_grad_norm,
                                   autocast_dtype=self.autocast)
 
-            return self._finish(step, compiled, frozen, lambda: optimizer.state.clear())
+            return self._finish(step, compiled, around, optimizer.state.clear)
 
         return make
 
@@ -186,7 +186,7 @@ class Rig:
             def step():
                 marks = []
 
-                def mark(*_):
+                def mark(*_):  # a pre-hook's return value would replace the UNet's inputs: None
                     if bb.device.type == "cuda":
                         torch.cuda.synchronize(bb.device)
                     marks.append(time.perf_counter())
@@ -199,11 +199,11 @@ class Rig:
                 return [b - a for a, b in zip(marks, marks[1:])]
 
             step.sample = sample
-            return self._finish(step, compiled, lean.FrozenMerge(bb.unet, []), lambda: None)
+            return self._finish(step, compiled, contextlib.ExitStack(), lambda: None)
 
         return make
 
-    def _finish(self, step, compiled: bool, frozen: lean.FrozenMerge, clear: Callable[[], None]):
+    def _finish(self, step, compiled: bool, around: contextlib.ExitStack, clear: Callable[[], None]):
         """(step, teardown); ``compiled``: the UNet compiled, ``step.eager`` the same step with it off for one call
         (what the compiled step is timed against, alternating with it: ``Bench.measure(..., paired=True)``)."""
         unet = self.bb.unet
@@ -223,7 +223,7 @@ class Rig:
         def teardown():
             clear()
             uncompile_unet(unet)
-            frozen.restore()
+            around.close()
             set_gradient_checkpointing(unet, False)
             drop_adapters(unet, lora.adapter_names(unet))
 

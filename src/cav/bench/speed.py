@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -22,7 +21,7 @@ from .. import families
 from ..accel import set_gradient_checkpointing, tune_backends  # noqa: F401 — set_gradient_checkpointing: tests
 from ..backbone import resolve_device
 from ..errors import CavError
-from .opcount import OpCounter, count_ops
+from ..opcount import OpCounter, count_ops
 from .rig import Bench as _Bench, Rig, log
 from .speed_report import ASSUMED_PEAKS, PAPER_LATENT, format_table, ratio, result_of, rig_info
 
@@ -146,7 +145,8 @@ def _count_phase(size: str, dev: torch.device, bench: _Bench, only: set[str]) ->
     del rig
     gc.collect()  # the bf16 UNet sits in reference cycles (step closures): free it before the timing rig is built
     bench.release()
-    return {"counts": counts, "breaks": breaks, "latent": list(latent), "dtype": str(dtype).replace("torch.", "")}
+    return {"counts": counts, "breaks": breaks, "latent": list(latent), "dtype": str(dtype).replace("torch.", ""),
+            "cases": [c.name for c in COUNTED]}
 
 
 def _select(only) -> set[str]:
@@ -231,55 +231,12 @@ def _warm_rig(family, size, dev, dtype, latent, bench: _Bench) -> Rig:
 
 
 # ------------------------------------------------------------------------------------------------------ FLOPs
-def _count_flops(fn: Callable[[], None], device: torch.device) -> int:
-    """FLOPs (matmul + convolution + attention, forward and backward) of ``fn``; on the CPU attention runs the math
-    backend while counting, since the counter has no formula for the CPU flash kernel."""
+def _flops_section(rig: Rig, bench: _Bench, res: dict, quick: bool) -> dict:
+    """FLOPs (matmul, convolution, attention; forward + backward) of the rig's cav T-LoRA step (with checkpointing
+    only if the plain one failed), the device's matmul peak, and what they imply."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH) if device.type in ("cpu", "meta") else contextlib.nullcontext(), counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-def _paper_shape_flops(rig: Rig) -> int:
-    """FLOPs of one cav T-LoRA step at ``PAPER_LATENT``, on the rig's UNet built again on the meta device (shapes
-    only, nothing computed): the UNet call and backward of ``trainer.diffusion_loss`` (autocast has no meta device)."""
-    from ..adapters import lora
-
-    meta = torch.device("meta")
-    with meta:
-        unet = rig.family.rig.model("full" if rig.unet_params > 1e8 else "tiny")
-    unet.requires_grad_(False)
-    cfg = rig.cfg()
-    for name, kind in (("s", "spatial"), ("t", "temporal")):
-        lora.add_lora(unet, name, cfg.lora_config(kind, rig.family), low_cpu_mem_usage=True)
-    lora.activate(unet, ["s", "t"], trainable="t")
-    latents, t = torch.empty(PAPER_LATENT, device=meta), torch.full((1,), 500, device=meta)
-    cond = torch.empty([1] + rig.text_shape[1:], device=meta)
-    return _count_flops(lambda: unet(latents, t, encoder_hidden_states=cond).sample.float().pow(2).mean().backward(),
-                        meta)
-
-
-def _matmul_peak(device: torch.device, dtype: torch.dtype, n: int, trials: int, per_trial: int) -> float:
-    """Best FLOP/s of an n³ matmul on this device in ``dtype``."""
-    gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
-    best = math.inf
-    for trial in range(trials + 1):  # the first is a warm-up
-        t0 = time.perf_counter()
-        for _ in range(per_trial):
-            torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - t0) / per_trial) if trial else best
-    return 2.0 * n ** 3 / best
-
-
-def _flops_section(rig: Rig, bench: _Bench, res: dict, quick: bool) -> dict:
-    """FLOPs of one cav T-LoRA step (with checkpointing only if the plain one failed), the device's matmul peak,
-    and what they imply."""
     flops, step_s = None, res.get("t_lora_step_s")
     counted = "one cav T-LoRA step (forward + backward, no checkpointing)"
     log("counting FLOPs of one cav T-LoRA step (forward + backward) ...")
@@ -289,20 +246,18 @@ def _flops_section(rig: Rig, bench: _Bench, res: dict, quick: bool) -> dict:
         try:
             bench.release()
             step, teardown = rig.train(checkpointing=checkpointing)()
-            try:
-                flops = _count_flops(step, rig.dev)
+            counter = FlopCounterMode(display=False)
+            try:  # the CPU's attention in the math backend: the counter has no formula for its flash kernel
+                with sdpa_kernel(SDPBackend.MATH) if rig.dev.type == "cpu" else contextlib.nullcontext(), counter:
+                    step()
             finally:
                 teardown()
+            flops = int(counter.get_total_flops())
             if checkpointing:
-                counted, step_s = "one cav T-LoRA step WITH checkpointing (the plain step failed)", res[
-                    "checkpointing_step_s"]
+                counted = "one cav T-LoRA step WITH checkpointing (the plain step failed)"
+                step_s = res["checkpointing_step_s"]
         except Exception as exc:  # noqa: BLE001
             bench.fail("flops" + "_checkpointing" * checkpointing, exc)
-    paper = flops if tuple(rig.latent_shape) == PAPER_LATENT else None
-    try:
-        paper = paper or _paper_shape_flops(rig)
-    except Exception as exc:  # noqa: BLE001
-        bench.fail("paper_shape_flops", exc)
     cuda = rig.dev.type == "cuda"
     mm = ((2048, 2, 3) if quick else (8192, 3, 10)) if cuda else ((256, 2, 2) if quick else (2048, 3, 1))
     peak = None
@@ -314,12 +269,28 @@ def _flops_section(rig: Rig, bench: _Bench, res: dict, quick: bool) -> dict:
     achieved = flops / step_s if flops and step_s else None
     peaks = {"measured_device": peak, **ASSUMED_PEAKS}
     limits = lambda f: {k: (f / v if f and v else None) for k, v in peaks.items()}  # noqa: E731
+    paper = flops if tuple(rig.latent_shape) == PAPER_LATENT else None  # measured at the paper's latent: GPU, full
     return {"flops_per_step": flops, "flops_counted": counted + ": matmul, conv, attention", "achieved_flops": achieved,
             "measured_peak_flops": peak, "measured_peak_how": f"{mm[0]}^3 matmul in "
             f"{str(rig.dtype).replace('torch.', '')}, best of {mm[1]}×{mm[2]}", "peak_fraction": ratio(achieved, peak),
             "assumed_peak_flops": dict(ASSUMED_PEAKS), "physical_limit_s": limits(flops),
             "paper_shape_latent": list(PAPER_LATENT), "paper_shape_flops_per_step": paper,
             "paper_shape_physical_limit_s": limits(paper)}
+
+
+def _matmul_peak(device: torch.device, dtype: torch.dtype, n: int, trials: int, per_trial: int) -> float:
+    """Best FLOP/s of an n³ matmul on this device in ``dtype`` (the first trial is a warm-up)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+    times = []
+    for _ in range(trials + 1):
+        t0 = time.perf_counter()
+        for _ in range(per_trial):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) / per_trial)
+    return 2.0 * n ** 3 / min(times[1:])
 
 
 __all__ = ["run_speed", "format_table", "set_gradient_checkpointing", "TIMED", "COUNTED"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -16,16 +17,6 @@ ASSUMED_PEAKS = {
     "h100_sxm_bf16_dense": 989e12,  # NVIDIA H100 SXM5, BF16 tensor core, dense
     "rtx_a5000_fp16_tensor_dense": 111.1e12,  # NVIDIA RTX A5000, FP16 tensor core, dense (222.2e12 with sparsity)
 }
-# (ops key, casts key, counted case): the lean T-LoRA step's at the top, the plain (pre-issue-16) step's beside it
-_COUNT_KEYS = (("ops_per_step", "cast_ops_per_step", "t_lora_step"),
-               ("ops_per_step_plain", "cast_ops_per_step_plain", "t_lora_step_plain"),
-               ("generation_ops_per_step", "generation_cast_ops_per_step", "generation_step"),
-               ("generation_ops_per_step_plain", "generation_cast_ops_per_step_plain", "generation_step_plain"),
-               ("animatediff_ops_per_step", "animatediff_cast_ops_per_step", "animatediff_t_lora_step"),
-               ("wan_ops_per_step", "wan_cast_ops_per_step", "wan_t_lora_step"),
-               ("wan_ops_per_step_plain", "wan_cast_ops_per_step_plain", "wan_t_lora_step_plain"))
-
-
 # adapters reported per rig: name → (placement, kind) of ``Rig.adapters``
 _ADAPTERS = {"cav": ("cav", "temporal"), "motiondirector": ("motiondirector", "temporal"),
              "cav_s_lora": ("cav", "spatial"), "motiondirector_spatial": ("motiondirector", "spatial")}
@@ -35,11 +26,19 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def _count_key(case: str, what: str) -> str:
+    """The flat JSON key of a counted case's ``what`` (ops / cast_ops): t_lora_step → ops_per_step, generation_step →
+    generation_ops_per_step, wan_t_lora_step_plain → wan_ops_per_step_plain."""
+    base = case.removesuffix("_plain")
+    return f"{base.removesuffix('t_lora_step').removesuffix('step')}{what}_per_step{case[len(base):]}"
+
+
 def _counts(counted: dict | None) -> dict:
     if counted is None:
         return {}
     c, breaks = counted["counts"], counted["breaks"]
-    out = {key: c.get(case, {}).get(field) for *keys, case in _COUNT_KEYS for key, field in zip(keys, ("ops", "casts"))}
+    out = {_count_key(case, what): c.get(case, {}).get(field) for case in counted["cases"]
+           for what, field in (("ops", "ops"), ("cast_ops", "casts"))}
     out.update(op_counts=c, op_count_latent=counted["latent"], op_count_dtype=counted["dtype"],
                ops_ratio=ratio(out["ops_per_step"], out["ops_per_step_plain"]),
                cast_ops_ratio=ratio(out["cast_ops_per_step"], out["cast_ops_per_step_plain"]))
@@ -144,64 +143,59 @@ def _fmt_flops(v, unit="FLOP") -> str:
     return "n/a" if v is None else f"{v / scale:.2f} {prefix}{unit}" if prefix else f"{v:.0f} {unit}"
 
 
-_n = lambda v: "n/a" if v is None else f"{v:,}"  # noqa: E731
-_x = lambda v: "n/a" if v is None else f"{v:.3f}×"  # noqa: E731
-# (label, time key, peak-memory measurement); a ratio row has no measurement (None)
-_TIME_ROWS = (
-    ("T-LoRA step (cav)", "t_lora_step_s", "t_lora_step"),
-    ("MotionDirector temporal step", "motiondirector_step_s", "motiondirector_step"),
-    ("  step ratio cav / MD", "step_ratio", None),
-    ("MD spatial-path step (1 frame)", "motiondirector_spatial_path_step_s", "motiondirector_spatial_path_step"),
-    ("MD dual step (temporal + spatial)", "motiondirector_dual_step_s", ""),
-    ("  step ratio cav / MD dual", "dual_step_ratio", None),
-    ("T-LoRA step, checkpointing", "checkpointing_step_s", "t_lora_step_checkpointing"),
-    ("T-LoRA step, no checkpointing", "no_checkpointing_step_s", "t_lora_step"),
-    ("MD step, checkpointing", "motiondirector_checkpointing_step_s", "motiondirector_step_checkpointing"),
-    ("  step ratio cav / MD (ckpt)", "step_ratio_checkpointing", None),
-    ("Absorber step (T2I, S-LoRA)", "absorber_step_s", "absorber_step"),
-    ("Generation step (CFG 2)", "generation_step_s", "generation_step"),
-    ("Uncached step (VAE+text+UNet)", "uncached_step_s", "uncached_step"),
-    ("Cached step (UNet only)", "cached_step_s", "cached_step"),
-    ("  cached speedup", "cached_speedup", None),
-    ("AnimateDiff T-LoRA step (cav)", "animatediff_t_lora_step_s", "animatediff_t_lora_step"),
-    ("Wan 2.1 1.3B T-LoRA step (cav)", "wan_t_lora_step_s", "wan_t_lora_step"),
-    ("T-LoRA step before issue 16 (plain)", "t_lora_step_plain_s", "t_lora_step_plain"),
-    ("  lean speedup", "lean_speedup", None),
-    ("T-LoRA step, compiled", "compiled_step_s", "t_lora_step_compiled"),
-    ("  compiled speedup", "compiled_speedup", None),
-    ("Generation step, compiled", "compiled_generation_step_s", ""),
+_FORMATS = {"s": _fmt_s, "x": lambda v: f"{v:.3f}×", "n": lambda v: f"{v:,}", "flop": _fmt_flops,
+            "flop/s": lambda v: _fmt_flops(v, "FLOP/s"), "%": lambda v: f"{100 * v:.1f} %",
+            "gib": lambda v: f"{v / 2 ** 30:.2f} GiB"}
+# (label, key or keys (a/b; dotted: nested), format[, the measurement whose peak memory the row shows])
+_ROWS = (
+    ("T-LoRA step (cav)", "t_lora_step_s", "s", "t_lora_step"),
+    ("MotionDirector temporal step", "motiondirector_step_s", "s", "motiondirector_step"),
+    ("  step ratio cav / MD", "step_ratio", "x"),
+    ("MD spatial-path step (1 frame)", "motiondirector_spatial_path_step_s", "s", "motiondirector_spatial_path_step"),
+    ("MD dual step (temporal + spatial)", "motiondirector_dual_step_s", "s"),
+    ("  step ratio cav / MD dual", "dual_step_ratio", "x"),
+    ("T-LoRA step, checkpointing", "checkpointing_step_s", "s", "t_lora_step_checkpointing"),
+    ("T-LoRA step, no checkpointing", "no_checkpointing_step_s", "s", "t_lora_step"),
+    ("MD step, checkpointing", "motiondirector_checkpointing_step_s", "s", "motiondirector_step_checkpointing"),
+    ("  step ratio cav / MD (ckpt)", "step_ratio_checkpointing", "x"),
+    ("Absorber step (T2I, S-LoRA)", "absorber_step_s", "s", "absorber_step"),
+    ("Generation step (CFG 2)", "generation_step_s", "s", "generation_step"),
+    ("Uncached step (VAE+text+UNet)", "uncached_step_s", "s", "uncached_step"),
+    ("Cached step (UNet only)", "cached_step_s", "s", "cached_step"),
+    ("  cached speedup", "cached_speedup", "x"),
+    ("AnimateDiff T-LoRA step (cav)", "animatediff_t_lora_step_s", "s", "animatediff_t_lora_step"),
+    ("Wan 2.1 1.3B T-LoRA step (cav)", "wan_t_lora_step_s", "s", "wan_t_lora_step"),
+    ("T-LoRA step before issue 16 (plain)", "t_lora_step_plain_s", "s", "t_lora_step_plain"),
+    ("  lean speedup", "lean_speedup", "x"),
+    ("T-LoRA step, compiled", "compiled_step_s", "s", "t_lora_step_compiled"),
+    ("  compiled speedup", "compiled_speedup", "x"),
+    ("Generation step, compiled", "compiled_generation_step_s", "s"),
+    ("Ops per T-LoRA step lean / plain", ("ops_per_step", "ops_per_step_plain"), "n"),
+    ("Casts per T-LoRA step lean / plain", ("cast_ops_per_step", "cast_ops_per_step_plain"), "n"),
+    ("Ops / casts per generation step", ("generation_ops_per_step", "generation_cast_ops_per_step"), "n"),
+    ("  before issue 16 (plain)", ("generation_ops_per_step_plain", "generation_cast_ops_per_step_plain"), "n"),
+    ("Graph breaks training / generation", ("graph_breaks.training", "graph_breaks.generation"), "n"),
+    ("FLOPs per T-LoRA step", "flops_per_step", "flop"),
+    ("Achieved", "achieved_flops", "flop/s"),
+    ("Measured matmul peak", "measured_peak_flops", "flop/s"),
+    ("  fraction of peak", "peak_fraction", "%"),
 )
 
 
 def format_table(result: dict) -> str:
     """A readable, aligned text table of the main numbers of ``run_speed``'s result."""
-    r, mem = result, result.get("peak_memory", {})
-    gib = lambda m: "" if not m else "n/a" if mem.get(m) is None else f"{mem[m] / 2 ** 30:.2f} GiB"  # noqa: E731
-    rows = [(label, _x(r.get(key)) if m is None else _fmt_s(r.get(key)), gib(m) if m else "")
-            for label, key, m in _TIME_ROWS]
-    pair = lambda a, b: f"{_n(r.get(a))} / {_n(r.get(b))}"  # noqa: E731
-    rows += [("Ops per T-LoRA step lean / plain", pair("ops_per_step", "ops_per_step_plain"), ""),
-             ("Casts per T-LoRA step lean / plain", pair("cast_ops_per_step", "cast_ops_per_step_plain"), ""),
-             ("Ops / casts per generation step", pair("generation_ops_per_step", "generation_cast_ops_per_step"), ""),
-             ("  before issue 16 (plain)", pair("generation_ops_per_step_plain",
-                                                "generation_cast_ops_per_step_plain"), ""),
-             ("Graph breaks training / generation", " / ".join(_n((r.get("graph_breaks") or {}).get(k))
-                                                               for k in ("training", "generation")), ""),
-             ("FLOPs per T-LoRA step", _fmt_flops(r.get("flops_per_step")), ""),
-             ("Achieved", _fmt_flops(r.get("achieved_flops"), "FLOP/s"), ""),
-             ("Measured matmul peak", _fmt_flops(r.get("measured_peak_flops"), "FLOP/s"), ""),
-             ("  fraction of peak", "n/a" if r.get("peak_fraction") is None else f"{100 * r['peak_fraction']:.1f} %",
-              "")]
+    r = result
+
+    def cell(keys, fmt: str) -> str:
+        values = (functools.reduce(lambda d, k: (d or {}).get(k), key.split("."), r)
+                  for key in ((keys,) if isinstance(keys, str) else keys))
+        return " / ".join("n/a" if v is None else _FORMATS[fmt](v) for v in values)
+
+    rows = [(label, cell(keys, fmt), cell(f"peak_memory.{m[0]}", "gib") if m else "")
+            for label, keys, fmt, *m in _ROWS]
     rows += [(f"Limit at {k}", _fmt_s(v), "") for k, v in (r.get("physical_limit_s") or {}).items()]
-    if r.get("paper_shape_flops_per_step") and r.get("latent_shape") != r.get("paper_shape_latent"):
-        rows.append((f"FLOPs/step at {tuple(r['paper_shape_latent'])}", _fmt_flops(r["paper_shape_flops_per_step"]),
-                     ""))
-        rows += [(f"  limit at {k}", _fmt_s(v), "") for k, v in (r.get("paper_shape_physical_limit_s") or {}).items()
-                 if k != "measured_device"]
-    tp = r.get("trainable_params", {})
-    rows.append(("Trainable params cav / MD", f"{tp.get('cav', 0):,} / {tp.get('motiondirector', 0):,}", ""))
-    rows.append(("Peak memory (headline)", "n/a" if r.get("peak_memory_bytes") is None else
-                 f"{r['peak_memory_bytes'] / 2 ** 30:.2f} GiB", ""))
+    rows += [("Trainable params cav / MD", cell(("trainable_params.cav", "trainable_params.motiondirector"), "n"), ""),
+             ("Peak memory (headline)", cell("peak_memory_bytes", "gib"), "")]
     w0 = max(len(a) for a, _, _ in rows + [("measurement", "", "")])
     w1 = max(len(b) for _, b, _ in rows + [("", "time / value", "")])
     lines = [f"cav speed benchmark — {r.get('device_name')} [{r.get('device')}], {r.get('dtype')}, latent "

@@ -1,4 +1,5 @@
-"""Count the ATen ops one step dispatches, and how many of them are casts (device-independent measures of a step).
+"""Count the ATen ops one step dispatches, and how many of them are casts (device-independent measures of a step: the
+lean step's, read by `cav bench speed`'s op counts and by tests/test_lean.py).
 
 A ``TorchDispatchMode`` sees every ATen op after autograd and autocast have done their work, in the forward, the
 backward (the autograd engine carries the mode into its thread) and the optimizer alike, so the count is what the
@@ -23,27 +24,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 COPY_OPS = ("copy_", "_copy_from", "_copy_from_and_resize")
 
 
-def _first_tensor(x):
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, (list, tuple)) and x and isinstance(x[0], torch.Tensor):
-        return x[0]
-    return None
-
-
-def _differs(a, b) -> bool:
-    return a is not None and b is not None and (a.dtype != b.dtype or a.device != b.device)
+def _kind(x):
+    """(dtype, device) of a tensor or of a list's first tensor; None for anything else."""
+    x = x[0] if isinstance(x, (list, tuple)) and x else x
+    return (x.dtype, x.device) if isinstance(x, torch.Tensor) else None
 
 
 def is_cast(name: str, args: tuple, out) -> bool:
     """Whether the op ``name`` called on ``args`` with result ``out`` converts data across dtype or device."""
-    if name == "_to_copy":
-        return _differs(_first_tensor(args[0]) if args else None, _first_tensor(out))
-    if name in COPY_OPS:  # (dst/self, src, ...)
-        return len(args) > 1 and _differs(_first_tensor(args[0]), _first_tensor(args[1]))
-    if name == "_foreach_copy_":  # (self: list, src: list)
-        return len(args) > 1 and any(_differs(a, b) for a, b in zip(args[0], args[1]))
-    return False
+    pairs = ([(args[0] if args else None, out)] if name == "_to_copy"
+             else [args[:2]] if name in COPY_OPS and len(args) > 1  # (dst/self, src, ...)
+             else list(zip(args[0], args[1])) if name == "_foreach_copy_" and len(args) > 1 else [])
+    return any(None not in (_kind(a), _kind(b)) and _kind(a) != _kind(b) for a, b in pairs)
 
 
 class OpCounter(TorchDispatchMode):
