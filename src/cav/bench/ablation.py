@@ -126,19 +126,34 @@ def _params(cfg: TrainConfig | None, base: str, clips: int = 1) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- scoring
-def _score_batch(videos, row: str, name: str, ref: tw.ToySpec, ref_track, targets, texts, seeds, n_seeds: int, lp):
-    """Score one (row, reference) batch (prompt-major, seeds inner): per-video records and per-prompt groups."""
-    records, groups = [], []
-    for p, target in enumerate(targets):
-        clips = [videos[p * n_seeds + k] for k in range(n_seeds)]
-        scored = [Scored(v, ref, ref_track, target) for v in clips]
-        for k, s in enumerate(scored):
-            j = p * n_seeds + k
-            records.append({"row": row, "reference": name, "prompt": texts[j], "seed": int(seeds[j]),
-                            "colour": s.colour, "shape": s.shape, "background": s.background, **score_video(s)})
-        groups.append({"row": row, "reference": name, "prompt": tw.caption(target)[0],
-                       **score_group(clips, scored, lp)})
-    return records, groups
+@dataclasses.dataclass
+class _Tally:
+    """A run's scores so far and what its result names: a record per video, a group per (row, reference, prompt), a
+    run per (row, reference), an entry per reference; the trainable parameters per row (``row_params``)."""
+
+    settings: dict
+    command: str
+    lpips: tuple  # (the LPIPS model or None, its weights' path, why it is missing or None)
+    runs: list = dataclasses.field(default_factory=list)
+    refs: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.records, self.groups, self.params = [], [], row_params(self.settings)
+
+    def score(self, videos, row: str, name: str, ref: tw.ToySpec, ref_track, targets, texts, seeds) -> list[dict]:
+        """Score one (row, reference) batch (prompt-major, seeds inner); returns its records."""
+        n, first = self.settings["seeds"], len(self.records)
+        for p, target in enumerate(targets):
+            clips = [videos[p * n + k] for k in range(n)]
+            scored = [Scored(v, ref, ref_track, target) for v in clips]
+            for k, s in enumerate(scored):
+                j = p * n + k
+                self.records.append({"row": row, "reference": name, "prompt": texts[j], "seed": int(seeds[j]),
+                                     "colour": s.colour, "shape": s.shape, "background": s.background,
+                                     **score_video(s)})
+            self.groups.append({"row": row, "reference": name, "prompt": tw.caption(target)[0],
+                                **score_group(clips, scored, self.lpips[0])})
+        return self.records[first:]
 
 
 def rescore(result: dict) -> dict:
@@ -146,9 +161,8 @@ def rescore(result: dict) -> dict:
     metrics, keeping its timings: the same numbers ``run_ablation`` gives now, without training or sampling again."""
     s = result["settings"]
     settings = load_settings(s["file"], s["quick"])
-    lp, lpips_path, lpips_error = _lpips()
+    tally = _Tally(settings, result["command"], _lpips(), runs=result["runs"], refs=s["references"])
     refs = {r["name"]: r for r in s["references"]}
-    records, groups = [], []
     for run in result["runs"]:
         info = refs[run["reference"]]
         ref = tw.ToySpec(**info["spec"])
@@ -160,13 +174,9 @@ def rescore(result: dict) -> dict:
         texts = [str(t) for t in data["prompts"]]
         if texts != [tw.caption(t)[0] for t in targets for _ in range(settings["seeds"])]:
             raise CavError(f"samples '{run['samples']}' do not match the ablation file's prompts: rerun the ablation")
-        r, g = _score_batch(data["videos"], run["row"], run["reference"], ref, tm.track(ref_video), targets, texts,
-                            data["seeds"], settings["seeds"], lp)
-        records += r
-        groups += g
-    return _aggregate(settings, row_params(settings), records, groups, result["runs"], s["references"],
-                      result["command"], result["wall_seconds"], lpips_path, lpips_error,
-                      complete=result.get("complete", True))
+        tally.score(data["videos"], run["row"], run["reference"], ref, tm.track(ref_video), targets, texts,
+                    data["seeds"])
+    return _aggregate(tally, result["wall_seconds"], complete=result.get("complete", True))
 
 
 def _lpips():
@@ -204,14 +214,8 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
     threads_before = torch.get_num_threads()
     if settings["threads"]:
         torch.set_num_threads(int(settings["threads"]))
-    lp, lpips_path, lpips_error = _lpips()
-    params = row_params(settings)
-    rows = settings["rows"]
-    n_seeds = settings["seeds"]
-    records: list[dict] = []  # one per generated video
-    groups: list[dict] = []  # one per (row, reference, prompt)
-    runs: list[dict] = []  # one per (row, reference)
-    ref_info: list[dict] = []
+    tally = _Tally(settings, command, _lpips())
+    rows, n_seeds = settings["rows"], settings["seeds"]
     try:
         for i, ref in enumerate(settings["references"]):
             name = _ref_name(i, ref)
@@ -223,8 +227,9 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
             targets = tw.new_appearances(ref, settings["prompts"], np.random.default_rng(probe.seed + i))
             texts = [tw.caption(s)[0] for s in targets for _ in range(n_seeds)]
             seeds = [probe.validation_seed + k for _ in targets for k in range(n_seeds)]
-            ref_info.append({"name": name, "spec": dataclasses.asdict(ref), "prompt": full, "spatial_prompt": spatial,
-                             "video": str(ref_path), "prompts": [tw.caption(s)[0] for s in targets]})
+            tally.refs.append({"name": name, "spec": dataclasses.asdict(ref), "prompt": full,
+                               "spatial_prompt": spatial, "video": str(ref_path),
+                               "prompts": [tw.caption(s)[0] for s in targets]})
             sheet_rows, sheet_labels = [[ref_video]], ["reference"]
             for row in rows:
                 cfg = _row_config(settings, row, full, spatial)
@@ -255,29 +260,23 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
                 samples = out / "samples" / row["key"] / f"{name}.npz"
                 samples.parent.mkdir(parents=True, exist_ok=True)
                 np.savez_compressed(samples, videos=videos, prompts=np.array(texts), seeds=np.array(seeds))
-                runs.append({"row": row["key"], "reference": name, "train_seconds": seconds,
-                             "sample_seconds": sample_seconds, "run": None if run_dir is None else str(run_dir),
-                             "samples": str(samples)})
-                batch_records, batch_groups = _score_batch(videos, row["key"], name, ref, ref_track, targets, texts,
-                                                           seeds, n_seeds, lp)
-                records += batch_records
-                groups += batch_groups
+                tally.runs.append({"row": row["key"], "reference": name, "train_seconds": seconds,
+                                   "sample_seconds": sample_seconds, "run": None if run_dir is None else str(run_dir),
+                                   "samples": str(samples)})
+                last = tally.score(videos, row["key"], name, ref, ref_track, targets, texts, seeds)
                 sheet_rows.append([videos[p * n_seeds] for p in range(len(targets))])  # first seed of each prompt
                 sheet_labels.append(row["name"])
-                last = records[-len(texts):]
                 log(f"{name} · {row['name']}: "
                     + (f"trained {seconds:.0f} s, " if seconds is not None else "")
                     + f"sampled {len(texts)} in {sample_seconds:.0f} s, motion error "
                     f"{np.mean([r['motion_error'] for r in last]):.3f}, leakage "
                     f"{np.mean([r['appearance_leakage'] for r in last]):.2f}")
-                partial = _aggregate(settings, params, records, groups, runs, ref_info, command,  # after every row:
-                                     time.perf_counter() - t0, lpips_path, lpips_error, complete=False)  # a stopped
-                write_json(out / "partial.json", partial)  # run keeps every finished row
+                # after every row: a stopped run keeps every finished row
+                write_json(out / "partial.json", _aggregate(tally, time.perf_counter() - t0, complete=False))
             write_contact_sheet(out / "sheets" / f"{name}.png", sheet_rows, labels=sheet_labels, scale=2)
     finally:
         torch.set_num_threads(threads_before)
-    return _aggregate(settings, params, records, groups, runs, ref_info, command, time.perf_counter() - t0,
-                      lpips_path, lpips_error, complete=True)
+    return _aggregate(tally, time.perf_counter() - t0, complete=True)
 
 
 def row_params(settings: dict) -> list[dict]:
@@ -292,9 +291,9 @@ def row_params(settings: dict) -> list[dict]:
     return out
 
 
-def _aggregate(settings, params, records, groups, runs, ref_info, command, wall, lpips_path, lpips_error,
-               complete) -> dict:
-    boot = settings["bootstrap"]
+def _aggregate(tally: _Tally, wall: float, complete: bool) -> dict:
+    settings, params, records, groups, runs = tally.settings, tally.params, tally.records, tally.groups, tally.runs
+    (_, lpips_path, lpips_error), boot = tally.lpips, settings["bootstrap"]
     rows_out = []
     for r, row in enumerate(settings["rows"]):
         key = row["key"]
@@ -333,16 +332,16 @@ def _aggregate(settings, params, records, groups, runs, ref_info, command, wall,
         notes["diversity"] = f"{next(m.note for m in TABLE if m.key == 'diversity')} (weights: {lpips_path})"
     result = {
         "rows": rows_out,
-        "command": command,
+        "command": tally.command,
         "wall_seconds": round(wall, 1),
         "complete": complete,
         "settings": {
             "file": settings["file"], "recipe_file": settings["recipe_file"], "quick": settings["quick"],
             "recipe": settings["recipe"], "overrides": settings["overrides"],
-            "n_references": len(settings["references"]), "completed_references": len(ref_info),
+            "n_references": len(settings["references"]), "completed_references": len(tally.refs),
             "prompts_per_reference": settings["prompts"], "seeds": settings["seeds"],
             "threads": settings["threads"], "bootstrap": boot, "lpips": lpips_path if lpips_error is None else None,
-            "references": ref_info,
+            "references": tally.refs,
         },
         "notes": notes,
         "runs": runs,

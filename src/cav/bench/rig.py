@@ -1,8 +1,8 @@
 """The speed benchmark's rig: a random-weight ``Backbone`` of a family (``Family.rig``'s model with SD's VAE, the
-family's text encoder and a CLIP tokenizer, or with the family's own parts) and step factories made of cav's own code:
-the plan ``cav train`` runs (``run.stage_plan``: the stage builders and the frozen S-LoRA's merge policy) +
-``trainer.train_step``, and ``sampling.sample_videos``. ``make() → (step, teardown)`` builds a case's stage on the bare
-UNet as a run does, ``teardown`` takes its adapters off again. ``Bench`` times steps."""
+family's text encoder and a CLIP tokenizer, or with the family's own parts) and step factories made of cav's own
+code: the plan ``cav train`` runs (``run.stage_plan``: the stage builders and the frozen S-LoRA's merge policy) +
+``trainer.train_step``, and ``sampling.sample_videos``. ``make() → (step, teardown)`` builds a case's stage on the
+bare UNet as a run does, ``teardown`` takes its adapters off again. ``Bench`` times steps."""
 
 from __future__ import annotations
 
@@ -70,10 +70,10 @@ def clip_parts(family: families.Family, size: str) -> dict:
     vae = dict(FULL_VAE if size == "full" else TINY_VAE)
     n = len(vae["block_out_channels"])
     vae.update(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
-    return {"vae": lambda: AutoencoderKL.from_config(vae), "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**text)),
-            "tokenizer": tokenizer, "scheduler": DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                                               beta_start=0.00085, beta_end=0.012,
-                                                               prediction_type="epsilon")}
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type="epsilon")
+    return {"vae": lambda: AutoencoderKL.from_config(vae), "tokenizer": tokenizer, "scheduler": scheduler,
+            "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**text))}
 
 
 def random_backbone(family: families.Family, size: str, device, dtype) -> Backbone:

@@ -27,8 +27,8 @@ def ratio(a, b):
 
 
 def _count_key(case: str, what: str) -> str:
-    """The flat JSON key of a counted case's ``what`` (ops / cast_ops): t_lora_step → ops_per_step, generation_step →
-    generation_ops_per_step, wan_t_lora_step_plain → wan_ops_per_step_plain."""
+    """The flat JSON key of a counted case's ``what`` (ops / cast_ops): t_lora_step → ops_per_step,
+    generation_step → generation_ops_per_step, wan_t_lora_step_plain → wan_ops_per_step_plain."""
     base = case.removesuffix("_plain")
     return f"{base.removesuffix('t_lora_step').removesuffix('step')}{what}_per_step{case[len(base):]}"
 
