@@ -10,11 +10,12 @@ from .metrics import METRICS, VIDEO_METRICS, label
 from .stats import jsonable, paired_differences
 
 
-def _fmt(stat: dict | None, digits: int = 3) -> str:
+def _fmt(stat: dict | None, digits: int = 3, sign: str = "") -> str:
+    """mean [95% CI]; ``sign="+"``: signed (a difference)."""
     if stat is None:
         return "n/a"
     lo, hi = stat["ci95"]
-    return f"{stat['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return f"{stat['mean']:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
 
 
 def _fmt_params(p: dict) -> str:
@@ -60,17 +61,10 @@ def format_markdown(result: dict) -> str:
         for c in comps:
             if c["vs"] == vs:
                 out.append("| " + " | ".join([names.get(c["row"], c["row"])]
-                                             + [_fmt_signed(c.get(m)) for m in VIDEO_METRICS]) + " |")
+                                             + [_fmt(c.get(m), sign="+") for m in VIDEO_METRICS]) + " |")
         out.append("")
     out += [f"- **{k}**: {v}" for k, v in result.get("notes", {}).items()]
     return "\n".join(out)
-
-
-def _fmt_signed(stat: dict | None) -> str:
-    if stat is None:
-        return "n/a"
-    lo, hi = stat["ci95"]
-    return f"{stat['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def write_outputs(result: dict, out_dir: str | Path) -> dict:
