@@ -329,3 +329,31 @@ def test_a_row_on_a_clips_file_trains_one_t_lora_on_all_its_clips(inputs, tmp_pa
     (tmp_path / "m.csv").write_text("clip,prompt,spatial_prompt\ntwo.yaml,a red square moving,a red square\n")
     with pytest.raises(CavError, match="spatial prompts are given twice"):
         batch.load_rows(tmp_path / "m.csv", recipe)
+
+
+def test_a_tiny_wan_row_trains_through_cav_batch(cluster, inputs, tmp_path):
+    """`cav batch` on a Wan base (a tiny one): a Wan recipe (4k+1 frames, a DiT placement), one row trained by a
+    Ray task as `cav train` trains it, recorded in the library's index; a rerun trains nothing."""
+    from cav.wan.tiny import make_tiny_wan
+
+    base = make_tiny_wan(tmp_path / "wan")
+    (tmp_path / "recipe.yaml").write_text(f"base: {base}\nsteps: 2\nabsorber_steps: 1\nframes: 5\nsize: [16, 16]\n"
+                                          "checkpoint_every: 1\nsample_steps: 1\nabsorber_batch: 2\n"
+                                          "placement: temporal-heads\n")
+    (tmp_path / "m.csv").write_text(f"clip,prompt,spatial_prompt,name,seed\n{inputs / 'right.mp4'},a red square moving "
+                                    "right,a red square,wan-right,\n")
+    out = tmp_path / "lib"
+    code, stdout, stderr = _cli("batch", tmp_path / "m.csv", "--out", out, "--recipe", tmp_path / "recipe.yaml",
+                                "--address", cluster, "--quiet")
+    assert code == 0, stdout + stderr
+    run = out / "wan-right"
+    assert _status(run) == "finished"
+    meta = json.loads((run / "t_lora" / "cav.json").read_text())
+    assert (meta["family"], meta["placement"]) == ("wan", "temporal-heads")
+    assert meta["temporal_heads"] == json.loads((run / "temporal_heads.json").read_text())["heads"]
+    index = json.loads((out / "index.json").read_text())
+    assert "wan-right" in json.dumps(index)
+    log = (run / "log.jsonl").read_bytes()
+    assert _cli("batch", tmp_path / "m.csv", "--out", out, "--recipe", tmp_path / "recipe.yaml", "--address",
+                cluster, "--quiet")[0] == 0
+    assert (run / "log.jsonl").read_bytes() == log  # finished: not trained again

@@ -145,3 +145,56 @@ def test_lean_step_dispatches_fewer_ops_and_almost_no_casts():
     assert plain.cast_ops["_to_copy"] > 200  # the S-LoRA and T-LoRA casts, per layer per step
     assert lean_.casts <= 0.1 * plain.casts
     assert lean_.total <= 0.7 * plain.total
+
+
+def test_frozen_merge_folds_every_s_lora_layer_of_a_wan_transformer():
+    """On Wan the T-LoRA shares each ``attn1`` projection with the S-LoRA (8 of the tiny model's 16 S-LoRA layers):
+    every S-LoRA layer is folded all the same, the T-LoRA keeps running beside it (fused by the lean forward), the
+    output and the T-LoRA's gradients equal the unmerged model's to float tolerance, and restore is bit-exact."""
+    from cav.families import WAN
+    from cav.wan.tiny import TinyWanSpec, build_transformer
+
+    model = build_transformer(TinyWanSpec())
+    model.requires_grad_(False)
+    lora.add_lora(model, T, lora.lora_config("temporal", "cav", 4, 1.0, WAN))
+    lora.add_lora(model, S, lora.lora_config("spatial", "cav", 1, 0.5, WAN))
+    with torch.no_grad():
+        for name in (S, T):
+            for p in lora.lora_parameters(model, name):
+                p.normal_(0, 0.2)
+    lora.activate(model, [S, T], trainable=T)
+    s_layers = [m for m in model.modules() if hasattr(m, "lora_A") and S in m.lora_A]
+    shared = [m for m in s_layers if T in m.lora_A]
+    assert len(s_layers) == 16 and len(shared) == 8  # 2 blocks × (attn1 + attn2) × q/k/v/o; attn1's carry both
+    gen = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(1, 4, 3, 4, 4, generator=gen), torch.randn(1, 5, 16, generator=gen)
+    t = torch.tensor([500.0])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = lora.lora_parameters(model, T)
+
+    def run():
+        out = model(x, t, encoder_hidden_states=cond).sample
+        grads = torch.autograd.grad(out.pow(2).mean(), params)
+        return out.detach(), grads
+
+    plain, plain_grads = run()
+    frozen = lean.FrozenMerge(model, [S])
+    with frozen.merged():
+        assert len(frozen.folded) == len(s_layers) == 16
+        assert all(S not in m.active_adapters and T in m.active_adapters for m in shared)
+        merged, merged_grads = run()
+        with lean.LeanForward(model, T).active():
+            assert all("forward" in vars(m) for m in shared)  # the T-LoRA alone is live there: fused
+            fused, _ = run()
+    assert all(S in m.active_adapters for m in shared) and not frozen.is_merged and not frozen.folded
+    for n, p in model.named_parameters():
+        assert torch.equal(before[n], p), n
+    again, _ = run()
+    assert torch.equal(plain, again)
+    scale = plain.abs().max()
+    assert (merged - plain).abs().max() <= 1e-5 * scale and (fused - plain).abs().max() <= 1e-5 * scale
+    for a, b in zip(plain_grads, merged_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    lora.activate(model, [T], trainable=T)  # the S-LoRA matters: without it the output moves (so folding it counts)
+    with torch.no_grad():
+        assert (model(x, t, encoder_hidden_states=cond).sample - plain).abs().max() > 1e-3 * scale

@@ -325,3 +325,24 @@ def test_a_run_of_a_newer_cav_is_one_line_in_the_runs_tab_and_on_resume(app):
     for line in (app.run_details("later")["status"], app.resume_training("later")):
         assert line.startswith("cav: error: ") and "written by a newer cav" in line and line.endswith("upgrade cav")
         assert "\n" not in line and "later/data.json" in line
+
+
+def test_a_tiny_wan_trains_and_generates_through_the_app(tmp_path, tiny_video):
+    """The app on a Wan base (a tiny one): a run with a Wan placement trains in the child process as `cav train`
+    would (the family's recipe values, flow objective, the T-LoRA recorded as Wan's), and the Generate tab samples
+    from it with the stock-layout base."""
+    from cav.wan.tiny import make_tiny_wan
+
+    app = App(str(make_tiny_wan(tmp_path / "wan")), tmp_path / "runs", tmp_path / "work")
+    adv = _advanced(app, size="16", steps=2, absorber_steps=1, checkpoint_every=1, placement="qk")
+    assert app.start_training(str(tiny_video), None, 0, 0, 0, PROMPT, "", 5, "w1", False, adv) == \
+        f"started training 'w1' in {app.root / 'w1'}"
+    assert _wait(app) == f"finished: T-LoRA in {app.root / 'w1' / 't_lora'}, samples in {app.root / 'w1' / 'samples'}"
+    meta = json.loads((app.root / "w1" / "t_lora" / "cav.json").read_text())
+    assert (meta["family"], meta["placement"], meta["validation"]["frames"]) == ("wan", "qk", 5)
+    grid, files, line = app.generate(["w1"], "1", "3", None, 1, PROMPT, "", 5, 2, 0)
+    assert line.startswith("1 video(s) in") and grid.count("<video ") == 1, line
+    from cav.data.video import read_video
+
+    video = read_video(next(p for p in files if p.endswith(".mp4")), frames=None, size=(16, 16))
+    assert video.shape[0] == 5

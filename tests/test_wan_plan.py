@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cav.adapters.lora import count_parameters
+from cav.backbone import chosen_expert
 from cav.errors import CavError
 from cav.io_utils import save_safetensors
 from cav.wan import checks, plan, published, targets
@@ -53,13 +54,16 @@ def test_experts_rows_per_trained_expert():
 
 # --------------------------------------------------------------------------------------------------- bad input
 def test_experts_values_and_one_expert_base():
-    assert checks.check_experts(None, 2) == "high" and checks.check_experts("both", 2) == "both"
-    assert checks.check_experts(None, 1) is None
-    with pytest.raises(CavError, match=r"^--experts low needs a two-expert base \(Wan 2.2 T2V-A14B\); this base has "
-                                       r"one transformer: drop --experts$"):
-        checks.check_experts("low", 1)
+    assert chosen_expert(None, 2) == "high" and chosen_expert("both", 2) == "both"
+    assert chosen_expert(None, 1) is None
+    with pytest.raises(CavError, match=r"^--experts low needs a two-expert base \(Wan 2.2 T2V-A14B\), but this base "
+                                       r"has one transformer: drop --experts$"):
+        chosen_expert("low", 1)
+    with pytest.raises(CavError, match=r"^--experts low needs a two-expert base \(Wan 2.2 T2V-A14B\), but base 'x' "
+                                       r"has one transformer: drop --experts$"):
+        chosen_expert("low", 1, "x")
     with pytest.raises(CavError, match=r"^--experts mid is not a choice: pass --experts high, low or both$"):
-        checks.check_experts("mid", 2)
+        chosen_expert("mid", 2)
     assert checks.experts_of({"transformer_2": [None, None]}) == 1
     assert checks.experts_of({"transformer_2": ["diffusers", "WanTransformer3DModel"]}) == 2
     assert checks.experts_of({}) == 1

@@ -46,8 +46,10 @@ def plan(cfg: TrainConfig, clips: int = 1, estimate: bool = False) -> dict:
         if cfg.uses_ti:  # the condition's own absorber (token rows; Wan: prompt vectors)
             stages.append({**family.condition.ti.plan_row(cfg, unet_config, family, k if clips > 1 else None), **own})
     n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal", family), low_cpu_mem_usage=True)
+    share = family.targets.heads(cfg.placement)  # heads measured on the clip: every block counted, at most
     stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n,
-                   **({"clips": clips} if clips > 1 else {})})
+                   **({"clips": clips} if clips > 1 else {}),
+                   **({"heads_share": share, "upper_bound": "heads are chosen on the clip"} if share else {})})
     expert = backbone_mod.check_experts(cfg.base, cfg.experts or None, family)
     if expert:  # a two-expert base: every LoRA trains on the chosen expert(s) (an untrained one samples, frozen)
         parts = backbone_mod.expert_parts(family, expert)  # both: each LoRA row once per expert; the text

@@ -268,25 +268,30 @@ def expert_parts(family: Family, expert: str) -> tuple[str, ...]:
     return parts if expert == "both" else (parts[EXPERTS.index(expert)],)
 
 
-def _chosen_expert(base, experts: str | None, parts: tuple[str, ...], family: Family) -> str | None:
-    """The expert the LoRAs train on: ``experts`` (default ``high``) on a two-expert base, None on a one-expert one
-    (where ``--experts`` is refused in one line)."""
-    if len(parts) == 1:
+def chosen_expert(experts: str | None, n_experts: int, base=None, folder: str = "transformer") -> str | None:
+    """The one ``--experts`` rule: the expert the LoRAs train on, ``experts`` (default ``high``) on a two-expert
+    base, None on a one-expert one, where ``--experts`` is refused in one line, as is a value that is no choice.
+    ``base`` (its name, when known) and ``folder`` (the denoiser's) only word the message. ``check_experts`` (from
+    the base's files) and the Wan dry run (``cav.wan.checks.check_run``, ``cav.wan.plan``) both ask it."""
+    if experts is not None and experts not in EXPERTS:
+        raise CavError(f"--experts {experts} is not a choice: pass --experts {', '.join(EXPERTS[:-1])} or {EXPERTS[-1]}")
+    if n_experts == 1:
         if experts:
-            raise CavError(f"--experts {experts} needs a two-expert base (Wan 2.2 T2V-A14B), but base '{base}' has one "
-                           f"{family.model_folder}: drop --experts")
+            where = f"base '{base}'" if base is not None else "this base"
+            raise CavError(f"--experts {experts} needs a two-expert base (Wan 2.2 T2V-A14B), but {where} has one "
+                           f"{folder}: drop --experts")
         return None
     return experts or "high"
 
 
 def check_experts(base, experts: str | None, family: Family | None = None) -> str | None:
-    """``--experts`` against the base's model_index.json, before any weight loads (see ``_chosen_expert``)."""
+    """``--experts`` against the base's model_index.json, before any weight loads (``chosen_expert``)."""
     family = family or family_of(base)
     try:
         index = _read_json(resolve_base(base), "model_index.json", "base")
     except CavError:  # an unreachable hub id: loading it reports the problem
         return experts
-    return _chosen_expert(base, experts, experts_of(index, family), family)
+    return chosen_expert(experts, len(experts_of(index, family)), base, family.model_folder)
 
 
 def _model_class(index: dict) -> str | None:
@@ -671,7 +676,7 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
     except CavError:  # an unreachable hub id: from_pretrained below reports it
         index = {}
     parts = experts_of(index, family)
-    expert = _chosen_expert(base, experts, parts, family)
+    expert = chosen_expert(experts, len(parts), base, family.model_folder)
     text = {}
     try:
         denoisers = {part: _load_unet(family, source, motion_adapter, dt, kw, part) for part in parts}

@@ -111,6 +111,8 @@ def cmd_train(args) -> int:
             for s in result["stages"]:
                 own = f"  clip {s['clip'] + 1}: {s['spatial_prompt']}" if "clip" in s else ""
                 own += f"  on {s['expert']} (--experts {result['experts']})" if "expert" in s else ""
+                own += (f"  at most: it trains the {s['heads_share']:.0%} of heads measured on the clip"
+                        if "upper_bound" in s else "")
                 print(f"  {s['name']:<18} {s['trainable_params']:>12,} trainable parameters in {s['modules']} modules{own}")
             print(f"recipe: {result['recipe']}")
             if "memory" in result:

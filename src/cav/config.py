@@ -21,7 +21,7 @@ from .errors import CavError
 from .options import coerce_fields, option as _f
 
 ABSORBERS = ("none", "s-lora", "ti", "both")
-PLACEMENTS = ("cav", "motiondirector", "motiondirector+tconv")
+PLACEMENTS = ("cav", "motiondirector", "motiondirector+tconv", "qk", "temporal-heads")  # qk, temporal-heads: DiTs
 EXPERTS = ("high", "low", "both")  # --experts on a two-expert base (whether it has two: backbone.check_experts)
 WEIGHT_MAX = 4.0  # adapter weights above this only saturate the video
 
@@ -199,7 +199,16 @@ class TrainConfig:
                           "as the S-LoRA absorber: skips stage 1 (absorbers are then exactly the given ones)")
     ti_from: str = _f("", "start from this existing textual-inversion embedding (.safetensors) as the TI absorber: "
                       "skips stage 1 (absorbers are then exactly the given ones)")
-    placement: Literal["cav", "motiondirector", "motiondirector+tconv"] = _f("cav", "LoRA placement preset")
+    placement: Literal["cav", "motiondirector", "motiondirector+tconv", "qk", "temporal-heads"] = _f(
+        "cav", "LoRA placement preset: where each adapter goes (the base family's row); qk (the T-LoRA on "
+        "self-attention's query and key only: values carry appearance) and temporal-heads (only the quarter of all "
+        "self-attention heads whose attention falls most across frames, measured on the clip once and recorded in "
+        "the run) exist on DiT bases (Wan) only")
+    frame_diff_loss: float = _f(0.0, "weight W of a frame-difference term in the T-LoRA's loss: W × the mean squared "
+                                "error between the predicted and the true target's differences of consecutive "
+                                "latent frames (blind to an error that is the same in every frame, i.e. a static "
+                                "appearance, so it weighs what changes between frames); 0: off, the loss as "
+                                "without it; flow-matching bases (Wan) only", metavar="W")
     experts: str = _f("", "two-expert bases (Wan 2.2 T2V-A14B): the expert the LoRAs train on, each on its own noise "
                       "range: high (transformer, the steps at or above the pipeline's boundary), low (transformer_2, "
                       "below it) or both (each step's draws routed as the pipeline routes); samples use both experts",
@@ -291,6 +300,9 @@ class TrainConfig:
                 (bool(self.s_lora_from), bool(self.ti_from))]
         if self.experts not in ("", *EXPERTS):  # whether the base has two experts: backbone.check_experts
             raise CavError(f"--experts {self.experts} is not a choice: pass --experts high, low or both")
+        if not (math.isfinite(self.frame_diff_loss) and self.frame_diff_loss >= 0):
+            raise CavError(f"--frame-diff-loss {self.frame_diff_loss} is invalid: pass a weight ≥ 0 (0: off), "
+                           "e.g. 0.5")
         if self.steps < 1:  # 0 steps would train, save and publish no T-LoRA at all
             raise CavError(f"--steps {self.steps} trains no T-LoRA: pass --steps N with N ≥ 1 (T-LoRA training "
                            "steps)")

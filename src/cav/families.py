@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from .adapters import animatediff_export
-from .adapters.targets import BLOCK, DiTTargets, UNetTargets
+from .adapters.targets import BLOCK, DiTPlacement, DiTTargets, UNetTargets
 from .bypass import LayerBypass
 from .conditioning import ClipCondition, SdxlCondition, UmT5Condition
 from .errors import CavError
@@ -38,7 +38,11 @@ class Targets(Protocol):
     """Where a family's adapters go (``adapters.targets.UNetTargets`` for the UNet families, ``DiTTargets`` for
     Wan)."""
 
-    def regex(self, kind: str, placement: str, family: str) -> str: ...
+    names: tuple[str, ...]  # the placements the family's model has
+
+    def regex(self, kind: str, placement: str, family: str, blocks=None) -> str: ...
+
+    def heads(self, placement: str) -> float | None: ...  # the share of heads a placement cuts the T-LoRA to
 
 
 class ImageMode(Protocol):
@@ -174,6 +178,21 @@ UNET3D_BYPASS = LayerBypass((  # transformer_in, temp_attentions.* (an output ob
 MOTION_BYPASS = LayerBypass((  # the motion modules (down/mid/up ``motion_modules.*``), which return a tensor
     ("diffusers.models.unets.unet_motion_model:AnimateDiffTransformer3D", "tensor"),))
 
+# Wan (``WanTransformer3DModel``, every published size): ``blocks.N.attn1`` is self-attention over every token of
+# every frame, the only layer that mixes frames; ``attn2`` cross-attention to the prompt; ``ffn`` per token
+_WAN_PROJ = r"(?:to_q|to_k|to_v|to_out\.0)"
+_WAN_SELF = rf"attn1\.{_WAN_PROJ}"
+_WAN_ABSORBER = rf"(?:attn1|attn2)\.{_WAN_PROJ}"  # the S-LoRA: self- and cross-attention (image mode: one frame)
+_WAN_MOTIONDIRECTOR = rf"(?:{_WAN_SELF}|ffn\.net\.(?:0\.proj|2))"
+TEMPORAL_HEADS_FRACTION = 0.25  # temporal-heads: the quarter of all heads with the most attention across frames
+WAN_TARGETS = DiTTargets({
+    "cav": DiTPlacement(_WAN_SELF, _WAN_ABSORBER),  # all of the cross-frame path, as the UNets' temporal attention
+    "qk": DiTPlacement(r"attn1\.(?:to_q|to_k)", _WAN_ABSORBER),  # where tokens look, not what they carry
+    # MotionDirector's baseline: self-attention + FFN, its S-LoRA on the same modules (as cav has always placed it)
+    "motiondirector": DiTPlacement(_WAN_MOTIONDIRECTOR, _WAN_MOTIONDIRECTOR),
+    "temporal-heads": DiTPlacement(_WAN_SELF, _WAN_ABSORBER, heads=TEMPORAL_HEADS_FRACTION),
+})
+
 MOTION_ADAPTER = AddOn("UNet2DConditionModel", "MotionAdapter", "--motion-adapter",
                        "guoyww/animatediff-motion-adapter-v1-5-2")
 MOTION_ADAPTER_SDXL = AddOn("UNet2DConditionModel", "MotionAdapter", "--motion-adapter",
@@ -261,7 +280,7 @@ ANIMATEDIFF_SDXL = Family(  # SDXL + the SDXL motion adapter, or its AnimateDiff
 WAN = Family(  # Wan 2.1 / 2.2 text-to-video DiTs (one expert, or A14B's two: --experts)
     name="wan", recipe="wan", what="a Wan text-to-video DiT", model_class="WanTransformer3DModel",
     model_folder="transformer", vae_class="AutoencoderKLWan", latents=wan_family.WAN_LATENTS,
-    pipeline_class="WanPipeline", condition=UmT5Condition(), targets=DiTTargets(),
+    pipeline_class="WanPipeline", condition=UmT5Condition(), targets=WAN_TARGETS,
     image_mode=wan_family.FOLD_FRAMES, objective=FLOW, exports=(COMFYUI_WAN_EXPORT,),
     image_lora=wan_family.load_image_lora,
     lora_writer="diffusers:WanPipeline",

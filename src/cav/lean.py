@@ -41,11 +41,20 @@ def live_adapters(unet: torch.nn.Module) -> list[str]:
 
 
 class FrozenMerge:
-    """Merge the frozen adapters ``names`` into the base weights of ``unet`` until ``restore()``."""
+    """Merge the frozen adapters ``names`` into the base weights of ``unet`` until ``restore()``.
+
+    A layer that also holds a live adapter not in ``names`` (on Wan the T-LoRA shares every ``attn1`` projection with
+    the S-LoRA; on the UNet rows the two sit in different blocks) is folded too, without peft's ``merge``: peft skips
+    *all* adapters of a layer once any is merged, which would silence the live one. There the frozen adapters'
+    delta is added to the base weight by hand (``get_delta_weight``, as peft's merge adds it) and they leave that
+    layer's active adapters, so the live one runs alone on the folded weight (and ``LeanForward`` fuses it);
+    ``restore`` puts back both the weight and the active list."""
 
     def __init__(self, unet: torch.nn.Module, names: list[str]):
         self.unet, self.names = unet, list(names)
         self.saved: list[tuple[LoraLayer, torch.Tensor]] = []
+        self.hidden: list[tuple[LoraLayer, object]] = []  # (shared layer, its active adapter(s) before the fold)
+        self.folded: list[LoraLayer] = []  # every layer whose base weight holds a frozen adapter's delta now
 
     @property
     def is_merged(self) -> bool:
@@ -54,25 +63,36 @@ class FrozenMerge:
     def merge(self) -> "FrozenMerge":
         if self.is_merged or not self.names:
             return self
-        for name in self.names:
-            for layer in _layers_with(self.unet, name):
-                if any(a in layer.lora_A and a not in self.names for a in layer.active_adapters):
-                    # a merged layer skips all its adapters in forward: leave layers shared with a live one alone
+        for layer in (m for m in self.unet.modules() if isinstance(m, LoraLayer)):
+            frozen = [n for n in self.names if n in layer.lora_A]
+            shared = any(a in layer.lora_A and a not in self.names and a not in layer.merged_adapters
+                         for a in layer.active_adapters)
+            if shared:  # only what this layer runs now is folded (its live adapter keeps running beside it)
+                frozen = [n for n in frozen if n in layer.active_adapters and n not in layer.merged_adapters]
+            if not frozen:
+                continue
+            base = layer.get_base_layer().weight
+            self.saved.append((layer, base.detach().clone()))
+            self.folded.append(layer)
+            with torch.no_grad():
+                if not shared:
+                    layer.merge(adapter_names=frozen)
                     continue
-                base = layer.get_base_layer().weight
-                if not any(m is layer for m, _ in self.saved):
-                    self.saved.append((layer, base.detach().clone()))
-                with torch.no_grad():
-                    layer.merge(adapter_names=[name])
+                for name in frozen:  # peft's unsafe merge of a vanilla LoRA, without marking the layer merged
+                    base.data += layer.get_delta_weight(name).to(base.dtype)
+            self.hidden.append((layer, layer._active_adapter))
+            layer._active_adapter = [a for a in layer.active_adapters if a not in frozen]
         return self
 
     def restore(self) -> None:
-        """Put back the exact base weights and unmark the merged adapters."""
+        """Put back the exact base weights, unmark the merged adapters and re-activate the hidden ones."""
         with torch.no_grad():
             for layer, weight in self.saved:
                 layer.get_base_layer().weight.copy_(weight)
                 layer.merged_adapters[:] = [a for a in layer.merged_adapters if a not in self.names]
-        self.saved = []
+        for layer, active in self.hidden:
+            layer._active_adapter = active
+        self.saved, self.hidden, self.folded = [], [], []
 
     @contextmanager
     def merged(self):

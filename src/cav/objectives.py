@@ -32,6 +32,9 @@ class Objective(Protocol):
 
     def model_timestep(self, t: torch.Tensor, batch: int) -> torch.Tensor: ...
 
+    # (prediction, target) -> the frame-difference term of ``--frame-diff-loss``; None: the objective has none
+    frame_difference_loss: object
+
 
 class DdpmObjective:
     """Denoising diffusion (DDPM noising, DDIM sampling and inversion), as ModelScope and AnimateDiff train."""
@@ -78,6 +81,8 @@ class DdpmObjective:
     def model_timestep(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         """A schedule's timestep as the model takes it outside its pipeline: as it is (the UNets expand it)."""
         return t
+
+    frame_difference_loss = None  # no frame-difference term (``--frame-diff-loss``) for the UNet rows
 
 
 class FlowMatchObjective:
@@ -130,6 +135,13 @@ class FlowMatchObjective:
     def model_timestep(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         """One timestep per batch row, as ``WanPipeline`` passes it (the transformer takes no scalar)."""
         return t.reshape(-1).expand(batch) if t.numel() == 1 else t
+
+    @staticmethod
+    def frame_difference_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The frame-difference term of ``--frame-diff-loss`` (``cav.wan.flow.frame_difference_mse``)."""
+        from .wan.flow import frame_difference_mse
+
+        return frame_difference_mse(prediction, target)
 
 
 def _index(timesteps: torch.Tensor, t: torch.Tensor) -> int:

@@ -53,7 +53,9 @@ def check_train(cfg: TrainConfig) -> None:
 def check_family_supports(cfg: TrainConfig, family) -> None:
     """Refuse what the base's family cannot do yet, in one line: textual inversion needs a condition with an
     absorber of that kind (``condition.ti``: token rows; Wan: prompt vectors); an image LoRA given as the
-    S-LoRA (``--s-lora-from``) needs the row's reader; the placement must exist on the family's model."""
+    S-LoRA (``--s-lora-from``) needs the row's reader; the placement must exist on the family's model (Wan's ``qk``
+    and ``temporal-heads`` are a DiT's), one that measures heads needs one expert, and ``--frame-diff-loss`` an
+    objective with a frame-difference term (``Objective.frame_difference_loss``: flow matching, Wan)."""
     if cfg.uses_ti and family.condition.ti is None:
         given = " (--ti-from)" if cfg.ti_from else ""
         raise CavError(f"textual inversion{given} (--absorbers {cfg.absorbers}) is not supported on {family.what} yet: "
@@ -62,6 +64,13 @@ def check_family_supports(cfg: TrainConfig, family) -> None:
         family.condition.ti.check_file(cfg.ti_from)
     for kind in ("temporal", "spatial"):  # a placement the family's model has not (e.g. a DiT's temporal convs)
         cfg.lora_config(kind, family)
+    if cfg.frame_diff_loss and family.objective.frame_difference_loss is None:
+        raise CavError(f"--frame-diff-loss is not supported on {family.what} (its {family.objective.name} objective "
+                       "has no frame-difference term; flow-matching bases such as Wan have it): drop "
+                       "--frame-diff-loss")
+    if family.targets.heads(cfg.placement) and cfg.experts == "both":  # heads are measured in one transformer
+        raise CavError(f"--placement {cfg.placement} measures heads in one transformer, not in both experts: pass "
+                       "--experts high or low, or another --placement")
     if cfg.s_lora_from and family.image_lora is None:
         raise CavError(f"--s-lora-from is not supported on {family.what} yet: drop it (stage 1 then trains the "
                        "S-LoRA on the clip)")

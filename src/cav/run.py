@@ -33,7 +33,7 @@ from .errors import CavError
 from .io_utils import publish_dir
 from .resume import ResumePoint, StageKey
 from .stages import (ClipInputs, absorber_stage, active_adapters, given_absorbers, make_textual_inversion,
-                     s_lora_name, t_lora_stage)
+                     measure_heads, s_lora_name, t_lora_stage)
 from .trainer import JsonlLog, Stage, make_optimizer, run_stage
 
 NoContext = Callable[[], contextlib.AbstractContextManager]
@@ -111,12 +111,25 @@ def _t_lora(bb, cfg: TrainConfig, out: Path, clips: list[ClipInputs],
             starts: generation.StartInputs | None) -> PlannedStage:
     """Stage 2: one T-LoRA over every clip, each step with its clip's absorbers on. One clip: its frozen S-LoRA is
     folded into the weights while the T-LoRA trains and unfolded for checkpoints (several clips switch S-LoRAs per
-    step). Checkpoints carry validation samples; ``runfolder.finalize`` publishes the last."""
+    step). Checkpoints carry validation samples; ``runfolder.finalize`` publishes the last. A placement that cuts the
+    T-LoRA to measured heads (the row's ``targets.heads``) measures them when the stage is built, once: the run
+    records them (``runfolder.write_heads``) and a resumed run reads them back instead of measuring again."""
     frozen = lean.FrozenMerge(bb.unet, [clips[0].s_lora] if len(clips) == 1 and clips[0].s_lora else [])
+    chosen: dict = {}  # the T-LoRA's measured heads, once the stage is built (none: every head)
+
+    def build(checkpoint: Callable) -> Stage:
+        if bb.family.targets.heads(cfg.placement):
+            heads = runfolder.read_heads(out)
+            if heads is None:
+                heads, mass = measure_heads(bb, cfg, clips)
+                runfolder.write_heads(out, cfg.placement, heads, mass)
+            chosen["heads"] = heads
+        return t_lora_stage(bb, cfg, clips[0].frames, clips[0].ti, checkpoint, clips=clips,
+                            heads=chosen.get("heads"))
+
     return PlannedStage(
-        StageKey("t_lora"), lambda checkpoint: t_lora_stage(bb, cfg, clips[0].frames, clips[0].ti, checkpoint,
-                                                            clips=clips),
-        save=lambda folder, step: runfolder.write_t_lora(bb, cfg, folder, step),
+        StageKey("t_lora"), build,
+        save=lambda folder, step: runfolder.write_t_lora(bb, cfg, folder, step, chosen.get("heads")),
         load=lambda folder: runfolder.load_t_lora(bb, folder),
         around_steps=frozen.merged, around_checkpoint=frozen.unmerged,
         after_checkpoint=[runfolder.validation_samples(bb, cfg, out, starts, active_adapters(clips[0]))])

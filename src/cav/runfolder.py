@@ -25,9 +25,10 @@ from .config import TrainConfig, dump_yaml
 from .errors import CavError
 from .io_utils import atomic_path, content_hash, publish_dir, write_json, write_text
 from .sampling import sample_video
-from .stages import S_LORA, T_LORA
+from .stages import S_LORA, T_LORA, t_lora_config
 
-RUN_MARKERS = ("config.yaml", "log.jsonl", "t_lora", "checkpoints", "absorbers", "data.json")
+HEADS = "temporal_heads.json"  # a temporal-heads run's measured heads (``write_heads``)
+RUN_MARKERS = ("config.yaml", "log.jsonl", "t_lora", "checkpoints", "absorbers", "data.json", HEADS)
 PUBLISHED = ("samples", "summary.json")  # written when a run finishes: stale once it is replaced
 
 
@@ -201,10 +202,13 @@ def base_meta(bb) -> dict:
                if bb.expert else {})}
 
 
-def t_lora_meta(bb, cfg: TrainConfig, step: int) -> dict:
+def t_lora_meta(bb, cfg: TrainConfig, step: int, heads: dict | None = None) -> dict:
+    """The T-LoRA's ``cav.json``; ``heads``: the measured heads it is cut to (``temporal_heads``, block → heads)."""
     return {**base_meta(bb), "kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
             "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": _recorded_spatial(cfg),
             "absorbers": cfg.absorbers, "step": step,
+            **({"temporal_heads": {str(b): hs for b, hs in heads.items()}} if heads is not None else {}),
+            **({"frame_diff_loss": cfg.frame_diff_loss} if cfg.frame_diff_loss else {}),
             "validation": {"prompts": validation_prompts(cfg), **cfg.sample_config().to_validation()}}
 
 
@@ -241,10 +245,26 @@ def absorber_dir(out: Path, index: int) -> Path:
     return Path(out) / "absorbers" / (f"clip-{index}" if index else "")
 
 
-def write_t_lora(bb, cfg: TrainConfig, folder: Path, step: int) -> None:
-    """The T-LoRA after ``step`` steps into ``folder/t_lora`` (what ``cav generate --adapter`` loads)."""
-    lora.save_lora(bb.unet, T_LORA, cfg.lora_config("temporal", bb.family), folder / "t_lora",
-                   t_lora_meta(bb, cfg, step))
+def write_t_lora(bb, cfg: TrainConfig, folder: Path, step: int, heads: dict | None = None) -> None:
+    """The T-LoRA after ``step`` steps into ``folder/t_lora`` (what ``cav generate --adapter`` loads); ``heads``: the
+    measured heads it is cut to (its config then names their blocks only, its ``cav.json`` the heads)."""
+    lora.save_lora(bb.unet, T_LORA, t_lora_config(bb, cfg, heads), folder / "t_lora",
+                   t_lora_meta(bb, cfg, step, heads))
+
+
+def read_heads(out: Path) -> dict | None:
+    """The temporal heads a run measured (``HEADS``: block → heads), or None before they are measured."""
+    path = Path(out) / HEADS
+    if not path.is_file():
+        return None
+    return {int(b): [int(h) for h in hs] for b, hs in json.loads(path.read_text())["heads"].items()}
+
+
+def write_heads(out: Path, placement: str, heads: dict, mass: list) -> None:
+    """Record the temporal heads a run measured, once, so a resumed run trains (and its T-LoRA names) the same
+    ones: ``HEADS`` holds the placement, block → heads and the measured shares (blocks × heads)."""
+    write_json(Path(out) / HEADS, {"placement": placement, "heads": {str(b): hs for b, hs in heads.items()},
+                                        "mass_across_frames": [[round(float(v), 6) for v in row] for row in mass]})
 
 
 def load_t_lora(bb, folder: Path) -> None:

@@ -19,6 +19,7 @@ import torch
 from . import lean
 from .accel import offload
 from .adapters import lora
+from .adapters.targets import target_regex
 from .adapters.textual_inversion import TextualInversion
 from .backbone import Backbone
 from .config import TrainConfig
@@ -102,20 +103,12 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
                  checkpoint_every=cfg.checkpoint_every, forward_backward_context=step or contextlib.nullcontext)
 
 
-def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
-                 checkpoint: Callable | None = None, clips: list[ClipInputs] | None = None) -> Stage:
-    """Stage 2 over the whole clip (F, 3, H, W) in [-1, 1]; absorbers (if any) active and frozen; its step is lean
-    for the T-LoRA (``lean.LeanStep``).
-
-    With ``clips`` (several references of one motion) each step draws one clip from the generator and trains the one
-    T-LoRA on it with that clip's own absorbers active (its S-LoRA, its TI tokens in the prompt) and no other's.
-    """
-    clips = clips or [ClipInputs(frames, ti, S_LORA if cfg.uses_s_lora else None)]
+def _clip_inputs(bb: Backbone, cfg: TrainConfig, clips: list[ClipInputs]):
+    """(prompts, encode): each clip's prompt as the T-LoRA trains on it (its TI tokens in it, checked against the
+    tokenizer) and ``encode(k)`` → clip ``k``'s (latents (1, C, F', h, w), condition (1, L, D))."""
     for c in clips:
         if c.ti is not None:
             c.ti.freeze()
-    lora.add_lora(bb.unet, T_LORA, cfg.lora_config("temporal", bb.family))
-    lora.activate(bb.unet, active_adapters(clips[0]), trainable=T_LORA)
     prompts = [c.ti.expand(cfg.prompt) if c.ti is not None else cfg.prompt for c in clips]
     for p in prompts:
         check_prompt(bb.tokenizer, p, "--prompt", warn=False)  # cut placeholders: refused (preflight warned of cuts)
@@ -124,6 +117,50 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         ti = clips[k].ti  # its absorber encodes its prompt (TI: the tokens' rows; Wan: vectors after the prompt)
         cond = ti.encode(bb, prompts[k]) if ti is not None else encode_prompt(bb, prompts[k])
         return bb.encode_clip(clips[k].frames), cond  # (1, C, F', h, w), (1, L, D)
+    return prompts, encode
+
+
+def t_lora_config(bb: Backbone, cfg: TrainConfig, heads: dict | None = None):
+    """The T-LoRA's peft config: the recipe's (``TrainConfig.lora_config``), on the blocks of ``heads`` only when
+    the placement cuts it to measured heads."""
+    config = cfg.lora_config("temporal", bb.family)
+    if heads is not None:
+        config.target_modules = target_regex("temporal", cfg.placement, bb.family, list(heads))
+    return config
+
+
+def measure_heads(bb: Backbone, cfg: TrainConfig, clips: list[ClipInputs]) -> tuple[dict, list]:
+    """The heads a placement that cuts the T-LoRA to measured heads (the row's ``targets.heads``: Wan's
+    ``temporal-heads``) trains, measured once on the run's clips, each with its own absorbers on, before the T-LoRA
+    exists (``targets.measure_heads``; its noise comes from a generator of its own, so the run's draws are
+    untouched). Returns (block → heads, the (blocks, heads) shares of attention across frames, as lists)."""
+    _, encode = _clip_inputs(bb, cfg, clips)
+
+    def inputs():  # consumed one clip at a time: each clip's S-LoRA on while its own forward runs
+        for k, clip in enumerate(clips):
+            if clip.s_lora:
+                lora.activate(bb.unet, [clip.s_lora])
+            yield encode(k)
+
+    heads, mass = bb.family.targets.measure_heads(bb.unet, inputs(), cfg.placement, cfg.seed)
+    return heads, mass.tolist()
+
+
+def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
+                 checkpoint: Callable | None = None, clips: list[ClipInputs] | None = None,
+                 heads: dict | None = None) -> Stage:
+    """Stage 2 over the whole clip (F, 3, H, W) in [-1, 1]; absorbers (if any) active and frozen; its step is lean
+    for the T-LoRA (``lean.LeanStep``). ``heads`` (block → head indices, ``measure_heads``): the T-LoRA is on those
+    blocks only and trains those heads' rows only (a placement whose row cuts it to measured heads).
+
+    With ``clips`` (several references of one motion) each step draws one clip from the generator and trains the one
+    T-LoRA on it with that clip's own absorbers active (its S-LoRA, its TI tokens in the prompt) and no other's.
+    """
+    clips = clips or [ClipInputs(frames, ti, S_LORA if cfg.uses_s_lora else None)]
+    prompts, encode = _clip_inputs(bb, cfg, clips)
+    lora.add_lora(bb.unet, T_LORA, t_lora_config(bb, cfg, heads))
+    after_backward = [bb.family.targets.restrict(bb.unet, T_LORA, heads)] if heads is not None else []
+    lora.activate(bb.unet, active_adapters(clips[0]), trainable=T_LORA)
 
     # the condition guidance's unconditional branch sees at sampling (the empty prompt's; zeros for SDXL)
     empty = bb.condition.unconditional(bb) if cfg.t_lora_prompt_dropout > 0 else None
@@ -148,8 +185,9 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
     groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.t_lora_lr, "name": T_LORA}]
     return Stage("t_lora", cfg.steps, groups, batch, bb.family.objective,
                  timesteps=bb.train_window(tuple(int(t) for t in cfg.t_lora_timesteps)), checkpoint=checkpoint,
-                 checkpoint_every=cfg.checkpoint_every,
-                 forward_backward_context=lean.LeanStep(bb.unet, T_LORA, lean.autocast_dtype(bb.device, bb.dtype)))
+                 checkpoint_every=cfg.checkpoint_every, after_backward=after_backward,
+                 forward_backward_context=lean.LeanStep(bb.unet, T_LORA, lean.autocast_dtype(bb.device, bb.dtype)),
+                 frame_diff_loss=cfg.frame_diff_loss)
 
 
 def active_adapters(clip: ClipInputs) -> list[str]:

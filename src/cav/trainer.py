@@ -41,6 +41,8 @@ class Stage:
     timesteps: tuple[int, int] | None = None  # [low, high) of the training timesteps (None: the scheduler's all)
     # entered around forward + backward of every step (lean.LeanStep: fused LoRA forward, compute-dtype copies)
     forward_backward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # weight of the objective's frame-difference term in the loss (``--frame-diff-loss``; 0: the plain loss)
+    frame_diff_loss: float = 0.0
 
 
 class NonFiniteLoss(CavError):
@@ -49,15 +51,19 @@ class NonFiniteLoss(CavError):
 
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, gen: torch.Generator,
                    image_mode: Callable | None = None, autocast_dtype: torch.dtype | None = None,
-                   timesteps: tuple[int, int] | None = None, *, objective) -> torch.Tensor:
+                   timesteps: tuple[int, int] | None = None, *, objective, frame_diff: float = 0.0) -> torch.Tensor:
     """The denoising loss of one batch under ``objective`` (noise and timesteps drawn from ``gen`` on the CPU), the
-    model in ``image_mode`` when one is given."""
+    model in ``image_mode`` when one is given; with ``frame_diff`` > 0 plus that weight × the objective's
+    frame-difference term (``Objective.frame_difference_loss``: the error of what changes between frames)."""
     device = latents.device
     noisy, t, target = objective.noised(scheduler, latents, gen, timesteps)
     mode = image_mode(unet) if image_mode is not None else contextlib.nullcontext()
     with mode, torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-    return F.mse_loss(pred.float(), target.float())
+    loss = F.mse_loss(pred.float(), target.float())
+    if frame_diff:
+        loss = loss + frame_diff * objective.frame_difference_loss(pred, target)
+    return loss
 
 
 def make_optimizer(stage: Stage) -> torch.optim.Optimizer:
@@ -78,7 +84,7 @@ def train_step(unet, scheduler, stage: Stage, optimizer: torch.optim.Optimizer, 
     with stage.forward_backward_context():
         latents, cond = stage.batch(gen)
         loss = diffusion_loss(unet, scheduler, latents, cond, gen, stage.image_mode, autocast_dtype, stage.timesteps,
-                              objective=stage.objective)
+                              objective=stage.objective, frame_diff=stage.frame_diff_loss)
         if not math.isfinite(loss.item()):
             raise NonFiniteLoss(
                 f"loss became {loss.item()} at {stage.name} step {step}: the last good checkpoint is kept; "

@@ -60,7 +60,17 @@ class UNetTargets:
     spatial_block: str
     temporal_convs: str | None = None
 
-    def regex(self, kind: str, placement: str, family: str) -> str:
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The placements this family's model has (``motiondirector+tconv`` is refused below where it lacks the
+        convolutions, naming them)."""
+        return tuple(PLACEMENTS)
+
+    def heads(self, placement: str) -> float | None:
+        """A UNet family's T-LoRA is never cut to measured heads."""
+        return None
+
+    def regex(self, kind: str, placement: str, family: str, blocks=None) -> str:
         """The target regex of adapter ``kind`` under ``placement`` (checked by ``target_regex``)."""
         block = self.temporal_block if kind == "temporal" else self.spatial_block
         regex = block + PLACEMENTS[placement][kind]
@@ -73,29 +83,75 @@ class UNetTargets:
 
 
 @dataclass(frozen=True)
-class DiTTargets:
-    """Where a Wan-style DiT's adapters go (``cav.wan.targets``): the T-LoRA on the placement's self-attention (and
-    FFN) projections of every block; the S-LoRA absorber on self- and cross-attention of every block under ``cav``
-    (``cav.wan.targets.ABSORBER``), on the placement's own modules otherwise (image mode is what makes it spatial:
-    a DiT block is the same module in both stages). A DiT has no temporal convolutions: that placement is refused."""
+class DiTPlacement:
+    """One placement on a DiT, inside every block: the T-LoRA's modules (``temporal``), the S-LoRA's (``spatial``;
+    image mode is what makes it spatial: a DiT block is the same module in both stages), and ``heads``: the fraction
+    of all self-attention heads the T-LoRA is cut to, the ones whose attention falls most across frames, measured on
+    the run's clip (None: every head)."""
 
+    temporal: str
+    spatial: str
+    heads: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class DiTTargets:
+    """Where a Wan-style DiT's adapters go: for each placement (``placements``: name → ``DiTPlacement``, the family
+    row's table) the T-LoRA's and the S-LoRA's modules inside every block (``blocks``: the blocks' module list, e.g.
+    ``blocks``), the T-LoRA optionally on some blocks only (``blocks=`` of ``regex``: the blocks of measured heads).
+    A DiT has no temporal convolutions: that placement is refused, naming them."""
+
+    placements: dict
+    blocks: str = "blocks"
     temporal_convs = None  # a DiT mixes frames only in self-attention: no temporal convolutions
 
-    def regex(self, kind: str, placement: str, family: str) -> str:
-        from ..wan import targets as wan
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.placements)
 
-        if PLACEMENTS[placement].get("temporal_convs") and self.temporal_convs is None:
+    def heads(self, placement: str) -> float | None:
+        return self.placements[placement].heads if placement in self.placements else None
+
+    def block_regex(self, blocks=None) -> str:
+        """Every block (``blocks`` None) or the given block indices."""
+        if blocks is None:
+            return rf"{self.blocks}\.\d+\."
+        blocks = sorted(set(int(b) for b in blocks))
+        if not blocks:
+            raise CavError("no transformer block selected for the LoRA: measure heads on a clip with motion, or use "
+                           "placement cav")
+        return rf"{self.blocks}\.(?:{'|'.join(map(str, blocks))})\."
+
+    def measure_heads(self, model, inputs, placement: str, seed: int) -> tuple[dict, object]:
+        """The heads ``placement`` cuts the T-LoRA to, measured on ``inputs`` (clean latents, condition) per clip
+        (``cav.wan.targets.measure_temporal_heads``): (block → heads, the measured shares)."""
+        from ..wan.targets import measure_temporal_heads
+
+        return measure_temporal_heads(model, inputs, self.heads(placement), seed)
+
+    def restrict(self, model, name: str, heads: dict):
+        """Adapter ``name`` cut to ``heads`` (``cav.wan.targets.restrict_to_heads``); returns its ``mask_grads``."""
+        from ..wan.targets import restrict_to_heads
+
+        return restrict_to_heads(model, name, heads)
+
+    def regex(self, kind: str, placement: str, family: str, blocks=None) -> str:
+        if PLACEMENTS.get(placement, {}).get("temporal_convs") and self.temporal_convs is None:
             raise CavError(f"placement '{placement}' adapts temporal convolutions, which a {family} base does not "
                            "have (a DiT mixes frames only in self-attention): use placement cav or motiondirector")
-        temporal = wan.target_regex(placement)
-        return temporal if kind == "temporal" or placement != "cav" else wan.absorber_regex()
+        chosen = self.placements[placement]
+        if kind == "temporal":
+            return self.block_regex(blocks) + chosen.temporal
+        return self.block_regex() + chosen.spatial
 
 
-def target_regex(kind: str, placement: str, family) -> str:
+def target_regex(kind: str, placement: str, family, blocks=None) -> str:
     """The anchored target regex of adapter ``kind`` (temporal / spatial) under ``placement`` on ``family``'s model
-    (a ``families.Family``)."""
-    if placement not in PLACEMENTS:
-        raise CavError(f"unknown placement '{placement}': use one of {', '.join(PLACEMENTS)}")
+    (a ``families.Family``); ``blocks``: the T-LoRA on these block indices only (a DiT's measured heads)."""
     if kind not in KINDS:
         raise CavError(f"unknown adapter kind '{kind}': use temporal or spatial")
-    return family.targets.regex(kind, placement, family.name)
+    names = family.targets.names
+    if placement not in names and placement not in PLACEMENTS:  # (a UNet placement a DiT lacks: its row says why)
+        raise CavError(f"placement '{placement}' does not exist on {family.what}: use placement "
+                       f"{', '.join(names[:-1])} or {names[-1]}")
+    return family.targets.regex(kind, placement, family.name, blocks)

@@ -1,7 +1,8 @@
 """Bad input for a Wan run, refused from config files and file headers before any weight loads.
 
 Each check raises ``CavError`` with one line naming the problem and the fix (the CLI prints it, exit 2):
-- ``--experts`` (``high`` | ``low`` | ``both``) on a one-expert base, or an unknown value;
+- ``--experts`` (``high`` | ``low`` | ``both``) on a one-expert base, or an unknown value (``backbone.chosen_expert``,
+  the one rule);
 - ``--placement motiondirector+tconv`` (a DiT has no temporal convolutions) or another unknown placement;
 - a frame count the causal VAE cannot take (4k+1) and a size the patch × VAE factor does not divide;
 - a LoRA file (``--s-lora-from``, a LoRA to sample with) made for another Wan: another width (14B on 1.3B),
@@ -17,22 +18,11 @@ from pathlib import Path
 
 import torch
 
+from ..backbone import chosen_expert
 from ..errors import CavError
 from . import formats, published, targets
 
 EXPERT_CHOICES = {"high": ("transformer",), "low": ("transformer_2",), "both": ("transformer", "transformer_2")}
-
-
-def check_experts(experts: str | None, n_experts: int) -> str | None:
-    """The ``--experts`` value a run uses: ``high`` by default on a two-expert base, None on a one-expert base."""
-    if experts is not None and experts not in EXPERT_CHOICES:
-        raise CavError(f"--experts {experts} is not a choice: pass --experts high, low or both")
-    if n_experts == 1:
-        if experts is not None:
-            raise CavError(f"--experts {experts} needs a two-expert base (Wan 2.2 T2V-A14B); this base has one "
-                           "transformer: drop --experts")
-        return None
-    return experts or "high"
 
 
 def expert_components(experts: str | None, n_experts: int) -> tuple[str, ...]:
@@ -89,7 +79,7 @@ def check_run(transformer_config: dict, vae_config: dict, n_experts: int, *, fra
               base: str | None = None) -> str | None:
     """Every check of a Wan training run that needs no weights; returns the ``--experts`` value to use."""
     check_placement(placement)
-    chosen = check_experts(experts, n_experts)
+    chosen = chosen_expert(experts, n_experts)
     check_clip(transformer_config, vae_config, frames, height, width)
     for path in lora_files:
         if path:
@@ -97,5 +87,5 @@ def check_run(transformer_config: dict, vae_config: dict, n_experts: int, *, fra
     return chosen
 
 
-__all__ = ["EXPERT_CHOICES", "check_experts", "expert_components", "experts_of", "check_placement", "check_clip",
+__all__ = ["EXPERT_CHOICES", "expert_components", "experts_of", "check_placement", "check_clip",
            "check_lora", "offload_plan", "check_run"]

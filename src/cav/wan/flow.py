@@ -76,11 +76,7 @@ class FlowObjective:
         """MSE between consecutive-frame differences of the predicted and the true velocity (B, C, F, H, W): blind to
         any error that is the same in every frame (a static appearance), so it weighs what changes between frames.
         An optional term beside ``loss`` for the motion LoRA."""
-        if prediction.shape[2] < 2:
-            raise ValueError("a frame-difference loss needs at least 2 latent frames")
-        target = self.target(latents, noise).float()
-        prediction = prediction.float()
-        return torch.nn.functional.mse_loss(prediction.diff(dim=2), target.diff(dim=2))
+        return frame_difference_mse(prediction, self.target(latents, noise))
 
     def sigma_grid(self, steps: int) -> torch.Tensor:
         """σ from 1 down to 0 for ``steps`` Euler steps (``steps`` + 1 values): the grid of diffusers'
@@ -92,6 +88,14 @@ class FlowObjective:
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
         scheduler.set_timesteps(steps)
         return scheduler.sigmas.clone()
+
+
+def frame_difference_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE between consecutive-frame differences of ``prediction`` and ``target`` (B, C, F, H, W), in fp32: an error
+    that is the same in every frame (a static appearance) adds nothing, so it weighs what changes between frames."""
+    if prediction.shape[2] < 2:
+        raise ValueError("a frame-difference loss needs at least 2 latent frames")
+    return torch.nn.functional.mse_loss(prediction.float().diff(dim=2), target.float().diff(dim=2))
 
 
 def transformer_loss(transformer, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -135,4 +139,4 @@ def invert(velocity: Velocity, latents: torch.Tensor, sigmas: torch.Tensor, num_
     return _integrate(velocity, latents, sigmas.flip(0), num_train_timesteps)
 
 
-__all__ = ["shift_sigmas", "FlowObjective", "transformer_loss", "sample", "invert", "Velocity"]
+__all__ = ["shift_sigmas", "FlowObjective", "frame_difference_mse", "transformer_loss", "sample", "invert", "Velocity"]

@@ -21,7 +21,8 @@ import torch
 
 from ..adapters.lora import count_parameters
 from . import targets
-from .checks import check_experts, expert_components
+from ..backbone import chosen_expert
+from .checks import expert_components
 from .prompt_vectors import prompt_vector_params
 
 S_LORA, T_LORA, PROMPT_VECTORS = "s_lora", "t_lora", "prompt_vectors"
@@ -55,7 +56,7 @@ def stages(transformer_config: dict, placement: str = "cav", experts: str | None
            absorbers_given: bool = False) -> list[dict]:
     """The stages of a Wan run with their trainable parameters and adapted modules (``api.plan``'s ``stages``).
     ``text_dim``: the umT5 width (text encoder ``d_model``; default the transformer's ``text_dim``, the same)."""
-    chosen = expert_components(check_experts(experts, n_experts), n_experts)
+    chosen = expert_components(chosen_expert(experts, n_experts), n_experts)
     absorber, motion = _lora_rows(transformer_config, placement)
     tag = (lambda c: {"expert": c}) if n_experts > 1 else (lambda c: {})
     rows = []

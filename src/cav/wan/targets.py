@@ -5,14 +5,15 @@ to_out.0}`` (self-attention over all tokens of all frames, the only layer that m
 (cross-attention to the prompt) and ``blocks.N.ffn.net.{0.proj,2}``. peft ``re.fullmatch``es a string target,
 so every pattern is anchored at both ends.
 
-Placements of the motion LoRA (rank 4 in cav):
+Where each adapter goes for each placement is the Wan row's table (``families.WAN_TARGETS``); this module reads it
+(``PLACEMENTS``, ``ABSORBER``) and holds the mechanisms. Placements of the motion LoRA (rank 4 in cav):
 - ``cav``: attn1 q/k/v/o of every block — all of the cross-frame path, as the UNet T-LoRA takes all temporal attention;
 - ``qk``: attn1 q/k only — the attention pattern (where each token looks, e.g. along a trajectory) without the
   values, which carry what is moved (appearance);
 - ``motiondirector``: attn1 q/k/v/o + the FFN (MotionDirector's temporal placement, a baseline);
 - ``temporal-heads``: attn1 q/k/v/o restricted to the heads whose attention mass falls mostly across frames
-  (measured on the reference clip by ``attention_mass_across_frames``, chosen by ``select_temporal_heads``, and
-  enforced by ``restrict_to_heads``).
+  (measured on the reference clip by ``attention_mass_across_frames``, chosen by ``select_temporal_heads``:
+  ``measure_temporal_heads`` does both for a run, once; enforced by ``restrict_to_heads``).
 The appearance absorber (S-LoRA) is rank 1 on attn1 + attn2 of every block, trained in image mode, so its
 self-attention sees one frame only.
 """
@@ -27,28 +28,14 @@ from peft import LoraConfig
 
 from ..adapters.lora import add_lora
 from ..errors import CavError
+from ..families import WAN
 
-_PROJ = r"(?:to_q|to_k|to_v|to_out\.0)"
-_FFN = r"ffn\.net\.(?:0\.proj|2)"
-PLACEMENTS = {
-    "cav": rf"attn1\.{_PROJ}",
-    "qk": r"attn1\.(?:to_q|to_k)",
-    "motiondirector": rf"(?:attn1\.{_PROJ}|{_FFN})",
-    "temporal-heads": rf"attn1\.{_PROJ}",
-}
-ABSORBER = rf"(?:attn1|attn2)\.{_PROJ}"
+# the Wan row's table (``families.WAN_TARGETS``: where each adapter goes for each placement), by placement name
+_ROW = WAN.targets
+PLACEMENTS = {name: p.temporal for name, p in _ROW.placements.items()}
+ABSORBER = _ROW.placements["cav"].spatial
 MOTION_RANK, MOTION_ALPHA = 4, 1.0
 ABSORBER_RANK, ABSORBER_ALPHA = 1, 0.5
-
-
-def _blocks(blocks) -> str:
-    if blocks is None:
-        return r"blocks\.\d+\."
-    blocks = sorted(set(int(b) for b in blocks))
-    if not blocks:
-        raise CavError("no transformer block selected for the LoRA: measure heads on a clip with motion, or use "
-                       "placement cav")
-    return rf"blocks\.(?:{'|'.join(map(str, blocks))})\."
 
 
 def target_regex(placement: str = "cav", blocks=None) -> str:
@@ -56,11 +43,11 @@ def target_regex(placement: str = "cav", blocks=None) -> str:
     if placement not in PLACEMENTS:
         hint = " (a DiT has no temporal convolutions)" if placement == "motiondirector+tconv" else ""
         raise CavError(f"placement '{placement}' does not exist for Wan{hint}: use one of {', '.join(PLACEMENTS)}")
-    return _blocks(blocks) + PLACEMENTS[placement]
+    return _ROW.regex("temporal", placement, WAN.name, blocks)
 
 
 def absorber_regex() -> str:
-    return _blocks(None) + ABSORBER
+    return _ROW.block_regex() + ABSORBER
 
 
 def add_motion_lora(transformer, name: str, placement: str = "cav", rank: int = MOTION_RANK,
@@ -100,10 +87,14 @@ def _head_mask(attn, heads, device) -> torch.Tensor:
     return mask
 
 
-def restrict_to_heads(transformer, name: str, heads: dict[int, list[int]]) -> None:
+def restrict_to_heads(transformer, name: str, heads: dict[int, list[int]]):
     """Make adapter ``name`` act on the listed heads only: q/k/v LoRAs write only those heads' output rows (lora_B
     rows), the output projection's LoRA reads only their columns (lora_A columns). Other entries are zeroed and
-    their gradients masked, so they stay zero through training and in every saved format."""
+    their gradients masked, so they stay zero through training and in every saved format. Returns
+    ``mask_grads()``, which masks the ``.grad`` of those parameters again: a step whose backward ran on compute
+    copies (``lean.ComputeCopies``) hands its gradients to the parameters without passing their hooks, so a stage
+    runs it after each backward (``Stage.after_backward``)."""
+    masked: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     for b, hs in heads.items():
         attn = transformer.blocks[b].attn1
         for proj in ("to_q", "to_k", "to_v", "to_out"):
@@ -116,6 +107,14 @@ def restrict_to_heads(transformer, name: str, heads: dict[int, list[int]]) -> No
             with torch.no_grad():
                 param.mul_(mask)
             param.register_hook(lambda grad, m=mask: grad * m.to(grad.dtype))
+            masked.append((param, mask))
+
+    def mask_grads() -> None:
+        with torch.no_grad():
+            for param, mask in masked:
+                if param.grad is not None:
+                    param.grad.mul_(mask.to(param.grad.dtype))
+    return mask_grads
 
 
 # ------------------------------------------------------------------------------ where each head's attention goes
@@ -189,5 +188,26 @@ def select_temporal_heads(mass: torch.Tensor, fraction: float = 0.25) -> dict[in
     return heads
 
 
+@torch.no_grad()
+def measure_temporal_heads(transformer, inputs, fraction: float, seed: int = 0,
+                           sigma: float = 0.5) -> tuple[dict[int, list[int]], torch.Tensor]:
+    """Choose a run's temporal heads, once, on its clip(s): ``inputs`` is a list of (clean latents (1, C, F, h, w),
+    condition (1, L, D)), one per clip. Each clip is put half-way along the flow path (σ = ``sigma``: equal parts
+    clip and noise, the noise drawn from a generator of its own seeded ``seed``, so the training draws stay as they
+    are) and one forward records each head's share of attention across frames (``attention_mass_across_frames``);
+    the shares are averaged over the clips and the ``fraction`` of heads with the most are chosen. Returns (block →
+    heads, the (blocks, heads) shares)."""
+    gen = torch.Generator().manual_seed(seed)
+    masses = []
+    for latents, cond in inputs:
+        noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
+        noisy = (1 - sigma) * latents + sigma * noise
+        t = torch.full((latents.shape[0],), 1000.0 * sigma, device=latents.device)
+        masses.append(attention_mass_across_frames(transformer, noisy, t, cond.to(latents.dtype)))
+    mass = torch.stack(masses).mean(0).cpu()
+    return select_temporal_heads(mass, fraction), mass
+
+
 __all__ = ["PLACEMENTS", "target_regex", "absorber_regex", "add_motion_lora", "add_absorber_lora",
-           "restrict_to_heads", "AttentionMassProcessor", "attention_mass_across_frames", "select_temporal_heads"]
+           "restrict_to_heads", "AttentionMassProcessor", "attention_mass_across_frames", "select_temporal_heads",
+           "measure_temporal_heads"]
