@@ -58,13 +58,29 @@ def test_dit_placements_and_frame_diff_loss_are_refused_on_a_unet_base(tiny_mode
     _one_line_error(code, err, "--frame-diff-loss -1.0 is invalid", "≥ 0")
 
 
-def test_temporal_heads_needs_one_expert(tmp_path, tiny_video, run_cli):
+def test_temporal_heads_needs_one_expert_and_measures_in_its_noise_range(tmp_path, tiny_video, run_cli, monkeypatch):
+    """--experts both is refused; on the high-noise expert the heads are measured in the middle of the timesteps
+    that expert trains on (875-1000 on A14B: σ = 0.9375), on a one-expert base at σ = 0.5."""
     a14b = make_tiny_wan(tmp_path / "a14b", experts=2)
     code, err = run_cli(["train", tiny_video, "--prompt", PROMPT, "--base", a14b, "--out", tmp_path / "run",
                          "--placement", "temporal-heads", "--experts", "both", *TRAIN])
     _one_line_error(code, err, "--placement temporal-heads measures heads in one transformer",
                     "pass --experts high or low")
     assert not (tmp_path / "run").exists()
+    sigmas, real = [], targets.measure_temporal_heads
+
+    def measured(model, inputs, fraction, seed, sigma):
+        sigmas.append(sigma)
+        return real(model, inputs, fraction, seed, sigma)
+    monkeypatch.setattr(targets, "measure_temporal_heads", measured)
+    out = tmp_path / "high"
+    assert main([str(a) for a in ["train", tiny_video, "--prompt", PROMPT, "--base", a14b, "--out", out,
+                                  "--placement", "temporal-heads", "--experts", "high", "--absorbers", "none",
+                                  *TRAIN]]) == 0
+    assert sigmas == [0.9375]
+    meta = json.loads((out / "t_lora" / "cav.json").read_text())
+    assert meta["experts"] == "high" and meta["temporal_heads"] == json.loads(
+        (out / "temporal_heads.json").read_text())["heads"]
 
 
 # ------------------------------------------------------------------------------------------------ dry run
@@ -119,6 +135,7 @@ def test_placement_trains_generates_resumes_and_exports(wan_model, tiny_video, t
         assert modules == [f"blocks.{b}.attn1.{p}" for b in (0, 1) for p in ("to_k", "to_q")]
     else:  # the heads measured once, recorded in the run and in the T-LoRA; only their blocks and rows trained
         recorded = json.loads((run / "temporal_heads.json").read_text())
+        assert recorded["placement"] == "temporal-heads"
         heads = {int(b): hs for b, hs in recorded["heads"].items()}
         assert meta["temporal_heads"] == recorded["heads"] and len(sum(heads.values(), [])) == 1  # 25% of 4 heads
         assert np.asarray(recorded["mass_across_frames"]).shape == (2, 2)

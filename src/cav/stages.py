@@ -133,7 +133,8 @@ def measure_heads(bb: Backbone, cfg: TrainConfig, clips: list[ClipInputs]) -> tu
     """The heads a placement that cuts the T-LoRA to measured heads (the row's ``targets.heads``: Wan's
     ``temporal-heads``) trains, measured once on the run's clips, each with its own absorbers on, before the T-LoRA
     exists (``targets.measure_heads``; its noise comes from a generator of its own, so the run's draws are
-    untouched). Returns (block → heads, the (blocks, heads) shares of attention across frames, as lists)."""
+    untouched), at the middle of the timesteps the T-LoRA trains on (``--t-lora-timesteps`` within the trained
+    expert's range: 500 of 1000 by default, σ = 0.5). Returns (block → heads, the (blocks, heads) shares of attention across frames, as lists)."""
     _, encode = _clip_inputs(bb, cfg, clips)
 
     def inputs():  # consumed one clip at a time: each clip's S-LoRA on while its own forward runs
@@ -142,7 +143,10 @@ def measure_heads(bb: Backbone, cfg: TrainConfig, clips: list[ClipInputs]) -> tu
                 lora.activate(bb.unet, [clip.s_lora])
             yield encode(k)
 
-    heads, mass = bb.family.targets.measure_heads(bb.unet, inputs(), cfg.placement, cfg.seed)
+    lo, hi = bb.train_window(tuple(int(t) for t in cfg.t_lora_timesteps)) or (0, 1000)
+    total = int(bb.scheduler.config.num_train_timesteps)
+    sigma = min(lo + hi, 2 * total) / (2 * total)  # the middle of the timesteps the T-LoRA trains on (its expert's)
+    heads, mass = bb.family.targets.measure_heads(bb.unet, inputs(), cfg.placement, cfg.seed, sigma)
     return heads, mass.tolist()
 
 

@@ -122,12 +122,12 @@ class DiTTargets:
                            "placement cav")
         return rf"{self.blocks}\.(?:{'|'.join(map(str, blocks))})\."
 
-    def measure_heads(self, model, inputs, placement: str, seed: int) -> tuple[dict, object]:
-        """The heads ``placement`` cuts the T-LoRA to, measured on ``inputs`` (clean latents, condition) per clip
-        (``cav.wan.targets.measure_temporal_heads``): (block → heads, the measured shares)."""
+    def measure_heads(self, model, inputs, placement: str, seed: int, sigma: float = 0.5) -> tuple[dict, object]:
+        """The heads ``placement`` cuts the T-LoRA to, measured on ``inputs`` (clean latents, condition) per clip at
+        noise level ``sigma`` (``cav.wan.targets.measure_temporal_heads``): (block → heads, the measured shares)."""
         from ..wan.targets import measure_temporal_heads
 
-        return measure_temporal_heads(model, inputs, self.heads(placement), seed)
+        return measure_temporal_heads(model, inputs, self.heads(placement), seed, sigma)
 
     def restrict(self, model, name: str, heads: dict):
         """Adapter ``name`` cut to ``heads`` (``cav.wan.targets.restrict_to_heads``); returns its ``mask_grads``."""

@@ -192,9 +192,8 @@ def select_temporal_heads(mass: torch.Tensor, fraction: float = 0.25) -> dict[in
 def measure_temporal_heads(transformer, inputs, fraction: float, seed: int = 0,
                            sigma: float = 0.5) -> tuple[dict[int, list[int]], torch.Tensor]:
     """Choose a run's temporal heads, once, on its clip(s): ``inputs`` is a list of (clean latents (1, C, F, h, w),
-    condition (1, L, D)), one per clip. Each clip is put half-way along the flow path (σ = ``sigma``: equal parts
-    clip and noise, the noise drawn from a generator of its own seeded ``seed``, so the training draws stay as they
-    are) and one forward records each head's share of attention across frames (``attention_mass_across_frames``);
+    condition (1, L, D)), one per clip. Each clip is put at ``sigma`` on the flow path (0.5: equal parts clip and
+    noise; the noise drawn from a generator of its own seeded ``seed``, so the training draws stay as they are) and one forward records each head's share of attention across frames (``attention_mass_across_frames``);
     the shares are averaged over the clips and the ``fraction`` of heads with the most are chosen. Returns (block →
     heads, the (blocks, heads) shares)."""
     gen = torch.Generator().manual_seed(seed)
