@@ -35,12 +35,12 @@ if not (out / "run" / "checkpoints").exists():
     print("TRAIN", json.dumps(ov), "seconds", round(time.time() - t0, 1), flush=True)
 specs = tw.new_appearances(ref, n, np.random.default_rng(int(os.environ.get("SPEC_SEED", cfg.seed))))
 texts = [tw.caption(s)[0] for s in specs]
-kw = dict(frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps, guidance=cfg.guidance, seeds=[cfg.validation_seed] * n)
+kw = dict(frames=cfg.frames, size=tuple(cfg.size), steps=cfg.validation.steps, guidance=cfg.validation.guidance, seeds=[cfg.validation.seed] * n)
 bb = backbone.load(cfg.base, cfg.device, cfg.dtype)
 be = score_videos(rv, sample_videos(bb, texts, **kw), specs)[0]
 base = np.mean(be); base4 = np.mean(be[:4])
 k_own = int(os.environ.get("OWN", "0"))
-own_kw = {**kw, "seeds": [cfg.validation_seed + i for i in range(k_own)]}
+own_kw = {**kw, "seeds": [cfg.validation.seed + i for i in range(k_own)]}
 
 
 def own_error() -> float:  # motion error on the reference's own prompt, mean over k_own sampling seeds

@@ -226,7 +226,7 @@ def test_a_run_folder_batch_did_not_make_is_left_alone(inputs, tmp_path):
 
 
 def test_cluster_probe_names_paths_the_nodes_cannot_read(cluster, inputs, tmp_path):
-    row = batch.Row(7, "x", tmp_path / "only-on-my-laptop.mp4", batch.TrainConfig(prompt="p"))
+    row = batch.Row(7, "x", tmp_path / "only-on-my-laptop.mp4", batch.TrainConfig.of(prompt="p"))
     with pytest.raises(CavError, match=r"node .*clip of line 7 .*only-on-my-laptop.mp4.*every node mounts"):
         batch.check_cluster_paths([batch.Step(row, "train")], tmp_path)
     assert list(tmp_path.iterdir()) == []  # the probe file is cleaned up

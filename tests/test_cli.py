@@ -166,7 +166,7 @@ def test_frame_selection_flags_are_recipe_keys(tmp_path, capsys):
 
     cfg = TrainConfig.from_dict({**load_recipe(recipe), "prompt": "x"})
     assert cfg.frame_selection() == {"stride": 2, "fps": 12.5, "start": 0.5, "end": 2.0}
-    assert TrainConfig(prompt="x").frame_selection() == {}
+    assert TrainConfig.of(prompt="x").frame_selection() == {}
 
 
 # ------------------------------------------------------------------------------- contradictions, frames, dtype

@@ -18,7 +18,7 @@ from .adapters import lora
 from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
 from .run import Run, stage_keys
-from .sampling import sample_video
+from .sampling import sample_with
 from .stages import T_LORA, s_lora_name
 
 ASSETS = Path(__file__).parent / "assets"
@@ -111,7 +111,7 @@ def _train_owned(videos: list, cfg: TrainConfig, out: Path, overwrite: bool, res
                for v in videos]
     clip = records[0]
     cfg = _validation_paths(cfg, len(videos))
-    val = cfg.sample_config(run=out.absolute())
+    val = cfg.validation.sample_config(run=out.absolute())
     image = generation.read_image_input(val, tuple(cfg.size))  # a bad --validation-image: refused before any work
     if resume:
         selection = runfolder.resumed_selection(out, records, cfg)
@@ -138,12 +138,13 @@ def _train_owned(videos: list, cfg: TrainConfig, out: Path, overwrite: bool, res
 def _validation_paths(cfg: TrainConfig, clips: int) -> TrainConfig:
     """The validation start's image as an absolute path (its recipe is read from anywhere), its reference clip one
     of the run's."""
-    if cfg.validation_reference_clip > clips:
-        raise CavError(f"--validation-reference-clip {cfg.validation_reference_clip} is out of range: the run has "
+    if cfg.validation.reference_clip > clips:
+        raise CavError(f"--validation-reference-clip {cfg.validation.reference_clip} is out of range: the run has "
                        f"{clips} clip(s), pass 1 to {clips}")
-    if not cfg.validation_image:
+    if not cfg.validation.image:
         return cfg
-    return dataclasses.replace(cfg, validation_image=str(Path(cfg.validation_image).absolute()))
+    return dataclasses.replace(cfg, validation=dataclasses.replace(cfg.validation,
+                                                                   image=str(Path(cfg.validation.image).absolute())))
 
 
 # -------------------------------------------------------------------------------------------------- generate
@@ -240,9 +241,8 @@ def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, samp
     videos = []
     for target, (weight, seed) in zip(targets, sample.grid):
         used = _set_grid_weight(bb, adapters, image_loras, metas, sample, weight)
-        video = sample_video(bb, prompt, frames=sample.frames, size=size, steps=sample.steps, guidance=sample.guidance,
-                             seed=seed, negative_prompt=sample.negative_prompt, progress=not quiet,
-                             start=generation.start_for(bb, sample, inputs, seed))
+        video = sample_with(bb, [prompt], sample, [seed], size=size, progress=not quiet,
+                            start=generation.start_for(bb, sample, inputs, seed))[0]
         for path in (target, target.with_suffix(".gif" if target.suffix.lower() == ".mp4" else ".mp4")):
             write_video(path, video)
         write_json(target.with_suffix(".json"), generation.record(prompt, adapters, sample, weight, seed, used))

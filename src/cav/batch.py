@@ -246,9 +246,9 @@ def _absolute(path: str) -> str:
 
 
 def _value(key: str, value):
-    from .options import hints, plain_type
+    from .options import leaves, plain_type
 
-    return _typed(key, value, plain_type(hints(TrainConfig)[key]))
+    return _typed(key, value, plain_type(next(leaf.hint for leaf in leaves(TrainConfig) if leaf.key == key)))
 
 
 def _typed(key: str, value, typ: type):
@@ -276,7 +276,7 @@ def config_hash(row: Row) -> str:
     from . import runfolder
 
     records = [runfolder.clip_record(c, row.video_options) for c in row.clips]
-    blob = json.dumps({"recipe": row.cfg.to_dict(), "video": records[0]["selection"], "clip": records[0]["sha256"],
+    blob = json.dumps({"recipe": row.cfg.keys(), "video": records[0]["selection"], "clip": records[0]["sha256"],
                        **({"more": [r["sha256"] for r in records[1:]]} if row.more else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -541,8 +541,8 @@ def check_cluster_paths(steps: list[Step], out: Path) -> None:
     probe = out / f".probe-{uuid.uuid4().hex}"
     write_text(probe, "cav batch probe\n")
     paths = {str(c): f"clip of line {s.row.line}" for s in steps for c in s.row.clips}
-    paths.update({getattr(s.row.cfg, k): k for s in steps for k in PATH_KEYS
-                  if Path(getattr(s.row.cfg, k) or "").is_absolute()})
+    paths.update({v: k for s in steps for k, v in s.row.cfg.keys().items()
+                  if k in PATH_KEYS and Path(v or "").is_absolute()})
     paths[str(probe)] = f"--out '{out}'"
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]

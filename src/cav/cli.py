@@ -73,7 +73,7 @@ def build_config(args: argparse.Namespace):
     from .config import TrainConfig, load_recipe
 
     given = options.given(args, TrainConfig)
-    options.typed(TrainConfig, given)  # a flag's bad value is named before the base is read (and torch imported)
+    options.typed_keys(TrainConfig, given)  # a flag's bad value is named before the base is read (and torch imported)
     saved = Path(args.out) / "config.yaml"
     if getattr(args, "resume", False) and saved.is_file():
         data, args.recipe_used = load_recipe(saved), f"the run's own {saved}"

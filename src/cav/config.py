@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
+from . import versioned
 from .errors import CavError
-from .options import coerce_fields, option as _f
+from .options import coerce_fields, flag_name, hints, is_section, key_name, leaves, option as _f, own_fields
 
 ABSORBERS = ("none", "s-lora", "ti", "both")
 PLACEMENTS = ("cav", "motiondirector", "motiondirector+tconv")
@@ -108,6 +108,8 @@ class SampleConfig:
     seeds: list[int] = _f([], "a grid: every seed in this comma list (× --weights), e.g. 1,2", metavar="S[,S...]",
                           default_text="off")
 
+    NOT_OPTIONS = ()  # inherited fields a subclass's owner sets (not flags or recipe keys): see ValidationConfig
+
     def __post_init__(self):
         for name in ("weights", "seeds"):  # a flag gives "0.5,0.75", a recipe a list: one list either way
             value = getattr(self, name)
@@ -117,28 +119,45 @@ class SampleConfig:
         coerce_fields(self)
         for name in ("frames", "steps", "num_videos"):
             if getattr(self, name) < 1:
-                raise CavError(f"{name} (--{name.replace('_', '-')}) must be ≥ 1, got {getattr(self, name)}")
+                raise CavError(f"{self._named(name)} must be ≥ 1, got {getattr(self, name)}")
         if self.size is not None and min(self.size) < 8:
-            raise CavError(f"size (--size) {self.size[0]}x{self.size[1]} is too small: pass H or HxW, each ≥ 8")
+            raise CavError(f"{self._named('size')} {self.size[0]}x{self.size[1]} is too small: pass H or HxW, each ≥ 8")
         if self.guidance < 0:
-            raise CavError(f"guidance (--guidance) must be ≥ 0, got {self.guidance}")
+            raise CavError(f"{self._named('guidance')} must be ≥ 0, got {self.guidance}")
         self._check_start()
+
+    @classmethod
+    def _option(cls, name: str) -> dataclasses.Field:
+        return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+    def _flag(self, name: str) -> str:
+        """The flag of option ``name`` in this class (``--noise-prior``; a run's validation: ``--validation-noise-prior``)."""
+        return flag_name(self._option(name))
+
+    def _named(self, name: str) -> str:
+        """How a message names option ``name``: its key and flag, ``noise_prior (--noise-prior)``."""
+        f = self._option(name)
+        return f"{key_name(f)} ({flag_name(f)})"
+
+    def _reference_given(self) -> bool:
+        return bool(self.reference)
 
     def _check_start(self) -> None:
         """The starting-point options (noise prior, inversion, image) and the grid, checked before any work."""
         if not 0.0 <= self.noise_prior <= 1.0:
-            raise CavError(f"noise_prior (--noise-prior) {self.noise_prior} is invalid: pass a value in [0, 1]")
-        if (self.noise_prior > 0 or (self.invert and not self.image)) and not self.reference:
+            raise CavError(f"{self._named('noise_prior')} {self.noise_prior} is invalid: pass a value in [0, 1]")
+        if self.starts_from_reference and not self._reference_given():
             raise CavError("--noise-prior and --invert start from a reference clip: pass --reference CLIP (or RUN, "
                            "the run's own clip), or --image FILE with --invert")
         if self.image and (self.reference or self.noise_prior > 0):
-            raise CavError("--image starts from the image: drop --reference / --noise-prior, or drop --image")
+            drop = " / ".join(self._flag(n) for n in ("reference", "noise_prior") if n not in self.NOT_OPTIONS)
+            raise CavError(f"{self._flag('image')} starts from the image: drop {drop}, or drop {self._flag('image')}")
         if not 0.0 < self.strength <= 1.0:
-            raise CavError(f"strength (--strength) {self.strength} is invalid: pass a value in (0, 1], e.g. 0.6")
+            raise CavError(f"{self._named('strength')} {self.strength} is invalid: pass a value in (0, 1], e.g. 0.6")
         if self.inversion_steps is not None and self.inversion_steps < 1:
-            raise CavError(f"inversion_steps (--inversion-steps) must be ≥ 1, got {self.inversion_steps}")
+            raise CavError(f"{self._named('inversion_steps')} must be ≥ 1, got {self.inversion_steps}")
         if self.reference_clip < 1:
-            raise CavError(f"reference_clip (--reference-clip) must be ≥ 1 (the first clip is 1), got "
+            raise CavError(f"{self._named('reference_clip')} must be ≥ 1 (the first clip is 1), got "
                            f"{self.reference_clip}")
         self.weights = [check_weight(w, "--weights entry", zero_ok=True, example="0.5,0.75,1") for w in self.weights]
         for name in ("weights", "seeds"):
@@ -182,6 +201,53 @@ class SampleConfig:
 
 
 _SAMPLE = SampleConfig()
+
+
+@dataclass
+class ValidationConfig(SampleConfig):
+    """A training run's validation samples: a ``SampleConfig`` (one set of checks and defaults with `cav generate`),
+    with the flags of `cav train`, plus the prompts sampled. Its frames and size are the run's own (``TrainConfig``
+    sets them); the reference of its noise prior / inversion is the run's own clip, so it is never missing."""
+
+    NOT_OPTIONS = ("frames", "size", "negative_prompt", "num_videos", "reference", "weights", "seeds")
+
+    seed: int = _f(_SAMPLE.seed, "seed of validation samples", flag="--validation-seed")
+    steps: int = _f(_SAMPLE.steps, "denoising steps for validation samples", unit="steps", flag="--sample-steps")
+    guidance: float = _f(_SAMPLE.guidance, "classifier-free guidance scale for validation samples")
+    lora_weight: float = _f(1.0, "T-LoRA weight in validation samples, in (0, 4], recorded as the default weight of "
+                            "`cav generate --adapter RUN` (a smaller scale keeps more of the new appearance)",
+                            parse=lambda w: check_weight(w, "lora_weight"))
+    # where validation samples start: `cav generate`'s start options, the reference being the run's own clip
+    noise_prior: float = _f(0.0, "validation samples start from the noise prior A of the run's (first) clip "
+                            "(`cav generate --noise-prior`, the reference read as the run reads it), A in [0, 1]",
+                            metavar="A", flag="--validation-noise-prior")
+    invert: bool = _f(False, "validation samples start from the DDIM inversion of the run's (first) clip, or of "
+                      "--validation-image (`cav generate --invert`)", flag="--validation-invert")
+    inversion_steps: int | None = _f(None, "DDIM inversion steps of the validation start", unit="steps",
+                                     default_text="--sample-steps", flag="--validation-inversion-steps")
+    reference_clip: int = _f(1, "with several clips: which one is the reference of the validation noise prior / "
+                             "inversion, counted from 1 in the clips' order", metavar="K",
+                             flag="--validation-reference-clip")
+    image: str | None = _f(None, "validation samples animate this image (`cav generate --image`)", metavar="FILE",
+                           flag="--validation-image")
+    strength: float = _f(_SAMPLE.strength, "with --validation-image: share of the sampling schedule re-run from the "
+                         "image, in (0, 1]", flag="--validation-strength")
+    prompts: list[str] = _f([], "prompt sampled at each checkpoint (repeatable)", flag="--validation-prompt",
+                            key="validation_prompts", metavar="PROMPT", default_text="the prompt")
+
+    def _reference_given(self) -> bool:
+        return True  # the run's own clip
+
+    def sample_config(self, run: str | Path | None = None) -> SampleConfig:
+        """How the validation samples are made, as a plain ``SampleConfig`` (what a sample's recipe records and
+        `cav generate` reads). With ``run`` (the run folder: its clip is the reference of a noise prior /
+        inversion) the start too; without, only the sampling settings (what `cav generate --adapter RUN` starts
+        from)."""
+        keep = ("frames", "size", "steps", "guidance", "seed", "lora_weight")
+        if run is not None:
+            keep += ("noise_prior", "invert", "inversion_steps", "image", "strength", "reference_clip")
+        return SampleConfig(**{name: getattr(self, name) for name in keep},
+                            reference=str(run) if run is not None and self.starts_from_reference else None)
 
 
 @dataclass
@@ -248,29 +314,8 @@ class TrainConfig:
     checkpoint_every: int = _f(100, "save a T-LoRA checkpoint with validation samples every N steps (0: only the end)",
                                unit="steps")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
-    # validation samples: SampleConfig's settings (see sample_config)
-    validation_prompts: list[str] = _f([], "prompt sampled at each checkpoint (repeatable)", flag="--validation-prompt",
-                                       metavar="PROMPT", default_text="the prompt")
-    validation_seed: int = _f(_SAMPLE.seed, "seed of validation samples")
-    sample_steps: int = _f(_SAMPLE.steps, "denoising steps for validation samples", unit="steps")
-    guidance: float = _f(_SAMPLE.guidance, "classifier-free guidance scale for validation samples")
-    lora_weight: float = _f(1.0, "T-LoRA weight in validation samples, in (0, 4], recorded as the default weight of "
-                            "`cav generate --adapter RUN` (a smaller scale keeps more of the new appearance)",
-                            parse=lambda w: check_weight(w, "lora_weight"))
-    # where validation samples start: `cav generate`'s start options, the reference being the run's own clip
-    validation_noise_prior: float = _f(0.0, "validation samples start from the noise prior A of the run's (first) clip "
-                                       "(`cav generate --noise-prior`, the reference read as the run reads it), A in "
-                                       "[0, 1]", metavar="A")
-    validation_invert: bool = _f(False, "validation samples start from the DDIM inversion of the run's (first) clip, "
-                                 "or of --validation-image (`cav generate --invert`)")
-    validation_inversion_steps: int | None = _f(None, "DDIM inversion steps of the validation start", unit="steps",
-                                                default_text="--sample-steps")
-    validation_reference_clip: int = _f(1, "with several clips: which one is the reference of the validation noise "
-                                        "prior / inversion, counted from 1 in the clips' order", metavar="K")
-    validation_image: str | None = _f(None, "validation samples animate this image (`cav generate --image`)",
-                                      metavar="FILE")
-    validation_strength: float = _f(_SAMPLE.strength, "with --validation-image: share of the sampling schedule re-run "
-                                    "from the image, in (0, 1]")
+    # validation samples: a SampleConfig (its frames and size are the run's)
+    validation: ValidationConfig = _f(ValidationConfig(), "validation samples (their settings are `cav generate`'s)")
     # system
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "frozen-weight dtype: auto = bf16/fp16 on GPU, fp32 "
@@ -316,26 +361,8 @@ class TrainConfig:
         for name in ("t_lora_lr", "s_lora_lr", "ti_lr"):
             if getattr(self, name) <= 0:
                 raise CavError(f"{name} must be > 0")
-        if self.sample_steps < 1:
-            raise CavError(f"--sample-steps must be ≥ 1, got {self.sample_steps}")
-        self._check_validation_start()
-
-    # the validation start fields and the SampleConfig fields they set (SampleConfig's checks apply to both)
-    _VALIDATION_START = {"validation_noise_prior": "noise_prior", "validation_invert": "invert",
-                         "validation_inversion_steps": "inversion_steps", "validation_image": "image",
-                         "validation_strength": "strength", "validation_reference_clip": "reference_clip"}
-
-    def _check_validation_start(self) -> None:
-        """SampleConfig's own start checks, its messages naming this recipe's keys and flags (``noise_prior`` →
-        ``validation_noise_prior``); the reference is the run's clip, so it is never missing."""
-        try:
-            self.sample_config(run="the run's clip")
-        except CavError as exc:
-            text = str(exc).replace("--reference / ", "")
-            for key, name in self._VALIDATION_START.items():
-                text = text.replace(f"{name} (--", f"{key} (--")
-                text = re.sub(rf"(?<![\w-])--{name.replace('_', '-')}\b", "--" + key.replace("_", "-"), text)
-            raise CavError(text) from None
+        # the validation samples are as long and as large as the clip the run trains on
+        self.validation = dataclasses.replace(self.validation, frames=self.frames, size=self.size)
 
     # --- helpers -------------------------------------------------------------------------------------------
     @property
@@ -367,20 +394,6 @@ class TrainConfig:
         t = self.ti_token
         return f"{t[:-1]}{clip + 1}>" if t.endswith(">") else f"{t}{clip + 1}"
 
-    def _sample_fields(self) -> dict:
-        return dict(frames=self.frames, size=self.size, steps=self.sample_steps, guidance=self.guidance,
-                    seed=self.validation_seed, lora_weight=self.lora_weight)
-
-    def sample_config(self, run: str | Path | None = None) -> SampleConfig:
-        """How this run's validation samples are made (and recorded for `cav generate`). With ``run`` (the run
-        folder: its clip is the reference of a noise prior / inversion) the validation start too; without, only the
-        sampling settings (what `cav generate --adapter RUN` starts from)."""
-        if run is None:
-            return SampleConfig(**self._sample_fields())
-        start = {name: getattr(self, key) for key, name in self._VALIDATION_START.items()}
-        uses_reference = start["noise_prior"] > 0 or (start["invert"] and not start["image"])
-        return SampleConfig(**self._sample_fields(), **start, reference=str(run) if uses_reference else None)
-
     def frame_selection(self) -> dict:
         """``stride`` / ``fps`` / ``start`` / ``end`` for ``read_video`` (only those set)."""
         return {k: getattr(self, k) for k in ("stride", "fps", "start", "end") if getattr(self, k) is not None}
@@ -400,19 +413,100 @@ class TrainConfig:
         return lora_config(kind, self.placement, rank, alpha, family)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The recipe in its nested shape (config.yaml's): one mapping per section."""
+        return _plain(self)
+
+    def keys(self) -> dict:
+        """The recipe as flat recipe keys (each the name of its flag: ``t_lora_rank``, ``validation_seed``)."""
+        return flatten(self.to_dict())
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        """Every flat recipe key, in the order of `cav train --help`."""
+        return [leaf.key for leaf in leaves(cls)]
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        unknown = sorted(set(data) - set(cls.field_names()))
-        if unknown:
-            raise CavError(f"unknown recipe key(s) {', '.join(unknown)}: see `cav train --help` for the valid names "
-                           "(a flag --a-b is the key a_b)")
-        return cls(**data)
+        """A recipe from recipe keys (flat, as flags and batch columns name them) and/or sections (``to_dict``'s
+        shape); a key that is neither is refused by name."""
+        return _build(cls, nest(data), "")
+
+    @classmethod
+    def of(cls, **keys) -> "TrainConfig":
+        """``TrainConfig.of(prompt="…", frames=8, t_lora_rank=2)``: a recipe from recipe keys."""
+        return cls.from_dict(keys)
+
+
+# ------------------------------------------------------------------------------------ nested ↔ flat recipe keys
+def _sections(cls=None) -> dict:
+    cls = cls or TrainConfig
+    types_ = hints(cls)
+    return {f.name: types_[f.name] for f in own_fields(cls) if is_section(types_[f.name])}
+
+
+def nest(data: dict) -> dict:
+    """Recipe keys (flat) → the nested shape. A section given as a mapping is kept (merged with flat keys of the same
+    section); a key that is neither a recipe key nor a section is kept as it is, for ``from_dict`` to name."""
+    paths = {leaf.key: leaf.path for leaf in leaves(TrainConfig)}
+    sections = _sections()
+    out: dict = {}
+    for key, value in data.items():
+        if key in sections and isinstance(value, dict):
+            out.setdefault(key, {}).update(value)
+        elif key in paths:
+            *parents, name = paths[key]
+            node = out
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def flatten(nested: dict) -> dict:
+    """The nested shape → recipe keys (flat); the inverse of ``nest`` for known keys."""
+    out = {}
+    for leaf in leaves(TrainConfig):
+        node, found = nested, True
+        for p in leaf.path:
+            if not isinstance(node, dict) or p not in node:
+                found = False
+                break
+            node = node[p]
+        if found:
+            out[leaf.key] = node
+    return out
+
+
+def _build(cls, data: dict, prefix: str):
+    """``cls(**data)`` with its sections built from their mappings; unknown keys are named with their section."""
+    types_ = hints(cls)
+    names = [f.name for f in own_fields(cls)]
+    unknown = sorted(prefix + str(k) for k in data if k not in names)
+    if unknown:
+        raise CavError(f"unknown recipe key(s) {', '.join(unknown)}: see `cav train --help` for the valid names "
+                       "(a flag --a-b is the key a_b)")
+    kw = {}
+    for key, value in data.items():
+        if is_section(types_[key]):
+            if not isinstance(value, dict):
+                raise CavError(f"recipe key {prefix}{key} is a section: give a mapping of its keys, e.g. "
+                               f"{key}: {{...}}")
+            kw[key] = _build(types_[key], value, f"{prefix}{key}.")
+        else:
+            kw[key] = value
+    return cls(**kw)
+
+
+def _plain(obj) -> dict:
+    types_ = hints(type(obj))
+    out = {}
+    for f in own_fields(type(obj)):
+        value = getattr(obj, f.name)
+        out[f.name] = (_plain(value) if is_section(types_[f.name]) else list(value) if isinstance(value, tuple)
+                       else value)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
@@ -441,7 +535,9 @@ def recipe_path(recipe: str | Path) -> Path:
 
 
 def load_recipe(recipe: str | Path) -> dict:
-    """Read a YAML recipe (a path or a shipped name) into a dict of TrainConfig fields, checked now."""
+    """Read a YAML recipe (a path or a shipped name; a run's config.yaml) into recipe keys (flat: every source of
+    values — flags, batch columns, form fields, overrides — merges into these), checked now. A recipe written
+    before sections existed (format 1: flat keys) is upgraded by ``versioned.upgrade``."""
     path = recipe_path(recipe)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -449,12 +545,18 @@ def load_recipe(recipe: str | Path) -> dict:
         raise CavError(f"recipe '{path}' is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from None
     if not isinstance(data, dict):
         raise CavError(f"recipe '{path}' must be a mapping of recipe keys: see `cav train --help`")
+    data = versioned.upgrade(RECIPE_FILE, data, path)
     try:
         TrainConfig.from_dict({**data, "prompt": data.get("prompt", "x")})  # validate keys and values early
     except CavError as exc:
         raise CavError(f"recipe '{recipe}': {exc}") from None
-    return data
+    return flatten(data)
+
+
+RECIPE_FILE = "config.yaml"  # the versioned format every recipe (shipped, the user's, a run's own) is written in
+versioned.UPGRADES[(RECIPE_FILE, 1)] = nest  # format 1 (flat keys, before sections) → 2
 
 
 def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """A recipe file: its format version, then the top-level keys and one block per section."""
+    return yaml.safe_dump({versioned.KEY: versioned.CURRENT[RECIPE_FILE], **cfg.to_dict()}, sort_keys=False)

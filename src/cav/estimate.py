@@ -44,7 +44,7 @@ def schedule(cfg: TrainConfig, clips: int = 1) -> list[dict]:
     every = cfg.checkpoint_every
     checkpoints = 0 if cfg.steps == 0 else (cfg.steps // every + (cfg.steps % every > 0) if every else 1)
     rows.append({"stage": "samples", "videos": checkpoints * len(validation_prompts(cfg)),
-                 "steps": cfg.sample_steps})
+                 "steps": cfg.validation.steps})
     return rows
 
 
@@ -150,7 +150,7 @@ def _time_stages(bb, cfg: TrainConfig) -> dict:
     """The timings of ``measure_steps`` on a loaded base, with the run's own stage builders."""
     from . import accel, lean
     from .adapters import lora
-    from .sampling import sample_video
+    from .sampling import sample_with
     from .stages import S_LORA, T_LORA, absorber_stage, given_absorbers, make_textual_inversion, t_lora_stage
 
     accel.tune_backends(bb.device)
@@ -169,11 +169,10 @@ def _time_stages(bb, cfg: TrainConfig) -> dict:
     stage = t_lora_stage(bb, cfg, frames, ti)
     with frozen.merged():
         out["t_lora"] = _time_stage(bb, stage, gen, cfg, autocast)
-    lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # validation samples: the T-LoRA alone, as generate
+    lora.activate(bb.unet, [T_LORA], [cfg.validation.lora_weight])  # validation samples: the T-LoRA alone, as generate
 
     def sample(steps: int) -> None:
-        sample_video(bb, SAMPLE_PROMPT, frames=cfg.frames, size=tuple(cfg.size), steps=steps, guidance=cfg.guidance,
-                     seed=0)
+        sample_with(bb, [SAMPLE_PROMPT], cfg.validation, [0], steps=steps)
 
     one = _time(bb, lambda: sample(1))
     three = _time(bb, lambda: sample(3), warm_up=False)

@@ -46,7 +46,7 @@ def check_train(cfg: TrainConfig) -> None:
     if cfg.absorbers != "none":
         for spatial in (p for p in cfg.spatial_prompt if p.strip()):  # one per clip
             check_prompt(tokenizer, fed(spatial), "--spatial-prompt")
-    for prompt in cfg.validation_prompts:  # warned about at the first checkpoint; refused here if a token is lost
+    for prompt in cfg.validation.prompts:  # warned about at the first checkpoint; refused here if a token is lost
         check_prompt(tokenizer, prompt, f"--validation-prompt '{prompt[:40]}'", warn=False)
 
 

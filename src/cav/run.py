@@ -140,7 +140,7 @@ def _load_backbone(cfg: TrainConfig):
     """The base to train on, with the accelerations the recipe and the device ask for."""
     bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype, motion_adapter=cfg.motion_adapter or None,
                            experts=cfg.experts or None)
-    if not cfg.validation_prompts:  # the validation prompt is --prompt, whose cut preflight reported: once is enough
+    if not cfg.validation.prompts:  # the validation prompt is --prompt, whose cut preflight reported: once is enough
         bb.reported.update(runfolder.validation_prompts(cfg))
     accel.tune_backends(bb.device)
     if accel.wants_checkpointing(cfg.gradient_checkpointing, bb.device):
@@ -220,7 +220,7 @@ class Run:
         self.swapping = BlockSwapping(bb, cfg)
         runfolder.start(self.out, cfg, self.point)
         runfolder.record_clip(self.out, data)
-        val = cfg.sample_config(run=self.out.absolute())
+        val = cfg.validation.sample_config(run=self.out.absolute())
         starts = generation.StartInputs(generation.read_reference(val, tuple(cfg.size)), image)  # via the run
         self.log = JsonlLog(self.out / "log.jsonl")
         try:

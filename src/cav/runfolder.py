@@ -24,7 +24,7 @@ from .adapters import lora
 from .config import TrainConfig, dump_yaml
 from .errors import CavError
 from .io_utils import atomic_path, content_hash, publish_dir, write_json, write_text
-from .sampling import sample_video
+from .sampling import sample_with
 from .stages import S_LORA, T_LORA
 
 RUN_MARKERS = ("config.yaml", "log.jsonl", "t_lora", "checkpoints", "absorbers", "data.json")
@@ -188,8 +188,8 @@ class Clock:
 
 
 def validation_prompts(cfg: TrainConfig) -> list[str]:
-    if cfg.validation_prompts:
-        return list(cfg.validation_prompts)
+    if cfg.validation.prompts:
+        return list(cfg.validation.prompts)
     return [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]
 
 
@@ -205,7 +205,7 @@ def t_lora_meta(bb, cfg: TrainConfig, step: int) -> dict:
     return {**base_meta(bb), "kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
             "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": _recorded_spatial(cfg),
             "absorbers": cfg.absorbers, "step": step,
-            "validation": {"prompts": validation_prompts(cfg), **cfg.sample_config().to_validation()}}
+            "validation": {"prompts": validation_prompts(cfg), **cfg.validation.sample_config().to_validation()}}
 
 
 def _recorded_spatial(cfg: TrainConfig):
@@ -259,14 +259,13 @@ def validation_samples(bb, cfg: TrainConfig, out: Path, starts: generation.Start
     from .data.video import write_video
 
     def hook(ckpt: Path, step: int) -> None:
-        lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # only the T-LoRA, as at inference
-        s = cfg.sample_config(run=Path(out).absolute())  # what `cav generate --adapter RUN` starts from
+        lora.activate(bb.unet, [T_LORA], [cfg.validation.lora_weight])  # only the T-LoRA, as at inference
+        s = cfg.validation.sample_config(run=Path(out).absolute())  # what `cav generate --adapter RUN` starts from
         prompts = validation_prompts(cfg)
         try:
             with accel.on_device(bb.device, bb.vae, *bb.text_encoders):
                 start = generation.start_for(bb, s, starts, s.seed) if starts else None  # adapter on, as generate
-                videos = [sample_video(bb, prompt, frames=s.frames, size=s.size, steps=s.steps,
-                                       guidance=s.guidance, seed=s.seed, start=start) for prompt in prompts]
+                videos = [sample_with(bb, [prompt], s, [s.seed], start=start)[0] for prompt in prompts]
         finally:
             lora.activate(bb.unet, active, trainable=T_LORA)
         adapter = [(Path(out).absolute() / "checkpoints" / resume_mod.checkpoint_name("t_lora", step), None)]
@@ -274,7 +273,7 @@ def validation_samples(bb, cfg: TrainConfig, out: Path, starts: generation.Start
             for ext in (".mp4", ".gif"):
                 write_video(ckpt / "samples" / f"sample-{i}{ext}", video)
             write_json(ckpt / "samples" / f"sample-{i}.json",
-                       generation.record(prompt, adapter, s, None, s.seed, [cfg.lora_weight]))
+                       generation.record(prompt, adapter, s, None, s.seed, [cfg.validation.lora_weight]))
             with atomic_path(ckpt / "samples" / f"sample-{i}.npy") as tmp, open(tmp, "wb") as fh:
                 np.save(fh, video, allow_pickle=False)
     return hook

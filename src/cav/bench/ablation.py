@@ -227,7 +227,7 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
             ref_track = tm.track(ref_video)
             targets = tw.new_appearances(ref, settings["prompts"], np.random.default_rng(probe.seed + i))
             texts = [tw.caption(s)[0] for s in targets for _ in range(n_seeds)]
-            seeds = [probe.validation_seed + k for _ in targets for k in range(n_seeds)]
+            seeds = [probe.validation.seed + k for _ in targets for k in range(n_seeds)]
             ref_info.append({"name": name, "spec": dataclasses.asdict(ref), "prompt": full, "spatial_prompt": spatial,
                              "video": str(ref_path), "prompts": [tw.caption(s)[0] for s in targets]})
             sheet_rows, sheet_labels = [[ref_video]], ["reference"]
@@ -251,9 +251,9 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
                 bb = backbone.load(cfg.base, cfg.device, cfg.dtype)  # fresh: nothing leaks between rows
                 if run_dir is not None:
                     adapter = row_options.adapter_dir(row, run_dir)
-                    api.load_adapters(bb, [(str(adapter), cfg.lora_weight)])  # the T-LoRA only
-                videos = sample_videos(bb, texts, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps,
-                                       guidance=cfg.guidance, seeds=seeds,
+                    api.load_adapters(bb, [(str(adapter), cfg.validation.lora_weight)])  # the T-LoRA only
+                videos = sample_videos(bb, texts, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.validation.steps,
+                                       guidance=cfg.validation.guidance, seeds=seeds,
                                        start=row_options.start(bb, row, cfg, ref_video, targets, seeds, n_seeds))
                 del bb
                 sample_seconds = time.perf_counter() - t

@@ -181,7 +181,7 @@ class Rig:
             def sample(steps: int):
                 with unmerged:
                     sample_videos(bb, [PROMPT], frames=cfg.frames, size=tuple(cfg.size), steps=steps,
-                                  guidance=cfg.guidance, seeds=[SEED])
+                                  guidance=cfg.validation.guidance, seeds=[SEED])
 
             def step():
                 marks = []

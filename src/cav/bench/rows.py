@@ -84,11 +84,11 @@ def start(bb, row: dict, cfg, ref_video: np.ndarray, targets, seeds: list[int], 
 
     if row.get("image_strength") is not None:
         parts = [image_start(bb, tw.render(t, frames=cfg.frames, size=cfg.size[0])[0][0], cfg.frames,
-                             seeds[p * n_seeds:(p + 1) * n_seeds], steps=cfg.sample_steps,
+                             seeds[p * n_seeds:(p + 1) * n_seeds], steps=cfg.validation.steps,
                              strength=float(row["image_strength"]), invert=True) for p, t in enumerate(targets)]
         return Start(torch.cat([s.latents for s in parts]), parts[0].skip)
     prior = float(row.get("noise_prior", 0.0)) or (1.0 if row.get("invert") else 0.0)
     if prior == 0.0:
         return None
-    return noise_prior_start(bb, ref_video, seeds, steps=cfg.sample_steps, prior=prior,
+    return noise_prior_start(bb, ref_video, seeds, steps=cfg.validation.steps, prior=prior,
                              invert=bool(row.get("invert")))
