@@ -94,7 +94,7 @@ def test_stages_train_only_their_parameters_and_never_touch_the_base(tiny_model)
     cfg = TrainConfig.of(prompt="a red square moving right", spatial_prompt="a red square", frames=4, size=[32, 32],
                       absorber_steps=2, steps=2, ti_tokens=2, absorber_batch=2, s_lora_lr=1e-2, t_lora_lr=1e-2,
                       ti_lr=1e-2)
-    ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init)
+    ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.absorbers.ti_token, cfg.absorbers.ti_tokens, cfg.absorbers.ti_init)
     gen = torch.Generator().manual_seed(0)
     stage1 = absorber_stage(bb, cfg, _frames(), ti)
     run_stage(bb.unet, bb.scheduler, stage1, gen, _log, quiet=True)
@@ -129,7 +129,7 @@ def test_stages_train_only_their_parameters_and_never_touch_the_base(tiny_model)
     old_rows = base_text["embeddings.token_embedding.weight"]
     new = ti.weight.detach()
     assert torch.equal(new[: old_rows.shape[0]], old_rows)
-    assert not torch.equal(new[ti.ids], ti.weight.detach()[bb.tokenizer(cfg.ti_init, add_special_tokens=False).input_ids[0]].expand(2, -1))
+    assert not torch.equal(new[ti.ids], ti.weight.detach()[bb.tokenizer(cfg.absorbers.ti_init, add_special_tokens=False).input_ids[0]].expand(2, -1))
     for k, v in base_text.items():
         if "token_embedding" not in k:
             assert torch.equal(bb.text_encoder.state_dict()[k], v)

@@ -74,7 +74,7 @@ def test_every_recipe_loads():
     assert {p.name for p in recipes} >= {"modelscope.yaml", "zeroscope.yaml", "toy.yaml"}
     for path in recipes:
         cfg = TrainConfig.from_dict({**load_recipe(path), "prompt": "x"})
-        assert cfg.t_lora_rank >= 1
+        assert cfg.motion.rank >= 1
     ablations = sorted((root / "ablation").glob("*.yaml"))
     assert ablations
     for path in ablations:

@@ -251,51 +251,9 @@ class ValidationConfig(SampleConfig):
 
 
 @dataclass
-class TrainConfig:
-    """A full training recipe. Defaults are the paper's hyperparameters (supp. A.4)."""
+class DataConfig:
+    """Which frames of the reference video, at what size (the validation samples take the same frames and size)."""
 
-    prompt: str = _f("", "full prompt describing the reference video (appearance + motion)")
-    spatial_prompt: list[str] = _f([], "appearance-only prompt for the absorbers; with several clips, repeat it "
-                                   "once per clip, in their order", metavar="PROMPT", default_text="the prompt")
-    base: str = _f("toy", "base model: `toy`, a diffusers T2V or AnimateDiff folder, or a hub id")
-    motion_adapter: str = _f("", "AnimateDiff MotionAdapter folder or hub id that animates an image-model --base "
-                             "(e.g. Stable Diffusion 1.5 + animatediff-motion-adapter-v1-5-2)")
-    absorbers: Literal["none", "s-lora", "ti", "both"] = _f("both", "appearance absorbers")
-    s_lora_from: str = _f("", "start from this existing image LoRA (.safetensors, e.g. an SD 1.5 LoRA of the subject) "
-                          "as the S-LoRA absorber: skips stage 1 (absorbers are then exactly the given ones)")
-    ti_from: str = _f("", "start from this existing textual-inversion embedding (.safetensors) as the TI absorber: "
-                      "skips stage 1 (absorbers are then exactly the given ones)")
-    placement: Literal["cav", "motiondirector", "motiondirector+tconv"] = _f("cav", "LoRA placement preset")
-    experts: str = _f("", "two-expert bases (Wan 2.2 T2V-A14B): the expert the LoRAs train on, each on its own noise "
-                      "range: high (transformer, the steps at or above the pipeline's boundary), low (transformer_2, "
-                      "below it) or both (each step's draws routed as the pipeline routes); samples use both experts",
-                      default_text="high on a two-expert base", metavar="high|low|both")
-    # T-LoRA (stage 2)
-    steps: int = _f(300, "T-LoRA training steps", unit="steps")
-    t_lora_rank: int = _f(4, "T-LoRA rank")
-    t_lora_alpha: float = _f(1.0, "T-LoRA alpha")
-    t_lora_lr: float = _f(5e-4, "T-LoRA learning rate")
-    t_lora_timesteps: tuple[int, int] = _f((0, 1000), "T-LoRA trains on timesteps in [low, high): raise low to "
-                                          "stress the high-noise steps where motion and layout form",
-                                          metavar=("LOW", "HIGH"))
-    t_lora_prompt_dropout: float = _f(0.0, "fraction of T-LoRA steps on the empty prompt, so the unconditional "
-                                      "branch of guidance carries the motion too (0: the paper's recipe)")
-    t_lora_batch: int = _f(1, "copies of the clip per T-LoRA step, each with its own noise and timestep (a "
-                           "less noisy gradient for the same clip)")
-    # appearance absorbers (stage 1)
-    absorber_steps: int = _f(100, "absorber training steps (S-LoRA and textual inversion train together)",
-                             unit="steps")
-    s_lora_rank: int = _f(1, "S-LoRA rank")
-    s_lora_alpha: float = _f(0.5, "S-LoRA alpha")
-    s_lora_lr: float = _f(5e-5, "S-LoRA learning rate")
-    ti_tokens: int = _f(4, "textual inversion: number of new tokens (2-6)", unit="tokens")
-    ti_token: str = _f("<cav>", "textual inversion placeholder token (put it in the prompts or it is prefixed)")
-    ti_init: str = _f("object", "textual inversion: word whose embedding initialises the new tokens")
-    ti_lr: float = _f(5e-5, "textual inversion learning rate")
-    absorber_batch: int = _f(4, "frames per absorber step (unordered, patch-cropped)", unit="frames")
-    crop_ratio: tuple[float, float] = _f((0.33, 0.67), "patch crop side ratio range for the absorbers",
-                                         metavar=("LOW", "HIGH"))
-    # data: which frames of the reference video, at what size
     frames: int = _f(_SAMPLE.frames, "frames taken from the reference video (uniformly, or the first of --stride/"
                      "--fps); also the validation samples' length; a motion needs ≥ 2", unit="frames")
     size: tuple[int, int] = _f((256, 256), f"training size, H or HxW ({SIZE_RULE})", unit="pixels", repeat=True,
@@ -309,14 +267,126 @@ class TrainConfig:
                              default_text="the first frame")
     end: float | None = _f(None, "use the video up to this time (exclusive)", unit="seconds", metavar="SECONDS",
                            default_text="the last frame")
-    # schedule
-    seed: int = _f(0, "seed for every random choice (same seed, same device → same adapter)")
-    checkpoint_every: int = _f(100, "save a T-LoRA checkpoint with validation samples every N steps (0: only the end)",
-                               unit="steps")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
-    # validation samples: a SampleConfig (its frames and size are the run's)
-    validation: ValidationConfig = _f(ValidationConfig(), "validation samples (their settings are `cav generate`'s)")
-    # system
+
+    def __post_init__(self):
+        coerce_fields(self)  # types first: every rule below sees numbers, tuples and choices
+        if self.frames < 2:
+            raise CavError(f"--frames {self.frames} is too few: a motion adapter learns how frames change, so it "
+                           "needs ≥ 2 frames (the paper uses 16)")
+        if min(self.size) < 8:
+            raise CavError(f"--size {self.size[0]}x{self.size[1]} is invalid: pass H or HxW, each ≥ 8")
+
+    def frame_selection(self) -> dict:
+        """``stride`` / ``fps`` / ``start`` / ``end`` for ``read_video`` (only those set)."""
+        return {k: getattr(self, k) for k in FRAME_SELECTION if getattr(self, k) is not None}
+
+
+FRAME_SELECTION = ("stride", "fps", "start", "end")  # the keys of a clip's frame selection (data.json records them)
+
+
+@dataclass
+class AbsorberConfig:
+    """Stage 1: the appearance absorbers (S-LoRA and textual inversion), trained or given as files."""
+
+    kind: Literal["none", "s-lora", "ti", "both"] = _f("both", "appearance absorbers", flag="--absorbers")
+    s_lora_from: str = _f("", "start from this existing image LoRA (.safetensors, e.g. an SD 1.5 LoRA of the subject) "
+                          "as the S-LoRA absorber: skips stage 1 (absorbers are then exactly the given ones)")
+    ti_from: str = _f("", "start from this existing textual-inversion embedding (.safetensors) as the TI absorber: "
+                      "skips stage 1 (absorbers are then exactly the given ones)")
+    steps: int = _f(100, "absorber training steps (S-LoRA and textual inversion train together)", unit="steps",
+                    flag="--absorber-steps")
+    s_lora_rank: int = _f(1, "S-LoRA rank")
+    s_lora_alpha: float = _f(0.5, "S-LoRA alpha")
+    s_lora_lr: float = _f(5e-5, "S-LoRA learning rate")
+    ti_tokens: int = _f(4, "textual inversion: number of new tokens (2-6)", unit="tokens")
+    ti_token: str = _f("<cav>", "textual inversion placeholder token (put it in the prompts or it is prefixed)")
+    ti_init: str = _f("object", "textual inversion: word whose embedding initialises the new tokens")
+    ti_lr: float = _f(5e-5, "textual inversion learning rate")
+    batch: int = _f(4, "frames per absorber step (unordered, patch-cropped)", unit="frames", flag="--absorber-batch")
+    crop_ratio: tuple[float, float] = _f((0.33, 0.67), "patch crop side ratio range for the absorbers",
+                                         metavar=("LOW", "HIGH"))
+
+    def __post_init__(self):
+        coerce_fields(self)
+        if self.s_lora_from or self.ti_from:  # given absorbers replace stage 1: they are the run's absorbers
+            self.kind = {(True, True): "both", (True, False): "s-lora", (False, True): "ti"}[
+                (bool(self.s_lora_from), bool(self.ti_from))]
+        if self.steps < 0:
+            raise CavError("--absorber-steps must be ≥ 0")
+        if not 1 <= self.ti_tokens <= 16:
+            raise CavError(f"--ti-tokens {self.ti_tokens} is out of range: use 2-6 (the paper's range)")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi <= 1:
+            raise CavError(f"crop_ratio {list(self.crop_ratio)} is invalid: need 0 < low ≤ high ≤ 1")
+        for name in ("s_lora_lr", "ti_lr"):
+            if getattr(self, name) <= 0:
+                raise CavError(f"{name} must be > 0")
+
+    @property
+    def uses_s_lora(self) -> bool:
+        return self.kind in ("s-lora", "both")
+
+    @property
+    def uses_ti(self) -> bool:
+        return self.kind in ("ti", "both")
+
+    @property
+    def given(self) -> bool:
+        """Absorbers come from existing files (``--s-lora-from``/``--ti-from``): no stage 1."""
+        return bool(self.s_lora_from or self.ti_from)
+
+    def clip_token(self, clip: int) -> str:
+        """Clip ``clip``'s textual-inversion placeholder: ``--ti-token`` for the first, ``<cav2>``, ``<cav3>`` … after."""
+        if clip == 0:
+            return self.ti_token
+        t = self.ti_token
+        return f"{t[:-1]}{clip + 1}>" if t.endswith(">") else f"{t}{clip + 1}"
+
+
+@dataclass
+class MotionConfig:
+    """Stage 2: the motion LoRA (T-LoRA): where it goes, what it trains on, its schedule."""
+
+    placement: Literal["cav", "motiondirector", "motiondirector+tconv"] = _f("cav", "LoRA placement preset")
+    experts: str = _f("", "two-expert bases (Wan 2.2 T2V-A14B): the expert the LoRAs train on, each on its own noise "
+                      "range: high (transformer, the steps at or above the pipeline's boundary), low (transformer_2, "
+                      "below it) or both (each step's draws routed as the pipeline routes); samples use both experts",
+                      default_text="high on a two-expert base", metavar="high|low|both")
+    steps: int = _f(300, "T-LoRA training steps", unit="steps")
+    rank: int = _f(4, "T-LoRA rank", flag="--t-lora-rank")
+    alpha: float = _f(1.0, "T-LoRA alpha", flag="--t-lora-alpha")
+    lr: float = _f(5e-4, "T-LoRA learning rate", flag="--t-lora-lr")
+    timesteps: tuple[int, int] = _f((0, 1000), "T-LoRA trains on timesteps in [low, high): raise low to stress the "
+                                    "high-noise steps where motion and layout form", metavar=("LOW", "HIGH"),
+                                    flag="--t-lora-timesteps")
+    prompt_dropout: float = _f(0.0, "fraction of T-LoRA steps on the empty prompt, so the unconditional branch of "
+                               "guidance carries the motion too (0: the paper's recipe)",
+                               flag="--t-lora-prompt-dropout")
+    batch: int = _f(1, "copies of the clip per T-LoRA step, each with its own noise and timestep (a less noisy "
+                    "gradient for the same clip)", flag="--t-lora-batch")
+
+    def __post_init__(self):
+        coerce_fields(self)
+        if self.experts not in ("", *EXPERTS):  # whether the base has two experts: backbone.check_experts
+            raise CavError(f"--experts {self.experts} is not a choice: pass --experts high, low or both")
+        if self.steps < 1:  # 0 steps would train, save and publish no T-LoRA at all
+            raise CavError(f"--steps {self.steps} trains no T-LoRA: pass --steps N with N ≥ 1 (T-LoRA training "
+                           "steps)")
+        if not 1 <= self.batch <= 64:
+            raise CavError(f"--t-lora-batch {self.batch} is out of range: use 1-64")
+        lo_t, hi_t = self.timesteps
+        if not 0 <= lo_t < hi_t:
+            raise CavError(f"t_lora_timesteps {list(self.timesteps)} is invalid: need 0 ≤ low < high")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise CavError(f"t_lora_prompt_dropout {self.prompt_dropout} is invalid: pass a value in [0, 1)")
+        if self.lr <= 0:
+            raise CavError("t_lora_lr must be > 0")
+
+
+@dataclass
+class SystemConfig:
+    """Where and how the run computes: device, precision, memory and speed switches."""
+
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "frozen-weight dtype: auto = bf16/fp16 on GPU, fp32 "
                                                         "on CPU; fp16 is for GPUs only")
@@ -329,50 +399,39 @@ class TrainConfig:
                                                "auto: on for CUDA only", parse=_compile_setting)
 
     def __post_init__(self):
-        coerce_fields(self)  # types first: every rule below sees numbers, tuples and choices
+        coerce_fields(self)
+
+
+@dataclass
+class TrainConfig:
+    """A full training recipe: what to learn (prompts, base, seed, schedule) and one section per concern. Defaults
+    are the paper's hyperparameters (supp. A.4). Every option keeps the flat key its flag names (``--t-lora-rank`` →
+    ``t_lora_rank`` → ``motion.rank``): flags, batch manifest columns and recipes of format 1 use those keys."""
+
+    prompt: str = _f("", "full prompt describing the reference video (appearance + motion)")
+    spatial_prompt: list[str] = _f([], "appearance-only prompt for the absorbers; with several clips, repeat it "
+                                   "once per clip, in their order", metavar="PROMPT", default_text="the prompt")
+    base: str = _f("toy", "base model: `toy`, a diffusers T2V or AnimateDiff folder, or a hub id")
+    motion_adapter: str = _f("", "AnimateDiff MotionAdapter folder or hub id that animates an image-model --base "
+                             "(e.g. Stable Diffusion 1.5 + animatediff-motion-adapter-v1-5-2)")
+    seed: int = _f(0, "seed for every random choice (same seed, same device → same adapter)")
+    checkpoint_every: int = _f(100, "save a T-LoRA checkpoint with validation samples every N steps (0: only the end)",
+                               unit="steps")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    data: DataConfig = _f(DataConfig(), "which frames of the reference video, at what size")
+    absorbers: AbsorberConfig = _f(AbsorberConfig(), "stage 1: the appearance absorbers")
+    motion: MotionConfig = _f(MotionConfig(), "stage 2: the motion LoRA (T-LoRA)")
+    validation: ValidationConfig = _f(ValidationConfig(), "validation samples (a SampleConfig: `cav generate`'s "
+                                      "settings; frames and size are the data's)")
+    system: SystemConfig = _f(SystemConfig(), "device, precision, memory and speed switches")
+
+    def __post_init__(self):
+        coerce_fields(self)  # the top-level keys; each section checked itself when it was built
         self.spatial_prompt = [p for p in self.spatial_prompt if p.strip()]  # "" (none given) is the empty list
-        if self.s_lora_from or self.ti_from:  # given absorbers replace stage 1: they are the run's absorbers
-            self.absorbers = {(True, True): "both", (True, False): "s-lora", (False, True): "ti"}[
-                (bool(self.s_lora_from), bool(self.ti_from))]
-        if self.experts not in ("", *EXPERTS):  # whether the base has two experts: backbone.check_experts
-            raise CavError(f"--experts {self.experts} is not a choice: pass --experts high, low or both")
-        if self.steps < 1:  # 0 steps would train, save and publish no T-LoRA at all
-            raise CavError(f"--steps {self.steps} trains no T-LoRA: pass --steps N with N ≥ 1 (T-LoRA training "
-                           "steps)")
-        if self.absorber_steps < 0:
-            raise CavError("--absorber-steps must be ≥ 0")
-        if not 1 <= self.t_lora_batch <= 64:
-            raise CavError(f"--t-lora-batch {self.t_lora_batch} is out of range: use 1-64")
-        if not 1 <= self.ti_tokens <= 16:
-            raise CavError(f"--ti-tokens {self.ti_tokens} is out of range: use 2-6 (the paper's range)")
-        if self.frames < 2:
-            raise CavError(f"--frames {self.frames} is too few: a motion adapter learns how frames change, so it "
-                           "needs ≥ 2 frames (the paper uses 16)")
-        if min(self.size) < 8:
-            raise CavError(f"--size {self.size[0]}x{self.size[1]} is invalid: pass H or HxW, each ≥ 8")
-        lo, hi = self.crop_ratio
-        if not 0 < lo <= hi <= 1:
-            raise CavError(f"crop_ratio {list(self.crop_ratio)} is invalid: need 0 < low ≤ high ≤ 1")
-        lo_t, hi_t = self.t_lora_timesteps
-        if not 0 <= lo_t < hi_t:
-            raise CavError(f"t_lora_timesteps {list(self.t_lora_timesteps)} is invalid: need 0 ≤ low < high")
-        if not 0.0 <= self.t_lora_prompt_dropout < 1.0:
-            raise CavError(f"t_lora_prompt_dropout {self.t_lora_prompt_dropout} is invalid: pass a value in [0, 1)")
-        for name in ("t_lora_lr", "s_lora_lr", "ti_lr"):
-            if getattr(self, name) <= 0:
-                raise CavError(f"{name} must be > 0")
         # the validation samples are as long and as large as the clip the run trains on
-        self.validation = dataclasses.replace(self.validation, frames=self.frames, size=self.size)
+        self.validation = dataclasses.replace(self.validation, frames=self.data.frames, size=self.data.size)
 
     # --- helpers -------------------------------------------------------------------------------------------
-    @property
-    def uses_s_lora(self) -> bool:
-        return self.absorbers in ("s-lora", "both")
-
-    @property
-    def uses_ti(self) -> bool:
-        return self.absorbers in ("ti", "both")
-
     def spatial_prompt_of(self, clip: int = 0) -> str:
         """The appearance-only prompt of clip ``clip`` (the full prompt when none is given)."""
         given = [p for p in self.spatial_prompt if p.strip()]
@@ -387,30 +446,14 @@ class TrainConfig:
             raise CavError(f"one --spatial-prompt for {n} clips: each clip has its own appearance, pass "
                            f"--spatial-prompt once per clip ({n} times), in the clips' order")
 
-    def clip_token(self, clip: int) -> str:
-        """Clip ``clip``'s textual-inversion placeholder: ``--ti-token`` for the first, ``<cav2>``, ``<cav3>`` … after."""
-        if clip == 0:
-            return self.ti_token
-        t = self.ti_token
-        return f"{t[:-1]}{clip + 1}>" if t.endswith(">") else f"{t}{clip + 1}"
-
-    def frame_selection(self) -> dict:
-        """``stride`` / ``fps`` / ``start`` / ``end`` for ``read_video`` (only those set)."""
-        return {k: getattr(self, k) for k in ("stride", "fps", "start", "end") if getattr(self, k) is not None}
-
-    @property
-    def absorbers_given(self) -> bool:
-        """Absorbers come from existing files (``--s-lora-from``/``--ti-from``): no stage 1."""
-        return bool(self.s_lora_from or self.ti_from)
-
     def lora_config(self, kind: str, family):
         """The peft ``LoraConfig`` of this recipe's S-LoRA (``kind="spatial"``) or T-LoRA (``"temporal"``) on a base of
         ``family`` (``Backbone.family``, a ``families.Family``)."""
         from .adapters.lora import lora_config
 
-        rank, alpha = ((self.s_lora_rank, self.s_lora_alpha) if kind == "spatial"
-                       else (self.t_lora_rank, self.t_lora_alpha))
-        return lora_config(kind, self.placement, rank, alpha, family)
+        rank, alpha = ((self.absorbers.s_lora_rank, self.absorbers.s_lora_alpha) if kind == "spatial"
+                       else (self.motion.rank, self.motion.alpha))
+        return lora_config(kind, self.motion.placement, rank, alpha, family)
 
     def to_dict(self) -> dict:
         """The recipe in its nested shape (config.yaml's): one mapping per section."""
@@ -559,4 +602,13 @@ versioned.UPGRADES[(RECIPE_FILE, 1)] = nest  # format 1 (flat keys, before secti
 
 def dump_yaml(cfg: TrainConfig) -> str:
     """A recipe file: its format version, then the top-level keys and one block per section."""
-    return yaml.safe_dump({versioned.KEY: versioned.CURRENT[RECIPE_FILE], **cfg.to_dict()}, sort_keys=False)
+    return yaml.dump({versioned.KEY: versioned.CURRENT[RECIPE_FILE], **cfg.to_dict()}, Dumper=_RecipeDumper,
+                     sort_keys=False)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Sections as blocks, a list of values on one line (``size: [256, 256]``), as the shipped recipes are written."""
+
+
+_RecipeDumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", data, flow_style=True))

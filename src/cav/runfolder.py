@@ -100,7 +100,7 @@ def data_record(records: list[dict], cfg: TrainConfig) -> dict:
     """``data.json``: the first clip's record (as one-clip runs always wrote it), every clip's under ``clips`` for a
     run on several, and the files ``--s-lora-from`` / ``--ti-from`` gave (path and hash) under ``absorbers_from``."""
     given = {key: {"path": str(Path(value).absolute()), "sha256": content_hash(value)}
-             for key in ("s_lora_from", "ti_from") if (value := getattr(cfg, key))}
+             for key in ("s_lora_from", "ti_from") if (value := getattr(cfg.absorbers, key))}
     return {**records[0], **({"clips": records} if len(records) > 1 else {}),
             **({"absorbers_from": given} if given else {})}
 
@@ -160,7 +160,7 @@ def finished(out: Path, cfg: TrainConfig) -> bool:
     if not path.is_file():
         return False
     summary = json.loads(path.read_text())
-    return int(summary.get("final_checkpoint", "step-0")[5:]) == cfg.steps and (Path(out) / "t_lora").is_dir()
+    return int(summary.get("final_checkpoint", "step-0")[5:]) == cfg.motion.steps and (Path(out) / "t_lora").is_dir()
 
 
 # ----------------------------------------------------------------------------------------- during training
@@ -190,7 +190,7 @@ class Clock:
 def validation_prompts(cfg: TrainConfig) -> list[str]:
     if cfg.validation.prompts:
         return list(cfg.validation.prompts)
-    return [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]
+    return [cfg.prompt.replace(cfg.absorbers.ti_token, cfg.absorbers.ti_init)]
 
 
 def base_meta(bb) -> dict:
@@ -202,9 +202,9 @@ def base_meta(bb) -> dict:
 
 
 def t_lora_meta(bb, cfg: TrainConfig, step: int) -> dict:
-    return {**base_meta(bb), "kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
-            "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": _recorded_spatial(cfg),
-            "absorbers": cfg.absorbers, "step": step,
+    return {**base_meta(bb), "kind": "temporal", "base": cfg.base, "placement": cfg.motion.placement, "rank": cfg.motion.rank,
+            "alpha": cfg.motion.alpha, "prompt": cfg.prompt, "spatial_prompt": _recorded_spatial(cfg),
+            "absorbers": cfg.absorbers.kind, "step": step,
             "validation": {"prompts": validation_prompts(cfg), **cfg.validation.sample_config().to_validation()}}
 
 
@@ -217,11 +217,11 @@ def _recorded_spatial(cfg: TrainConfig):
 def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti, s_lora: str = S_LORA, prompt: str | None = None) -> None:
     """One clip's absorbers into ``folder``: its S-LoRA (adapter ``s_lora``, trained under the spatial ``prompt``;
     None: the first clip's) and its TI rows."""
-    if cfg.uses_s_lora:  # a given image LoRA (--s-lora-from) keeps its own config (targets, rank, alpha)
-        config = bb.unet.peft_config[s_lora] if cfg.s_lora_from else cfg.lora_config("spatial", bb.family)
-        meta = {**base_meta(bb), "kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": config.r,
+    if cfg.absorbers.uses_s_lora:  # a given image LoRA (--s-lora-from) keeps its own config (targets, rank, alpha)
+        config = bb.unet.peft_config[s_lora] if cfg.absorbers.s_lora_from else cfg.lora_config("spatial", bb.family)
+        meta = {**base_meta(bb), "kind": "spatial", "base": cfg.base, "placement": cfg.motion.placement, "rank": config.r,
                 "alpha": config.lora_alpha, "prompt": cfg.spatial_prompt_of(0) if prompt is None else prompt,
-                **({"from": cfg.s_lora_from} if cfg.s_lora_from else {})}
+                **({"from": cfg.absorbers.s_lora_from} if cfg.absorbers.s_lora_from else {})}
         lora.save_lora(bb.unet, s_lora, config, folder / "s_lora", meta)
     if ti is not None:
         ti.save(folder / ti.FILE)
@@ -229,7 +229,7 @@ def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti, s_lora: str = S_LORA
 
 def load_absorbers(bb, cfg: TrainConfig, folder: Path, ti, s_lora: str = S_LORA) -> None:
     """Saved absorbers (``write_absorbers``' folder) into adapter ``s_lora`` and ``ti``'s rows."""
-    if cfg.uses_s_lora:
+    if cfg.absorbers.uses_s_lora:
         lora.load_lora_weights(bb.unet, folder / "s_lora", s_lora)
     if ti is not None:
         ti.load_rows(folder / ti.FILE)

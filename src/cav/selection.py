@@ -82,7 +82,7 @@ def score_checkpoints(run: Path, clip: str | None = None) -> tuple[list[dict], l
     data = versioned.read(run / "data.json") if (run / "data.json").is_file() else {}
     references = [_reference(record, cfg) for record in (data.get("clips") or [data])]
     scorer, notes = _clip_scorer(clip)
-    prompts = cfg.validation.prompts or [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]
+    prompts = cfg.validation.prompts or [cfg.prompt.replace(cfg.absorbers.ti_token, cfg.absorbers.ti_init)]
     not_toy = _not_toy(cfg, references)
     ref_tracks = [tm.track(r) for r in references] if not_toy is None else None
     table = []
@@ -118,7 +118,7 @@ def _reference(record: dict, cfg) -> np.ndarray:
     source = record.get("clip")
     if not source or not Path(source).exists():
         raise CavError(f"the run's reference clip '{source}' is missing: put it back to score against it")
-    return read_video(source, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **record.get("selection", {}))
+    return read_video(source, frames=cfg.data.frames, size=tuple(cfg.data.size), fit=cfg.data.fit, **record.get("selection", {}))
 
 
 def _fidelity(samples: list[np.ndarray], references: list[np.ndarray]) -> tuple[float | None, str | None]:

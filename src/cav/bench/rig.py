@@ -180,7 +180,7 @@ class Rig:
 
             def sample(steps: int):
                 with unmerged:
-                    sample_videos(bb, [PROMPT], frames=cfg.frames, size=tuple(cfg.size), steps=steps,
+                    sample_videos(bb, [PROMPT], frames=cfg.data.frames, size=tuple(cfg.data.size), steps=steps,
                                   guidance=cfg.validation.guidance, seeds=[SEED])
 
             def step():

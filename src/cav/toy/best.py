@@ -33,7 +33,7 @@ def run_best(ref_path: Path, cfg: TrainConfig, out: Path, texts: list[str], seed
 
     run = api.train(ref_path, cfg, out / "best-run", overwrite=True, quiet=quiet)
     adapter = Path(select(run)["adapter"]) if cfg.checkpoint_every else run
-    bb = backbone.load(cfg.base, cfg.device, cfg.dtype)
+    bb = backbone.load(cfg.base, cfg.system.device, cfg.system.dtype)
     api.load_adapters(bb, [(str(adapter), cfg.validation.lora_weight)])
     videos = sample_with(bb, texts, cfg.validation, seeds)
     return videos, str(adapter)
