@@ -195,7 +195,7 @@ def test_manifest_errors_name_every_bad_row_and_exit_2(inputs, tmp_path):
     assert "line 3: name 'a' is already used by line 1" in lines[2]
     assert "line 4: clip 'nowhere.mp4' does not exist" in lines[3]
     assert "line 5: missing field(s) prompt" in lines[4]
-    assert "line 6: steps must be an integer" in lines[5]
+    assert "line 6: steps (--steps): 'many' is not a whole number" in lines[5]
     assert not (tmp_path / "lib").exists()
 
 

@@ -10,7 +10,7 @@ import typing
 from typing import Literal
 
 from .. import options
-from ..config import TrainConfig, load_recipe, recipe_names
+from ..config import SampleConfig, TrainConfig, load_recipe, recipe_names
 from ..errors import CavError
 
 # fields the page shows outside the "advanced" block (prompts, trimming)
@@ -77,18 +77,17 @@ def build_config(prompt: str, spatial_prompt: str, frames, advanced: dict, trim:
 
 
 def selection(start, end, fps) -> dict:
-    """The clip trimming as recipe values (``--start/--end/--fps``): 0 (or empty) means not given."""
-    return {k: (float(v) if v not in (None, "") and float(v) > 0 else None)
-            for k, v in (("start", start), ("end", end), ("fps", fps))}
+    """The clip trimming as recipe values (``--start/--end/--fps``), parsed as the flags are: 0 (or empty) means not
+    given."""
+    given = options.typed_keys(TrainConfig, {k: v for k, v in (("start", start), ("end", end), ("fps", fps))
+                                             if v not in (None, "")})
+    return {k: given[k] if given.get(k) and given[k] > 0 else None for k in ("start", "end", "fps")}
 
 
 def parse_seeds(text: str) -> list[int]:
+    """The grid's seeds, parsed as `cav generate --seeds` parses them (``SampleConfig.seeds``); empty: seed 0."""
     parts = [p for p in re.split(r"[\s,]+", str(text or "").strip()) if p]
-    try:
-        seeds = [int(p) for p in parts]
-    except ValueError:
-        raise CavError(f"seeds '{text}' are not whole numbers: write e.g. 0, 1, 2") from None
-    return seeds or [0]
+    return options.typed(SampleConfig, {"seeds": parts})["seeds"] or [0]
 
 
 def parse_weights(text: str, adapters: int) -> list[list[float | None]]:
@@ -100,7 +99,7 @@ def parse_weights(text: str, adapters: int) -> list[list[float | None]]:
     grid = []
     for col in columns:
         try:
-            weights = [float(w) for w in col.split("/")]
+            weights = [options.coerce(float, w) for w in col.split("/")]
         except ValueError:
             raise CavError(f"weight '{col}' is not a number: write e.g. 0.5, 1 or 0.7/0.3 for two adapters") from None
         if len(weights) == 1:
