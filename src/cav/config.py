@@ -421,8 +421,8 @@ class TrainConfig:
     data: DataConfig = _f(DataConfig(), "which frames of the reference video, at what size")
     absorbers: AbsorberConfig = _f(AbsorberConfig(), "stage 1: the appearance absorbers")
     motion: MotionConfig = _f(MotionConfig(), "stage 2: the motion LoRA (T-LoRA)")
-    validation: ValidationConfig = _f(ValidationConfig(), "validation samples (a SampleConfig: `cav generate`'s "
-                                      "settings; frames and size are the data's)")
+    validation: ValidationConfig = _f(ValidationConfig(), "validation samples, made at each checkpoint as `cav "
+                                      "generate` makes them (their frames and size: the data's)")
     system: SystemConfig = _f(SystemConfig(), "device, precision, memory and speed switches")
 
     def __post_init__(self):

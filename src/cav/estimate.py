@@ -104,8 +104,8 @@ def _unmeasurable(cfg: TrainConfig, dev: torch.device, unet_params: int) -> str 
             return f"the {name} '{what}' is not on this machine (a hub id not in the Hugging Face cache)"
     work = step_work(cfg, unet_params)
     if dev.type == "cpu" and work > CPU_WORK_LIMIT:
-        return (f"a step of {cfg.data.frames} frames of {cfg.data.size[0]}x{cfg.data.size[1]} on this UNet is too large to time "
-                f"quickly on a CPU ({unet_params:,} parameters x latent positions = {work:.1e}; steps are timed on "
+        return (f"a step of {cfg.data.frames} frames of {cfg.data.size[0]}x{cfg.data.size[1]} on this UNet is too large "
+                f"to time quickly on a CPU ({unet_params:,} parameters x latent positions = {work:.1e}; steps are timed on "
                 f"a CPU up to {CPU_WORK_LIMIT:.0e}, the toy recipe's step is 1.9e10)")
     return None
 

@@ -285,12 +285,22 @@ def help_text(f: dataclasses.Field, hint, before_default: str = "") -> str:
 
 def add_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),
               before_default: dict | None = None) -> None:
-    """One flag per option of dataclass ``cls`` (sections included; dest = the flat key). Flags default to None (only given flags override a recipe) and keep
-    the text the user typed: the dataclass parses and checks it, so a flag and a recipe key follow one rule."""
+    """One flag per option of dataclass ``cls`` (a section's options as one group; dest = the flat key). Flags
+    default to None (only given flags override a recipe) and keep the text the user typed: the dataclass parses and
+    checks it, so a flag and a recipe key follow one rule."""
+    sections = {f.name: f for f in dataclasses.fields(cls)}
+    groups: dict = {}
     for leaf in leaves(cls):
         f, hint = leaf.field, leaf.hint
         if leaf.key in skip:
             continue
+        target = parser
+        if len(leaf.path) > 1:  # a section's options are one group of --help, titled as in a recipe file
+            name = leaf.path[0]
+            if name not in groups:
+                groups[name] = parser.add_argument_group(f"recipe section {name}:",
+                                                         sections[name].metadata.get("help"))
+            target = groups[name]
         _, inner = _is_optional(hint)
         origin = typing.get_origin(inner)
         before = (before_default or {}).get(leaf.key, "")
@@ -307,7 +317,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (
             kw["metavar"] = "{" + ",".join(typing.get_args(inner)) + "}"
         elif "action" not in kw or kw["action"] == "append":
             kw["metavar"] = {int: "N", float: "X"}.get(inner, "TEXT")
-        parser.add_argument(flag_name(f), **kw)
+        target.add_argument(flag_name(f), **kw)
 
 
 def given(args: argparse.Namespace, cls) -> dict:

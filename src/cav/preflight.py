@@ -35,7 +35,8 @@ def check_train(cfg: TrainConfig) -> None:
     if tokenizer is None:
         return
     # token rows go into the prompt (Wan's prompt vectors follow it, outside the text)
-    tokens = token_names(cfg.absorbers.ti_token, cfg.absorbers.ti_tokens) if cfg.absorbers.uses_ti and family.condition.textual_inversion else None
+    ab = cfg.absorbers
+    tokens = token_names(ab.ti_token, ab.ti_tokens) if ab.uses_ti and family.condition.textual_inversion else None
     if tokens:
         tokenizer.add_tokens(tokens)  # this copy only: the run's own tokenizer gets them when the stage is built
 

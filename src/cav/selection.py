@@ -118,7 +118,8 @@ def _reference(record: dict, cfg) -> np.ndarray:
     source = record.get("clip")
     if not source or not Path(source).exists():
         raise CavError(f"the run's reference clip '{source}' is missing: put it back to score against it")
-    return read_video(source, frames=cfg.data.frames, size=tuple(cfg.data.size), fit=cfg.data.fit, **record.get("selection", {}))
+    return read_video(source, frames=cfg.data.frames, size=tuple(cfg.data.size), fit=cfg.data.fit,
+                      **record.get("selection", {}))
 
 
 def _fidelity(samples: list[np.ndarray], references: list[np.ndarray]) -> tuple[float | None, str | None]:

@@ -3,10 +3,11 @@
 Four files outlive the cav that wrote them: an adapter's ``cav.json`` (kind, base, family, prompt, step, ...),
 a checkpoint's ``state.json`` (the trainer state beside ``state.safetensors``), a run's ``data.json`` (the
 clips it trained on) and every recipe, ``config.yaml`` (a run's own, the shipped ones, the user's: YAML, read by
-``config.load_recipe`` through ``upgrade``). Each is written with ``format_version`` as its first key. ``read`` (JSON)
-and ``upgrade`` (a record already parsed) return the record without that key, in the shape this cav writes: a file from before versions existed (no key) is version 1; an
-older version is upgraded in memory one step at a time (``UPGRADES``), so code past the reader sees one shape;
-a file from a newer cav is refused with one line, rather than half-understood.
+``config.load_recipe`` through ``upgrade``). Each is written with ``format_version`` as its first key. ``read``
+(JSON) and ``upgrade`` (a record already parsed) return the record without that key, in the shape this cav writes:
+a file from before versions existed (no key) is version 1; an older version is upgraded in memory one step at a
+time (``UPGRADES``), so code past the reader sees one shape; a file from a newer cav is refused with one line,
+rather than half-understood.
 """
 
 from __future__ import annotations

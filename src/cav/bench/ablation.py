@@ -252,8 +252,8 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
                 if run_dir is not None:
                     adapter = row_options.adapter_dir(row, run_dir)
                     api.load_adapters(bb, [(str(adapter), cfg.validation.lora_weight)])  # the T-LoRA only
-                videos = sample_videos(bb, texts, frames=cfg.data.frames, size=tuple(cfg.data.size), steps=cfg.validation.steps,
-                                       guidance=cfg.validation.guidance, seeds=seeds,
+                videos = sample_videos(bb, texts, frames=cfg.data.frames, size=tuple(cfg.data.size),
+                                       steps=cfg.validation.steps, guidance=cfg.validation.guidance, seeds=seeds,
                                        start=row_options.start(bb, row, cfg, ref_video, targets, seeds, n_seeds))
                 del bb
                 sample_seconds = time.perf_counter() - t

@@ -97,7 +97,8 @@ class App:
         try:
             clip = self.clip_path(upload, toy)
             cfg = TrainConfig.from_dict({"frames": frames, "size": size, "fit": fit, **form.selection(start, end, fps)})
-            video = read_video(clip, frames=cfg.data.frames, size=tuple(cfg.data.size), fit=cfg.data.fit, **cfg.data.frame_selection())
+            data = cfg.data
+            video = read_video(clip, frames=data.frames, size=tuple(data.size), fit=data.fit, **data.frame_selection())
         except CavError as exc:
             return None, self.error(exc)
         out = write_video(self.work / "preview" / f"preview-{time.time_ns()}.mp4", video)

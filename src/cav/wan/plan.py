@@ -128,7 +128,8 @@ def run_memory(cfg, read) -> dict:
     dtype = {"auto": "bf16" if on_gpu else "fp32", "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[cfg.system.dtype]
     checkpointing = _checkpointing(cfg.system.gradient_checkpointing, device)
     h, w = cfg.data.size
-    out = dry_run(read, frames=cfg.data.frames, height=h, width=w, placement=cfg.motion.placement, experts=cfg.motion.experts or None,
+    out = dry_run(read, frames=cfg.data.frames, height=h, width=w, placement=cfg.motion.placement,
+                  experts=cfg.motion.experts or None,
                   absorbers=cfg.absorbers.kind,
                   prompt_vectors=cfg.absorbers.ti_tokens, absorbers_given=cfg.absorbers.given, dtype=dtype, device=device,
                   checkpointing=checkpointing, offload_frozen=cfg.system.offload_frozen, absorber_batch=cfg.absorbers.batch)
