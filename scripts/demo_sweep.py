@@ -28,19 +28,19 @@ ref = tw.ToySpec(*os.environ["REF"].split(","), scale=0.3) if "REF" in os.enviro
 out.mkdir(parents=True, exist_ok=True)
 full, spatial = tw.caption(ref)
 cfg = TrainConfig.from_dict({**load_recipe(RECIPE), **ov, "checkpoint_every": every, "prompt": full, "spatial_prompt": spatial})
-rv, _ = tw.render(ref, frames=cfg.frames, size=cfg.size[0])
+rv, _ = tw.render(ref, frames=cfg.data.frames, size=cfg.data.size[0])
 if not (out / "run" / "checkpoints").exists():
     t0 = time.time()
     api.train(write_video(out / "reference.mp4", rv), cfg, out / "run", overwrite=True, quiet=True)
     print("TRAIN", json.dumps(ov), "seconds", round(time.time() - t0, 1), flush=True)
 specs = tw.new_appearances(ref, n, np.random.default_rng(int(os.environ.get("SPEC_SEED", cfg.seed))))
 texts = [tw.caption(s)[0] for s in specs]
-kw = dict(frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps, guidance=cfg.guidance, seeds=[cfg.validation_seed] * n)
-bb = backbone.load(cfg.base, cfg.device, cfg.dtype)
+kw = dict(frames=cfg.data.frames, size=tuple(cfg.data.size), steps=cfg.validation.steps, guidance=cfg.validation.guidance, seeds=[cfg.validation.seed] * n)
+bb = backbone.load(cfg.base, cfg.system.device, cfg.system.dtype)
 be = score_videos(rv, sample_videos(bb, texts, **kw), specs)[0]
 base = np.mean(be); base4 = np.mean(be[:4])
 k_own = int(os.environ.get("OWN", "0"))
-own_kw = {**kw, "seeds": [cfg.validation_seed + i for i in range(k_own)]}
+own_kw = {**kw, "seeds": [cfg.validation.seed + i for i in range(k_own)]}
 
 
 def own_error() -> float:  # motion error on the reference's own prompt, mean over k_own sampling seeds

@@ -91,10 +91,10 @@ def test_stages_train_only_their_parameters_and_never_touch_the_base(tiny_model)
     bb = backbone.load(tiny_model, "cpu")
     base_unet = {k: v.clone() for k, v in bb.unet.state_dict().items()}
     base_text = {k: v.clone() for k, v in bb.text_encoder.state_dict().items()}
-    cfg = TrainConfig(prompt="a red square moving right", spatial_prompt="a red square", frames=4, size=[32, 32],
+    cfg = TrainConfig.of(prompt="a red square moving right", spatial_prompt="a red square", frames=4, size=[32, 32],
                       absorber_steps=2, steps=2, ti_tokens=2, absorber_batch=2, s_lora_lr=1e-2, t_lora_lr=1e-2,
                       ti_lr=1e-2)
-    ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.ti_token, cfg.ti_tokens, cfg.ti_init)
+    ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.absorbers.ti_token, cfg.absorbers.ti_tokens, cfg.absorbers.ti_init)
     gen = torch.Generator().manual_seed(0)
     stage1 = absorber_stage(bb, cfg, _frames(), ti)
     run_stage(bb.unet, bb.scheduler, stage1, gen, _log, quiet=True)
@@ -129,7 +129,7 @@ def test_stages_train_only_their_parameters_and_never_touch_the_base(tiny_model)
     old_rows = base_text["embeddings.token_embedding.weight"]
     new = ti.weight.detach()
     assert torch.equal(new[: old_rows.shape[0]], old_rows)
-    assert not torch.equal(new[ti.ids], ti.weight.detach()[bb.tokenizer(cfg.ti_init, add_special_tokens=False).input_ids[0]].expand(2, -1))
+    assert not torch.equal(new[ti.ids], ti.weight.detach()[bb.tokenizer(cfg.absorbers.ti_init, add_special_tokens=False).input_ids[0]].expand(2, -1))
     for k, v in base_text.items():
         if "token_embedding" not in k:
             assert torch.equal(bb.text_encoder.state_dict()[k], v)
@@ -178,7 +178,7 @@ def test_t_lora_prompt_dropout_trains_some_steps_on_the_empty_prompt(tiny_model)
     from cav.stages import encode_prompt
 
     bb = backbone.load(tiny_model, "cpu")
-    cfg = TrainConfig(prompt="a red square moving right", frames=4, size=[32, 32], absorbers="none",
+    cfg = TrainConfig.of(prompt="a red square moving right", frames=4, size=[32, 32], absorbers="none",
                       t_lora_prompt_dropout=0.5)
     stage = t_lora_stage(bb, cfg, _frames(), None)
     full, empty = encode_prompt(bb, cfg.prompt), encode_prompt(bb, "")
@@ -188,7 +188,7 @@ def test_t_lora_prompt_dropout_trains_some_steps_on_the_empty_prompt(tiny_model)
     assert sum(torch.equal(c, full) for c in picks) + n_empty == 40 and 8 <= n_empty <= 32
     # the paper's recipe (no dropout) draws nothing from the generator, so its runs stay as they were
     bb = backbone.load(tiny_model, "cpu")
-    stage0 = t_lora_stage(bb, TrainConfig(prompt=cfg.prompt, frames=4, size=[32, 32], absorbers="none"), _frames(), None)
+    stage0 = t_lora_stage(bb, TrainConfig.of(prompt=cfg.prompt, frames=4, size=[32, 32], absorbers="none"), _frames(), None)
     before = gen.get_state()
     assert torch.equal(stage0.batch(gen)[1], full) and torch.equal(gen.get_state(), before)
 
@@ -197,7 +197,7 @@ def test_t_lora_batch_repeats_the_clip_and_drops_the_prompt_per_copy(tiny_model)
     from cav.stages import encode_prompt
 
     bb = backbone.load(tiny_model, "cpu")
-    cfg = TrainConfig(prompt="a red square moving right", frames=4, size=[32, 32], absorbers="none",
+    cfg = TrainConfig.of(prompt="a red square moving right", frames=4, size=[32, 32], absorbers="none",
                       t_lora_batch=3, t_lora_prompt_dropout=0.5)
     stage = t_lora_stage(bb, cfg, _frames(), None)
     full, empty = encode_prompt(bb, cfg.prompt)[0], encode_prompt(bb, "")[0]

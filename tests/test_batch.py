@@ -195,7 +195,7 @@ def test_manifest_errors_name_every_bad_row_and_exit_2(inputs, tmp_path):
     assert "line 3: name 'a' is already used by line 1" in lines[2]
     assert "line 4: clip 'nowhere.mp4' does not exist" in lines[3]
     assert "line 5: missing field(s) prompt" in lines[4]
-    assert "line 6: steps must be an integer" in lines[5]
+    assert "line 6: steps (--steps): 'many' is not a whole number" in lines[5]
     assert not (tmp_path / "lib").exists()
 
 
@@ -226,7 +226,7 @@ def test_a_run_folder_batch_did_not_make_is_left_alone(inputs, tmp_path):
 
 
 def test_cluster_probe_names_paths_the_nodes_cannot_read(cluster, inputs, tmp_path):
-    row = batch.Row(7, "x", tmp_path / "only-on-my-laptop.mp4", batch.TrainConfig(prompt="p"))
+    row = batch.Row(7, "x", tmp_path / "only-on-my-laptop.mp4", batch.TrainConfig.of(prompt="p"))
     with pytest.raises(CavError, match=r"node .*clip of line 7 .*only-on-my-laptop.mp4.*every node mounts"):
         batch.check_cluster_paths([batch.Step(row, "train")], tmp_path)
     assert list(tmp_path.iterdir()) == []  # the probe file is cleaned up

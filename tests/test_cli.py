@@ -124,7 +124,7 @@ def test_recipe_numbers_as_users_write_them(tmp_path, capsys, line):
     from cav.config import TrainConfig, load_recipe
 
     cfg = TrainConfig.from_dict(load_recipe(recipe))
-    assert isinstance(cfg.t_lora_lr, float) and isinstance(cfg.steps, int) and cfg.size in ((32, 32), (256, 256))
+    assert isinstance(cfg.motion.lr, float) and isinstance(cfg.motion.steps, int) and cfg.data.size in ((32, 32), (256, 256))
 
 
 BAD_VALUES = [  # (recipe line, the flag form, words the error must contain)
@@ -165,8 +165,8 @@ def test_frame_selection_flags_are_recipe_keys(tmp_path, capsys):
     from cav.config import TrainConfig, load_recipe
 
     cfg = TrainConfig.from_dict({**load_recipe(recipe), "prompt": "x"})
-    assert cfg.frame_selection() == {"stride": 2, "fps": 12.5, "start": 0.5, "end": 2.0}
-    assert TrainConfig(prompt="x").frame_selection() == {}
+    assert cfg.data.frame_selection() == {"stride": 2, "fps": 12.5, "start": 0.5, "end": 2.0}
+    assert TrainConfig.of(prompt="x").data.frame_selection() == {}
 
 
 # ------------------------------------------------------------------------------- contradictions, frames, dtype

@@ -422,7 +422,7 @@ def test_animatediff_dry_run_counts_equal_what_peft_injects(sd15_full_size, caps
     counts = {s["name"]: s["trainable_params"] for s in plan["stages"]}
     assert plan["family"] == "animatediff" and plan["unet_params"] > 1_000_000_000  # SD 1.5 UNet + motion modules
     assert counts["textual_inversion"] == 4 * 768  # four CLIP-L token embeddings
-    assert api.plan(TrainConfig(prompt="x", base=str(ad)))["stages"] == plan["stages"]
+    assert api.plan(TrainConfig.of(prompt="x", base=str(ad)))["stages"] == plan["stages"]
 
     # Independently: peft on the full-size UNetMotionModel (meta device) with the motion-module projections listed
     with init_empty_weights():
@@ -509,7 +509,7 @@ def test_s_lora_from_and_ti_from_skip_stage_one(sd_parts, tiny_video, tmp_path):
     given = load_file(str(file))
     saved = load_file(str(out / "absorbers" / "s_lora" / lora.DIFFUSERS_WEIGHTS))
     assert given.keys() == saved.keys() and all(torch.equal(given[k], saved[k]) for k in given)
-    plan = api.plan(TrainConfig(prompt="x", base=str(sd), motion_adapter=str(adapter), s_lora_from=str(file)))
+    plan = api.plan(TrainConfig.of(prompt="x", base=str(sd), motion_adapter=str(adapter), s_lora_from=str(file)))
     assert [s["name"] for s in plan["stages"]] == ["t_lora"]
 
 
@@ -577,7 +577,7 @@ def test_prompt_dropout_trains_the_branch_guidance_uses(xl_model):
     from cav.stages import t_lora_stage
 
     bb = backbone.load(xl_model, "cpu")
-    cfg = TrainConfig(prompt=PROMPT, frames=4, size=[16, 16], absorbers="none", t_lora_prompt_dropout=0.5,
+    cfg = TrainConfig.of(prompt=PROMPT, frames=4, size=[16, 16], absorbers="none", t_lora_prompt_dropout=0.5,
                       t_lora_batch=4)
     stage = t_lora_stage(bb, cfg, torch.rand(4, 3, 16, 16) * 2 - 1, None)
     latents, cond = stage.batch(torch.Generator().manual_seed(1))
@@ -705,7 +705,7 @@ def test_sdxl_dry_run_counts_equal_what_peft_injects(sdxl_full_size, capsys):
     counts = {s["name"]: s["trainable_params"] for s in plan["stages"]}
     assert plan["family"] == "animatediff-sdxl" and plan["unet_params"] == 2_567_463_684 + 236_779_200
     assert counts["textual_inversion"] == 4 * (768 + 1280)  # four tokens in CLIP-L and in OpenCLIP-G
-    assert api.plan(TrainConfig(prompt="x", base=str(ad)))["stages"] == plan["stages"]  # the AnimateDiff folder
+    assert api.plan(TrainConfig.of(prompt="x", base=str(ad)))["stages"] == plan["stages"]  # the AnimateDiff folder
     assert main(["train", "--dry-run", "--json", "--prompt", "x", "--recipe", "animatediff-sdxl"]) == 0  # hub ids:
     assert json.loads(capsys.readouterr().out)["stages"] == plan["stages"]  # their configs ship, no network needed
 

@@ -45,7 +45,7 @@ def test_wheel_installed_outside_the_checkout_runs(tmp_path):
     out = run("-c", "from cav.toy.demo import RECIPE; from cav.config import TrainConfig, load_recipe, recipe_names;"
                     "cfg = TrainConfig.from_dict({**load_recipe(RECIPE), 'prompt': 'x'});"
                     "from cav.bench.ablation import load_settings; s = load_settings('ablation/toy', quick=True);"
-                    "print(RECIPE, cfg.steps, len(s['rows']), *recipe_names())")
+                    "print(RECIPE, cfg.motion.steps, len(s['rows']), *recipe_names())")
     assert Path(out.split()[0]).is_relative_to(site)
     assert out.split()[1:3] == ["300", "7"]
     assert set(out.split()[3:]) >= {"ablation/toy", "modelscope", "toy", "zeroscope"}

@@ -103,12 +103,12 @@ def test_native_settings(base, adapter, size, frames, bases, tiny_model):
 
 
 def test_far_from_native_is_a_warning_that_names_the_native_settings():
-    assert native.warning(TrainConfig(prompt="x", size=(32, 32), frames=8)) is None
-    assert native.warning(TrainConfig(prompt="x", size=(64, 64), frames=16)) is None  # twice is not far
-    text = native.warning(TrainConfig(prompt="x", size=(256, 256), frames=16))  # the paper's ModelScope settings
+    assert native.warning(TrainConfig.of(prompt="x", size=(32, 32), frames=8)) is None
+    assert native.warning(TrainConfig.of(prompt="x", size=(64, 64), frames=16)) is None  # twice is not far
+    text = native.warning(TrainConfig.of(prompt="x", size=(256, 256), frames=16))  # the paper's ModelScope settings
     assert text.startswith("cav: warning: --size 256x256 is far") and "\n" not in text
     assert "(32x32, 8 frames;" in text and "--size 32 --frames 8" in text
-    text = native.warning(TrainConfig(prompt="x", size=(32, 32), frames=2))
+    text = native.warning(TrainConfig.of(prompt="x", size=(32, 32), frames=2))
     assert "--frames 2 is far" in text
 
 
@@ -159,7 +159,7 @@ def test_estimate_is_skipped_cleanly_where_it_cannot_run(bases, capsys):
     assert "not on this machine" in plan["estimate"]["skipped"] and plan["schedule"]
     plan, _ = _dry(capsys, "--prompt", "x", "--base", bases["modelscope"])  # 1.4 B parameters on a CPU
     assert "too large to time quickly on a CPU" in plan["estimate"]["skipped"]
-    cfg = TrainConfig(prompt="x", base=str(bases["toy-world"]), size=(64, 64), frames=4)  # configs, no weights
+    cfg = TrainConfig.of(prompt="x", base=str(bases["toy-world"]), size=(64, 64), frames=4)  # configs, no weights
     timed = estimate.measure_steps(cfg, backbone.resolve_device("cpu"), 1000)
     assert timed["skipped"].startswith("the measurement failed (") and "\n" not in timed["skipped"]
 

@@ -20,7 +20,7 @@ def modelscope_configs(tmp_path_factory):
 
 
 def _counts(base, **kw):
-    plan = api.plan(TrainConfig(prompt="x", base=str(base), **kw))
+    plan = api.plan(TrainConfig.of(prompt="x", base=str(base), **kw))
     return {s["name"]: s["trainable_params"] for s in plan["stages"]}, plan
 
 
@@ -55,7 +55,7 @@ def test_dry_run_cli_json_is_fast(modelscope_configs, capsys):
 
 
 def test_module_counts(modelscope_configs):
-    plan = api.plan(TrainConfig(prompt="x", base=str(modelscope_configs), absorbers="s-lora"))
+    plan = api.plan(TrainConfig.of(prompt="x", base=str(modelscope_configs), absorbers="s-lora"))
     mods = {s["name"]: s["modules"] for s in plan["stages"]}
     # 16 temporal transformers + transformer_in, 8 projections each; 16 spatial transformers, 8 projections each
     assert mods == {"s_lora": 128, "t_lora": 136}
@@ -74,7 +74,7 @@ def test_every_recipe_loads():
     assert {p.name for p in recipes} >= {"modelscope.yaml", "zeroscope.yaml", "toy.yaml"}
     for path in recipes:
         cfg = TrainConfig.from_dict({**load_recipe(path), "prompt": "x"})
-        assert cfg.t_lora_rank >= 1
+        assert cfg.motion.rank >= 1
     ablations = sorted((root / "ablation").glob("*.yaml"))
     assert ablations
     for path in ablations:

@@ -13,7 +13,7 @@ from cav.run import actions, stage_keys
 
 
 def _keys(clips=1, **kw):
-    return [str(k) for k in stage_keys(TrainConfig(prompt="x", **kw), clips)]
+    return [str(k) for k in stage_keys(TrainConfig.of(prompt="x", **kw), clips)]
 
 
 def test_plan_keys_for_one_and_several_clips_and_given_or_no_absorbers():
@@ -32,7 +32,7 @@ def test_keys_name_the_checkpoints_they_resume_from():
 
 
 def test_actions_train_everything_without_a_checkpoint_and_resume_at_its_key():
-    keys = stage_keys(TrainConfig(prompt="x"), 2)
+    keys = stage_keys(TrainConfig.of(prompt="x"), 2)
     assert actions(keys, None) == ["train", "train", "train"]
     assert actions(keys, StageKey("absorbers", 0)) == ["restore", "train", "train"]
     assert actions(keys, StageKey("absorbers", 1)) == ["skip", "restore", "train"]
@@ -50,7 +50,7 @@ def test_resume_looks_up_the_key_of_the_furthest_checkpoint(tmp_path):
             resume.save_state(d, stage, step, opt, gen.get_state(), clip_index=clip)
     point = resume.latest(tmp_path)
     assert point.key == StageKey("absorbers", 1) and point.folder.name == "absorbers-clip-1-step-000001"
-    assert actions(stage_keys(TrainConfig(prompt="x"), 2), point.key) == ["skip", "restore", "train"]
+    assert actions(stage_keys(TrainConfig.of(prompt="x"), 2), point.key) == ["skip", "restore", "train"]
     with resume.CheckpointWriter(tmp_path, "t_lora", 1) as d:
         resume.save_state(d, "t_lora", 1, opt, gen.get_state())
     assert str(resume.latest(tmp_path).key) == "t_lora"
@@ -61,7 +61,7 @@ def test_the_builders_give_each_stage_its_lean_step_for_the_adapter_it_trains(ti
     from cav.stages import absorber_stage, t_lora_stage
 
     bb = backbone.load(tiny_model, "cpu")
-    cfg = TrainConfig(prompt="a square", frames=2, size=[32, 32], absorbers="s-lora", spatial_prompt=["a", "b"])
+    cfg = TrainConfig.of(prompt="a square", frames=2, size=[32, 32], absorbers="s-lora", spatial_prompt=["a", "b"])
     frames = torch.rand(2, 3, 32, 32) * 2 - 1
     second = absorber_stage(bb, cfg, frames, None, s_lora="s_lora_1", prompt="b")  # the second clip's absorbers
     assert isinstance(second.forward_backward_context, lean.LeanStep)

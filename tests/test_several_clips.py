@@ -55,10 +55,10 @@ def test_each_t_lora_step_uses_its_own_clips_absorbers(tiny_model, tiny_video, b
     from cav.data.video import read_video
 
     bb = backbone.load(str(tiny_model), "cpu", "fp32")
-    cfg = TrainConfig(prompt=PROMPT, base=str(tiny_model), frames=3, size=32, ti_tokens=2, t_lora_batch=1)
+    cfg = TrainConfig.of(prompt=PROMPT, base=str(tiny_model), frames=3, size=32, ti_tokens=2, t_lora_batch=1)
     clips = []
     for k, video in enumerate((tiny_video, blue_video)):
-        ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.clip_token(k), 2, "object")
+        ti = TextualInversion(bb.tokenizer, bb.text_encoder, cfg.absorbers.clip_token(k), 2, "object")
         with torch.no_grad():  # distinct rows per clip, so a prompt with the other clip's tokens differs
             ti.weight[ti.ids] = torch.randn(len(ti.ids), ti.weight.shape[1])
         lora.add_lora(bb.unet, s_lora_name(k), cfg.lora_config("spatial", bb.family))

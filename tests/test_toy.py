@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 
 from cav import backbone
 from cav.cli import main
+from cav.config import load_recipe
 from cav.sampling import sample_videos
 
 
@@ -62,7 +62,7 @@ def test_reduced_demo_writes_everything(tmp_path, capsys):
                  "side_by_side.gif", "best-run/t_lora/adapter_model.safetensors",
                  "run/t_lora/adapter_model.safetensors", "run/absorbers/textual_inversion.safetensors"):
         assert (out / name).is_file(), name
-    best_cfg = yaml.safe_load((out / "best-run" / "config.yaml").read_text())
+    best_cfg = load_recipe(out / "best-run" / "config.yaml")  # as recipe keys
     assert best_cfg["placement"] == "motiondirector+tconv" and best_cfg["steps"] == 3  # --steps reaches both recipes
     assert best["adapter"] == str(out / "best-run")  # toy-best samples its last T-LoRA (no checkpoint selection)
 

@@ -19,7 +19,7 @@ PROMPT = "a red square moving right on a navy background"
 def _advanced(app, **overrides):
     values = app.preset("")  # TrainConfig's defaults, the server's base
     values.update({"size": "32", "ti_tokens": 2, "absorber_batch": 2, "sample_steps": 1, **overrides})
-    return {f.name: values[f.name] for f in form.advanced_fields()}
+    return {f.key: values[f.key] for f in form.advanced_fields()}
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def _cli_error(capsys, argv) -> str:
 
 def test_preset_round_trips_through_the_form(app):
     values = app.preset("toy")
-    cfg = form.build_config("p", "", values["frames"], {f.name: values[f.name] for f in form.advanced_fields()})
+    cfg = form.build_config("p", "", values["frames"], {f.key: values[f.key] for f in form.advanced_fields()})
     from cav.config import TrainConfig, load_recipe
 
     assert cfg == TrainConfig.from_dict({**load_recipe("toy"), "prompt": "p",
@@ -203,7 +203,7 @@ def test_the_page_builds_with_every_recipe_field(app):
 
     demo = layout.build(app)
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
-    assert {f"field-{f.name}" for f in form.advanced_fields()} <= ids
+    assert {f"field-{f.key}" for f in form.advanced_fields()} <= ids
     assert {"clip-upload", "start", "stop", "resume", "gen-start", "gen-grid", "runs-delete", "runs-zip"} <= ids
     assert layout.say("cav: error: it's 'x'") == '<p class="cav-line cav-error">cav: error: it&#x27;s &#x27;x&#x27;</p>'
 

@@ -1,11 +1,14 @@
 """Format versions of cav's JSON records: old files read as version 1 and are upgraded in memory; newer are refused."""
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from cav import versioned
 from cav.adapters import lora
+from cav.config import TrainConfig, dump_yaml, load_recipe
 from cav.errors import CavError
 
 OLD_META = {"kind": "temporal", "base": "tiny", "family": "unet3d", "prompt": "a red square moving right", "step": 4}
@@ -48,3 +51,30 @@ def test_a_newer_or_unknown_version_is_refused_in_one_line(tmp_path, name):
         path.write_text(json.dumps({versioned.KEY: bad}))
         with pytest.raises(CavError, match=rf"^'{path}' has {versioned.KEY} .*, not a version cav writes"):
             versioned.read(path)
+
+
+FORMAT1 = Path(__file__).parent / "data" / "config-format1.yaml"  # a run's config.yaml from before sections
+
+
+def test_a_flat_config_yaml_loads_to_the_same_config(tmp_path):
+    """A config.yaml / recipe written before sections (format 1, flat keys; this one by main at a900387) is
+    upgraded by the one reader to the same recipe as its nested form, and a run writes it back as format 2."""
+    old = TrainConfig.from_dict(load_recipe(FORMAT1))
+    assert old.validation.seed == 7 and old.validation.steps == 12 and old.validation.noise_prior == 0.3
+    assert old.validation.prompts == ["a blue <cav> circle"] and old.validation.frames == 8
+    assert old.validation.size == (32, 48) and old.validation.lora_weight == 0.75
+    flat = yaml.safe_load(FORMAT1.read_text())
+    assert old.keys() == flat  # every key of the old file, same value
+    (tmp_path / "config.yaml").write_text(dump_yaml(old))
+    again = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert next(iter(again)) == versioned.KEY and again[versioned.KEY] == versioned.CURRENT["config.yaml"] == 2
+    assert again["validation"]["seed"] == 7 and "validation_seed" not in again
+    assert TrainConfig.from_dict(load_recipe(tmp_path / "config.yaml")) == old
+
+
+def test_a_newer_recipe_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("format_version: 3\nprompt: x\n")
+    with pytest.raises(CavError, match="written by a newer cav") as err:
+        load_recipe(path)
+    assert len(str(err.value).splitlines()) == 1

@@ -249,15 +249,15 @@ def test_dry_run_counts_the_trained_expert(a14b):
     from cav.config import TrainConfig
 
     for expert, parts in PARTS.items():
-        plan = api.plan(TrainConfig(prompt="x", base=str(a14b), frames=5, size=[16, 16], absorbers="s-lora",
+        plan = api.plan(TrainConfig.of(prompt="x", base=str(a14b), frames=5, size=[16, 16], absorbers="s-lora",
                                     experts=expert))
         assert plan["experts"] == expert and [s["expert"] for s in plan["stages"]] == parts + parts
         assert [s["name"] for s in plan["stages"]] == ["s_lora"] * len(parts) + ["t_lora"] * len(parts)
         assert len({s["trainable_params"] for s in plan["stages"] if s["name"] == "t_lora"}) == 1
         assert plan["memory"]["gib"]["peak"] >= 0
-    one = api.plan(TrainConfig(prompt="x", base=str(a14b), frames=5, size=[16, 16], absorbers="s-lora"))
+    one = api.plan(TrainConfig.of(prompt="x", base=str(a14b), frames=5, size=[16, 16], absorbers="s-lora"))
     assert one["experts"] == "high"
     # the prompt vectors live in the text condition, which both experts share: one row, not one per expert
-    both = api.plan(TrainConfig(prompt="x", base=str(a14b), frames=5, size=[16, 16], absorbers="both",
+    both = api.plan(TrainConfig.of(prompt="x", base=str(a14b), frames=5, size=[16, 16], absorbers="both",
                                 experts="both"))
     assert [s["name"] for s in both["stages"]].count("prompt_vectors") == 1

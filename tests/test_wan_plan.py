@@ -167,12 +167,12 @@ def test_the_dry_runs_memory_counts_block_swap_with_offload_frozen():
     hub = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     read = lambda name: shipped.read(hub, name)  # noqa: E731
     cfg = dict(prompt="p", frames=17, size=[480, 832], device="cuda", gradient_checkpointing="on")
-    off, on = (plan.run_memory(TrainConfig(**cfg, offload_frozen=o), read) for o in (False, True))
+    off, on = (plan.run_memory(TrainConfig.of(**cfg, offload_frozen=o), read) for o in (False, True))
     assert not off["offload_frozen"] and on["offload_frozen"] and "warning" not in on
     assert on["bytes"]["weights"] < off["bytes"]["weights"] / 10
     assert on["train_peak"] < off["train_peak"]
     assert on["whole_model_phase"] == off["bytes"]["weights"] + off["bytes"]["vae"] + off["bytes"]["lora"]
     assert on["peak"] == max(on["train_peak"], on["encode_phase"], on["whole_model_phase"])
     assert "whole_model_phase" not in off
-    cpu = plan.run_memory(TrainConfig(**{**cfg, "device": "cpu"}, offload_frozen=True), read)
+    cpu = plan.run_memory(TrainConfig.of(**{**cfg, "device": "cpu"}, offload_frozen=True), read)
     assert not cpu["offload_frozen"] and cpu["warning"] == checks.offload_plan(True, "cpu")[1]

@@ -78,7 +78,7 @@ def test_t_lora_trains_with_the_vectors_frozen(both_run, wan):
     from cav.stages import ClipInputs, make_textual_inversion, t_lora_stage
     from cav.trainer import run_stage
 
-    cfg = TrainConfig(prompt=PROMPT, base=str(wan), absorbers="ti", ti_from=str(both_run / VECTORS), steps=1,
+    cfg = TrainConfig.of(prompt=PROMPT, base=str(wan), absorbers="ti", ti_from=str(both_run / VECTORS), steps=1,
                       frames=5, size=[16, 16], checkpoint_every=0)
     bb = backbone.load(str(wan), "cpu")
     ti = make_textual_inversion(bb, cfg)
@@ -166,7 +166,7 @@ def test_dry_run_row_is_the_prompt_vectors(wan):
     from cav import api
     from cav.wan.plan import prompt_vector_params
 
-    cfg = TrainConfig(prompt=PROMPT, base=str(wan), absorbers="both", frames=5, size=[16, 16], ti_tokens=3)
+    cfg = TrainConfig.of(prompt=PROMPT, base=str(wan), absorbers="both", frames=5, size=[16, 16], ti_tokens=3)
     rows = {r["name"]: r for r in api.plan(cfg)["stages"]}
     assert list(rows) == ["s_lora", "prompt_vectors", "t_lora"]
     width = json.loads((wan / "transformer" / "config.json").read_text())["text_dim"]

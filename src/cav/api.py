@@ -15,10 +15,10 @@ from . import generation
 from . import resume as resume_mod
 from . import runfolder
 from .adapters import lora
-from .config import SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
+from .config import FRAME_SELECTION, SampleConfig, TrainConfig, parse_weighted  # noqa: F401 (parse_weighted: API)
 from .errors import CavError
 from .run import Run, stage_keys
-from .sampling import sample_video
+from .sampling import sample_with
 from .stages import T_LORA, s_lora_name
 
 ASSETS = Path(__file__).parent / "assets"
@@ -36,21 +36,21 @@ def plan(cfg: TrainConfig, clips: int = 1, estimate: bool = False) -> dict:
     unet, family = backbone_mod.empty_unet(cfg.base, cfg.motion_adapter or None)
     unet_config = dict(unet.config)
     stages = []
-    trained = [] if cfg.absorbers_given else stage_keys(cfg, clips)[:-1]  # given absorbers (--s-lora-from…): none
+    trained = [] if cfg.absorbers.given else stage_keys(cfg, clips)[:-1]  # given absorbers (--s-lora-from…): none
     for k in (key.clip_index for key in trained):  # the run's plan: each clip's absorbers, then the T-LoRA
         own = {"clip": k, "spatial_prompt": cfg.spatial_prompt_of(k)} if clips > 1 else {}
-        if cfg.uses_s_lora:
+        if cfg.absorbers.uses_s_lora:
             name = s_lora_name(k)
             n = lora.add_lora(unet, name, cfg.lora_config("spatial", family), low_cpu_mem_usage=True)
             stages.append({"name": name, "trainable_params": lora.count_parameters(unet, name), "modules": n, **own})
-        if cfg.uses_ti:  # the condition's own absorber (token rows; Wan: prompt vectors)
+        if cfg.absorbers.uses_ti:  # the condition's own absorber (token rows; Wan: prompt vectors)
             stages.append({**family.condition.ti.plan_row(cfg, unet_config, family, k if clips > 1 else None), **own})
     n = lora.add_lora(unet, T_LORA, cfg.lora_config("temporal", family), low_cpu_mem_usage=True)
-    share = family.targets.heads(cfg.placement)  # heads measured on the clip: every block counted, at most
+    share = family.targets.heads(cfg.motion.placement)  # heads measured on the clip: every block counted, at most
     stages.append({"name": "t_lora", "trainable_params": lora.count_parameters(unet, T_LORA), "modules": n,
                    **({"clips": clips} if clips > 1 else {}),
                    **({"heads_share": share, "upper_bound": "heads are chosen on the clip"} if share else {})})
-    expert = backbone_mod.check_experts(cfg.base, cfg.experts or None, family)
+    expert = backbone_mod.check_experts(cfg.base, cfg.motion.experts or None, family)
     if expert:  # a two-expert base: every LoRA trains on the chosen expert(s) (an untrained one samples, frozen)
         parts = backbone_mod.expert_parts(family, expert)  # both: each LoRA row once per expert; the text
         ti = family.condition.ti.name  # condition's absorber (TI tokens, prompt vectors) is one for both
@@ -60,8 +60,8 @@ def plan(cfg: TrainConfig, clips: int = 1, estimate: bool = False) -> dict:
     resolved = backbone_mod.resolve_base(cfg.base)
     memory = ({"memory": family.memory(cfg, lambda name: backbone_mod._read_json(resolved, name, "base"))}
               if family.memory else {})
-    return {"base": cfg.base, "family": family.name, "model_class": family.model_class, "placement": cfg.placement,
-            "absorbers": cfg.absorbers, **({"experts": expert} if expert else {}), "unet_params": base_params,
+    return {"base": cfg.base, "family": family.name, "model_class": family.model_class, "placement": cfg.motion.placement,
+            "absorbers": cfg.absorbers.kind, **({"experts": expert} if expert else {}), "unet_params": base_params,
             "stages": stages, **({"clips": clips} if clips > 1 else {}), **memory,
             **estimate_mod.statement(cfg, clips, measure=estimate, unet_params=base_params)}
 
@@ -76,7 +76,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     With ``resume`` the run continues from its furthest checkpoint (adapters, optimizer, RNG, stage, clip and step),
     so it ends with the same adapters as an uninterrupted run; it must be the same clips in the same order (and the
     same ``--s-lora-from``/``--ti-from`` files), and without selection flags it uses the frame selection the run
-    recorded. Several clips: each gets its own absorbers in stage 1 (own S-LoRA, TI tokens ``cfg.clip_token(k)``,
+    recorded. Several clips: each gets its own absorbers in stage 1 (own S-LoRA, TI tokens ``cfg.absorbers.clip_token(k)``,
     spatial prompt), and stage 2 trains one T-LoRA over all of them. Validation samples start as ``cfg``'s
     ``validation_*`` start options say (the reference: the run's first clip), as `cav generate` would. The process
     holds ``out``'s lock (``runlock.py``) from before anything in it changes to the end: a second training, an
@@ -93,7 +93,7 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
     runfolder.check(out, overwrite, resume)  # first: `--resume` of nothing says so, whatever else is missing
     if not cfg.prompt.strip():
         raise CavError("the prompt is empty: pass --prompt 'a description of the video and its motion'")
-    if cfg.absorbers_given and len(videos) > 1:
+    if cfg.absorbers.given and len(videos) > 1:
         raise CavError("--s-lora-from / --ti-from give one clip's absorbers: train on one clip, or drop them so "
                        "each clip trains its own")
     preflight.check_train(cfg)
@@ -108,13 +108,13 @@ def _train_owned(videos: list, cfg: TrainConfig, out: Path, overwrite: bool, res
     from .data.video import check_exists, read_video
 
     runfolder.check(out, overwrite, resume)
-    backbone_mod.resolve_dtype(cfg.dtype, backbone_mod.resolve_device(cfg.device))  # fp16 on a CPU: refuse now
-    records = [runfolder.clip_record(check_exists(v), {**cfg.frame_selection(), **(video_options or {})})
+    backbone_mod.resolve_dtype(cfg.system.dtype, backbone_mod.resolve_device(cfg.system.device))  # fp16 on a CPU: refuse now
+    records = [runfolder.clip_record(check_exists(v), {**cfg.data.frame_selection(), **(video_options or {})})
                for v in videos]
     clip = records[0]
     cfg = _validation_paths(cfg, len(videos))
-    val = cfg.sample_config(run=out.absolute())
-    image = generation.read_image_input(val, tuple(cfg.size))  # a bad --validation-image: refused before any work
+    val = cfg.validation.sample_config(run=out.absolute())
+    image = generation.read_image_input(val, tuple(cfg.data.size))  # a bad --validation-image: refused before any work
     if resume:
         selection = runfolder.resumed_selection(out, records, cfg)
         for r in records:
@@ -122,10 +122,10 @@ def _train_owned(videos: list, cfg: TrainConfig, out: Path, overwrite: bool, res
         if runfolder.finished(out, cfg):
             return out  # nothing left to train: the run and its summary stay as they are
     cfg.check_clips(len(videos))  # after a resume's check of the clips: a wrong clip list is named as such
-    frames_u8 = [read_video(v, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **r["selection"])
+    frames_u8 = [read_video(v, frames=cfg.data.frames, size=tuple(cfg.data.size), fit=cfg.data.fit, **r["selection"])
                  for v, r in zip(videos, records)]
-    selection = {k: clip["selection"].get(k) for k in ("stride", "fps", "start", "end")}
-    cfg = dataclasses.replace(cfg, **selection)  # config.yaml records the frames actually used
+    selection = {k: clip["selection"].get(k) for k in FRAME_SELECTION}
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **selection))  # config.yaml: the frames used
     far = native.warning(cfg)  # once every input is checked: a refused run says only why it is refused
     if far:
         logger.warning(far)
@@ -140,12 +140,13 @@ def _train_owned(videos: list, cfg: TrainConfig, out: Path, overwrite: bool, res
 def _validation_paths(cfg: TrainConfig, clips: int) -> TrainConfig:
     """The validation start's image as an absolute path (its recipe is read from anywhere), its reference clip one
     of the run's."""
-    if cfg.validation_reference_clip > clips:
-        raise CavError(f"--validation-reference-clip {cfg.validation_reference_clip} is out of range: the run has "
+    if cfg.validation.reference_clip > clips:
+        raise CavError(f"--validation-reference-clip {cfg.validation.reference_clip} is out of range: the run has "
                        f"{clips} clip(s), pass 1 to {clips}")
-    if not cfg.validation_image:
+    if not cfg.validation.image:
         return cfg
-    return dataclasses.replace(cfg, validation_image=str(Path(cfg.validation_image).absolute()))
+    return dataclasses.replace(cfg, validation=dataclasses.replace(cfg.validation,
+                                                                   image=str(Path(cfg.validation.image).absolute())))
 
 
 # -------------------------------------------------------------------------------------------------- generate
@@ -242,9 +243,8 @@ def generate(prompt: str, adapters: list[tuple[str, float | None]] = (), *, samp
     videos = []
     for target, (weight, seed) in zip(targets, sample.grid):
         used = _set_grid_weight(bb, adapters, image_loras, metas, sample, weight)
-        video = sample_video(bb, prompt, frames=sample.frames, size=size, steps=sample.steps, guidance=sample.guidance,
-                             seed=seed, negative_prompt=sample.negative_prompt, progress=not quiet,
-                             start=generation.start_for(bb, sample, inputs, seed))
+        video = sample_with(bb, [prompt], sample, [seed], size=size, progress=not quiet,
+                            start=generation.start_for(bb, sample, inputs, seed))[0]
         for path in (target, target.with_suffix(".gif" if target.suffix.lower() == ".mp4" else ".mp4")):
             write_video(path, video)
         write_json(target.with_suffix(".json"), generation.record(prompt, adapters, sample, weight, seed, used))

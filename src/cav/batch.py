@@ -34,15 +34,15 @@ from typing import Callable
 
 import yaml
 
-from . import runlock
-from .config import TrainConfig, load_recipe
+from . import options, runlock
+from .config import FRAME_SELECTION, TrainConfig, load_recipe
 from .errors import CavError
 from .io_utils import write_json, write_text
 
 REQUIRED = ("clip", "prompt", "spatial_prompt")
-VIDEO_KEYS = {"start": float, "end": float, "fps": float, "stride": int}  # frame selection, as in `cav train`
 RECIPE_KEYS = tuple(k for k in TrainConfig.field_names() if k not in ("prompt", "spatial_prompt"))
-KNOWN = set(REQUIRED) | {"name"} | set(VIDEO_KEYS) | set(RECIPE_KEYS)
+KEY_TYPES = {leaf.key: leaf.hint for leaf in options.leaves(TrainConfig)}
+KNOWN = set(REQUIRED) | {"name"} | set(RECIPE_KEYS)  # the frame selection (start, end, fps, stride) among them
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 STATE = "batch.json"
 PATH_KEYS = tuple(k for k in ("base", "motion_adapter", "s_lora_from", "ti_from", "validation_image")
@@ -198,8 +198,9 @@ def _row(line: int, raw, recipe: dict, folder: Path) -> Row:
     if not NAME_RE.match(name) or name in RESERVED:
         raise CavError(f"name '{name}' is not a folder name: use letters, digits, '.', '_', '-', not {'/'.join(RESERVED)} "
                        "(column `name`)")
-    overrides = {k: _value(k, raw[k]) for k in RECIPE_KEYS if k in raw and raw[k] not in ("", None)}
-    video_options = {k: _typed(k, raw[k], VIDEO_KEYS[k]) for k in VIDEO_KEYS if k in raw and raw[k] not in ("", None)}
+    overrides = options.typed_keys(TrainConfig, {k: _cell(k, raw[k]) for k in RECIPE_KEYS
+                                                 if k in raw and raw[k] not in ("", None)})
+    video_options = {k: overrides[k] for k in FRAME_SELECTION if k in overrides}  # the clip's selection, as `cav train`
     data = {**recipe, **overrides, "prompt": prompt, "spatial_prompt": spatial}
     data.update({k: _absolute(str(data[k])) for k in PATH_KEYS if data.get(k)})
     try:
@@ -245,27 +246,14 @@ def _absolute(path: str) -> str:
     return str(Path(path).resolve()) if path != "toy" and Path(path).exists() else path
 
 
-def _value(key: str, value):
-    from .options import hints, plain_type
-
-    return _typed(key, value, plain_type(hints(TrainConfig)[key]))
-
-
-def _typed(key: str, value, typ: type):
-    """Check (and for CSV cells, parse) one value; CSV cells are YAML scalars or flow lists, e.g. `[0, 1000]`."""
-    if isinstance(value, str) and typ is not str:
+def _cell(key: str, value):
+    """A cell as a recipe value: CSV cells (text) of a key that is not text are YAML scalars or flow lists, e.g.
+    `[0, 1000]`; ``options`` then parses and checks it as it does a flag or a recipe value."""
+    if isinstance(value, str) and options.plain_type(KEY_TYPES[key]) is not str:
         try:
-            value = yaml.safe_load(value)
+            return yaml.safe_load(value)
         except yaml.YAMLError:
             pass
-    ok = isinstance(value, typ) and not (typ in (int, float) and isinstance(value, bool))
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if key == "size" and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        kind = {int: "an integer", float: "a number", bool: "true or false", str: "text", list: "a list like [a, b]"}
-        raise CavError(f"{key} must be {kind[typ]}, got {value!r}")
     return value
 
 
@@ -276,7 +264,7 @@ def config_hash(row: Row) -> str:
     from . import runfolder
 
     records = [runfolder.clip_record(c, row.video_options) for c in row.clips]
-    blob = json.dumps({"recipe": row.cfg.to_dict(), "video": records[0]["selection"], "clip": records[0]["sha256"],
+    blob = json.dumps({"recipe": row.cfg.keys(), "video": records[0]["selection"], "clip": records[0]["sha256"],
                        **({"more": [r["sha256"] for r in records[1:]]} if row.more else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -541,8 +529,8 @@ def check_cluster_paths(steps: list[Step], out: Path) -> None:
     probe = out / f".probe-{uuid.uuid4().hex}"
     write_text(probe, "cav batch probe\n")
     paths = {str(c): f"clip of line {s.row.line}" for s in steps for c in s.row.clips}
-    paths.update({getattr(s.row.cfg, k): k for s in steps for k in PATH_KEYS
-                  if Path(getattr(s.row.cfg, k) or "").is_absolute()})
+    paths.update({v: k for s in steps for k, v in s.row.cfg.keys().items()
+                  if k in PATH_KEYS and Path(v or "").is_absolute()})
     paths[str(probe)] = f"--out '{out}'"
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]

@@ -73,7 +73,7 @@ def build_config(args: argparse.Namespace):
     from .config import TrainConfig, load_recipe
 
     given = options.given(args, TrainConfig)
-    options.typed(TrainConfig, given)  # a flag's bad value is named before the base is read (and torch imported)
+    options.typed_keys(TrainConfig, given)  # a flag's bad value is named before the base is read (and torch imported)
     saved = Path(args.out) / "config.yaml"
     if getattr(args, "resume", False) and saved.is_file():
         data, args.recipe_used = load_recipe(saved), f"the run's own {saved}"
@@ -168,7 +168,8 @@ def _add_train(sub) -> None:
                                    "--recipe (without it: the base's own recipe, toy for the toy base, modelscope "
                                    "for ModelScope, zeroscope, animatediff, animatediff-sdxl), then the flags given "
                                    "(with --resume: the run's config.yaml, then the flags given); the defaults shown "
-                                   "fill keys a recipe leaves out. Every flag --a-b is the recipe key a_b.")
+                                   "fill keys a recipe leaves out. Every flag --a-b is the recipe key a_b, in a recipe "
+                                   "file at the top or in the section its group names (--t-lora-rank: motion: rank).")
     t.add_argument("video", nargs="*", help="reference video (any ffmpeg format) or a folder of images; several "
                    "clips of one motion train one T-LoRA, each clip with its own absorbers and --spatial-prompt")
     _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it "

@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
+from . import versioned
 from .errors import CavError
-from .options import coerce_fields, option as _f
+from .options import coerce_fields, flag_name, hints, is_section, key_name, leaves, option as _f, own_fields
 
 ABSORBERS = ("none", "s-lora", "ti", "both")
 PLACEMENTS = ("cav", "motiondirector", "motiondirector+tconv", "qk", "temporal-heads")  # qk, temporal-heads: DiTs
@@ -108,6 +108,8 @@ class SampleConfig:
     seeds: list[int] = _f([], "a grid: every seed in this comma list (× --weights), e.g. 1,2", metavar="S[,S...]",
                           default_text="off")
 
+    NOT_OPTIONS = ()  # inherited fields a subclass's owner sets (not flags or recipe keys): see ValidationConfig
+
     def __post_init__(self):
         for name in ("weights", "seeds"):  # a flag gives "0.5,0.75", a recipe a list: one list either way
             value = getattr(self, name)
@@ -117,28 +119,45 @@ class SampleConfig:
         coerce_fields(self)
         for name in ("frames", "steps", "num_videos"):
             if getattr(self, name) < 1:
-                raise CavError(f"{name} (--{name.replace('_', '-')}) must be ≥ 1, got {getattr(self, name)}")
+                raise CavError(f"{self._named(name)} must be ≥ 1, got {getattr(self, name)}")
         if self.size is not None and min(self.size) < 8:
-            raise CavError(f"size (--size) {self.size[0]}x{self.size[1]} is too small: pass H or HxW, each ≥ 8")
+            raise CavError(f"{self._named('size')} {self.size[0]}x{self.size[1]} is too small: pass H or HxW, each ≥ 8")
         if self.guidance < 0:
-            raise CavError(f"guidance (--guidance) must be ≥ 0, got {self.guidance}")
+            raise CavError(f"{self._named('guidance')} must be ≥ 0, got {self.guidance}")
         self._check_start()
+
+    @classmethod
+    def _option(cls, name: str) -> dataclasses.Field:
+        return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+    def _flag(self, name: str) -> str:
+        """The flag of option ``name`` in this class (``--noise-prior``; a run's validation: ``--validation-noise-prior``)."""
+        return flag_name(self._option(name))
+
+    def _named(self, name: str) -> str:
+        """How a message names option ``name``: its key and flag, ``noise_prior (--noise-prior)``."""
+        f = self._option(name)
+        return f"{key_name(f)} ({flag_name(f)})"
+
+    def _reference_given(self) -> bool:
+        return bool(self.reference)
 
     def _check_start(self) -> None:
         """The starting-point options (noise prior, inversion, image) and the grid, checked before any work."""
         if not 0.0 <= self.noise_prior <= 1.0:
-            raise CavError(f"noise_prior (--noise-prior) {self.noise_prior} is invalid: pass a value in [0, 1]")
-        if (self.noise_prior > 0 or (self.invert and not self.image)) and not self.reference:
+            raise CavError(f"{self._named('noise_prior')} {self.noise_prior} is invalid: pass a value in [0, 1]")
+        if self.starts_from_reference and not self._reference_given():
             raise CavError("--noise-prior and --invert start from a reference clip: pass --reference CLIP (or RUN, "
                            "the run's own clip), or --image FILE with --invert")
         if self.image and (self.reference or self.noise_prior > 0):
-            raise CavError("--image starts from the image: drop --reference / --noise-prior, or drop --image")
+            drop = " / ".join(self._flag(n) for n in ("reference", "noise_prior") if n not in self.NOT_OPTIONS)
+            raise CavError(f"{self._flag('image')} starts from the image: drop {drop}, or drop {self._flag('image')}")
         if not 0.0 < self.strength <= 1.0:
-            raise CavError(f"strength (--strength) {self.strength} is invalid: pass a value in (0, 1], e.g. 0.6")
+            raise CavError(f"{self._named('strength')} {self.strength} is invalid: pass a value in (0, 1], e.g. 0.6")
         if self.inversion_steps is not None and self.inversion_steps < 1:
-            raise CavError(f"inversion_steps (--inversion-steps) must be ≥ 1, got {self.inversion_steps}")
+            raise CavError(f"{self._named('inversion_steps')} must be ≥ 1, got {self.inversion_steps}")
         if self.reference_clip < 1:
-            raise CavError(f"reference_clip (--reference-clip) must be ≥ 1 (the first clip is 1), got "
+            raise CavError(f"{self._named('reference_clip')} must be ≥ 1 (the first clip is 1), got "
                            f"{self.reference_clip}")
         self.weights = [check_weight(w, "--weights entry", zero_ok=True, example="0.5,0.75,1") for w in self.weights]
         for name in ("weights", "seeds"):
@@ -185,20 +204,149 @@ _SAMPLE = SampleConfig()
 
 
 @dataclass
-class TrainConfig:
-    """A full training recipe. Defaults are the paper's hyperparameters (supp. A.4)."""
+class ValidationConfig(SampleConfig):
+    """A training run's validation samples: a ``SampleConfig`` (one set of checks and defaults with `cav generate`),
+    with the flags of `cav train`, plus the prompts sampled. Its frames and size are the run's own (``TrainConfig``
+    sets them); the reference of its noise prior / inversion is the run's own clip, so it is never missing."""
 
-    prompt: str = _f("", "full prompt describing the reference video (appearance + motion)")
-    spatial_prompt: list[str] = _f([], "appearance-only prompt for the absorbers; with several clips, repeat it "
-                                   "once per clip, in their order", metavar="PROMPT", default_text="the prompt")
-    base: str = _f("toy", "base model: `toy`, a diffusers T2V or AnimateDiff folder, or a hub id")
-    motion_adapter: str = _f("", "AnimateDiff MotionAdapter folder or hub id that animates an image-model --base "
-                             "(e.g. Stable Diffusion 1.5 + animatediff-motion-adapter-v1-5-2)")
-    absorbers: Literal["none", "s-lora", "ti", "both"] = _f("both", "appearance absorbers")
+    NOT_OPTIONS = ("frames", "size", "negative_prompt", "num_videos", "reference", "weights", "seeds")
+
+    seed: int = _f(_SAMPLE.seed, "seed of validation samples", flag="--validation-seed")
+    steps: int = _f(_SAMPLE.steps, "denoising steps for validation samples", unit="steps", flag="--sample-steps")
+    guidance: float = _f(_SAMPLE.guidance, "classifier-free guidance scale for validation samples")
+    lora_weight: float = _f(1.0, "T-LoRA weight in validation samples, in (0, 4], recorded as the default weight of "
+                            "`cav generate --adapter RUN` (a smaller scale keeps more of the new appearance)",
+                            parse=lambda w: check_weight(w, "lora_weight"))
+    # where validation samples start: `cav generate`'s start options, the reference being the run's own clip
+    noise_prior: float = _f(0.0, "validation samples start from the noise prior A of the run's (first) clip "
+                            "(`cav generate --noise-prior`, the reference read as the run reads it), A in [0, 1]",
+                            metavar="A", flag="--validation-noise-prior")
+    invert: bool = _f(False, "validation samples start from the DDIM inversion of the run's (first) clip, or of "
+                      "--validation-image (`cav generate --invert`)", flag="--validation-invert")
+    inversion_steps: int | None = _f(None, "DDIM inversion steps of the validation start", unit="steps",
+                                     default_text="--sample-steps", flag="--validation-inversion-steps")
+    reference_clip: int = _f(1, "with several clips: which one is the reference of the validation noise prior / "
+                             "inversion, counted from 1 in the clips' order", metavar="K",
+                             flag="--validation-reference-clip")
+    image: str | None = _f(None, "validation samples animate this image (`cav generate --image`)", metavar="FILE",
+                           flag="--validation-image")
+    strength: float = _f(_SAMPLE.strength, "with --validation-image: share of the sampling schedule re-run from the "
+                         "image, in (0, 1]", flag="--validation-strength")
+    prompts: list[str] = _f([], "prompt sampled at each checkpoint (repeatable)", flag="--validation-prompt",
+                            key="validation_prompts", metavar="PROMPT", default_text="the prompt")
+
+    def _reference_given(self) -> bool:
+        return True  # the run's own clip
+
+    def sample_config(self, run: str | Path | None = None) -> SampleConfig:
+        """How the validation samples are made, as a plain ``SampleConfig`` (what a sample's recipe records and
+        `cav generate` reads). With ``run`` (the run folder: its clip is the reference of a noise prior /
+        inversion) the start too; without, only the sampling settings (what `cav generate --adapter RUN` starts
+        from)."""
+        keep = ("frames", "size", "steps", "guidance", "seed", "lora_weight")
+        if run is not None:
+            keep += ("noise_prior", "invert", "inversion_steps", "image", "strength", "reference_clip")
+        return SampleConfig(**{name: getattr(self, name) for name in keep},
+                            reference=str(run) if run is not None and self.starts_from_reference else None)
+
+
+@dataclass
+class DataConfig:
+    """Which frames of the reference video, at what size (the validation samples take the same frames and size)."""
+
+    frames: int = _f(_SAMPLE.frames, "frames taken from the reference video (uniformly, or the first of --stride/"
+                     "--fps); also the validation samples' length; a motion needs ≥ 2", unit="frames")
+    size: tuple[int, int] = _f((256, 256), f"training size, H or HxW ({SIZE_RULE})", unit="pixels", repeat=True,
+                               metavar="H[xW]")
+    fit: Literal["crop", "pad"] = _f("crop", "fit the video to the size: crop to cover, or pad to fit")
+    stride: int | None = _f(None, "take every K-th frame of the video, then the first --frames of those", unit="frames",
+                            metavar="K", default_text="off: --frames spread uniformly")
+    fps: float | None = _f(None, "take one frame per 1/F seconds, then the first --frames of those", metavar="F",
+                           default_text="off: --frames spread uniformly")
+    start: float | None = _f(None, "use the video from this time on", unit="seconds", metavar="SECONDS",
+                             default_text="the first frame")
+    end: float | None = _f(None, "use the video up to this time (exclusive)", unit="seconds", metavar="SECONDS",
+                           default_text="the last frame")
+
+    def __post_init__(self):
+        coerce_fields(self)  # types first: every rule below sees numbers, tuples and choices
+        if self.frames < 2:
+            raise CavError(f"--frames {self.frames} is too few: a motion adapter learns how frames change, so it "
+                           "needs ≥ 2 frames (the paper uses 16)")
+        if min(self.size) < 8:
+            raise CavError(f"--size {self.size[0]}x{self.size[1]} is invalid: pass H or HxW, each ≥ 8")
+
+    def frame_selection(self) -> dict:
+        """``stride`` / ``fps`` / ``start`` / ``end`` for ``read_video`` (only those set)."""
+        return {k: getattr(self, k) for k in FRAME_SELECTION if getattr(self, k) is not None}
+
+
+FRAME_SELECTION = ("stride", "fps", "start", "end")  # the keys of a clip's frame selection (data.json records them)
+
+
+@dataclass
+class AbsorberConfig:
+    """Stage 1: the appearance absorbers (S-LoRA and textual inversion), trained or given as files."""
+
+    kind: Literal["none", "s-lora", "ti", "both"] = _f("both", "appearance absorbers", flag="--absorbers")
     s_lora_from: str = _f("", "start from this existing image LoRA (.safetensors, e.g. an SD 1.5 LoRA of the subject) "
                           "as the S-LoRA absorber: skips stage 1 (absorbers are then exactly the given ones)")
     ti_from: str = _f("", "start from this existing textual-inversion embedding (.safetensors) as the TI absorber: "
                       "skips stage 1 (absorbers are then exactly the given ones)")
+    steps: int = _f(100, "absorber training steps (S-LoRA and textual inversion train together)", unit="steps",
+                    flag="--absorber-steps")
+    s_lora_rank: int = _f(1, "S-LoRA rank")
+    s_lora_alpha: float = _f(0.5, "S-LoRA alpha")
+    s_lora_lr: float = _f(5e-5, "S-LoRA learning rate")
+    ti_tokens: int = _f(4, "textual inversion: number of new tokens (2-6)", unit="tokens")
+    ti_token: str = _f("<cav>", "textual inversion placeholder token (put it in the prompts or it is prefixed)")
+    ti_init: str = _f("object", "textual inversion: word whose embedding initialises the new tokens")
+    ti_lr: float = _f(5e-5, "textual inversion learning rate")
+    batch: int = _f(4, "frames per absorber step (unordered, patch-cropped)", unit="frames", flag="--absorber-batch")
+    crop_ratio: tuple[float, float] = _f((0.33, 0.67), "patch crop side ratio range for the absorbers",
+                                         metavar=("LOW", "HIGH"))
+
+    def __post_init__(self):
+        coerce_fields(self)
+        if self.s_lora_from or self.ti_from:  # given absorbers replace stage 1: they are the run's absorbers
+            self.kind = {(True, True): "both", (True, False): "s-lora", (False, True): "ti"}[
+                (bool(self.s_lora_from), bool(self.ti_from))]
+        if self.steps < 0:
+            raise CavError("--absorber-steps must be ≥ 0")
+        if not 1 <= self.ti_tokens <= 16:
+            raise CavError(f"--ti-tokens {self.ti_tokens} is out of range: use 2-6 (the paper's range)")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi <= 1:
+            raise CavError(f"crop_ratio {list(self.crop_ratio)} is invalid: need 0 < low ≤ high ≤ 1")
+        for name in ("s_lora_lr", "ti_lr"):
+            if getattr(self, name) <= 0:
+                raise CavError(f"{name} must be > 0")
+
+    @property
+    def uses_s_lora(self) -> bool:
+        return self.kind in ("s-lora", "both")
+
+    @property
+    def uses_ti(self) -> bool:
+        return self.kind in ("ti", "both")
+
+    @property
+    def given(self) -> bool:
+        """Absorbers come from existing files (``--s-lora-from``/``--ti-from``): no stage 1."""
+        return bool(self.s_lora_from or self.ti_from)
+
+    def clip_token(self, clip: int) -> str:
+        """Clip ``clip``'s textual-inversion placeholder: ``--ti-token`` for the first, ``<cav2>``, ``<cav3>`` … after."""
+        if clip == 0:
+            return self.ti_token
+        t = self.ti_token
+        return f"{t[:-1]}{clip + 1}>" if t.endswith(">") else f"{t}{clip + 1}"
+
+
+@dataclass
+class MotionConfig:
+    """Stage 2: the motion LoRA (T-LoRA): where it goes, what it trains on, its schedule."""
+
     placement: Literal["cav", "motiondirector", "motiondirector+tconv", "qk", "temporal-heads"] = _f(
         "cav", "LoRA placement preset: where each adapter goes (the base family's row); qk (the T-LoRA on "
         "self-attention's query and key only: values carry appearance) and temporal-heads (only the quarter of all "
@@ -213,74 +361,44 @@ class TrainConfig:
                       "range: high (transformer, the steps at or above the pipeline's boundary), low (transformer_2, "
                       "below it) or both (each step's draws routed as the pipeline routes); samples use both experts",
                       default_text="high on a two-expert base", metavar="high|low|both")
-    # T-LoRA (stage 2)
     steps: int = _f(300, "T-LoRA training steps", unit="steps")
-    t_lora_rank: int = _f(4, "T-LoRA rank")
-    t_lora_alpha: float = _f(1.0, "T-LoRA alpha")
-    t_lora_lr: float = _f(5e-4, "T-LoRA learning rate")
-    t_lora_timesteps: tuple[int, int] = _f((0, 1000), "T-LoRA trains on timesteps in [low, high): raise low to "
-                                          "stress the high-noise steps where motion and layout form",
-                                          metavar=("LOW", "HIGH"))
-    t_lora_prompt_dropout: float = _f(0.0, "fraction of T-LoRA steps on the empty prompt, so the unconditional "
-                                      "branch of guidance carries the motion too (0: the paper's recipe)")
-    t_lora_batch: int = _f(1, "copies of the clip per T-LoRA step, each with its own noise and timestep (a "
-                           "less noisy gradient for the same clip)")
-    # appearance absorbers (stage 1)
-    absorber_steps: int = _f(100, "absorber training steps (S-LoRA and textual inversion train together)",
-                             unit="steps")
-    s_lora_rank: int = _f(1, "S-LoRA rank")
-    s_lora_alpha: float = _f(0.5, "S-LoRA alpha")
-    s_lora_lr: float = _f(5e-5, "S-LoRA learning rate")
-    ti_tokens: int = _f(4, "textual inversion: number of new tokens (2-6)", unit="tokens")
-    ti_token: str = _f("<cav>", "textual inversion placeholder token (put it in the prompts or it is prefixed)")
-    ti_init: str = _f("object", "textual inversion: word whose embedding initialises the new tokens")
-    ti_lr: float = _f(5e-5, "textual inversion learning rate")
-    absorber_batch: int = _f(4, "frames per absorber step (unordered, patch-cropped)", unit="frames")
-    crop_ratio: tuple[float, float] = _f((0.33, 0.67), "patch crop side ratio range for the absorbers",
-                                         metavar=("LOW", "HIGH"))
-    # data: which frames of the reference video, at what size
-    frames: int = _f(_SAMPLE.frames, "frames taken from the reference video (uniformly, or the first of --stride/"
-                     "--fps); also the validation samples' length; a motion needs ≥ 2", unit="frames")
-    size: tuple[int, int] = _f((256, 256), f"training size, H or HxW ({SIZE_RULE})", unit="pixels", repeat=True,
-                               metavar="H[xW]")
-    fit: Literal["crop", "pad"] = _f("crop", "fit the video to the size: crop to cover, or pad to fit")
-    stride: int | None = _f(None, "take every K-th frame of the video, then the first --frames of those", unit="frames",
-                            metavar="K", default_text="off: --frames spread uniformly")
-    fps: float | None = _f(None, "take one frame per 1/F seconds, then the first --frames of those", metavar="F",
-                           default_text="off: --frames spread uniformly")
-    start: float | None = _f(None, "use the video from this time on", unit="seconds", metavar="SECONDS",
-                             default_text="the first frame")
-    end: float | None = _f(None, "use the video up to this time (exclusive)", unit="seconds", metavar="SECONDS",
-                           default_text="the last frame")
-    # schedule
-    seed: int = _f(0, "seed for every random choice (same seed, same device → same adapter)")
-    checkpoint_every: int = _f(100, "save a T-LoRA checkpoint with validation samples every N steps (0: only the end)",
-                               unit="steps")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
-    # validation samples: SampleConfig's settings (see sample_config)
-    validation_prompts: list[str] = _f([], "prompt sampled at each checkpoint (repeatable)", flag="--validation-prompt",
-                                       metavar="PROMPT", default_text="the prompt")
-    validation_seed: int = _f(_SAMPLE.seed, "seed of validation samples")
-    sample_steps: int = _f(_SAMPLE.steps, "denoising steps for validation samples", unit="steps")
-    guidance: float = _f(_SAMPLE.guidance, "classifier-free guidance scale for validation samples")
-    lora_weight: float = _f(1.0, "T-LoRA weight in validation samples, in (0, 4], recorded as the default weight of "
-                            "`cav generate --adapter RUN` (a smaller scale keeps more of the new appearance)",
-                            parse=lambda w: check_weight(w, "lora_weight"))
-    # where validation samples start: `cav generate`'s start options, the reference being the run's own clip
-    validation_noise_prior: float = _f(0.0, "validation samples start from the noise prior A of the run's (first) clip "
-                                       "(`cav generate --noise-prior`, the reference read as the run reads it), A in "
-                                       "[0, 1]", metavar="A")
-    validation_invert: bool = _f(False, "validation samples start from the DDIM inversion of the run's (first) clip, "
-                                 "or of --validation-image (`cav generate --invert`)")
-    validation_inversion_steps: int | None = _f(None, "DDIM inversion steps of the validation start", unit="steps",
-                                                default_text="--sample-steps")
-    validation_reference_clip: int = _f(1, "with several clips: which one is the reference of the validation noise "
-                                        "prior / inversion, counted from 1 in the clips' order", metavar="K")
-    validation_image: str | None = _f(None, "validation samples animate this image (`cav generate --image`)",
-                                      metavar="FILE")
-    validation_strength: float = _f(_SAMPLE.strength, "with --validation-image: share of the sampling schedule re-run "
-                                    "from the image, in (0, 1]")
-    # system
+    rank: int = _f(4, "T-LoRA rank", flag="--t-lora-rank")
+    alpha: float = _f(1.0, "T-LoRA alpha", flag="--t-lora-alpha")
+    lr: float = _f(5e-4, "T-LoRA learning rate", flag="--t-lora-lr")
+    timesteps: tuple[int, int] = _f((0, 1000), "T-LoRA trains on timesteps in [low, high): raise low to stress the "
+                                    "high-noise steps where motion and layout form", metavar=("LOW", "HIGH"),
+                                    flag="--t-lora-timesteps")
+    prompt_dropout: float = _f(0.0, "fraction of T-LoRA steps on the empty prompt, so the unconditional branch of "
+                               "guidance carries the motion too (0: the paper's recipe)",
+                               flag="--t-lora-prompt-dropout")
+    batch: int = _f(1, "copies of the clip per T-LoRA step, each with its own noise and timestep (a less noisy "
+                    "gradient for the same clip)", flag="--t-lora-batch")
+
+    def __post_init__(self):
+        coerce_fields(self)
+        if self.experts not in ("", *EXPERTS):  # whether the base has two experts: backbone.check_experts
+            raise CavError(f"--experts {self.experts} is not a choice: pass --experts high, low or both")
+        if not (math.isfinite(self.frame_diff_loss) and self.frame_diff_loss >= 0):
+            raise CavError(f"--frame-diff-loss {self.frame_diff_loss} is invalid: pass a weight ≥ 0 (0: off), "
+                           "e.g. 0.5")
+        if self.steps < 1:  # 0 steps would train, save and publish no T-LoRA at all
+            raise CavError(f"--steps {self.steps} trains no T-LoRA: pass --steps N with N ≥ 1 (T-LoRA training "
+                           "steps)")
+        if not 1 <= self.batch <= 64:
+            raise CavError(f"--t-lora-batch {self.batch} is out of range: use 1-64")
+        lo_t, hi_t = self.timesteps
+        if not 0 <= lo_t < hi_t:
+            raise CavError(f"t_lora_timesteps {list(self.timesteps)} is invalid: need 0 ≤ low < high")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise CavError(f"t_lora_prompt_dropout {self.prompt_dropout} is invalid: pass a value in [0, 1)")
+        if self.lr <= 0:
+            raise CavError("t_lora_lr must be > 0")
+
+
+@dataclass
+class SystemConfig:
+    """Where and how the run computes: device, precision, memory and speed switches."""
+
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "frozen-weight dtype: auto = bf16/fp16 on GPU, fp32 "
                                                         "on CPU; fp16 is for GPUs only")
@@ -293,71 +411,39 @@ class TrainConfig:
                                                "auto: on for CUDA only", parse=_compile_setting)
 
     def __post_init__(self):
-        coerce_fields(self)  # types first: every rule below sees numbers, tuples and choices
+        coerce_fields(self)
+
+
+@dataclass
+class TrainConfig:
+    """A full training recipe: what to learn (prompts, base, seed, schedule) and one section per concern. Defaults
+    are the paper's hyperparameters (supp. A.4). Every option keeps the flat key its flag names (``--t-lora-rank`` →
+    ``t_lora_rank`` → ``motion.rank``): flags, batch manifest columns and recipes of format 1 use those keys."""
+
+    prompt: str = _f("", "full prompt describing the reference video (appearance + motion)")
+    spatial_prompt: list[str] = _f([], "appearance-only prompt for the absorbers; with several clips, repeat it "
+                                   "once per clip, in their order", metavar="PROMPT", default_text="the prompt")
+    base: str = _f("toy", "base model: `toy`, a diffusers T2V or AnimateDiff folder, or a hub id")
+    motion_adapter: str = _f("", "AnimateDiff MotionAdapter folder or hub id that animates an image-model --base "
+                             "(e.g. Stable Diffusion 1.5 + animatediff-motion-adapter-v1-5-2)")
+    seed: int = _f(0, "seed for every random choice (same seed, same device → same adapter)")
+    checkpoint_every: int = _f(100, "save a T-LoRA checkpoint with validation samples every N steps (0: only the end)",
+                               unit="steps")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    data: DataConfig = _f(DataConfig(), "which frames of the reference video, at what size")
+    absorbers: AbsorberConfig = _f(AbsorberConfig(), "stage 1: the appearance absorbers")
+    motion: MotionConfig = _f(MotionConfig(), "stage 2: the motion LoRA (T-LoRA)")
+    validation: ValidationConfig = _f(ValidationConfig(), "validation samples, made at each checkpoint as `cav "
+                                      "generate` makes them (their frames and size: the data's)")
+    system: SystemConfig = _f(SystemConfig(), "device, precision, memory and speed switches")
+
+    def __post_init__(self):
+        coerce_fields(self)  # the top-level keys; each section checked itself when it was built
         self.spatial_prompt = [p for p in self.spatial_prompt if p.strip()]  # "" (none given) is the empty list
-        if self.s_lora_from or self.ti_from:  # given absorbers replace stage 1: they are the run's absorbers
-            self.absorbers = {(True, True): "both", (True, False): "s-lora", (False, True): "ti"}[
-                (bool(self.s_lora_from), bool(self.ti_from))]
-        if self.experts not in ("", *EXPERTS):  # whether the base has two experts: backbone.check_experts
-            raise CavError(f"--experts {self.experts} is not a choice: pass --experts high, low or both")
-        if not (math.isfinite(self.frame_diff_loss) and self.frame_diff_loss >= 0):
-            raise CavError(f"--frame-diff-loss {self.frame_diff_loss} is invalid: pass a weight ≥ 0 (0: off), "
-                           "e.g. 0.5")
-        if self.steps < 1:  # 0 steps would train, save and publish no T-LoRA at all
-            raise CavError(f"--steps {self.steps} trains no T-LoRA: pass --steps N with N ≥ 1 (T-LoRA training "
-                           "steps)")
-        if self.absorber_steps < 0:
-            raise CavError("--absorber-steps must be ≥ 0")
-        if not 1 <= self.t_lora_batch <= 64:
-            raise CavError(f"--t-lora-batch {self.t_lora_batch} is out of range: use 1-64")
-        if not 1 <= self.ti_tokens <= 16:
-            raise CavError(f"--ti-tokens {self.ti_tokens} is out of range: use 2-6 (the paper's range)")
-        if self.frames < 2:
-            raise CavError(f"--frames {self.frames} is too few: a motion adapter learns how frames change, so it "
-                           "needs ≥ 2 frames (the paper uses 16)")
-        if min(self.size) < 8:
-            raise CavError(f"--size {self.size[0]}x{self.size[1]} is invalid: pass H or HxW, each ≥ 8")
-        lo, hi = self.crop_ratio
-        if not 0 < lo <= hi <= 1:
-            raise CavError(f"crop_ratio {list(self.crop_ratio)} is invalid: need 0 < low ≤ high ≤ 1")
-        lo_t, hi_t = self.t_lora_timesteps
-        if not 0 <= lo_t < hi_t:
-            raise CavError(f"t_lora_timesteps {list(self.t_lora_timesteps)} is invalid: need 0 ≤ low < high")
-        if not 0.0 <= self.t_lora_prompt_dropout < 1.0:
-            raise CavError(f"t_lora_prompt_dropout {self.t_lora_prompt_dropout} is invalid: pass a value in [0, 1)")
-        for name in ("t_lora_lr", "s_lora_lr", "ti_lr"):
-            if getattr(self, name) <= 0:
-                raise CavError(f"{name} must be > 0")
-        if self.sample_steps < 1:
-            raise CavError(f"--sample-steps must be ≥ 1, got {self.sample_steps}")
-        self._check_validation_start()
-
-    # the validation start fields and the SampleConfig fields they set (SampleConfig's checks apply to both)
-    _VALIDATION_START = {"validation_noise_prior": "noise_prior", "validation_invert": "invert",
-                         "validation_inversion_steps": "inversion_steps", "validation_image": "image",
-                         "validation_strength": "strength", "validation_reference_clip": "reference_clip"}
-
-    def _check_validation_start(self) -> None:
-        """SampleConfig's own start checks, its messages naming this recipe's keys and flags (``noise_prior`` →
-        ``validation_noise_prior``); the reference is the run's clip, so it is never missing."""
-        try:
-            self.sample_config(run="the run's clip")
-        except CavError as exc:
-            text = str(exc).replace("--reference / ", "")
-            for key, name in self._VALIDATION_START.items():
-                text = text.replace(f"{name} (--", f"{key} (--")
-                text = re.sub(rf"(?<![\w-])--{name.replace('_', '-')}\b", "--" + key.replace("_", "-"), text)
-            raise CavError(text) from None
+        # the validation samples are as long and as large as the clip the run trains on
+        self.validation = dataclasses.replace(self.validation, frames=self.data.frames, size=self.data.size)
 
     # --- helpers -------------------------------------------------------------------------------------------
-    @property
-    def uses_s_lora(self) -> bool:
-        return self.absorbers in ("s-lora", "both")
-
-    @property
-    def uses_ti(self) -> bool:
-        return self.absorbers in ("ti", "both")
-
     def spatial_prompt_of(self, clip: int = 0) -> str:
         """The appearance-only prompt of clip ``clip`` (the full prompt when none is given)."""
         given = [p for p in self.spatial_prompt if p.strip()]
@@ -372,59 +458,110 @@ class TrainConfig:
             raise CavError(f"one --spatial-prompt for {n} clips: each clip has its own appearance, pass "
                            f"--spatial-prompt once per clip ({n} times), in the clips' order")
 
-    def clip_token(self, clip: int) -> str:
-        """Clip ``clip``'s textual-inversion placeholder: ``--ti-token`` for the first, ``<cav2>``, ``<cav3>`` … after."""
-        if clip == 0:
-            return self.ti_token
-        t = self.ti_token
-        return f"{t[:-1]}{clip + 1}>" if t.endswith(">") else f"{t}{clip + 1}"
-
-    def _sample_fields(self) -> dict:
-        return dict(frames=self.frames, size=self.size, steps=self.sample_steps, guidance=self.guidance,
-                    seed=self.validation_seed, lora_weight=self.lora_weight)
-
-    def sample_config(self, run: str | Path | None = None) -> SampleConfig:
-        """How this run's validation samples are made (and recorded for `cav generate`). With ``run`` (the run
-        folder: its clip is the reference of a noise prior / inversion) the validation start too; without, only the
-        sampling settings (what `cav generate --adapter RUN` starts from)."""
-        if run is None:
-            return SampleConfig(**self._sample_fields())
-        start = {name: getattr(self, key) for key, name in self._VALIDATION_START.items()}
-        uses_reference = start["noise_prior"] > 0 or (start["invert"] and not start["image"])
-        return SampleConfig(**self._sample_fields(), **start, reference=str(run) if uses_reference else None)
-
-    def frame_selection(self) -> dict:
-        """``stride`` / ``fps`` / ``start`` / ``end`` for ``read_video`` (only those set)."""
-        return {k: getattr(self, k) for k in ("stride", "fps", "start", "end") if getattr(self, k) is not None}
-
-    @property
-    def absorbers_given(self) -> bool:
-        """Absorbers come from existing files (``--s-lora-from``/``--ti-from``): no stage 1."""
-        return bool(self.s_lora_from or self.ti_from)
-
     def lora_config(self, kind: str, family):
         """The peft ``LoraConfig`` of this recipe's S-LoRA (``kind="spatial"``) or T-LoRA (``"temporal"``) on a base of
         ``family`` (``Backbone.family``, a ``families.Family``)."""
         from .adapters.lora import lora_config
 
-        rank, alpha = ((self.s_lora_rank, self.s_lora_alpha) if kind == "spatial"
-                       else (self.t_lora_rank, self.t_lora_alpha))
-        return lora_config(kind, self.placement, rank, alpha, family)
+        rank, alpha = ((self.absorbers.s_lora_rank, self.absorbers.s_lora_alpha) if kind == "spatial"
+                       else (self.motion.rank, self.motion.alpha))
+        return lora_config(kind, self.motion.placement, rank, alpha, family)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The recipe in its nested shape (config.yaml's): one mapping per section."""
+        return _plain(self)
+
+    def keys(self) -> dict:
+        """The recipe as flat recipe keys (each the name of its flag: ``t_lora_rank``, ``validation_seed``)."""
+        return flatten(self.to_dict())
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        """Every flat recipe key, in the order of `cav train --help`."""
+        return [leaf.key for leaf in leaves(cls)]
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        unknown = sorted(set(data) - set(cls.field_names()))
-        if unknown:
-            raise CavError(f"unknown recipe key(s) {', '.join(unknown)}: see `cav train --help` for the valid names "
-                           "(a flag --a-b is the key a_b)")
-        return cls(**data)
+        """A recipe from recipe keys (flat, as flags and batch columns name them) and/or sections (``to_dict``'s
+        shape); a key that is neither is refused by name."""
+        return _build(cls, nest(data), "")
+
+    @classmethod
+    def of(cls, **keys) -> "TrainConfig":
+        """``TrainConfig.of(prompt="…", frames=8, t_lora_rank=2)``: a recipe from recipe keys."""
+        return cls.from_dict(keys)
+
+
+# ------------------------------------------------------------------------------------ nested ↔ flat recipe keys
+def _sections(cls=None) -> dict:
+    cls = cls or TrainConfig
+    types_ = hints(cls)
+    return {f.name: types_[f.name] for f in own_fields(cls) if is_section(types_[f.name])}
+
+
+def nest(data: dict) -> dict:
+    """Recipe keys (flat) → the nested shape. A section given as a mapping is kept (merged with flat keys of the same
+    section); a key that is neither a recipe key nor a section is kept as it is, for ``from_dict`` to name."""
+    paths = {leaf.key: leaf.path for leaf in leaves(TrainConfig)}
+    sections = _sections()
+    out: dict = {}
+    for key, value in data.items():
+        if key in sections and isinstance(value, dict):
+            out.setdefault(key, {}).update(value)
+        elif key in paths:
+            *parents, name = paths[key]
+            node = out
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def flatten(nested: dict) -> dict:
+    """The nested shape → recipe keys (flat); the inverse of ``nest`` for known keys."""
+    out = {}
+    for leaf in leaves(TrainConfig):
+        node, found = nested, True
+        for p in leaf.path:
+            if not isinstance(node, dict) or p not in node:
+                found = False
+                break
+            node = node[p]
+        if found:
+            out[leaf.key] = node
+    return out
+
+
+def _build(cls, data: dict, prefix: str):
+    """``cls(**data)`` with its sections built from their mappings; unknown keys are named with their section."""
+    types_ = hints(cls)
+    names = [f.name for f in own_fields(cls)]
+    unknown = sorted(prefix + str(k) for k in data if k not in names)
+    if unknown:
+        raise CavError(f"unknown recipe key(s) {', '.join(unknown)}: see `cav train --help` for the valid names "
+                       "(a flag --a-b is the key a_b)")
+    kw = {}
+    for key, value in data.items():
+        if is_section(types_[key]):
+            if not isinstance(value, dict):
+                raise CavError(f"recipe key {prefix}{key} is a section: give a mapping of its keys, e.g. "
+                               f"{key}: {{...}}")
+            kw[key] = _build(types_[key], value, f"{prefix}{key}.")
+        else:
+            kw[key] = value
+    return cls(**kw)
+
+
+def _plain(obj) -> dict:
+    types_ = hints(type(obj))
+    out = {}
+    for f in own_fields(type(obj)):
+        value = getattr(obj, f.name)
+        out[f.name] = (_plain(value) if is_section(types_[f.name]) else list(value) if isinstance(value, tuple)
+                       else value)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
@@ -453,7 +590,9 @@ def recipe_path(recipe: str | Path) -> Path:
 
 
 def load_recipe(recipe: str | Path) -> dict:
-    """Read a YAML recipe (a path or a shipped name) into a dict of TrainConfig fields, checked now."""
+    """Read a YAML recipe (a path or a shipped name; a run's config.yaml) into recipe keys (flat: every source of
+    values — flags, batch columns, form fields, overrides — merges into these), checked now. A recipe written
+    before sections existed (format 1: flat keys) is upgraded by ``versioned.upgrade``."""
     path = recipe_path(recipe)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -461,12 +600,27 @@ def load_recipe(recipe: str | Path) -> dict:
         raise CavError(f"recipe '{path}' is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from None
     if not isinstance(data, dict):
         raise CavError(f"recipe '{path}' must be a mapping of recipe keys: see `cav train --help`")
+    data = versioned.upgrade(RECIPE_FILE, data, path)
     try:
         TrainConfig.from_dict({**data, "prompt": data.get("prompt", "x")})  # validate keys and values early
     except CavError as exc:
         raise CavError(f"recipe '{recipe}': {exc}") from None
-    return data
+    return flatten(data)
+
+
+RECIPE_FILE = "config.yaml"  # the versioned format every recipe (shipped, the user's, a run's own) is written in
+versioned.UPGRADES[(RECIPE_FILE, 1)] = nest  # format 1 (flat keys, before sections) → 2
 
 
 def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """A recipe file: its format version, then the top-level keys and one block per section."""
+    return yaml.dump({versioned.KEY: versioned.CURRENT[RECIPE_FILE], **cfg.to_dict()}, Dumper=_RecipeDumper,
+                     sort_keys=False)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Sections as blocks, a list of values on one line (``size: [256, 256]``), as the shipped recipes are written."""
+
+
+_RecipeDumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", data, flow_style=True))

@@ -38,23 +38,23 @@ def schedule(cfg: TrainConfig, clips: int = 1) -> list[dict]:
     from .runfolder import validation_prompts
 
     rows = []
-    if not cfg.absorbers_given and cfg.absorbers != "none":
-        rows.append({"stage": "absorbers", "steps": cfg.absorber_steps * clips, "clips": clips})
-    rows.append({"stage": "t_lora", "steps": cfg.steps})
+    if not cfg.absorbers.given and cfg.absorbers.kind != "none":
+        rows.append({"stage": "absorbers", "steps": cfg.absorbers.steps * clips, "clips": clips})
+    rows.append({"stage": "t_lora", "steps": cfg.motion.steps})
     every = cfg.checkpoint_every
-    checkpoints = 0 if cfg.steps == 0 else (cfg.steps // every + (cfg.steps % every > 0) if every else 1)
+    checkpoints = 0 if cfg.motion.steps == 0 else (cfg.motion.steps // every + (cfg.motion.steps % every > 0) if every else 1)
     rows.append({"stage": "samples", "videos": checkpoints * len(validation_prompts(cfg)),
-                 "steps": cfg.sample_steps})
+                 "steps": cfg.validation.steps})
     return rows
 
 
 def statement(cfg: TrainConfig, clips: int = 1, measure: bool = True, unet_params: int | None = None) -> dict:
     """What the run will do (see module doc); ``measure`` False: no estimate (``estimate.skipped`` says so)."""
-    dev = backbone.resolve_device(cfg.device)
-    dtype = backbone.resolve_dtype(cfg.dtype, dev)
+    dev = backbone.resolve_device(cfg.system.device)
+    dtype = backbone.resolve_dtype(cfg.system.dtype, dev)
     nat = native.native(cfg.base, cfg.motion_adapter or None)
     rows = schedule(cfg, clips)
-    info = {"size": list(cfg.size), "frames": cfg.frames, "device": str(dev), "dtype": _DTYPES[dtype],
+    info = {"size": list(cfg.data.size), "frames": cfg.data.frames, "device": str(dev), "dtype": _DTYPES[dtype],
             "native": {"size": list(nat.size), "frames": nat.frames, "source": nat.source},
             "warning": native.warning(cfg), "schedule": rows}
     if not measure:
@@ -104,8 +104,8 @@ def _unmeasurable(cfg: TrainConfig, dev: torch.device, unet_params: int) -> str 
             return f"the {name} '{what}' is not on this machine (a hub id not in the Hugging Face cache)"
     work = step_work(cfg, unet_params)
     if dev.type == "cpu" and work > CPU_WORK_LIMIT:
-        return (f"a step of {cfg.frames} frames of {cfg.size[0]}x{cfg.size[1]} on this UNet is too large to time "
-                f"quickly on a CPU ({unet_params:,} parameters x latent positions = {work:.1e}; steps are timed on "
+        return (f"a step of {cfg.data.frames} frames of {cfg.data.size[0]}x{cfg.data.size[1]} on this UNet is too large "
+                f"to time quickly on a CPU ({unet_params:,} parameters x latent positions = {work:.1e}; steps are timed on "
                 f"a CPU up to {CPU_WORK_LIMIT:.0e}, the toy recipe's step is 1.9e10)")
     return None
 
@@ -118,8 +118,8 @@ def step_work(cfg: TrainConfig, unet_params: int) -> float:
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
     except (CavError, KeyError):
         factor = 8
-    plane = (cfg.size[0] // factor) * (cfg.size[1] // factor)
-    batches = [min(cfg.absorber_batch, cfg.frames), cfg.t_lora_batch * cfg.frames, 2 * cfg.frames]
+    plane = (cfg.data.size[0] // factor) * (cfg.data.size[1] // factor)
+    batches = [min(cfg.absorbers.batch, cfg.data.frames), cfg.motion.batch * cfg.data.frames, 2 * cfg.data.frames]
     return float(unet_params) * plane * max(batches)
 
 
@@ -132,7 +132,7 @@ def measure_steps(cfg: TrainConfig, dev: torch.device, unet_params: int) -> dict
     bb = None
     try:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # the caller's random state stays
-            bb = backbone.load(cfg.base, cfg.device, cfg.dtype, motion_adapter=cfg.motion_adapter or None)
+            bb = backbone.load(cfg.base, cfg.system.device, cfg.system.dtype, motion_adapter=cfg.motion_adapter or None)
             timed = _time_stages(bb, cfg)
     except (CavError, RuntimeError, OSError, ValueError) as exc:  # an estimate never stops a run: say why it is missing
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -150,30 +150,29 @@ def _time_stages(bb, cfg: TrainConfig) -> dict:
     """The timings of ``measure_steps`` on a loaded base, with the run's own stage builders."""
     from . import accel, lean
     from .adapters import lora
-    from .sampling import sample_video
+    from .sampling import sample_with
     from .stages import S_LORA, T_LORA, absorber_stage, given_absorbers, make_textual_inversion, t_lora_stage
 
     accel.tune_backends(bb.device)
-    if accel.wants_checkpointing(cfg.gradient_checkpointing, bb.device):
+    if accel.wants_checkpointing(cfg.system.gradient_checkpointing, bb.device):
         accel.set_gradient_checkpointing(bb.unet, True)
     gen = torch.Generator("cpu").manual_seed(0)
-    frames = torch.rand((cfg.frames, 3, *cfg.size), generator=gen) * 2 - 1  # a clip in [-1, 1]
+    frames = torch.rand((cfg.data.frames, 3, *cfg.data.size), generator=gen) * 2 - 1  # a clip in [-1, 1]
     autocast = lean.autocast_dtype(bb.device, bb.dtype)
-    out = {"shape": f"{cfg.frames} frames of {cfg.size[0]}x{cfg.size[1]}", "absorbers": 0.0}
-    ti = make_textual_inversion(bb, cfg) if cfg.uses_ti else None
-    if cfg.absorbers_given:
+    out = {"shape": f"{cfg.data.frames} frames of {cfg.data.size[0]}x{cfg.data.size[1]}", "absorbers": 0.0}
+    ti = make_textual_inversion(bb, cfg) if cfg.absorbers.uses_ti else None
+    if cfg.absorbers.given:
         given_absorbers(bb, cfg)
-    elif cfg.absorbers != "none":
+    elif cfg.absorbers.kind != "none":
         out["absorbers"] = _time_stage(bb, absorber_stage(bb, cfg, frames, ti), gen, cfg, autocast)
-    frozen = lean.FrozenMerge(bb.unet, [S_LORA] if cfg.uses_s_lora else [])  # as the run: S-LoRA folded in
+    frozen = lean.FrozenMerge(bb.unet, [S_LORA] if cfg.absorbers.uses_s_lora else [])  # as the run: S-LoRA folded in
     stage = t_lora_stage(bb, cfg, frames, ti)
     with frozen.merged():
         out["t_lora"] = _time_stage(bb, stage, gen, cfg, autocast)
-    lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # validation samples: the T-LoRA alone, as generate
+    lora.activate(bb.unet, [T_LORA], [cfg.validation.lora_weight])  # validation samples: the T-LoRA alone, as generate
 
     def sample(steps: int) -> None:
-        sample_video(bb, SAMPLE_PROMPT, frames=cfg.frames, size=tuple(cfg.size), steps=steps, guidance=cfg.guidance,
-                     seed=0)
+        sample_with(bb, [SAMPLE_PROMPT], cfg.validation, [0], steps=steps)
 
     one = _time(bb, lambda: sample(1))
     three = _time(bb, lambda: sample(3), warm_up=False)

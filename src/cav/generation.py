@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from . import versioned
-from .config import SampleConfig
+from .config import SampleConfig, load_recipe
 from .errors import CavError
 from .io_utils import content_hash
 from .sampling import Start, image_start, noise_prior_start
@@ -80,7 +79,7 @@ def reference_source(reference: str, clip: int = 1) -> tuple[str, dict, str]:
     if content_hash(chosen["clip"]) != chosen["sha256"]:
         raise CavError(f"the run's clip '{chosen['clip']}' changed since the run was trained: pass --reference with "
                        "the clip itself to start from it as it is now")
-    fit = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("fit", "crop")
+    fit = load_recipe(run / "config.yaml").get("fit", "crop")
     return chosen["clip"], dict(chosen.get("selection") or {}), fit
 
 

@@ -156,12 +156,12 @@ def far(value: int, reference: int) -> bool:
 def warning(cfg: TrainConfig) -> str | None:
     """One line when the run's size or frame count is far from what the base was trained at, else None."""
     nat = native(cfg.base, cfg.motion_adapter or None)
-    h, w = cfg.size
+    h, w = cfg.data.size
     off = []
     if far(h, nat.size[0]) or far(w, nat.size[1]):
         off.append(f"--size {h}x{w}")
-    if far(cfg.frames, nat.frames):
-        off.append(f"--frames {cfg.frames}")
+    if far(cfg.data.frames, nat.frames):
+        off.append(f"--frames {cfg.data.frames}")
     if not off:
         return None
     nh, nw = nat.size

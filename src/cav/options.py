@@ -24,18 +24,21 @@ _MISSING = dataclasses.MISSING
 
 
 def option(default, help: str, *, unit: str = "", flag: str = "", metavar=None, repeat: bool = False,
-           default_text: str = "", parse=None):
+           default_text: str = "", parse=None, key: str = ""):
     """A dataclass field with CLI metadata.
 
     ``unit``: shown after the default in --help. ``flag``: the flag name if not ``--field-name``. ``repeat``: a
     ``tuple[X, X]`` also accepts one value for both (``size: 256``). ``default_text``: what --help says the default
     is when the plain value would mislead (e.g. "the adapter's"). ``parse``: a function that replaces the type's
-    parser for a value with a rule of its own (adapter weights), raising CavError with its own message.
+    parser for a value with a rule of its own (adapter weights), raising CavError with its own message. ``key``: the
+    option's flat key (flags' dest, batch manifest columns, recipes of format 1) if not the flag's name with ``_``.
     """
     meta = {"help": help, "unit": unit, "flag": flag, "metavar": metavar, "repeat": repeat,
-            "default_text": default_text, "parse": parse}
+            "default_text": default_text, "parse": parse, "key": key}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
+    if dataclasses.is_dataclass(default):  # a section: each owner gets its own copy
+        return field(default_factory=lambda: dataclasses.replace(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -165,6 +168,50 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+def key_name(f: dataclasses.Field) -> str:
+    """The option's flat key: its flag without dashes (``--t-lora-rank`` → ``t_lora_rank``), unless it says another."""
+    return f.metadata.get("key") or flag_name(f)[2:].replace("-", "_")
+
+
+# ------------------------------------------------------------------------------------------ nested options
+class Leaf(typing.NamedTuple):
+    """One option of a (possibly nested) dataclass: where it sits (``("motion", "rank")``), its field and type."""
+
+    path: tuple[str, ...]
+    field: dataclasses.Field
+    hint: Any
+
+    @property
+    def key(self) -> str:
+        return key_name(self.field)
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+
+def is_section(hint) -> bool:
+    """A field whose type is itself a dataclass of options: a nested section of the recipe."""
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def own_fields(cls) -> list[dataclasses.Field]:
+    """The fields of ``cls`` that are options (a subclass lists inherited fields its owner sets in ``NOT_OPTIONS``)."""
+    hidden = getattr(cls, "NOT_OPTIONS", ())
+    return [f for f in dataclasses.fields(cls) if f.name not in hidden]
+
+
+def leaves(cls, path: tuple[str, ...] = ()) -> list[Leaf]:
+    """Every option of dataclass ``cls``, sections flattened in order."""
+    types_, out = hints(cls), []
+    for f in own_fields(cls):
+        if is_section(types_[f.name]):
+            out += leaves(types_[f.name], path + (f.name,))
+        else:
+            out.append(Leaf(path + (f.name,), f, types_[f.name]))
+    return out
+
+
 def typed(cls, data: dict) -> dict:
     """``data`` (field → what the user wrote) parsed to the types of dataclass ``cls``; a CavError names the key."""
     types_, fields_ = hints(cls), {f.name: f for f in dataclasses.fields(cls)}
@@ -175,13 +222,31 @@ def typed(cls, data: dict) -> dict:
             repeat = bool(fields_[name].metadata.get("repeat"))
             out[name] = parse(value) if parse else coerce(types_[name], value, repeat)
         except ValueError as exc:
-            raise CavError(f"{name} ({flag_name(fields_[name])}): {exc}") from None
+            raise CavError(f"{key_name(fields_[name])} ({flag_name(fields_[name])}): {exc}") from None
+    return out
+
+
+def typed_keys(cls, data: dict) -> dict:
+    """``data`` (flat key → what the user wrote: flags, manifest cells, form fields) parsed to the types of the
+    options of nested dataclass ``cls``; a CavError names the key and its flag."""
+    by_key = {leaf.key: leaf for leaf in leaves(cls)}
+    out = {}
+    for key, value in data.items():
+        leaf = by_key[key]
+        parse = leaf.field.metadata.get("parse")
+        try:
+            out[key] = parse(value) if parse else coerce(leaf.hint, value, bool(leaf.field.metadata.get("repeat")))
+        except ValueError as exc:
+            raise CavError(f"{key} ({flag_name(leaf.field)}): {exc}") from None
     return out
 
 
 def coerce_fields(obj) -> None:
-    """Coerce every field of dataclass ``obj`` in place; a bad value is a CavError naming the key and its flag."""
-    values = typed(type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+    """Coerce every option field of dataclass ``obj`` in place (sections check themselves); a bad value is a CavError
+    naming the key and its flag."""
+    types_ = hints(type(obj))
+    names = [f.name for f in own_fields(type(obj)) if not is_section(types_[f.name])]
+    values = typed(type(obj), {name: getattr(obj, name) for name in names})
     for name, value in values.items():
         object.__setattr__(obj, name, value)
 
@@ -220,17 +285,26 @@ def help_text(f: dataclasses.Field, hint, before_default: str = "") -> str:
 
 def add_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),
               before_default: dict | None = None) -> None:
-    """One flag per field of dataclass ``cls``. Flags default to None (only given flags override a recipe) and keep
-    the text the user typed: the dataclass parses and checks it, so a flag and a recipe key follow one rule."""
-    types_ = hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
+    """One flag per option of dataclass ``cls`` (a section's options as one group; dest = the flat key). Flags
+    default to None (only given flags override a recipe) and keep the text the user typed: the dataclass parses and
+    checks it, so a flag and a recipe key follow one rule."""
+    sections = {f.name: f for f in dataclasses.fields(cls)}
+    groups: dict = {}
+    for leaf in leaves(cls):
+        f, hint = leaf.field, leaf.hint
+        if leaf.key in skip:
             continue
-        hint = types_[f.name]
+        target = parser
+        if len(leaf.path) > 1:  # a section's options are one group of --help, titled as in a recipe file
+            name = leaf.path[0]
+            if name not in groups:
+                groups[name] = parser.add_argument_group(f"recipe section {name}:",
+                                                         sections[name].metadata.get("help"))
+            target = groups[name]
         _, inner = _is_optional(hint)
         origin = typing.get_origin(inner)
-        before = (before_default or {}).get(f.name, "")
-        kw: dict = {"dest": f.name, "default": None, "help": help_text(f, hint, before)}
+        before = (before_default or {}).get(leaf.key, "")
+        kw: dict = {"dest": leaf.key, "default": None, "help": help_text(f, hint, before)}
         if inner is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is list:
@@ -243,12 +317,12 @@ def add_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (
             kw["metavar"] = "{" + ",".join(typing.get_args(inner)) + "}"
         elif "action" not in kw or kw["action"] == "append":
             kw["metavar"] = {int: "N", float: "X"}.get(inner, "TEXT")
-        parser.add_argument(flag_name(f), **kw)
+        target.add_argument(flag_name(f), **kw)
 
 
 def given(args: argparse.Namespace, cls) -> dict:
-    """The fields of ``cls`` whose flags were given."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    """The options of ``cls`` whose flags were given, by flat key."""
+    return {leaf.key: getattr(args, leaf.key) for leaf in leaves(cls) if getattr(args, leaf.key, None) is not None}
 
 
 def arg_type(hint, what: str = ""):

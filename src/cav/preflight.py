@@ -20,10 +20,10 @@ def check_train(cfg: TrainConfig) -> None:
     """Refuse (CavError) a size or frame count the base cannot take and a prompt whose cut drops a textual-inversion
     token; warn of any other prompt cut. Prompts are checked when the base's tokenizer is on this machine."""
     family = backbone.family_of(cfg.base, cfg.motion_adapter or None)
-    backbone.check_shape(cfg.base, cfg.size, cfg.frames, motion_adapter=cfg.motion_adapter or None, family=family)
+    backbone.check_shape(cfg.base, cfg.data.size, cfg.data.frames, motion_adapter=cfg.motion_adapter or None, family=family)
     check_family_supports(cfg, family)
-    expert = backbone.check_experts(cfg.base, cfg.experts or None, family)  # on a one-expert base: refused
-    if expert == "both" and cfg.s_lora_from:  # an image LoRA file is read into one model
+    expert = backbone.check_experts(cfg.base, cfg.motion.experts or None, family)  # on a one-expert base: refused
+    if expert == "both" and cfg.absorbers.s_lora_from:  # an image LoRA file is read into one model
         raise CavError("--s-lora-from with --experts both is not supported: pass --experts high or low, or let stage 1 "
                        "train the S-LoRA on both experts")
     if cfg.motion_adapter:  # e.g. an SD 1.5 motion adapter on an SDXL image model: refused before the folder is touched
@@ -35,7 +35,8 @@ def check_train(cfg: TrainConfig) -> None:
     if tokenizer is None:
         return
     # token rows go into the prompt (Wan's prompt vectors follow it, outside the text)
-    tokens = token_names(cfg.ti_token, cfg.ti_tokens) if cfg.uses_ti and family.condition.textual_inversion else None
+    ab = cfg.absorbers
+    tokens = token_names(ab.ti_token, ab.ti_tokens) if ab.uses_ti and family.condition.textual_inversion else None
     if tokens:
         tokenizer.add_tokens(tokens)  # this copy only: the run's own tokenizer gets them when the stage is built
 
@@ -43,10 +44,10 @@ def check_train(cfg: TrainConfig) -> None:
         return expand(prompt, tokens) if tokens else prompt
 
     check_prompt(tokenizer, fed(cfg.prompt), "--prompt")
-    if cfg.absorbers != "none":
+    if cfg.absorbers.kind != "none":
         for spatial in (p for p in cfg.spatial_prompt if p.strip()):  # one per clip
             check_prompt(tokenizer, fed(spatial), "--spatial-prompt")
-    for prompt in cfg.validation_prompts:  # warned about at the first checkpoint; refused here if a token is lost
+    for prompt in cfg.validation.prompts:  # warned about at the first checkpoint; refused here if a token is lost
         check_prompt(tokenizer, prompt, f"--validation-prompt '{prompt[:40]}'", warn=False)
 
 
@@ -56,22 +57,22 @@ def check_family_supports(cfg: TrainConfig, family) -> None:
     S-LoRA (``--s-lora-from``) needs the row's reader; the placement must exist on the family's model (Wan's ``qk``
     and ``temporal-heads`` are a DiT's), one that measures heads needs one expert, and ``--frame-diff-loss`` an
     objective with a frame-difference term (``Objective.frame_difference_loss``: flow matching, Wan)."""
-    if cfg.uses_ti and family.condition.ti is None:
-        given = " (--ti-from)" if cfg.ti_from else ""
-        raise CavError(f"textual inversion{given} (--absorbers {cfg.absorbers}) is not supported on {family.what} yet: "
+    if cfg.absorbers.uses_ti and family.condition.ti is None:
+        given = " (--ti-from)" if cfg.absorbers.ti_from else ""
+        raise CavError(f"textual inversion{given} (--absorbers {cfg.absorbers.kind}) is not supported on {family.what} yet: "
                        "pass --absorbers s-lora (or none)")
-    if cfg.ti_from:  # a file of the other kind (token rows / prompt vectors): refused before the run folder
-        family.condition.ti.check_file(cfg.ti_from)
+    if cfg.absorbers.ti_from:  # a file of the other kind (token rows / prompt vectors): refused before the run folder
+        family.condition.ti.check_file(cfg.absorbers.ti_from)
     for kind in ("temporal", "spatial"):  # a placement the family's model has not (e.g. a DiT's temporal convs)
         cfg.lora_config(kind, family)
-    if cfg.frame_diff_loss and family.objective.frame_difference_loss is None:
+    if cfg.motion.frame_diff_loss and family.objective.frame_difference_loss is None:
         raise CavError(f"--frame-diff-loss is not supported on {family.what} (its {family.objective.name} objective "
                        "has no frame-difference term; flow-matching bases such as Wan have it): drop "
                        "--frame-diff-loss")
-    if family.targets.heads(cfg.placement) and cfg.experts == "both":  # heads are measured in one transformer
-        raise CavError(f"--placement {cfg.placement} measures heads in one transformer, not in both experts: pass "
+    if family.targets.heads(cfg.motion.placement) and cfg.motion.experts == "both":  # heads are measured in one transformer
+        raise CavError(f"--placement {cfg.motion.placement} measures heads in one transformer, not in both experts: pass "
                        "--experts high or low, or another --placement")
-    if cfg.s_lora_from and family.image_lora is None:
+    if cfg.absorbers.s_lora_from and family.image_lora is None:
         raise CavError(f"--s-lora-from is not supported on {family.what} yet: drop it (stage 1 then trains the "
                        "S-LoRA on the clip)")
 

@@ -60,16 +60,16 @@ class PlannedStage:
 def stage_keys(cfg: TrainConfig, clips: int) -> list[StageKey]:
     """The plan's keys: each clip's absorbers (given ones, one clip: the first clip's; none with ``--absorbers
     none``), then the T-LoRA."""
-    absorbers = 1 if cfg.absorbers_given else 0 if cfg.absorbers == "none" else clips
+    absorbers = 1 if cfg.absorbers.given else 0 if cfg.absorbers.kind == "none" else clips
     return [StageKey("absorbers", k) for k in range(absorbers)] + [StageKey("t_lora")]
 
 
 def stage_plan(bb, cfg: TrainConfig, out: Path, frames: list[torch.Tensor],
                starts: generation.StartInputs | None) -> list[PlannedStage]:
     """The plan of a run on the clips ``frames`` (each (F, 3, H, W) in [-1, 1]): the stages of ``stage_keys``."""
-    clips = [ClipInputs(f, None, s_lora_name(k) if cfg.uses_s_lora else None) for k, f in enumerate(frames)]
+    clips = [ClipInputs(f, None, s_lora_name(k) if cfg.absorbers.uses_s_lora else None) for k, f in enumerate(frames)]
     keys = stage_keys(cfg, len(clips))
-    if cfg.absorbers_given:
+    if cfg.absorbers.given:
         absorbers = [_given_absorbers(bb, cfg, out, keys[0], clips[0])]
     else:
         absorbers = [_absorbers(bb, cfg, out, key, clips[key.clip_index], len(clips) > 1) for key in keys[:-1]]
@@ -77,13 +77,13 @@ def stage_plan(bb, cfg: TrainConfig, out: Path, frames: list[torch.Tensor],
 
 
 def _absorbers(bb, cfg: TrainConfig, out: Path, key: StageKey, clip: ClipInputs, several: bool) -> PlannedStage:
-    """Stage 1 on one clip: its own TI tokens (``cfg.clip_token``) and S-LoRA trained on its frames under its spatial
+    """Stage 1 on one clip: its own TI tokens (``cfg.absorbers.clip_token``) and S-LoRA trained on its frames under its spatial
     prompt; published under ``absorbers/`` (``absorbers/clip-K/`` after the first)."""
     k = key.clip_index
     name, prompt = s_lora_name(k), cfg.spatial_prompt_of(k)  # its names: adapter, spatial prompt (TI token: below)
 
     def build(checkpoint: Callable) -> Stage:
-        if cfg.uses_ti:  # made here, in training order: clip K's tokens join the text encoder after clip K-1 trained
+        if cfg.absorbers.uses_ti:  # made here, in training order: clip K's tokens join the text encoder after clip K-1 trained
             clip.ti = make_textual_inversion(bb, cfg, k)
         return absorber_stage(bb, cfg, clip.frames, clip.ti, checkpoint, s_lora=name, prompt=prompt)
 
@@ -98,7 +98,7 @@ def _given_absorbers(bb, cfg: TrainConfig, out: Path, key: StageKey, clip: ClipI
     """``--s-lora-from`` / ``--ti-from``: existing appearance work instead of stage 1 (one clip), published as
     ``absorbers/``; nothing trains."""
     def build(checkpoint: Callable) -> None:
-        if cfg.uses_ti:
+        if cfg.absorbers.uses_ti:
             clip.ti = make_textual_inversion(bb, cfg)
         given_absorbers(bb, cfg)
 
@@ -118,11 +118,11 @@ def _t_lora(bb, cfg: TrainConfig, out: Path, clips: list[ClipInputs],
     chosen: dict = {}  # the T-LoRA's measured heads, once the stage is built (none: every head)
 
     def build(checkpoint: Callable) -> Stage:
-        if bb.family.targets.heads(cfg.placement):
+        if bb.family.targets.heads(cfg.motion.placement):
             heads = runfolder.read_heads(out)
             if heads is None:
                 heads, mass = measure_heads(bb, cfg, clips)
-                runfolder.write_heads(out, cfg.placement, heads, mass)
+                runfolder.write_heads(out, cfg.motion.placement, heads, mass)
             chosen["heads"] = heads
         return t_lora_stage(bb, cfg, clips[0].frames, clips[0].ti, checkpoint, clips=clips,
                             heads=chosen.get("heads"))
@@ -151,14 +151,14 @@ def actions(keys: list[StageKey], point: StageKey | None) -> list[str]:
 # -------------------------------------------------------------------------------------------------- the run
 def _load_backbone(cfg: TrainConfig):
     """The base to train on, with the accelerations the recipe and the device ask for."""
-    bb = backbone_mod.load(cfg.base, cfg.device, cfg.dtype, motion_adapter=cfg.motion_adapter or None,
-                           experts=cfg.experts or None)
-    if not cfg.validation_prompts:  # the validation prompt is --prompt, whose cut preflight reported: once is enough
+    bb = backbone_mod.load(cfg.base, cfg.system.device, cfg.system.dtype, motion_adapter=cfg.motion_adapter or None,
+                           experts=cfg.motion.experts or None)
+    if not cfg.validation.prompts:  # the validation prompt is --prompt, whose cut preflight reported: once is enough
         bb.reported.update(runfolder.validation_prompts(cfg))
     accel.tune_backends(bb.device)
-    if accel.wants_checkpointing(cfg.gradient_checkpointing, bb.device):
+    if accel.wants_checkpointing(cfg.system.gradient_checkpointing, bb.device):
         accel.set_gradient_checkpointing(bb.unet, True)
-    if accel.wants_compile(cfg.compile, bb.device):
+    if accel.wants_compile(cfg.system.compile, bb.device):
         accel.compile_unet(bb.unet, bb.device)
     return bb
 
@@ -176,7 +176,7 @@ class BlockSwapping:
 
         self.bb, self.swap = bb, None
         self.on = False
-        if cfg.offload_frozen and bb.family.block_swap is not None:
+        if cfg.system.offload_frozen and bb.family.block_swap is not None:
             self.on, warning = offload_plan(True, bb.device)
             if warning:
                 logger.warning(f"cav: warning: {warning}")
@@ -233,8 +233,8 @@ class Run:
         self.swapping = BlockSwapping(bb, cfg)
         runfolder.start(self.out, cfg, self.point)
         runfolder.record_clip(self.out, data)
-        val = cfg.sample_config(run=self.out.absolute())
-        starts = generation.StartInputs(generation.read_reference(val, tuple(cfg.size)), image)  # via the run
+        val = cfg.validation.sample_config(run=self.out.absolute())
+        starts = generation.StartInputs(generation.read_reference(val, tuple(cfg.data.size)), image)  # via the run
         self.log = JsonlLog(self.out / "log.jsonl")
         try:
             self.execute(stage_plan(bb, cfg, self.out, [to_tensor(f) for f in frames_u8], starts))

@@ -24,7 +24,7 @@ from .adapters import lora
 from .config import TrainConfig, dump_yaml
 from .errors import CavError
 from .io_utils import atomic_path, content_hash, publish_dir, write_json, write_text
-from .sampling import sample_video
+from .sampling import sample_with
 from .stages import S_LORA, T_LORA, t_lora_config
 
 HEADS = "temporal_heads.json"  # a temporal-heads run's measured heads (``write_heads``)
@@ -101,7 +101,7 @@ def data_record(records: list[dict], cfg: TrainConfig) -> dict:
     """``data.json``: the first clip's record (as one-clip runs always wrote it), every clip's under ``clips`` for a
     run on several, and the files ``--s-lora-from`` / ``--ti-from`` gave (path and hash) under ``absorbers_from``."""
     given = {key: {"path": str(Path(value).absolute()), "sha256": content_hash(value)}
-             for key in ("s_lora_from", "ti_from") if (value := getattr(cfg, key))}
+             for key in ("s_lora_from", "ti_from") if (value := getattr(cfg.absorbers, key))}
     return {**records[0], **({"clips": records} if len(records) > 1 else {}),
             **({"absorbers_from": given} if given else {})}
 
@@ -161,7 +161,7 @@ def finished(out: Path, cfg: TrainConfig) -> bool:
     if not path.is_file():
         return False
     summary = json.loads(path.read_text())
-    return int(summary.get("final_checkpoint", "step-0")[5:]) == cfg.steps and (Path(out) / "t_lora").is_dir()
+    return int(summary.get("final_checkpoint", "step-0")[5:]) == cfg.motion.steps and (Path(out) / "t_lora").is_dir()
 
 
 # ----------------------------------------------------------------------------------------- during training
@@ -189,9 +189,9 @@ class Clock:
 
 
 def validation_prompts(cfg: TrainConfig) -> list[str]:
-    if cfg.validation_prompts:
-        return list(cfg.validation_prompts)
-    return [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]
+    if cfg.validation.prompts:
+        return list(cfg.validation.prompts)
+    return [cfg.prompt.replace(cfg.absorbers.ti_token, cfg.absorbers.ti_init)]
 
 
 def base_meta(bb) -> dict:
@@ -204,12 +204,12 @@ def base_meta(bb) -> dict:
 
 def t_lora_meta(bb, cfg: TrainConfig, step: int, heads: dict | None = None) -> dict:
     """The T-LoRA's ``cav.json``; ``heads``: the measured heads it is cut to (``temporal_heads``, block → heads)."""
-    return {**base_meta(bb), "kind": "temporal", "base": cfg.base, "placement": cfg.placement, "rank": cfg.t_lora_rank,
-            "alpha": cfg.t_lora_alpha, "prompt": cfg.prompt, "spatial_prompt": _recorded_spatial(cfg),
-            "absorbers": cfg.absorbers, "step": step,
+    return {**base_meta(bb), "kind": "temporal", "base": cfg.base, "placement": cfg.motion.placement, "rank": cfg.motion.rank,
+            "alpha": cfg.motion.alpha, "prompt": cfg.prompt, "spatial_prompt": _recorded_spatial(cfg),
+            "absorbers": cfg.absorbers.kind, "step": step,
             **({"temporal_heads": {str(b): hs for b, hs in heads.items()}} if heads is not None else {}),
-            **({"frame_diff_loss": cfg.frame_diff_loss} if cfg.frame_diff_loss else {}),
-            "validation": {"prompts": validation_prompts(cfg), **cfg.sample_config().to_validation()}}
+            **({"frame_diff_loss": cfg.motion.frame_diff_loss} if cfg.motion.frame_diff_loss else {}),
+            "validation": {"prompts": validation_prompts(cfg), **cfg.validation.sample_config().to_validation()}}
 
 
 def _recorded_spatial(cfg: TrainConfig):
@@ -221,11 +221,11 @@ def _recorded_spatial(cfg: TrainConfig):
 def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti, s_lora: str = S_LORA, prompt: str | None = None) -> None:
     """One clip's absorbers into ``folder``: its S-LoRA (adapter ``s_lora``, trained under the spatial ``prompt``;
     None: the first clip's) and its TI rows."""
-    if cfg.uses_s_lora:  # a given image LoRA (--s-lora-from) keeps its own config (targets, rank, alpha)
-        config = bb.unet.peft_config[s_lora] if cfg.s_lora_from else cfg.lora_config("spatial", bb.family)
-        meta = {**base_meta(bb), "kind": "spatial", "base": cfg.base, "placement": cfg.placement, "rank": config.r,
+    if cfg.absorbers.uses_s_lora:  # a given image LoRA (--s-lora-from) keeps its own config (targets, rank, alpha)
+        config = bb.unet.peft_config[s_lora] if cfg.absorbers.s_lora_from else cfg.lora_config("spatial", bb.family)
+        meta = {**base_meta(bb), "kind": "spatial", "base": cfg.base, "placement": cfg.motion.placement, "rank": config.r,
                 "alpha": config.lora_alpha, "prompt": cfg.spatial_prompt_of(0) if prompt is None else prompt,
-                **({"from": cfg.s_lora_from} if cfg.s_lora_from else {})}
+                **({"from": cfg.absorbers.s_lora_from} if cfg.absorbers.s_lora_from else {})}
         lora.save_lora(bb.unet, s_lora, config, folder / "s_lora", meta)
     if ti is not None:
         ti.save(folder / ti.FILE)
@@ -233,7 +233,7 @@ def write_absorbers(bb, cfg: TrainConfig, folder: Path, ti, s_lora: str = S_LORA
 
 def load_absorbers(bb, cfg: TrainConfig, folder: Path, ti, s_lora: str = S_LORA) -> None:
     """Saved absorbers (``write_absorbers``' folder) into adapter ``s_lora`` and ``ti``'s rows."""
-    if cfg.uses_s_lora:
+    if cfg.absorbers.uses_s_lora:
         lora.load_lora_weights(bb.unet, folder / "s_lora", s_lora)
     if ti is not None:
         ti.load_rows(folder / ti.FILE)
@@ -279,14 +279,13 @@ def validation_samples(bb, cfg: TrainConfig, out: Path, starts: generation.Start
     from .data.video import write_video
 
     def hook(ckpt: Path, step: int) -> None:
-        lora.activate(bb.unet, [T_LORA], [cfg.lora_weight])  # only the T-LoRA, as at inference
-        s = cfg.sample_config(run=Path(out).absolute())  # what `cav generate --adapter RUN` starts from
+        lora.activate(bb.unet, [T_LORA], [cfg.validation.lora_weight])  # only the T-LoRA, as at inference
+        s = cfg.validation.sample_config(run=Path(out).absolute())  # what `cav generate --adapter RUN` starts from
         prompts = validation_prompts(cfg)
         try:
             with accel.on_device(bb.device, bb.vae, *bb.text_encoders):
                 start = generation.start_for(bb, s, starts, s.seed) if starts else None  # adapter on, as generate
-                videos = [sample_video(bb, prompt, frames=s.frames, size=s.size, steps=s.steps,
-                                       guidance=s.guidance, seed=s.seed, start=start) for prompt in prompts]
+                videos = [sample_with(bb, [prompt], s, [s.seed], start=start)[0] for prompt in prompts]
         finally:
             lora.activate(bb.unet, active, trainable=T_LORA)
         adapter = [(Path(out).absolute() / "checkpoints" / resume_mod.checkpoint_name("t_lora", step), None)]
@@ -294,7 +293,7 @@ def validation_samples(bb, cfg: TrainConfig, out: Path, starts: generation.Start
             for ext in (".mp4", ".gif"):
                 write_video(ckpt / "samples" / f"sample-{i}{ext}", video)
             write_json(ckpt / "samples" / f"sample-{i}.json",
-                       generation.record(prompt, adapter, s, None, s.seed, [cfg.lora_weight]))
+                       generation.record(prompt, adapter, s, None, s.seed, [cfg.validation.lora_weight]))
             with atomic_path(ckpt / "samples" / f"sample-{i}.npy") as tmp, open(tmp, "wb") as fh:
                 np.save(fh, video, allow_pickle=False)
     return hook

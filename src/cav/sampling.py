@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from . import lean
 from .backbone import Backbone, check_shape
 from .errors import CavError
 from .prompts import check_prompts
+
+if TYPE_CHECKING:
+    from .config import SampleConfig
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,17 @@ def sample_video(bb: Backbone, prompt: str, *, frames: int, size: tuple[int, int
     """One video as uint8 (F, H, W, 3)."""
     return sample_videos(bb, [prompt], frames=frames, size=size, steps=steps, guidance=guidance, seeds=[seed],
                          negative_prompt=negative_prompt, progress=progress, start=start)[0]
+
+
+def sample_with(bb: Backbone, prompts: list[str], sample: "SampleConfig", seeds: list[int], *,
+                size: tuple[int, int] | None = None, steps: int | None = None, progress: bool = False,
+                start: Start | None = None) -> np.ndarray:
+    """Videos made with the settings of ``sample`` (a ``config.SampleConfig``: frames, size, steps, guidance,
+    negative prompt), one per (prompt, seed), as uint8 (B, F, H, W, 3). ``size`` / ``steps``: what the caller
+    resolved instead (generate's default size; the estimate's timed steps)."""
+    return sample_videos(bb, prompts, frames=sample.frames, size=tuple(size or sample.size),
+                         steps=steps or sample.steps, guidance=sample.guidance, seeds=list(seeds),
+                         negative_prompt=sample.negative_prompt, progress=progress, start=start)
 
 
 def latent_shape(bb: Backbone, frames: int, size: tuple[int, int]) -> tuple[int, int, int, int, int]:

@@ -73,16 +73,16 @@ def choose(table: list[dict], left_out: list[str] = ()) -> dict:
 
 def score_checkpoints(run: Path, clip: str | None = None) -> tuple[list[dict], list[str]]:
     """One row of scores per checkpoint, and the criteria left out (with why)."""
-    from .config import TrainConfig
+    from .config import TrainConfig, load_recipe
     from .metrics import toy as tm
 
     run = Path(run)
     found = checkpoints(run)  # refuses a folder that is not a run before reading anything
-    cfg = TrainConfig.from_dict(_yaml(run / "config.yaml"))
+    cfg = TrainConfig.from_dict(load_recipe(run / "config.yaml"))
     data = versioned.read(run / "data.json") if (run / "data.json").is_file() else {}
     references = [_reference(record, cfg) for record in (data.get("clips") or [data])]
     scorer, notes = _clip_scorer(clip)
-    prompts = cfg.validation_prompts or [cfg.prompt.replace(cfg.ti_token, cfg.ti_init)]
+    prompts = cfg.validation.prompts or [cfg.prompt.replace(cfg.absorbers.ti_token, cfg.absorbers.ti_init)]
     not_toy = _not_toy(cfg, references)
     ref_tracks = [tm.track(r) for r in references] if not_toy is None else None
     table = []
@@ -118,7 +118,8 @@ def _reference(record: dict, cfg) -> np.ndarray:
     source = record.get("clip")
     if not source or not Path(source).exists():
         raise CavError(f"the run's reference clip '{source}' is missing: put it back to score against it")
-    return read_video(source, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **record.get("selection", {}))
+    return read_video(source, frames=cfg.data.frames, size=tuple(cfg.data.size), fit=cfg.data.fit,
+                      **record.get("selection", {}))
 
 
 def _fidelity(samples: list[np.ndarray], references: list[np.ndarray]) -> tuple[float | None, str | None]:
@@ -140,12 +141,6 @@ def _clip_scorer(clip: str | None):
         return ClipScorer(clip or DEFAULT_CLIP, local_only=True), []
     except CavError:
         return None, [f"text_alignment: no CLIP weights at '{clip or DEFAULT_CLIP}' (pass --clip PATH)"]
-
-
-def _yaml(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def select(run, clip: str | None = None) -> dict:

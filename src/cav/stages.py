@@ -65,8 +65,8 @@ def make_textual_inversion(bb: Backbone, cfg: TrainConfig, index: int = 0) -> Te
 def given_absorbers(bb: Backbone, cfg: TrainConfig) -> None:
     """Stage 1 replaced by existing appearance work: ``--s-lora-from``'s image LoRA becomes the frozen S-LoRA (a
     bypassed UNet is its image model, so an image LoRA of that model absorbs appearance as it stands)."""
-    if cfg.s_lora_from:
-        bb.family.image_lora(bb.unet, cfg.s_lora_from, S_LORA, bb.family)
+    if cfg.absorbers.s_lora_from:
+        bb.family.image_lora(bb.unet, cfg.absorbers.s_lora_from, S_LORA, bb.family)
 
 
 def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
@@ -75,30 +75,30 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
     ``s_lora``; the other clips' inactive), its TI and its spatial ``prompt`` (None: the first clip's); ``checkpoint``
     is the callback ``Stage.checkpoint`` describes. Its step is lean for the S-LoRA (``lean.LeanStep``)."""
     groups, after_backward, after_step = [], [], []
-    if cfg.uses_s_lora:
+    if cfg.absorbers.uses_s_lora:
         lora.add_lora(bb.unet, s_lora, cfg.lora_config("spatial", bb.family))
         lora.activate(bb.unet, [s_lora], trainable=s_lora)
-        groups.append({"params": lora.lora_parameters(bb.unet, s_lora), "lr": cfg.s_lora_lr, "name": s_lora})
+        groups.append({"params": lora.lora_parameters(bb.unet, s_lora), "lr": cfg.absorbers.s_lora_lr, "name": s_lora})
     prompt = cfg.spatial_prompt_of(0) if prompt is None else prompt
     if ti is not None:
         prompt = ti.expand(prompt)
-        groups.append({"params": ti.trainable(), "lr": cfg.ti_lr, "name": "textual_inversion"})
+        groups.append({"params": ti.trainable(), "lr": cfg.absorbers.ti_lr, "name": "textual_inversion"})
         after_backward.append(ti.mask_grad)
         after_step.append(ti.restore_rows)
     check_prompt(bb.tokenizer, prompt, "the absorbers' prompt", warn=False)  # a cut placeholder would learn nothing
     cached_cond = None if ti is not None else encode_prompt(bb, prompt)
-    n = min(cfg.absorber_batch, frames.shape[0])
+    n = min(cfg.absorbers.batch, frames.shape[0])
 
     def batch(gen: torch.Generator):
         idx = torch.randint(0, frames.shape[0], (n,), generator=gen)  # unordered frames
-        crops = random_patch_crop(frames[idx], gen, tuple(cfg.crop_ratio))
+        crops = random_patch_crop(frames[idx], gen, tuple(cfg.absorbers.crop_ratio))
         latents = encode_frames(bb, crops).unsqueeze(2)  # (n, C, 1, h, w): n independent images
         cond = cached_cond if cached_cond is not None else ti.encode(bb, prompt, grad=True)
         return latents, cond.expand(n, -1, -1)
 
     # the fused forward of the S-LoRA this clip trains; TI alone: the plain step
-    step = lean.LeanStep(bb.unet, s_lora, lean.autocast_dtype(bb.device, bb.dtype)) if cfg.uses_s_lora else None
-    return Stage("absorbers", cfg.absorber_steps, groups, batch, bb.family.objective, bb.family.image_mode,
+    step = lean.LeanStep(bb.unet, s_lora, lean.autocast_dtype(bb.device, bb.dtype)) if cfg.absorbers.uses_s_lora else None
+    return Stage("absorbers", cfg.absorbers.steps, groups, batch, bb.family.objective, bb.family.image_mode,
                  timesteps=bb.train_window(None), after_backward=after_backward, after_step=after_step, checkpoint=checkpoint,
                  checkpoint_every=cfg.checkpoint_every, forward_backward_context=step or contextlib.nullcontext)
 
@@ -125,7 +125,7 @@ def t_lora_config(bb: Backbone, cfg: TrainConfig, heads: dict | None = None):
     the placement cuts it to measured heads."""
     config = cfg.lora_config("temporal", bb.family)
     if heads is not None:
-        config.target_modules = target_regex("temporal", cfg.placement, bb.family, list(heads))
+        config.target_modules = target_regex("temporal", cfg.motion.placement, bb.family, list(heads))
     return config
 
 
@@ -143,10 +143,10 @@ def measure_heads(bb: Backbone, cfg: TrainConfig, clips: list[ClipInputs]) -> tu
                 lora.activate(bb.unet, [clip.s_lora])
             yield encode(k)
 
-    lo, hi = bb.train_window(tuple(int(t) for t in cfg.t_lora_timesteps)) or (0, 1000)
+    lo, hi = bb.train_window(tuple(int(t) for t in cfg.motion.timesteps)) or (0, 1000)
     total = int(bb.scheduler.config.num_train_timesteps)
     sigma = min(lo + hi, 2 * total) / (2 * total)  # the middle of the timesteps the T-LoRA trains on (its expert's)
-    heads, mass = bb.family.targets.measure_heads(bb.unet, inputs(), cfg.placement, cfg.seed, sigma)
+    heads, mass = bb.family.targets.measure_heads(bb.unet, inputs(), cfg.motion.placement, cfg.seed, sigma)
     return heads, mass.tolist()
 
 
@@ -160,17 +160,17 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
     With ``clips`` (several references of one motion) each step draws one clip from the generator and trains the one
     T-LoRA on it with that clip's own absorbers active (its S-LoRA, its TI tokens in the prompt) and no other's.
     """
-    clips = clips or [ClipInputs(frames, ti, S_LORA if cfg.uses_s_lora else None)]
+    clips = clips or [ClipInputs(frames, ti, S_LORA if cfg.absorbers.uses_s_lora else None)]
     prompts, encode = _clip_inputs(bb, cfg, clips)
     lora.add_lora(bb.unet, T_LORA, t_lora_config(bb, cfg, heads))
     after_backward = [bb.family.targets.restrict(bb.unet, T_LORA, heads)] if heads is not None else []
     lora.activate(bb.unet, active_adapters(clips[0]), trainable=T_LORA)
 
     # the condition guidance's unconditional branch sees at sampling (the empty prompt's; zeros for SDXL)
-    empty = bb.condition.unconditional(bb) if cfg.t_lora_prompt_dropout > 0 else None
-    if cfg.cache_inputs:  # encode the clips and their prompts once, reuse them every step
+    empty = bb.condition.unconditional(bb) if cfg.motion.prompt_dropout > 0 else None
+    if cfg.system.cache_inputs:  # encode the clips and their prompts once, reuse them every step
         cached = [encode(k) for k in range(len(clips))]
-        if cfg.offload_frozen:
+        if cfg.system.offload_frozen:
             offload(bb.vae, *bb.text_encoders)
 
     def batch(gen: torch.Generator):
@@ -178,20 +178,20 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
         if len(clips) > 1:  # one clip per step, its own absorbers on (one clip: no draw, the run is as before)
             k = int(torch.randint(len(clips), (1,), generator=gen))
             lora.activate(bb.unet, active_adapters(clips[k]), trainable=T_LORA)
-        latents, cond = cached[k] if cfg.cache_inputs else encode(k)
-        n = cfg.t_lora_batch  # copies of the clip, each with its own noise and timestep in diffusion_loss
+        latents, cond = cached[k] if cfg.system.cache_inputs else encode(k)
+        n = cfg.motion.batch  # copies of the clip, each with its own noise and timestep in diffusion_loss
         latents, cond = latents.expand(n, *latents.shape[1:]), cond.expand(n, *cond.shape[1:])
         if empty is not None:  # the unconditional branch of guidance learns the motion too
-            drop = (torch.rand(n, generator=gen) < cfg.t_lora_prompt_dropout).to(cond.device)
+            drop = (torch.rand(n, generator=gen) < cfg.motion.prompt_dropout).to(cond.device)
             cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         return latents, cond
 
-    groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.t_lora_lr, "name": T_LORA}]
-    return Stage("t_lora", cfg.steps, groups, batch, bb.family.objective,
-                 timesteps=bb.train_window(tuple(int(t) for t in cfg.t_lora_timesteps)), checkpoint=checkpoint,
+    groups = [{"params": lora.lora_parameters(bb.unet, T_LORA), "lr": cfg.motion.lr, "name": T_LORA}]
+    return Stage("t_lora", cfg.motion.steps, groups, batch, bb.family.objective,
+                 timesteps=bb.train_window(tuple(int(t) for t in cfg.motion.timesteps)), checkpoint=checkpoint,
                  checkpoint_every=cfg.checkpoint_every, after_backward=after_backward,
                  forward_backward_context=lean.LeanStep(bb.unet, T_LORA, lean.autocast_dtype(bb.device, bb.dtype)),
-                 frame_diff_loss=cfg.frame_diff_loss)
+                 frame_diff_loss=cfg.motion.frame_diff_loss)
 
 
 def active_adapters(clip: ClipInputs) -> list[str]:

@@ -228,10 +228,10 @@ class TokenRows:
 
     def new(self, bb, cfg, index: int = 0) -> TextualInversion:
         """Clip ``index``'s tokens (the first clip: ``--ti-from``'s embedding when given)."""
-        if index == 0 and cfg.ti_from:
-            return TextualInversion.from_file(bb.text_parts(), Path(cfg.ti_from), cfg.ti_token)
-        token = cfg.ti_token if index == 0 else cfg.clip_token(index)
-        return TextualInversion.into(bb.text_parts(), token, cfg.ti_tokens, cfg.ti_init)
+        if index == 0 and cfg.absorbers.ti_from:
+            return TextualInversion.from_file(bb.text_parts(), Path(cfg.absorbers.ti_from), cfg.absorbers.ti_token)
+        token = cfg.absorbers.ti_token if index == 0 else cfg.absorbers.clip_token(index)
+        return TextualInversion.into(bb.text_parts(), token, cfg.absorbers.ti_tokens, cfg.absorbers.ti_init)
 
     def check_file(self, path: str) -> None:
         """Before the run folder: a ``--ti-from`` file of another kind (Wan's prompt vectors) is refused by name; the
@@ -258,8 +258,8 @@ class TokenRows:
     def plan_row(self, cfg, unet_config: dict, family, index: int | None = None) -> dict:
         """The dry run's row: ``--ti-tokens`` rows over all of the family's text encoders (``index``: clip K of
         several, named by its token)."""
-        return {"name": self.name + (f" {cfg.clip_token(index)}" if index is not None else ""),
-                "trainable_params": cfg.ti_tokens * _text_hidden_size(cfg.base, unet_config, family), "modules": 1}
+        return {"name": self.name + (f" {cfg.absorbers.clip_token(index)}" if index is not None else ""),
+                "trainable_params": cfg.absorbers.ti_tokens * _text_hidden_size(cfg.base, unet_config, family), "modules": 1}
 
 
 def _text_hidden_size(base: str, unet_config: dict, family) -> int:

@@ -119,7 +119,7 @@ def _params(cfg: TrainConfig | None, base: str, clips: int = 1) -> dict:
         return {"temporal": 0, "spatial": 0, "total": 0, "stages": {}}
     # counts do not depend on the size; 256 passes the shape check of the toy and the ModelScope bases alike
     stages = {s["name"]: s["trainable_params"]
-              for s in api.plan(replace(cfg, base=base, size=[256, 256]), clips=clips)["stages"]}
+              for s in api.plan(replace(cfg, base=base, data=replace(cfg.data, size=[256, 256])), clips=clips)["stages"]}
     temporal = stages.get("t_lora", 0)
     spatial = sum(v for k, v in stages.items() if k != "t_lora")
     return {"temporal": temporal, "spatial": spatial, "total": temporal + spatial, "stages": stages}
@@ -167,7 +167,7 @@ def rescore(result: dict) -> dict:
         info = refs[run["reference"]]
         ref = tw.ToySpec(**info["spec"])
         cfg = _row_config(settings, next(r for r in settings["rows"] if r["key"] == run["row"]))
-        ref_video, _ = tw.render(ref, frames=cfg.frames, size=cfg.size[0])
+        ref_video, _ = tw.render(ref, frames=cfg.data.frames, size=cfg.data.size[0])
         data = np.load(run["samples"], allow_pickle=False)
         i = list(refs).index(run["reference"])
         targets = tw.new_appearances(ref, settings["prompts"], np.random.default_rng(cfg.seed + i))
@@ -221,12 +221,12 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
             name = _ref_name(i, ref)
             full, spatial = tw.caption(ref)
             probe = _row_config(settings, rows[0], full, spatial)
-            ref_video, _ = tw.render(ref, frames=probe.frames, size=probe.size[0])
+            ref_video, _ = tw.render(ref, frames=probe.data.frames, size=probe.data.size[0])
             ref_path = write_video(out / "references" / f"{name}.mp4", ref_video)
             ref_track = tm.track(ref_video)
             targets = tw.new_appearances(ref, settings["prompts"], np.random.default_rng(probe.seed + i))
             texts = [tw.caption(s)[0] for s in targets for _ in range(n_seeds)]
-            seeds = [probe.validation_seed + k for _ in targets for k in range(n_seeds)]
+            seeds = [probe.validation.seed + k for _ in targets for k in range(n_seeds)]
             tally.refs.append({"name": name, "spec": dataclasses.asdict(ref), "prompt": full,
                                "spatial_prompt": spatial, "video": str(ref_path),
                                "prompts": [tw.caption(s)[0] for s in targets]})
@@ -248,12 +248,12 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
                     api.train(videos_in, cfg, run_dir, overwrite=True, quiet=True)
                     seconds = time.perf_counter() - t
                 t = time.perf_counter()
-                bb = backbone.load(cfg.base, cfg.device, cfg.dtype)  # fresh: nothing leaks between rows
+                bb = backbone.load(cfg.base, cfg.system.device, cfg.system.dtype)  # fresh: nothing leaks between rows
                 if run_dir is not None:
                     adapter = row_options.adapter_dir(row, run_dir)
-                    api.load_adapters(bb, [(str(adapter), cfg.lora_weight)])  # the T-LoRA only
-                videos = sample_videos(bb, texts, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps,
-                                       guidance=cfg.guidance, seeds=seeds,
+                    api.load_adapters(bb, [(str(adapter), cfg.validation.lora_weight)])  # the T-LoRA only
+                videos = sample_videos(bb, texts, frames=cfg.data.frames, size=tuple(cfg.data.size),
+                                       steps=cfg.validation.steps, guidance=cfg.validation.guidance, seeds=seeds,
                                        start=row_options.start(bb, row, cfg, ref_video, targets, seeds, n_seeds))
                 del bb
                 sample_seconds = time.perf_counter() - t
@@ -303,9 +303,9 @@ def _aggregate(tally: _Tally, wall: float, complete: bool) -> dict:
         my_groups = [g for g in groups if g["row"] == key]
         my_runs = [x for x in runs if x["row"] == key]
         entry = {"name": row["name"], "key": key, "trained": trained,
-                 "config": None if cfg is None else {"absorbers": cfg.absorbers, "placement": cfg.placement,
-                                                     "t_lora_rank": cfg.t_lora_rank, "steps": cfg.steps,
-                                                     "absorber_steps": cfg.absorber_steps}}
+                 "config": None if cfg is None else {"absorbers": cfg.absorbers.kind, "placement": cfg.motion.placement,
+                                                     "t_lora_rank": cfg.motion.rank, "steps": cfg.motion.steps,
+                                                     "absorber_steps": cfg.absorbers.steps}}
         for m, metric in enumerate(METRICS):
             source = {**dict.fromkeys(VIDEO_METRICS, mine), **dict.fromkeys(GROUP_METRICS, my_groups),
                       **dict.fromkeys(RUN_METRICS, my_runs)}[metric]

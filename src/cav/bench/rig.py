@@ -180,8 +180,8 @@ class Rig:
 
             def sample(steps: int):
                 with unmerged:
-                    sample_videos(bb, [PROMPT], frames=cfg.frames, size=tuple(cfg.size), steps=steps,
-                                  guidance=cfg.guidance, seeds=[SEED])
+                    sample_videos(bb, [PROMPT], frames=cfg.data.frames, size=tuple(cfg.data.size), steps=steps,
+                                  guidance=cfg.validation.guidance, seeds=[SEED])
 
             def step():
                 marks = []

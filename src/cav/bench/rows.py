@@ -61,7 +61,7 @@ def train_inputs(row: dict, ref: tw.ToySpec, ref_path: Path, targets, cfg, out: 
         return ref_path, None
     paths, spatial = [ref_path], [tw.caption(ref)[1]]
     for k, spec in enumerate(extra_clips(ref, targets, n - 1, seed)):
-        video, _ = tw.render(spec, frames=cfg.frames, size=cfg.size[0])
+        video, _ = tw.render(spec, frames=cfg.data.frames, size=cfg.data.size[0])
         paths.append(write_video(out / f"{ref_path.stem}-clip{k + 1}.mp4", video))
         spatial.append(tw.caption(spec)[1])
     return paths, spatial
@@ -83,12 +83,12 @@ def start(bb, row: dict, cfg, ref_video: np.ndarray, targets, seeds: list[int], 
     from ..sampling import Start, image_start, noise_prior_start
 
     if row.get("image_strength") is not None:
-        parts = [image_start(bb, tw.render(t, frames=cfg.frames, size=cfg.size[0])[0][0], cfg.frames,
-                             seeds[p * n_seeds:(p + 1) * n_seeds], steps=cfg.sample_steps,
+        parts = [image_start(bb, tw.render(t, frames=cfg.data.frames, size=cfg.data.size[0])[0][0], cfg.data.frames,
+                             seeds[p * n_seeds:(p + 1) * n_seeds], steps=cfg.validation.steps,
                              strength=float(row["image_strength"]), invert=True) for p, t in enumerate(targets)]
         return Start(torch.cat([s.latents for s in parts]), parts[0].skip)
     prior = float(row.get("noise_prior", 0.0)) or (1.0 if row.get("invert") else 0.0)
     if prior == 0.0:
         return None
-    return noise_prior_start(bb, ref_video, seeds, steps=cfg.sample_steps, prior=prior,
+    return noise_prior_start(bb, ref_video, seeds, steps=cfg.validation.steps, prior=prior,
                              invert=bool(row.get("invert")))

@@ -105,8 +105,8 @@ def _checkpointing_method(unet) -> str:
 def _note(r: dict, cuda: bool, size: str, cfg) -> str:
     """What the numbers are, in short (each key: docs/PERFORMANCE.md, "What each key measures")."""
     parts = ["random weights; every step is cav's own: trainer.train_step of the stage that stages.absorber_stage / "
-             f"t_lora_stage build from the family's shipped recipe (S-LoRA absorber, {cfg.absorber_batch} frames), "
-             f"and one denoising step of sampling.sample_videos (guidance {cfg.guidance}, T-LoRA merged); *_plain: "
+             f"t_lora_stage build from the family's shipped recipe (S-LoRA absorber, {cfg.absorbers.batch} frames), "
+             f"and one denoising step of sampling.sample_videos (guidance {cfg.validation.guidance}, T-LoRA merged); *_plain: "
              "the same step without the lean step (before issue 16); medians of synchronised steps after warm-up"]
     if r.get("ops_per_step") is not None:
         parts.append(f"ops counted on a {r['op_count_dtype']} rig, fp32 adapters under autocast, latent "

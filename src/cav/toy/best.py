@@ -28,15 +28,14 @@ def run_best(ref_path: Path, cfg: TrainConfig, out: Path, texts: list[str], seed
     """Train the best recipe on the reference, pick its checkpoint, sample the demo's prompts and seeds; returns the
     videos and the adapter sampled (a folder)."""
     from .. import api, backbone
-    from ..sampling import sample_videos
+    from ..sampling import sample_with
     from ..selection import select
 
     run = api.train(ref_path, cfg, out / "best-run", overwrite=True, quiet=quiet)
     adapter = Path(select(run)["adapter"]) if cfg.checkpoint_every else run
-    bb = backbone.load(cfg.base, cfg.device, cfg.dtype)
-    api.load_adapters(bb, [(str(adapter), cfg.lora_weight)])
-    videos = sample_videos(bb, texts, frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps,
-                           guidance=cfg.guidance, seeds=seeds)
+    bb = backbone.load(cfg.base, cfg.system.device, cfg.system.dtype)
+    api.load_adapters(bb, [(str(adapter), cfg.validation.lora_weight)])
+    videos = sample_with(bb, texts, cfg.validation, seeds)
     return videos, str(adapter)
 
 

@@ -32,7 +32,7 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
     from .. import api, backbone
     from ..adapters import lora
     from ..data.video import write_video
-    from ..sampling import sample_videos
+    from ..sampling import sample_with
 
     t0 = time.time()
     out = Path(out)
@@ -40,7 +40,7 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
     cfg_data = {**load_recipe(RECIPE), **(overrides or {}), "base": base}
     full, spatial = tw.caption(reference)
     cfg = TrainConfig.from_dict({**cfg_data, "prompt": full, "spatial_prompt": spatial})
-    ref_video, _ = tw.render(reference, frames=cfg.frames, size=cfg.size[0])
+    ref_video, _ = tw.render(reference, frames=cfg.data.frames, size=cfg.data.size[0])
     ref_path = write_video(out / "reference.mp4", ref_video)
     write_video(out / "reference.gif", ref_video)
 
@@ -49,12 +49,11 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
     rng = np.random.default_rng(cfg.seed)
     specs = tw.new_appearances(reference, prompts, rng)
     texts = [tw.caption(s)[0] for s in specs for _ in range(seeds)]
-    seed_list = [cfg.validation_seed + k for _ in specs for k in range(seeds)]
-    kw = dict(frames=cfg.frames, size=tuple(cfg.size), steps=cfg.sample_steps, guidance=cfg.guidance, seeds=seed_list)
-    bb = backbone.load(cfg.base, cfg.device, cfg.dtype)
-    base_videos = sample_videos(bb, texts, **kw)
-    api.load_adapters(bb, [(str(run), cfg.lora_weight)])
-    cav_videos = sample_videos(bb, texts, **kw)
+    seed_list = [cfg.validation.seed + k for _ in specs for k in range(seeds)]
+    bb = backbone.load(cfg.base, cfg.system.device, cfg.system.dtype)
+    base_videos = sample_with(bb, texts, cfg.validation, seed_list)
+    api.load_adapters(bb, [(str(run), cfg.validation.lora_weight)])
+    cav_videos = sample_with(bb, texts, cfg.validation, seed_list)
     lora.activate(bb.unet, [])
 
     spec_per_video = [s for s in specs for _ in range(seeds)]

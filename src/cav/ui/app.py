@@ -97,7 +97,8 @@ class App:
         try:
             clip = self.clip_path(upload, toy)
             cfg = TrainConfig.from_dict({"frames": frames, "size": size, "fit": fit, **form.selection(start, end, fps)})
-            video = read_video(clip, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit, **cfg.frame_selection())
+            data = cfg.data
+            video = read_video(clip, frames=data.frames, size=tuple(data.size), fit=data.fit, **data.frame_selection())
         except CavError as exc:
             return None, self.error(exc)
         out = write_video(self.work / "preview" / f"preview-{time.time_ns()}.mp4", video)
@@ -118,8 +119,8 @@ class App:
             preflight.check_train(cfg)  # size/frames the base takes, prompts its text encoder reads
             run = self._new_run_path(name)
             runfolder.check(run, bool(overwrite), False)
-            read_video(clip, frames=cfg.frames, size=tuple(cfg.size), fit=cfg.fit,
-                       **cfg.frame_selection())  # a bad clip fails here, as in api.train
+            read_video(clip, frames=cfg.data.frames, size=tuple(cfg.data.size), fit=cfg.data.fit,
+                       **cfg.data.frame_selection())  # a bad clip fails here, as in api.train
             recipe = self.work / "jobs" / f"{run.name}-{time.time_ns()}.yaml"
             recipe.parent.mkdir(parents=True, exist_ok=True)
             recipe.write_text(dump_yaml(cfg))

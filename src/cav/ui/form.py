@@ -5,19 +5,17 @@ Every value goes through ``TrainConfig.from_dict`` (as the CLI's flags do), so a
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import typing
 from typing import Literal
 
 from .. import options
-from ..config import TrainConfig, load_recipe, recipe_names
+from ..config import SampleConfig, TrainConfig, load_recipe, recipe_names
 from ..errors import CavError
 
 # fields the page shows outside the "advanced" block (prompts, trimming)
 MAIN_FIELDS = ("prompt", "spatial_prompt", "frames", "start", "end", "fps")
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-HINTS = options.hints(TrainConfig)
+FIELDS = {leaf.key: leaf for leaf in options.leaves(TrainConfig)}  # recipe key → its option (section included)
 MAX_GRID = 16  # videos per Generate click: more would keep a CPU busy for long with no way to cancel
 
 
@@ -26,13 +24,13 @@ def presets() -> list[str]:
     return [n for n in recipe_names() if "/" not in n]
 
 
-def advanced_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(TrainConfig) if f.name not in MAIN_FIELDS]
+def advanced_fields() -> list[options.Leaf]:
+    return [f for f in FIELDS.values() if f.key not in MAIN_FIELDS]
 
 
-def kind(f: dataclasses.Field) -> str:
+def kind(f: options.Leaf) -> str:
     """How a field is edited: choice | bool | int | float | lines | text (tuples and optional values as text)."""
-    hint = HINTS[f.name]
+    hint = f.hint
     if typing.get_origin(hint) is Literal:
         return "choice"
     if typing.get_origin(hint) is list:
@@ -40,34 +38,34 @@ def kind(f: dataclasses.Field) -> str:
     return {bool: "bool", int: "int", float: "float"}.get(hint, "text")
 
 
-def choices(f: dataclasses.Field) -> tuple:
-    return typing.get_args(HINTS[f.name])
+def choices(f: options.Leaf) -> tuple:
+    return typing.get_args(f.hint)
 
 
 def preset_values(name: str, base: str) -> dict:
     """Every TrainConfig field's value under preset ``name`` (its defaults where the preset is silent), as form
     values; the server's ``--base`` replaces the preset's base."""
     data = load_recipe(name) if name else {}
-    cfg = TrainConfig.from_dict({**data, "prompt": "x", "base": base})
-    return {f.name: to_form(f, getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)}
+    values = TrainConfig.from_dict({**data, "prompt": "x", "base": base}).keys()
+    return {key: to_form(f, values[key]) for key, f in FIELDS.items()}
 
 
-def to_form(f: dataclasses.Field, value):
+def to_form(f: options.Leaf, value):
     if value is None:
         return ""
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)) and kind(f) != "lines":
         return " ".join(str(v) for v in value)
     if kind(f) == "lines":
         return "\n".join(value)
     return value
 
 
-def from_form(f: dataclasses.Field, value):
+def from_form(f: options.Leaf, value):
     """A form value as a recipe value; TrainConfig parses it with the CLI's rule (and message)."""
     if kind(f) == "lines":
         return [line.strip() for line in str(value or "").splitlines() if line.strip()]
     if isinstance(value, str) and not value.strip():
-        return None if f.default is None else value  # an empty optional field: not given
+        return None if f.field.default is None else value  # an empty optional field: not given
     return value
 
 
@@ -79,18 +77,17 @@ def build_config(prompt: str, spatial_prompt: str, frames, advanced: dict, trim:
 
 
 def selection(start, end, fps) -> dict:
-    """The clip trimming as recipe values (``--start/--end/--fps``): 0 (or empty) means not given."""
-    return {k: (float(v) if v not in (None, "") and float(v) > 0 else None)
-            for k, v in (("start", start), ("end", end), ("fps", fps))}
+    """The clip trimming as recipe values (``--start/--end/--fps``), parsed as the flags are: 0 (or empty) means not
+    given."""
+    given = options.typed_keys(TrainConfig, {k: v for k, v in (("start", start), ("end", end), ("fps", fps))
+                                             if v not in (None, "")})
+    return {k: given[k] if given.get(k) and given[k] > 0 else None for k in ("start", "end", "fps")}
 
 
 def parse_seeds(text: str) -> list[int]:
+    """The grid's seeds, parsed as `cav generate --seeds` parses them (``SampleConfig.seeds``); empty: seed 0."""
     parts = [p for p in re.split(r"[\s,]+", str(text or "").strip()) if p]
-    try:
-        seeds = [int(p) for p in parts]
-    except ValueError:
-        raise CavError(f"seeds '{text}' are not whole numbers: write e.g. 0, 1, 2") from None
-    return seeds or [0]
+    return options.typed(SampleConfig, {"seeds": parts})["seeds"] or [0]
 
 
 def parse_weights(text: str, adapters: int) -> list[list[float | None]]:
@@ -102,7 +99,7 @@ def parse_weights(text: str, adapters: int) -> list[list[float | None]]:
     grid = []
     for col in columns:
         try:
-            weights = [float(w) for w in col.split("/")]
+            weights = [options.coerce(float, w) for w in col.split("/")]
         except ValueError:
             raise CavError(f"weight '{col}' is not a number: write e.g. 0.5, 1 or 0.7/0.3 for two adapters") from None
         if len(weights) == 1:

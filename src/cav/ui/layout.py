@@ -28,8 +28,8 @@ CSS = """.cav-grid td, .cav-grid th { padding: 4px; text-align: center; vertical
 
 
 def _field_component(gr, f, value):
-    label, info = f.name, f.metadata.get("help", "")
-    k, elem = form.kind(f), f"field-{f.name}"
+    label, info = f.key, f.field.metadata.get("help", "")
+    k, elem = form.kind(f), f"field-{f.key}"
     if k == "choice":
         return gr.Dropdown(list(form.choices(f)), value=value, label=label, info=info, elem_id=elem)
     if k == "bool":
@@ -78,7 +78,7 @@ def build(app: App):
                                              elem_id="preset")
                     overwrite = gr.Checkbox(False, label="replace a run of this name", elem_id="overwrite")
                     with gr.Accordion("advanced recipe fields", open=False, elem_id="advanced"):
-                        adv = [_field_component(gr, f, values[f.name]) for f in fields]
+                        adv = [_field_component(gr, f, values[f.key]) for f in fields]
                     with gr.Row():
                         start_btn = gr.Button("Start training", variant="primary", elem_id="start")
                         stop_btn = gr.Button("Stop (keeps a resumable checkpoint)", elem_id="stop")
@@ -148,14 +148,14 @@ def build(app: App):
                 delete_btn = gr.Button("Delete run", variant="stop", elem_id="runs-delete")
 
         # ---- train
-        trim = [clip, toy, start, end, fps, frames, adv[[f.name for f in fields].index("size")],
-                adv[[f.name for f in fields].index("fit")]]
+        trim = [clip, toy, start, end, fps, frames, adv[[f.key for f in fields].index("size")],
+                adv[[f.key for f in fields].index("fit")]]
         for k, comp in enumerate((clip, start, end, fps, frames)):  # api names: what tests drive over HTTP
             comp.change(_said(app.preview, 1), trim, [preview, preview_status], api_name=f"preview{k}")
 
         def pick_preset(name):
             vals = app.preset(name)
-            return [vals["frames"]] + [vals[f.name] for f in fields]
+            return [vals["frames"]] + [vals[f.key] for f in fields]
 
         toy.change(_said(lambda *v: _pick_toy(gr, app, *v), 3), trim, [prompt, spatial, preview, preview_status])
         preset.change(pick_preset, preset, [frames] + adv)
@@ -252,7 +252,7 @@ def _pick_toy(gr, app: App, upload, choice, *trim):
 
 def _start(app: App, fields, values) -> str:
     main, advanced = values[:10], values[10:]
-    return app.start_training(*main, advanced=dict(zip([f.name for f in fields], advanced)))
+    return app.start_training(*main, advanced=dict(zip([f.key for f in fields], advanced)))
 
 
 def _swap(pair):

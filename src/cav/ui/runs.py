@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from .. import versioned
 from ..errors import CavError
@@ -47,8 +46,11 @@ def resumable_runs(root: Path) -> list[Path]:
 
 
 def read_config(run: Path) -> dict:
+    """The run's config.yaml as recipe keys (``steps``, ``absorber_steps``, ``frames`` …), any format version."""
+    from ..config import load_recipe
+
     path = Path(run) / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return load_recipe(path) if path.is_file() else {}
 
 
 def read_log(run: Path) -> list[dict]:

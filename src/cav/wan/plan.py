@@ -124,15 +124,16 @@ def run_memory(cfg, read) -> dict:
     checkpointing choice. Every weightless check of ``dry_run`` runs too. ``--offload-frozen`` is block swap on
     Wan (``Family.block_swap``, ``run.BlockSwapping``), so it is counted when the run asks for it on a GPU; on a CPU
     the run swaps nothing and the estimate says so (``offload_plan``'s warning)."""
-    device = "cuda" if cfg.device == "auto" else cfg.device
+    device = "cuda" if cfg.system.device == "auto" else cfg.system.device
     on_gpu = device.startswith("cuda")
-    dtype = {"auto": "bf16" if on_gpu else "fp32", "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[cfg.dtype]
-    checkpointing = _checkpointing(cfg.gradient_checkpointing, device)
-    h, w = cfg.size
-    out = dry_run(read, frames=cfg.frames, height=h, width=w, placement=cfg.placement, experts=cfg.experts or None,
-                  absorbers=cfg.absorbers,
-                  prompt_vectors=cfg.ti_tokens, absorbers_given=cfg.absorbers_given, dtype=dtype, device=device,
-                  checkpointing=checkpointing, offload_frozen=cfg.offload_frozen, absorber_batch=cfg.absorber_batch)
+    dtype = {"auto": "bf16" if on_gpu else "fp32", "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[cfg.system.dtype]
+    checkpointing = _checkpointing(cfg.system.gradient_checkpointing, device)
+    h, w = cfg.data.size
+    out = dry_run(read, frames=cfg.data.frames, height=h, width=w, placement=cfg.motion.placement,
+                  experts=cfg.motion.experts or None,
+                  absorbers=cfg.absorbers.kind,
+                  prompt_vectors=cfg.absorbers.ti_tokens, absorbers_given=cfg.absorbers.given, dtype=dtype, device=device,
+                  checkpointing=checkpointing, offload_frozen=cfg.system.offload_frozen, absorber_batch=cfg.absorbers.batch)
     return {**out["memory"], "device": device, "dtype": dtype, "checkpointing": checkpointing,
             **({"warning": out["warning"]} if "warning" in out else {})}
 

@@ -141,11 +141,11 @@ class OutputVectors:
     def new(self, bb, cfg, index: int = 0) -> VectorAbsorber:
         """Clip ``index``'s ``--ti-tokens`` vectors, drawn from their own generator (seed + index: the run's other
         random draws stay where they are), or the first clip's from ``--ti-from``'s file."""
-        if index == 0 and cfg.ti_from:
-            vectors = _checked(PromptVectors.load(cfg.ti_from), bb, cfg.ti_from)
+        if index == 0 and cfg.absorbers.ti_from:
+            vectors = _checked(PromptVectors.load(cfg.absorbers.ti_from), bb, cfg.absorbers.ti_from)
         else:
             gen = torch.Generator("cpu").manual_seed(int(cfg.seed) + index)
-            vectors = PromptVectors(cfg.ti_tokens, _width(bb), generator=gen)
+            vectors = PromptVectors(cfg.absorbers.ti_tokens, _width(bb), generator=gen)
         return VectorAbsorber(vectors.to(bb.device))
 
     def check_file(self, path: str) -> None:
@@ -170,8 +170,8 @@ class OutputVectors:
         """The dry run's row (``prompt_vector_params``, umT5's width from the transformer's ``text_dim``)."""
         width = int(unet_config["text_dim"])
         return {"name": self.name + (f" clip-{index}" if index is not None else ""),
-                "trainable_params": prompt_vector_params(cfg.ti_tokens, width), "modules": 1,
-                "vectors": cfg.ti_tokens, "width": width}
+                "trainable_params": prompt_vector_params(cfg.absorbers.ti_tokens, width), "modules": 1,
+                "vectors": cfg.absorbers.ti_tokens, "width": width}
 
 
 def prompt_vector_params(count: int, text_dim: int) -> int:
