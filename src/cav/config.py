@@ -195,6 +195,10 @@ class TrainConfig:
     motion_adapter: str = _f("", "AnimateDiff MotionAdapter folder or hub id that animates an image-model --base "
                              "(e.g. Stable Diffusion 1.5 + animatediff-motion-adapter-v1-5-2)")
     absorbers: Literal["none", "s-lora", "ti", "both"] = _f("both", "appearance absorbers")
+    absorber_mode: Literal["image", "video"] = _f(
+        "image", "how the absorbers see the clip: image (the paper's: unordered patch-cropped frames, each alone, "
+        "temporal layers bypassed / attention frame-local) or video (whole clips in order, one patch crop per clip, "
+        "temporal layers and full attention active: the ablation's 'does image mode matter?')")
     s_lora_from: str = _f("", "start from this existing image LoRA (.safetensors, e.g. an SD 1.5 LoRA of the subject) "
                           "as the S-LoRA absorber: skips stage 1 (absorbers are then exactly the given ones)")
     ti_from: str = _f("", "start from this existing textual-inversion embedding (.safetensors) as the TI absorber: "

@@ -71,6 +71,10 @@ def check_family_supports(cfg: TrainConfig, family) -> None:
     if family.targets.heads(cfg.placement) and cfg.experts == "both":  # heads are measured in one transformer
         raise CavError(f"--placement {cfg.placement} measures heads in one transformer, not in both experts: pass "
                        "--experts high or low, or another --placement")
+    if cfg.absorber_mode == "video" and (cfg.absorbers == "none" or cfg.absorbers_given):
+        raise CavError("--absorber-mode video trains the absorbers on whole clips, but this run trains none ("
+                       + ("they are given" if cfg.absorbers_given else "--absorbers none")
+                       + "): drop --absorber-mode or train absorbers")
     if cfg.s_lora_from and family.image_lora is None:
         raise CavError(f"--s-lora-from is not supported on {family.what} yet: drop it (stage 1 then trains the "
                        "S-LoRA on the clip)")
