@@ -63,6 +63,8 @@ RULE = [
     ("sd15", "adapter", "animatediff"),  # Stable Diffusion 1.5 + a motion adapter
     ("animatediff", None, "animatediff"),  # an AnimateDiff folder (unet/ = UNetMotionModel)
     (XL_HUB_ID, XL_ADAPTER, "animatediff-sdxl"),  # SDXL + the SDXL motion adapter (shipped configs, offline)
+    ("toy-wan", None, "toy-wan"),  # the toy world's Wan (src/cav/toy/wan_model): 32 px, 9 frames
+    ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", None, "wan"),  # a published Wan: the family's own recipe
 ]
 
 
@@ -83,7 +85,8 @@ def test_every_family_and_shipped_base_recipe_has_a_row():
     ships."""
     last_resort = {r.family: r.recipe for r in native.BASES if r.family and not r.name and not r.marker}
     assert set(last_resort) == set(FAMILIES)
-    assert {r.recipe for r in native.BASES} == {"toy", "zeroscope", "modelscope", "animatediff", "animatediff-sdxl", "wan"}
+    assert {r.recipe for r in native.BASES} == {"toy", "zeroscope", "modelscope", "animatediff", "animatediff-sdxl", "wan",
+                                                 "toy-wan"}
     for row in native.BASES:
         TrainConfig.from_dict({**load_recipe(row.recipe), "prompt": "x"})
 

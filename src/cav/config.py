@@ -289,6 +289,10 @@ class AbsorberConfig:
     """Stage 1: the appearance absorbers (S-LoRA and textual inversion), trained or given as files."""
 
     kind: Literal["none", "s-lora", "ti", "both"] = _f("both", "appearance absorbers", flag="--absorbers")
+    mode: Literal["image", "video"] = _f(
+        "image", "how the absorbers see the clip: image (the paper's: unordered patch-cropped frames, each alone, "
+        "temporal layers bypassed / attention frame-local) or video (whole clips in order, one patch crop per clip, "
+        "temporal layers and full attention active: the ablation's 'does image mode matter?')", flag="--absorber-mode")
     s_lora_from: str = _f("", "start from this existing image LoRA (.safetensors, e.g. an SD 1.5 LoRA of the subject) "
                           "as the S-LoRA absorber: skips stage 1 (absorbers are then exactly the given ones)")
     ti_from: str = _f("", "start from this existing textual-inversion embedding (.safetensors) as the TI absorber: "

@@ -49,6 +49,8 @@ class Row:
 BASES: tuple[Row, ...] = (
     Row("toy", "a toy-world model", marker=TOY_MARKER),
     Row("zeroscope", "Zeroscope", family="unet3d", name=r"^zeroscope"),
+    # the toy world's Wan (base toy-wan: src/cav/toy/wan_model; `cav toy train-base --family wan`'s runs/toy-wan)
+    Row("toy-wan", "the toy Wan", family="wan", name=r"^(wan_model|toy-wan)$"),
     *(Row(f.recipe, f.what, family=f.name) for f in FAMILIES.values()),  # last resort: the family's own recipe
 )
 

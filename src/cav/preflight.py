@@ -72,6 +72,10 @@ def check_family_supports(cfg: TrainConfig, family) -> None:
     if family.targets.heads(cfg.motion.placement) and cfg.motion.experts == "both":  # heads are measured in one transformer
         raise CavError(f"--placement {cfg.motion.placement} measures heads in one transformer, not in both experts: pass "
                        "--experts high or low, or another --placement")
+    if cfg.absorbers.mode == "video" and (cfg.absorbers.kind == "none" or cfg.absorbers.given):
+        raise CavError("--absorber-mode video trains the absorbers on whole clips, but this run trains none ("
+                       + ("they are given" if cfg.absorbers.given else "--absorbers none")
+                       + "): drop --absorber-mode or train absorbers")
     if cfg.absorbers.s_lora_from and family.image_lora is None:
         raise CavError(f"--s-lora-from is not supported on {family.what} yet: drop it (stage 1 then trains the "
                        "S-LoRA on the clip)")

@@ -1,7 +1,8 @@
 """The paper's two stages as small builders over ``trainer.Stage``.
 
 Stage 1 (appearance absorbers): S-LoRA and/or textual inversion on *unordered*, *patch-cropped* frames, temporal
-layers bypassed (the T2V UNet acts as a T2I UNet), spatial (appearance-only) prompt.
+layers bypassed (the T2V UNet acts as a T2I UNet), spatial (appearance-only) prompt. ``--absorber-mode video`` (the
+ablation's control, "does image mode matter?"): the whole clip in order with one patch crop, temporal layers on.
 Stage 2 (T-LoRA): temporal-attention LoRA on the whole clip with the absorbers loaded and frozen, full prompt
 (textual-inversion tokens in it).
 On a two-expert base both stages train the expert ``--experts`` names (``Backbone.unet``) on its own noise range
@@ -89,16 +90,24 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
     cached_cond = None if ti is not None else encode_prompt(bb, prompt)
     n = min(cfg.absorbers.batch, frames.shape[0])
 
+    video = cfg.absorbers.mode == "video"
+
     def batch(gen: torch.Generator):
-        idx = torch.randint(0, frames.shape[0], (n,), generator=gen)  # unordered frames
-        crops = random_patch_crop(frames[idx], gen, tuple(cfg.absorbers.crop_ratio))
-        latents = encode_frames(bb, crops).unsqueeze(2)  # (n, C, 1, h, w): n independent images
+        if video:  # the whole clip in order, one patch crop (same window) for all its frames
+            f, c, h, w = frames.shape
+            crop = random_patch_crop(frames.reshape(1, f * c, h, w), gen, tuple(cfg.absorbers.crop_ratio)).reshape(f, c, h, w)
+            latents, k = bb.encode_clip(crop), 1  # (1, C, F', h, w): one video
+        else:
+            idx = torch.randint(0, frames.shape[0], (n,), generator=gen)  # unordered frames
+            crops = random_patch_crop(frames[idx], gen, tuple(cfg.absorbers.crop_ratio))
+            latents, k = encode_frames(bb, crops).unsqueeze(2), n  # (n, C, 1, h, w): n independent images
         cond = cached_cond if cached_cond is not None else ti.encode(bb, prompt, grad=True)
-        return latents, cond.expand(n, -1, -1)
+        return latents, cond.expand(k, -1, -1)
 
     # the fused forward of the S-LoRA this clip trains; TI alone: the plain step
     step = lean.LeanStep(bb.unet, s_lora, lean.autocast_dtype(bb.device, bb.dtype)) if cfg.absorbers.uses_s_lora else None
-    return Stage("absorbers", cfg.absorbers.steps, groups, batch, bb.family.objective, bb.family.image_mode,
+    return Stage("absorbers", cfg.absorbers.steps, groups, batch, bb.family.objective,
+                 None if video else bb.family.image_mode,  # video: temporal layers / full attention on
                  timesteps=bb.train_window(None), after_backward=after_backward, after_step=after_step, checkpoint=checkpoint,
                  checkpoint_every=cfg.checkpoint_every, forward_backward_context=step or contextlib.nullcontext)
 

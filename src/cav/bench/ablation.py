@@ -11,7 +11,8 @@ samples the same prompts and seeds with no adapter.
 
 The metrics (per video, per (row, reference, prompt) group, per run) are ``bench.metrics.TABLE``, each with its note.
 Every metric is a mean with a 95% percentile-bootstrap interval (seeded numpy, resampling videos, groups or runs).
-Trainable parameters come from ``api.plan`` on the toy model and on the full ModelScope config (config files only).
+Trainable parameters come from ``api.plan`` on the toy model and on the full-size model of its family (config files
+only: ModelScope for the toy UNet, Wan 2.1 T2V 1.3B for the toy Wan, ``FULL_MODELS``).
 ``comparisons`` holds paired differences (same reference, prompt and seed) of every row against the file's
 ``compare`` rows (default: the base and No AA).
 
@@ -37,11 +38,16 @@ from ..io_utils import write_json
 from ..metrics import toy as tm
 from . import rows as row_options
 from .metrics import GROUP_METRICS, METRICS, RUN_METRICS, TABLE, VIDEO_METRICS, Scored, score_group, score_video
-from .report import format_markdown, write_outputs
+from . import report
 from .stats import bootstrap, jsonable, paired_differences
 
 DEFAULT_RECIPE = find_recipe("ablation/toy")
 MODELSCOPE = "damo-vilab/text-to-video-ms-1.7b"  # parameter counts at full size, from its shipped config files
+WAN_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+# per family of the ablation's base: (the full-size model whose trainable parameters the table also counts, a size its
+# shape check takes, the key of ``params`` that holds them, its label in the markdown table)
+FULL_MODELS = {"unet3d": (MODELSCOPE, [256, 256], "modelscope", "ModelScope"),
+               "wan": (WAN_1_3B, [480, 832], "wan2.1-t2v-1.3b", "Wan 2.1 T2V 1.3B")}
 _ROW_KEYS = ("name", "key", "train") + row_options.KEYS
 _SETTING_KEYS = ("recipe", "overrides", "references", "prompts", "seeds", "threads", "bootstrap", "rows", "quick",
                  "compare")
@@ -110,16 +116,17 @@ def _ref_name(i: int, spec: tw.ToySpec) -> str:
     return f"ref{i}-{spec.motion}-{spec.colour}-{spec.shape}"
 
 
-def _params(cfg: TrainConfig | None, base: str, clips: int = 1) -> dict:
+def _params(cfg: TrainConfig | None, base: str, clips: int = 1, size: list[int] = (256, 256)) -> dict:
     from dataclasses import replace
 
     from .. import api
 
     if cfg is None:
         return {"temporal": 0, "spatial": 0, "total": 0, "stages": {}}
-    # counts do not depend on the size; 256 passes the shape check of the toy and the ModelScope bases alike
+    # counts do not depend on the size; 256 passes the shape check of the toy and the ModelScope bases alike (Wan's:
+    # FULL_MODELS' size)
     stages = {s["name"]: s["trainable_params"]
-              for s in api.plan(replace(cfg, base=base, data=replace(cfg.data, size=[256, 256])), clips=clips)["stages"]}
+              for s in api.plan(replace(cfg, base=base, data=replace(cfg.data, size=list(size))), clips=clips)["stages"]}
     temporal = stages.get("t_lora", 0)
     spatial = sum(v for k, v in stages.items() if k != "t_lora")
     return {"temporal": temporal, "spatial": spatial, "total": temporal + spatial, "stages": stages}
@@ -279,21 +286,31 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
     return _aggregate(tally, time.perf_counter() - t0, complete=True)
 
 
+def full_model(settings: dict) -> tuple[str, list[int], str, str]:
+    """``FULL_MODELS``' entry for the family of the ablation's base (the toy UNet: ModelScope; the toy Wan: Wan 1.3B)."""
+    from ..backbone import family_of
+
+    return FULL_MODELS[family_of(_row_config(settings, {}).base).name]
+
+
 def row_params(settings: dict) -> list[dict]:
-    """Trainable parameters per row on the toy model and on the full ModelScope config (zeros for the base): the
-    hub id's config files ship with cav (``backbone.SHIPPED_CONFIGS``), so this reads no weights and no network."""
+    """Trainable parameters per row on the toy model and on the full-size model of its family (``full_model``; zeros
+    for the base): the hub id's config files ship with cav (``backbone.SHIPPED_CONFIGS``), so this reads no weights
+    and no network."""
+    full, size, key, _ = full_model(settings)
     out = []
     for row in settings["rows"]:
         cfg = _row_config(settings, row) if row.get("train", True) else None
         clips = int(row.get("clips", 1))
         out.append({"toy": _params(cfg, None if cfg is None else cfg.base, clips),
-                    "modelscope": _params(cfg, MODELSCOPE, clips)})
+                    key: _params(cfg, full, clips, size)})
     return out
 
 
 def _aggregate(tally: _Tally, wall: float, complete: bool) -> dict:
     settings, params, records, groups, runs = tally.settings, tally.params, tally.records, tally.groups, tally.runs
     (_, lpips_path, lpips_error), boot = tally.lpips, settings["bootstrap"]
+    _, _, full_key, full_label = full_model(settings)
     rows_out = []
     for r, row in enumerate(settings["rows"]):
         key = row["key"]
@@ -306,6 +323,9 @@ def _aggregate(tally: _Tally, wall: float, complete: bool) -> dict:
                  "config": None if cfg is None else {"absorbers": cfg.absorbers.kind, "placement": cfg.motion.placement,
                                                      "t_lora_rank": cfg.motion.rank, "steps": cfg.motion.steps,
                                                      "absorber_steps": cfg.absorbers.steps}}
+        if cfg is not None:  # the row's other keys (absorber_mode, frame_diff_loss, clips …), as the row gives them
+            entry["config"].update({k: v for k, v in row.items() if k not in ("name", "key", "train")
+                                    and k not in entry["config"]})
         for m, metric in enumerate(METRICS):
             source = {**dict.fromkeys(VIDEO_METRICS, mine), **dict.fromkeys(GROUP_METRICS, my_groups),
                       **dict.fromkeys(RUN_METRICS, my_runs)}[metric]
@@ -321,7 +341,8 @@ def _aggregate(tally: _Tally, wall: float, complete: bool) -> dict:
                 "(diversities) and over training runs (train seconds)",
         **{m.key: m.note for m in TABLE if m.key != "diversity"},
         "params": "trainable parameters from api.plan: temporal = T-LoRA, spatial = S-LoRA + textual inversion "
-                  "(absorbers, discarded at inference); toy model and full ModelScope config (meta device)",
+                  "(absorbers, discarded at inference); toy model and full "
+                  + ("ModelScope" if full_key == "modelscope" else full_label) + " config (meta device)",
     }
     if lpips_error is not None:
         notes["diversity"] = (f"null: LPIPS weights are not available ({lpips_error}); track_diversity is reported "
@@ -349,6 +370,33 @@ def _aggregate(tally: _Tally, wall: float, complete: bool) -> dict:
     }
     result["comparisons"] = paired_differences(result, VIDEO_METRICS, vs=settings.get("compare", ("base", "no-aa")))
     return jsonable(result)
+
+
+def format_markdown(result: dict) -> str:
+    """``report.format_markdown``, its full-size parameter column named for the ablation's family (ModelScope for
+    the toy UNet, unchanged; Wan 2.1 T2V 1.3B for the toy Wan)."""
+    params = result["rows"][0].get("params", {}) if result.get("rows") else {}
+    key = next((k for k in params if k != "toy"), "modelscope")
+    if key == "modelscope":
+        return report.format_markdown(result)
+    label = next(v[3] for v in FULL_MODELS.values() if v[2] == key)
+    shown = {**result, "rows": [{**r, "params": {**r["params"], "modelscope": r["params"][key]}}
+                                for r in result["rows"]]}
+    return report.format_markdown(shown).replace("params ModelScope (T + S)", f"params {label} (T + S)", 1)
+
+
+def write_outputs(result: dict, out_dir: str | Path) -> dict:
+    """``report.write_outputs`` with this module's ``format_markdown``: ``ablation.json`` and ``ablation.md``."""
+    import json
+
+    from ..io_utils import write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "ablation.json", "markdown": out_dir / "ablation.md"}
+    write_text(paths["json"], json.dumps(jsonable(result), indent=1, allow_nan=False) + "\n")
+    write_text(paths["markdown"], format_markdown(result) + "\n")
+    return paths
 
 
 __all__ = ["run_ablation", "format_markdown", "write_outputs", "load_settings", "bootstrap",

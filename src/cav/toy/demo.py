@@ -6,6 +6,11 @@
    seeds without it;
 4. ``metrics.json``: motion error of both against the reference (centroid displacement tracks, normalised by
    frame size), their ratio, and whether the customized videos follow the prompt's appearance.
+
+Both toy bases: the toy UNet's block is ``metrics.json``'s top level (with ``best``: the ``toy-best`` recipe), as
+before; the toy Wan's (``run_wan``: the paper's port, ``cav/configs/toy-wan.yaml``, on base ``toy-wan``) is its
+``toy-wan`` key, its videos, sheet and run in ``OUT/toy-wan/``. The toy Wan has no best recipe yet (``best`` null,
+``best_reason`` says why): it is the one ``cav bench ablation --recipe ablation/wan`` finds on a finished base.
 """
 
 from __future__ import annotations
@@ -23,31 +28,32 @@ from ..metrics.toy import score_videos  # the demo's scorer (scripts/demo_sweep.
 from . import best as best_mod
 
 RECIPE = recipe_path("toy")
+WAN_BASE, WAN_RECIPE = "toy-wan", "toy-wan"
+WAN_BEST_REASON = ("no best recipe for the toy Wan yet: it is the one `cav bench ablation --recipe ablation/wan` "
+                   "picks on a toy Wan that meets its floors (the shipped one is a draft); only the paper recipe "
+                   "(toy-wan.yaml) is shown")
 DEFAULT_REFERENCE = tw.ToySpec("circle", "red", "navy", "spiral", scale=0.3)
 
 
-def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFERENCE, prompts: int = 4,
-             seeds: int = 1, overrides: dict | None = None, quiet: bool = False, base: str = "toy",
-             best: bool = False) -> dict:
+def _paper_recipe(out: Path, recipe, base: str, reference: tw.ToySpec, prompts: int, seeds: int,
+                  overrides: dict | None, quiet: bool):
+    """One base's paper-recipe block of the demo, into ``out``: the reference rendered, the run trained with
+    ``recipe`` (+ ``overrides``), the new-appearance prompts sampled without and with its T-LoRA, each scored.
+    Returns (cfg, reference video, its file, prompts, seeds, spec per video, base videos, cav videos, motion errors
+    without / with the T-LoRA, whether each cav video follows its prompt)."""
     from .. import api, backbone
     from ..adapters import lora
     from ..data.video import write_video
     from ..sampling import sample_with
 
-    t0 = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_data = {**load_recipe(RECIPE), **(overrides or {}), "base": base}
     full, spatial = tw.caption(reference)
-    cfg = TrainConfig.from_dict({**cfg_data, "prompt": full, "spatial_prompt": spatial})
+    cfg = TrainConfig.from_dict({**load_recipe(recipe), **(overrides or {}), "base": base, "prompt": full,
+                                 "spatial_prompt": spatial})
     ref_video, _ = tw.render(reference, frames=cfg.data.frames, size=cfg.data.size[0])
     ref_path = write_video(out / "reference.mp4", ref_video)
     write_video(out / "reference.gif", ref_video)
-
     run = api.train(ref_path, cfg, out / "run", overwrite=True, quiet=quiet)
-
-    rng = np.random.default_rng(cfg.seed)
-    specs = tw.new_appearances(reference, prompts, rng)
+    specs = tw.new_appearances(reference, prompts, np.random.default_rng(cfg.seed))
     texts = [tw.caption(s)[0] for s in specs for _ in range(seeds)]
     seed_list = [cfg.validation.seed + k for _ in specs for k in range(seeds)]
     bb = backbone.load(cfg.base, cfg.system.device, cfg.system.dtype)
@@ -55,7 +61,6 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
     api.load_adapters(bb, [(str(run), cfg.validation.lora_weight)])
     cav_videos = sample_with(bb, texts, cfg.validation, seed_list)
     lora.activate(bb.unet, [])
-
     spec_per_video = [s for s in specs for _ in range(seeds)]
     err_base, _ = score_videos(ref_video, base_videos, spec_per_video)
     err_cav, follows = score_videos(ref_video, cav_videos, spec_per_video)
@@ -63,6 +68,23 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
         for kind, video in (("base", b), ("cav", c)):
             write_video(out / f"{kind}-{i}.mp4", video)
             write_video(out / f"{kind}-{i}.gif", video)
+    return (cfg, ref_video, ref_path, texts, seed_list, spec_per_video, base_videos, cav_videos, err_base, err_cav,
+            follows)
+
+
+def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFERENCE, prompts: int = 4,
+             seeds: int = 1, overrides: dict | None = None, quiet: bool = False, base: str = "toy",
+             best: bool = False, wan: bool = False) -> dict:
+    """The toy UNet's demo (``best``: and the toy-best recipe's) into ``out``; ``wan``: then the toy Wan's
+    (``run_wan``) into ``out/toy-wan``, as ``metrics.json``'s ``toy-wan`` block (without it the block says why)."""
+    from ..data.video import write_video
+
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    full, spatial = tw.caption(reference)
+    (cfg, ref_video, ref_path, texts, seed_list, spec_per_video, base_videos, cav_videos, err_base, err_cav,
+     follows) = _paper_recipe(out, RECIPE, base, reference, prompts, seeds, overrides, quiet)
     columns = [list(base_videos), list(cav_videos)]
     best_block = None
     if best:  # the product's best recipe (toy/best.py), scored the same way
@@ -91,7 +113,50 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
     if best_block is not None:
         metrics["best"] = best_block
     write_json(out / "metrics.json", metrics)
+    metrics["toy-wan"] = (run_wan(out / "toy-wan", reference, prompts, seeds, overrides, quiet) if wan else
+                          {"base": WAN_BASE, "skipped": "not run (cav demo --no-wan)"})
+    write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def run_wan(out: str | Path, reference: tw.ToySpec = DEFAULT_REFERENCE, prompts: int = 4, seeds: int = 1,
+            overrides: dict | None = None, quiet: bool = False, base: str = WAN_BASE) -> dict:
+    """The demo on the toy Wan: the paper's port (``toy-wan`` recipe: image-mode S-LoRA, then the T-LoRA on every
+    block's self-attention) on the same reference and prompts (at the Wan's 9 frames), the base without it, scored
+    as the toy UNet's block is; videos, ``contact_sheet.png``, ``side_by_side.gif`` and ``run/`` in ``out``.
+    Returns ``metrics.json``'s ``toy-wan`` block (``skipped`` with the reason when the base is not on this
+    machine: the toy Wan is not in the package yet, only in a checkout)."""
+    from .. import backbone
+    from ..errors import CavError
+
+    t0 = time.time()
+    try:
+        backbone.resolve_base(base)
+    except CavError as exc:
+        return {"base": base, "skipped": str(exc)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    full, _ = tw.caption(reference)
+    (_, ref_video, _, texts, _, spec_per_video, base_videos, cav_videos, err_base, err_cav,
+     follows) = _paper_recipe(out, WAN_RECIPE, base, reference, prompts, seeds, overrides, quiet)
+    leak = [tm.frame_leakage(v, reference, s) for v, s in zip(cav_videos, spec_per_video)]
+    columns = [list(base_videos), list(cav_videos)]
+    write_sheet(out / "contact_sheet.png", ref_video, full, texts, columns, [err_base, err_cav],
+                title=f"toy Wan ({base}) · reference: {full} · best recipe: none yet (metrics.json: best_reason)")
+    write_side_by_side(out / "side_by_side.gif", ref_video, columns)
+    return {
+        "base": base, "recipe": str(recipe_path(WAN_RECIPE).name), "folder": str(out),
+        "reference": full, "prompts": texts,
+        "motion_error_base": float(np.mean(err_base)),
+        "motion_error_cav": float(np.mean(err_cav)),
+        "motion_error_ratio": float(np.mean(err_cav) / max(np.mean(err_base), 1e-8)),
+        "appearance_accuracy": float(np.mean(follows)),
+        "frame_leakage": float(np.mean(leak)),
+        "per_video": [{"prompt": t, "motion_error_base": eb, "motion_error_cav": ec, "follows_prompt": bool(f),
+                       "frame_leakage": k} for t, eb, ec, f, k in zip(texts, err_base, err_cav, follows, leak)],
+        "best": None, "best_reason": WAN_BEST_REASON,
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 SHEET_COLUMNS = ("base model", "with the T-LoRA (paper recipe)", "best recipe (toy-best)")
@@ -99,7 +164,7 @@ SHEET_SHORT = ("base", "T-LoRA", "best")
 
 
 def write_sheet(path: Path, reference: np.ndarray, reference_prompt: str, prompts: list[str], columns: list[list],
-                errors: list[list[float]]) -> Path:
+                errors: list[list[float]], title: str | None = None) -> Path:
     """One row per prompt: the reference, then the base model, the paper recipe's T-LoRA and (when the demo ran it)
     the best recipe side by side, captioned with the prompt and each one's motion error (the reference repeats in
     every row so each row compares motion at a glance)."""
@@ -110,7 +175,7 @@ def write_sheet(path: Path, reference: np.ndarray, reference_prompt: str, prompt
                 + ", ".join(f"{name} {e[k]:.3f}" for name, e in zip(SHEET_SHORT, errors)) + ")"
                 for k, t in enumerate(prompts)]
     return write_comparison_sheet(path, rows, columns=["reference (its motion)", *SHEET_COLUMNS[:len(columns)]],
-                                  captions=captions, title=f"reference: {reference_prompt}", tile=64)
+                                  captions=captions, title=title or f"reference: {reference_prompt}", tile=64)
 
 
 def write_side_by_side(path: Path, ref_video: np.ndarray, columns: list[list[np.ndarray]]) -> Path:
@@ -139,4 +204,19 @@ def summary(metrics: dict, out: Path) -> str:
         f"took {metrics['seconds']:.0f} s.  Look at {out / 'contact_sheet.png'} (a row per prompt: reference, base, "
         f"T-LoRA{', best' if 'best' in metrics else ''}) and {out / 'side_by_side.gif'},",
         f"the videos in {out}/, and the run (adapters, checkpoints, log) in {out / 'run'}/",
+        *_wan_summary(metrics.get("toy-wan"), out),
     ])
+
+
+def _wan_summary(block: dict | None, out: Path) -> list[str]:
+    if block is None:
+        return []
+    if "skipped" in block:
+        return [f"toy Wan: skipped ({block['skipped']})"]
+    return [
+        f"toy Wan ({block['recipe']}, the paper's port): motion error base {block['motion_error_base']:.3f}  →  with "
+        f"T-LoRA {block['motion_error_cav']:.3f} (ratio {block['motion_error_ratio']:.2f}), appearance "
+        f"{block['appearance_accuracy']:.0%}, frame leakage {block['frame_leakage']:.0%}; took "
+        f"{block['seconds']:.0f} s.  Best recipe: none yet ({block['best_reason']}).",
+        f"Look at {Path(block['folder']) / 'contact_sheet.png'} and {Path(block['folder']) / 'side_by_side.gif'}",
+    ]
