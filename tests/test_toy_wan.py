@@ -190,6 +190,21 @@ def test_dilated_object_weight_and_cosine_vae_lr():
     assert vae_lr(replace(cosine, vae_lr_schedule="constant"), 9) == 1e-3
 
 
+def test_edge_loss_adds_the_error_of_pixel_differences():
+    from cav.toy.wan_base import build_components, render_with_masks, training_specs, vae_loss
+
+    vae = build_components(SPEC)["vae"]
+    x, m = render_with_masks(training_specs(RECIPE)[:2], RECIPE.frames, RECIPE.size)
+
+    def loss(**change):
+        with torch.no_grad():
+            return float(vae_loss(vae, x, m, replace(RECIPE, **change), torch.Generator().manual_seed(0)))
+
+    plain, edge = loss(), loss(vae_edge_weight=1.0)
+    assert edge > plain and loss(vae_edge_weight=2.0) - plain == pytest.approx(2 * (edge - plain), rel=1e-4)
+    assert loss(vae_edge_weight=0.0) == plain
+
+
 def test_resume_with_the_new_vae_options_is_exact_and_checked(tmp_path, monkeypatch):
     from cav.toy import wan_base
 
@@ -216,7 +231,7 @@ def test_a_run_saved_before_the_new_vae_options_resumes_with_their_defaults(tmp_
     train_wan_base(out, replace(RECIPE, steps=2), SPEC, quiet=True)
     saved = out / ".train_state" / "run.json"
     run = json.loads(saved.read_text())
-    for key in ("vae_object_dilate", "vae_lr_schedule", "vae_init"):
+    for key in ("vae_object_dilate", "vae_edge_weight", "vae_lr_schedule", "vae_init"):
         del run["recipe"][key]
     saved.write_text(json.dumps(run))
     assert train_wan_base(out, RECIPE, SPEC, quiet=True)["transformer_step"] == 4
@@ -226,6 +241,8 @@ def test_a_run_saved_before_the_new_vae_options_resumes_with_their_defaults(tmp_
 
 @pytest.mark.parametrize("argv, message", [
     (["--vae-object-dilate", "-1"], r"^cav: error: --vae-object-dilate -1 is negative: pass 0 \(the exact mask\) or "
+                                    r"more$"),
+    (["--vae-edge-weight", "-0.5"], r"^cav: error: --vae-edge-weight -0\.5 is negative: pass 0 \(no edge loss\) or "
                                     r"more$"),
     (["--vae-lr-schedule", "linear"], r"^cav: error: .*'linear' is not one of constant, cosine"),
     (["--vae-init", "/nonexistent/run"], r"^cav: error: --vae-init /nonexistent/run: no VAE weights at "

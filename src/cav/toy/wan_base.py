@@ -102,6 +102,8 @@ class WanRecipe:
     vae_object_weight: float = _f(10.0, "phase 1: extra weight of the object's pixels in the reconstruction loss")
     vae_object_dilate: int = _f(0, "phase 1: grow the weighted object mask by this many pixels (a square max-pool), "
                                 "so the errors on both sides of its edge cost the same", unit="pixels")
+    vae_edge_weight: float = _f(0.0, "phase 1: weight of an L1 loss on the image's spatial differences (a blurred "
+                                "edge spreads one step over several pixels), weighed as the pixels are")
     vae_lr_schedule: Literal["constant", "cosine"] = _f(
         "constant", "phase 1: the VAE's learning rate over --vae-steps: constant, or cosine from --vae-lr to 0")
     vae_init: str = _f("", "phase 1: start the VAE from the weights in FOLDER/vae (a toy Wan model or run folder of "
@@ -217,12 +219,18 @@ def vae_loss(vae, pixels: torch.Tensor, masks: torch.Tensor, recipe: WanRecipe,
     shape lost), which capped everything the transformer could draw. Object pixels weigh ``1 + object_weight``
     (weights renormalised to mean 1, so the loss keeps its scale). With only the object weighed, a blurry decoder's
     colour bleeding into the background next to the edge is cheap (the second VAE: the scored object 1.4–1.8× its
-    true area); ``vae_object_dilate`` px weighs the edge's background side as much as its object side."""
+    true area); ``vae_object_dilate`` px weighs the edge's background side as much as its object side, and
+    ``vae_edge_weight`` adds the error of the horizontal and vertical pixel differences (sharp edges, corners)."""
     post = vae.encode(pixels).latent_dist
     rec = vae.decode(post.sample(gen)).sample
     w = 1.0 + recipe.vae_object_weight * dilate_masks(masks, recipe.vae_object_dilate)
     w = w / w.mean()
-    return (((rec - pixels) ** 2 + (rec - pixels).abs()) * w).mean() + recipe.kl_weight * post.kl().mean()
+    loss = (((rec - pixels) ** 2 + (rec - pixels).abs()) * w).mean() + recipe.kl_weight * post.kl().mean()
+    if recipe.vae_edge_weight:
+        d = rec - pixels
+        loss = loss + recipe.vae_edge_weight * (((d[..., 1:] - d[..., :-1]).abs() * w[..., 1:]).mean()
+                                                + ((d[..., 1:, :] - d[..., :-1, :]).abs() * w[..., 1:, :]).mean())
+    return loss
 
 
 def dilate_masks(masks: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -345,6 +353,8 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
                        f"pass 4k+1 frames (e.g. 9)")
     if recipe.vae_object_weight < 0:
         raise CavError(f"--vae-object-weight {recipe.vae_object_weight} is negative: pass 0 (no extra weight) or more")
+    if recipe.vae_edge_weight < 0:
+        raise CavError(f"--vae-edge-weight {recipe.vae_edge_weight} is negative: pass 0 (no edge loss) or more")
     if recipe.vae_object_dilate < 0:
         raise CavError(f"--vae-object-dilate {recipe.vae_object_dilate} is negative: pass 0 (the exact mask) or more")
     if recipe.vae_lr_schedule not in ("constant", "cosine"):
