@@ -102,8 +102,9 @@ class WanRecipe:
     vae_object_weight: float = _f(10.0, "phase 1: extra weight of the object's pixels in the reconstruction loss")
     vae_object_dilate: int = _f(0, "phase 1: grow the weighted object mask by this many pixels (a square max-pool), "
                                 "so the errors on both sides of its edge cost the same", unit="pixels")
-    vae_edge_weight: float = _f(0.0, "phase 1: weight of an L1 loss on the image's spatial differences (a blurred "
-                                "edge spreads one step over several pixels), weighed as the pixels are")
+    vae_edge_weight: float = _f(0.0, "phase 1: weight of an L1 loss on the reconstruction error's differences "
+                                "between neighbouring pixels and frames (a blurred edge or a smear spreads one step "
+                                "over several), weighed as the pixels are")
     vae_lr_schedule: Literal["constant", "cosine"] = _f(
         "constant", "phase 1: the VAE's learning rate over --vae-steps: constant, or cosine from --vae-lr to 0")
     vae_init: str = _f("", "phase 1: start the VAE from the weights in FOLDER/vae (a toy Wan model or run folder of "
@@ -220,7 +221,8 @@ def vae_loss(vae, pixels: torch.Tensor, masks: torch.Tensor, recipe: WanRecipe,
     (weights renormalised to mean 1, so the loss keeps its scale). With only the object weighed, a blurry decoder's
     colour bleeding into the background next to the edge is cheap (the second VAE: the scored object 1.4–1.8× its
     true area); ``vae_object_dilate`` px weighs the edge's background side as much as its object side, and
-    ``vae_edge_weight`` adds the error of the horizontal and vertical pixel differences (sharp edges, corners)."""
+    ``vae_edge_weight`` adds the error of the differences between neighbouring pixels (x, y: sharp edges and
+    corners) and frames (t: an object smeared over its positions inside a 4-frame latent)."""
     post = vae.encode(pixels).latent_dist
     rec = vae.decode(post.sample(gen)).sample
     w = 1.0 + recipe.vae_object_weight * dilate_masks(masks, recipe.vae_object_dilate)
@@ -228,8 +230,11 @@ def vae_loss(vae, pixels: torch.Tensor, masks: torch.Tensor, recipe: WanRecipe,
     loss = (((rec - pixels) ** 2 + (rec - pixels).abs()) * w).mean() + recipe.kl_weight * post.kl().mean()
     if recipe.vae_edge_weight:
         d = rec - pixels
-        loss = loss + recipe.vae_edge_weight * (((d[..., 1:] - d[..., :-1]).abs() * w[..., 1:]).mean()
-                                                + ((d[..., 1:, :] - d[..., :-1, :]).abs() * w[..., 1:, :]).mean())
+        edge = ((d[..., 1:] - d[..., :-1]).abs() * w[..., 1:]).mean() \
+            + ((d[..., 1:, :] - d[..., :-1, :]).abs() * w[..., 1:, :]).mean()
+        if d.shape[2] > 1:
+            edge = edge + ((d[:, :, 1:] - d[:, :, :-1]).abs() * w[:, :, 1:]).mean()
+        loss = loss + recipe.vae_edge_weight * edge
     return loss
 
 
