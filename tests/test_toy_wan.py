@@ -145,3 +145,115 @@ def test_check_base_names_a_missing_toy_wan(tmp_path, monkeypatch):
                                        r"--family wan --out DIR` and pass --base DIR$"):
         check_base("toy-wan", n=1, heldout=1)
     assert wan_base.toy_wan_folder("toy") is None and wan_base.toy_wan_folder(tmp_path) is None
+
+
+def test_vae_init_starts_phase_one_from_another_folders_vae(tmp_path, capsys):
+    from safetensors.torch import load_file as load
+
+    train_wan_base(tmp_path / "a", replace(RECIPE, steps=0), SPEC, quiet=True)
+    a = load(str(tmp_path / "a" / "vae" / "diffusion_pytorch_model.safetensors"))
+    # no VAE step: the VAE written is the init's, tensor for tensor (a random one differs)
+    train_wan_base(tmp_path / "b", replace(RECIPE, vae_steps=0, steps=0, vae_init=str(tmp_path / "a")), SPEC,
+                   quiet=True)
+    b = load(str(tmp_path / "b" / "vae" / "diffusion_pytorch_model.safetensors"))
+    train_wan_base(tmp_path / "c", replace(RECIPE, vae_steps=0, steps=0), SPEC, quiet=True)
+    c = load(str(tmp_path / "c" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    # read at VAE step 0 only: a resume neither needs the folder nor reloads it
+    tuned = replace(RECIPE, steps=0, vae_init=str(tmp_path / "c"))
+    train_wan_base(tmp_path / "d", replace(tuned, vae_steps=1), SPEC, quiet=True)
+    (tmp_path / "c" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    train_wan_base(tmp_path / "d", tuned, SPEC, quiet=True)
+    assert json.loads((tmp_path / "d" / ".train_state" / "vae" / "state.json").read_text())["step"] == 2
+    # a folder without a VAE, or with one of other sizes: one line, nothing written
+    with pytest.raises(CavError, match=r"^--vae-init .*absent: no VAE weights at .*: pass a toy Wan model or run "
+                                       r"folder$"):
+        train_wan_base(tmp_path / "e", replace(RECIPE, vae_init=str(tmp_path / "absent")), SPEC, quiet=True)
+    with pytest.raises(CavError, match=r"^--vae-init .*a: its VAE has other sizes than this run's \(\d+ tensors "
+                                       r"differ, e\.g\. .*\): pass the sizes it was trained with"):
+        train_wan_base(tmp_path / "e", replace(RECIPE, vae_init=str(tmp_path / "a")), replace(SPEC, z_dim=8),
+                       quiet=True)
+    assert not (tmp_path / "e").exists()
+
+
+def test_dilated_object_weight_and_cosine_vae_lr():
+    from cav.toy.wan_base import dilate_masks, vae_lr
+
+    m = torch.zeros(1, 1, 2, 9, 9)
+    m[0, 0, 0, 4, 4] = 1
+    grown = dilate_masks(m, 2)
+    assert grown[0, 0, 0].sum() == 25 and grown[0, 0, 0, 2:7, 2:7].all() and grown[0, 0, 1].sum() == 0
+    assert torch.equal(dilate_masks(m, 0), m)
+    cosine = replace(RECIPE, vae_steps=10, vae_lr=1e-3, vae_lr_schedule="cosine")
+    assert vae_lr(cosine, 0) == 1e-3 and vae_lr(cosine, 5) == pytest.approx(5e-4) and vae_lr(cosine, 9) < 3e-5
+    assert vae_lr(replace(cosine, vae_lr_schedule="constant"), 9) == 1e-3
+
+
+def test_edge_loss_adds_the_error_of_pixel_differences():
+    from cav.toy.wan_base import build_components, render_with_masks, training_specs, vae_loss
+
+    vae = build_components(SPEC)["vae"]
+    x, m = render_with_masks(training_specs(RECIPE)[:2], RECIPE.frames, RECIPE.size)
+
+    def loss(**change):
+        with torch.no_grad():
+            return float(vae_loss(vae, x, m, replace(RECIPE, **change), torch.Generator().manual_seed(0)))
+
+    plain, edge = loss(), loss(vae_edge_weight=1.0)
+    assert edge > plain and loss(vae_edge_weight=2.0) - plain == pytest.approx(2 * (edge - plain), rel=1e-4)
+    assert loss(vae_edge_weight=0.0) == plain
+
+
+def test_resume_with_the_new_vae_options_is_exact_and_checked(tmp_path, monkeypatch):
+    from cav.toy import wan_base
+
+    recipe = replace(RECIPE, vae_steps=4, steps=2, vae_object_dilate=1, vae_lr_schedule="cosine")
+    train_wan_base(tmp_path / "straight", recipe, SPEC, quiet=True)
+    cut = tmp_path / "cut"
+    calls = iter(range(10))  # the clock runs out after one VAE step (--vae-steps cannot cut a cosine run)
+    with monkeypatch.context() as m:
+        m.setattr(wan_base._Clock, "out_of_time", lambda self: next(calls) > 0)
+        train_wan_base(cut, recipe, SPEC, quiet=True)
+    assert json.loads((cut / ".train_state" / "vae" / "state.json").read_text())["step"] == 1
+    train_wan_base(cut, recipe, SPEC, quiet=True)
+    a, b = _weights(tmp_path / "straight"), _weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the cosine's length is --vae-steps: it may not change; nor may the dilation or the schedule
+    for other, name in ((replace(recipe, vae_steps=5), "vae_steps"), (replace(recipe, vae_object_dilate=2),
+                        "vae_object_dilate"), (replace(recipe, vae_lr_schedule="constant"), "vae_lr_schedule")):
+        with pytest.raises(CavError, match=rf"holds a run started with other settings \({name}\)"):
+            train_wan_base(cut, other, SPEC, quiet=True)
+
+
+def test_a_run_saved_before_the_new_vae_options_resumes_with_their_defaults(tmp_path):
+    out = tmp_path / "old"
+    train_wan_base(out, replace(RECIPE, steps=2), SPEC, quiet=True)
+    saved = out / ".train_state" / "run.json"
+    run = json.loads(saved.read_text())
+    for key in ("vae_object_dilate", "vae_edge_weight", "vae_lr_schedule", "vae_init"):
+        del run["recipe"][key]
+    saved.write_text(json.dumps(run))
+    assert train_wan_base(out, RECIPE, SPEC, quiet=True)["transformer_step"] == 4
+    with pytest.raises(CavError, match=r"other settings \(vae_object_dilate\)"):
+        train_wan_base(out, replace(RECIPE, vae_object_dilate=2), SPEC, quiet=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vae-object-dilate", "-1"], r"^cav: error: --vae-object-dilate -1 is negative: pass 0 \(the exact mask\) or "
+                                    r"more$"),
+    (["--vae-edge-weight", "-0.5"], r"^cav: error: --vae-edge-weight -0\.5 is negative: pass 0 \(no edge loss\) or "
+                                    r"more$"),
+    (["--vae-lr-schedule", "linear"], r"^cav: error: .*'linear' is not one of constant, cosine"),
+    (["--vae-init", "/nonexistent/run"], r"^cav: error: --vae-init /nonexistent/run: no VAE weights at "
+                                         r"/nonexistent/run/vae/diffusion_pytorch_model\.safetensors: pass a toy Wan "
+                                         r"model or run folder$"),
+])
+def test_cli_refuses_bad_vae_options_in_one_line(tmp_path, capsys, argv, message):
+    import re
+
+    out = tmp_path / "run"
+    assert cli(["toy", "train-base", "--family", "wan", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.match(message, err), err
+    assert not out.exists()

@@ -13,18 +13,21 @@ the prompt's length, zero-padded to ``max_sequence_length``), so the saved folde
 and its default 512 text slots.
 
 Seeded and exactly resumable: weights, AdamW state and the data generator's state are saved as safetensors under
-``OUT/.train_state/<phase>/`` every ``save_minutes`` and at the end; the learning rate depends on the step only
-(warm-up, then constant), so a run cut by ``--max-seconds`` and resumed is bit-identical to one run straight
-through (``tests/test_toy_wan.py``). Run it as ``cav toy train-base --family wan --out DIR``.
+``OUT/.train_state/<phase>/`` every ``save_minutes`` and at the end; the learning rates depend on the step only
+(the VAE's constant or cosine, the transformer's warm-up then constant), so a run cut by ``--max-seconds`` and
+resumed is bit-identical to one run straight through (``tests/test_toy_wan.py``). Phase 1 may start from another
+folder's VAE (``vae_init``: a fine-tune). Run it as ``cav toy train-base --family wan --out DIR``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -97,6 +100,16 @@ class WanRecipe:
     vae_lr: float = _f(1e-3, "phase 1: VAE learning rate")
     kl_weight: float = _f(1e-6, "phase 1: weight of the VAE's KL term")
     vae_object_weight: float = _f(10.0, "phase 1: extra weight of the object's pixels in the reconstruction loss")
+    vae_object_dilate: int = _f(0, "phase 1: grow the weighted object mask by this many pixels (a square max-pool), "
+                                "so the errors on both sides of its edge cost the same", unit="pixels")
+    vae_edge_weight: float = _f(0.0, "phase 1: weight of an L1 loss on the reconstruction error's differences "
+                                "between neighbouring pixels and frames (a blurred edge or a smear spreads one step "
+                                "over several), weighed as the pixels are")
+    vae_lr_schedule: Literal["constant", "cosine"] = _f(
+        "constant", "phase 1: the VAE's learning rate over --vae-steps: constant, or cosine from --vae-lr to 0")
+    vae_init: str = _f("", "phase 1: start the VAE from the weights in FOLDER/vae (a toy Wan model or run folder of "
+                       "the same sizes; read at VAE step 0 only, a fresh AdamW); empty: random weights",
+                       metavar="FOLDER", default_text="random weights")
     steps: int = _f(200000, "phase 2: transformer + text encoder steps, an upper bound: --max-seconds ends the run "
                     "on time", unit="steps")
     batch: int = _f(8, "phase 2: clips per step", unit="clips")
@@ -205,12 +218,57 @@ def vae_loss(vae, pixels: torch.Tensor, masks: torch.Tensor, recipe: WanRecipe,
     The object covers ~8 % of a frame, so an unweighted loss is met by the background alone: the first toy Wan's VAE
     (800 steps) reconstructed the background to 2–3 / 255 and the object not at all (MAE ~100 / 255, colour and
     shape lost), which capped everything the transformer could draw. Object pixels weigh ``1 + object_weight``
-    (weights renormalised to mean 1, so the loss keeps its scale)."""
+    (weights renormalised to mean 1, so the loss keeps its scale). With only the object weighed, a blurry decoder's
+    colour bleeding into the background next to the edge is cheap (the second VAE: the scored object 1.4–1.8× its
+    true area); ``vae_object_dilate`` px weighs the edge's background side as much as its object side, and
+    ``vae_edge_weight`` adds the error of the differences between neighbouring pixels (x, y: sharp edges and
+    corners) and frames (t: an object smeared over its positions inside a 4-frame latent)."""
     post = vae.encode(pixels).latent_dist
     rec = vae.decode(post.sample(gen)).sample
-    w = 1.0 + recipe.vae_object_weight * masks
+    w = 1.0 + recipe.vae_object_weight * dilate_masks(masks, recipe.vae_object_dilate)
     w = w / w.mean()
-    return (((rec - pixels) ** 2 + (rec - pixels).abs()) * w).mean() + recipe.kl_weight * post.kl().mean()
+    loss = (((rec - pixels) ** 2 + (rec - pixels).abs()) * w).mean() + recipe.kl_weight * post.kl().mean()
+    if recipe.vae_edge_weight:
+        d = rec - pixels
+        edge = ((d[..., 1:] - d[..., :-1]).abs() * w[..., 1:]).mean() \
+            + ((d[..., 1:, :] - d[..., :-1, :]).abs() * w[..., 1:, :]).mean()
+        if d.shape[2] > 1:
+            edge = edge + ((d[:, :, 1:] - d[:, :, :-1]).abs() * w[:, :, 1:]).mean()
+        loss = loss + recipe.vae_edge_weight * edge
+    return loss
+
+
+def dilate_masks(masks: torch.Tensor, pixels: int) -> torch.Tensor:
+    """(B, 1, F, H, W) 0/1 masks grown by ``pixels`` in each frame (a (2p+1)² square max-pool; 0: unchanged)."""
+    if not pixels:
+        return masks
+    k = 2 * pixels + 1
+    return torch.nn.functional.max_pool3d(masks, (1, k, k), stride=1, padding=(0, pixels, pixels))
+
+
+def vae_lr(recipe: WanRecipe, step: int) -> float:
+    """The VAE's learning rate at 0-based ``step`` (a function of the step only, so resumes are exact)."""
+    if recipe.vae_lr_schedule == "cosine":
+        return recipe.vae_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, recipe.vae_steps)))
+    return recipe.vae_lr
+
+
+def _init_vae_weights(recipe: WanRecipe, vae) -> dict:
+    """``recipe.vae_init``'s VAE weights, checked against ``vae``'s parameter names and shapes."""
+    from safetensors.torch import load_file
+
+    folder = Path(recipe.vae_init)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise CavError(f"--vae-init {folder}: no VAE weights at {weights}: pass a toy Wan model or run folder")
+    tensors = load_file(str(weights))
+    own = vae.state_dict()
+    wrong = sorted(k for k in set(own) | set(tensors)
+                   if k not in own or k not in tensors or own[k].shape != tensors[k].shape)
+    if wrong:
+        raise CavError(f"--vae-init {folder}: its VAE has other sizes than this run's ({len(wrong)} tensors differ, "
+                       f"e.g. {wrong[0]}): pass the sizes it was trained with (its .train_state/run.json)")
+    return tensors
 
 
 def vae_step_batch(specs, recipe: WanRecipe, gen: torch.Generator) -> tuple[tuple, tuple]:
@@ -300,15 +358,24 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
                        f"pass 4k+1 frames (e.g. 9)")
     if recipe.vae_object_weight < 0:
         raise CavError(f"--vae-object-weight {recipe.vae_object_weight} is negative: pass 0 (no extra weight) or more")
+    if recipe.vae_edge_weight < 0:
+        raise CavError(f"--vae-edge-weight {recipe.vae_edge_weight} is negative: pass 0 (no edge loss) or more")
+    if recipe.vae_object_dilate < 0:
+        raise CavError(f"--vae-object-dilate {recipe.vae_object_dilate} is negative: pass 0 (the exact mask) or more")
+    if recipe.vae_lr_schedule not in ("constant", "cosine"):
+        raise CavError(f"--vae-lr-schedule {recipe.vae_lr_schedule!r} is not a schedule: pass constant or cosine")
     out = Path(out)
     if not resume:  # asked for: the old run's state (both phases) would not fit the new one
         shutil.rmtree(out / ".train_state", ignore_errors=True)
     _check_same_run(out, recipe, spec)
+    comps = build_components(spec, recipe.seed)
+    vae, transformer, text_encoder = comps["vae"], comps["transformer"], comps["text_encoder"]
+    init = None  # read (and checked) before anything is written; only a run that has not begun its VAE uses it
+    if recipe.vae_init and not (_state_dir(out, "vae") / "state.json").is_file():
+        init = _init_vae_weights(recipe, vae)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / ".train_state" / "run.json", {"recipe": asdict(recipe), "spec": asdict(spec)})
     clock = _Clock(recipe.max_seconds, recipe.save_minutes)
-    comps = build_components(spec, recipe.seed)
-    vae, transformer, text_encoder = comps["vae"], comps["transformer"], comps["text_encoder"]
     specs = training_specs(recipe)
     gen = torch.Generator("cpu").manual_seed(recipe.seed)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -316,6 +383,8 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
     # ---- phase 1: the VAE --------------------------------------------------------------------------------
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     step, progress = _load_state(out, "vae", {"vae": vae}, vae_opt, gen)
+    if init is not None and step == 0:
+        vae.load_state_dict(init)
     vae_log, trained = progress.get("log", []), False
     if step < recipe.vae_steps and (_state_dir(out, "transformer") / "state.json").is_file():
         raise CavError(f"{out}'s transformer phase started on the VAE of step {step}: pass --vae-steps {step} "
@@ -323,6 +392,8 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
     vae.train()
     while step < recipe.vae_steps and not clock.out_of_time():
         t = time.time()
+        for group in vae_opt.param_groups:
+            group["lr"] = vae_lr(recipe, step)
         clips, frames = vae_step_batch(specs, recipe, gen)
         loss = vae_loss(vae, *clips, recipe, gen) + vae_loss(vae, *frames, recipe, gen)
         loss.backward()
@@ -393,8 +464,11 @@ def _check_same_run(out: Path, recipe: WanRecipe, spec: ToyWanSpec) -> None:
         return
     old = json.loads(saved.read_text())
     free = {"max_seconds", "save_minutes", "steps", "vae_steps"}
+    if recipe.vae_lr_schedule != "constant":  # the VAE's learning rate depends on --vae-steps then
+        free.discard("vae_steps")
     new_recipe = {k: v for k, v in asdict(recipe).items() if k not in free}
-    old_recipe = {k: v for k, v in old["recipe"].items() if k not in free}
+    defaults = asdict(WanRecipe())  # a field added since the run began: the run used its default
+    old_recipe = {k: v for k, v in {**defaults, **old["recipe"]}.items() if k not in free}
     new_spec = json.loads(json.dumps(asdict(spec)))
     if new_recipe != old_recipe or new_spec != old["spec"]:
         diff = sorted(k for k in set(new_recipe) | set(old_recipe) if new_recipe.get(k) != old_recipe.get(k))
