@@ -39,6 +39,7 @@ from ..metrics import toy as tm
 from . import rows as row_options
 from .metrics import GROUP_METRICS, METRICS, RUN_METRICS, TABLE, VIDEO_METRICS, Scored, score_group, score_video
 from . import report
+from .report import format_markdown, write_outputs
 from .stats import bootstrap, jsonable, paired_differences
 
 DEFAULT_RECIPE = find_recipe("ablation/toy")
@@ -46,8 +47,8 @@ MODELSCOPE = "damo-vilab/text-to-video-ms-1.7b"  # parameter counts at full size
 WAN_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 # per family of the ablation's base: (the full-size model whose trainable parameters the table also counts, a size its
 # shape check takes, the key of ``params`` that holds them, its label in the markdown table)
-FULL_MODELS = {"unet3d": (MODELSCOPE, [256, 256], "modelscope", "ModelScope"),
-               "wan": (WAN_1_3B, [480, 832], "wan2.1-t2v-1.3b", "Wan 2.1 T2V 1.3B")}
+FULL_MODELS = {"unet3d": (MODELSCOPE, [256, 256], "modelscope", report.FULL_LABELS["modelscope"]),
+               "wan": (WAN_1_3B, [480, 832], "wan2.1-t2v-1.3b", report.FULL_LABELS["wan2.1-t2v-1.3b"])}
 _ROW_KEYS = ("name", "key", "train") + row_options.KEYS
 _SETTING_KEYS = ("recipe", "overrides", "references", "prompts", "seeds", "threads", "bootstrap", "rows", "quick",
                  "compare")
@@ -342,7 +343,7 @@ def _aggregate(tally: _Tally, wall: float, complete: bool) -> dict:
         **{m.key: m.note for m in TABLE if m.key != "diversity"},
         "params": "trainable parameters from api.plan: temporal = T-LoRA, spatial = S-LoRA + textual inversion "
                   "(absorbers, discarded at inference); toy model and full "
-                  + ("ModelScope" if full_key == "modelscope" else full_label) + " config (meta device)",
+                  + full_label + " config (meta device)",
     }
     if lpips_error is not None:
         notes["diversity"] = (f"null: LPIPS weights are not available ({lpips_error}); track_diversity is reported "
@@ -370,33 +371,6 @@ def _aggregate(tally: _Tally, wall: float, complete: bool) -> dict:
     }
     result["comparisons"] = paired_differences(result, VIDEO_METRICS, vs=settings.get("compare", ("base", "no-aa")))
     return jsonable(result)
-
-
-def format_markdown(result: dict) -> str:
-    """``report.format_markdown``, its full-size parameter column named for the ablation's family (ModelScope for
-    the toy UNet, unchanged; Wan 2.1 T2V 1.3B for the toy Wan)."""
-    params = result["rows"][0].get("params", {}) if result.get("rows") else {}
-    key = next((k for k in params if k != "toy"), "modelscope")
-    if key == "modelscope":
-        return report.format_markdown(result)
-    label = next(v[3] for v in FULL_MODELS.values() if v[2] == key)
-    shown = {**result, "rows": [{**r, "params": {**r["params"], "modelscope": r["params"][key]}}
-                                for r in result["rows"]]}
-    return report.format_markdown(shown).replace("params ModelScope (T + S)", f"params {label} (T + S)", 1)
-
-
-def write_outputs(result: dict, out_dir: str | Path) -> dict:
-    """``report.write_outputs`` with this module's ``format_markdown``: ``ablation.json`` and ``ablation.md``."""
-    import json
-
-    from ..io_utils import write_text
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "ablation.json", "markdown": out_dir / "ablation.md"}
-    write_text(paths["json"], json.dumps(jsonable(result), indent=1, allow_nan=False) + "\n")
-    write_text(paths["markdown"], format_markdown(result) + "\n")
-    return paths
 
 
 __all__ = ["run_ablation", "format_markdown", "write_outputs", "load_settings", "bootstrap",

@@ -30,16 +30,23 @@ def _k(n: int) -> str:
     return f"{n / 1e3:.1f}K" if n >= 1000 else str(n)
 
 
+# the full-size model whose trainable parameters a row's ``params`` also holds (its key → its label in the table)
+FULL_LABELS = {"modelscope": "ModelScope", "wan2.1-t2v-1.3b": "Wan 2.1 T2V 1.3B"}
+
+
 def format_markdown(result: dict) -> str:
-    """A markdown table (mean [95% CI] per metric, parameters) with the command, time and notes."""
+    """A markdown table (mean [95% CI] per metric, parameters at the toy's size and at the full model's: ModelScope
+    for the toy UNet, Wan 2.1 T2V 1.3B for the toy Wan) with the command, time and notes."""
     cols = METRICS
-    head = ["row"] + [label(c) for c in cols] + ["params toy (T + S)", "params ModelScope (T + S)"]
+    params = result["rows"][0].get("params", {}) if result.get("rows") else {}
+    full = next((k for k in params if k != "toy"), "modelscope")
+    head = ["row"] + [label(c) for c in cols] + ["params toy (T + S)", f"params {FULL_LABELS[full]} (T + S)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for row in result["rows"]:
         cells = [row["name"]]
         for c in cols:
             cells.append(_fmt(row.get(c), 1 if c == "train_seconds" else 3))
-        cells += [_fmt_params(row["params"]["toy"]), _fmt_params(row["params"]["modelscope"])]
+        cells += [_fmt_params(row["params"]["toy"]), _fmt_params(row["params"][full])]
         lines.append("| " + " | ".join(cells) + " |")
     s = result["settings"]
     status = "" if result.get("complete", True) else (
