@@ -64,7 +64,9 @@ def test_a_flat_config_yaml_loads_to_the_same_config(tmp_path):
     assert old.validation.prompts == ["a blue <cav> circle"] and old.validation.frames == 8
     assert old.validation.size == (32, 48) and old.validation.lora_weight == 0.75
     flat = yaml.safe_load(FORMAT1.read_text())
-    assert old.keys() == flat  # every key of the old file, same value
+    keys, defaults = old.keys(), TrainConfig().keys()
+    assert {k: keys[k] for k in flat} == flat  # every key of the old file, same value
+    assert all(keys[k] == defaults[k] for k in set(keys) - set(flat))  # options added since: their defaults
     (tmp_path / "config.yaml").write_text(dump_yaml(old))
     again = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert next(iter(again)) == versioned.KEY and again[versioned.KEY] == versioned.CURRENT["config.yaml"] == 2
