@@ -210,7 +210,7 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
 
     from .. import api, backbone
     from ..data.video import write_contact_sheet, write_video
-    from ..sampling import sample_videos
+    from ..sampling import sample_with
 
     t0 = time.perf_counter()
     log = log or (lambda line: print(f"cav bench ablation: {line}", file=sys.stderr, flush=True))
@@ -260,9 +260,8 @@ def run_ablation(recipe_path: str | Path = DEFAULT_RECIPE, quick: bool = False, 
                 if run_dir is not None:
                     adapter = row_options.adapter_dir(row, run_dir)
                     api.load_adapters(bb, [(str(adapter), cfg.validation.lora_weight)])  # the T-LoRA only
-                videos = sample_videos(bb, texts, frames=cfg.data.frames, size=tuple(cfg.data.size),
-                                       steps=cfg.validation.steps, guidance=cfg.validation.guidance, seeds=seeds,
-                                       start=row_options.start(bb, row, cfg, ref_video, targets, seeds, n_seeds))
+                videos = sample_with(bb, texts, cfg.validation, seeds,
+                                     start=row_options.start(bb, row, cfg, ref_video, targets, seeds, n_seeds))
                 del bb
                 sample_seconds = time.perf_counter() - t
                 samples = out / "samples" / row["key"] / f"{name}.npz"

@@ -1,7 +1,7 @@
 """The speed benchmark's rig: a random-weight ``Backbone`` of a family (``Family.rig``'s model with SD's VAE, the
 family's text encoder and a CLIP tokenizer, or with the family's own parts) and step factories made of cav's own
 code: the plan ``cav train`` runs (``run.stage_plan``: the stage builders and the frozen S-LoRA's merge policy) +
-``trainer.train_step``, and ``sampling.sample_videos``. ``make() → (step, teardown)`` builds a case's stage on the
+``trainer.train_step``, and ``sampling.sample_with``. ``make() → (step, teardown)`` builds a case's stage on the
 bare UNet as a run does, ``teardown`` takes its adapters off again. ``Bench`` times steps."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..adapters import lora
 from ..backbone import Backbone, attach_condition
 from ..config import TrainConfig, load_recipe
 from ..run import stage_plan
-from ..sampling import sample_videos
+from ..sampling import sample_with
 from ..stages import S_LORA, T_LORA, encode_frames, encode_prompt
 from ..trainer import make_optimizer, train_step
 
@@ -167,7 +167,7 @@ class Rig:
         return make
 
     def generation(self, compiled=False, plain=False):
-        """``sampling.sample_videos`` as ``cav generate`` runs it (the T-LoRA alone, merged into the weights; guidance
+        """``sampling.sample_with`` as ``cav generate`` runs it (the T-LoRA alone, merged into the weights; guidance
         batch of 2), ``GEN_STEPS`` denoising steps; the step returns the times between successive UNet calls (one
         denoising step each: UNet, guidance, scheduler, the pipeline's loop). ``plain``: the T-LoRA run by peft
         beside the weights, as before issue 16. ``step.sample(n)`` samples with ``n`` steps (op counts)."""
@@ -180,8 +180,7 @@ class Rig:
 
             def sample(steps: int):
                 with unmerged:
-                    sample_videos(bb, [PROMPT], frames=cfg.data.frames, size=tuple(cfg.data.size), steps=steps,
-                                  guidance=cfg.validation.guidance, seeds=[SEED])
+                    sample_with(bb, [PROMPT], cfg.validation, [SEED], steps=steps)
 
             def step():
                 marks = []

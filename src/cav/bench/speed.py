@@ -3,7 +3,7 @@
 The model is each family's ``Family.rig`` (full: ModelScope's 1.4 B UNet3D from ``assets/``; tiny: the tests'),
 assembled into a ``Backbone`` with its VAE and text encoder (``bench.rig``), and every step is the one cav runs:
 the stages of ``run.stage_plan`` (its builders and merge policy) + ``trainer.train_step``, and
-``sampling.sample_videos``. Each measurement is one row: ``TIMED`` (a ``Case``: name, JSON key, the step it times),
+``sampling.sample_with``. Each measurement is one row: ``TIMED`` (a ``Case``: name, JSON key, the step it times),
 ``COUNTED`` (a ``Count``: ops, casts and graph breaks of a step in the GPU's configuration). Adding a measurement is
 adding a row. ``run_speed`` returns a JSON-serialisable dict; ``speed_report.format_table`` renders it."""
 
