@@ -3,6 +3,7 @@ as the CLI, one training at a time, Stop leaves a resumable checkpoint, Resume f
 grid, and the Runs tab's zip / delete."""
 
 import json
+import signal
 import time
 import zipfile
 from pathlib import Path
@@ -290,6 +291,18 @@ def test_the_train_tab_shows_the_child_s_own_end(app, tiny_video):
     t0 = time.time()
     assert app.stop_training().startswith("stopped")
     assert not app.jobs.busy() and time.time() - t0 < 5
+
+
+def test_a_stop_before_the_child_turns_ctrl_c_on_is_not_lost(app, tiny_video):
+    """A server started in the background (`cav ui &`) ignores SIGINT and its child inherits that until it turns
+    Ctrl-C back on; a Stop right after Start used to be lost there, and the run trained to its end."""
+    was = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert _start(app, tiny_video, name="r3", steps=50, checkpoint_every=0).startswith("started")
+        app.stop_training()
+    finally:
+        signal.signal(signal.SIGINT, was)
+    assert _wait(app) == "stopped before 'r3' had a checkpoint: nothing to resume; start it again"
 
 
 def test_the_app_loads_its_own_base_never_the_one_a_run_names(app):

@@ -3,6 +3,7 @@ GIL never block the page; its progress is read from the run folder (``runs.py``)
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CavError
+from .child import STOP_FILE
 
 
 @dataclass
@@ -22,6 +24,11 @@ class Job:
     stderr: Path
     started: float = field(default_factory=time.time)
     stop_requested: bool = False
+
+    @property
+    def stop_file(self) -> Path:
+        """Written by Stop before its SIGINT; the child looks for it once its Ctrl-C handler is on (``child.py``)."""
+        return self.stderr.with_suffix(".stop")
 
     @property
     def running(self) -> bool:
@@ -83,7 +90,8 @@ class TrainingJobs:
             with open(stderr, "w") as err:
                 # own session: a Ctrl-C at the server's terminal reaches the server, which stops the child itself
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                        start_new_session=True)
+                                        start_new_session=True, env={**os.environ, STOP_FILE: str(
+                                            stderr.with_suffix(".stop"))})
             self._job = Job(Path(run), argv, proc, stderr)
             return self._job
 
@@ -97,6 +105,7 @@ class TrainingJobs:
             job.proc.wait()
             return job.message()
         job.stop_requested = True
+        job.stop_file.touch()  # first: a SIGINT that reaches the child before it turns Ctrl-C back on is lost
         job.proc.send_signal(signal.SIGINT)
         return job.message()
 
