@@ -122,7 +122,7 @@ def run_memory(cfg, read) -> dict:
     """The training-memory estimate of a Wan run as ``cfg`` describes it (``api.plan``'s ``memory`` block): on the
     device the run asks for (``auto``: a GPU, where Wan trains), in the dtype it would load there, with its
     checkpointing choice. Every weightless check of ``dry_run`` runs too. ``--offload-frozen`` is block swap on
-    Wan (``Family.block_swap``, ``run.BlockSwapping``), so it is counted when the run asks for it on a GPU; on a CPU
+    Wan (``Family.block_swap``, ``run._load_backbone``), so it is counted when the run asks for it on a GPU; on a CPU
     the run swaps nothing and the estimate says so (``offload_plan``'s warning)."""
     device = "cuda" if cfg.system.device == "auto" else cfg.system.device
     on_gpu = device.startswith("cuda")
