@@ -180,11 +180,15 @@ def test_block_swap_on_a_cpu_warns_and_swaps_nothing(tiny_video, wan_model, tmp_
 def test_block_swap_on_two_experts_shares_one_budget(tiny_video, wan_a14b, tmp_path, monkeypatch):
     """Wan 2.2 A14B's layout: both experts swapped from load (the trained one and the one only samples use), one
     ledger for the two, so bringing a block of one expert releases the other's: never more than two blocks on the
-    device in all; the run equals the one without the swap, bit for bit."""
-    plain = _outputs(_train(tiny_video, wan_a14b, tmp_path / "plain"))
+    device in all; the run equals the one without the swap, bit for bit. With ``--placement temporal-heads`` the
+    heads are measured on the swapped model too (``temporal_heads.json`` equal)."""
+    heads = ("--placement", "temporal-heads")
+    plain_run = _train(tiny_video, wan_a14b, tmp_path / "plain", *heads)
+    plain = _outputs(plain_run)
     watch = Watch(monkeypatch)
-    swapped = _train_swapped(tiny_video, wan_a14b, tmp_path / "swapped")
+    swapped = _train_swapped(tiny_video, wan_a14b, tmp_path / "swapped", *heads)
     _assert_same(plain, _outputs(swapped))
+    assert (plain_run / "temporal_heads.json").read_text() == (swapped / "temporal_heads.json").read_text()
     assert [s.name for s in watch.swaps] == ["transformer", "transformer_2"]
     assert watch.swaps[0].residency is watch.swaps[1].residency and watch.swaps[0].residency.peak == 2
     assert watch.used == {"transformer": set(range(BLOCKS)), "transformer_2": set(range(BLOCKS))}  # samples: both

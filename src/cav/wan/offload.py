@@ -239,16 +239,13 @@ class BlockSwap:
         return hook
 
     def attach(self) -> "BlockSwap":
-        """Home copies of the frozen tensors on the offload device (a tensor already there and not to be pinned is
-        its own home copy: loading onto the CPU and swapping copies nothing) and the hooks on."""
+        """Home copies of the frozen tensors on the offload device (a tensor already there is its own home copy, or
+        its pinned copy for a GPU: loading onto the CPU and swapping keeps one copy of the blocks) and the hooks on."""
         for i, block in enumerate(self.blocks):
             for slot in self._slots[i]:
                 t = self._get(slot).detach()
-                if t.device == self.offload and not self.pin:
-                    home = t
-                else:
-                    home = t.to(self.offload, copy=True)
-                    home = home.pin_memory() if self.pin else home
+                home = t if t.device == self.offload else t.to(self.offload, copy=True)
+                home = home.pin_memory() if self.pin else home  # one pinned copy; the loaded tensor is then freed
                 slot[2] = home
                 self._set(slot, slot[2])
             self._handles += [block.register_forward_pre_hook(self._pre(i), with_kwargs=True),
