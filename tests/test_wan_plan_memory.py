@@ -106,7 +106,7 @@ def test_estimate_is_a_printable_dict():
 
     est = _estimate(_parts(), checkpointing=True)
     assert json.loads(json.dumps(est)) == est
-    assert est["peak"] == max(est["train_peak"], est["encode_phase"])
+    assert est["peak"] == max(sum(p.values()) for p in est["phases"].values())
     assert est["train_peak"] == sum(est["bytes"].values())
 
 
@@ -123,3 +123,29 @@ def test_the_whole_step_peak_is_a_little_above_the_model():
                                    checkpointing=checkpointing)
         model = memory.activation_bytes(cfg, 27, SPEC.max_length, checkpointing=checkpointing)
         assert model < peak < model + memory.block_activation_bytes(cfg, 27, SPEC.max_length), (checkpointing, peak)
+
+
+def test_merged_copies_are_what_frozen_merge_keeps():
+    """The phases' ``merged_copies``: ``lean.FrozenMerge`` keeps a copy of each base weight it folds an adapter
+    into, measured here on a tiny bf16 Wan (the S-LoRA folded under the T-LoRA, then the T-LoRA alone as sampling
+    folds it) against ``plan.adapted_base_params``."""
+    from cav import lean
+    from cav.wan import plan
+
+    model = build_components(SPEC)["transformer"]
+    memory.to_compute_dtype(model, torch.bfloat16)
+    targets.add_absorber_lora(model, "s_lora")
+    targets.add_motion_lora(model, "t_lora")
+    cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    base = plan.adapted_base_params(cfg)
+    activate(model, ["s_lora", "t_lora"], trainable="t_lora")
+    with lean.FrozenMerge(model, ["s_lora"]).merged() as merged:
+        assert _nbytes(w for _, w in merged.saved) == 2 * base["s_lora"] > 0
+    activate(model, ["t_lora"])
+    with lean.FrozenMerge(model, lean.live_adapters(model)).merged() as merged:
+        assert _nbytes(w for _, w in merged.saved) == 2 * base["t_lora"] > 0
+    est = _estimate(_parts(), merged_params=base["s_lora"], sample_merged_params=base["t_lora"])
+    assert est["phases"]["stage_2"]["merged_copies"] == 2 * base["s_lora"]
+    assert est["phases"]["checkpoints"]["merged_copies"] == 2 * base["t_lora"]
+    swapped = _estimate(_parts(), offload_frozen=True, merged_params=base["s_lora"], sample_merged_params=1)
+    assert swapped["phases"]["stage_2"]["merged_copies"] == swapped["phases"]["checkpoints"]["merged_copies"] == 0

@@ -6,14 +6,14 @@ import torch
 
 from cav.adapters.lora import activate, lora_parameters
 from cav.wan import targets
-from cav.wan.offload import swap_transformer_blocks
+from cav.wan.offload import is_adapter, swap_transformer_blocks
 from cav.wan.tiny import TinyWanSpec, build_transformer
 
 
 def _model(layers=4):
     model = build_transformer(TinyWanSpec(layers=layers), seed=0)
     targets.add_motion_lora(model, "t_lora")
-    targets.add_absorber_lora(model, "s_lora")  # frozen here: it moves with its block
+    targets.add_absorber_lora(model, "s_lora")  # frozen here: an adapter weight, it stays on the compute device
     activate(model, ["s_lora", "t_lora"], trainable="t_lora")
     with torch.no_grad():  # LoRAs that do something (lora_B starts at zero)
         for p in lora_parameters(model, "t_lora") + lora_parameters(model, "s_lora"):
@@ -83,7 +83,8 @@ def test_weights_are_not_kept_alive_by_autograd():
     block_ptrs = {}
     out = model(*_inputs(), return_dict=False)[0]
     for i in range(len(model.blocks)):
-        block_ptrs[i] = {p.untyped_storage().data_ptr() for p in model.blocks[i].parameters() if not p.requires_grad}
+        block_ptrs[i] = {p.untyped_storage().data_ptr() for n, p in model.blocks[i].named_parameters()
+                         if not p.requires_grad and not is_adapter(n)}
     homes = {s[2].untyped_storage().data_ptr() for slots in swap._slots for s in slots}
     released = [i for i in range(len(model.blocks)) if i not in swap.resident]
     assert released and all(block_ptrs[i] <= homes for i in released)  # released blocks point at their home copy
@@ -93,11 +94,12 @@ def test_weights_are_not_kept_alive_by_autograd():
 
 def test_frozen_parameters_land_back_and_lora_never_moves():
     model = _model()
-    lora_ids = {n: p.data_ptr() for n, p in model.named_parameters() if p.requires_grad}
+    lora_ids = {n: p.data_ptr() for n, p in model.named_parameters() if is_adapter(n)}  # trainable and frozen
+    assert any(not p.requires_grad for n, p in model.named_parameters() if n in lora_ids)
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
     swap = swap_transformer_blocks(model, "cpu", "cpu")
     _step(model)
-    assert {n: p.data_ptr() for n, p in model.named_parameters() if p.requires_grad} == lora_ids
+    assert {n: p.data_ptr() for n, p in model.named_parameters() if is_adapter(n)} == lora_ids
     swap.detach()
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), ref[n]), n
@@ -129,3 +131,27 @@ def test_a_failing_forward_leaves_no_hooks_behind():
     out, _ = _step(model)  # and the next step works
     assert torch.isfinite(out).all()
     swap.detach()
+
+
+def test_a_frozen_lora_folds_through_the_swap_block_by_block():
+    """``lean.FrozenMerge(..., swaps)``: the S-LoRA folded into the blocks' home copies through ``BlockSwap.edit``
+    gives the forward of the unswapped fold, bit for bit; restoring gives the exact base weights back; never more
+    than one block on the compute device while folding (``Residency``), and none left there after it."""
+    from cav import lean
+
+    ref_model = _model()
+    with lean.FrozenMerge(ref_model, ["s_lora"]).merged(), torch.no_grad():
+        ref = ref_model(*_inputs(), return_dict=False)[0]
+    model = _model()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    swap = swap_transformer_blocks(model, "cpu", "cpu")
+    folding = lean.FrozenMerge(model, ["s_lora"], {"transformer": swap})
+    folding.merge()
+    assert swap.residency.peak == 1 and swap.resident == set() and swap.on_device() == set()
+    with torch.no_grad():
+        out = model(*_inputs(), return_dict=False)[0]
+    assert torch.equal(out, ref)
+    folding.restore()
+    swap.detach()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), base[n]), n

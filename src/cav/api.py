@@ -69,7 +69,7 @@ def plan(cfg: TrainConfig, clips: int = 1, estimate: bool = False) -> dict:
 # ----------------------------------------------------------------------------------------------------- train
 def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool = False, quiet: bool = False,
           video_options: dict | None = None, announce: Callable[[dict], None] | None = None,
-          estimate: bool = True) -> Path:
+          estimate: bool = True, swap_on_cpu: bool = False) -> Path:
     """Run the staged method on one reference video (or a list of clips of one motion); returns the run folder
     (its stage plan, resume and hooks: ``run.py``; its files: ``runfolder.py``).
 
@@ -84,7 +84,9 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
 
     A size or frame count far from the base's native settings is warned about (``native.warning``). ``announce``
     is called, once every input is checked and before any training, with what the run will do
-    (``estimate.statement``; with ``estimate``, its wall time measured on this machine).
+    (``estimate.statement``; with ``estimate``, its wall time measured on this machine). ``swap_on_cpu``:
+    ``--offload-frozen`` swaps a DiT's blocks on a CPU too, with the CPU as both devices (``run.Run``): the GPU
+    code path on a machine without one, for tests; not a CLI flag.
     """
     from .runlock import RunLock
 
@@ -98,11 +100,13 @@ def train(video, cfg: TrainConfig, out, *, overwrite: bool = False, resume: bool
                        "each clip trains its own")
     preflight.check_train(cfg)
     with RunLock(out, tidy=True):  # one owner (CLI, web app child, batch worker): a second one is refused here
-        return _train_owned(videos, cfg, out, overwrite, resume, quiet, video_options, announce, estimate)
+        return _train_owned(videos, cfg, out, overwrite, resume, quiet, video_options, announce, estimate,
+                            swap_on_cpu)
 
 
 def _train_owned(videos: list, cfg: TrainConfig, out: Path, overwrite: bool, resume: bool, quiet: bool,
-                 video_options: dict | None, announce: Callable[[dict], None] | None, estimate: bool) -> Path:
+                 video_options: dict | None, announce: Callable[[dict], None] | None, estimate: bool,
+                 swap_on_cpu: bool = False) -> Path:
     """``train`` once this process holds ``out``'s lock: the checks again (the folder may have changed before the
     lock was ours), the inputs read, then the run (``run.Run``: its stage plan, resume, hooks)."""
     from .data.video import check_exists, read_video
@@ -132,7 +136,7 @@ def _train_owned(videos: list, cfg: TrainConfig, out: Path, overwrite: bool, res
     if announce is not None:  # before the seed is set: the measurement cannot change the run's random draws
         announce(estimate_mod.statement(cfg, len(videos), measure=estimate))
     runfolder.prepare(out, overwrite)
-    run = Run(out, cfg, resume_mod.latest(out) if resume else None, quiet)
+    run = Run(out, cfg, resume_mod.latest(out) if resume else None, quiet, swap_on_cpu)
     run.train(frames_u8, runfolder.data_record(records, cfg), image)
     return out
 

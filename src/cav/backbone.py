@@ -496,6 +496,10 @@ class Backbone:
     # (cond, prompts) → cond: what `cav generate` puts into the sampled condition after the pipeline encoded it
     # (Wan's prompt vectors: ``wan.prompt_vectors.OutputVectors.apply_files``); empty: the pipeline's own, untouched
     condition_edits: list = field(default_factory=list, repr=False, compare=False)
+    # ``load(swap_blocks=True)``: each denoiser's block swap by component name (``wan.offload.BlockSwap``, attached
+    # for the backbone's life) and their shared ledger (``wan.offload.Residency``); empty / None: no swap
+    swaps: dict = field(default_factory=dict, repr=False, compare=False)
+    residency: object = field(default=None, repr=False, compare=False)
 
     @property
     def condition(self):
@@ -659,9 +663,17 @@ def _adapt_condition(module, args: tuple, kwargs: dict, condition, per_frame: bo
 
 
 def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
-         motion_adapter: str | None = None, experts: str | None = None) -> Backbone:
+         motion_adapter: str | None = None, experts: str | None = None, swap_blocks: bool = False) -> Backbone:
     """Load a base model (see module doc) with frozen weights on ``device`` in ``dtype``; on a two-expert base both
-    experts, ``Backbone.unet`` being the one ``experts`` names (default high)."""
+    experts, ``Backbone.unet`` being the one ``experts`` names (default high).
+
+    ``swap_blocks`` (``--offload-frozen`` where it applies, ``run._load_backbone``) on a family with a block swap
+    (``Family.block_swap``: Wan): each denoiser is loaded onto the CPU and only its non-block parts go to ``device``;
+    its blocks' weights stay on the CPU and visit ``device`` through the swap (``Backbone.swaps``), which stays
+    attached for the backbone's life, so the blocks are never all on the device, not even while loading. ``device``
+    may be the CPU itself: the swap then runs with the CPU as both devices (its copies, hooks and ledger as on a
+    GPU), which is how the tests check it on a machine without a GPU; ``--offload-frozen`` alone never does that
+    (on a CPU it is a no-op, ``wan.checks.offload_plan``)."""
     import diffusers
     import transformers
 
@@ -696,10 +708,18 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
     for model in denoisers.values():
         attach_condition(model, family, family.latents.spatial_factor(vae.config))
     encoders = [text[p.encoder] for p in family.condition.parts]
+    swapped = swap_blocks and family.block_swap is not None
     for module in (*denoisers.values(), vae, *encoders):
         module.requires_grad_(False)
         module.eval()
-        module.to(dev)
+        if not (swapped and any(module is d for d in denoisers.values())):
+            module.to(dev)
+    swaps, residency = {}, None
+    if swapped:  # each denoiser's blocks stay where they loaded (the CPU): the swap brings them to ``dev`` in turn
+        from .wan.offload import Residency
+
+        residency = Residency()
+        swaps = {part: family.block_swap(model, dev, residency, part) for part, model in denoisers.items()}
     ratio = index.get("boundary_ratio")
     if expert == "both":
         if ratio is None:
@@ -712,4 +732,4 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
         unet = denoisers.pop(part)
     two = {"expert": expert, "part": part, "others": denoisers, "boundary_ratio": ratio} if expert else {}
     return Backbone(unet, vae, text.pop("text_encoder"), text.pop("tokenizer"), scheduler, source, dev, dt,
-                    family, motion_adapter, **text, **two)
+                    family, motion_adapter, **text, **two, swaps=swaps, residency=residency)

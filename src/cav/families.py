@@ -151,9 +151,10 @@ class Family:
     # the dry run's training-memory estimate, ``memory(cfg, read) -> dict`` with ``read(name)`` a JSON file of the
     # base (None: the family has no estimate; the UNet families' memory is measured by `cav bench speed`)
     memory: Callable | None = None
-    # ``--offload-frozen`` on the denoiser: ``block_swap(denoiser, device)`` keeps its blocks' frozen weights off the
-    # device between their uses and returns a handle whose ``detach()`` puts them back (``run.BlockSwapping`` uses
-    # it); None: the flag moves only the VAE and text encoders off the device, as on the UNet rows
+    # ``--offload-frozen`` on the denoiser: ``block_swap(denoiser, device, residency, name)`` keeps its blocks'
+    # frozen weights off the device between their uses (``backbone.load(swap_blocks=True)`` makes it at load, for
+    # the whole run; ``residency``: the ledger the model's swaps share) and returns its handle (``edit``, ``detach``);
+    # None: the flag moves only the VAE and text encoders off the device, as on the UNet rows
     block_swap: Callable | None = None
 
     def __repr__(self) -> str:

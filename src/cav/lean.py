@@ -48,10 +48,16 @@ class FrozenMerge:
     *all* adapters of a layer once any is merged, which would silence the live one. There the frozen adapters'
     delta is added to the base weight by hand (``get_delta_weight``, as peft's merge adds it) and they leave that
     layer's active adapters, so the live one runs alone on the folded weight (and ``LeanForward`` fuses it);
-    ``restore`` puts back both the weight and the active list."""
+    ``restore`` puts back both the weight and the active list.
 
-    def __init__(self, unet: torch.nn.Module, names: list[str]):
+    ``swaps``: the block swaps of a block-swapped denoiser (``Backbone.swaps``, ``wan.offload``). A layer in a
+    swapped block is folded and restored through its swap's ``edit``: one block at a time on the compute device
+    (the same arithmetic as unswapped), written back to the block's home copy; the saved base weights wait on the
+    swap's offload device, so neither step ever holds more than the swap's own blocks on the device."""
+
+    def __init__(self, unet: torch.nn.Module, names: list[str], swaps=()):
         self.unet, self.names = unet, list(names)
+        self.swaps = list(swaps.values() if isinstance(swaps, dict) else swaps)
         self.saved: list[tuple[LoraLayer, torch.Tensor]] = []
         self.hidden: list[tuple[LoraLayer, object]] = []  # (shared layer, its active adapter(s) before the fold)
         self.folded: list[LoraLayer] = []  # every layer whose base weight holds a frozen adapter's delta now
@@ -60,35 +66,67 @@ class FrozenMerge:
     def is_merged(self) -> bool:
         return bool(self.saved)
 
+    def _fold(self, layer: LoraLayer) -> tuple[list[str], bool]:
+        """(the frozen adapters ``layer`` folds, whether a live adapter shares it)."""
+        frozen = [n for n in self.names if n in layer.lora_A]
+        shared = any(a in layer.lora_A and a not in self.names and a not in layer.merged_adapters
+                     for a in layer.active_adapters)
+        if shared:  # only what this layer runs now is folded (its live adapter keeps running beside it)
+            frozen = [n for n in frozen if n in layer.active_adapters and n not in layer.merged_adapters]
+        return frozen, shared
+
+    def _by_block(self, layers: list[LoraLayer]):
+        """``layers`` in groups, each with the context its base weights can change in: a swapped block's ``edit``
+        (that block on the device, written back after), or none for layers outside every swap."""
+        where = {}
+        for swap in self.swaps:
+            for i, block in enumerate(swap.blocks):
+                for m in block.modules():
+                    where[id(m)] = (swap, i)
+        groups: dict = {}
+        for layer in layers:
+            groups.setdefault(where.get(id(layer)), []).append(layer)
+        for key, group in groups.items():
+            if key is None:
+                yield None, contextlib.nullcontext(), group
+            else:
+                swap, i = key
+                yield swap, swap.edit(i, [layer.get_base_layer() for layer in group]), group
+
     def merge(self) -> "FrozenMerge":
         if self.is_merged or not self.names:
             return self
-        for layer in (m for m in self.unet.modules() if isinstance(m, LoraLayer)):
-            frozen = [n for n in self.names if n in layer.lora_A]
-            shared = any(a in layer.lora_A and a not in self.names and a not in layer.merged_adapters
-                         for a in layer.active_adapters)
-            if shared:  # only what this layer runs now is folded (its live adapter keeps running beside it)
-                frozen = [n for n in frozen if n in layer.active_adapters and n not in layer.merged_adapters]
-            if not frozen:
-                continue
-            base = layer.get_base_layer().weight
-            self.saved.append((layer, base.detach().clone()))
-            self.folded.append(layer)
-            with torch.no_grad():
-                if not shared:
-                    layer.merge(adapter_names=frozen)
-                    continue
-                for name in frozen:  # peft's unsafe merge of a vanilla LoRA, without marking the layer merged
-                    base.data += layer.get_delta_weight(name).to(base.dtype)
-            self.hidden.append((layer, layer._active_adapter))
-            layer._active_adapter = [a for a in layer.active_adapters if a not in frozen]
+        layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer) and self._fold(m)[0]]
+        for swap, editing, group in self._by_block(layers):
+            with editing:
+                for layer in group:
+                    self._merge_layer(layer, swap)
         return self
+
+    def _merge_layer(self, layer: LoraLayer, swap) -> None:
+        frozen, shared = self._fold(layer)
+        base = layer.get_base_layer().weight
+        keep = base.detach().clone() if swap is None else base.detach().to(swap.offload, copy=True)
+        self.saved.append((layer, keep))
+        self.folded.append(layer)
+        with torch.no_grad():
+            if not shared:
+                layer.merge(adapter_names=frozen)
+                return
+            for name in frozen:  # peft's unsafe merge of a vanilla LoRA, without marking the layer merged
+                base.data += layer.get_delta_weight(name).to(base.dtype)
+        self.hidden.append((layer, layer._active_adapter))
+        layer._active_adapter = [a for a in layer.active_adapters if a not in frozen]
 
     def restore(self) -> None:
         """Put back the exact base weights, unmark the merged adapters and re-activate the hidden ones."""
+        weights = {id(layer): weight for layer, weight in self.saved}
         with torch.no_grad():
-            for layer, weight in self.saved:
-                layer.get_base_layer().weight.copy_(weight)
+            for _, editing, group in self._by_block([layer for layer, _ in self.saved]):
+                with editing:
+                    for layer in group:
+                        layer.get_base_layer().weight.copy_(weights[id(layer)])
+            for layer, _ in self.saved:
                 layer.merged_adapters[:] = [a for a in layer.merged_adapters if a not in self.names]
         for layer, active in self.hidden:
             layer._active_adapter = active

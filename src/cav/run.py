@@ -114,7 +114,7 @@ def _t_lora(bb, cfg: TrainConfig, out: Path, clips: list[ClipInputs],
     step). Checkpoints carry validation samples; ``runfolder.finalize`` publishes the last. A placement that cuts the
     T-LoRA to measured heads (the row's ``targets.heads``) measures them when the stage is built, once: the run
     records them (``runfolder.write_heads``) and a resumed run reads them back instead of measuring again."""
-    frozen = lean.FrozenMerge(bb.unet, [clips[0].s_lora] if len(clips) == 1 and clips[0].s_lora else [])
+    frozen = lean.FrozenMerge(bb.unet, [clips[0].s_lora] if len(clips) == 1 and clips[0].s_lora else [], bb.swaps)
     chosen: dict = {}  # the T-LoRA's measured heads, once the stage is built (none: every head)
 
     def build(checkpoint: Callable) -> Stage:
@@ -149,10 +149,23 @@ def actions(keys: list[StageKey], point: StageKey | None) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------- the run
-def _load_backbone(cfg: TrainConfig):
-    """The base to train on, with the accelerations the recipe and the device ask for."""
+def _load_backbone(cfg: TrainConfig, swap_on_cpu: bool = False):
+    """The base to train on, with the accelerations the recipe and the device ask for. ``--offload-frozen`` on a
+    family whose row swaps blocks (``Family.block_swap``: a DiT's blocks visit the device one or two at a time) and
+    on a GPU: the base loads with its blocks swapped (``backbone.load(swap_blocks=True)``), for the whole run, so
+    the blocks are never all on the device: not at load, not in training, not at a checkpoint (S-LoRA unmerged and
+    merged again through the swap, saves, validation samples with the swap on). On a CPU it is a no-op with a
+    warning (``cav.wan.checks.offload_plan``), unless ``swap_on_cpu`` (``Run``'s) asks for the swap with the CPU as
+    both devices."""
+    from .wan.checks import offload_plan
+
+    device = backbone_mod.resolve_device(cfg.system.device)
+    swap, warning = offload_plan(cfg.system.offload_frozen, device)
+    swap = swap or (cfg.system.offload_frozen and swap_on_cpu)
     bb = backbone_mod.load(cfg.base, cfg.system.device, cfg.system.dtype, motion_adapter=cfg.motion_adapter or None,
-                           experts=cfg.motion.experts or None)
+                           experts=cfg.motion.experts or None, swap_blocks=swap)
+    if warning and not swap and bb.family.block_swap is not None:
+        logger.warning(f"cav: warning: {warning}")
     if not cfg.validation.prompts:  # the validation prompt is --prompt, whose cut preflight reported: once is enough
         bb.reported.update(runfolder.validation_prompts(cfg))
     accel.tune_backends(bb.device)
@@ -163,57 +176,17 @@ def _load_backbone(cfg: TrainConfig):
     return bb
 
 
-class BlockSwapping:
-    """``--offload-frozen`` on a family whose row swaps blocks (``Family.block_swap``: a DiT's blocks visit the device
-    one or two at a time). Attached around a stage's steps, inside its ``around_steps`` (after its adapters are
-    injected and the frozen S-LoRA is merged); detached around each checkpoint, outside its ``around_checkpoint``,
-    so the unmerge and the validation samples see every weight on the device: the swap's home copies are snapshots
-    of the frozen weights when it attached, so a merge or unmerge while attached would be lost on the next release.
-    On a CPU it is a no-op with a warning (``cav.wan.checks.offload_plan``)."""
-
-    def __init__(self, bb, cfg: TrainConfig):
-        from .wan.checks import offload_plan
-
-        self.bb, self.swap = bb, None
-        self.on = False
-        if cfg.system.offload_frozen and bb.family.block_swap is not None:
-            self.on, warning = offload_plan(True, bb.device)
-            if warning:
-                logger.warning(f"cav: warning: {warning}")
-
-    @contextlib.contextmanager
-    def attached(self):
-        """The blocks swapped inside (a stage's training steps), all back on the device on exit."""
-        if not self.on:
-            yield
-            return
-        self.swap = self.bb.family.block_swap(self.bb.unet, self.bb.device)
-        try:
-            yield
-        finally:
-            self.swap.detach()
-            self.swap = None
-
-    @contextlib.contextmanager
-    def detached(self):
-        """Every block on the device inside (a checkpoint: unmerge, saves, validation samples), swapped again on
-        exit with home copies of the weights as they are then."""
-        if self.swap is None:
-            yield
-            return
-        self.swap.detach()
-        try:
-            yield
-        finally:
-            self.swap = self.bb.family.block_swap(self.bb.unet, self.bb.device)
-
-
 class Run:
     """One training run in its folder ``out``: resumed at ``point`` (None: from the start), it owns the backbone,
     the generator, the log and the wall clock, and executes the plan."""
 
-    def __init__(self, out: Path, cfg: TrainConfig, point: ResumePoint | None = None, quiet: bool = False):
+    def __init__(self, out: Path, cfg: TrainConfig, point: ResumePoint | None = None, quiet: bool = False,
+                 swap_on_cpu: bool = False):
+        """``swap_on_cpu``: ``--offload-frozen`` swaps blocks on a CPU too, the CPU being both the compute and the
+        offload device (``backbone.load(swap_blocks=True)``): the GPU code path, checkable on a machine without a
+        GPU (the tests use it); without it ``--offload-frozen`` is a no-op on a CPU."""
         self.out, self.cfg, self.point, self.quiet = Path(out), cfg, point, quiet
+        self.swap_on_cpu = swap_on_cpu
         self.clock = runfolder.Clock(point)
 
     @property
@@ -229,8 +202,7 @@ class Run:
         actions(stage_keys(cfg, len(frames_u8)), self.point_key)  # a stranger checkpoint: refused before any write
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator("cpu").manual_seed(cfg.seed)
-        self.bb = bb = _load_backbone(cfg)
-        self.swapping = BlockSwapping(bb, cfg)
+        self.bb = bb = _load_backbone(cfg, self.swap_on_cpu)
         runfolder.start(self.out, cfg, self.point)
         runfolder.record_clip(self.out, data)
         val = cfg.validation.sample_config(run=self.out.absolute())
@@ -240,7 +212,8 @@ class Run:
             self.execute(stage_plan(bb, cfg, self.out, [to_tensor(f) for f in frames_u8], starts))
         finally:
             self.log.close()
-        runfolder.finalize(self.out, frames_u8[0], self.clock)
+        swapped = {"block_swap": {"device": str(bb.device), **bb.residency.record()}} if bb.residency else {}
+        runfolder.finalize(self.out, frames_u8[0], self.clock, swapped)
 
     def execute(self, plan: list[PlannedStage]) -> None:
         """Each entry of ``plan`` in order: build it, then skip, restore and train, or train; publish what trained."""
@@ -253,7 +226,7 @@ class Run:
                 entry.load(entry.published)
             else:
                 start, opt = self._restore(entry, stage) if action == "restore" else (0, None)
-                with entry.around_steps(), self.swapping.attached():
+                with entry.around_steps():
                     run_stage(self.bb.unet, self.bb.scheduler, stage, self.gen, self._log(entry), start_step=start,
                               optimizer=opt, max_grad_norm=self.cfg.max_grad_norm, quiet=self.quiet,
                               autocast_dtype=lean.autocast_dtype(self.bb.device, self.bb.dtype))
@@ -266,7 +239,7 @@ class Run:
         key = entry.key
 
         def save(step: int, opt, gen_state, interrupted: bool) -> None:
-            with self.swapping.detached(), entry.around_checkpoint(), \
+            with entry.around_checkpoint(), \
                     resume_mod.CheckpointWriter(self.out, key.stage, step, key.clip_index) as d:
                 entry.save(d, step)
                 resume_mod.save_state(d, key.stage, step, opt, gen_state, elapsed_seconds=self.clock.total(),

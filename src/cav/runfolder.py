@@ -300,8 +300,9 @@ def validation_samples(bb, cfg: TrainConfig, out: Path, starts: generation.Start
 
 
 # ------------------------------------------------------------------------------------------------ at the end
-def finalize(out: Path, reference: np.ndarray, clock: Clock) -> None:
-    """Publish the last checkpoint as the run's T-LoRA and samples, plus a contact sheet and ``summary.json``."""
+def finalize(out: Path, reference: np.ndarray, clock: Clock, extra: dict | None = None) -> None:
+    """Publish the last checkpoint as the run's T-LoRA and samples, plus a contact sheet and ``summary.json``
+    (with ``extra``'s fields: a block-swapped run's ``block_swap`` ledger of this session, ``run.Run.train``)."""
     from .data.video import write_contact_sheet
 
     out = Path(out)
@@ -315,4 +316,4 @@ def finalize(out: Path, reference: np.ndarray, clock: Clock) -> None:
     samples = [np.load(p, allow_pickle=False) for p in sorted((out / "samples").glob("sample-*.npy"))]
     write_contact_sheet(out / "samples" / "contact_sheet.png", [[reference], samples],
                         labels=["reference", f"T-LoRA step {int(last.name[5:])}"])
-    write_json(out / "summary.json", {"seconds": clock.total(), "final_checkpoint": last.name})
+    write_json(out / "summary.json", {"seconds": clock.total(), "final_checkpoint": last.name, **(extra or {})})

@@ -107,7 +107,7 @@ def sample_videos(bb: Backbone, prompts: list[str], *, frames: int, size: tuple[
     negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
     # nothing trains while sampling: the active LoRAs are folded into the weights (no LoRA ops or casts per step)
     # and the exact weights come back afterwards
-    with warnings.catch_warnings(), lean.FrozenMerge(bb.unet, lean.live_adapters(bb.unet)).merged():
+    with warnings.catch_warnings(), lean.FrozenMerge(bb.unet, lean.live_adapters(bb.unet), bb.swaps).merged():
         warnings.simplefilter("ignore")
         if start is not None and start.skip:
             videos = _denoise_tail(bb, pipe, latents, list(prompts), steps, start.skip, guidance, negatives)

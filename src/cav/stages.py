@@ -68,6 +68,7 @@ def given_absorbers(bb: Backbone, cfg: TrainConfig) -> None:
     bypassed UNet is its image model, so an image LoRA of that model absorbs appearance as it stands)."""
     if cfg.absorbers.s_lora_from:
         bb.family.image_lora(bb.unet, cfg.absorbers.s_lora_from, S_LORA, bb.family)
+        lora.place(bb.unet, S_LORA, bb.device)  # beside the blocks' resting weights when they are swapped
 
 
 def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: TextualInversion | None,
@@ -77,7 +78,7 @@ def absorber_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Tex
     is the callback ``Stage.checkpoint`` describes. Its step is lean for the S-LoRA (``lean.LeanStep``)."""
     groups, after_backward, after_step = [], [], []
     if cfg.absorbers.uses_s_lora:
-        lora.add_lora(bb.unet, s_lora, cfg.lora_config("spatial", bb.family))
+        lora.add_lora(bb.unet, s_lora, cfg.lora_config("spatial", bb.family), device=bb.device)
         lora.activate(bb.unet, [s_lora], trainable=s_lora)
         groups.append({"params": lora.lora_parameters(bb.unet, s_lora), "lr": cfg.absorbers.s_lora_lr, "name": s_lora})
     prompt = cfg.spatial_prompt_of(0) if prompt is None else prompt
@@ -171,7 +172,7 @@ def t_lora_stage(bb: Backbone, cfg: TrainConfig, frames: torch.Tensor, ti: Textu
     """
     clips = clips or [ClipInputs(frames, ti, S_LORA if cfg.absorbers.uses_s_lora else None)]
     prompts, encode = _clip_inputs(bb, cfg, clips)
-    lora.add_lora(bb.unet, T_LORA, t_lora_config(bb, cfg, heads))
+    lora.add_lora(bb.unet, T_LORA, t_lora_config(bb, cfg, heads), device=bb.device)
     after_backward = [bb.family.targets.restrict(bb.unet, T_LORA, heads)] if heads is not None else []
     lora.activate(bb.unet, active_adapters(clips[0]), trainable=T_LORA)
 

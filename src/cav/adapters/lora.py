@@ -35,10 +35,13 @@ def lora_config(kind: str, placement: str, rank: int, alpha: float, family: fami
                       init_lora_weights=True)
 
 
-def add_lora(unet: torch.nn.Module, name: str, config: LoraConfig, low_cpu_mem_usage: bool = False) -> int:
+def add_lora(unet: torch.nn.Module, name: str, config: LoraConfig, low_cpu_mem_usage: bool = False,
+             device: torch.device | str | None = None) -> int:
     """Inject adapter ``name``; return the number of adapted modules. A denoiser made of several models names
     their modules with a prefix (``backbone.Experts``: ``transformer.``, ``transformer_2.``) and says so in
-    ``lora_scope``: a target regex then matches under each prefix."""
+    ``lora_scope``: a target regex then matches under each prefix. ``device``: where the adapter's weights live
+    (None: beside each adapted layer's base weight, peft's rule; a block-swapped denoiser passes its compute device,
+    its blocks' base weights resting on the CPU: ``place``)."""
     scope = getattr(unet, "lora_scope", None)
     if scope and isinstance(config.target_modules, str):
         config = copy.deepcopy(config)
@@ -49,10 +52,20 @@ def add_lora(unet: torch.nn.Module, name: str, config: LoraConfig, low_cpu_mem_u
     for p in lora_parameters(unet, name):  # adapter weights stay fp32 when the frozen base is fp16/bf16
         if p.is_floating_point() and not p.is_meta:
             p.data = p.data.float()
+    if device is not None:
+        place(unet, name, device)
     n = sum(1 for m in unet.modules() if isinstance(m, LoraLayer) and name in m.lora_A)
     if n == 0:
         raise CavError(f"adapter '{name}' matched no module of this UNet: does the base family match the targets?")
     return n
+
+
+def place(unet: torch.nn.Module, name: str, device: torch.device | str) -> None:
+    """Adapter ``name``'s weights onto ``device`` (the same ``Parameter`` objects; nothing moves when they are
+    there already)."""
+    for p in lora_parameters(unet, name):
+        if not p.is_meta and p.device != torch.device(device):
+            p.data = p.data.to(device)
 
 
 def lora_parameters(unet: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
@@ -148,8 +161,9 @@ def find_adapter_dir(path: Path, kind: str) -> Path:
 
 
 def load_lora(unet: torch.nn.Module, directory: Path, name: str, expect_kind: str | None = None,
-              family: families.Family | None = None) -> dict:
-    """Inject adapter ``name`` from a saved folder; the weights must fit this UNet (of base ``family``) exactly."""
+              family: families.Family | None = None, device: torch.device | str | None = None) -> dict:
+    """Inject adapter ``name`` from a saved folder; the weights must fit this UNet (of base ``family``) exactly.
+    ``device``: as ``add_lora``'s."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -169,7 +183,7 @@ def load_lora(unet: torch.nn.Module, directory: Path, name: str, expect_kind: st
         raise CavError(f"could not read adapter '{directory}' ({type(exc).__name__}): is it a peft LoRA folder?") from None
     config = saved_config(raw, state, unet, directory)
     try:
-        add_lora(unet, name, config)
+        add_lora(unet, name, config, device=device)
     except CavError:
         raise CavError(f"adapter '{directory}' targets no module of this base: it was trained on another kind of model") from None
     expected = {n: p.shape for n, p in unet.named_parameters() if f".{name}." in n}
@@ -218,5 +232,5 @@ def count_parameters(unet: torch.nn.Module, name: str) -> int:
     return sum(p.numel() for p in lora_parameters(unet, name))
 
 
-__all__ = ["lora_config", "add_lora", "lora_parameters", "activate", "save_lora", "load_lora", "find_adapter_dir",
+__all__ = ["lora_config", "add_lora", "place", "lora_parameters", "activate", "save_lora", "load_lora", "find_adapter_dir",
            "read_meta", "count_parameters", "adapter_names", "load_lora_weights", "save_diffusers_lora"]

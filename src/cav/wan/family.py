@@ -151,12 +151,13 @@ FOLD_FRAMES = FoldFrames()
 WAN_LATENTS = WanLatents()
 
 
-def swap_blocks(transformer, device):
+def swap_blocks(transformer, device, residency=None, name: str = "blocks"):
     """``Family.block_swap`` of the Wan row: ``offload.swap_transformer_blocks`` onto ``device`` (its blocks'
-    frozen weights live on the CPU between their uses); the handle's ``detach()`` puts them all back."""
+    frozen weights live on the CPU between their uses, ``residency`` the model's ledger); the handle's ``detach()``
+    puts them all back."""
     from . import offload
 
-    return offload.swap_transformer_blocks(transformer, device)
+    return offload.swap_transformer_blocks(transformer, device, residency=residency, name=name)
 
 
 # ------------------------------------------------------------------------------------ the speed benchmark's rig

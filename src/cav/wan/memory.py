@@ -4,17 +4,16 @@ Parts (bytes; ``estimate`` returns each and the peak):
 - ``weights``: the transformer(s) resident in the compute dtype (bf16 on a GPU, fp32 on a CPU; the modules diffusers
   keeps in fp32 at 4 bytes). A14B: both experts are loaded (samples use both). ``--offload-frozen`` (block swap,
   ``offload.py``): the blocks live on the CPU; on the device every expert's non-block parts and two blocks of the
-  expert the step runs (a step's timestep selects one expert). The run loads the whole model onto the device and
-  puts every block back there around each checkpoint (unmerge, saves, validation samples): that is
-  ``whole_model_phase`` (every expert's weights, the VAE, the LoRA state; sampling activations not counted), part of
-  ``peak``.
+  expert the step runs (a step's timestep selects one expert). The swap is made at load, with the blocks loaded
+  onto the CPU, and stays for the whole run: no phase has every block on the device (``run_phases``).
 - ``trainable_params``: the sum over the adapters that train at once (the T-LoRA stage: its LoRA on each trained
   expert).
 - ``lora``: each trainable parameter in fp32 with its gradient and AdamW's two states (4 × 4 bytes).
 - ``vae``: the VAE's weights in the compute dtype (kept for validation decodes; its encode of the clip runs once
   before training and its activations are not modelled here).
-- ``text_encoder``: umT5 runs once per prompt before training, its outputs are cached (``embeddings``) and it is
-  freed, so it counts in its own phase (``encode_phase``), not in the training peak.
+- ``text_encoder``: umT5 runs once per prompt before training and its outputs are cached (``embeddings``), so it
+  is not in a step's parts (``train_peak``); it is not freed, though: it sits on the device through stage 1 and the
+  validation samples (and stage 2 without ``--offload-frozen``), which the run's phases count (``run_phases``).
 - ``activations``: what autograd saves for one forward + backward, from a model *measured* on real forward +
   backward passes (``measure_activations``: bytes of the distinct non-parameter tensors saved, through
   ``torch.autograd.graph.saved_tensors_hooks``, in the step's mixed precision: bf16 weights, fp32 LoRA, bf16
@@ -107,11 +106,16 @@ def to_compute_dtype(model, dtype: torch.dtype):
 def estimate(transformer_config: dict, vae_config: dict, text_encoder_config: dict, *, frames: int, height: int,
              width: int, trainable_params: int, n_experts: int = 1, dtype: str = "bf16",
              checkpointing: bool = False, offload_frozen: bool = False, prompts: int = 1,
-             text_len: int = 512, absorber_trainable_params: int = 0, absorber_batch: int = 0) -> dict:
+             text_len: int = 512, absorber_trainable_params: int = 0, absorber_batch: int = 0,
+             merged_params: int = 0, sample_merged_params: int = 0) -> dict:
     """The parts of the training peak (module doc), in bytes and GiB, for the dry run to print. ``bytes`` are the
     T-LoRA stage's (the whole clip, ``trainable_params``); with ``absorber_batch`` (frames per absorber step) the
     absorber stage is sized too (image mode: that many 1-frame videos at the full size, since patch crops are resized
-    back, training ``absorber_trainable_params``) and ``train_peak`` is the larger of the two stages."""
+    back, training ``absorber_trainable_params``) and ``train_peak`` is the larger of the two stages (a step's parts
+    alone). ``peak`` is the largest of the run's phases (``run_phases``: what the run really has on the device at load
+    and in stage 1, in stage 2, at checkpoints; ``phases`` holds each one's parts), with ``merged_params`` /
+    ``sample_merged_params`` the base parameters ``lean.FrozenMerge`` copies while the S-LoRA is folded under the
+    T-LoRA's steps / while the T-LoRA is folded for validation samples."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -147,19 +151,55 @@ def estimate(transformer_config: dict, vae_config: dict, text_encoder_config: di
                                    "gib": round(sum(a_parts.values()) / GIB, 2)}
         train_peak = max(train_peak, extra["absorber_stage"]["total"])
     encode_phase = _params(encoder) * nbytes + parts["embeddings"]
-    peak = max(train_peak, encode_phase)
-    whole = {}
-    if offload_frozen:  # loading, each checkpoint (unmerge, saves) and validation samples: every block on the device
-        whole_model = n_experts * per_expert + parts["vae"] + parts["lora"]
-        peak = max(peak, whole_model)
-        whole = {"whole_model_phase": whole_model}
+    phases = run_phases(parts, text_encoder=_params(encoder) * nbytes,
+                        absorbers=extra["absorber_stage"]["bytes"] if absorber_batch else None,
+                        offload_frozen=offload_frozen, merged=merged_params * nbytes,
+                        sample_merged=sample_merged_params * nbytes)
+    totals = {k: sum(v.values()) for k, v in phases.items()}
+    peak = max(totals.values())
     return {"tokens": n_tok, "dtype": dtype, "checkpointing": checkpointing, "offload_frozen": offload_frozen,
             "bytes": parts, **extra, "text_encoder": _params(encoder) * nbytes, "encode_phase": encode_phase,
-            "train_peak": train_peak, **whole, "peak": peak,
+            "train_peak": train_peak, "phases": phases, "peak": peak,
             "gib": {**{k: round(v / GIB, 2) for k, v in parts.items()}, "train_peak": round(train_peak / GIB, 2),
                     "encode_phase": round(encode_phase / GIB, 2),
-                    **{k: round(v / GIB, 2) for k, v in whole.items()}, "peak": round(peak / GIB, 2)},
-            "not_counted": "CUDA context and fragmentation (~1-2 GB), VAE encode/decode activations"}
+                    **{k: round(v / GIB, 2) for k, v in totals.items()}, "peak": round(peak / GIB, 2)},
+            "not_counted": "CUDA context and fragmentation (~1-2 GB), VAE encode/decode and sampling activations"}
+
+
+PHASES = ("stage_1", "stage_2", "checkpoints")
+
+
+def run_phases(parts: dict, *, text_encoder: int, absorbers: dict | None, offload_frozen: bool, merged: int,
+               sample_merged: int) -> dict:
+    """What is on the device in each phase a run goes through (bytes by part), as ``cav.run`` places it:
+
+    - ``stage_1``: load, prompt encoding and the absorber steps. ``backbone.load`` puts the VAE and umT5 on the
+      device and they stay there through stage 1; the denoiser's weights are all there, or with block swap its
+      non-block parts and two blocks (``weights``). The absorbers' LoRA state and image-mode activations (none when
+      there is no absorber stage: then the phase is the load and the encoding).
+    - ``stage_2``: the T-LoRA steps. ``--offload-frozen`` moves the VAE and umT5 to the CPU once the clip and prompts
+      are encoded (``stages.t_lora_stage``); without it they stay. The frozen S-LoRA is folded into the base weights
+      (``lean.FrozenMerge``), which keeps a copy of every base weight it folds into (``merged``): on the device,
+      or with block swap on the CPU beside the blocks' home copies.
+    - ``checkpoints``: the T-LoRA's checkpoints. The S-LoRA is unfolded, the adapters saved, and validation samples
+      drawn: VAE and umT5 back on the device (``accel.on_device``), the T-LoRA's state still allocated, the T-LoRA
+      folded for sampling (``sample_merged``, a copy of the base weights it adapts: on the device, or with block swap
+      on the CPU). The sampling forward's own activations (no gradients) are not counted.
+
+    With block swap nothing puts every block on the device in any phase (``wan.offload``: the swap is attached at
+    load for the whole run and changes frozen weights block by block)."""
+    weights, embeddings = parts["weights"], parts["embeddings"]
+    kept = lambda n: 0 if offload_frozen else n  # noqa: E731 - FrozenMerge's copies: on the CPU with the swap
+    first = {"weights": weights, "vae": parts["vae"], "text_encoder": text_encoder, "embeddings": embeddings}
+    if absorbers is not None:
+        first.update(lora=absorbers["lora"], activations=absorbers["activations"])
+    second = {"weights": weights, "lora": parts["lora"], "embeddings": embeddings,
+              "activations": parts["activations"], "merged_copies": kept(merged)}
+    if not offload_frozen:
+        second.update(vae=parts["vae"], text_encoder=text_encoder)
+    third = {"weights": weights, "lora": parts["lora"], "embeddings": embeddings, "vae": parts["vae"],
+             "text_encoder": text_encoder, "merged_copies": kept(sample_merged)}
+    return dict(zip(PHASES, (first, second, third)))
 
 
 # ------------------------------------------------------------------------------------------- the measurement
@@ -240,5 +280,5 @@ def measure_peak(transformer, latents: torch.Tensor, timestep: torch.Tensor, con
     return peak
 
 
-__all__ = ["ACTIVATION_FIT", "DTYPE_BYTES", "ADAMW_BYTES", "tokens", "block_activation_bytes", "activation_bytes",
-           "estimate", "measure_activations", "measure_peak", "weight_bytes", "to_compute_dtype"]
+__all__ = ["ACTIVATION_FIT", "DTYPE_BYTES", "ADAMW_BYTES", "PHASES", "tokens", "block_activation_bytes",
+           "activation_bytes", "estimate", "run_phases", "measure_activations", "measure_peak", "weight_bytes", "to_compute_dtype"]

@@ -36,14 +36,29 @@ def meta_transformer(transformer_config: dict):
         return WanTransformer3DModel.from_config(transformer_config)
 
 
-def _lora_rows(transformer_config: dict, placement: str) -> tuple[dict, dict]:
-    """(absorber, motion LoRA) counts of one expert: trainable parameters and adapted modules, through peft."""
+def _lora_model(transformer_config: dict, placement: str):
+    """A meta transformer with the run's absorber and motion LoRA injected (peft, as the run injects them)."""
     model = meta_transformer(transformer_config)
     targets.add_absorber_lora(model, S_LORA)
     heads = None
     if placement == "temporal-heads":  # upper bound: every head of every block (the clip chooses fewer)
         heads = {b: list(range(transformer_config["num_attention_heads"])) for b in range(len(model.blocks))}
     targets.add_motion_lora(model, T_LORA, placement, heads=heads)
+    return model
+
+
+def adapted_base_params(transformer_config: dict, placement: str = "cav") -> dict:
+    """Per adapter (``s_lora``, ``t_lora``) of one expert: the parameters of the base weights it adapts, which
+    ``lean.FrozenMerge`` keeps a copy of while the adapter is folded in (the S-LoRA under the T-LoRA's steps, the
+    T-LoRA while validation samples are drawn)."""
+    model = _lora_model(transformer_config, placement)
+    return {name: sum(m.get_base_layer().weight.numel() for m in model.modules() if name in getattr(m, "lora_A", {}))
+            for name in (S_LORA, T_LORA)}
+
+
+def _lora_rows(transformer_config: dict, placement: str) -> tuple[dict, dict]:
+    """(absorber, motion LoRA) counts of one expert: trainable parameters and adapted modules, through peft."""
+    model = _lora_model(transformer_config, placement)
     rows = {}
     for name in (S_LORA, T_LORA):
         modules = sum(1 for m in model.modules() if name in getattr(m, "lora_A", {}))
@@ -105,10 +120,15 @@ def dry_run(read, *, frames: int, height: int, width: int, placement: str = "cav
     motion = sum(r["trainable_params"] for r in rows if r["name"] == T_LORA)
     absorber = max((r["trainable_params"] for r in rows if r["name"] == S_LORA), default=0) + sum(
         r["trainable_params"] for r in rows if r["name"] == PROMPT_VECTORS)
+    base = adapted_base_params(transformer, placement)
+    trained = sum(1 for r in rows if r["name"] == T_LORA)  # experts the LoRAs train on (--experts both: two)
+    s_lora = any(r["name"] == S_LORA for r in rows) or (absorbers_given and absorbers in ("s-lora", "both"))
     mem = memory.estimate(transformer, vae, encoder, frames=frames, height=height, width=width,
                           trainable_params=motion, n_experts=n_experts, dtype=dtype, checkpointing=checkpointing,
                           offload_frozen=swap, absorber_trainable_params=absorber,
-                          absorber_batch=absorber_batch if absorber else 0)
+                          absorber_batch=absorber_batch if absorber else 0,
+                          merged_params=trained * base[S_LORA] if s_lora else 0,
+                          sample_merged_params=trained * base[T_LORA])
     return {"family": "wan", "experts": chosen, "n_experts": n_experts, "stages": rows,
             "transformer_params": n_experts * sum(p.numel() for p in meta_transformer(transformer).parameters()),
             "memory": mem, **({"warning": warning} if warning else {})}
@@ -122,7 +142,7 @@ def run_memory(cfg, read) -> dict:
     """The training-memory estimate of a Wan run as ``cfg`` describes it (``api.plan``'s ``memory`` block): on the
     device the run asks for (``auto``: a GPU, where Wan trains), in the dtype it would load there, with its
     checkpointing choice. Every weightless check of ``dry_run`` runs too. ``--offload-frozen`` is block swap on
-    Wan (``Family.block_swap``, ``run.BlockSwapping``), so it is counted when the run asks for it on a GPU; on a CPU
+    Wan (``Family.block_swap``, ``run._load_backbone``), so it is counted when the run asks for it on a GPU; on a CPU
     the run swaps nothing and the estimate says so (``offload_plan``'s warning)."""
     device = "cuda" if cfg.system.device == "auto" else cfg.system.device
     on_gpu = device.startswith("cuda")
