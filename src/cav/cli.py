@@ -194,18 +194,20 @@ def _add_train(sub) -> None:
 
 # ---------------------------------------------------------------------------------------------- generate
 def cmd_generate(args) -> int:
+    from .commands import GenerateInputs, GenerateOutput
     from .config import SampleConfig, parse_weighted
 
-    adapters = [parse_weighted(a, "--adapter") for a in args.adapter or []]
-    image_loras = [parse_weighted(a, "--image-lora") for a in args.image_lora or []]
+    inputs, output = options.from_args(GenerateInputs, args), options.from_args(GenerateOutput, args)
+    adapters = [parse_weighted(a, "--adapter") for a in inputs.adapter or []]
+    image_loras = [parse_weighted(a, "--image-lora") for a in inputs.image_lora or []]
     _quiet_libraries()
     from . import api
 
     given = options.given(args, SampleConfig)  # over the first adapter's recorded settings (else the defaults)
-    paths = api.generate(args.prompt, adapters, **given, image_loras=image_loras,
-                         textual_inversions=args.textual_inversion or [], base=args.base, out=args.out,
-                         overwrite=args.overwrite, device=args.device, dtype=args.dtype, quiet=args.quiet,
-                         motion_adapter=args.motion_adapter)
+    paths = api.generate(inputs.prompt, adapters, **given, image_loras=image_loras,
+                         textual_inversions=inputs.textual_inversion or [], base=inputs.base, out=output.out,
+                         overwrite=output.overwrite, device=output.device, dtype=output.dtype, quiet=output.quiet,
+                         motion_adapter=inputs.motion_adapter)
     for p in paths:
         print(f"wrote {p} and {p.with_suffix('.gif' if p.suffix.lower() == '.mp4' else '.mp4')}{_written_size(p)}")
     return 0
@@ -240,32 +242,16 @@ def _add_select(sub) -> None:
 
 
 def _add_generate(sub) -> None:
+    from .commands import GenerateInputs, GenerateOutput
     from .config import SampleConfig
 
     g = sub.add_parser("generate", help="sample videos with T-LoRA(s) on a base model",
                        description="Sample videos with T-LoRA(s). Unset sampling flags take the first --adapter's "
                                    "recorded values (frames, size, steps, guidance), else the defaults shown.")
-    _opt(g, "--prompt", "what the videos show (a textual inversion's token may appear in it)", required=True)
-    _opt(g, "--adapter", "T-LoRA: a run, checkpoint or adapter folder; WEIGHT in [0, 4] (0: off), default the run's "
-         "--lora-weight, else 1 (repeatable; weights compose) [default: none: the base alone]", action="append",
-         metavar="RUN_OR_ADAPTER[:WEIGHT]")
-    _opt(g, "--image-lora", "spatial LoRA folder, WEIGHT in [0, 4], default 1 (repeatable) [default: none]",
-         action="append", metavar="PATH[:WEIGHT]")
-    _opt(g, "--textual-inversion", "textual inversion .safetensors file, e.g. RUN/absorbers/"
-         "textual_inversion.safetensors (repeatable) [default: none]", action="append", metavar="FILE")
-    _opt(g, "--base", "base model: toy, a diffusers folder or a hub id [default: the adapter's base, else toy]")
-    _opt(g, "--motion-adapter", "AnimateDiff MotionAdapter folder or hub id for an image-model --base [default: the "
-         "adapter's own]")
+    options.add_flags(g, GenerateInputs, defaults=True)
     recorded = dict.fromkeys(("frames", "steps", "guidance"), "the adapter's, else ")
     options.add_flags(g, SampleConfig, before_default=recorded)
-    _opt(g, "--out", "output video, .mp4 or .gif; the other format is written beside it (with --num-videos N: "
-         "NAME-0 … NAME-N-1). Videos are written scaled up by a whole factor (nearest neighbour) until the longer "
-         "side is ≥ 128 px, so a 32x32 toy video is written at 128x128", "out.mp4", metavar="FILE")
-    g.add_argument("--overwrite", action="store_true", help="replace output files that exist")
-    _opt(g, "--device", "auto | cpu | cuda | cuda:N", "auto")
-    _opt(g, "--dtype", "weights' dtype: auto = bf16/fp16 on GPU, fp32 on CPU (fp16 is for GPUs only)", "auto",
-         type=options.arg_type(DTYPE), metavar="{auto,fp32,fp16,bf16}")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    options.add_flags(g, GenerateOutput, defaults=True)
     g.set_defaults(func=cmd_generate)
 
 

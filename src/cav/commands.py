@@ -1,0 +1,56 @@
+"""The options of each command that are not recipe values: one dataclass per command, each field an
+:func:`options.option` (its flag, type, default, help and check), from which ``cli.py`` builds the flags
+(``options.add_flags(..., defaults=True)``) and reads them back as the dataclass (``options.from_args``).
+
+Recipe values are declared in ``config.py`` (``TrainConfig``, ``SampleConfig``) and the toy bases' recipes in
+``toy/``; a command whose options sit beside the code it calls declares them there (``batch.Options``,
+``toy.check.CheckBaseOptions``, ``toy.train_base.TrainBaseOptions``). This module imports no torch: `cav --help`
+builds every command's flags from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .options import REQUIRED, at_least, option
+
+DTYPE = Literal["auto", "fp32", "fp16", "bf16"]
+POSITIVE = "a whole number"  # with at_least(1): "0 is not a whole number ≥ 1"
+DEVICE = "auto | cpu | cuda | cuda:N"
+
+
+# ---------------------------------------------------------------------------------------------- generate
+@dataclass
+class GenerateInputs:
+    """`cav generate`: the prompt, the adapters and the base (the flags before the sampling settings)."""
+
+    prompt: str = option(REQUIRED, "what the videos show (a textual inversion's token may appear in it)")
+    adapter: list[str] | None = option(
+        None, "T-LoRA: a run, checkpoint or adapter folder; WEIGHT in [0, 4] (0: off), default the run's "
+        "--lora-weight, else 1 (repeatable; weights compose)", metavar="RUN_OR_ADAPTER[:WEIGHT]",
+        default_text="none: the base alone")
+    image_lora: list[str] | None = option(None, "spatial LoRA folder, WEIGHT in [0, 4], default 1 (repeatable)",
+                                          metavar="PATH[:WEIGHT]")
+    textual_inversion: list[str] | None = option(
+        None, "textual inversion .safetensors file, e.g. RUN/absorbers/textual_inversion.safetensors (repeatable)",
+        metavar="FILE")
+    base: str | None = option(None, "base model: toy, a diffusers folder or a hub id",
+                              default_text="the adapter's base, else toy")
+    motion_adapter: str | None = option(None, "AnimateDiff MotionAdapter folder or hub id for an image-model --base",
+                                        default_text="the adapter's own")
+
+
+@dataclass
+class GenerateOutput:
+    """`cav generate`: where the videos go and what runs them (the flags after the sampling settings)."""
+
+    out: str = option("out.mp4", "output video, .mp4 or .gif; the other format is written beside it (with "
+                      "--num-videos N: NAME-0 … NAME-N-1). Videos are written scaled up by a whole factor (nearest "
+                      "neighbour) until the longer side is ≥ 128 px, so a 32x32 toy video is written at 128x128",
+                      metavar="FILE")
+    overwrite: bool = option(False, "replace output files that exist")
+    device: str = option("auto", DEVICE)
+    dtype: DTYPE = option("auto", "weights' dtype: auto = bf16/fp16 on GPU, fp32 on CPU (fp16 is for GPUs only)")
+    quiet: bool = option(False, "no progress bars")
+
