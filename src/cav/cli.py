@@ -89,19 +89,22 @@ def build_config(args: argparse.Namespace):
 
 
 def cmd_train(args) -> int:
+    from .commands import TrainCommand
+
+    run = options.from_args(TrainCommand, args)
     cfg = build_config(args)  # bad recipe values and flags fail here, before the libraries load
-    if args.clips:  # the clips (and their spatial prompts) from a manifest
+    if run.clips:  # the clips (and their spatial prompts) from a manifest (args.video: Ctrl-C's hint names them)
         from .clips import apply
 
-        args.video, cfg = apply(args.clips, args.video, cfg, args.spatial_prompt is not None)
+        args.video, cfg = apply(run.clips, args.video, cfg, args.spatial_prompt is not None)
     _quiet_libraries()
     from . import api
     from .estimate import format_statement
 
-    if args.dry_run:
-        result = api.plan(cfg, clips=max(1, len(args.video)), estimate=args.estimate)
+    if run.dry_run:
+        result = api.plan(cfg, clips=max(1, len(args.video)), estimate=run.estimate)
         result["recipe"] = args.recipe_used
-        if args.json:
+        if run.json:
             print(json.dumps(result))
         else:
             print(f"base {result['base']} ({result['family']}): {result['model_class']} {result['unet_params']:,} "
@@ -124,10 +127,10 @@ def cmd_train(args) -> int:
     if not args.video:
         raise CavError("no reference video given: pass `cav train VIDEO --prompt ...`")
     video = args.video[0] if len(args.video) == 1 else args.video
-    announce = None if args.quiet else (lambda info: print(f"recipe: {args.recipe_used}\n{format_statement(info)}",
+    announce = None if run.quiet else (lambda info: print(f"recipe: {args.recipe_used}\n{format_statement(info)}",
                                                            flush=True))
-    out = api.train(video, cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet,
-                    announce=announce, estimate=args.estimate)
+    out = api.train(video, cfg, run.out, overwrite=run.overwrite, resume=run.resume, quiet=run.quiet,
+                    announce=announce, estimate=run.estimate)
     print(done_line(out))
     return 0
 
@@ -161,7 +164,8 @@ def _interrupt_hint(args) -> str:
 
 
 def _add_train(sub) -> None:
-    from .config import TrainConfig, recipe_names
+    from .commands import TrainCommand
+    from .config import TrainConfig
 
     t = sub.add_parser("train", help="train absorbers then a T-LoRA on one reference video",
                        description="Train absorbers then a T-LoRA on one reference video. Values come from "
@@ -170,24 +174,7 @@ def _add_train(sub) -> None:
                                    "(with --resume: the run's config.yaml, then the flags given); the defaults shown "
                                    "fill keys a recipe leaves out. Every flag --a-b is the recipe key a_b, in a recipe "
                                    "file at the top or in the section its group names (--t-lora-rank: motion: rank).")
-    t.add_argument("video", nargs="*", help="reference video (any ffmpeg format) or a folder of images; several "
-                   "clips of one motion train one T-LoRA, each clip with its own absorbers and --spatial-prompt")
-    _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it "
-         "[default: the base's own recipe]", metavar="NAME_OR_YAML")
-    _opt(t, "--out", "run folder", "runs/train", metavar="DIR")
-    _opt(t, "--clips", "the clips of one motion from a .csv or .yaml file with the fields clip and spatial_prompt, "
-         "one row per clip, in order (instead of clip arguments and --spatial-prompt) [default: none]", metavar="FILE")
-    t.add_argument("--dry-run", action="store_true", help="print the plan without training: parameters per stage, "
-                   "the resolved size, frames, steps, device and dtype, and an estimated time per stage from a few "
-                   "steps timed on this machine")
-    t.add_argument("--estimate", action=argparse.BooleanOptionalAction, default=True,
-                   help="time a few steps on this machine to estimate the run's duration, with --dry-run and at the "
-                        "start of a run (loads the base once more) [default: on]")
-    t.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its "
-                                                        "recorded config.yaml and frame selection")
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    options.add_flags(t, TrainCommand, defaults=True)
     options.add_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train, command="train")
 

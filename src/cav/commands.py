@@ -54,3 +54,34 @@ class GenerateOutput:
     dtype: DTYPE = option("auto", "weights' dtype: auto = bf16/fp16 on GPU, fp32 on CPU (fp16 is for GPUs only)")
     quiet: bool = option(False, "no progress bars")
 
+
+# ------------------------------------------------------------------------------------------------- train
+def _recipe_help() -> str:
+    from .config import recipe_names
+
+    return f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it"
+
+
+@dataclass
+class TrainCommand:
+    """`cav train`: the clips, where the run goes and how the command runs (the recipe's values are
+    ``config.TrainConfig``'s flags)."""
+
+    video: list[str] = option([], "reference video (any ffmpeg format) or a folder of images; several clips of one "
+                              "motion train one T-LoRA, each clip with its own absorbers and --spatial-prompt",
+                              positional=True)
+    recipe: str | None = option(None, _recipe_help, metavar="NAME_OR_YAML", default_text="the base's own recipe")
+    out: str = option("runs/train", "run folder", metavar="DIR")
+    clips: str | None = option(None, "the clips of one motion from a .csv or .yaml file with the fields clip and "
+                               "spatial_prompt, one row per clip, in order (instead of clip arguments and "
+                               "--spatial-prompt)", metavar="FILE")
+    dry_run: bool = option(False, "print the plan without training: parameters per stage, the resolved size, frames, "
+                           "steps, device and dtype, and an estimated time per stage from a few steps timed on this "
+                           "machine")
+    estimate: bool = option(True, "time a few steps on this machine to estimate the run's duration, with --dry-run "
+                            "and at the start of a run (loads the base once more)")
+    json: bool = option(False, "with --dry-run: JSON output")
+    resume: bool = option(False, "continue the run in --out from its last checkpoint, with its recorded config.yaml "
+                          "and frame selection")
+    overwrite: bool = option(False, "replace a run already in --out")
+    quiet: bool = option(False, "no progress bars")
