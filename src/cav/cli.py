@@ -247,32 +247,21 @@ def cmd_batch(args) -> int:
     _quiet_libraries()
     from . import batch
 
-    opts = batch.Options(address=args.address, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
-                         max_parallel=args.max_parallel, retry_failed=args.retry_failed, quiet=args.quiet)
-    steps, out = batch.prepare(args.manifest, args.out, args.recipe, args.retry_failed)
-    if args.dry_run:
+    opts = options.from_args(batch.Options, args)
+    steps, out = batch.prepare(opts.manifest, opts.out, opts.recipe, opts.retry_failed)
+    if opts.dry_run:
         print(batch.format_plan(steps, out, opts))
         return 0
-    index = batch.run(steps, out, opts, args.manifest)
+    index = batch.run(steps, out, opts, opts.manifest)
     print(batch.summary(index))
     return 0 if index["counts"]["finished"] == len(index["rows"]) else 1
 
 
 def _add_batch(sub) -> None:
+    from .batch import Options
+
     b = sub.add_parser("batch", help="a motion library: one run per manifest row, on Ray (this machine or a cluster)")
-    b.add_argument("manifest", help="CSV, JSONL or YAML: clip, prompt, spatial_prompt[, name, recipe keys] per row")
-    _opt(b, "--out", "library folder: one run folder per row, index.md", "runs/library", metavar="DIR")
-    _opt(b, "--recipe", "recipe for every row: a shipped name or a YAML file (a row's own recipe keys override it) "
-         "[default: none: the defaults of `cav train --help`]", metavar="NAME_OR_YAML")
-    _opt(b, "--address", "existing Ray cluster: ray://HOST:10001, HOST:6379 or auto [default: a private Ray on this "
-         "machine]")
-    _opt(b, "--gpus-per-run", "GPUs per row where the cluster has GPUs", 1.0, "GPUs", type=options.arg_type(float))
-    _opt(b, "--cpus-per-run", "CPU slots per row (training threads on CPU)", 1.0, "CPU slots",
-         type=options.arg_type(float))
-    _opt(b, "--max-parallel", "rows at once [default: as many as fit]", type=options.arg_type(int), metavar="N")
-    b.add_argument("--retry-failed", action="store_true", help="run the rows that failed before again")
-    b.add_argument("--dry-run", action="store_true", help="print the plan without starting Ray")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    options.add_flags(b, Options, defaults=True)
     b.set_defaults(func=cmd_batch, command="batch")
 
 
