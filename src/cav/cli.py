@@ -497,12 +497,14 @@ def _add_eval_bench(sub) -> None:
 
 
 def cmd_ui(args) -> int:
-    check_runs_folder(args.runs)  # before gradio loads and the server starts
+    from .commands import UiOptions
+
+    opts = options.from_args(UiOptions, args)
+    check_runs_folder(opts.runs)  # before gradio loads and the server starts
     _quiet_libraries()
     from .ui.layout import serve
 
-    return serve(host=args.host, port=args.port, base=args.base, runs=args.runs, auth=args.auth, share=args.share,
-                 password_file=args.password_file, max_upload_mb=args.max_upload_mb)
+    return serve(**dataclasses.asdict(opts))
 
 
 def check_runs_folder(runs) -> None:
@@ -516,18 +518,10 @@ def check_runs_folder(runs) -> None:
 
 
 def _add_ui(sub) -> None:
+    from .commands import UiOptions
+
     ui = sub.add_parser("ui", help="the web app (train, generate, browse runs) on a local address")
-    _opt(ui, "--host", "address to bind (127.0.0.1: this machine only; any other address needs --auth)",
-         "127.0.0.1")
-    _opt(ui, "--port", "port", 7860, type=_positive)
-    _opt(ui, "--base", "base model of new runs", "toy")
-    _opt(ui, "--runs", "folder of the runs the app trains and lists", "runs", metavar="DIR")
-    _opt(ui, "--auth", "ask for a login as USER, with the password from --password-file or $CAV_UI_PASSWORD "
-         "(never on the command line) [default: none: only for --host 127.0.0.1]", metavar="USER")
-    _opt(ui, "--password-file", "file holding the --auth password [default: none: $CAV_UI_PASSWORD]",
-         metavar="FILE")
-    _opt(ui, "--max-upload-mb", "largest upload accepted, in MB", 500, type=_positive, metavar="MB")
-    ui.add_argument("--share", action="store_true", help="also open a public share link (needs --auth)")
+    options.add_flags(ui, UiOptions, defaults=True)
     ui.set_defaults(func=cmd_ui, command="ui")
 
 

@@ -85,3 +85,21 @@ class TrainCommand:
                           "and frame selection")
     overwrite: bool = option(False, "replace a run already in --out")
     quiet: bool = option(False, "no progress bars")
+
+
+# ----------------------------------------------------------------------------------------------------- ui
+@dataclass
+class UiOptions:
+    """`cav ui` (``ui.layout.serve``'s arguments)."""
+
+    host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only; any other address needs --auth)")
+    port: int = option(7860, "port", check=at_least(1, POSITIVE))
+    base: str = option("toy", "base model of new runs")
+    runs: str = option("runs", "folder of the runs the app trains and lists", metavar="DIR")
+    auth: str | None = option(None, "ask for a login as USER, with the password from --password-file or "
+                              "$CAV_UI_PASSWORD (never on the command line)", metavar="USER",
+                              default_text="none: only for --host 127.0.0.1")
+    password_file: str | None = option(None, "file holding the --auth password", metavar="FILE",
+                                       default_text="none: $CAV_UI_PASSWORD")
+    max_upload_mb: int = option(500, "largest upload accepted, in MB", metavar="MB", check=at_least(1, POSITIVE))
+    share: bool = option(False, "also open a public share link (needs --auth)")
