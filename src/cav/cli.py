@@ -348,13 +348,16 @@ def cmd_toy_check_base(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .commands import DemoOptions
+
+    opts = options.from_args(DemoOptions, args)
     _quiet_libraries()
     from .toy.demo import run_demo, summary
 
-    overrides = {k: v for k, v in (("steps", args.steps), ("absorber_steps", args.absorber_steps)) if v is not None}
-    metrics = run_demo(args.out, prompts=args.prompts, overrides=overrides, quiet=args.quiet, base=args.base,
-                       best=args.best, wan=args.wan)
-    print(summary(metrics, Path(args.out)))
+    overrides = {k: v for k, v in (("steps", opts.steps), ("absorber_steps", opts.absorber_steps)) if v is not None}
+    metrics = run_demo(opts.out, prompts=opts.prompts, overrides=overrides, quiet=opts.quiet, base=opts.base,
+                       best=opts.best, wan=opts.wan)
+    print(summary(metrics, Path(opts.out)))
     return 0
 
 
@@ -401,29 +404,10 @@ def _add_toy(sub, flags: bool = True) -> None:
 
 
 def _add_demo(sub) -> None:
-    from .config import load_recipe
+    from .commands import DemoOptions
 
-    toy, best, wan = load_recipe("toy"), load_recipe("toy-best"), load_recipe("toy-wan")
-    own = "[default: each recipe's own: toy {}, toy-best {}, toy-wan {}]"  # None: a recipe keeps its own schedule
     d = sub.add_parser("demo", help="the whole method on the toy bases (toy UNet, toy Wan), scored against ground truth")
-    _opt(d, "--out", "demo folder (videos, contact sheet, metrics.json; its run/ is replaced)", "runs/demo",
-         metavar="DIR")
-    _opt(d, "--prompts", "new-appearance prompts to generate", 4, "prompts", type=_positive)
-    _opt(d, "--steps", "T-LoRA training steps of every recipe "
-         + own.format(toy["steps"], best["steps"], wan["steps"]), type=options.arg_type(int))
-    _opt(d, "--absorber-steps", "absorber training steps of every recipe "
-         + own.format(toy["absorber_steps"], best["absorber_steps"], wan["absorber_steps"]),
-         type=options.arg_type(int))
-    _opt(d, "--base", "base model (a toy-world model)", "toy")
-    d.add_argument("--best", action=argparse.BooleanOptionalAction, default=True,
-                   help="also train and score the shipped toy-best recipe (MotionDirector placement + temporal convs, "
-                        "docs/RESULTS.md) as metrics.json's `best` and the side-by-side GIF's extra column; --no-best "
-                        "runs the paper's recipe alone [default: on]")
-    d.add_argument("--wan", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the demo on the toy Wan (base toy-wan, a DiT; the paper's port, recipe toy-wan) "
-                        "into OUT/toy-wan/ and metrics.json's `toy-wan` block; it has no best recipe yet (the block "
-                        "says why); --no-wan runs the toy UNet alone [default: on]")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    options.add_flags(d, DemoOptions, defaults=True)
     d.set_defaults(func=cmd_demo)
 
 

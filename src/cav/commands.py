@@ -16,7 +16,6 @@ from typing import Literal
 from .options import REQUIRED, at_least, option
 
 DTYPE = Literal["auto", "fp32", "fp16", "bf16"]
-POSITIVE = "a whole number"  # with at_least(1): "0 is not a whole number ≥ 1"
 DEVICE = "auto | cpu | cuda | cuda:N"
 
 
@@ -93,7 +92,7 @@ class UiOptions:
     """`cav ui` (``ui.layout.serve``'s arguments)."""
 
     host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only; any other address needs --auth)")
-    port: int = option(7860, "port", check=at_least(1, POSITIVE))
+    port: int = option(7860, "port", check=at_least(1))
     base: str = option("toy", "base model of new runs")
     runs: str = option("runs", "folder of the runs the app trains and lists", metavar="DIR")
     auth: str | None = option(None, "ask for a login as USER, with the password from --password-file or "
@@ -101,5 +100,38 @@ class UiOptions:
                               default_text="none: only for --host 127.0.0.1")
     password_file: str | None = option(None, "file holding the --auth password", metavar="FILE",
                                        default_text="none: $CAV_UI_PASSWORD")
-    max_upload_mb: int = option(500, "largest upload accepted, in MB", metavar="MB", check=at_least(1, POSITIVE))
+    max_upload_mb: int = option(500, "largest upload accepted, in MB", metavar="MB", check=at_least(1))
     share: bool = option(False, "also open a public share link (needs --auth)")
+
+
+# --------------------------------------------------------------------------------------------------- demo
+def _recipes_own(key: str):
+    """--help's default of a demo flag that leaves each recipe its own value (read from the shipped recipes)."""
+
+    def text() -> str:
+        from .config import load_recipe
+
+        toy, best, wan = (load_recipe(name)[key] for name in ("toy", "toy-best", "toy-wan"))
+        return f"each recipe's own: toy {toy}, toy-best {best}, toy-wan {wan}"
+
+    return text
+
+
+@dataclass
+class DemoOptions:
+    """`cav demo`."""
+
+    out: str = option("runs/demo", "demo folder (videos, contact sheet, metrics.json; its run/ is replaced)",
+                      metavar="DIR")
+    prompts: int = option(4, "new-appearance prompts to generate", unit="prompts", check=at_least(1))
+    steps: int | None = option(None, "T-LoRA training steps of every recipe", default_text=_recipes_own("steps"))
+    absorber_steps: int | None = option(None, "absorber training steps of every recipe",
+                                        default_text=_recipes_own("absorber_steps"))
+    base: str = option("toy", "base model (a toy-world model)")
+    best: bool = option(True, "also train and score the shipped toy-best recipe (MotionDirector placement + temporal "
+                        "convs, docs/RESULTS.md) as metrics.json's `best` and the side-by-side GIF's extra column; "
+                        "--no-best runs the paper's recipe alone")
+    wan: bool = option(True, "also run the demo on the toy Wan (base toy-wan, a DiT; the paper's port, recipe "
+                       "toy-wan) into OUT/toy-wan/ and metrics.json's `toy-wan` block; it has no best recipe yet "
+                       "(the block says why); --no-wan runs the toy UNet alone")
+    quiet: bool = option(False, "no progress bars")

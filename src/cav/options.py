@@ -53,12 +53,13 @@ def option(default, help, *, unit: str = "", flag: str = "", metavar=None, repea
     return field(default=default, metadata=meta)
 
 
-def at_least(low: int | float, what: str = ""):
-    """A ``check`` for :func:`option`: the value must be ≥ ``low`` (``what`` names the kind, e.g. "a whole number")."""
+def at_least(low: int | float):
+    """A ``check`` for :func:`option`: the value must be ≥ ``low`` ("0 is not a whole number ≥ 1")."""
 
     def check(value) -> None:
         if value is not None and value < low:
-            raise ValueError(f"{value} is not {what or 'a number'} ≥ {low}")
+            kind = "a whole number" if isinstance(value, int) else "a number"
+            raise ValueError(f"{value} is not {kind} ≥ {low}")
 
     return check
 
