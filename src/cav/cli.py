@@ -291,40 +291,43 @@ TOY_FAMILIES = {"unet": "UNet", "wan": "Wan"}  # `cav toy train-base --family` â
 
 
 def cmd_toy_train_base(args) -> int:
+    from .commands import TrainBaseOptions
+
+    opts = options.from_args(TrainBaseOptions, args)
     _quiet_libraries()
     from .toy.train_base import BaseRecipe
     from .toy.wan_base import ToyWanSpec, WanRecipe
 
     own = {"unet": (BaseRecipe,), "wan": (WanRecipe, ToyWanSpec)}  # each family's recipe (and sizes) dataclasses
-    mine = {f.name for cls in own[args.family] for f in dataclasses.fields(cls)}
-    for other in set(own) - {args.family}:
+    mine = {f.name for cls in own[opts.family] for f in dataclasses.fields(cls)}
+    for other in set(own) - {opts.family}:
         for cls in own[other]:
             stray = sorted(set(options.given(args, cls)) - mine)
             if stray:
                 flag = "--" + stray[0].replace("_", "-")
                 raise CavError(f"{flag} is a flag of the toy {TOY_FAMILIES[other]}, not of the toy "
-                               f"{TOY_FAMILIES[args.family]}: drop it or pass --family {other}")
-    return _TOY_TRAINERS[args.family](args)
+                               f"{TOY_FAMILIES[opts.family]}: drop it or pass --family {other}")
+    return _TOY_TRAINERS[opts.family](args, opts)
 
 
-def _train_toy_unet(args) -> int:
+def _train_toy_unet(args, opts) -> int:
     from .toy.train_base import BaseRecipe, train_base
 
     recipe = BaseRecipe(**options.typed(BaseRecipe, options.given(args, BaseRecipe)))
-    stats = train_base(args.out or "runs/toy-base", recipe, device=args.device, quiet=args.quiet,
-                       resume=not args.restart)
+    stats = train_base(opts.out or "runs/toy-base", recipe, device=opts.device, quiet=opts.quiet,
+                       resume=not opts.restart)
     print(json.dumps({k: v for k, v in stats.items() if k != "loss_log"}))
     return 0
 
 
-def _train_toy_wan(args) -> int:
+def _train_toy_wan(args, opts) -> int:
     from .toy.wan_base import ToyWanSpec, WanRecipe, train_wan_base
 
-    if args.device not in ("auto", "cpu"):
-        raise CavError(f"--device {args.device}: the toy Wan's trainer runs on the CPU only: pass --device cpu")
+    if opts.device not in ("auto", "cpu"):
+        raise CavError(f"--device {opts.device}: the toy Wan's trainer runs on the CPU only: pass --device cpu")
     recipe = WanRecipe(**options.typed(WanRecipe, options.given(args, WanRecipe)))
     spec = ToyWanSpec(**options.typed(ToyWanSpec, options.given(args, ToyWanSpec)))
-    stats = train_wan_base(args.out or "runs/toy-wan", recipe, spec, quiet=args.quiet, resume=not args.restart)
+    stats = train_wan_base(opts.out or "runs/toy-wan", recipe, spec, quiet=opts.quiet, resume=not opts.restart)
     print(json.dumps({k: v for k, v in stats.items() if k not in ("log", "vae_log", "recipe", "spec")}))
     return 0
 
@@ -333,13 +336,15 @@ _TOY_TRAINERS = {"unet": _train_toy_unet, "wan": _train_toy_wan}
 
 
 def cmd_toy_check_base(args) -> int:
+    from .toy.check import CheckBaseOptions, check_base
+
+    opts = options.from_args(CheckBaseOptions, args)
     _quiet_libraries()
     from .metrics import shown
-    from .toy.check import check_base
 
-    result = check_base(args.base, n=args.videos, heldout=args.heldout, seed=args.seed, steps=args.steps,
-                        device=args.device, quiet=args.quiet)
-    if args.json:
+    result = check_base(opts.base, n=opts.videos, heldout=opts.heldout, seed=opts.seed, steps=opts.steps,
+                        device=opts.device, quiet=opts.quiet)
+    if opts.json:
         print(json.dumps(result))
     else:
         for k, v in result.items():
@@ -367,19 +372,14 @@ def _add_toy(sub, flags: bool = True) -> None:
     _choose(toy, "a toy command", "train-base, check-base")
     if not flags:
         return
-    from .toy.check import TOY_STEPS
+    from .commands import TrainBaseOptions
+    from .toy.check import CheckBaseOptions
     from .toy.train_base import BaseRecipe
-    from .toy.wan_base import TOY_WAN, ToyWanSpec, WanRecipe
+    from .toy.wan_base import ToyWanSpec, WanRecipe
 
     cmds = toy.add_subparsers(title="commands", metavar="COMMAND")
     tb = cmds.add_parser("train-base", help="train the toy T2V base model (seeded, resumable)")
-    _opt(tb, "--family", "which toy base: unet (UNet3D, ModelScope's layout) or wan (a DiT in Wan's layout)",
-         "unet", type=options.arg_type(Literal["unet", "wan"]), metavar="{unet,wan}")
-    tb.add_argument("--out", metavar="DIR", help="model folder (its .train_state/ holds the resume state) "
-                    "[default: runs/toy-base, with --family wan runs/toy-wan]")
-    _opt(tb, "--device", "auto | cpu | cuda | cuda:N (the toy Wan trains on the CPU)", "auto")
-    tb.add_argument("--restart", action="store_true", help="ignore saved state in --out and start over")
-    tb.add_argument("--quiet", action="store_true", help="no progress bars")
+    options.add_flags(tb, TrainBaseOptions, defaults=True)
     options.add_flags(tb, BaseRecipe)
     unet = {f.name for f in dataclasses.fields(BaseRecipe)}
     shared = [f for f in dataclasses.fields(WanRecipe) if f.name in unet]
@@ -390,16 +390,7 @@ def _add_toy(sub, flags: bool = True) -> None:
     options.add_flags(wan, ToyWanSpec, skip=("patch", "vae_dim_mult"))
     tb.set_defaults(func=cmd_toy_train_base)
     cb = cmds.add_parser("check-base", help="score a base model's videos against the toy world's ground truth")
-    _opt(cb, "--base", f"base model to check: toy, {TOY_WAN} (sampled by the stock WanPipeline) or a folder of "
-         "either", "toy")
-    _opt(cb, "--videos", "seen-motion videos to generate and score", 64, "videos", type=_positive)
-    _opt(cb, "--heldout", "held-out-motion videos (the base must not make these motions)", 24, "videos",
-         type=_positive)
-    _opt(cb, "--steps", "denoising steps per video", TOY_STEPS, "steps", type=_positive)
-    _opt(cb, "--seed", "seed of the prompts drawn and of the videos' noise", 0, type=options.arg_type(int))
-    _opt(cb, "--device", "auto | cpu | cuda | cuda:N", "auto")
-    cb.add_argument("--json", action="store_true", help="JSON output")
-    cb.add_argument("--quiet", action="store_true", help="no progress bar")
+    options.add_flags(cb, CheckBaseOptions, defaults=True)
     cb.set_defaults(func=cmd_toy_check_base)
 
 

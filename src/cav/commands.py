@@ -135,3 +135,18 @@ class DemoOptions:
                        "toy-wan) into OUT/toy-wan/ and metrics.json's `toy-wan` block; it has no best recipe yet "
                        "(the block says why); --no-wan runs the toy UNet alone")
     quiet: bool = option(False, "no progress bars")
+
+
+# -------------------------------------------------------------------------------------------------- toy
+@dataclass
+class TrainBaseOptions:
+    """`cav toy train-base`: which toy base and where (its recipe's flags: ``toy.train_base.BaseRecipe``, and with
+    --family wan ``toy.wan_base.WanRecipe`` / ``ToyWanSpec``)."""
+
+    family: Literal["unet", "wan"] = option("unet", "which toy base: unet (UNet3D, ModelScope's layout) or wan (a DiT "
+                                            "in Wan's layout)")
+    out: str | None = option(None, "model folder (its .train_state/ holds the resume state)", metavar="DIR",
+                             default_text="runs/toy-base, with --family wan runs/toy-wan")
+    device: str = option("auto", DEVICE + " (the toy Wan trains on the CPU)")
+    restart: bool = option(False, "ignore saved state in --out and start over")
+    quiet: bool = option(False, "no progress bars")
