@@ -404,13 +404,16 @@ def _add_demo(sub) -> None:
 
 # ---------------------------------------------------------------------------------------------- eval, bench
 def cmd_eval(args) -> int:
+    from .commands import EvalOptions
+
+    opts = options.from_args(EvalOptions, args)
     _quiet_libraries()
     from .evaluate import evaluate, format_text
     from .metrics.clip_score import DEFAULT_CLIP
 
-    result = evaluate(args.videos, args.prompt, reference=args.reference, clip=args.clip or DEFAULT_CLIP,
-                      lpips=args.lpips, metrics=args.metrics.split(",") if args.metrics else None)
-    if args.json:
+    result = evaluate(opts.videos, opts.prompt, reference=opts.reference, clip=opts.clip or DEFAULT_CLIP,
+                      lpips=opts.lpips, metrics=opts.metrics.split(",") if opts.metrics else None)
+    if opts.json:
         print(json.dumps(result))
     else:
         print(format_text(result))
@@ -438,17 +441,10 @@ def cmd_bench_ablation(args) -> int:
 
 
 def _add_eval_bench(sub) -> None:
+    from .commands import EvalOptions
+
     ev = sub.add_parser("eval", help="score generated videos (CLIPScore, LPIPS, motion fidelity, toy truth)")
-    ev.add_argument("videos", nargs="+", help="generated videos (files or image folders)")
-    _opt(ev, "--prompt", "the prompt the videos were generated for", required=True)
-    _opt(ev, "--reference", "reference video, for the motion metrics [default: none: no motion metrics]")
-    _opt(ev, "--clip", "CLIP model folder or hub id (a hub id is only looked up in the local cache) "
-         "[default: openai/clip-vit-large-patch14]")
-    _opt(ev, "--lpips", "LPIPS AlexNet weights (.safetensors) [default: $CAV_LPIPS, else "
-         "~/.cache/cav/lpips_alex.safetensors]", metavar="FILE")
-    _opt(ev, "--metrics", "comma-separated metric names [default: every metric whose inputs and weights are "
-         "available]", metavar="NAMES")
-    ev.add_argument("--json", action="store_true", help="JSON output")
+    options.add_flags(ev, EvalOptions, defaults=True)
     ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON and markdown output)")

@@ -150,3 +150,21 @@ class TrainBaseOptions:
     device: str = option("auto", DEVICE + " (the toy Wan trains on the CPU)")
     restart: bool = option(False, "ignore saved state in --out and start over")
     quiet: bool = option(False, "no progress bars")
+
+
+# --------------------------------------------------------------------------------------------------- eval
+@dataclass
+class EvalOptions:
+    """`cav eval`."""
+
+    videos: list[str] = option(REQUIRED, "generated videos (files or image folders)", positional=True)
+    prompt: str = option(REQUIRED, "the prompt the videos were generated for")
+    reference: str | None = option(None, "reference video, for the motion metrics",
+                                   default_text="none: no motion metrics")
+    clip: str | None = option(None, "CLIP model folder or hub id (a hub id is only looked up in the local cache)",
+                              default_text="openai/clip-vit-large-patch14")
+    lpips: str | None = option(None, "LPIPS AlexNet weights (.safetensors)", metavar="FILE",
+                               default_text="$CAV_LPIPS, else ~/.cache/cav/lpips_alex.safetensors")
+    metrics: str | None = option(None, "comma-separated metric names", metavar="NAMES",
+                                 default_text="every metric whose inputs and weights are available")
+    json: bool = option(False, "JSON output")
