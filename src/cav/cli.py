@@ -421,27 +421,33 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench_speed(args) -> int:
+    from .commands import SpeedOptions
+
+    opts = options.from_args(SpeedOptions, args)
     _quiet_libraries()
     from .bench.speed import format_table, run_speed
 
-    only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
-    result = run_speed(args.device, args.size, quick=args.quick, only=only)
-    print(json.dumps(result) if args.json else format_table(result))
+    only = [c.strip() for c in opts.only.split(",") if c.strip()] if opts.only else None
+    result = run_speed(opts.device, opts.size, quick=opts.quick, only=only)
+    print(json.dumps(result) if opts.json else format_table(result))
     return 0
 
 
 def cmd_bench_ablation(args) -> int:
+    from .commands import AblationOptions
+
+    opts = options.from_args(AblationOptions, args)
     _quiet_libraries()
     from .bench.ablation import format_markdown, run_ablation, write_outputs
 
-    result = run_ablation(args.recipe, quick=args.quick, out=args.out, command="cav " + shlex.join(args.argv))
-    write_outputs(result, args.out)
-    print(json.dumps(result) if args.json else format_markdown(result))
+    result = run_ablation(opts.recipe, quick=opts.quick, out=opts.out, command="cav " + shlex.join(args.argv))
+    write_outputs(result, opts.out)
+    print(json.dumps(result) if opts.json else format_markdown(result))
     return 0
 
 
 def _add_eval_bench(sub) -> None:
-    from .commands import EvalOptions
+    from .commands import AblationOptions, EvalOptions, SpeedOptions
 
     ev = sub.add_parser("eval", help="score generated videos (CLIPScore, LPIPS, motion fidelity, toy truth)")
     options.add_flags(ev, EvalOptions, defaults=True)
@@ -451,19 +457,10 @@ def _add_eval_bench(sub) -> None:
     _choose(bench, "a benchmark", "speed, ablation")
     cmds = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
     bs = cmds.add_parser("speed", help="training/generation step time, memory and FLOPs at full ModelScope size")
-    _opt(bs, "--device", "auto | cpu | cuda | cuda:N", "auto")
-    _opt(bs, "--size", "model size: full (ModelScope's shapes) or tiny (a smoke test)", "full",
-         type=options.arg_type(Literal["full", "tiny"]), metavar="{full,tiny}")
-    bs.add_argument("--json", action="store_true", help="JSON output")
-    bs.add_argument("--quick", action="store_true", help="fewer timed steps (1 warm-up, 2 timed)")
-    bs.add_argument("--only", metavar="CASES", help="comma-separated cases or groups (timing, compile, counts, "
-                    "graph_breaks, flops, wan: the Wan 2.1 1.3B row) [default: every case]")
+    options.add_flags(bs, SpeedOptions, defaults=True)
     bs.set_defaults(func=cmd_bench_speed)
     ba = cmds.add_parser("ablation", help="the paper's Table 1 rows in the toy world, with 95%% bootstrap CIs")
-    _opt(ba, "--recipe", "ablation file: a shipped name or a YAML path", "ablation/toy", metavar="NAME_OR_YAML")
-    ba.add_argument("--quick", action="store_true", help="a CI-sized run: every row, one reference, a few steps")
-    _opt(ba, "--out", "folder for runs, samples and ablation.json|md", "runs/ablation", metavar="DIR")
-    ba.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    options.add_flags(ba, AblationOptions, defaults=True)
     ba.set_defaults(func=cmd_bench_ablation)
 
 

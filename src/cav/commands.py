@@ -168,3 +168,26 @@ class EvalOptions:
     metrics: str | None = option(None, "comma-separated metric names", metavar="NAMES",
                                  default_text="every metric whose inputs and weights are available")
     json: bool = option(False, "JSON output")
+
+
+# -------------------------------------------------------------------------------------------------- bench
+@dataclass
+class SpeedOptions:
+    """`cav bench speed`."""
+
+    device: str = option("auto", DEVICE)
+    size: Literal["full", "tiny"] = option("full", "model size: full (ModelScope's shapes) or tiny (a smoke test)")
+    json: bool = option(False, "JSON output")
+    quick: bool = option(False, "fewer timed steps (1 warm-up, 2 timed)")
+    only: str | None = option(None, "comma-separated cases or groups (timing, compile, counts, graph_breaks, flops, "
+                              "wan: the Wan 2.1 1.3B row)", metavar="CASES", default_text="every case")
+
+
+@dataclass
+class AblationOptions:
+    """`cav bench ablation`."""
+
+    recipe: str = option("ablation/toy", "ablation file: a shipped name or a YAML path", metavar="NAME_OR_YAML")
+    quick: bool = option(False, "a CI-sized run: every row, one reference, a few steps")
+    out: str = option("runs/ablation", "folder for runs, samples and ablation.json|md", metavar="DIR")
+    json: bool = option(False, "print JSON instead of the markdown table")
