@@ -267,22 +267,22 @@ def _add_batch(sub) -> None:
 
 # ------------------------------------------------------------------------------------------------- export
 def cmd_export(args) -> int:
+    from .commands import ExportOptions
+
+    opts = options.from_args(ExportOptions, args)
     _quiet_libraries()
     from .export import export_files
 
-    for path in export_files(args.run, args.format, args.out, overwrite=args.overwrite):
+    for path in export_files(opts.run, opts.format, opts.out, overwrite=opts.overwrite):
         print(f"wrote {path}")
     return 0
 
 
 def _add_export(sub) -> None:
+    from .commands import ExportOptions
+
     ex = sub.add_parser("export", help="write a run's T-LoRA in another tool's layout (e.g. AnimateDiff MotionLoRA)")
-    ex.add_argument("run", help="run, checkpoint or T-LoRA folder")
-    # the formats are not listed from cav.export: importing it would make every --help load peft
-    _opt(ex, "--format", "target layout: animatediff (the original MotionLoRA key layout) or comfyui (Wan's "
-         "original names) [default: the first layout of the run's base family]", metavar="FORMAT")
-    _opt(ex, "--out", "output .safetensors [default: RUN/export/<the format's file name>]", metavar="FILE")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    options.add_flags(ex, ExportOptions, defaults=True)
     ex.set_defaults(func=cmd_export)
 
 

@@ -191,3 +191,42 @@ class AblationOptions:
     quick: bool = option(False, "a CI-sized run: every row, one reference, a few steps")
     out: str = option("runs/ablation", "folder for runs, samples and ablation.json|md", metavar="DIR")
     json: bool = option(False, "print JSON instead of the markdown table")
+
+
+# ------------------------------------------------------------------------------------------------- export
+@dataclass
+class ExportOptions:
+    """`cav export` (the formats are not listed from cav.export: importing it would make every --help load peft)."""
+
+    run: str = option(REQUIRED, "run, checkpoint or T-LoRA folder", positional=True)
+    format: str | None = option(None, "target layout: animatediff (the original MotionLoRA key layout) or comfyui "
+                                "(Wan's original names)", metavar="FORMAT",
+                                default_text="the first layout of the run's base family")
+    out: str | None = option(None, "output .safetensors", metavar="FILE",
+                             default_text="RUN/export/<the format's file name>")
+    overwrite: bool = option(False, "replace an existing output file")
+
+
+# ------------------------------------------------------------------------------------------------- export
+@dataclass
+class ExportOptions:
+    """`cav export` (the formats are not listed from cav.export: importing it would make every --help load peft)."""
+
+    run: str = option(REQUIRED, "run, checkpoint or T-LoRA folder", positional=True)
+    format: str | None = option(None, "target layout: animatediff (the original MotionLoRA key layout) or comfyui "
+                                "(Wan's original names)", metavar="FORMAT",
+                                default_text="the first layout of the run's base family")
+    out: str | None = option(None, "output .safetensors", metavar="FILE",
+                             default_text="RUN/export/<the format's file name>")
+    overwrite: bool = option(False, "replace an existing output file")
+
+
+# ------------------------------------------------------------------------------------------------- select
+@dataclass
+class SelectOptions:
+    """`cav select`."""
+
+    run: str = option(REQUIRED, "run folder of `cav train`", positional=True)
+    clip: str | None = option(None, "CLIP folder or cached hub id for text alignment",
+                              default_text="openai/clip-vit-large-patch14 if cached, else left out")
+    json: bool = option(False, "JSON output")
