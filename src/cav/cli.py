@@ -209,22 +209,24 @@ def _written_size(path: Path) -> str:
 
 
 def cmd_select(args) -> int:
+    from .commands import SelectOptions
+
+    opts = options.from_args(SelectOptions, args)
     _quiet_libraries()
     from . import api
 
     from .selection import format_text
 
-    result = api.select(args.run, clip=args.clip)
-    print(json.dumps(result) if args.json else format_text(result))
+    result = api.select(opts.run, clip=opts.clip)
+    print(json.dumps(result) if opts.json else format_text(result))
     return 0
 
 
 def _add_select(sub) -> None:
+    from .commands import SelectOptions
+
     s = sub.add_parser("select", help="score a run's checkpoints against its reference; publish the best as RUN/selected")
-    s.add_argument("run", help="run folder of `cav train`")
-    _opt(s, "--clip", "CLIP folder or cached hub id for text alignment [default: openai/clip-vit-large-patch14 if "
-         "cached, else left out]")
-    s.add_argument("--json", action="store_true", help="JSON output")
+    options.add_flags(s, SelectOptions, defaults=True)
     s.set_defaults(func=cmd_select)
 
 

@@ -207,20 +207,6 @@ class ExportOptions:
     overwrite: bool = option(False, "replace an existing output file")
 
 
-# ------------------------------------------------------------------------------------------------- export
-@dataclass
-class ExportOptions:
-    """`cav export` (the formats are not listed from cav.export: importing it would make every --help load peft)."""
-
-    run: str = option(REQUIRED, "run, checkpoint or T-LoRA folder", positional=True)
-    format: str | None = option(None, "target layout: animatediff (the original MotionLoRA key layout) or comfyui "
-                                "(Wan's original names)", metavar="FORMAT",
-                                default_text="the first layout of the run's base family")
-    out: str | None = option(None, "output .safetensors", metavar="FILE",
-                             default_text="RUN/export/<the format's file name>")
-    overwrite: bool = option(False, "replace an existing output file")
-
-
 # ------------------------------------------------------------------------------------------------- select
 @dataclass
 class SelectOptions:
