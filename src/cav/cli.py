@@ -1,8 +1,10 @@
 """Command line: parse arguments, call one API function, print, set the exit code.
 
-Every ``CavError`` and every bad flag becomes one line on stderr and exit code 2; Ctrl-C exits 130. Flags of
-``train`` and ``generate`` come from the ``TrainConfig`` / ``SampleConfig`` fields (help, defaults and units from
-their metadata), so a flag and a recipe key are one list and follow one parsing rule.
+Every ``CavError`` and every bad flag becomes one line on stderr and exit code 2; Ctrl-C exits 130. Every flag is
+built by ``options.add_flags`` from a dataclass field (help, default, unit and check from its metadata): recipe values
+from the ``TrainConfig`` / ``SampleConfig`` fields, so a flag and a recipe key are one list and follow one parsing
+rule; each command's own options from its dataclass in ``commands.py`` (``batch.Options``,
+``toy.check.CheckBaseOptions`` beside their code), read back with ``options.from_args``.
 """
 
 from __future__ import annotations
@@ -14,16 +16,12 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Literal
 
 from . import __version__
 from . import options
 from .errors import CavError
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-DTYPE = Literal["auto", "fp32", "fp16", "bf16"]
-POSITIVE = "a whole number ≥ 1"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,7 +31,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"cav: error: {message} (see `{self.prog} --help`)\n")
 
 
-
 def _memory_line(memory: dict) -> str:
     """The dry run's memory estimate in one line (the family's ``memory``: Wan)."""
     gib = memory["gib"]
@@ -41,19 +38,6 @@ def _memory_line(memory: dict) -> str:
             f"{gib['train_peak']} GiB, text encoding {gib['encode_phase']} GiB; checkpointing "
             f"{'on' if memory['checkpointing'] else 'off'}, offload-frozen {'on' if memory['offload_frozen'] else 'off'}"
             f"; not counted: {memory['not_counted']}")
-
-def _opt(p: argparse.ArgumentParser, flag: str, help: str, default=None, unit: str = "", **kw) -> None:
-    """A hand-written flag whose help states its default (with its unit)."""
-    if default is not None and kw.get("action") not in ("store_true", "append"):
-        help += f" [default: {default}{' ' + unit if unit else ''}]"
-    p.add_argument(flag, default=default, help=help.replace("%", "%%"), **kw)
-
-
-def _positive(text: str) -> int:
-    value = options.arg_type(int)(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not {POSITIVE}")
-    return value
 
 
 def _choose(p: argparse.ArgumentParser, what: str, names: str):

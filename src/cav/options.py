@@ -413,16 +413,3 @@ def from_args(cls, args: argparse.Namespace):
     """The dataclass ``cls`` of a command's own options (flags added with ``add_flags(defaults=True)``) from the
     parsed arguments."""
     return cls(**{f.name: getattr(args, key_name(f)) for f in own_fields(cls)})
-
-
-def arg_type(hint, what: str = ""):
-    """An argparse ``type=`` for a plain flag (not from a dataclass), with the same parsing as recipe values."""
-
-    def parse(text: str):
-        try:
-            return coerce(hint, text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parse.__name__ = what or getattr(hint, "__name__", "value")
-    return parse
