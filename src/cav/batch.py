@@ -37,6 +37,7 @@ import yaml
 from . import options, runlock
 from .config import FRAME_SELECTION, TrainConfig, load_recipe
 from .errors import CavError
+from .options import REQUIRED, option
 from .io_utils import write_json, write_text
 
 REQUIRED = ("clip", "prompt", "spatial_prompt")
@@ -416,12 +417,22 @@ def _lock(path: Path, wait: float, busy: str):
 # ------------------------------------------------------------------------------------------------ the driver
 @dataclass
 class Options:
-    address: str | None = None
-    gpus_per_run: float = 1.0
-    cpus_per_run: float = 1.0
-    max_parallel: int | None = None
-    retry_failed: bool = False
-    quiet: bool = False
+    """`cav batch`'s options (its flags are built from these fields; ``options.from_args`` reads them back)."""
+
+    manifest: str = option(REQUIRED, "CSV, JSONL or YAML: clip, prompt, spatial_prompt[, name, recipe keys] per row",
+                           positional=True)
+    out: str = option("runs/library", "library folder: one run folder per row, index.md", metavar="DIR")
+    recipe: str | None = option(None, "recipe for every row: a shipped name or a YAML file (a row's own recipe keys "
+                                "override it)", metavar="NAME_OR_YAML",
+                                default_text="none: the defaults of `cav train --help`")
+    address: str | None = option(None, "existing Ray cluster: ray://HOST:10001, HOST:6379 or auto",
+                                 default_text="a private Ray on this machine")
+    gpus_per_run: float = option(1.0, "GPUs per row where the cluster has GPUs", unit="GPUs")
+    cpus_per_run: float = option(1.0, "CPU slots per row (training threads on CPU)", unit="CPU slots")
+    max_parallel: int | None = option(None, "rows at once", metavar="N", default_text="as many as fit")
+    retry_failed: bool = option(False, "run the rows that failed before again")
+    dry_run: bool = option(False, "print the plan without starting Ray")
+    quiet: bool = option(False, "no progress bar")
 
     def __post_init__(self):
         if self.gpus_per_run < 0 or self.cpus_per_run <= 0:

@@ -1,8 +1,10 @@
 """Command line: parse arguments, call one API function, print, set the exit code.
 
-Every ``CavError`` and every bad flag becomes one line on stderr and exit code 2; Ctrl-C exits 130. Flags of
-``train`` and ``generate`` come from the ``TrainConfig`` / ``SampleConfig`` fields (help, defaults and units from
-their metadata), so a flag and a recipe key are one list and follow one parsing rule.
+Every ``CavError`` and every bad flag becomes one line on stderr and exit code 2; Ctrl-C exits 130. Every flag is
+built by ``options.add_flags`` from a dataclass field (help, default, unit and check from its metadata): recipe values
+from the ``TrainConfig`` / ``SampleConfig`` fields, so a flag and a recipe key are one list and follow one parsing
+rule; each command's own options from its dataclass in ``commands.py`` (``batch.Options``,
+``toy.check.CheckBaseOptions`` beside their code), read back with ``options.from_args``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Literal
 
 from . import __version__
 from . import options
@@ -22,16 +23,12 @@ from .errors import CavError
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-DTYPE = Literal["auto", "fp32", "fp16", "bf16"]
-POSITIVE = "a whole number ≥ 1"
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors in cav's format (argparse prints the usage block and names internal dests)."""
 
     def error(self, message: str):
         self.exit(2, f"cav: error: {message} (see `{self.prog} --help`)\n")
-
 
 
 def _memory_line(memory: dict) -> str:
@@ -42,19 +39,6 @@ def _memory_line(memory: dict) -> str:
             f"checkpoints (validation samples) {gib['checkpoints']} GiB; checkpointing "
             f"{'on' if memory['checkpointing'] else 'off'}, offload-frozen {'on' if memory['offload_frozen'] else 'off'}"
             f"; not counted: {memory['not_counted']}")
-
-def _opt(p: argparse.ArgumentParser, flag: str, help: str, default=None, unit: str = "", **kw) -> None:
-    """A hand-written flag whose help states its default (with its unit)."""
-    if default is not None and kw.get("action") not in ("store_true", "append"):
-        help += f" [default: {default}{' ' + unit if unit else ''}]"
-    p.add_argument(flag, default=default, help=help.replace("%", "%%"), **kw)
-
-
-def _positive(text: str) -> int:
-    value = options.arg_type(int)(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not {POSITIVE}")
-    return value
 
 
 def _choose(p: argparse.ArgumentParser, what: str, names: str):
@@ -90,19 +74,22 @@ def build_config(args: argparse.Namespace):
 
 
 def cmd_train(args) -> int:
+    from .commands import TrainCommand
+
+    run = options.from_args(TrainCommand, args)
     cfg = build_config(args)  # bad recipe values and flags fail here, before the libraries load
-    if args.clips:  # the clips (and their spatial prompts) from a manifest
+    if run.clips:  # the clips (and their spatial prompts) from a manifest (args.video: Ctrl-C's hint names them)
         from .clips import apply
 
-        args.video, cfg = apply(args.clips, args.video, cfg, args.spatial_prompt is not None)
+        args.video, cfg = apply(run.clips, args.video, cfg, args.spatial_prompt is not None)
     _quiet_libraries()
     from . import api
     from .estimate import format_statement
 
-    if args.dry_run:
-        result = api.plan(cfg, clips=max(1, len(args.video)), estimate=args.estimate)
+    if run.dry_run:
+        result = api.plan(cfg, clips=max(1, len(args.video)), estimate=run.estimate)
         result["recipe"] = args.recipe_used
-        if args.json:
+        if run.json:
             print(json.dumps(result))
         else:
             print(f"base {result['base']} ({result['family']}): {result['model_class']} {result['unet_params']:,} "
@@ -125,10 +112,10 @@ def cmd_train(args) -> int:
     if not args.video:
         raise CavError("no reference video given: pass `cav train VIDEO --prompt ...`")
     video = args.video[0] if len(args.video) == 1 else args.video
-    announce = None if args.quiet else (lambda info: print(f"recipe: {args.recipe_used}\n{format_statement(info)}",
+    announce = None if run.quiet else (lambda info: print(f"recipe: {args.recipe_used}\n{format_statement(info)}",
                                                            flush=True))
-    out = api.train(video, cfg, args.out, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet,
-                    announce=announce, estimate=args.estimate)
+    out = api.train(video, cfg, run.out, overwrite=run.overwrite, resume=run.resume, quiet=run.quiet,
+                    announce=announce, estimate=run.estimate)
     print(done_line(out))
     return 0
 
@@ -162,7 +149,8 @@ def _interrupt_hint(args) -> str:
 
 
 def _add_train(sub) -> None:
-    from .config import TrainConfig, recipe_names
+    from .commands import TrainCommand
+    from .config import TrainConfig
 
     t = sub.add_parser("train", help="train absorbers then a T-LoRA on one reference video",
                        description="Train absorbers then a T-LoRA on one reference video. Values come from "
@@ -171,42 +159,27 @@ def _add_train(sub) -> None:
                                    "(with --resume: the run's config.yaml, then the flags given); the defaults shown "
                                    "fill keys a recipe leaves out. Every flag --a-b is the recipe key a_b, in a recipe "
                                    "file at the top or in the section its group names (--t-lora-rank: motion: rank).")
-    t.add_argument("video", nargs="*", help="reference video (any ffmpeg format) or a folder of images; several "
-                   "clips of one motion train one T-LoRA, each clip with its own absorbers and --spatial-prompt")
-    _opt(t, "--recipe", f"shipped recipe name ({', '.join(recipe_names())}) or a YAML file; flags override it "
-         "[default: the base's own recipe]", metavar="NAME_OR_YAML")
-    _opt(t, "--out", "run folder", "runs/train", metavar="DIR")
-    _opt(t, "--clips", "the clips of one motion from a .csv or .yaml file with the fields clip and spatial_prompt, "
-         "one row per clip, in order (instead of clip arguments and --spatial-prompt) [default: none]", metavar="FILE")
-    t.add_argument("--dry-run", action="store_true", help="print the plan without training: parameters per stage, "
-                   "the resolved size, frames, steps, device and dtype, and an estimated time per stage from a few "
-                   "steps timed on this machine")
-    t.add_argument("--estimate", action=argparse.BooleanOptionalAction, default=True,
-                   help="time a few steps on this machine to estimate the run's duration, with --dry-run and at the "
-                        "start of a run (loads the base once more) [default: on]")
-    t.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its "
-                                                        "recorded config.yaml and frame selection")
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    options.add_flags(t, TrainCommand, defaults=True)
     options.add_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train, command="train")
 
 
 # ---------------------------------------------------------------------------------------------- generate
 def cmd_generate(args) -> int:
+    from .commands import GenerateInputs, GenerateOutput
     from .config import SampleConfig, parse_weighted
 
-    adapters = [parse_weighted(a, "--adapter") for a in args.adapter or []]
-    image_loras = [parse_weighted(a, "--image-lora") for a in args.image_lora or []]
+    inputs, output = options.from_args(GenerateInputs, args), options.from_args(GenerateOutput, args)
+    adapters = [parse_weighted(a, "--adapter") for a in inputs.adapter or []]
+    image_loras = [parse_weighted(a, "--image-lora") for a in inputs.image_lora or []]
     _quiet_libraries()
     from . import api
 
     given = options.given(args, SampleConfig)  # over the first adapter's recorded settings (else the defaults)
-    paths = api.generate(args.prompt, adapters, **given, image_loras=image_loras,
-                         textual_inversions=args.textual_inversion or [], base=args.base, out=args.out,
-                         overwrite=args.overwrite, device=args.device, dtype=args.dtype, quiet=args.quiet,
-                         motion_adapter=args.motion_adapter)
+    paths = api.generate(inputs.prompt, adapters, **given, image_loras=image_loras,
+                         textual_inversions=inputs.textual_inversion or [], base=inputs.base, out=output.out,
+                         overwrite=output.overwrite, device=output.device, dtype=output.dtype, quiet=output.quiet,
+                         motion_adapter=inputs.motion_adapter)
     for p in paths:
         print(f"wrote {p} and {p.with_suffix('.gif' if p.suffix.lower() == '.mp4' else '.mp4')}{_written_size(p)}")
     return 0
@@ -221,52 +194,38 @@ def _written_size(path: Path) -> str:
 
 
 def cmd_select(args) -> int:
+    from .commands import SelectOptions
+
+    opts = options.from_args(SelectOptions, args)
     _quiet_libraries()
     from . import api
 
     from .selection import format_text
 
-    result = api.select(args.run, clip=args.clip)
-    print(json.dumps(result) if args.json else format_text(result))
+    result = api.select(opts.run, clip=opts.clip)
+    print(json.dumps(result) if opts.json else format_text(result))
     return 0
 
 
 def _add_select(sub) -> None:
+    from .commands import SelectOptions
+
     s = sub.add_parser("select", help="score a run's checkpoints against its reference; publish the best as RUN/selected")
-    s.add_argument("run", help="run folder of `cav train`")
-    _opt(s, "--clip", "CLIP folder or cached hub id for text alignment [default: openai/clip-vit-large-patch14 if "
-         "cached, else left out]")
-    s.add_argument("--json", action="store_true", help="JSON output")
+    options.add_flags(s, SelectOptions, defaults=True)
     s.set_defaults(func=cmd_select)
 
 
 def _add_generate(sub) -> None:
+    from .commands import GenerateInputs, GenerateOutput
     from .config import SampleConfig
 
     g = sub.add_parser("generate", help="sample videos with T-LoRA(s) on a base model",
                        description="Sample videos with T-LoRA(s). Unset sampling flags take the first --adapter's "
                                    "recorded values (frames, size, steps, guidance), else the defaults shown.")
-    _opt(g, "--prompt", "what the videos show (a textual inversion's token may appear in it)", required=True)
-    _opt(g, "--adapter", "T-LoRA: a run, checkpoint or adapter folder; WEIGHT in [0, 4] (0: off), default the run's "
-         "--lora-weight, else 1 (repeatable; weights compose) [default: none: the base alone]", action="append",
-         metavar="RUN_OR_ADAPTER[:WEIGHT]")
-    _opt(g, "--image-lora", "spatial LoRA folder, WEIGHT in [0, 4], default 1 (repeatable) [default: none]",
-         action="append", metavar="PATH[:WEIGHT]")
-    _opt(g, "--textual-inversion", "textual inversion .safetensors file, e.g. RUN/absorbers/"
-         "textual_inversion.safetensors (repeatable) [default: none]", action="append", metavar="FILE")
-    _opt(g, "--base", "base model: toy, a diffusers folder or a hub id [default: the adapter's base, else toy]")
-    _opt(g, "--motion-adapter", "AnimateDiff MotionAdapter folder or hub id for an image-model --base [default: the "
-         "adapter's own]")
+    options.add_flags(g, GenerateInputs, defaults=True)
     recorded = dict.fromkeys(("frames", "steps", "guidance"), "the adapter's, else ")
     options.add_flags(g, SampleConfig, before_default=recorded)
-    _opt(g, "--out", "output video, .mp4 or .gif; the other format is written beside it (with --num-videos N: "
-         "NAME-0 … NAME-N-1). Videos are written scaled up by a whole factor (nearest neighbour) until the longer "
-         "side is ≥ 128 px, so a 32x32 toy video is written at 128x128", "out.mp4", metavar="FILE")
-    g.add_argument("--overwrite", action="store_true", help="replace output files that exist")
-    _opt(g, "--device", "auto | cpu | cuda | cuda:N", "auto")
-    _opt(g, "--dtype", "weights' dtype: auto = bf16/fp16 on GPU, fp32 on CPU (fp16 is for GPUs only)", "auto",
-         type=options.arg_type(DTYPE), metavar="{auto,fp32,fp16,bf16}")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    options.add_flags(g, GenerateOutput, defaults=True)
     g.set_defaults(func=cmd_generate)
 
 
@@ -275,53 +234,42 @@ def cmd_batch(args) -> int:
     _quiet_libraries()
     from . import batch
 
-    opts = batch.Options(address=args.address, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
-                         max_parallel=args.max_parallel, retry_failed=args.retry_failed, quiet=args.quiet)
-    steps, out = batch.prepare(args.manifest, args.out, args.recipe, args.retry_failed)
-    if args.dry_run:
+    opts = options.from_args(batch.Options, args)
+    steps, out = batch.prepare(opts.manifest, opts.out, opts.recipe, opts.retry_failed)
+    if opts.dry_run:
         print(batch.format_plan(steps, out, opts))
         return 0
-    index = batch.run(steps, out, opts, args.manifest)
+    index = batch.run(steps, out, opts, opts.manifest)
     print(batch.summary(index))
     return 0 if index["counts"]["finished"] == len(index["rows"]) else 1
 
 
 def _add_batch(sub) -> None:
+    from .batch import Options
+
     b = sub.add_parser("batch", help="a motion library: one run per manifest row, on Ray (this machine or a cluster)")
-    b.add_argument("manifest", help="CSV, JSONL or YAML: clip, prompt, spatial_prompt[, name, recipe keys] per row")
-    _opt(b, "--out", "library folder: one run folder per row, index.md", "runs/library", metavar="DIR")
-    _opt(b, "--recipe", "recipe for every row: a shipped name or a YAML file (a row's own recipe keys override it) "
-         "[default: none: the defaults of `cav train --help`]", metavar="NAME_OR_YAML")
-    _opt(b, "--address", "existing Ray cluster: ray://HOST:10001, HOST:6379 or auto [default: a private Ray on this "
-         "machine]")
-    _opt(b, "--gpus-per-run", "GPUs per row where the cluster has GPUs", 1.0, "GPUs", type=options.arg_type(float))
-    _opt(b, "--cpus-per-run", "CPU slots per row (training threads on CPU)", 1.0, "CPU slots",
-         type=options.arg_type(float))
-    _opt(b, "--max-parallel", "rows at once [default: as many as fit]", type=options.arg_type(int), metavar="N")
-    b.add_argument("--retry-failed", action="store_true", help="run the rows that failed before again")
-    b.add_argument("--dry-run", action="store_true", help="print the plan without starting Ray")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    options.add_flags(b, Options, defaults=True)
     b.set_defaults(func=cmd_batch, command="batch")
 
 
 # ------------------------------------------------------------------------------------------------- export
 def cmd_export(args) -> int:
+    from .commands import ExportOptions
+
+    opts = options.from_args(ExportOptions, args)
     _quiet_libraries()
     from .export import export_files
 
-    for path in export_files(args.run, args.format, args.out, overwrite=args.overwrite):
+    for path in export_files(opts.run, opts.format, opts.out, overwrite=opts.overwrite):
         print(f"wrote {path}")
     return 0
 
 
 def _add_export(sub) -> None:
+    from .commands import ExportOptions
+
     ex = sub.add_parser("export", help="write a run's T-LoRA in another tool's layout (e.g. AnimateDiff MotionLoRA)")
-    ex.add_argument("run", help="run, checkpoint or T-LoRA folder")
-    # the formats are not listed from cav.export: importing it would make every --help load peft
-    _opt(ex, "--format", "target layout: animatediff (the original MotionLoRA key layout) or comfyui (Wan's "
-         "original names) [default: the first layout of the run's base family]", metavar="FORMAT")
-    _opt(ex, "--out", "output .safetensors [default: RUN/export/<the format's file name>]", metavar="FILE")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    options.add_flags(ex, ExportOptions, defaults=True)
     ex.set_defaults(func=cmd_export)
 
 
@@ -330,40 +278,43 @@ TOY_FAMILIES = {"unet": "UNet", "wan": "Wan"}  # `cav toy train-base --family` �
 
 
 def cmd_toy_train_base(args) -> int:
+    from .commands import TrainBaseOptions
+
+    opts = options.from_args(TrainBaseOptions, args)
     _quiet_libraries()
     from .toy.train_base import BaseRecipe
     from .toy.wan_base import ToyWanSpec, WanRecipe
 
     own = {"unet": (BaseRecipe,), "wan": (WanRecipe, ToyWanSpec)}  # each family's recipe (and sizes) dataclasses
-    mine = {f.name for cls in own[args.family] for f in dataclasses.fields(cls)}
-    for other in set(own) - {args.family}:
+    mine = {f.name for cls in own[opts.family] for f in dataclasses.fields(cls)}
+    for other in set(own) - {opts.family}:
         for cls in own[other]:
             stray = sorted(set(options.given(args, cls)) - mine)
             if stray:
                 flag = "--" + stray[0].replace("_", "-")
                 raise CavError(f"{flag} is a flag of the toy {TOY_FAMILIES[other]}, not of the toy "
-                               f"{TOY_FAMILIES[args.family]}: drop it or pass --family {other}")
-    return _TOY_TRAINERS[args.family](args)
+                               f"{TOY_FAMILIES[opts.family]}: drop it or pass --family {other}")
+    return _TOY_TRAINERS[opts.family](args, opts)
 
 
-def _train_toy_unet(args) -> int:
+def _train_toy_unet(args, opts) -> int:
     from .toy.train_base import BaseRecipe, train_base
 
     recipe = BaseRecipe(**options.typed(BaseRecipe, options.given(args, BaseRecipe)))
-    stats = train_base(args.out or "runs/toy-base", recipe, device=args.device, quiet=args.quiet,
-                       resume=not args.restart)
+    stats = train_base(opts.out or "runs/toy-base", recipe, device=opts.device, quiet=opts.quiet,
+                       resume=not opts.restart)
     print(json.dumps({k: v for k, v in stats.items() if k != "loss_log"}))
     return 0
 
 
-def _train_toy_wan(args) -> int:
+def _train_toy_wan(args, opts) -> int:
     from .toy.wan_base import ToyWanSpec, WanRecipe, train_wan_base
 
-    if args.device not in ("auto", "cpu"):
-        raise CavError(f"--device {args.device}: the toy Wan's trainer runs on the CPU only: pass --device cpu")
+    if opts.device not in ("auto", "cpu"):
+        raise CavError(f"--device {opts.device}: the toy Wan's trainer runs on the CPU only: pass --device cpu")
     recipe = WanRecipe(**options.typed(WanRecipe, options.given(args, WanRecipe)))
     spec = ToyWanSpec(**options.typed(ToyWanSpec, options.given(args, ToyWanSpec)))
-    stats = train_wan_base(args.out or "runs/toy-wan", recipe, spec, quiet=args.quiet, resume=not args.restart)
+    stats = train_wan_base(opts.out or "runs/toy-wan", recipe, spec, quiet=opts.quiet, resume=not opts.restart)
     print(json.dumps({k: v for k, v in stats.items() if k not in ("log", "vae_log", "recipe", "spec")}))
     return 0
 
@@ -372,13 +323,15 @@ _TOY_TRAINERS = {"unet": _train_toy_unet, "wan": _train_toy_wan}
 
 
 def cmd_toy_check_base(args) -> int:
+    from .toy.check import CheckBaseOptions, check_base
+
+    opts = options.from_args(CheckBaseOptions, args)
     _quiet_libraries()
     from .metrics import shown
-    from .toy.check import check_base
 
-    result = check_base(args.base, n=args.videos, heldout=args.heldout, seed=args.seed, steps=args.steps,
-                        device=args.device, quiet=args.quiet)
-    if args.json:
+    result = check_base(opts.base, n=opts.videos, heldout=opts.heldout, seed=opts.seed, steps=opts.steps,
+                        device=opts.device, quiet=opts.quiet)
+    if opts.json:
         print(json.dumps(result))
     else:
         for k, v in result.items():
@@ -387,13 +340,16 @@ def cmd_toy_check_base(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .commands import DemoOptions
+
+    opts = options.from_args(DemoOptions, args)
     _quiet_libraries()
     from .toy.demo import run_demo, summary
 
-    overrides = {k: v for k, v in (("steps", args.steps), ("absorber_steps", args.absorber_steps)) if v is not None}
-    metrics = run_demo(args.out, prompts=args.prompts, overrides=overrides, quiet=args.quiet, base=args.base,
-                       best=args.best, wan=args.wan)
-    print(summary(metrics, Path(args.out)))
+    overrides = {k: v for k, v in (("steps", opts.steps), ("absorber_steps", opts.absorber_steps)) if v is not None}
+    metrics = run_demo(opts.out, prompts=opts.prompts, overrides=overrides, quiet=opts.quiet, base=opts.base,
+                       best=opts.best, wan=opts.wan)
+    print(summary(metrics, Path(opts.out)))
     return 0
 
 
@@ -403,19 +359,14 @@ def _add_toy(sub, flags: bool = True) -> None:
     _choose(toy, "a toy command", "train-base, check-base")
     if not flags:
         return
-    from .toy.check import TOY_STEPS
+    from .commands import TrainBaseOptions
+    from .toy.check import CheckBaseOptions
     from .toy.train_base import BaseRecipe
-    from .toy.wan_base import TOY_WAN, ToyWanSpec, WanRecipe
+    from .toy.wan_base import ToyWanSpec, WanRecipe
 
     cmds = toy.add_subparsers(title="commands", metavar="COMMAND")
     tb = cmds.add_parser("train-base", help="train the toy T2V base model (seeded, resumable)")
-    _opt(tb, "--family", "which toy base: unet (UNet3D, ModelScope's layout) or wan (a DiT in Wan's layout)",
-         "unet", type=options.arg_type(Literal["unet", "wan"]), metavar="{unet,wan}")
-    tb.add_argument("--out", metavar="DIR", help="model folder (its .train_state/ holds the resume state) "
-                    "[default: runs/toy-base, with --family wan runs/toy-wan]")
-    _opt(tb, "--device", "auto | cpu | cuda | cuda:N (the toy Wan trains on the CPU)", "auto")
-    tb.add_argument("--restart", action="store_true", help="ignore saved state in --out and start over")
-    tb.add_argument("--quiet", action="store_true", help="no progress bars")
+    options.add_flags(tb, TrainBaseOptions, defaults=True)
     options.add_flags(tb, BaseRecipe)
     unet = {f.name for f in dataclasses.fields(BaseRecipe)}
     shared = [f for f in dataclasses.fields(WanRecipe) if f.name in unet]
@@ -426,55 +377,30 @@ def _add_toy(sub, flags: bool = True) -> None:
     options.add_flags(wan, ToyWanSpec, skip=("patch", "vae_dim_mult"))
     tb.set_defaults(func=cmd_toy_train_base)
     cb = cmds.add_parser("check-base", help="score a base model's videos against the toy world's ground truth")
-    _opt(cb, "--base", f"base model to check: toy, {TOY_WAN} (sampled by the stock WanPipeline) or a folder of "
-         "either", "toy")
-    _opt(cb, "--videos", "seen-motion videos to generate and score", 64, "videos", type=_positive)
-    _opt(cb, "--heldout", "held-out-motion videos (the base must not make these motions)", 24, "videos",
-         type=_positive)
-    _opt(cb, "--steps", "denoising steps per video", TOY_STEPS, "steps", type=_positive)
-    _opt(cb, "--seed", "seed of the prompts drawn and of the videos' noise", 0, type=options.arg_type(int))
-    _opt(cb, "--device", "auto | cpu | cuda | cuda:N", "auto")
-    cb.add_argument("--json", action="store_true", help="JSON output")
-    cb.add_argument("--quiet", action="store_true", help="no progress bar")
+    options.add_flags(cb, CheckBaseOptions, defaults=True)
     cb.set_defaults(func=cmd_toy_check_base)
 
 
 def _add_demo(sub) -> None:
-    from .config import load_recipe
+    from .commands import DemoOptions
 
-    toy, best, wan = load_recipe("toy"), load_recipe("toy-best"), load_recipe("toy-wan")
-    own = "[default: each recipe's own: toy {}, toy-best {}, toy-wan {}]"  # None: a recipe keeps its own schedule
     d = sub.add_parser("demo", help="the whole method on the toy bases (toy UNet, toy Wan), scored against ground truth")
-    _opt(d, "--out", "demo folder (videos, contact sheet, metrics.json; its run/ is replaced)", "runs/demo",
-         metavar="DIR")
-    _opt(d, "--prompts", "new-appearance prompts to generate", 4, "prompts", type=_positive)
-    _opt(d, "--steps", "T-LoRA training steps of every recipe "
-         + own.format(toy["steps"], best["steps"], wan["steps"]), type=options.arg_type(int))
-    _opt(d, "--absorber-steps", "absorber training steps of every recipe "
-         + own.format(toy["absorber_steps"], best["absorber_steps"], wan["absorber_steps"]),
-         type=options.arg_type(int))
-    _opt(d, "--base", "base model (a toy-world model)", "toy")
-    d.add_argument("--best", action=argparse.BooleanOptionalAction, default=True,
-                   help="also train and score the shipped toy-best recipe (MotionDirector placement + temporal convs, "
-                        "docs/RESULTS.md) as metrics.json's `best` and the side-by-side GIF's extra column; --no-best "
-                        "runs the paper's recipe alone [default: on]")
-    d.add_argument("--wan", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the demo on the toy Wan (base toy-wan, a DiT; the paper's port, recipe toy-wan) "
-                        "into OUT/toy-wan/ and metrics.json's `toy-wan` block; it has no best recipe yet (the block "
-                        "says why); --no-wan runs the toy UNet alone [default: on]")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    options.add_flags(d, DemoOptions, defaults=True)
     d.set_defaults(func=cmd_demo)
 
 
 # ---------------------------------------------------------------------------------------------- eval, bench
 def cmd_eval(args) -> int:
+    from .commands import EvalOptions
+
+    opts = options.from_args(EvalOptions, args)
     _quiet_libraries()
     from .evaluate import evaluate, format_text
     from .metrics.clip_score import DEFAULT_CLIP
 
-    result = evaluate(args.videos, args.prompt, reference=args.reference, clip=args.clip or DEFAULT_CLIP,
-                      lpips=args.lpips, metrics=args.metrics.split(",") if args.metrics else None)
-    if args.json:
+    result = evaluate(opts.videos, opts.prompt, reference=opts.reference, clip=opts.clip or DEFAULT_CLIP,
+                      lpips=opts.lpips, metrics=opts.metrics.split(",") if opts.metrics else None)
+    if opts.json:
         print(json.dumps(result))
     else:
         print(format_text(result))
@@ -482,66 +408,58 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench_speed(args) -> int:
+    from .commands import SpeedOptions
+
+    opts = options.from_args(SpeedOptions, args)
     _quiet_libraries()
     from .bench.speed import format_table, run_speed
 
-    only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
-    result = run_speed(args.device, args.size, quick=args.quick, only=only)
-    print(json.dumps(result) if args.json else format_table(result))
+    only = [c.strip() for c in opts.only.split(",") if c.strip()] if opts.only else None
+    result = run_speed(opts.device, opts.size, quick=opts.quick, only=only)
+    print(json.dumps(result) if opts.json else format_table(result))
     return 0
 
 
 def cmd_bench_ablation(args) -> int:
+    from .commands import AblationOptions
+
+    opts = options.from_args(AblationOptions, args)
     _quiet_libraries()
     from .bench.ablation import format_markdown, run_ablation, write_outputs
 
-    result = run_ablation(args.recipe, quick=args.quick, out=args.out, command="cav " + shlex.join(args.argv))
-    write_outputs(result, args.out)
-    print(json.dumps(result) if args.json else format_markdown(result))
+    result = run_ablation(opts.recipe, quick=opts.quick, out=opts.out, command="cav " + shlex.join(args.argv))
+    write_outputs(result, opts.out)
+    print(json.dumps(result) if opts.json else format_markdown(result))
     return 0
 
 
 def _add_eval_bench(sub) -> None:
+    from .commands import AblationOptions, EvalOptions, SpeedOptions
+
     ev = sub.add_parser("eval", help="score generated videos (CLIPScore, LPIPS, motion fidelity, toy truth)")
-    ev.add_argument("videos", nargs="+", help="generated videos (files or image folders)")
-    _opt(ev, "--prompt", "the prompt the videos were generated for", required=True)
-    _opt(ev, "--reference", "reference video, for the motion metrics [default: none: no motion metrics]")
-    _opt(ev, "--clip", "CLIP model folder or hub id (a hub id is only looked up in the local cache) "
-         "[default: openai/clip-vit-large-patch14]")
-    _opt(ev, "--lpips", "LPIPS AlexNet weights (.safetensors) [default: $CAV_LPIPS, else "
-         "~/.cache/cav/lpips_alex.safetensors]", metavar="FILE")
-    _opt(ev, "--metrics", "comma-separated metric names [default: every metric whose inputs and weights are "
-         "available]", metavar="NAMES")
-    ev.add_argument("--json", action="store_true", help="JSON output")
+    options.add_flags(ev, EvalOptions, defaults=True)
     ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON and markdown output)")
     _choose(bench, "a benchmark", "speed, ablation")
     cmds = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
     bs = cmds.add_parser("speed", help="training/generation step time, memory and FLOPs at full ModelScope size")
-    _opt(bs, "--device", "auto | cpu | cuda | cuda:N", "auto")
-    _opt(bs, "--size", "model size: full (ModelScope's shapes) or tiny (a smoke test)", "full",
-         type=options.arg_type(Literal["full", "tiny"]), metavar="{full,tiny}")
-    bs.add_argument("--json", action="store_true", help="JSON output")
-    bs.add_argument("--quick", action="store_true", help="fewer timed steps (1 warm-up, 2 timed)")
-    bs.add_argument("--only", metavar="CASES", help="comma-separated cases or groups (timing, compile, counts, "
-                    "graph_breaks, flops, wan: the Wan 2.1 1.3B row) [default: every case]")
+    options.add_flags(bs, SpeedOptions, defaults=True)
     bs.set_defaults(func=cmd_bench_speed)
     ba = cmds.add_parser("ablation", help="the paper's Table 1 rows in the toy world, with 95%% bootstrap CIs")
-    _opt(ba, "--recipe", "ablation file: a shipped name or a YAML path", "ablation/toy", metavar="NAME_OR_YAML")
-    ba.add_argument("--quick", action="store_true", help="a CI-sized run: every row, one reference, a few steps")
-    _opt(ba, "--out", "folder for runs, samples and ablation.json|md", "runs/ablation", metavar="DIR")
-    ba.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    options.add_flags(ba, AblationOptions, defaults=True)
     ba.set_defaults(func=cmd_bench_ablation)
 
 
 def cmd_ui(args) -> int:
-    check_runs_folder(args.runs)  # before gradio loads and the server starts
+    from .commands import UiOptions
+
+    opts = options.from_args(UiOptions, args)
+    check_runs_folder(opts.runs)  # before gradio loads and the server starts
     _quiet_libraries()
     from .ui.layout import serve
 
-    return serve(host=args.host, port=args.port, base=args.base, runs=args.runs, auth=args.auth, share=args.share,
-                 password_file=args.password_file, max_upload_mb=args.max_upload_mb)
+    return serve(**dataclasses.asdict(opts))
 
 
 def check_runs_folder(runs) -> None:
@@ -555,18 +473,10 @@ def check_runs_folder(runs) -> None:
 
 
 def _add_ui(sub) -> None:
+    from .commands import UiOptions
+
     ui = sub.add_parser("ui", help="the web app (train, generate, browse runs) on a local address")
-    _opt(ui, "--host", "address to bind (127.0.0.1: this machine only; any other address needs --auth)",
-         "127.0.0.1")
-    _opt(ui, "--port", "port", 7860, type=_positive)
-    _opt(ui, "--base", "base model of new runs", "toy")
-    _opt(ui, "--runs", "folder of the runs the app trains and lists", "runs", metavar="DIR")
-    _opt(ui, "--auth", "ask for a login as USER, with the password from --password-file or $CAV_UI_PASSWORD "
-         "(never on the command line) [default: none: only for --host 127.0.0.1]", metavar="USER")
-    _opt(ui, "--password-file", "file holding the --auth password [default: none: $CAV_UI_PASSWORD]",
-         metavar="FILE")
-    _opt(ui, "--max-upload-mb", "largest upload accepted, in MB", 500, type=_positive, metavar="MB")
-    ui.add_argument("--share", action="store_true", help="also open a public share link (needs --auth)")
+    options.add_flags(ui, UiOptions, defaults=True)
     ui.set_defaults(func=cmd_ui, command="ui")
 
 

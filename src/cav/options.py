@@ -4,7 +4,9 @@ Dataclass fields declared with :func:`option` carry their help, unit and flag in
 a user wrote (YAML scalar, string from a flag) into the field's precise type (``int``, ``float``, ``bool``,
 ``Literal[...]``, ``tuple[int, int]``, ``list[str]``, ``X | None``) or raises ``ValueError`` with a short reason;
 :func:`coerce_fields` applies it to every field of a dataclass and names the key in a :class:`CavError`.
-:func:`add_flags` builds argparse flags from the same fields, with defaults and units in their help.
+:func:`add_flags` builds argparse flags from the same fields, with defaults and units in their help: flags that
+override a recipe (default None, parsed by the dataclass), or with ``defaults=True`` a command's own flags (the
+fields' defaults, parsed as argparse reads them, read back as the dataclass with :func:`from_args`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from .errors import CavError
 _MISSING = dataclasses.MISSING
 
 
-def option(default, help: str, *, unit: str = "", flag: str = "", metavar=None, repeat: bool = False,
-           default_text: str = "", parse=None, key: str = ""):
+REQUIRED = _MISSING  # ``option(REQUIRED, ...)``: no default; the flag must be given (a positional: at least one value)
+
+
+def option(default, help, *, unit: str = "", flag: str = "", metavar=None, repeat: bool = False,
+           default_text="", parse=None, key: str = "", check=None, positional: bool = False):
     """A dataclass field with CLI metadata.
 
     ``unit``: shown after the default in --help. ``flag``: the flag name if not ``--field-name``. ``repeat``: a
@@ -32,14 +37,31 @@ def option(default, help: str, *, unit: str = "", flag: str = "", metavar=None, 
     is when the plain value would mislead (e.g. "the adapter's"). ``parse``: a function that replaces the type's
     parser for a value with a rule of its own (adapter weights), raising CavError with its own message. ``key``: the
     option's flat key (flags' dest, batch manifest columns, recipes of format 1) if not the flag's name with ``_``.
+    ``check``: a function of the parsed value that raises ``ValueError`` with the reason when the value is out of
+    range (:func:`at_least`). ``positional``: an argument without a flag (a ``list`` type takes several values).
+    ``help`` and ``default_text`` may be functions returning the text, called when the flags are built (text that
+    reads files, e.g. the shipped recipes). ``default`` :data:`REQUIRED`: the option must be given.
     """
     meta = {"help": help, "unit": unit, "flag": flag, "metavar": metavar, "repeat": repeat,
-            "default_text": default_text, "parse": parse, "key": key}
+            "default_text": default_text, "parse": parse, "key": key, "check": check, "positional": positional}
+    if default is REQUIRED:  # keyword-only: a required field may follow fields with defaults
+        return field(metadata=meta, kw_only=True)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     if dataclasses.is_dataclass(default):  # a section: each owner gets its own copy
         return field(default_factory=lambda: dataclasses.replace(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def at_least(low: int | float):
+    """A ``check`` for :func:`option`: the value must be ≥ ``low`` ("0 is not a whole number ≥ 1")."""
+
+    def check(value) -> None:
+        if value is not None and value < low:
+            kind = "a whole number" if isinstance(value, int) else "a number"
+            raise ValueError(f"{value} is not {kind} ≥ {low}")
+
+    return check
 
 
 # ------------------------------------------------------------------------------------------- parsing values
@@ -212,15 +234,23 @@ def leaves(cls, path: tuple[str, ...] = ()) -> list[Leaf]:
     return out
 
 
+def parse_value(f: dataclasses.Field, hint, value):
+    """``value`` (as written) parsed for option field ``f`` of type ``hint``: its own ``parse`` or the type's parser,
+    then its ``check``; ``ValueError`` with the reason."""
+    parse = f.metadata.get("parse")
+    result = parse(value) if parse else coerce(hint, value, bool(f.metadata.get("repeat")))
+    if f.metadata.get("check"):
+        f.metadata["check"](result)
+    return result
+
+
 def typed(cls, data: dict) -> dict:
     """``data`` (field → what the user wrote) parsed to the types of dataclass ``cls``; a CavError names the key."""
     types_, fields_ = hints(cls), {f.name: f for f in dataclasses.fields(cls)}
     out = {}
     for name, value in data.items():
-        parse = fields_[name].metadata.get("parse")
         try:
-            repeat = bool(fields_[name].metadata.get("repeat"))
-            out[name] = parse(value) if parse else coerce(types_[name], value, repeat)
+            out[name] = parse_value(fields_[name], types_[name], value)
         except ValueError as exc:
             raise CavError(f"{key_name(fields_[name])} ({flag_name(fields_[name])}): {exc}") from None
     return out
@@ -233,9 +263,8 @@ def typed_keys(cls, data: dict) -> dict:
     out = {}
     for key, value in data.items():
         leaf = by_key[key]
-        parse = leaf.field.metadata.get("parse")
         try:
-            out[key] = parse(value) if parse else coerce(leaf.hint, value, bool(leaf.field.metadata.get("repeat")))
+            out[key] = parse_value(leaf.field, leaf.hint, value)
         except ValueError as exc:
             raise CavError(f"{key} ({flag_name(leaf.field)}): {exc}") from None
     return out
@@ -252,15 +281,22 @@ def coerce_fields(obj) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ flags
+def _text(value) -> str:
+    """A help text or default text: a string, or a function returning one (called when the flags are built)."""
+    return value() if callable(value) else value
+
+
+def field_default(f: dataclasses.Field):
+    """The field's default value (``REQUIRED`` if it has none)."""
+    return f.default_factory() if f.default_factory is not _MISSING else f.default
+
+
 def default_text(f: dataclasses.Field) -> str:
     """The default as --help shows it, with its unit."""
     if f.metadata.get("default_text"):
-        return f.metadata["default_text"]
-    if f.default is not _MISSING:
-        value = f.default
-    elif f.default_factory is not _MISSING:
-        value = f.default_factory()
-    else:
+        return _text(f.metadata["default_text"])
+    value = field_default(f)
+    if value is _MISSING:
         return ""
     if isinstance(value, bool):
         text = "on" if value else "off"
@@ -274,20 +310,59 @@ def default_text(f: dataclasses.Field) -> str:
     return f"{text} {unit}" if unit and text != "none" else text
 
 
-def help_text(f: dataclasses.Field, hint, before_default: str = "") -> str:
+def help_text(f: dataclasses.Field, hint, before_default: str = "", show_default: bool = True) -> str:
     """Field help + default (after ``before_default``, e.g. "the adapter's, else "), ``%`` escaped for argparse."""
-    text = f.metadata.get("help", "")  # a Literal's choices are in the metavar
-    default = default_text(f)
+    text = _text(f.metadata.get("help", ""))  # a Literal's choices are in the metavar
+    default = default_text(f) if show_default else ""
     if default:
         text += f" [default: {before_default}{default}]"
     return text.replace("%", "%%")
 
 
+def _flag_type(f: dataclasses.Field, hint):
+    """An argparse ``type=`` that parses a value as the field does (its parser and check)."""
+
+    def parse(text: str):
+        try:
+            return parse_value(f, hint, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    _, inner = _is_optional(hint)
+    parse.__name__ = getattr(inner, "__name__", "value")
+    return parse
+
+
+def _own_flag(f: dataclasses.Field, hint, inner, origin) -> dict:
+    """argparse arguments of a command's own option (``add_flags(defaults=True)``): the field's default, its value
+    parsed when argparse reads it. A switch that is off by default is a plain switch (no --no-X, no default in the
+    help); one that is on by default also has --no-X. A plain ``str`` needs no parsing; argparse's metavar unless
+    the field names one."""
+    default = field_default(f)
+    kw: dict = {}
+    if inner is bool:
+        kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        if default:
+            kw["default"] = default
+    elif origin is list:
+        kw["action"] = "append"
+    elif inner is not str or f.metadata.get("parse") or f.metadata.get("check"):
+        kw["type"] = _flag_type(f, hint)
+    if default is _MISSING:
+        kw["required"] = True
+    elif "action" not in kw or kw["action"] == "append":
+        kw["default"] = default
+    kw["help"] = help_text(f, hint, show_default=kw.get("action") != "store_true")
+    return kw
+
+
 def add_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),
-              before_default: dict | None = None) -> None:
+              before_default: dict | None = None, defaults: bool = False) -> None:
     """One flag per option of dataclass ``cls`` (a section's options as one group; dest = the flat key). Flags
     default to None (only given flags override a recipe) and keep the text the user typed: the dataclass parses and
-    checks it, so a flag and a recipe key follow one rule."""
+    checks it, so a flag and a recipe key follow one rule. With ``defaults`` (a command's own options, read back
+    with :func:`from_args`) flags hold the fields' defaults and are parsed and checked as argparse reads them.
+    A ``positional`` option is an argument (a list: several values, at least one if it is required)."""
     sections = {f.name: f for f in dataclasses.fields(cls)}
     groups: dict = {}
     for leaf in leaves(cls):
@@ -303,19 +378,28 @@ def add_flags(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (
             target = groups[name]
         _, inner = _is_optional(hint)
         origin = typing.get_origin(inner)
-        before = (before_default or {}).get(leaf.key, "")
-        kw: dict = {"dest": leaf.key, "default": None, "help": help_text(f, hint, before)}
-        if inner is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif origin is list:
-            kw["action"] = "append"
-        elif origin is tuple and not f.metadata.get("repeat"):
-            kw["nargs"] = len(typing.get_args(inner))
+        if f.metadata.get("positional"):
+            kw = {"help": help_text(f, hint, show_default=False)}
+            if origin is list:
+                kw["nargs"] = "+" if field_default(f) is _MISSING else "*"
+            target.add_argument(leaf.key, **kw)
+            continue
+        if defaults:
+            kw = {"dest": leaf.key, **_own_flag(f, hint, inner, origin)}
+        else:
+            before = (before_default or {}).get(leaf.key, "")
+            kw = {"dest": leaf.key, "default": None, "help": help_text(f, hint, before)}
+            if inner is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            elif origin is list:
+                kw["action"] = "append"
+            elif origin is tuple and not f.metadata.get("repeat"):
+                kw["nargs"] = len(typing.get_args(inner))
         if f.metadata.get("metavar"):
             kw["metavar"] = f.metadata["metavar"]
         elif origin is Literal:
             kw["metavar"] = "{" + ",".join(typing.get_args(inner)) + "}"
-        elif "action" not in kw or kw["action"] == "append":
+        elif not defaults and ("action" not in kw or kw["action"] == "append"):
             kw["metavar"] = {int: "N", float: "X"}.get(inner, "TEXT")
         target.add_argument(flag_name(f), **kw)
 
@@ -325,14 +409,7 @@ def given(args: argparse.Namespace, cls) -> dict:
     return {leaf.key: getattr(args, leaf.key) for leaf in leaves(cls) if getattr(args, leaf.key, None) is not None}
 
 
-def arg_type(hint, what: str = ""):
-    """An argparse ``type=`` for a plain flag (not from a dataclass), with the same parsing as recipe values."""
-
-    def parse(text: str):
-        try:
-            return coerce(hint, text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parse.__name__ = what or getattr(hint, "__name__", "value")
-    return parse
+def from_args(cls, args: argparse.Namespace):
+    """The dataclass ``cls`` of a command's own options (flags added with ``add_flags(defaults=True)``) from the
+    parsed arguments."""
+    return cls(**{f.name: getattr(args, key_name(f)) for f in own_fields(cls)})

@@ -10,15 +10,38 @@ must work with. Both draw the same prompts and seeds and are scored by the same 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from .. import backbone
 from ..data import toyworld as tw
 from ..metrics import toy as tm
+from ..options import at_least, option
 from ..sampling import sample_videos
 
 TOY_FRAMES, TOY_SIZE, TOY_GUIDANCE, TOY_STEPS = 8, 32, 6.0, 25
+
+
+def _base_help() -> str:
+    from .wan_base import TOY_WAN
+
+    return f"base model to check: toy, {TOY_WAN} (sampled by the stock WanPipeline) or a folder of either"
+
+
+@dataclass
+class CheckBaseOptions:
+    """`cav toy check-base` (its flags are built from these fields; defaults: this module's)."""
+
+    base: str = option("toy", _base_help)
+    videos: int = option(64, "seen-motion videos to generate and score", unit="videos", check=at_least(1))
+    heldout: int = option(24, "held-out-motion videos (the base must not make these motions)", unit="videos",
+                          check=at_least(1))
+    steps: int = option(TOY_STEPS, "denoising steps per video", unit="steps", check=at_least(1))
+    seed: int = option(0, "seed of the prompts drawn and of the videos' noise")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    json: bool = option(False, "JSON output")
+    quiet: bool = option(False, "no progress bar")
 WAN_FRAMES = 9  # Wan's VAE takes 4k+1 frames (the toy Wan's temporal compression is 4)
 
 
