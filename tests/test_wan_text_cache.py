@@ -160,3 +160,24 @@ def test_cached_encodings_are_the_pipeline_s_own(wan_model, dtype):
     assert torch.equal(bb.condition.unconditional(bb), fresh[""])
     with pytest.raises(Exception, match="not encoded at the start of the run"):
         bb.encode_prompt("a text nobody encoded")
+
+
+def test_several_clips_encode_each_spatial_prompt_once(tiny_video, blue_video, wan_model, tmp_path, monkeypatch):
+    """Two clips, each with its own spatial prompt: the run's texts are both spatial prompts, the prompt and the
+    empty prompt, each encoded once before training, and the run equals the old path bit for bit."""
+    argv = ["train", str(tiny_video), str(blue_video), "--prompt", PROMPT, "--base", str(wan_model), *TRAIN[:15],
+            "--spatial-prompt", SPATIAL, "--spatial-prompt", "a blue square", "--absorbers", "s-lora"]
+    cfg = build_config(build_parser("train").parse_args([*argv, "--out", str(tmp_path / "x")]))
+    assert sorted(textcache.run_texts(cfg, 2)) == sorted([PROMPT, SPATIAL, "a blue square", ""])
+    with monkeypatch.context() as m:
+        m.setattr(UmT5Condition, "encode_once", False)
+        old = Passes(m)
+        assert main([*argv, "--out", str(tmp_path / "old")]) == 0
+    new = Passes(monkeypatch)
+    assert main([*argv, "--out", str(tmp_path / "new")]) == 0
+    assert (new.count, new.late) == (4, 0) and old.late > 0
+    (fa, sa), (fb, sb) = _outputs(tmp_path / "old"), _outputs(tmp_path / "new")
+    assert fa.keys() == fb.keys() and sa.keys() == sb.keys() and sa
+    assert all(torch.equal(fa[n][k], fb[n][k]) for n in fa for k in fa[n])
+    assert all(np.array_equal(sa[n], sb[n]) for n in sa)
+    _same_conditions(old, new)
