@@ -25,7 +25,8 @@ OTHER = "a square sliding"
 TRAIN = ["--frames", str(WAN.tiny.frames), "--size", str(WAN.tiny.size), "--steps", "2", "--absorber-steps", "2",
          "--sample-steps", "2", "--absorber-batch", "2", "--checkpoint-every", "1", "--quiet",
          "--spatial-prompt", SPATIAL, "--validation-prompt", PROMPT, "--validation-prompt", OTHER,
-         "--t-lora-prompt-dropout", "0.5", "--validation-invert", "--validation-inversion-steps", "2", "--absorbers", "both"]
+         "--t-lora-prompt-dropout", "0.5", "--validation-invert", "--validation-inversion-steps", "2",
+         "--absorbers", "both"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def _argv(video, base, out, *extra):
 
 def _outputs(run_dir):
     files = {str(p.relative_to(run_dir)): load_file(str(p)) for p in sorted(run_dir.rglob("*.safetensors"))}
-    samples = {str(p.relative_to(run_dir)): np.load(p, allow_pickle=False) for p in sorted(run_dir.rglob("sample-*.npy"))}
+    samples = {str(p.relative_to(run_dir)): np.load(p, allow_pickle=False)
+               for p in sorted(run_dir.rglob("sample-*.npy"))}
     return files, samples
 
 

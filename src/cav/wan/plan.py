@@ -156,8 +156,8 @@ def run_memory(cfg, read) -> dict:
                   experts=cfg.motion.experts or None,
                   absorbers=cfg.absorbers.kind,
                   prompt_vectors=cfg.absorbers.ti_tokens, absorbers_given=cfg.absorbers.given, dtype=dtype, device=device,
-                  checkpointing=checkpointing, offload_frozen=cfg.system.offload_frozen, absorber_batch=cfg.absorbers.batch,
-                  texts=len(run_texts(cfg, max(1, len(cfg.spatial_prompt)))))
+                  checkpointing=checkpointing, offload_frozen=cfg.system.offload_frozen,
+                  absorber_batch=cfg.absorbers.batch, texts=len(run_texts(cfg, max(1, len(cfg.spatial_prompt)))))
     return {**out["memory"], "device": device, "dtype": dtype, "checkpointing": checkpointing,
             **({"warning": out["warning"]} if "warning" in out else {})}
 
