@@ -500,6 +500,9 @@ class Backbone:
     # for the backbone's life) and their shared ledger (``wan.offload.Residency``); empty / None: no swap
     swaps: dict = field(default_factory=dict, repr=False, compare=False)
     residency: object = field(default=None, repr=False, compare=False)
+    # a training run of a condition that encodes once (``textcache``: Wan's umT5): every text of the run, encoded at
+    # its start; the text encoder is then released (None). None: the encoder encodes each call (generate, UNet3D)
+    text_cache: object = field(default=None, repr=False, compare=False)
 
     @property
     def condition(self):
@@ -508,7 +511,8 @@ class Backbone:
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [getattr(self, part.encoder) for part in self.condition.parts]
+        """The text encoders still loaded (none once a ``text_cache`` released them)."""
+        return [m for m in (getattr(self, part.encoder) for part in self.condition.parts) if m is not None]
 
     def text_parts(self) -> list[tuple[str | None, object, torch.nn.Module]]:
         """(textual-inversion file key, tokenizer, text encoder) of each text encoder: where TI tokens go."""
@@ -528,20 +532,30 @@ class Backbone:
         return self.family.latents
 
     def encode_prompt(self, prompt: str, grad: bool = False) -> torch.Tensor:
-        """The text condition (1, L, D) of ``prompt`` as the base's family builds it (``conditioning``)."""
+        """The text condition (1, L, D) of ``prompt`` as the base's family builds it (``conditioning``); from the
+        run's ``text_cache`` when it has one."""
+        if self.text_cache is not None and not grad:
+            return self.text_cache.get(prompt)
         return self.condition.encode(self, [prompt], grad)
+
+    def pipeline_condition(self, pipe, prompts: list[str], device, guidance: bool, negatives) -> tuple:
+        """(condition, unconditional or None) exactly as the family's pipeline encodes them: the pipeline's own
+        encoding, or the run's ``text_cache`` (the same tensors, encoded at the run's start)."""
+        if self.text_cache is not None:
+            return self.text_cache.pipeline(prompts, device, guidance, negatives)
+        return self.condition.pipeline_encode(pipe, prompts, device, guidance, negatives)
 
     def sampling_condition(self, pipe, prompts: list[str], device, guidance: bool, negatives) -> tuple:
         """(condition, unconditional or None) as the pipeline encodes them, with ``condition_edits`` applied."""
-        cond, uncond = self.condition.pipeline_encode(pipe, prompts, device, guidance, negatives)
+        cond, uncond = self.pipeline_condition(pipe, prompts, device, guidance, negatives)
         for edit in self.condition_edits:
             cond = edit(cond, prompts)
         return cond, uncond
 
     def prompt_inputs(self, pipe, prompts: list[str], guidance: float, negatives) -> dict:
         """The prompt arguments of a pipeline call: the texts (the pipeline encodes them), or with
-        ``condition_edits`` the edited encodings (``prompt_embeds``)."""
-        if not self.condition_edits:
+        ``condition_edits`` or a ``text_cache`` the encodings (``prompt_embeds``, ``negative_prompt_embeds``)."""
+        if not self.condition_edits and self.text_cache is None:
             return {"prompt": list(prompts), "negative_prompt": negatives}
         cond, uncond = self.sampling_condition(pipe, list(prompts), self.device, guidance > 1.0, negatives)
         return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}

@@ -34,8 +34,9 @@ class _Parser(argparse.ArgumentParser):
 def _memory_line(memory: dict) -> str:
     """The dry run's memory estimate in one line (the family's ``memory``: Wan)."""
     gib = memory["gib"]
-    return (f"memory (estimate): peak {gib['peak']} GiB on {memory['device']} in {memory['dtype']} — stage 1 (load, "
-            f"text encoding, absorbers) {gib['stage_1']} GiB, stage 2 (T-LoRA steps) {gib['stage_2']} GiB, "
+    return (f"memory (estimate): peak {gib['peak']} GiB on {memory['device']} in {memory['dtype']} — load + text "
+            f"encoding (umT5 once per text, then released) {gib['text_encoding']} GiB, stage 1 (absorbers) "
+            f"{gib['stage_1']} GiB, stage 2 (T-LoRA steps) {gib['stage_2']} GiB, "
             f"checkpoints (validation samples) {gib['checkpoints']} GiB; checkpointing "
             f"{'on' if memory['checkpointing'] else 'off'}, offload-frozen {'on' if memory['offload_frozen'] else 'off'}"
             f"; not counted: {memory['not_counted']}")

@@ -50,6 +50,7 @@ class ClipCondition:
     name = "clip"
     parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModel"),)
     packed = False  # the condition tensor is exactly encoder_hidden_states
+    encode_once = False  # the encoder stays loaded: TI trains token rows through it (``cav.textcache``: Wan only)
     textual_inversion = True  # new token rows in the encoder's embedding (``adapters.textual_inversion``)
     ti = TokenRows()  # the --absorbers ti absorber: those rows
 
@@ -79,6 +80,7 @@ class SdxlCondition:
     parts = (TextPart("tokenizer", "text_encoder", "CLIPTextModel", "clip_l"),
              TextPart("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection", "clip_g"))
     packed = True
+    encode_once = False
     textual_inversion = True
     ti = TokenRows()
     TIME_IDS = 6  # original (h, w), crop corner (top, left), target (h, w)
@@ -127,6 +129,7 @@ class UmT5Condition:
     name = "umt5"
     parts = (TextPart("tokenizer", "text_encoder", "UMT5EncoderModel", tokenizer_class="AutoTokenizer"),)
     packed = False
+    encode_once = True  # a training run encodes its texts at its start and releases umT5 (``cav.textcache``)
     textual_inversion = False  # no token rows: umT5 is too costly to backpropagate through
     ti = OutputVectors()  # the --absorbers ti absorber: learned vectors in its output (``cav.wan.prompt_vectors``)
     LENGTH = 512  # WanPipeline's default max_sequence_length
@@ -153,7 +156,7 @@ class UmT5Condition:
 
     def unconditional(self, bb) -> torch.Tensor:
         """The empty prompt's encoding: ``WanPipeline`` guides against ``""`` when no negative prompt is given."""
-        return self.encode(bb, [""])
+        return bb.encode_prompt("")  # = self.encode(bb, [""]), from the run's text cache when it has one
 
     def unpack(self, unet_config, sample: torch.Tensor, cond: torch.Tensor, vae_factor: int):
         return cond, None

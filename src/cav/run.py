@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import accel, generation, lean, runfolder
+from . import accel, generation, lean, runfolder, textcache
 from . import backbone as backbone_mod
 from . import resume as resume_mod
 from .config import TrainConfig
@@ -203,6 +203,10 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator("cpu").manual_seed(cfg.seed)
         self.bb = bb = _load_backbone(cfg, self.swap_on_cpu)
+        if bb.condition.encode_once:  # every text of the run encoded now, once; the text encoder released
+            bb.text_cache = textcache.TextCache(bb)
+            bb.text_cache.encode(textcache.run_texts(cfg, len(frames_u8)))
+            bb.text_cache.release()
         runfolder.start(self.out, cfg, self.point)
         runfolder.record_clip(self.out, data)
         val = cfg.validation.sample_config(run=self.out.absolute())
@@ -212,8 +216,10 @@ class Run:
             self.execute(stage_plan(bb, cfg, self.out, [to_tensor(f) for f in frames_u8], starts))
         finally:
             self.log.close()
-        swapped = {"block_swap": {"device": str(bb.device), **bb.residency.record()}} if bb.residency else {}
-        runfolder.finalize(self.out, frames_u8[0], self.clock, swapped)
+        extra = {"block_swap": {"device": str(bb.device), **bb.residency.record()}} if bb.residency else {}
+        if bb.text_cache is not None:
+            extra["text_encoder"] = bb.text_cache.record()
+        runfolder.finalize(self.out, frames_u8[0], self.clock, extra)
 
     def execute(self, plan: list[PlannedStage]) -> None:
         """Each entry of ``plan`` in order: build it, then skip, restore and train, or train; publish what trained."""

@@ -302,7 +302,8 @@ def validation_samples(bb, cfg: TrainConfig, out: Path, starts: generation.Start
 # ------------------------------------------------------------------------------------------------ at the end
 def finalize(out: Path, reference: np.ndarray, clock: Clock, extra: dict | None = None) -> None:
     """Publish the last checkpoint as the run's T-LoRA and samples, plus a contact sheet and ``summary.json``
-    (with ``extra``'s fields: a block-swapped run's ``block_swap`` ledger of this session, ``run.Run.train``)."""
+    (with ``extra``'s fields: a block-swapped run's ``block_swap`` ledger of this session, a Wan run's ``text_encoder``
+    record (``textcache.TextCache.record``), ``run.Run.train``)."""
     from .data.video import write_contact_sheet
 
     out = Path(out)

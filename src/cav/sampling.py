@@ -167,7 +167,7 @@ def ddim_invert(bb: Backbone, latents: torch.Tensor, steps: int, upto: int | Non
     inverse.set_timesteps(steps, device=bb.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        empty, _ = bb.condition.pipeline_encode(pipe, [""] * latents.shape[0], bb.device, False, None)
+        empty, _ = bb.pipeline_condition(pipe, [""] * latents.shape[0], bb.device, False, None)
     x = latents.to(bb.device, bb.dtype)
     for t in inverse.timesteps[:upto]:
         pred = bb.denoiser_at(t)(x, bb.family.objective.model_timestep(t, x.shape[0]), encoder_hidden_states=empty,

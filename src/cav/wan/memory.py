@@ -11,9 +11,9 @@ Parts (bytes; ``estimate`` returns each and the peak):
 - ``lora``: each trainable parameter in fp32 with its gradient and AdamW's two states (4 × 4 bytes).
 - ``vae``: the VAE's weights in the compute dtype (kept for validation decodes; its encode of the clip runs once
   before training and its activations are not modelled here).
-- ``text_encoder``: umT5 runs once per prompt before training and its outputs are cached (``embeddings``), so it
-  is not in a step's parts (``train_peak``); it is not freed, though: it sits on the device through stage 1 and the
-  validation samples (and stage 2 without ``--offload-frozen``), which the run's phases count (``run_phases``).
+- ``text_encoder``: umT5 runs once per text at the start of the run, its outputs are cached (``embeddings``: one
+  (512, D) row block per text, ``prompts``) and it is released (``cav.textcache``), so it is in no step's parts
+  (``train_peak``) and in one phase only, the first (``run_phases``: ``text_encoding``).
 - ``activations``: what autograd saves for one forward + backward, from a model *measured* on real forward +
   backward passes (``measure_activations``: bytes of the distinct non-parameter tensors saved, through
   ``torch.autograd.graph.saved_tensors_hooks``, in the step's mixed precision: bf16 weights, fp32 LoRA, bf16
@@ -131,9 +131,10 @@ def estimate(transformer_config: dict, vae_config: dict, text_encoder_config: di
     if offload_frozen:  # every expert's non-block parts, and two blocks of the one expert a step runs
         blocks = [sum(p.numel() * (4 if _kept_fp32(f"blocks.{i}.{n}", transformer) else nbytes)
                       for n, p in b.named_parameters()) for i, b in enumerate(transformer.blocks)]
-        weights = n_experts * (per_expert - sum(blocks)) + 2 * max(blocks)
+        resident = n_experts * (per_expert - sum(blocks))  # at load: no block has come in yet
+        weights = resident + 2 * max(blocks)
     else:
-        weights = n_experts * per_expert
+        weights = resident = n_experts * per_expert
     n_tok = tokens(transformer_config, vae_config, frames, height, width)
 
     def stage(trainable: int, n_tokens: int, texts: int) -> dict:
@@ -154,7 +155,7 @@ def estimate(transformer_config: dict, vae_config: dict, text_encoder_config: di
     phases = run_phases(parts, text_encoder=_params(encoder) * nbytes,
                         absorbers=extra["absorber_stage"]["bytes"] if absorber_batch else None,
                         offload_frozen=offload_frozen, merged=merged_params * nbytes,
-                        sample_merged=sample_merged_params * nbytes)
+                        sample_merged=sample_merged_params * nbytes, load_weights=resident)
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak = max(totals.values())
     return {"tokens": n_tok, "dtype": dtype, "checkpointing": checkpointing, "offload_frozen": offload_frozen,
@@ -166,40 +167,45 @@ def estimate(transformer_config: dict, vae_config: dict, text_encoder_config: di
             "not_counted": "CUDA context and fragmentation (~1-2 GB), VAE encode/decode and sampling activations"}
 
 
-PHASES = ("stage_1", "stage_2", "checkpoints")
+PHASES = ("text_encoding", "stage_1", "stage_2", "checkpoints")
 
 
 def run_phases(parts: dict, *, text_encoder: int, absorbers: dict | None, offload_frozen: bool, merged: int,
-               sample_merged: int) -> dict:
+               sample_merged: int, load_weights: int | None = None) -> dict:
     """What is on the device in each phase a run goes through (bytes by part), as ``cav.run`` places it:
 
-    - ``stage_1``: load, prompt encoding and the absorber steps. ``backbone.load`` puts the VAE and umT5 on the
-      device and they stay there through stage 1; the denoiser's weights are all there, or with block swap its
-      non-block parts and two blocks (``weights``). The absorbers' LoRA state and image-mode activations (none when
-      there is no absorber stage: then the phase is the load and the encoding).
-    - ``stage_2``: the T-LoRA steps. ``--offload-frozen`` moves the VAE and umT5 to the CPU once the clip and prompts
-      are encoded (``stages.t_lora_stage``); without it they stay. The frozen S-LoRA is folded into the base weights
+    - ``text_encoding``: the load and the run's one encoding of each of its texts (``cav.textcache``: the prompt,
+      the spatial prompt, ``""``, the validation prompts; ``embeddings``). ``backbone.load`` puts the VAE and umT5 on
+      the device; the denoiser's weights are all there, or with block swap only its non-block parts
+      (``load_weights``: no block has come in yet). Then umT5 is released, for the rest of the run.
+    - ``stage_1``: the absorber steps: the VAE on the device, no umT5; the denoiser's weights (with block swap its
+      non-block parts and two blocks, ``weights``), the absorbers' LoRA state and image-mode activations (none when
+      there is no absorber stage: then the phase is the weights, the VAE and the cached encodings).
+    - ``stage_2``: the T-LoRA steps. ``--offload-frozen`` moves the VAE to the CPU once the clip is encoded
+      (``stages.t_lora_stage``); without it it stays. The frozen S-LoRA is folded into the base weights
       (``lean.FrozenMerge``), which keeps a copy of every base weight it folds into (``merged``): on the device,
       or with block swap on the CPU beside the blocks' home copies.
     - ``checkpoints``: the T-LoRA's checkpoints. The S-LoRA is unfolded, the adapters saved, and validation samples
-      drawn: VAE and umT5 back on the device (``accel.on_device``), the T-LoRA's state still allocated, the T-LoRA
-      folded for sampling (``sample_merged``, a copy of the base weights it adapts: on the device, or with block swap
-      on the CPU). The sampling forward's own activations (no gradients) are not counted.
+      drawn from the cached encodings: the VAE back on the device (``accel.on_device``), the T-LoRA's state still
+      allocated, the T-LoRA folded for sampling (``sample_merged``, a copy of the base weights it adapts: on the
+      device, or with block swap on the CPU). The sampling forward's own activations (no gradients) are not counted.
 
     With block swap nothing puts every block on the device in any phase (``wan.offload``: the swap is attached at
     load for the whole run and changes frozen weights block by block)."""
     weights, embeddings = parts["weights"], parts["embeddings"]
     kept = lambda n: 0 if offload_frozen else n  # noqa: E731 - FrozenMerge's copies: on the CPU with the swap
-    first = {"weights": weights, "vae": parts["vae"], "text_encoder": text_encoder, "embeddings": embeddings}
+    encoding = {"weights": weights if load_weights is None else load_weights, "vae": parts["vae"],
+                "text_encoder": text_encoder, "embeddings": embeddings}
+    first = {"weights": weights, "vae": parts["vae"], "embeddings": embeddings}
     if absorbers is not None:
         first.update(lora=absorbers["lora"], activations=absorbers["activations"])
     second = {"weights": weights, "lora": parts["lora"], "embeddings": embeddings,
               "activations": parts["activations"], "merged_copies": kept(merged)}
     if not offload_frozen:
-        second.update(vae=parts["vae"], text_encoder=text_encoder)
+        second.update(vae=parts["vae"])
     third = {"weights": weights, "lora": parts["lora"], "embeddings": embeddings, "vae": parts["vae"],
-             "text_encoder": text_encoder, "merged_copies": kept(sample_merged)}
-    return dict(zip(PHASES, (first, second, third)))
+             "merged_copies": kept(sample_merged)}
+    return dict(zip(PHASES, (encoding, first, second, third)))
 
 
 # ------------------------------------------------------------------------------------------- the measurement

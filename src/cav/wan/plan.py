@@ -101,11 +101,12 @@ def placement_table(transformer_config: dict, prompt_vectors: int = 4) -> dict:
 def dry_run(read, *, frames: int, height: int, width: int, placement: str = "cav", experts: str | None = None,
             absorbers: str = "both", prompt_vectors: int = 4, absorbers_given: bool = False, dtype: str = "bf16",
             device: str = "cuda", checkpointing: bool = True, offload_frozen: bool = False,
-            lora_files: tuple = (), base: str | None = None, absorber_batch: int = 4) -> dict:
+            lora_files: tuple = (), base: str | None = None, absorber_batch: int = 4, texts: int = 1) -> dict:
     """The Wan part of ``api.plan`` for one base: every weightless check (``checks.check_run``), the stages with
     their counts and the memory estimate. ``read(name)`` returns a JSON file of the base (``model_index.json``,
     ``transformer/config.json``, ``vae/config.json``, ``text_encoder/config.json``), e.g. ``backbone._read_json``
-    bound to the resolved base, which finds the shipped files of the published hub ids offline."""
+    bound to the resolved base, which finds the shipped files of the published hub ids offline. ``texts``: how many
+    texts the run encodes and keeps (``cav.textcache.run_texts``)."""
     from . import checks, memory
 
     n_experts = checks.experts_of(read("model_index.json"))
@@ -125,7 +126,7 @@ def dry_run(read, *, frames: int, height: int, width: int, placement: str = "cav
     s_lora = any(r["name"] == S_LORA for r in rows) or (absorbers_given and absorbers in ("s-lora", "both"))
     mem = memory.estimate(transformer, vae, encoder, frames=frames, height=height, width=width,
                           trainable_params=motion, n_experts=n_experts, dtype=dtype, checkpointing=checkpointing,
-                          offload_frozen=swap, absorber_trainable_params=absorber,
+                          offload_frozen=swap, absorber_trainable_params=absorber, prompts=texts,
                           absorber_batch=absorber_batch if absorber else 0,
                           merged_params=trained * base[S_LORA] if s_lora else 0,
                           sample_merged_params=trained * base[T_LORA])
@@ -144,6 +145,8 @@ def run_memory(cfg, read) -> dict:
     checkpointing choice. Every weightless check of ``dry_run`` runs too. ``--offload-frozen`` is block swap on
     Wan (``Family.block_swap``, ``run._load_backbone``), so it is counted when the run asks for it on a GPU; on a CPU
     the run swaps nothing and the estimate says so (``offload_plan``'s warning)."""
+    from ..textcache import run_texts
+
     device = "cuda" if cfg.system.device == "auto" else cfg.system.device
     on_gpu = device.startswith("cuda")
     dtype = {"auto": "bf16" if on_gpu else "fp32", "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[cfg.system.dtype]
@@ -153,7 +156,8 @@ def run_memory(cfg, read) -> dict:
                   experts=cfg.motion.experts or None,
                   absorbers=cfg.absorbers.kind,
                   prompt_vectors=cfg.absorbers.ti_tokens, absorbers_given=cfg.absorbers.given, dtype=dtype, device=device,
-                  checkpointing=checkpointing, offload_frozen=cfg.system.offload_frozen, absorber_batch=cfg.absorbers.batch)
+                  checkpointing=checkpointing, offload_frozen=cfg.system.offload_frozen,
+                  absorber_batch=cfg.absorbers.batch, texts=len(run_texts(cfg, max(1, len(cfg.spatial_prompt)))))
     return {**out["memory"], "device": device, "dtype": dtype, "checkpointing": checkpointing,
             **({"warning": out["warning"]} if "warning" in out else {})}
 

@@ -181,6 +181,10 @@ def prompt_vector_params(count: int, text_dim: int) -> int:
 
 
 def _width(bb) -> int:
+    """umT5's width: its config's, or once a training run released it (``cav.textcache``) the transformer's
+    ``text_dim`` (the width its condition embedder reads, so the same number)."""
+    if bb.text_encoder is None:
+        return int(bb.unet.config.text_dim)
     return int(bb.text_encoder.config.d_model)
 
 
