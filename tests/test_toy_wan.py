@@ -218,6 +218,20 @@ def test_latent_std_floor():
     assert torch.equal(latent_std_floor(kept), kept)
 
 
+def test_latent_stats_floors_a_constant_channel():
+    from cav.toy.wan_base import build_components, latent_stats, training_specs
+
+    vae = build_components(SPEC)["vae"].eval()
+    with torch.no_grad():  # mean channel 1 constant: its encoder row and bias 0, and quant_conv's row 1 too
+        vae.encoder.conv_out.weight[1] = 0
+        vae.encoder.conv_out.bias[1] = 0
+        vae.quant_conv.weight[1] = 0
+        vae.quant_conv.bias[1] = 0.3
+    mean, std = latent_stats(vae, training_specs(RECIPE), RECIPE, clips=3)
+    assert mean[1] == pytest.approx(0.3) and std[1] == pytest.approx(0.01 * max(std))
+    assert all(s > 0.01 * max(std) for k, s in enumerate(std) if k != 1)
+
+
 def test_cli_refuses_a_vae_init_it_cannot_grow_in_one_line(tmp_path, capsys):
     import re
 
