@@ -248,7 +248,8 @@ def test_cli_refuses_a_vae_init_it_cannot_grow_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1, err
         assert re.match(r"^cav: error: --vae-init .*small: its VAE has other sizes than this run's \(\d+ tensors "
-                        r"differ, e\.g\. .*\): pass the sizes it was trained with \(its \.train_state/run\.json\)$", err)
+                        r"differ, e\.g\. .*\): pass the sizes it was trained with \(its \.train_state/run\.json\)$",
+                        err)
         assert not out.exists()
 
 
