@@ -267,11 +267,11 @@ def expand_latent_channels(tensors: dict, z_old: int, z_new: int) -> dict:
     channel through unchanged (identity) and mix old and new with zeros; ``decoder.conv_in`` reads the new channels
     through zero columns. So the posterior mode of the old channels and every decoded pixel are those of the small VAE.
     The new logvar rows are constant, ``NEW_CHANNEL_LOGVAR`` (-6, std 0.05): the old channels' noise level (run 3's
-    VAE: logvar -3.8 to -7.6, mean -5.9, on 16 training clips). Logvar 0 would make the KL exactly 0, but the trainer
-    weighs the KL 1e-6 (a new channel at -6 costs ~2.5 nats an element, ~1e-3 of a loss near 0.1) while unit noise
-    would bury whatever the encoder writes there under noise 20× the old channels', a bias that AdamW moves by at most
-    the learning rate a step (~0.3 over a cosine fine-tune of 1,200 steps from 5e-4). The decoder's zero columns
-    get their first gradient from that noise and the mean rows theirs from those columns."""
+    VAE: mean logvar -5.96 on 16 training clips). Logvar 0 would make the KL exactly 0; at -6 a new channel costs
+    ~2.5 nats an element, which the trainer's KL weight (1e-6) makes ~1e-3 of a clip's loss, while logvar 0 would put
+    noise 20× the old channels' on whatever the encoder learns to write there. Measured in the model card (run 4):
+    fine-tuning from this start did not put the new channels to use (the decoder's columns for them stay small and
+    their logvar drifts up towards 0)."""
     grown = dict(tensors)
     old = torch.cat([torch.arange(z_old), z_new + torch.arange(z_old)])  # old [mean, logvar] rows in the new layout
     added = torch.cat([torch.arange(z_old, z_new), z_new + torch.arange(z_old, z_new)])
