@@ -3,6 +3,7 @@ reconstruction error of held-out toy clips, and the transformer's tokens per cli
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/toywan_measure.py [SECONDS_PER_VAE] > numbers.json
     OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/toywan_measure.py frames   # what the stock pipeline returns
+    OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/toywan_measure.py zdim [ROUNDS]  # a transformer step, z 16 vs 32
 """
 
 import json
@@ -81,9 +82,25 @@ def stock_frames() -> dict:
     return {"asked_frames": 9, "returned_frames": got}
 
 
+def zdim_cost(rounds: int) -> dict:
+    """The transformer's video training step at 16 and 32 latent channels (run 3's and run 4's VAE), timed in turns
+    (so a change in the machine's load hits both), the fastest of ``rounds`` each."""
+    recipe, comps = WanRecipe(), {z: build_components(ToyWanSpec(z_dim=z)) for z in (16, 32)}
+    best = {z: [] for z in comps}
+    for _ in range(rounds):
+        for z, c in comps.items():
+            best[z].append(transformer_cost(c, (z, 3, 8, 8), recipe, reps=1)["transformer_step_seconds"])
+    return {"rounds": rounds, "batch": recipe.batch, "threads": torch.get_num_threads(),
+            "transformer_step_seconds": {f"z{z}": min(t) for z, t in best.items()},
+            "all": {f"z{z}": t for z, t in best.items()}}
+
+
 def main() -> None:
     if sys.argv[1:] == ["frames"]:
         print(json.dumps(stock_frames()))
+        return
+    if sys.argv[1:2] == ["zdim"]:
+        print(json.dumps(zdim_cost(int(sys.argv[2]) if len(sys.argv) > 2 else 5)))
         return
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 150
     recipe = WanRecipe(clips=2000, vae_batch=4, vae_object_weight=0.0)  # as measured: before the object weight

@@ -1,13 +1,13 @@
 """Equal-time probe of the toy Wan VAE's recipe: does the reconstruction keep the object?
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/toywan_vae_probe.py SECONDS OBJECT_WEIGHT [LR]
-    OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/toywan_vae_probe.py FOLDER [CLIPS]   (a toy Wan model or run)
+    OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/toywan_vae_probe.py FOLDER [CLIPS [SEED]]   (a toy Wan model or run)
 
 Trains the VAE from scratch with ``cav.toy.wan_base``'s own step (batch 4 clips + 4 single frames) for SECONDS, or
-loads FOLDER's; then reconstructs 16 (or CLIPS) clips it never saw (specs of seed 123) through the posterior mode and
-prints the object's and the background's mean absolute error (0..255) and the toy scorer's colour / shape / motion
-accuracy on the reconstructions, and per frame (clips, and each frame encoded alone) the shape votes and the scored
-object's area over the true one: the transformer cannot draw what this decoder cannot.
+loads FOLDER's; then reconstructs 16 (or CLIPS) clips it never saw (specs of seed 123, or SEED) through the posterior
+mode and prints the object's and the background's mean absolute error (0..255) and the toy scorer's colour / shape /
+motion accuracy on the reconstructions, and per frame (clips, and each frame encoded alone) the shape votes and the
+scored object's area over the true one: the transformer cannot draw what this decoder cannot.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def train(seconds: float, recipe: WanRecipe):
 
 
 @torch.no_grad()
-def measure(vae, recipe: WanRecipe, clips: int = 16) -> dict:
-    test = tw.sample_specs(np.random.default_rng(123), clips, tw.SEEN_MOTIONS)
+def measure(vae, recipe: WanRecipe, clips: int = 16, seed: int = 123) -> dict:
+    test = tw.sample_specs(np.random.default_rng(seed), clips, tw.SEEN_MOTIONS)
     x, _ = render_with_masks(test, recipe.frames, recipe.size)
     rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     alone = torch.cat([vae.decode(vae.encode(x[:, :, f:f + 1]).latent_dist.mode()).sample.clamp(-1, 1)
@@ -87,16 +87,18 @@ def load_vae(folder: Path):
 
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
-    clips = 16
+    clips, seed = 16, 123
     if Path(argv[0]).is_dir():
         recipe, vae, run = WanRecipe(), load_vae(Path(argv[0])), {"folder": argv[0]}
         clips = int(argv[1]) if len(argv) > 1 else clips
+        seed = int(argv[2]) if len(argv) > 2 else seed
+        run["seed"] = seed
     else:
         recipe = WanRecipe(vae_batch=4, vae_object_weight=float(argv[1]),
                            vae_lr=float(argv[2]) if len(argv) > 2 else WanRecipe.vae_lr)
         vae, run = train(float(argv[0]), recipe)
         run.update(object_weight=recipe.vae_object_weight, lr=recipe.vae_lr)
-    print(json.dumps({**run, **measure(vae.eval(), recipe, clips)}))
+    print(json.dumps({**run, **measure(vae.eval(), recipe, clips, seed)}))
 
 
 if __name__ == "__main__":

@@ -172,9 +172,85 @@ def test_vae_init_starts_phase_one_from_another_folders_vae(tmp_path, capsys):
         train_wan_base(tmp_path / "e", replace(RECIPE, vae_init=str(tmp_path / "absent")), SPEC, quiet=True)
     with pytest.raises(CavError, match=r"^--vae-init .*a: its VAE has other sizes than this run's \(\d+ tensors "
                                        r"differ, e\.g\. .*\): pass the sizes it was trained with"):
-        train_wan_base(tmp_path / "e", replace(RECIPE, vae_init=str(tmp_path / "a")), replace(SPEC, z_dim=8),
+        train_wan_base(tmp_path / "e", replace(RECIPE, vae_init=str(tmp_path / "a")), replace(SPEC, z_dim=2),
                        quiet=True)
     assert not (tmp_path / "e").exists()
+
+
+def test_vae_init_grows_the_latent_channels_keeping_the_reconstructions(tmp_path):
+    from diffusers import AutoencoderKLWan
+
+    from cav.toy.wan_base import NEW_CHANNEL_LOGVAR, render_batch, training_specs
+    from cav.wan.latents import encode_video
+
+    train_wan_base(tmp_path / "small", replace(RECIPE, vae_steps=3, steps=0), SPEC, quiet=True)
+    grown = replace(RECIPE, vae_steps=0, steps=0, vae_init=str(tmp_path / "small"))
+    train_wan_base(tmp_path / "big", grown, replace(SPEC, z_dim=7), quiet=True)
+    small, big = (AutoencoderKLWan.from_pretrained(tmp_path / name / "vae").eval() for name in ("small", "big"))
+    assert (small.config.z_dim, big.config.z_dim) == (4, 7)
+    x = render_batch(training_specs(RECIPE)[:3], RECIPE.frames, RECIPE.size)
+    with torch.no_grad():
+        post_s, post_b = small.encode(x).latent_dist, big.encode(x).latent_dist
+        rec_s, rec_b = small.decode(post_s.mode()).sample, big.decode(post_b.mode()).sample
+        # the decoder reads the new channels through zero columns: any value there changes nothing
+        noisy = post_b.mode().clone()
+        noisy[:, 4:] = torch.randn(noisy[:, 4:].shape, generator=torch.Generator().manual_seed(0))
+        rec_noisy = big.decode(noisy).sample
+    assert rec_b.shape == rec_s.shape and (rec_b - rec_s).abs().max() < 1e-5 and (rec_noisy - rec_s).abs().max() < 1e-5
+    assert torch.allclose(post_b.mean[:, :4], post_s.mean, atol=1e-6) and not post_b.mean[:, 4:].any()
+    assert torch.allclose(post_b.logvar[:, :4], post_s.logvar, atol=1e-6)
+    assert torch.equal(post_b.logvar[:, 4:], torch.full_like(post_b.logvar[:, 4:], NEW_CHANNEL_LOGVAR))
+    # the new channels are constant (mode 0): their std is floored, so the pipeline's normalisation stays finite
+    std = big.config.latents_std
+    assert std[:4] == pytest.approx(small.config.latents_std, rel=1e-4)
+    assert std[4:] == pytest.approx([0.01 * max(std)] * 3) and min(std[:4]) > 0.01 * max(std)
+    z = encode_video(big, x)
+    assert torch.isfinite(z).all() and not z[:, 4:].any()
+
+
+def test_latent_std_floor():
+    from cav.toy.wan_base import latent_std_floor
+
+    std = torch.tensor([2.0, 1e-9, 0.5, 0.0])
+    assert latent_std_floor(std).tolist() == pytest.approx([2.0, 0.02, 0.5, 0.02])
+    assert latent_std_floor(torch.zeros(3)).tolist() == pytest.approx([1e-6] * 3)
+    kept = torch.tensor([1.3, 0.6, 2.4])
+    assert torch.equal(latent_std_floor(kept), kept)
+
+
+def test_latent_stats_floors_a_constant_channel():
+    from cav.toy.wan_base import build_components, latent_stats, training_specs
+
+    vae = build_components(SPEC)["vae"].eval()
+    with torch.no_grad():  # mean channel 1 constant: its encoder row and bias 0, and quant_conv's row 1 too
+        vae.encoder.conv_out.weight[1] = 0
+        vae.encoder.conv_out.bias[1] = 0
+        vae.quant_conv.weight[1] = 0
+        vae.quant_conv.bias[1] = 0.3
+    mean, std = latent_stats(vae, training_specs(RECIPE), RECIPE, clips=3)
+    assert mean[1] == pytest.approx(0.3) and std[1] == pytest.approx(0.01 * max(std))
+    assert all(s > 0.01 * max(std) for k, s in enumerate(std) if k != 1)
+
+
+def test_cli_refuses_a_vae_init_it_cannot_grow_in_one_line(tmp_path, capsys):
+    import re
+
+    small = tmp_path / "small"
+    train_wan_base(small, replace(RECIPE, vae_steps=1, steps=0), SPEC, quiet=True)
+    capsys.readouterr()  # diffusers' save progress bars
+    tiny = ["--frames", "5", "--size", "16", "--clips", "40", "--vae-batch", "1", "--steps", "0", "--heads", "2",
+            "--head-dim", "12", "--layers", "1", "--ffn-dim", "16", "--text-dim", "8", "--text-layers", "1",
+            "--text-heads", "2", "--text-ff", "16", "--max-sequence-length", "16"]
+    for sizes in (["--z-dim", "2", "--vae-base-dim", "4"],   # fewer channels than the init's: not a growth
+                  ["--z-dim", "8", "--vae-base-dim", "8"]):  # more channels, but other widths too
+        out = tmp_path / "bad"
+        code = cli(["toy", "train-base", "--family", "wan", "--out", str(out), "--vae-init", str(small), *tiny, *sizes])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert re.match(r"^cav: error: --vae-init .*small: its VAE has other sizes than this run's \(\d+ tensors "
+                        r"differ, e\.g\. .*\): pass the sizes it was trained with \(its \.train_state/run\.json\)$",
+                        err)
+        assert not out.exists()
 
 
 def test_dilated_object_weight_and_cosine_vae_lr():

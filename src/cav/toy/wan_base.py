@@ -80,7 +80,8 @@ class ToyWanSpec:
     text_layers: int = _f(2, "umT5 text encoder layers")
     text_heads: int = _f(4, "umT5 text encoder heads")
     text_ff: int = _f(128, "umT5 text encoder feed-forward width")
-    z_dim: int = _f(16, "VAE latent channels")
+    z_dim: int = _f(16, "VAE latent channels (a --vae-init VAE with fewer is grown to this many, computing the "
+                    "same reconstructions)")
     vae_base_dim: int = _f(16, "VAE base width")
     vae_dim_mult: tuple[int, ...] = (1, 2, 2)
     temporal: int = _f(4, "VAE temporal compression (1 or 4; 4 measured better, see the model card)")
@@ -108,7 +109,8 @@ class WanRecipe:
     vae_lr_schedule: Literal["constant", "cosine"] = _f(
         "constant", "phase 1: the VAE's learning rate over --vae-steps: constant, or cosine from --vae-lr to 0")
     vae_init: str = _f("", "phase 1: start the VAE from the weights in FOLDER/vae (a toy Wan model or run folder of "
-                       "the same sizes; read at VAE step 0 only, a fresh AdamW); empty: random weights",
+                       "the same sizes, or of fewer --z-dim latent channels: grown, the same function; read at VAE "
+                       "step 0 only, a fresh AdamW); empty: random weights",
                        metavar="FOLDER", default_text="random weights")
     steps: int = _f(200000, "phase 2: transformer + text encoder steps, an upper bound: --max-seconds ends the run "
                     "on time", unit="steps")
@@ -253,8 +255,49 @@ def vae_lr(recipe: WanRecipe, step: int) -> float:
     return recipe.vae_lr
 
 
+NEW_CHANNEL_LOGVAR = -6.0  # log-variance of a latent channel added by ``expand_latent_channels`` (see there)
+
+
+def expand_latent_channels(tensors: dict, z_old: int, z_new: int) -> dict:
+    """A z-``z_old`` ``AutoencoderKLWan``'s weights grown to ``z_new`` latent channels, computing the same function.
+
+    The encoder's ``conv_out`` and ``quant_conv`` lay their 2z outputs out as [mean(z), logvar(z)]; each half gets
+    ``z_new - z_old`` channels after its old ones. The new channels' mean rows are zero (their mode is 0 whatever the
+    input); ``quant_conv`` and ``post_quant_conv`` (1×1×1) keep their trained weights on the old channels, pass a new
+    channel through unchanged (identity) and mix old and new with zeros; ``decoder.conv_in`` reads the new channels
+    through zero columns. So the posterior mode of the old channels and every decoded pixel are those of the small VAE.
+    The new logvar rows are constant, ``NEW_CHANNEL_LOGVAR`` (-6, std 0.05): the old channels' noise level (run 3's
+    VAE: mean logvar -5.96 on 16 training clips). Logvar 0 would make the KL exactly 0; at -6 a new channel costs
+    ~2.5 nats an element, which the trainer's KL weight (1e-6) makes ~1e-3 of a clip's loss, while logvar 0 would put
+    noise 20× the old channels' on whatever the encoder learns to write there. Measured in the model card (run 4):
+    fine-tuning from this start did not put the new channels to use (the decoder's columns for them stay small and
+    their logvar drifts up towards 0)."""
+    grown = dict(tensors)
+    old = torch.cat([torch.arange(z_old), z_new + torch.arange(z_old)])  # old [mean, logvar] rows in the new layout
+    added = torch.cat([torch.arange(z_old, z_new), z_new + torch.arange(z_old, z_new)])
+    w, b = tensors["encoder.conv_out.weight"], tensors["encoder.conv_out.bias"]
+    grown["encoder.conv_out.weight"] = w.new_zeros((2 * z_new, *w.shape[1:])).index_copy(0, old, w)
+    bias = b.new_zeros(2 * z_new).index_copy(0, old, b)
+    bias[z_new + z_old:] = NEW_CHANNEL_LOGVAR
+    grown["encoder.conv_out.bias"] = bias
+    for name, rows, new in (("quant_conv", old, added),
+                            ("post_quant_conv", torch.arange(z_old), torch.arange(z_old, z_new))):
+        w, b = tensors[f"{name}.weight"], tensors[f"{name}.bias"]
+        size = 2 * z_new if name == "quant_conv" else z_new
+        full = w.new_zeros((size, size, *w.shape[2:]))
+        full[rows.unsqueeze(1), rows.unsqueeze(0)] = w
+        full[new, new] = 1.0
+        grown[f"{name}.weight"] = full
+        grown[f"{name}.bias"] = b.new_zeros(size).index_copy(0, rows, b)
+    w = tensors["decoder.conv_in.weight"]
+    grown["decoder.conv_in.weight"] = torch.cat([w, w.new_zeros((w.shape[0], z_new - z_old, *w.shape[2:]))], dim=1)
+    return grown
+
+
 def _init_vae_weights(recipe: WanRecipe, vae) -> dict:
-    """``recipe.vae_init``'s VAE weights, checked against ``vae``'s parameter names and shapes."""
+    """``recipe.vae_init``'s VAE weights, checked against ``vae``'s parameter names and shapes. A VAE with fewer
+    latent channels than ``vae`` (and every other tensor the same) is grown to its size first
+    (``expand_latent_channels``: the same reconstructions)."""
     from safetensors.torch import load_file
 
     folder = Path(recipe.vae_init)
@@ -263,6 +306,12 @@ def _init_vae_weights(recipe: WanRecipe, vae) -> dict:
         raise CavError(f"--vae-init {folder}: no VAE weights at {weights}: pass a toy Wan model or run folder")
     tensors = load_file(str(weights))
     own = vae.state_dict()
+    z_new = own["post_quant_conv.weight"].shape[0]
+    z_old = tensors["post_quant_conv.weight"].shape[0] if "post_quant_conv.weight" in tensors else z_new
+    expandable = {"encoder.conv_out.weight", "encoder.conv_out.bias", "quant_conv.weight", "quant_conv.bias",
+                  "post_quant_conv.weight", "post_quant_conv.bias", "decoder.conv_in.weight"} <= set(tensors)
+    if z_old < z_new and expandable:
+        tensors = expand_latent_channels(tensors, z_old, z_new)
     wrong = sorted(k for k in set(own) | set(tensors)
                    if k not in own or k not in tensors or own[k].shape != tensors[k].shape)
     if wrong:
@@ -284,9 +333,18 @@ def vae_step_batch(specs, recipe: WanRecipe, gen: torch.Generator) -> tuple[tupl
 @torch.no_grad()
 def latent_stats(vae, specs, recipe: WanRecipe, clips: int = 64) -> tuple[list[float], list[float]]:
     """Per-channel mean / std of the VAE's clip latents (mode) on the first ``clips`` training clips: Wan's
-    ``latents_mean`` / ``latents_std``, which the pipeline undoes before decoding."""
+    ``latents_mean`` / ``latents_std``, which the pipeline undoes before decoding. The std has a floor
+    (``latent_std_floor``: a near-constant channel is not divided by ~0)."""
     z = vae.encode(render_batch(specs[:clips], recipe.frames, recipe.size)).latent_dist.mode()
-    return z.mean(dim=(0, 2, 3, 4)).tolist(), z.std(dim=(0, 2, 3, 4)).tolist()
+    return z.mean(dim=(0, 2, 3, 4)).tolist(), latent_std_floor(z.std(dim=(0, 2, 3, 4))).tolist()
+
+
+def latent_std_floor(std: torch.Tensor) -> torch.Tensor:
+    """Channel stds with a floor: 1 % of the widest channel's (1e-6 if every channel is constant). A channel that
+    hardly varies (one added by ``expand_latent_channels`` that training has not put to use: its mode is ~0 on every
+    clip) would otherwise have a std near 0, and ``(z - mean) / std`` would blow its rounding noise up; floored, it
+    stays a near-zero channel. Channels above the floor keep their std exactly."""
+    return std.clamp(min=max(0.01 * float(std.max()), 1e-6))
 
 
 @torch.no_grad()
