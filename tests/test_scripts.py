@@ -105,6 +105,8 @@ def test_toywan_measure_prints_the_stock_pipeline_s_frames_and_both_compressions
     assert set(rows) == {1, 4} and rows[1]["vae_steps"] >= 1
     assert rows[1]["latent_shape_per_clip"][1] == 9 and rows[4]["latent_shape_per_clip"][1] == 3
     assert rows[1]["tokens_per_clip"] == 3 * rows[4]["tokens_per_clip"]
+    zdim = json.loads(_run("toywan_measure.py", "zdim", "1"))
+    assert zdim["rounds"] == 1 and set(zdim["transformer_step_seconds"]) == {"z16", "z32"}
 
 
 def test_toywan_pack_keeps_the_card_and_the_resume_stays_exact(tiny_toy_wan, tmp_path):
@@ -150,3 +152,31 @@ def test_wan_ship_configs_rewrites_the_shipped_files_unchanged(tmp_path):
     for path in written:
         shipped = ROOT / "src" / "cav" / Path(path).relative_to(package)
         assert Path(path).read_text() == shipped.read_text(), shipped
+
+
+def test_toywan_vae_cut_undoes_a_grown_vae_and_writes_a_loadable_folder(tiny_toy_wan, tmp_path):
+    import importlib.util
+
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from cav.toy.wan_base import expand_latent_channels
+
+    spec = importlib.util.spec_from_file_location("toywan_vae_cut", ROOT / "scripts" / "toywan_vae_cut.py")
+    cut_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cut_module)
+    tensors = load_file(str(tiny_toy_wan / "vae" / "diffusion_pytorch_model.safetensors"))
+    back = cut_module.cut_latent_channels(expand_latent_channels(tensors, 4, 6), 6, 4)  # grown, then cut again
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+    out = json.loads(_run("toywan_vae_cut.py", str(tiny_toy_wan), str(tmp_path / "cut"), "2"))
+    assert (out["z_from"], out["z_to"]) == (4, 2) and out["decoded_change_255"]["max"] >= 0
+    vae = AutoencoderKLWan.from_pretrained(tmp_path / "cut" / "vae")
+    assert vae.config.z_dim == 2 and len(vae.config.latents_std) == 2
+    assert vae.post_quant_conv.weight.shape[:2] == (2, 2) and vae.decoder.conv_in.weight.shape[1] == 2
+
+
+def test_toywan_vae_channels_reports_old_and_new_channels(tiny_toy_wan):
+    out = json.loads(_run("toywan_vae_channels.py", str(tiny_toy_wan), "3"))
+    assert (out["z"], out["old_z"]) == (4, 3) and len(out["mode_std_new"]) == 1
+    assert out["pixel_change_new_zeroed"] >= 0 and out["decoder_column_norm_old_mean"] > 0
