@@ -5,6 +5,27 @@ import torch
 from cav.families import UNET3D
 
 
+def run_outputs(run):
+    """Every adapter file and validation sample of a run folder (checkpoints and published), by relative path."""
+    from safetensors.torch import load_file
+
+    files = {str(p.relative_to(run)): load_file(str(p)) for p in sorted(run.rglob("*.safetensors"))}
+    samples = {str(p.relative_to(run)): np.load(p, allow_pickle=False) for p in sorted(run.rglob("sample-*.npy"))}
+    return files, samples
+
+
+def assert_same_outputs(a, b):
+    """Two runs' ``run_outputs`` are equal bit for bit: the same files, keys, tensors and samples."""
+    (fa, sa), (fb, sb) = a, b
+    assert fa.keys() == fb.keys() and sa.keys() == sb.keys()
+    for name in fa:
+        assert fa[name].keys() == fb[name].keys(), name
+        for key in fa[name]:
+            assert torch.equal(fa[name][key], fb[name][key]), (name, key)
+    for name in sa:
+        assert np.array_equal(sa[name], sb[name]), name
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A random tiny ModelScope-layout T2V model saved to disk and loaded by path, as real models are."""

@@ -11,8 +11,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from conftest import assert_same_outputs, run_outputs
 from cav import api, families, sampling, trainer
 from cav.cli import build_config, build_parser, main
 from cav.families import WAN
@@ -53,23 +53,10 @@ def _train_swapped(video, base, out, *extra, resume=False):
     return api.train(video, build_config(args), out, quiet=True, resume=resume, estimate=False, swap_on_cpu=True)
 
 
-def _outputs(run):
-    """Every adapter file and validation sample of a run folder (checkpoints and published)."""
-    files = {str(p.relative_to(run)): load_file(str(p)) for p in sorted(run.rglob("*.safetensors"))}
-    samples = {str(p.relative_to(run)): np.load(p, allow_pickle=False) for p in sorted(run.rglob("sample-*.npy"))}
-    return files, samples
-
-
 def _assert_same(a, b):
-    (fa, sa), (fb, sb) = a, b
-    assert fa.keys() == fb.keys() and any("t_lora" in k for k in fa) and any("s_lora" in k for k in fa)
-    for name in fa:
-        assert fa[name].keys() == fb[name].keys(), name
-        for key in fa[name]:
-            assert torch.equal(fa[name][key], fb[name][key]), (name, key)
-    assert sa.keys() == sb.keys() and sa
-    for name in sa:
-        assert np.array_equal(sa[name], sb[name]), name
+    (fa, sa), _ = a, b
+    assert any("t_lora" in k for k in fa) and any("s_lora" in k for k in fa) and sa
+    assert_same_outputs(a, b)
 
 
 class Watch:
@@ -123,11 +110,11 @@ def test_block_swap_run_is_bit_identical_and_never_holds_every_block(tiny_video,
     saves, validation samples), then an interrupted run resumed: adapters and samples equal the run without the
     swap, bit for bit, and from load to the end at most two blocks were on the compute device."""
     assert WAN.block_swap is not None and all(f.block_swap is None for f in families.FAMILIES.values() if f is not WAN)
-    plain = _outputs(_train(tiny_video, wan_model, tmp_path / "plain"))
+    plain = run_outputs(_train(tiny_video, wan_model, tmp_path / "plain"))
 
     watch = Watch(monkeypatch)
     swapped = _train_swapped(tiny_video, wan_model, tmp_path / "swapped")
-    _assert_same(plain, _outputs(swapped))
+    _assert_same(plain, run_outputs(swapped))
     [swap] = watch.swaps  # one swap, made at load, for the whole run
     blocks = len(swap.blocks)
     assert blocks == BLOCKS
@@ -153,7 +140,7 @@ def test_block_swap_run_is_bit_identical_and_never_holds_every_block(tiny_video,
         _train_swapped(tiny_video, wan_model, tmp_path / "resumed")
     monkeypatch.setattr(trainer, "train_step", step)
     resumed = _train_swapped(tiny_video, wan_model, tmp_path / "resumed", resume=True)
-    a, b = _outputs(swapped), _outputs(resumed)
+    a, b = run_outputs(swapped), run_outputs(resumed)
     assert {k: a[0][k] for k in ("t_lora/adapter_model.safetensors",)}.keys() <= b[0].keys()
     for name in ("t_lora/adapter_model.safetensors", "absorbers/s_lora/adapter_model.safetensors"):
         for key in a[0][name]:
@@ -184,10 +171,10 @@ def test_block_swap_on_two_experts_shares_one_budget(tiny_video, wan_a14b, tmp_p
     heads are measured on the swapped model too (``temporal_heads.json`` equal)."""
     heads = ("--placement", "temporal-heads")
     plain_run = _train(tiny_video, wan_a14b, tmp_path / "plain", *heads)
-    plain = _outputs(plain_run)
+    plain = run_outputs(plain_run)
     watch = Watch(monkeypatch)
     swapped = _train_swapped(tiny_video, wan_a14b, tmp_path / "swapped", *heads)
-    _assert_same(plain, _outputs(swapped))
+    _assert_same(plain, run_outputs(swapped))
     assert (plain_run / "temporal_heads.json").read_text() == (swapped / "temporal_heads.json").read_text()
     assert [s.name for s in watch.swaps] == ["transformer", "transformer_2"]
     assert watch.swaps[0].residency is watch.swaps[1].residency and watch.swaps[0].residency.peak == 2
