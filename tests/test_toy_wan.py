@@ -166,13 +166,21 @@ def test_vae_init_starts_phase_one_from_another_folders_vae(tmp_path, capsys):
     (tmp_path / "c" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     train_wan_base(tmp_path / "d", tuned, SPEC, quiet=True)
     assert json.loads((tmp_path / "d" / ".train_state" / "vae" / "state.json").read_text())["step"] == 2
+    # an init used as it is (--vae-steps 0, then the transformer): its VAE is saved, a resume needs no folder either
+    as_is = replace(RECIPE, vae_steps=0, vae_init=str(tmp_path / "a"))
+    train_wan_base(tmp_path / "f", replace(as_is, steps=2), SPEC, quiet=True)
+    train_wan_base(tmp_path / "g", replace(as_is, steps=4), SPEC, quiet=True)
+    (tmp_path / "a" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    train_wan_base(tmp_path / "f", replace(as_is, steps=4), SPEC, quiet=True)
+    assert _weights(tmp_path / "f").keys() == _weights(tmp_path / "g").keys()
+    assert all(torch.equal(v, _weights(tmp_path / "g")[k]) for k, v in _weights(tmp_path / "f").items())
     # a folder without a VAE, or with one of other sizes: one line, nothing written
     with pytest.raises(CavError, match=r"^--vae-init .*absent: no VAE weights at .*: pass a toy Wan model or run "
                                        r"folder$"):
         train_wan_base(tmp_path / "e", replace(RECIPE, vae_init=str(tmp_path / "absent")), SPEC, quiet=True)
-    with pytest.raises(CavError, match=r"^--vae-init .*a: its VAE has other sizes than this run's \(\d+ tensors "
+    with pytest.raises(CavError, match=r"^--vae-init .*b: its VAE has other sizes than this run's \(\d+ tensors "
                                        r"differ, e\.g\. .*\): pass the sizes it was trained with"):
-        train_wan_base(tmp_path / "e", replace(RECIPE, vae_init=str(tmp_path / "a")), replace(SPEC, z_dim=2),
+        train_wan_base(tmp_path / "e", replace(RECIPE, vae_init=str(tmp_path / "b")), replace(SPEC, z_dim=2),
                        quiet=True)
     assert not (tmp_path / "e").exists()
 

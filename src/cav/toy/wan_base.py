@@ -468,7 +468,7 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
             say(f"vae step {step}/{recipe.vae_steps} " + " ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
         if clock.save_due():
             _save_state(out, "vae", step, {"vae": vae}, vae_opt, gen, {"log": vae_log})
-    if trained:
+    if trained or init is not None:  # also an init used as it is (--vae-steps 0): a resume must not need its folder
         _save_state(out, "vae", step, {"vae": vae}, vae_opt, gen, {"log": vae_log})
     vae.eval().requires_grad_(False)
     if step < recipe.vae_steps:
