@@ -193,13 +193,6 @@ class BlockSwap:
         finally:
             self.release(i)
 
-    def block_of(self, module: torch.nn.Module) -> int | None:
-        """The index of the block holding ``module`` (None: none of this swap's)."""
-        for i, block in enumerate(self.blocks):
-            if any(m is module for m in block.modules()):
-                return i
-        return None
-
     # ------------------------------------------------------------------------------------------ hooks
     def _pack(self, i: int):
         def pack(t: torch.Tensor):
