@@ -10,7 +10,8 @@ Captions, held-out motions and the clip sampler are the toy UNet base's (``cav.t
 
 Prompts are encoded exactly as ``WanPipeline`` encodes them (its own ``_get_t5_prompt_embeds``: umT5 output cut at
 the prompt's length, zero-padded to ``max_sequence_length``), so the saved folder generates with the stock pipeline
-and its default 512 text slots.
+and its default 512 text slots. Training runs the encoder on the longest caption only and collapses the zero slots
+into a few whose attention logits carry their log-count (``cav.wan.slots``): the same attention, three times faster.
 
 Seeded and exactly resumable: weights, AdamW state and the data generator's state are saved as safetensors under
 ``OUT/.train_state/<phase>/`` every ``save_minutes`` and at the end; the learning rates depend on the step only
@@ -380,9 +381,13 @@ class _Clock:
 
 
 def _prompt_encoder(pipe, recipe: WanRecipe):
-    """Captions → prompt embeddings by the stock pipeline's own function (with gradients for the text encoder)."""
-    return lambda texts: pipe._get_t5_prompt_embeds(texts, max_sequence_length=recipe.max_sequence_length,
-                                                    device=torch.device("cpu"), dtype=torch.float32)
+    """Captions → (prompt embeddings, slot bias) by the stock pipeline's own function (with gradients for the text
+    encoder), the zero-padded slots collapsed into a few biased ones: the same attention as the
+    ``max_sequence_length`` slots generation pads to, at a third of the step time (``cav.wan.slots``)."""
+    from ..wan import slots
+
+    slots.install(pipe.transformer)
+    return lambda texts: slots.short_prompt_embeds(pipe, texts, recipe.max_sequence_length, device=torch.device("cpu"))
 
 
 def _phase2_batch(specs, recipe: WanRecipe, vae, gen: torch.Generator, image: bool):
@@ -494,7 +499,9 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
             group["lr"] = base * min(1.0, (step + 1) / max(1, recipe.warmup))  # warm-up, then constant
         image = bool(recipe.image_every) and step % recipe.image_every == recipe.image_every - 1
         latents, texts = _phase2_batch(specs, recipe, vae, gen, image)
-        loss = transformer_loss(transformer, latents, encode(texts), objective, generator=gen, image_mode=image)
+        embeds, bias = encode(texts)
+        loss = transformer_loss(transformer, latents, embeds, objective, generator=gen, image_mode=image,
+                                slot_bias=bias)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()

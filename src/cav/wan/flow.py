@@ -100,22 +100,33 @@ def frame_difference_mse(prediction: torch.Tensor, target: torch.Tensor) -> torc
 
 def transformer_loss(transformer, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
                      objective: FlowObjective, generator: torch.Generator | None = None,
-                     image_mode: bool = False) -> torch.Tensor:
+                     image_mode: bool = False, slot_bias: torch.Tensor | None = None) -> torch.Tensor:
     """One flow-matching loss of ``transformer`` on clean normalised ``latents`` (B, C, F, H, W).
 
     ``image_mode``: every frame is its own 1-frame video (frames folded into the batch, the prompt repeated) with
-    its own σ, as the absorber trains on unordered frames; otherwise one σ per clip."""
+    its own σ, as the absorber trains on unordered frames; otherwise one σ per clip. ``slot_bias`` (B, L): short
+    text slots standing for the pipeline's zero-padded ones (``cav.wan.slots``; the transformer installed)."""
+    from contextlib import nullcontext
+
     if image_mode:
         from .image_mode import fold_frames
 
         frames = latents.shape[2]
         latents = fold_frames(latents)
         encoder_hidden_states = encoder_hidden_states.repeat_interleave(frames, dim=0)
+        slot_bias = None if slot_bias is None else slot_bias.repeat_interleave(frames, dim=0)
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device="cpu").to(latents.device)
     sigmas = objective.sample_sigmas(latents.shape[0], generator=generator).to(latents.device)
-    prediction = transformer(hidden_states=objective.noisy(latents, noise, sigmas),
-                             timestep=objective.timesteps(sigmas), encoder_hidden_states=encoder_hidden_states,
-                             return_dict=False)[0]
+    if slot_bias is None:
+        biased = nullcontext()
+    else:
+        from .slots import slot_bias as biased_slots
+
+        biased = biased_slots(transformer, slot_bias)
+    with biased:
+        prediction = transformer(hidden_states=objective.noisy(latents, noise, sigmas),
+                                 timestep=objective.timesteps(sigmas), encoder_hidden_states=encoder_hidden_states,
+                                 return_dict=False)[0]
     return objective.loss(prediction, latents, noise)
 
 
