@@ -1,5 +1,6 @@
 """cav.wan.slots: a short text with log-count biased zero slots attends exactly as WanPipeline's zero-padded slots."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import WanPipeline
@@ -100,3 +101,56 @@ def test_slot_bias_needs_install():
     with pytest.raises(RuntimeError, match="install"):
         with slots.slot_bias(pipe.transformer, torch.zeros(1, 3)):
             pass
+
+
+def test_collapse_padding_finds_each_videos_padding():
+    rows = torch.randn(3, 10, 4)
+    rows[0, 4:] = rows[0, -1]  # 4 real rows, 6 copies
+    rows[1, 7:] = rows[1, -1]  # 7 real rows, 3 copies
+    short, bias = slots.collapse_padding(rows)  # row 2 has only its last row as "padding"
+    assert short.shape == (3, 10, 4) and bias is None  # nothing to cut: video 2 needs all 10
+    short, bias = slots.collapse_padding(rows[:2])
+    assert torch.equal(short, rows[:2, :8])
+    assert bias.shape == (2, 1, 1, 8)
+    torch.testing.assert_close(bias[0, 0, 0, 4:].exp().sum(), torch.tensor(6.0))
+    torch.testing.assert_close(bias[1, 0, 0, 7:].exp().sum(), torch.tensor(3.0))
+    assert (bias[0, 0, 0, :4] == 0).all() and (bias[1, 0, 0, :7] == 0).all()
+
+
+@pytest.mark.parametrize("image_mode", [False, True])
+def test_collapsing_processor_gives_the_padded_loss_and_gradients(image_mode):
+    """The processor that finds the padding itself (every fp32 Wan cav loads): the 512-slot path's numbers."""
+    pipe = _pipe()
+    full_loss, _, full_grads = _loss_and_grads(pipe, short=False, image_mode=image_mode)
+    slots.install(pipe.transformer, collapse=True)
+    seen = []
+    original = slots.collapse_padding
+    try:
+        slots.collapse_padding = lambda text: seen.append(text.shape) or original(text)
+        loss, _, grads = _loss_and_grads(pipe, short=False, image_mode=image_mode)
+    finally:
+        slots.collapse_padding = original
+    assert seen and all(shape[1] == 64 for shape in seen)  # it ran, on the padded text
+    torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-6)
+    assert _worst(grads, full_grads) < 1e-4
+
+
+def test_loaded_fp32_wan_collapses_and_samples_as_stock(tmp_path):
+    """backbone.load gives an fp32 Wan's cross-attention the collapsing processor (Family.denoiser_setup); a
+    validation sample through cav's pipeline equals the stock processor's."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from cav import backbone
+    from cav.sampling import sample_videos
+    from cav.wan.tiny import make_tiny_wan
+
+    folder = make_tiny_wan(tmp_path / "tiny")
+    bb = backbone.load(str(folder), device="cpu", dtype="float32")
+    procs = [block.attn2.processor for block in bb.unet.blocks]
+    assert all(isinstance(p, slots.SlotBiasProcessor) and p.collapse for p in procs)
+    kw = dict(frames=5, size=(16, 16), steps=3, guidance=4.0, seeds=[0, 1])
+    ours = sample_videos(bb, ["a red circle moving left", "a cat"], **kw)
+    for block in bb.unet.blocks:
+        block.attn2.set_processor(WanAttnProcessor())
+    stock = sample_videos(bb, ["a red circle moving left", "a cat"], **kw)
+    assert np.abs(ours.astype(int) - stock.astype(int)).max() <= 1  # uint8 frames: rounding at most

@@ -721,6 +721,8 @@ def load(base: str | Path = "toy", device: str = "auto", dtype: str = "auto",
         raise CavError(f"could not load base '{base}': {first[:200]} — check the folder is a complete diffusers T2V model") from None
     for model in denoisers.values():
         attach_condition(model, family, family.latents.spatial_factor(vae.config))
+        if family.denoiser_setup is not None:
+            family.denoiser_setup(model, dt)
     encoders = [text[p.encoder] for p in family.condition.parts]
     swapped = swap_blocks and family.block_swap is not None
     for module in (*denoisers.values(), vae, *encoders):

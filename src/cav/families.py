@@ -156,6 +156,9 @@ class Family:
     # the whole run; ``residency``: the ledger the model's swaps share) and returns its handle (``edit``, ``detach``);
     # None: the flag moves only the VAE and text encoders off the device, as on the UNet rows
     block_swap: Callable | None = None
+    # ``denoiser_setup(denoiser, dtype)``, called on each denoiser as it loads (Wan: fp32 cross-attention reads its
+    # text padding as one biased slot, ``wan.slots``); None: nothing
+    denoiser_setup: Callable | None = None
 
     def __repr__(self) -> str:
         return f"Family({self.name!r})"
@@ -287,6 +290,7 @@ WAN = Family(  # Wan 2.1 / 2.2 text-to-video DiTs (one expert, or A14B's two: --
     lora_writer="diffusers:WanPipeline",
     tiny=Tiny(wan_family.make_tiny, size=16, frames=5), memory=_wan_memory,
     block_swap=wan_family.swap_blocks,
+    denoiser_setup=wan_family.collapse_text_padding,
     rig=Rig(wan_family.RIG_LABEL, wan_family.rig_model, parts=wan_family.rig_parts, frames=5))
 
 FAMILIES = {f.name: f for f in (UNET3D, ANIMATEDIFF, ANIMATEDIFF_SDXL, WAN)}

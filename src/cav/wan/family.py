@@ -160,6 +160,15 @@ def swap_blocks(transformer, device, residency=None, name: str = "blocks"):
     return offload.swap_transformer_blocks(transformer, device, residency=residency, name=name)
 
 
+def collapse_text_padding(transformer, dtype) -> None:
+    """``Family.denoiser_setup`` of the Wan row: an fp32 transformer's cross-attention reads the zero-padded text
+    slots as one slot whose logit carries their log-count (``slots.collapse_in_fp32``: the same attention, fewer
+    keys)."""
+    from .slots import collapse_in_fp32
+
+    collapse_in_fp32(transformer, dtype)
+
+
 # ------------------------------------------------------------------------------------ the speed benchmark's rig
 RIG_BASE = "wan2.1-t2v-1.3b"  # the shipped record (``published``) the full-size rig builds
 RIG_TEXT_LAYERS = 1  # umT5-XXL's width (the transformer's text_dim) and block, 1 of its 24 layers: see rig_parts
