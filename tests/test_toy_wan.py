@@ -341,3 +341,66 @@ def test_cli_refuses_bad_vae_options_in_one_line(tmp_path, capsys, argv, message
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.match(message, err), err
     assert not out.exists()
+
+
+def _model_tensors(folder):
+    return {**{f"t.{k}": v for k, v in load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors")).items()},
+            **{f"e.{k}": v for k, v in load_file(str(folder / "text_encoder" / "model.safetensors")).items()}}
+
+
+def _trained_tensors(folder):
+    """The trained (not averaged) transformer and text encoder weights in the run's resume state."""
+    saved = load_file(str(folder / ".train_state" / "transformer" / "modules.safetensors"))
+    return {k: v for k, v in saved.items() if k.startswith(("transformer.", "text_encoder."))}
+
+
+def test_ema_writes_the_average_and_leaves_the_training_alone(tmp_path):
+    """--ema: the folder holds the moving average of the trained weights (recomputed here from the weights after
+    each step, read from runs cut at every step: resumes are exact), the training itself is the run without it, and
+    a resume may turn it on (the average starts there)."""
+    decay = 0.5
+    plain, averaged = tmp_path / "plain", tmp_path / "ema"
+    train_wan_base(plain, RECIPE, SPEC, quiet=True)
+    stats = train_wan_base(averaged, replace(RECIPE, ema=decay), SPEC, quiet=True)
+    assert stats["ema"] == decay and stats["ema_since"] == 0
+    a, b = _trained_tensors(plain), _trained_tensors(averaged)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same training
+
+    steps = tmp_path / "steps"  # the trained weights after steps 0..4 (a run resumed one step at a time)
+    after = []
+    for n in range(RECIPE.steps + 1):
+        train_wan_base(steps, replace(RECIPE, steps=n), SPEC, quiet=True)
+        after.append(_model_tensors(steps))
+    expected = dict(after[0])
+    for weights in after[1:]:
+        expected = {k: torch.lerp(expected[k], weights[k], 1 - decay) for k in expected}
+    model = _model_tensors(averaged)
+    assert model.keys() == expected.keys()
+    for k in model:
+        torch.testing.assert_close(model[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(model[k], after[-1][k]) for k in model)  # not the last weights
+
+    # turned on at a resume: starts from that step's weights, then averages on
+    late = tmp_path / "late"
+    train_wan_base(late, replace(RECIPE, steps=2), SPEC, quiet=True)
+    stats = train_wan_base(late, replace(RECIPE, ema=decay), SPEC, quiet=True)
+    assert stats["ema_since"] == 2
+    late_expected = after[2]
+    for weights in after[3:]:
+        late_expected = {k: torch.lerp(late_expected[k], weights[k], 1 - decay) for k in late_expected}
+    late_model = _model_tensors(late)
+    for k in late_model:
+        torch.testing.assert_close(late_model[k], late_expected[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_ema_resume_is_exact(tmp_path):
+    recipe = replace(RECIPE, ema=0.9)
+    train_wan_base(tmp_path / "straight", recipe, SPEC, quiet=True)
+    cut = tmp_path / "cut"
+    train_wan_base(cut, replace(recipe, steps=1), SPEC, quiet=True)
+    train_wan_base(cut, replace(recipe, steps=3), SPEC, quiet=True)
+    train_wan_base(cut, recipe, SPEC, quiet=True)
+    a, b = _model_tensors(tmp_path / "straight"), _model_tensors(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = load_file(str(cut / ".train_state" / "transformer" / "modules.safetensors"))
+    assert any(k.startswith("ema.transformer.") for k in saved) and any(k.startswith("ema.text_encoder.") for k in saved)

@@ -22,6 +22,7 @@ folder's VAE (``vae_init``: a fine-tune). Run it as ``cav toy train-base --famil
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -123,6 +124,9 @@ class WanRecipe:
                           "caption)", unit="steps")
     image_motion_words: float = _f(0.5, "fraction of image-mode captions that name a motion drawn from all of them")
     caption_dropout: float = _f(0.1, "fraction of captions dropped (for classifier-free guidance)")
+    ema: float = _f(0.0, "phase 2: decay of an exponential moving average of the transformer and text encoder "
+                    "weights, which the written model holds (0: the trained weights). It never changes the training, "
+                    "so a resume may turn it on or change it (the average starts from that step's weights)")
     max_sequence_length: int = _f(512, "text slots per prompt, zero-padded as WanPipeline pads them", unit="slots")
     seed: int = _f(0, "seed of the data and of every random choice")
     save_minutes: float = _f(10.0, "save the resume state and the model every N minutes", unit="minutes")
@@ -487,6 +491,8 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
     modules = {"transformer": transformer, "text_encoder": text_encoder}
     step, progress = _load_state(out, "transformer", modules, opt, gen)
     log = progress.get("log", [])
+    ema, ema_since = _ema_modules(out, modules, recipe.ema, step, progress)
+    written = {**comps, **ema}  # the model the folder gets: the average when there is one
     base_lrs, trained = (recipe.lr, recipe.text_lr), False
     pipe = WanPipeline(**comps)
     encode = _prompt_encoder(pipe, recipe)
@@ -506,6 +512,7 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _ema_update(ema, modules, recipe.ema)
         step, trained = step + 1, True
         clock.tick(time.time() - t)
         if step % 50 == 0 or step == 1:
@@ -513,13 +520,45 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
                         "seconds": round(time.time() - clock.t0, 1)})
             say(f"transformer step {step} loss {loss.item():.4f} ({'image' if image else 'video'})")
         if clock.save_due():
-            _save_state(out, "transformer", step, modules, opt, gen, {"log": log})
-            _write_model(out, comps)
-    if trained:
-        _save_state(out, "transformer", step, modules, opt, gen, {"log": log})
-    return _finish(out, comps, recipe, spec, clock, {"phase": "transformer", "vae_step": recipe.vae_steps,
-                                                      **vae_error(vae, specs, recipe),
-                                                      "transformer_step": step, "vae_log": vae_log, "log": log})
+            _save_state(out, "transformer", step, {**modules, **_ema_state(ema)}, opt, gen,
+                        {"log": log, "ema_since": ema_since})
+            _write_model(out, written)
+    if trained or (ema and progress.get("ema_since") != ema_since):
+        _save_state(out, "transformer", step, {**modules, **_ema_state(ema)}, opt, gen,
+                    {"log": log, "ema_since": ema_since})
+    return _finish(out, written, recipe, spec, clock, {"phase": "transformer", "vae_step": recipe.vae_steps,
+                                                        **vae_error(vae, specs, recipe),
+                                                        "transformer_step": step, "ema": recipe.ema,
+                                                        "ema_since": ema_since, "vae_log": vae_log, "log": log})
+
+
+def _ema_modules(out: Path, modules: dict, decay: float, step: int, progress: dict) -> tuple[dict, int | None]:
+    """({"transformer": copy, "text_encoder": copy} holding the moving average, the step it began) — the saved
+    average when the run has one, else the current weights (the average begins now); ({}, None) for ``decay`` 0."""
+    if not decay:
+        return {}, None
+    from safetensors.torch import load_file
+
+    ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in modules.items()}
+    saved = _state_dir(out, "transformer") / "modules.safetensors"
+    tensors = load_file(str(saved)) if saved.is_file() and progress.get("ema_since") is not None else {}
+    for name, m in ema.items():
+        own = {k[len(name) + 5:]: v for k, v in tensors.items() if k.startswith(f"ema.{name}.")}
+        if own:
+            m.load_state_dict(own)
+    return ema, (progress["ema_since"] if tensors else step)
+
+
+@torch.no_grad()
+def _ema_update(ema: dict, modules: dict, decay: float) -> None:
+    for name, average in ema.items():
+        for a, p in zip(average.parameters(), modules[name].parameters()):
+            a.lerp_(p, 1.0 - decay)
+
+
+def _ema_state(ema: dict) -> dict:
+    """The average's modules under the names ``_save_state`` stores them by (``ema.<module>.<tensor>``)."""
+    return {f"ema.{name}": m for name, m in ema.items()}
 
 
 def _check_same_run(out: Path, recipe: WanRecipe, spec: ToyWanSpec) -> None:
@@ -528,7 +567,7 @@ def _check_same_run(out: Path, recipe: WanRecipe, spec: ToyWanSpec) -> None:
     if not saved.is_file():
         return
     old = json.loads(saved.read_text())
-    free = {"max_seconds", "save_minutes", "steps", "vae_steps"}
+    free = {"max_seconds", "save_minutes", "steps", "vae_steps", "ema"}  # ema: the written model, not the training
     if recipe.vae_lr_schedule != "constant":  # the VAE's learning rate depends on --vae-steps then
         free.discard("vae_steps")
     new_recipe = {k: v for k, v in asdict(recipe).items() if k not in free}
