@@ -4,6 +4,8 @@ reconstruction error of held-out toy clips, and the transformer's tokens per cli
     OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/toywan_measure.py [SECONDS_PER_VAE] > numbers.json
     OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/toywan_measure.py frames   # what the stock pipeline returns
     OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/toywan_measure.py zdim [ROUNDS]  # a transformer step, z 16 vs 32
+    OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/toywan_measure.py slots [ROUNDS]  # 512 padded text slots vs
+                                                                                       # collapsed (cav.wan.slots)
 """
 
 import json
@@ -95,7 +97,51 @@ def zdim_cost(rounds: int) -> dict:
             "all": {f"z{z}": t for z, t in best.items()}}
 
 
+def slots_cost(rounds: int) -> dict:
+    """A phase-2 training step's text encoder + transformer (forward and backward, batch ``recipe.batch`` captions
+    and clips at the default sizes) with the pipeline's 512 zero-padded text slots and with them collapsed
+    (``cav.wan.slots``, what the trainer runs), timed in turns, the fastest of ``rounds`` each; and the two losses."""
+    from diffusers import WanPipeline
+
+    from cav.wan import slots
+
+    recipe = WanRecipe()
+    pipe = WanPipeline(**build_components(ToyWanSpec()))
+    texts = [tw.caption(s)[0] for s in tw.sample_specs(np.random.default_rng(0), recipe.batch, tw.SEEN_MOTIONS)]
+    latents = torch.randn(recipe.batch, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def step(collapsed: bool) -> tuple[float, float]:
+        gen = torch.Generator().manual_seed(1)
+        t0 = time.time()
+        if collapsed:
+            embeds, bias = slots.short_prompt_embeds(pipe, texts, recipe.max_sequence_length)
+        else:
+            embeds, bias = pipe._get_t5_prompt_embeds(texts, max_sequence_length=recipe.max_sequence_length,
+                                                      device=torch.device("cpu"), dtype=torch.float32), None
+        loss = transformer_loss(pipe.transformer, latents, embeds, FlowObjective(shift=3), generator=gen,
+                                slot_bias=bias)
+        loss.backward()
+        pipe.transformer.zero_grad(set_to_none=True)
+        pipe.text_encoder.zero_grad(set_to_none=True)
+        return time.time() - t0, loss.item()
+
+    slots.install(pipe.transformer)
+    times, losses = {"padded": [], "collapsed": []}, {}
+    for _ in range(rounds + 1):  # the first round warms up, not counted
+        for name in times:
+            seconds, losses[name] = step(name == "collapsed")
+            times[name].append(round(seconds, 3))
+    best = {name: min(t[1:]) for name, t in times.items()}
+    return {"rounds": rounds, "batch": recipe.batch, "threads": torch.get_num_threads(),
+            "text_slots": recipe.max_sequence_length, "step_seconds": best,
+            "ratio_collapsed_to_padded": round(best["collapsed"] / best["padded"], 3),
+            "loss": {k: round(v, 6) for k, v in losses.items()}, "all": times}
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["slots"]:
+        print(json.dumps(slots_cost(int(sys.argv[2]) if len(sys.argv) > 2 else 5)))
+        return
     if sys.argv[1:] == ["frames"]:
         print(json.dumps(stock_frames()))
         return

@@ -107,6 +107,9 @@ def test_toywan_measure_prints_the_stock_pipeline_s_frames_and_both_compressions
     assert rows[1]["tokens_per_clip"] == 3 * rows[4]["tokens_per_clip"]
     zdim = json.loads(_run("toywan_measure.py", "zdim", "1"))
     assert zdim["rounds"] == 1 and set(zdim["transformer_step_seconds"]) == {"z16", "z32"}
+    collapsed = json.loads(_run("toywan_measure.py", "slots", "1"))
+    assert collapsed["text_slots"] == 512 and set(collapsed["step_seconds"]) == {"padded", "collapsed"}
+    assert abs(collapsed["loss"]["padded"] - collapsed["loss"]["collapsed"]) < 1e-5  # the same step
 
 
 def test_toywan_pack_keeps_the_card_and_the_resume_stays_exact(tiny_toy_wan, tmp_path):
