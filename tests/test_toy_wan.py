@@ -404,3 +404,60 @@ def test_ema_resume_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = load_file(str(cut / ".train_state" / "transformer" / "modules.safetensors"))
     assert any(k.startswith("ema.transformer.") for k in saved) and any(k.startswith("ema.text_encoder.") for k in saved)
+
+
+def test_latent_mask_marks_the_cells_each_latent_frame_folds_in():
+    from cav.toy.wan_base import latent_mask
+
+    masks = torch.zeros(1, 1, 9, 32, 32)
+    masks[0, 0, 0, 0:2, 0:2] = 1      # frame 0: latent frame 0, cell (0, 0)
+    masks[0, 0, 6, 30:32, 5:6] = 1    # frame 6: in frames 5-8, latent frame 2, cell (7, 1)
+    cells = latent_mask(masks, (3, 8, 8), image=False)
+    assert cells.shape == (1, 1, 3, 8, 8) and cells.sum() == 2
+    assert cells[0, 0, 0, 0, 0] == 1 and cells[0, 0, 2, 7, 1] == 1
+    alone = latent_mask(masks, (9, 8, 8), image=True)  # image mode: every frame its own latent frame
+    assert alone.shape == (1, 1, 9, 8, 8) and alone[0, 0, 6, 7, 1] == 1 and alone.sum() == 2
+
+
+def test_weighted_flow_loss():
+    from cav.wan.flow import FlowObjective
+
+    objective = FlowObjective()
+    pred, lat, noise = (torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(k)) for k in range(3))
+    plain = objective.loss(pred, lat, noise)
+    torch.testing.assert_close(objective.loss(pred, lat, noise, torch.ones(2, 1, 3, 4, 4)), plain)
+    weights = torch.ones(2, 1, 3, 4, 4)
+    weights[0, 0, 1, 2, 3] = 5.0
+    error = (pred - (noise - lat)).square()
+    expected = (error.sum() + 4 * error[0, :, 1, 2, 3].sum()) / (error.numel() + 4 * 4)
+    torch.testing.assert_close(objective.loss(pred, lat, noise, weights), expected)
+
+
+def test_object_weight_and_init_start_a_run_from_another(tmp_path, capsys):
+    """--object-weight trains on the weighted loss (another trajectory, the same draws); --init starts phase 2 from
+    another folder's transformer and text encoder (a fine-tune), checked like --vae-init."""
+    source = tmp_path / "source"
+    train_wan_base(source, RECIPE, SPEC, quiet=True)
+    weighted = tmp_path / "weighted"
+    stats = train_wan_base(weighted, replace(RECIPE, object_weight=4.0), SPEC, quiet=True)
+    assert stats["transformer_step"] == 4
+    a, b = _trained_tensors(source), _trained_tensors(weighted)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+    tuned = tmp_path / "tuned"  # no VAE step, the source's VAE; phase 2 from its weights, 0 steps: the same model
+    train_wan_base(tuned, replace(RECIPE, vae_init=str(source), vae_steps=0, init=str(source), steps=0), SPEC,
+                   quiet=True)
+    src_model, new_model = _model_tensors(source), _model_tensors(tuned)
+    assert src_model.keys() == new_model.keys() and all(torch.equal(src_model[k], new_model[k]) for k in src_model)
+    train_wan_base(tuned, replace(RECIPE, vae_init=str(source), vae_steps=0, init=str(source), steps=2), SPEC,
+                   quiet=True)  # trains on from there
+    assert json.loads((tuned / ".train_state" / "transformer" / "state.json").read_text())["step"] == 2
+
+    with pytest.raises(CavError, match=rf"^--init {source}: its transformer has other sizes than this run's "
+                                       r"\(\d+ tensors differ, e\.g\. .*\): pass the sizes it was trained with"):
+        train_wan_base(tmp_path / "bad", replace(RECIPE, vae_init=str(source), vae_steps=0, init=str(source)),
+                       replace(SPEC, ffn_dim=32), quiet=True)
+    with pytest.raises(CavError, match=r"^--init /nonexistent: no transformer weights at "):
+        train_wan_base(tmp_path / "bad2", replace(RECIPE, vae_init=str(source), vae_steps=0, init="/nonexistent"),
+                       SPEC, quiet=True)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()  # refused before writing

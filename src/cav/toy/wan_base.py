@@ -123,6 +123,12 @@ class WanRecipe:
     image_every: int = _f(4, "every k-th phase-2 step is an image-mode batch (frames seen alone, appearance "
                           "caption)", unit="steps")
     image_motion_words: float = _f(0.5, "fraction of image-mode captions that name a motion drawn from all of them")
+    object_weight: float = _f(0.0, "phase 2: extra weight of the flow loss on the latent cells the object covers "
+                              "(its pixel mask max-pooled onto the latent grid, the VAE's frame groups): at 32 px the "
+                              "object is a few of a frame's 64 cells, so colour and shape are a sliver of the loss")
+    init: str = _f("", "phase 2: start the transformer and text encoder from FOLDER's (a toy Wan model or run folder "
+                   "of the same sizes; read at transformer step 0 only, a fresh AdamW); empty: random weights",
+                   metavar="FOLDER", default_text="random weights")
     caption_dropout: float = _f(0.1, "fraction of captions dropped (for classifier-free guidance)")
     ema: float = _f(0.0, "phase 2: decay of an exponential moving average of the transformer and text encoder "
                     "weights, which the written model holds (0: the trained weights). It never changes the training, "
@@ -395,13 +401,18 @@ def _prompt_encoder(pipe, recipe: WanRecipe):
 
 
 def _phase2_batch(specs, recipe: WanRecipe, vae, gen: torch.Generator, image: bool):
-    """(latents, captions): a video batch (clip latents, full captions) or an image-mode batch (each frame encoded
-    alone; appearance captions, some naming a motion from all of them). Captions dropped at ``caption_dropout``."""
+    """(latents, captions, loss weights or None): a video batch (clip latents, full captions) or an image-mode batch
+    (each frame encoded alone; appearance captions, some naming a motion from all of them). Captions dropped at
+    ``caption_dropout``. The weights (``object_weight``): 1 + object_weight on the latent cells the object covers."""
     idx = torch.randint(0, len(specs), (recipe.batch,), generator=gen)
     chosen = [specs[int(i)] for i in idx]
-    pixels = render_batch(chosen, recipe.frames, recipe.size)
+    pixels, masks = render_with_masks(chosen, recipe.frames, recipe.size)
     with torch.no_grad():
         latents = encode_frames(vae, pixels) if image else encode_video(vae, pixels)
+    weights = None
+    if recipe.object_weight:
+        cells = latent_mask(masks, latents.shape[2:], image)
+        weights = 1.0 + recipe.object_weight * cells
     if image:
         texts = [tw.caption(s)[1] for s in chosen]
         for k, text in image_captions(chosen, recipe.image_motion_words, gen).items():
@@ -409,7 +420,22 @@ def _phase2_batch(specs, recipe: WanRecipe, vae, gen: torch.Generator, image: bo
     else:
         texts = [tw.caption(s)[0] for s in chosen]
     drop = torch.rand(recipe.batch, generator=gen) < recipe.caption_dropout
-    return latents, ["" if d else t for t, d in zip(texts, drop.tolist())]
+    return latents, ["" if d else t for t, d in zip(texts, drop.tolist())], weights
+
+
+def latent_mask(masks: torch.Tensor, latent_shape, image: bool) -> torch.Tensor:
+    """Pixel masks (B, 1, F, H, W) → (B, 1, f, h, w) on the latent grid: a cell is 1 where the object touches any
+    pixel of it in any frame the VAE folds into it (frame 0 alone, then groups of F−1 / (f−1); every frame alone
+    when ``image``)."""
+    f, h, w = latent_shape
+    frames = masks.shape[2]
+    if image or f == frames:
+        groups = [masks[:, :, k:k + 1] for k in range(frames)]
+    else:
+        step = (frames - 1) // (f - 1)
+        groups = [masks[:, :, :1]] + [masks[:, :, 1 + step * k:1 + step * (k + 1)] for k in range(f - 1)]
+    pooled = torch.cat([g.amax(dim=2, keepdim=True) for g in groups], dim=2)
+    return torch.nn.functional.adaptive_max_pool3d(pooled, (pooled.shape[2], h, w))
 
 
 def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWanSpec | None = None,
@@ -440,6 +466,9 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
     init = None  # read (and checked) before anything is written; only a run that has not begun its VAE uses it
     if recipe.vae_init and not (_state_dir(out, "vae") / "state.json").is_file():
         init = _init_vae_weights(recipe, vae)
+    phase2_init = None  # the same for --init: read and checked before anything is written
+    if recipe.init and not (_state_dir(out, "transformer") / "state.json").is_file():
+        phase2_init = _init_phase2(recipe.init, {"transformer": transformer, "text_encoder": text_encoder})
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / ".train_state" / "run.json", {"recipe": asdict(recipe), "spec": asdict(spec)})
     clock = _Clock(recipe.max_seconds, recipe.save_minutes)
@@ -490,6 +519,9 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
                              {"params": text_encoder.parameters(), "lr": recipe.text_lr}], weight_decay=0.0)
     modules = {"transformer": transformer, "text_encoder": text_encoder}
     step, progress = _load_state(out, "transformer", modules, opt, gen)
+    if step == 0 and phase2_init is not None:
+        for name, tensors in phase2_init.items():
+            modules[name].load_state_dict(tensors)
     log = progress.get("log", [])
     ema, ema_since = _ema_modules(out, modules, recipe.ema, step, progress)
     written = {**comps, **ema}  # the model the folder gets: the average when there is one
@@ -504,10 +536,10 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = base * min(1.0, (step + 1) / max(1, recipe.warmup))  # warm-up, then constant
         image = bool(recipe.image_every) and step % recipe.image_every == recipe.image_every - 1
-        latents, texts = _phase2_batch(specs, recipe, vae, gen, image)
+        latents, texts, weights = _phase2_batch(specs, recipe, vae, gen, image)
         embeds, bias = encode(texts)
         loss = transformer_loss(transformer, latents, embeds, objective, generator=gen, image_mode=image,
-                                slot_bias=bias)
+                                slot_bias=bias, weights=weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
@@ -530,6 +562,31 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
                                                         **vae_error(vae, specs, recipe),
                                                         "transformer_step": step, "ema": recipe.ema,
                                                         "ema_since": ema_since, "vae_log": vae_log, "log": log})
+
+
+def _init_phase2(folder: str, modules: dict) -> dict:
+    """FOLDER's transformer and text encoder weights, checked against ``modules``' names and shapes."""
+    from safetensors.torch import load_file
+
+    found = {}
+    files = {"transformer": Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors",
+             "text_encoder": Path(folder) / "text_encoder" / "model.safetensors"}
+    for name, path in files.items():
+        if not path.is_file():
+            raise CavError(f"--init {folder}: no {name} weights at {path}: pass a toy Wan model or run folder")
+        tensors, own = load_file(str(path)), modules[name].state_dict()
+        if name == "text_encoder":  # umT5 ties these; the saved file may hold only one
+            for a, b in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight",
+                                                                             "shared.weight")):
+                if a in own and a not in tensors and b in tensors:
+                    tensors[a] = tensors[b]
+        wrong = sorted(k for k in set(own) | set(tensors)
+                       if k not in own or k not in tensors or own[k].shape != tensors[k].shape)
+        if wrong:
+            raise CavError(f"--init {folder}: its {name} has other sizes than this run's ({len(wrong)} tensors "
+                           f"differ, e.g. {wrong[0]}): pass the sizes it was trained with (its .train_state/run.json)")
+        found[name] = tensors
+    return found
 
 
 def _ema_modules(out: Path, modules: dict, decay: float, step: int, progress: dict) -> tuple[dict, int | None]:

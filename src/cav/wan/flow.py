@@ -67,9 +67,15 @@ class FlowObjective:
         """The velocity the transformer learns to predict."""
         return noise - latents
 
-    def loss(self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Mean squared velocity error, in fp32 whatever the model's dtype."""
-        return torch.nn.functional.mse_loss(prediction.float(), self.target(latents, noise).float())
+    def loss(self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean squared velocity error, in fp32 whatever the model's dtype; with ``weights`` (broadcast to the
+        latents) the weighted mean."""
+        if weights is None:
+            return torch.nn.functional.mse_loss(prediction.float(), self.target(latents, noise).float())
+        error = (prediction.float() - self.target(latents, noise).float()).square()
+        weights = weights.float().expand_as(error)
+        return (weights * error).sum() / weights.sum()
 
     def frame_difference_loss(self, prediction: torch.Tensor, latents: torch.Tensor,
                               noise: torch.Tensor) -> torch.Tensor:
@@ -100,12 +106,14 @@ def frame_difference_mse(prediction: torch.Tensor, target: torch.Tensor) -> torc
 
 def transformer_loss(transformer, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
                      objective: FlowObjective, generator: torch.Generator | None = None,
-                     image_mode: bool = False, slot_bias: torch.Tensor | None = None) -> torch.Tensor:
+                     image_mode: bool = False, slot_bias: torch.Tensor | None = None,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
     """One flow-matching loss of ``transformer`` on clean normalised ``latents`` (B, C, F, H, W).
 
     ``image_mode``: every frame is its own 1-frame video (frames folded into the batch, the prompt repeated) with
     its own σ, as the absorber trains on unordered frames; otherwise one σ per clip. ``slot_bias`` (B, L): short
-    text slots standing for the pipeline's zero-padded ones (``cav.wan.slots``; the transformer installed)."""
+    text slots standing for the pipeline's zero-padded ones (``cav.wan.slots``; the transformer installed).
+    ``weights`` (B, 1 or C, F, H, W): the loss's weight per latent element (``FlowObjective.loss``)."""
     from contextlib import nullcontext
 
     if image_mode:
@@ -115,6 +123,7 @@ def transformer_loss(transformer, latents: torch.Tensor, encoder_hidden_states: 
         latents = fold_frames(latents)
         encoder_hidden_states = encoder_hidden_states.repeat_interleave(frames, dim=0)
         slot_bias = None if slot_bias is None else slot_bias.repeat_interleave(frames, dim=0)
+        weights = None if weights is None else fold_frames(weights)
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device="cpu").to(latents.device)
     sigmas = objective.sample_sigmas(latents.shape[0], generator=generator).to(latents.device)
     if slot_bias is None:
@@ -127,7 +136,7 @@ def transformer_loss(transformer, latents: torch.Tensor, encoder_hidden_states: 
         prediction = transformer(hidden_states=objective.noisy(latents, noise, sigmas),
                                  timestep=objective.timesteps(sigmas), encoder_hidden_states=encoder_hidden_states,
                                  return_dict=False)[0]
-    return objective.loss(prediction, latents, noise)
+    return objective.loss(prediction, latents, noise, weights)
 
 
 def _integrate(velocity: Velocity, latents: torch.Tensor, sigmas: torch.Tensor, num_train_timesteps: int):
