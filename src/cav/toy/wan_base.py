@@ -17,7 +17,10 @@ Seeded and exactly resumable: weights, AdamW state and the data generator's stat
 ``OUT/.train_state/<phase>/`` every ``save_minutes`` and at the end; the learning rates depend on the step only
 (the VAE's constant or cosine, the transformer's warm-up then constant), so a run cut by ``--max-seconds`` and
 resumed is bit-identical to one run straight through (``tests/test_toy_wan.py``). Phase 1 may start from another
-folder's VAE (``vae_init``: a fine-tune). Run it as ``cav toy train-base --family wan --out DIR``.
+folder's VAE (``vae_init``: a fine-tune), phase 2 from another folder's transformer and text encoder (``init``).
+``object_weight`` weighs the flow loss up on the object's latent cells; ``ema`` writes a moving average of the
+weights as the model (it never changes the training, so a resume may turn it on). Run it as
+``cav toy train-base --family wan --out DIR``.
 """
 
 from __future__ import annotations
