@@ -41,6 +41,11 @@ def test_check_base_on_a_few_videos(capsys):
     for key in ("colour_accuracy", "shape_accuracy", "motion_accuracy", "heldout_motion_error"):
         assert 0.0 <= out[key] <= 1.0 or key == "heldout_motion_error"
     assert out["videos"] == 2 and out["heldout_motion_error"] >= 0
+    # the misses by what was drawn instead: as many as the accuracies say
+    for attr in ("colour", "shape", "background"):
+        missed = round((1 - out[f"{attr}_accuracy"]) * out["videos"])
+        assert sum(out["confusions"][attr].values()) == missed
+        assert all(" → " in pair for pair in out["confusions"][attr])
 
 
 @pytest.mark.slow

@@ -173,11 +173,16 @@ def score(video: np.ndarray, spec: tw.ToySpec) -> dict:
     }
 
 
-def appearance_ok(video: np.ndarray, spec: tw.ToySpec) -> bool:
-    """Whether the video's classified colour, shape AND background are ``spec``'s (the prompt's appearance)."""
+def appearance(video: np.ndarray) -> tuple[str, str, str]:
+    """The video's classified (colour, shape, background)."""
     v = _as_video(video)
     mask = object_mask(v)
-    return _colour(v, mask) == spec.colour and _shape(mask) == spec.shape and classify_background(v) == spec.background
+    return _colour(v, mask), _shape(mask), classify_background(v)
+
+
+def appearance_ok(video: np.ndarray, spec: tw.ToySpec) -> bool:
+    """Whether the video's classified colour, shape AND background are ``spec``'s (the prompt's appearance)."""
+    return appearance(video) == (spec.colour, spec.shape, spec.background)
 
 
 def score_videos(reference: np.ndarray, videos, specs: list[tw.ToySpec]) -> tuple[list[float], list[bool]]:

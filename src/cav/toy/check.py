@@ -10,6 +10,7 @@ must work with. Both draw the same prompts and seeds and are scored by the same 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,8 @@ def check_base(base: str = "toy", n: int = 64, heldout: int = 24, seed: int = 0,
         "heldout_appearance_accuracy": float(np.mean([s["colour_ok"] and s["shape_ok"] and s["background_ok"]
                                                       for s in held_scores])),
         "heldout_background_accuracy": float(np.mean([s["background_ok"] for s in held_scores])),
+        # what the seen-motion videos drew where they missed: {"colour": {"yellow → white": 3, ...}, ...}
+        "confusions": _confusions(scores, seen),
         "seconds": round(time.time() - t0, 1),
     }
 
@@ -118,6 +121,16 @@ def _score(draw, specs, seed, batch, bar) -> list[dict]:
     for i in range(0, len(specs), batch):
         chunk = specs[i:i + batch]
         videos = draw([tw.caption(s)[0] for s in chunk], [seed + i + k for k in range(len(chunk))])
-        out += [tm.score(v, s) for v, s in zip(videos, chunk)]
+        out += [{**tm.score(v, s), "drawn": tm.appearance(v)} for v, s in zip(videos, chunk)]
         bar.update(len(chunk))
+    return out
+
+
+def _confusions(scores: list[dict], specs: list[tw.ToySpec]) -> dict:
+    """Per attribute, "asked → drawn": count over the videos that missed it, most frequent first."""
+    out = {}
+    for k, attr in enumerate(("colour", "shape", "background")):
+        pairs = Counter(f"{getattr(spec, attr)} → {s['drawn'][k]}" for s, spec in zip(scores, specs)
+                        if s["drawn"][k] != getattr(spec, attr))
+        out[attr] = dict(pairs.most_common())
     return out
