@@ -41,6 +41,8 @@ def test_trains_end_to_end_and_stock_pipeline_generates(tmp_path):
     assert index["text_encoder"] == ["transformers", "UMT5EncoderModel"]
     vae_config = json.loads((tmp_path / "run" / "vae" / "config.json").read_text())
     assert vae_config["latents_std"] != [1.0] * 4  # the measured latent statistics, not the placeholders
+    tokenizer = json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())
+    assert tokenizer["padding"] is None and tokenizer["truncation"] is None  # not the last training call's
 
     pipe = WanPipeline.from_pretrained(tmp_path / "run")
     video = pipe("a red circle moving left on a navy background", num_frames=5, height=16, width=16,

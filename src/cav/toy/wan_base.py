@@ -644,6 +644,10 @@ def _check_same_run(out: Path, recipe: WanRecipe, spec: ToyWanSpec) -> None:
 def _write_model(out: Path, comps: dict) -> None:
     from diffusers import WanPipeline
 
+    backend = getattr(comps["tokenizer"], "_tokenizer", None)
+    if backend is not None:  # a fast tokenizer keeps its last call's padding and truncation, and would save them
+        backend.no_padding()
+        backend.no_truncation()
     WanPipeline(**comps).save_pretrained(out, safe_serialization=True)
 
 
