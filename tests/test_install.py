@@ -49,3 +49,8 @@ def test_wheel_installed_outside_the_checkout_runs(tmp_path):
     assert Path(out.split()[0]).is_relative_to(site)
     assert out.split()[1:3] == ["300", "7"]
     assert set(out.split()[3:]) >= {"ablation/toy", "modelscope", "toy", "zeroscope"}
+    # the toy Wan ships: its WanPipeline folder, not its resume state, within the 25 MB
+    out = run("-c", "from cav.backbone import resolve_base; print(resolve_base('toy-wan'))")
+    wan = Path(out.strip())
+    assert wan.is_relative_to(site) and (wan / "model_index.json").is_file() and not (wan / ".train_state").exists()
+    assert sum(f.stat().st_size for f in wan.rglob("*") if f.is_file()) <= 25 * 2**20

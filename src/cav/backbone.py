@@ -9,8 +9,7 @@ A *base* is one of:
   image model (``unet/`` = ``UNet2DConditionModel``) plus ``motion_adapter`` (a ``MotionAdapter`` folder or hub id);
   SD 1.5 (``AnimateDiffPipeline``) or SDXL (``AnimateDiffSDXLPipeline``: a second text encoder, ``text_encoder_2``).
 - a Wan text-to-video DiT (``WanPipeline``: ``transformer/`` = ``WanTransformer3DModel``, ``AutoencoderKLWan``, a umT5
-  text encoder), or ``toy-wan``, the toy world's Wan (in the repository; not in the
-  package data until it meets its floors: ``toy/wan_model/README.md``). A two-expert base (Wan 2.2 T2V-A14B:
+  text encoder), or ``toy-wan``, the toy world's Wan (``toy/wan_model``, its card there). A two-expert base (Wan 2.2 T2V-A14B:
   ``transformer_2`` beside ``transformer``) loads both; LoRAs train on the one ``--experts`` names (``Backbone.unet``),
   samples use both, each on its side of the pipeline's boundary (``Backbone.denoiser_at``).
 
@@ -40,8 +39,7 @@ TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 TOY_MODELS = {"toy": TOY_MODEL_DIR, "toy-wan": Path(__file__).parent / "toy" / "wan_model"}
 # how a missing toy model is made again
 _TOY_HINT = {"toy": " or train it with `cav toy train-base`",
-             "toy-wan": " from a checkout (it is not in the package yet) or train it with "
-                        "`cav toy train-base --family wan`"}
+             "toy-wan": " or train it with `cav toy train-base --family wan`"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ASSETS = Path(__file__).parent / "assets"
 # hub ids whose small JSON files ship in ``assets/`` as <prefix>_<path with / as _> (plans and checks work offline)

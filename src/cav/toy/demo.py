@@ -125,7 +125,7 @@ def run_wan(out: str | Path, reference: tw.ToySpec = DEFAULT_REFERENCE, prompts:
     block's self-attention) on the same reference and prompts (at the Wan's 9 frames), the base without it, scored
     as the toy UNet's block is; videos, ``contact_sheet.png``, ``side_by_side.gif`` and ``run/`` in ``out``.
     Returns ``metrics.json``'s ``toy-wan`` block (``skipped`` with the reason when the base is not on this
-    machine: the toy Wan is not in the package yet, only in a checkout)."""
+    machine: a ``base`` folder that is not there)."""
     from .. import backbone
     from ..errors import CavError
 
