@@ -29,9 +29,8 @@ from . import best as best_mod
 
 RECIPE = recipe_path("toy")
 WAN_BASE, WAN_RECIPE = "toy-wan", "toy-wan"
-WAN_BEST_REASON = ("no best recipe for the toy Wan yet: it is the one `cav bench ablation --recipe ablation/wan` "
-                   "picks on a toy Wan that meets its floors (the shipped one is a draft); only the paper recipe "
-                   "(toy-wan.yaml) is shown")
+WAN_BEST_REASON = ("no best recipe for the toy Wan yet: no row of `cav bench ablation --recipe ablation/wan` comes "
+                   "near the targets (docs/RESULTS.md, issue 24), so only the paper recipe (toy-wan.yaml) is shown")
 DEFAULT_REFERENCE = tw.ToySpec("circle", "red", "navy", "spiral", scale=0.3)
 
 
