@@ -326,12 +326,17 @@ def _init_vae_weights(recipe: WanRecipe, vae) -> dict:
                   "post_quant_conv.weight", "post_quant_conv.bias", "decoder.conv_in.weight"} <= set(tensors)
     if z_old < z_new and expandable:
         tensors = expand_latent_channels(tensors, z_old, z_new)
+    _check_sizes(f"--vae-init {folder}", "VAE", own, tensors)
+    return tensors
+
+
+def _check_sizes(flag: str, part: str, own: dict, tensors: dict) -> None:
+    """Refuse (one line) weights whose tensor names or shapes are not ``own``'s."""
     wrong = sorted(k for k in set(own) | set(tensors)
                    if k not in own or k not in tensors or own[k].shape != tensors[k].shape)
     if wrong:
-        raise CavError(f"--vae-init {folder}: its VAE has other sizes than this run's ({len(wrong)} tensors differ, "
+        raise CavError(f"{flag}: its {part} has other sizes than this run's ({len(wrong)} tensors differ, "
                        f"e.g. {wrong[0]}): pass the sizes it was trained with (its .train_state/run.json)")
-    return tensors
 
 
 def vae_step_batch(specs, recipe: WanRecipe, gen: torch.Generator) -> tuple[tuple, tuple]:
@@ -528,6 +533,9 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
     log = progress.get("log", [])
     ema, ema_since = _ema_modules(out, modules, recipe.ema, step, progress)
     written = {**comps, **ema}  # the model the folder gets: the average when there is one
+    saved_modules = {**modules, **{f"ema.{name}": m for name, m in ema.items()}}  # the average as ema.<module>.*
+    save = lambda at: _save_state(out, "transformer", at, saved_modules, opt, gen,  # noqa: E731
+                                  {"log": log, "ema_since": ema_since})
     base_lrs, trained = (recipe.lr, recipe.text_lr), False
     pipe = WanPipeline(**comps)
     encode = _prompt_encoder(pipe, recipe)
@@ -555,12 +563,10 @@ def train_wan_base(out: str | Path, recipe: WanRecipe | None = None, spec: ToyWa
                         "seconds": round(time.time() - clock.t0, 1)})
             say(f"transformer step {step} loss {loss.item():.4f} ({'image' if image else 'video'})")
         if clock.save_due():
-            _save_state(out, "transformer", step, {**modules, **_ema_state(ema)}, opt, gen,
-                        {"log": log, "ema_since": ema_since})
+            save(step)
             _write_model(out, written)
     if trained or (ema and progress.get("ema_since") != ema_since):
-        _save_state(out, "transformer", step, {**modules, **_ema_state(ema)}, opt, gen,
-                    {"log": log, "ema_since": ema_since})
+        save(step)
     return _finish(out, written, recipe, spec, clock, {"phase": "transformer", "vae_step": recipe.vae_steps,
                                                         **vae_error(vae, specs, recipe),
                                                         "transformer_step": step, "ema": recipe.ema,
@@ -583,11 +589,7 @@ def _init_phase2(folder: str, modules: dict) -> dict:
                                                                              "shared.weight")):
                 if a in own and a not in tensors and b in tensors:
                     tensors[a] = tensors[b]
-        wrong = sorted(k for k in set(own) | set(tensors)
-                       if k not in own or k not in tensors or own[k].shape != tensors[k].shape)
-        if wrong:
-            raise CavError(f"--init {folder}: its {name} has other sizes than this run's ({len(wrong)} tensors "
-                           f"differ, e.g. {wrong[0]}): pass the sizes it was trained with (its .train_state/run.json)")
+        _check_sizes(f"--init {folder}", name, own, tensors)
         found[name] = tensors
     return found
 
@@ -615,10 +617,6 @@ def _ema_update(ema: dict, modules: dict, decay: float) -> None:
         for a, p in zip(average.parameters(), modules[name].parameters()):
             a.lerp_(p, 1.0 - decay)
 
-
-def _ema_state(ema: dict) -> dict:
-    """The average's modules under the names ``_save_state`` stores them by (``ema.<module>.<tensor>``)."""
-    return {f"ema.{name}": m for name, m in ema.items()}
 
 
 def _check_same_run(out: Path, recipe: WanRecipe, spec: ToyWanSpec) -> None:
