@@ -55,6 +55,33 @@ def test_demo_sweep_scores_each_checkpoint_and_weight(tiny_model, tmp_path):
 
 
 
+def test_wan_demo_sweep_scores_checkpoints_weights_and_cutoffs_and_averages_seeds(tmp_path):
+    overrides = {"steps": 2, "absorber_steps": 1, "sample_steps": 2}  # on the shipped toy Wan, as cav demo
+    out = _run("wan_demo_sweep.py", str(tmp_path / "sweep"), json.dumps(overrides), "1", "0.5,1.0", "0.5,1.0",
+               PROMPTS="2")
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == ["TRAIN", "BASE"] + ["PT"] * 8  # 2 checkpoints × 2 weights × 2 cuts
+    number = r"\d+\.\d+"
+    assert all(re.search(rf" cut (0\.5|1\.0) ratio {number} app [01]\.\d+ leak [01]\.\d+ \| first4 ratio {number} ", line)
+               for line in lines[2:])
+    log = tmp_path / "seed.log"
+    log.write_text(out)
+    means = _run("wan_demo_sweep.py", "--mean", f"twice:{log},{log}").splitlines()
+    assert len(means) == 8 and all(" seeds 2 | all ratio " in line for line in means)
+    first = next(line for line in lines if line.startswith("PT"))
+    ratio = float(re.search(r"ratio (\S+)", first).group(1))
+    assert f"all ratio {ratio:.3f}" in means[0]  # the mean of a log with itself is its own figure
+
+
+def test_wan_prior_probe_adds_base_sampled_clips_to_the_t_lora_batches(tmp_path):
+    overrides = {"steps": 1, "absorber_steps": 1, "sample_steps": 2}
+    out = _run("wan_prior_probe.py", str(tmp_path / "prior"), json.dumps(overrides), "1", "1.0", "1.0", PROMPTS="1",
+               PRIOR_K="2", PRIOR_M="1")
+    lines = out.splitlines()
+    assert lines[0] == "PRIOR clips 2 per step 1 latents [2, 16, 3, 8, 8]"  # 9 frames × 32 px → 3 × 8 × 8
+    assert [line.split()[0] for line in lines[1:]] == ["TRAIN", "BASE", "PT"]
+
+
 # the smallest toy Wan its layout allows (tests/test_toy_wan.py's SPEC): 2 VAE downsamplings, 1 block
 TINY_WAN = ToyWanSpec(heads=2, head_dim=12, layers=1, ffn_dim=16, text_dim=8, text_layers=1, text_heads=2, text_ff=16,
                       z_dim=4, vae_base_dim=4, vae_dim_mult=(1, 1, 1), temporal=4)

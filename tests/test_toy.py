@@ -70,8 +70,10 @@ def test_reduced_demo_writes_everything(tmp_path, capsys):
     best_cfg = load_recipe(out / "best-run" / "config.yaml")  # as recipe keys
     assert best_cfg["placement"] == "motiondirector+tconv" and best_cfg["steps"] == 3  # --steps reaches both recipes
     assert best["adapter"] == str(out / "best-run")  # toy-best samples its last T-LoRA (no checkpoint selection)
-    wan = metrics["toy-wan"]  # on by default: the toy Wan's block, the paper's port, no best recipe yet
-    assert wan["base"] == "toy-wan" and wan["best"] is None and isinstance(wan["motion_error_cav"], float)
+    assert 0 <= metrics["frame_leakage_base"] <= 1  # the base's own leakage on the same prompts: the floor
+    wan = metrics["toy-wan"]  # on by default: the toy Wan's block, the paper's port and toy-wan-best
+    assert wan["base"] == "toy-wan" and isinstance(wan["motion_error_cav"], float)
+    assert wan["best"]["recipe"] == "toy-wan-best.yaml" and set(wan["best"]["meets_targets"]) == set(wan["best"]["targets"])
     assert (out / "toy-wan" / "contact_sheet.png").is_file() and "toy Wan" in text
 
 
@@ -84,33 +86,45 @@ def test_demo_runs_both_recipes_by_default_each_with_its_own_schedule():
     assert args.wan is True and build_parser().parse_args(["demo", "--no-wan"]).wan is False  # both toy bases
 
 
-def test_demo_wan_block_has_the_paper_recipe_and_an_honest_best(tmp_path):
-    """The toy Wan's block of metrics.json (a few steps on the shipped draft toy Wan): the paper's port scored as the
-    toy UNet's block is, its videos, sheet and run in OUT/toy-wan, and no best recipe (null, with the reason)."""
+def test_demo_wan_block_has_the_paper_recipe_and_the_best_against_its_targets(tmp_path):
+    """The toy Wan's block of metrics.json (a few steps on the shipped toy Wan): the paper's port and the toy-wan-best
+    recipe, each scored as the toy UNet's block is, the base's own frame leakage beside them, the best recipe's
+    figures checked against issue 24's targets; videos, sheet and runs in OUT/toy-wan."""
     from PIL import Image
 
-    from cav.toy.demo import WAN_BEST_REASON, run_wan, summary
+    from cav.toy.best import WAN_TARGETS
+    from cav.toy.demo import run_wan, summary
 
     out = tmp_path / "toy-wan"
     block = run_wan(out, prompts=2, overrides={"steps": 2, "absorber_steps": 1, "sample_steps": 2}, quiet=True)
     assert {"base", "recipe", "reference", "prompts", "motion_error_base", "motion_error_cav", "motion_error_ratio",
-            "appearance_accuracy", "frame_leakage", "per_video", "best", "best_reason", "seconds"} <= set(block)
+            "appearance_accuracy", "frame_leakage", "frame_leakage_base", "per_video", "best", "seconds"} <= set(block)
     assert block["base"] == "toy-wan" and block["recipe"] == "toy-wan.yaml"
-    assert block["best"] is None and block["best_reason"] == WAN_BEST_REASON and "ablation/wan" in WAN_BEST_REASON
-    for key in ("motion_error_base", "motion_error_cav", "motion_error_ratio", "appearance_accuracy",
-                "frame_leakage"):
-        assert isinstance(block[key], float) and np.isfinite(block[key]), key
-    assert block["motion_error_ratio"] == pytest.approx(block["motion_error_cav"] / block["motion_error_base"])
-    assert len(block["per_video"]) == len(block["prompts"]) == 2
+    best = block["best"]
+    for b in (block, best):
+        for key in ("motion_error_base", "motion_error_cav", "motion_error_ratio", "appearance_accuracy",
+                    "frame_leakage"):
+            assert isinstance(b[key], float) and np.isfinite(b[key]), key
+        assert b["motion_error_ratio"] == pytest.approx(b["motion_error_cav"] / b["motion_error_base"])
+    assert best["motion_error_base"] == block["motion_error_base"] and best["recipe"] == "toy-wan-best.yaml"
+    assert best["targets"] == {"motion_error_ratio": "<= 0.3", "appearance_accuracy": ">= 0.9", "frame_leakage": "<= 0.05"}
+    for key, (op, value) in WAN_TARGETS.items():  # each verdict is this run's figure against the target
+        assert best["meets_targets"][key] == (best[key] <= value if op == "<=" else best[key] >= value)
+    assert len(block["per_video"]) == len(best["per_video"]) == len(block["prompts"]) == 2
     cfg = load_recipe(out / "run" / "config.yaml")  # as recipe keys
     assert cfg["base"] == "toy-wan" and cfg["frames"] == 9 and cfg["absorber_mode"] == "image" and cfg["steps"] == 2
-    for name in ("reference.mp4", "base-1.mp4", "cav-1.gif", "side_by_side.gif", "run/t_lora/adapter_model.safetensors"):
+    best_cfg, shipped = load_recipe(out / "best-run" / "config.yaml"), load_recipe("toy-wan-best")
+    assert best_cfg["steps"] == 2 and best_cfg["t_lora_batch"] == shipped["t_lora_batch"]  # --steps reaches both
+    for name in ("reference.mp4", "base-1.mp4", "cav-1.gif", "best-1.mp4", "side_by_side.gif",
+                 "run/t_lora/adapter_model.safetensors", "best-run/t_lora/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width > sheet.height > 0
     text = summary({"reference": "r", "motion_error_base": 1.0, "motion_error_cav": 0.5, "motion_error_ratio": 0.5,
-                    "appearance_accuracy": 1.0, "frame_leakage": 0.0, "seconds": 1.0, "toy-wan": block}, tmp_path)
-    assert "toy Wan (toy-wan.yaml" in text and "Best recipe: none yet" in text
+                    "appearance_accuracy": 1.0, "frame_leakage": 0.0, "frame_leakage_base": 0.0, "seconds": 1.0,
+                    "toy-wan": block}, tmp_path)
+    assert "toy Wan (toy-wan.yaml" in text and "toy Wan best recipe (toy-wan-best.yaml)" in text
+    assert "targets met: motion_error_ratio " in text
 
 
 def test_zero_terminal_snr_needs_v_prediction():

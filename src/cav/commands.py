@@ -111,8 +111,8 @@ def _recipes_own(key: str):
     def text() -> str:
         from .config import load_recipe
 
-        toy, best, wan = (load_recipe(name)[key] for name in ("toy", "toy-best", "toy-wan"))
-        return f"each recipe's own: toy {toy}, toy-best {best}, toy-wan {wan}"
+        names = ("toy", "toy-best", "toy-wan", "toy-wan-best")
+        return "each recipe's own: " + ", ".join(f"{name} {load_recipe(name)[key]}" for name in names)
 
     return text
 
@@ -128,12 +128,13 @@ class DemoOptions:
     absorber_steps: int | None = option(None, "absorber training steps of every recipe",
                                         default_text=_recipes_own("absorber_steps"))
     base: str = option("toy", "base model (a toy-world model)")
-    best: bool = option(True, "also train and score the shipped toy-best recipe (MotionDirector placement + temporal "
-                        "convs, docs/RESULTS.md) as metrics.json's `best` and the side-by-side GIF's extra column; "
-                        "--no-best runs the paper's recipe alone")
+    best: bool = option(True, "also train and score each base's shipped best recipe (toy-best: MotionDirector "
+                        "placement + temporal convs; toy-wan-best on the toy Wan; docs/DEMO-TUNING.md) as "
+                        "metrics.json's `best` blocks and the sheets' extra column; --no-best runs the paper's recipe "
+                        "alone")
     wan: bool = option(True, "also run the demo on the toy Wan (base toy-wan, a DiT; the paper's port, recipe "
-                       "toy-wan) into OUT/toy-wan/ and metrics.json's `toy-wan` block; it has no best recipe yet "
-                       "(the block says why); --no-wan runs the toy UNet alone")
+                       "toy-wan, and toy-wan-best) into OUT/toy-wan/ and metrics.json's `toy-wan` block; --no-wan "
+                       "runs the toy UNet alone")
     quiet: bool = option(False, "no progress bars")
 
 

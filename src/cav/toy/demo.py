@@ -8,9 +8,10 @@
    frame size), their ratio, and whether the customized videos follow the prompt's appearance.
 
 Both toy bases: the toy UNet's block is ``metrics.json``'s top level (with ``best``: the ``toy-best`` recipe), as
-before; the toy Wan's (``run_wan``: the paper's port, ``cav/configs/toy-wan.yaml``, on base ``toy-wan``) is its
-``toy-wan`` key, its videos, sheet and run in ``OUT/toy-wan/``. The toy Wan has no best recipe yet (``best`` null,
-``best_reason`` says why): it is the one ``cav bench ablation --recipe ablation/wan`` finds on a finished base.
+before; the toy Wan's (``run_wan``: the paper's port, ``cav/configs/toy-wan.yaml``, on base ``toy-wan``, with
+``best``: the ``toy-wan-best`` recipe and its figures against issue 24's targets) is its ``toy-wan`` key, its videos,
+sheet and runs in ``OUT/toy-wan/``. Each block has ``frame_leakage_base``: the base's own frame leakage on the same
+prompts and seeds, the floor the recipes' ``frame_leakage`` is read against.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from . import best as best_mod
 
 RECIPE = recipe_path("toy")
 WAN_BASE, WAN_RECIPE = "toy-wan", "toy-wan"
-WAN_BEST_REASON = ("no best recipe for the toy Wan yet: no row of `cav bench ablation --recipe ablation/wan` comes "
-                   "near the targets (docs/RESULTS.md, issue 24), so only the paper recipe (toy-wan.yaml) is shown")
 DEFAULT_REFERENCE = tw.ToySpec("circle", "red", "navy", "spiral", scale=0.3)
 
 
@@ -81,19 +80,16 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    full, spatial = tw.caption(reference)
-    (cfg, ref_video, ref_path, texts, seed_list, spec_per_video, base_videos, cav_videos, err_base, err_cav,
+    full, _ = tw.caption(reference)
+    (_, ref_video, ref_path, texts, seed_list, spec_per_video, base_videos, cav_videos, err_base, err_cav,
      follows) = _paper_recipe(out, RECIPE, base, reference, prompts, seeds, overrides, quiet)
     columns = [list(base_videos), list(cav_videos)]
     best_block = None
     if best:  # the product's best recipe (toy/best.py), scored the same way
-        best_cfg = best_mod.best_config(full, spatial, base, overrides)
-        best_videos, adapter = best_mod.run_best(ref_path, best_cfg, out, texts, seed_list, quiet)
-        best_block = best_mod.block(reference, ref_video, best_videos, spec_per_video, err_base, adapter)
+        best_videos, best_block = best_mod.train_and_score(out, best_mod.BEST_RECIPE, reference, ref_video, ref_path,
+                                                           texts, seed_list, spec_per_video, err_base, base,
+                                                           overrides, quiet)
         columns.append(list(best_videos))
-        for i, video in enumerate(best_videos):
-            write_video(out / f"best-{i}.mp4", video)
-            write_video(out / f"best-{i}.gif", video)
     write_sheet(out / "contact_sheet.png", ref_video, full, texts, columns,
                 [err_base, err_cav] + ([[v["motion_error_cav"] for v in best_block["per_video"]]] if best else []))
     write_side_by_side(out / "side_by_side.gif", ref_video, columns)
@@ -104,7 +100,8 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
         "motion_error_cav": float(np.mean(err_cav)),
         "motion_error_ratio": float(np.mean(err_cav) / max(np.mean(err_base), 1e-8)),
         "appearance_accuracy": float(np.mean(follows)),
-        "frame_leakage": float(np.mean([tm.frame_leakage(v, reference, s) for v, s in zip(cav_videos, spec_per_video)])),
+        "frame_leakage": _leakage(cav_videos, reference, spec_per_video),
+        "frame_leakage_base": _leakage(base_videos, reference, spec_per_video),
         "per_video": [{"prompt": t, "motion_error_base": eb, "motion_error_cav": ec, "follows_prompt": bool(f)}
                       for t, eb, ec, f in zip(texts, err_base, err_cav, follows)],
         "seconds": round(time.time() - t0, 1),
@@ -112,19 +109,24 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
     if best_block is not None:
         metrics["best"] = best_block
     write_json(out / "metrics.json", metrics)
-    metrics["toy-wan"] = (run_wan(out / "toy-wan", reference, prompts, seeds, overrides, quiet) if wan else
+    metrics["toy-wan"] = (run_wan(out / "toy-wan", reference, prompts, seeds, overrides, quiet, best=best) if wan else
                           {"base": WAN_BASE, "skipped": "not run (cav demo --no-wan)"})
     write_json(out / "metrics.json", metrics)
     return metrics
 
 
+def _leakage(videos, reference: tw.ToySpec, specs) -> float:
+    return float(np.mean([tm.frame_leakage(v, reference, s) for v, s in zip(videos, specs)]))
+
+
 def run_wan(out: str | Path, reference: tw.ToySpec = DEFAULT_REFERENCE, prompts: int = 4, seeds: int = 1,
-            overrides: dict | None = None, quiet: bool = False, base: str = WAN_BASE) -> dict:
+            overrides: dict | None = None, quiet: bool = False, base: str = WAN_BASE, best: bool = True) -> dict:
     """The demo on the toy Wan: the paper's port (``toy-wan`` recipe: image-mode S-LoRA, then the T-LoRA on every
-    block's self-attention) on the same reference and prompts (at the Wan's 9 frames), the base without it, scored
-    as the toy UNet's block is; videos, ``contact_sheet.png``, ``side_by_side.gif`` and ``run/`` in ``out``.
-    Returns ``metrics.json``'s ``toy-wan`` block (``skipped`` with the reason when the base is not on this
-    machine: a ``base`` folder that is not there)."""
+    block's self-attention) on the same reference and prompts (at the Wan's 9 frames), the base without it and
+    (``best``) the ``toy-wan-best`` recipe, scored as the toy UNet's block is; videos, ``contact_sheet.png``,
+    ``side_by_side.gif``, ``run/`` and ``best-run/`` in ``out``. Returns ``metrics.json``'s ``toy-wan`` block (its
+    ``best`` null with ``--no-best``; ``skipped`` with the reason when the base is not on this machine: a ``base``
+    folder that is not there)."""
     from .. import backbone
     from ..errors import CavError
 
@@ -136,13 +138,20 @@ def run_wan(out: str | Path, reference: tw.ToySpec = DEFAULT_REFERENCE, prompts:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     full, _ = tw.caption(reference)
-    (_, ref_video, _, texts, _, spec_per_video, base_videos, cav_videos, err_base, err_cav,
+    (_, ref_video, ref_path, texts, seed_list, spec_per_video, base_videos, cav_videos, err_base, err_cav,
      follows) = _paper_recipe(out, WAN_RECIPE, base, reference, prompts, seeds, overrides, quiet)
-    leak = [tm.frame_leakage(v, reference, s) for v, s in zip(cav_videos, spec_per_video)]
-    columns = [list(base_videos), list(cav_videos)]
-    write_sheet(out / "contact_sheet.png", ref_video, full, texts, columns, [err_base, err_cav],
-                title=f"toy Wan ({base}) · reference: {full} · best recipe: none yet (metrics.json: best_reason)")
+    columns, errors, best_block = [list(base_videos), list(cav_videos)], [err_base, err_cav], None
+    if best:
+        best_videos, best_block = best_mod.train_and_score(out, best_mod.WAN_BEST_RECIPE, reference, ref_video,
+                                                           ref_path, texts, seed_list, spec_per_video, err_base, base,
+                                                           overrides, quiet, targets=best_mod.WAN_TARGETS)
+        columns.append(list(best_videos))
+        errors.append([v["motion_error_cav"] for v in best_block["per_video"]])
+    write_sheet(out / "contact_sheet.png", ref_video, full, texts, columns, errors,
+                title=f"toy Wan ({base}) · reference: {full}",
+                names=(*SHEET_COLUMNS[:2], f"best recipe ({best_mod.WAN_BEST_RECIPE})"))
     write_side_by_side(out / "side_by_side.gif", ref_video, columns)
+    leak = [tm.frame_leakage(v, reference, s) for v, s in zip(cav_videos, spec_per_video)]
     return {
         "base": base, "recipe": str(recipe_path(WAN_RECIPE).name), "folder": str(out),
         "reference": full, "prompts": texts,
@@ -151,9 +160,10 @@ def run_wan(out: str | Path, reference: tw.ToySpec = DEFAULT_REFERENCE, prompts:
         "motion_error_ratio": float(np.mean(err_cav) / max(np.mean(err_base), 1e-8)),
         "appearance_accuracy": float(np.mean(follows)),
         "frame_leakage": float(np.mean(leak)),
+        "frame_leakage_base": _leakage(base_videos, reference, spec_per_video),
         "per_video": [{"prompt": t, "motion_error_base": eb, "motion_error_cav": ec, "follows_prompt": bool(f),
                        "frame_leakage": k} for t, eb, ec, f, k in zip(texts, err_base, err_cav, follows, leak)],
-        "best": None, "best_reason": WAN_BEST_REASON,
+        "best": best_block,
         "seconds": round(time.time() - t0, 1),
     }
 
@@ -163,7 +173,7 @@ SHEET_SHORT = ("base", "T-LoRA", "best")
 
 
 def write_sheet(path: Path, reference: np.ndarray, reference_prompt: str, prompts: list[str], columns: list[list],
-                errors: list[list[float]], title: str | None = None) -> Path:
+                errors: list[list[float]], title: str | None = None, names: tuple[str, ...] = SHEET_COLUMNS) -> Path:
     """One row per prompt: the reference, then the base model, the paper recipe's T-LoRA and (when the demo ran it)
     the best recipe side by side, captioned with the prompt and each one's motion error (the reference repeats in
     every row so each row compares motion at a glance)."""
@@ -173,7 +183,7 @@ def write_sheet(path: Path, reference: np.ndarray, reference_prompt: str, prompt
     captions = [f"{t}   (motion error vs reference: "
                 + ", ".join(f"{name} {e[k]:.3f}" for name, e in zip(SHEET_SHORT, errors)) + ")"
                 for k, t in enumerate(prompts)]
-    return write_comparison_sheet(path, rows, columns=["reference (its motion)", *SHEET_COLUMNS[:len(columns)]],
+    return write_comparison_sheet(path, rows, columns=["reference (its motion)", *names[:len(columns)]],
                                   captions=captions, title=title or f"reference: {reference_prompt}", tile=64)
 
 
@@ -196,7 +206,8 @@ def summary(metrics: dict, out: Path) -> str:
         f"motion error vs reference: base {metrics['motion_error_base']:.3f}  →  with T-LoRA {metrics['motion_error_cav']:.3f}"
         f"  (ratio {metrics['motion_error_ratio']:.2f}; lower is better)",
         f"customized videos that follow the new prompt's colour, shape and background: "
-        f"{metrics['appearance_accuracy']:.0%}; frames showing the reference's appearance: {metrics['frame_leakage']:.0%}",
+        f"{metrics['appearance_accuracy']:.0%}; frames showing the reference's appearance: {metrics['frame_leakage']:.0%} "
+        f"(the base's own: {metrics['frame_leakage_base']:.0%})",
         *([f"best recipe ({metrics['best']['recipe']}): motion error {metrics['best']['motion_error_cav']:.3f} (ratio "
            f"{metrics['best']['motion_error_ratio']:.2f}), appearance {metrics['best']['appearance_accuracy']:.0%}, "
            f"frame leakage {metrics['best']['frame_leakage']:.0%}"] if "best" in metrics else []),
@@ -212,10 +223,15 @@ def _wan_summary(block: dict | None, out: Path) -> list[str]:
         return []
     if "skipped" in block:
         return [f"toy Wan: skipped ({block['skipped']})"]
+    best = block["best"]
     return [
         f"toy Wan ({block['recipe']}, the paper's port): motion error base {block['motion_error_base']:.3f}  →  with "
         f"T-LoRA {block['motion_error_cav']:.3f} (ratio {block['motion_error_ratio']:.2f}), appearance "
-        f"{block['appearance_accuracy']:.0%}, frame leakage {block['frame_leakage']:.0%}; took "
-        f"{block['seconds']:.0f} s.  Best recipe: none yet ({block['best_reason']}).",
+        f"{block['appearance_accuracy']:.0%}, frame leakage {block['frame_leakage']:.0%} (the base's own: "
+        f"{block['frame_leakage_base']:.0%}); took {block['seconds']:.0f} s.",
+        *([f"toy Wan best recipe ({best['recipe']}): motion error {best['motion_error_cav']:.3f} (ratio "
+           f"{best['motion_error_ratio']:.2f}), appearance {best['appearance_accuracy']:.0%}, frame leakage "
+           f"{best['frame_leakage']:.0%}; targets met: "
+           + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in best["meets_targets"].items())] if best else []),
         f"Look at {Path(block['folder']) / 'contact_sheet.png'} and {Path(block['folder']) / 'side_by_side.gif'}",
     ]
