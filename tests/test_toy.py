@@ -71,6 +71,10 @@ def test_reduced_demo_writes_everything(tmp_path, capsys):
     assert best_cfg["placement"] == "motiondirector+tconv" and best_cfg["steps"] == 3  # --steps reaches both recipes
     assert best["adapter"] == str(out / "best-run")  # toy-best samples its last T-LoRA (no checkpoint selection)
     assert 0 <= metrics["frame_leakage_base"] <= 1  # the base's own leakage on the same prompts: the floor
+    for block in (metrics, metrics["toy-wan"]):  # the prompts' ground truth through each base's VAE
+        assert set(block["ceiling"]) == {"motion_error", "motion_error_ratio", "appearance_accuracy", "frame_leakage"}
+        assert block["ceiling"]["motion_error_ratio"] == pytest.approx(block["ceiling"]["motion_error"]
+                                                                       / block["motion_error_base"])
     wan = metrics["toy-wan"]  # on by default: the toy Wan's block, the paper's port and toy-wan-best
     assert wan["base"] == "toy-wan" and isinstance(wan["motion_error_cav"], float)
     assert wan["best"]["recipe"] == "toy-wan-best.yaml" and set(wan["best"]["meets_targets"]) == set(wan["best"]["targets"])
@@ -107,6 +111,9 @@ def test_demo_wan_block_has_the_paper_recipe_and_the_best_against_its_targets(tm
             assert isinstance(b[key], float) and np.isfinite(b[key]), key
         assert b["motion_error_ratio"] == pytest.approx(b["motion_error_cav"] / b["motion_error_base"])
     assert best["motion_error_base"] == block["motion_error_base"] and best["recipe"] == "toy-wan-best.yaml"
+    # the ceiling: the prompts' ground truth (the reference's held-out motion) through the toy Wan's VAE keeps that
+    # motion far better than the base draws it (docs/DEMO-TUNING.md, issue 24: 0.055 against 0.308 on the demo's 4)
+    assert block["ceiling"]["motion_error"] < 0.5 * block["motion_error_base"]
     assert best["targets"] == {"motion_error_ratio": "<= 0.3", "appearance_accuracy": ">= 0.9", "frame_leakage": "<= 0.05"}
     for key, (op, value) in WAN_TARGETS.items():  # each verdict is this run's figure against the target
         assert best["meets_targets"][key] == (best[key] <= value if op == "<=" else best[key] >= value)
@@ -124,7 +131,7 @@ def test_demo_wan_block_has_the_paper_recipe_and_the_best_against_its_targets(tm
                     "appearance_accuracy": 1.0, "frame_leakage": 0.0, "frame_leakage_base": 0.0, "seconds": 1.0,
                     "toy-wan": block}, tmp_path)
     assert "toy Wan (toy-wan.yaml" in text and "toy Wan best recipe (toy-wan-best.yaml)" in text
-    assert "targets met: motion_error_ratio " in text
+    assert "targets met: motion_error_ratio " in text and "toy Wan ceiling" in text
 
 
 def test_zero_terminal_snr_needs_v_prediction():

@@ -158,6 +158,15 @@ def encode_clip(bb: Backbone, clip_u8: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
+def vae_round_trip(bb: Backbone, clip_u8: np.ndarray) -> np.ndarray:
+    """A uint8 (F, H, W, 3) clip encoded by the base's VAE and decoded as the pipeline decodes a sample: the most of
+    that clip the base can show, so the ceiling of any adapter trained toward it (the toy demo's ``ceiling``)."""
+    pipe = bb.pipeline()
+    video = pipe.video_processor.postprocess_video(video=bb.decode(pipe, encode_clip(bb, clip_u8)), output_type="np")
+    return (np.clip(np.asarray(video[0], dtype=np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+@torch.no_grad()
 def ddim_invert(bb: Backbone, latents: torch.Tensor, steps: int, upto: int | None = None) -> torch.Tensor:
     """DDIM inversion of clean latents (B, C, F, h, w): the empty prompt, no guidance, ``DDIMInverseScheduler`` over
     ``steps`` timesteps of the sampling schedule; stops after ``upto`` of them (None: all, ending at the first

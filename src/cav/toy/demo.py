@@ -11,13 +11,15 @@ Both toy bases: the toy UNet's block is ``metrics.json``'s top level (with ``bes
 before; the toy Wan's (``run_wan``: the paper's port, ``cav/configs/toy-wan.yaml``, on base ``toy-wan``, with
 ``best``: the ``toy-wan-best`` recipe and its figures against issue 24's targets) is its ``toy-wan`` key, its videos,
 sheet and runs in ``OUT/toy-wan/``. Each block has ``frame_leakage_base``: the base's own frame leakage on the same
-prompts and seeds, the floor the recipes' ``frame_leakage`` is read against.
+prompts and seeds, and ``ceiling``: the prompts' ground-truth videos (the reference's motion in each new appearance)
+through the base's VAE, scored the same way: the best any recipe can score on that base.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,21 +35,39 @@ WAN_BASE, WAN_RECIPE = "toy-wan", "toy-wan"
 DEFAULT_REFERENCE = tw.ToySpec("circle", "red", "navy", "spiral", scale=0.3)
 
 
+class PaperRun(NamedTuple):
+    """One base's paper-recipe part of the demo (``_paper_recipe``): what its block and the best recipe's reuse."""
+
+    ref_video: np.ndarray
+    ref_path: Path
+    texts: list[str]  # a prompt per video (each new appearance × sampling seeds)
+    seeds: list[int]
+    specs: list[tw.ToySpec]  # the appearance each video asks for
+    base_videos: np.ndarray
+    cav_videos: np.ndarray
+    err_base: list[float]
+    err_cav: list[float]
+    follows: list[bool]
+    ceiling: dict  # the prompts' ground truth through the base's VAE, scored the same way (``ceiling``)
+
+
 def _paper_recipe(out: Path, recipe, base: str, reference: tw.ToySpec, prompts: int, seeds: int,
-                  overrides: dict | None, quiet: bool):
+                  overrides: dict | None, quiet: bool) -> PaperRun:
     """One base's paper-recipe block of the demo, into ``out``: the reference rendered, the run trained with
-    ``recipe`` (+ ``overrides``), the new-appearance prompts sampled without and with its T-LoRA, each scored.
-    Returns (cfg, reference video, its file, prompts, seeds, spec per video, base videos, cav videos, motion errors
-    without / with the T-LoRA, whether each cav video follows its prompt)."""
+    ``recipe`` (+ ``overrides``), the new-appearance prompts sampled without and with its T-LoRA, each scored, and
+    the ceiling: each prompt's ground-truth video (the reference's motion in the prompt's appearance) encoded and
+    decoded by the base's VAE (``sampling.vae_round_trip``) and scored the same way, the best any adapter can do on
+    this base and these prompts."""
     from .. import api, backbone
     from ..adapters import lora
     from ..data.video import write_video
-    from ..sampling import sample_with
+    from ..sampling import sample_with, vae_round_trip
 
     full, spatial = tw.caption(reference)
     cfg = TrainConfig.from_dict({**load_recipe(recipe), **(overrides or {}), "base": base, "prompt": full,
                                  "spatial_prompt": spatial})
-    ref_video, _ = tw.render(reference, frames=cfg.data.frames, size=cfg.data.size[0])
+    frames, size = cfg.data.frames, cfg.data.size[0]
+    ref_video, _ = tw.render(reference, frames=frames, size=size)
     ref_path = write_video(out / "reference.mp4", ref_video)
     write_video(out / "reference.gif", ref_video)
     run = api.train(ref_path, cfg, out / "run", overwrite=True, quiet=quiet)
@@ -56,18 +76,24 @@ def _paper_recipe(out: Path, recipe, base: str, reference: tw.ToySpec, prompts: 
     seed_list = [cfg.validation.seed + k for _ in specs for k in range(seeds)]
     bb = backbone.load(cfg.base, cfg.system.device, cfg.system.dtype)
     base_videos = sample_with(bb, texts, cfg.validation, seed_list)
+    truth = [vae_round_trip(bb, tw.render(s, frames=frames, size=size)[0]) for s in specs]
     api.load_adapters(bb, [(str(run), cfg.validation.lora_weight)])
     cav_videos = sample_with(bb, texts, cfg.validation, seed_list)
     lora.activate(bb.unet, [])
     spec_per_video = [s for s in specs for _ in range(seeds)]
     err_base, _ = score_videos(ref_video, base_videos, spec_per_video)
     err_cav, follows = score_videos(ref_video, cav_videos, spec_per_video)
+    err_truth, truth_follows = score_videos(ref_video, truth, specs)
+    ceiling = {"motion_error": float(np.mean(err_truth)),
+               "motion_error_ratio": float(np.mean(err_truth) / max(np.mean(err_base), 1e-8)),
+               "appearance_accuracy": float(np.mean(truth_follows)),
+               "frame_leakage": _leakage(truth, reference, specs)}
     for i, (b, c) in enumerate(zip(base_videos, cav_videos)):
         for kind, video in (("base", b), ("cav", c)):
             write_video(out / f"{kind}-{i}.mp4", video)
             write_video(out / f"{kind}-{i}.gif", video)
-    return (cfg, ref_video, ref_path, texts, seed_list, spec_per_video, base_videos, cav_videos, err_base, err_cav,
-            follows)
+    return PaperRun(ref_video, ref_path, texts, seed_list, spec_per_video, base_videos, cav_videos, err_base, err_cav,
+                    follows, ceiling)
 
 
 def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFERENCE, prompts: int = 4,
@@ -81,8 +107,9 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     full, _ = tw.caption(reference)
-    (_, ref_video, ref_path, texts, seed_list, spec_per_video, base_videos, cav_videos, err_base, err_cav,
-     follows) = _paper_recipe(out, RECIPE, base, reference, prompts, seeds, overrides, quiet)
+    paper = _paper_recipe(out, RECIPE, base, reference, prompts, seeds, overrides, quiet)
+    (ref_video, ref_path, texts, seed_list, spec_per_video, base_videos, cav_videos, err_base, err_cav,
+     follows, _) = paper
     columns = [list(base_videos), list(cav_videos)]
     best_block = None
     if best:  # the product's best recipe (toy/best.py), scored the same way
@@ -102,6 +129,7 @@ def run_demo(out: str | Path = "runs/demo", reference: tw.ToySpec = DEFAULT_REFE
         "appearance_accuracy": float(np.mean(follows)),
         "frame_leakage": _leakage(cav_videos, reference, spec_per_video),
         "frame_leakage_base": _leakage(base_videos, reference, spec_per_video),
+        "ceiling": paper.ceiling,
         "per_video": [{"prompt": t, "motion_error_base": eb, "motion_error_cav": ec, "follows_prompt": bool(f)}
                       for t, eb, ec, f in zip(texts, err_base, err_cav, follows)],
         "seconds": round(time.time() - t0, 1),
@@ -138,8 +166,9 @@ def run_wan(out: str | Path, reference: tw.ToySpec = DEFAULT_REFERENCE, prompts:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     full, _ = tw.caption(reference)
-    (_, ref_video, ref_path, texts, seed_list, spec_per_video, base_videos, cav_videos, err_base, err_cav,
-     follows) = _paper_recipe(out, WAN_RECIPE, base, reference, prompts, seeds, overrides, quiet)
+    paper = _paper_recipe(out, WAN_RECIPE, base, reference, prompts, seeds, overrides, quiet)
+    (ref_video, ref_path, texts, seed_list, spec_per_video, base_videos, cav_videos, err_base, err_cav,
+     follows, _) = paper
     columns, errors, best_block = [list(base_videos), list(cav_videos)], [err_base, err_cav], None
     if best:
         best_videos, best_block = best_mod.train_and_score(out, best_mod.WAN_BEST_RECIPE, reference, ref_video,
@@ -161,6 +190,7 @@ def run_wan(out: str | Path, reference: tw.ToySpec = DEFAULT_REFERENCE, prompts:
         "appearance_accuracy": float(np.mean(follows)),
         "frame_leakage": float(np.mean(leak)),
         "frame_leakage_base": _leakage(base_videos, reference, spec_per_video),
+        "ceiling": paper.ceiling,
         "per_video": [{"prompt": t, "motion_error_base": eb, "motion_error_cav": ec, "follows_prompt": bool(f),
                        "frame_leakage": k} for t, eb, ec, f, k in zip(texts, err_base, err_cav, follows, leak)],
         "best": best_block,
@@ -229,6 +259,8 @@ def _wan_summary(block: dict | None, out: Path) -> list[str]:
         f"T-LoRA {block['motion_error_cav']:.3f} (ratio {block['motion_error_ratio']:.2f}), appearance "
         f"{block['appearance_accuracy']:.0%}, frame leakage {block['frame_leakage']:.0%} (the base's own: "
         f"{block['frame_leakage_base']:.0%}); took {block['seconds']:.0f} s.",
+        f"toy Wan ceiling (the prompts' ground truth through its VAE): ratio {block['ceiling']['motion_error_ratio']:.2f}, "
+        f"appearance {block['ceiling']['appearance_accuracy']:.0%}, frame leakage {block['ceiling']['frame_leakage']:.0%}",
         *([f"toy Wan best recipe ({best['recipe']}): motion error {best['motion_error_cav']:.3f} (ratio "
            f"{best['motion_error_ratio']:.2f}), appearance {best['appearance_accuracy']:.0%}, frame leakage "
            f"{best['frame_leakage']:.0%}; targets met: "
