@@ -1,10 +1,11 @@
 """Probe (docs/DEMO-TUNING.md, "Issue 24"): DreamBooth-style prior preservation for the toy Wan's T-LoRA, not a cav
 option. Before the T-LoRA stage the base (no adapter on) samples PRIOR_K clips, as latents, of toy prompts with
 random appearances and seen motions; every T-LoRA step then adds PRIOR_M of them, with their own prompts, to the
-reference's batch, so the adapter is trained to leave the base's prompt → appearance mapping alone. Prints a PRIOR line, then scores
-as scripts/wan_demo_sweep.py does (same arguments and env):
+reference's batch, so the adapter is trained to leave the base's prompt → appearance mapping alone. Prints a PRIOR
+line, then scores as scripts/wan_demo_sweep.py does (same arguments and env):
 
-    PRIOR_K=8 PRIOR_M=1 OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/wan_prior_probe.py OUT '{"seed": 0}' 100 0.75,1.0 1.0
+    PRIOR_K=8 PRIOR_M=1 OMP_NUM_THREADS=1 PYTHONPATH=src \
+        python scripts/wan_prior_probe.py OUT '{"seed": 0}' 100 0.75,1.0 1.0
 """
 import os
 import runpy

@@ -1033,10 +1033,11 @@ def test_wan_s_lora_from_diffusers_or_comfyui_layout(built, wan_model, wan_run, 
 
 def test_select_on_a_toy_wan_run(tiny_video, tmp_path, capsys):
     """`cav select` on a run of the shipped toy Wan (its samples at 12 steps draw objects a tracker follows; at 4
-    steps the base as of 10,665 steps draws none, and select refuses): it ranks the checkpoints by motion fidelity, says in `left_out` why the other scores
-    are missing (no CLIP weights; the clip is not the toy world), and copies the chosen one to `selected/`; the run's
-    own T-LoRA stays what `cav generate --adapter RUN` samples. (On run 3, a base whose samples held nothing to track,
-    select refused in one line; that path is tested on UNet3D in tests/test_select_scores.py.)"""
+    steps the base as of 10,665 steps draws none, and select refuses): it ranks the checkpoints by motion fidelity,
+    says in `left_out` why the other scores are missing (no CLIP weights; the clip is not the toy world), and copies
+    the chosen one to `selected/`; the run's own T-LoRA stays what `cav generate --adapter RUN` samples. (On run 3,
+    a base whose samples held nothing to track, select refused in one line; that path is tested on UNet3D in
+    tests/test_select_scores.py.)"""
     out = tmp_path / "run"
     assert main([str(a) for a in ["train", tiny_video, "--prompt", PROMPT, "--base", "toy-wan", "--out", out,
                                   "--frames", "5", "--size", "32", "--steps", "4", "--absorber-steps", "1",

@@ -62,8 +62,8 @@ def test_wan_demo_sweep_scores_checkpoints_weights_and_cutoffs_and_averages_seed
     lines = out.splitlines()
     assert [line.split()[0] for line in lines] == ["TRAIN", "BASE"] + ["PT"] * 8  # 2 checkpoints × 2 weights × 2 cuts
     number = r"\d+\.\d+"
-    assert all(re.search(rf" cut (0\.5|1\.0) ratio {number} app [01]\.\d+ leak [01]\.\d+ \| first4 ratio {number} ", line)
-               for line in lines[2:])
+    pt = rf" cut (0\.5|1\.0) ratio {number} app [01]\.\d+ leak [01]\.\d+ \| first4 ratio {number} "
+    assert all(re.search(pt, line) for line in lines[2:])
     log = tmp_path / "seed.log"
     log.write_text(out)
     means = _run("wan_demo_sweep.py", "--mean", f"twice:{log},{log}").splitlines()

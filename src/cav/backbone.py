@@ -9,9 +9,9 @@ A *base* is one of:
   image model (``unet/`` = ``UNet2DConditionModel``) plus ``motion_adapter`` (a ``MotionAdapter`` folder or hub id);
   SD 1.5 (``AnimateDiffPipeline``) or SDXL (``AnimateDiffSDXLPipeline``: a second text encoder, ``text_encoder_2``).
 - a Wan text-to-video DiT (``WanPipeline``: ``transformer/`` = ``WanTransformer3DModel``, ``AutoencoderKLWan``, a umT5
-  text encoder), or ``toy-wan``, the toy world's Wan (``toy/wan_model``, its card there). A two-expert base (Wan 2.2 T2V-A14B:
-  ``transformer_2`` beside ``transformer``) loads both; LoRAs train on the one ``--experts`` names (``Backbone.unet``),
-  samples use both, each on its side of the pipeline's boundary (``Backbone.denoiser_at``).
+  text encoder), or ``toy-wan``, the toy world's Wan (``toy/wan_model``, its card there). A two-expert base (Wan
+  2.2 T2V-A14B: ``transformer_2`` beside ``transformer``) loads both; LoRAs train on the one ``--experts`` names
+  (``Backbone.unet``), samples use both, each on its side of the pipeline's boundary (``Backbone.denoiser_at``).
 
 Families of bases are the rows of ``families.FAMILIES``: the model class each one loads, the pipeline that samples
 from it, its text condition, its objective's schedulers; this module reads them and never branches on a family's

@@ -23,8 +23,9 @@ WAN_BEST_RECIPE = "toy-wan-best"
 WAN_TARGETS = {"motion_error_ratio": ("<=", 0.3), "appearance_accuracy": (">=", 0.9), "frame_leakage": ("<=", 0.05)}
 
 
-def best_config(full: str, spatial: str, base: str, overrides: dict | None = None,
-                recipe: str = BEST_RECIPE) -> TrainConfig:
+def demo_config(full: str, spatial: str, base: str, overrides: dict | None = None,
+                recipe: str | Path = BEST_RECIPE) -> TrainConfig:
+    """A demo recipe (a shipped name or file) with the demo's overrides, on ``base``, for the reference's prompts."""
     return TrainConfig.from_dict({**load_recipe(recipe), **(overrides or {}), "base": base, "prompt": full,
                                   "spatial_prompt": spatial})
 
@@ -54,7 +55,7 @@ def train_and_score(out: Path, recipe: str, reference: tw.ToySpec, ref_video: np
     from ..data.video import write_video
 
     full, spatial = tw.caption(reference)
-    cfg = best_config(full, spatial, base, overrides, recipe=recipe)
+    cfg = demo_config(full, spatial, base, overrides, recipe=recipe)
     videos, adapter = run_best(ref_path, cfg, out, texts, seeds, quiet)
     for i, video in enumerate(videos):
         write_video(out / f"best-{i}.mp4", video)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..config import TrainConfig, load_recipe, recipe_path
+from ..config import recipe_path
 from ..data import toyworld as tw
 from ..io_utils import write_json
 from ..metrics import toy as tm
@@ -64,8 +64,7 @@ def _paper_recipe(out: Path, recipe, base: str, reference: tw.ToySpec, prompts: 
     from ..sampling import sample_with, vae_round_trip
 
     full, spatial = tw.caption(reference)
-    cfg = TrainConfig.from_dict({**load_recipe(recipe), **(overrides or {}), "base": base, "prompt": full,
-                                 "spatial_prompt": spatial})
+    cfg = best_mod.demo_config(full, spatial, base, overrides, recipe=recipe)
     frames, size = cfg.data.frames, cfg.data.size[0]
     ref_video, _ = tw.render(reference, frames=frames, size=size)
     ref_path = write_video(out / "reference.mp4", ref_video)
@@ -236,8 +235,8 @@ def summary(metrics: dict, out: Path) -> str:
         f"motion error vs reference: base {metrics['motion_error_base']:.3f}  →  with T-LoRA {metrics['motion_error_cav']:.3f}"
         f"  (ratio {metrics['motion_error_ratio']:.2f}; lower is better)",
         f"customized videos that follow the new prompt's colour, shape and background: "
-        f"{metrics['appearance_accuracy']:.0%}; frames showing the reference's appearance: {metrics['frame_leakage']:.0%} "
-        f"(the base's own: {metrics['frame_leakage_base']:.0%})",
+        f"{metrics['appearance_accuracy']:.0%}; frames showing the reference's appearance: "
+        f"{metrics['frame_leakage']:.0%} (the base's own: {metrics['frame_leakage_base']:.0%})",
         *([f"best recipe ({metrics['best']['recipe']}): motion error {metrics['best']['motion_error_cav']:.3f} (ratio "
            f"{metrics['best']['motion_error_ratio']:.2f}), appearance {metrics['best']['appearance_accuracy']:.0%}, "
            f"frame leakage {metrics['best']['frame_leakage']:.0%}"] if "best" in metrics else []),
@@ -259,8 +258,9 @@ def _wan_summary(block: dict | None, out: Path) -> list[str]:
         f"T-LoRA {block['motion_error_cav']:.3f} (ratio {block['motion_error_ratio']:.2f}), appearance "
         f"{block['appearance_accuracy']:.0%}, frame leakage {block['frame_leakage']:.0%} (the base's own: "
         f"{block['frame_leakage_base']:.0%}); took {block['seconds']:.0f} s.",
-        f"toy Wan ceiling (the prompts' ground truth through its VAE): ratio {block['ceiling']['motion_error_ratio']:.2f}, "
-        f"appearance {block['ceiling']['appearance_accuracy']:.0%}, frame leakage {block['ceiling']['frame_leakage']:.0%}",
+        f"toy Wan ceiling (the prompts' ground truth through its VAE): ratio "
+        f"{block['ceiling']['motion_error_ratio']:.2f}, appearance {block['ceiling']['appearance_accuracy']:.0%}, "
+        f"frame leakage {block['ceiling']['frame_leakage']:.0%}",
         *([f"toy Wan best recipe ({best['recipe']}): motion error {best['motion_error_cav']:.3f} (ratio "
            f"{best['motion_error_ratio']:.2f}), appearance {best['appearance_accuracy']:.0%}, frame leakage "
            f"{best['frame_leakage']:.0%}; targets met: "

@@ -618,7 +618,6 @@ def _ema_update(ema: dict, modules: dict, decay: float) -> None:
             a.lerp_(p, 1.0 - decay)
 
 
-
 def _check_same_run(out: Path, recipe: WanRecipe, spec: ToyWanSpec) -> None:
     """A resume must use the recipe and sizes it started with (only the time budget and save period may change)."""
     saved = out / ".train_state" / "run.json"
